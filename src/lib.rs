@@ -1,0 +1,19 @@
+//! walshift: near-zero-downtime PostgreSQL releases.
+//!
+//! The module tree follows the data flow:
+//! `source` (replication connection, pgoutput decoder, preflight) → `capture` (stream into the
+//! buffer, acknowledge only what is durable) → `buffer` (segmented, checksummed, fsynced log) →
+//! later `transform` → `apply` → target, then cutover and rehearsal. `testkit` starts throwaway
+//! local PostgreSQL clusters for tests, the demo and benches.
+
+pub mod buffer;
+pub mod capture;
+pub mod cli;
+pub mod conn;
+pub mod error;
+pub mod lsn;
+pub mod source;
+pub mod testkit;
+
+pub use error::{Error, Result};
+pub use lsn::Lsn;
