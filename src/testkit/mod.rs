@@ -1,8 +1,486 @@
-//! Placeholder: being written.
+//! Throwaway local PostgreSQL clusters for tests, the demo and benches.
+//!
+//! A [`Cluster`] is a fresh `initdb` in a temporary directory, started with
+//! `wal_level=logical`, listening on a free port of 127.0.0.1 and on a socket directory inside
+//! that temporary directory. Dropping it stops the server (immediate shutdown) and deletes the
+//! directory, also while unwinding from a panic. The server processes are started from one
+//! long-lived spawner thread with a parent-death signal, so even a test process killed with
+//! SIGKILL takes its clusters down with it.
+//!
+//! When run as root, the cluster belongs to an unprivileged OS user (`postgres`, created if
+//! missing), because PostgreSQL refuses to run as root.
 
-/// Testkit failures.
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Testkit failures. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TestkitError {
-    #[error("{0}")]
-    Other(String),
+    /// No PostgreSQL server binaries on this machine.
+    #[error(
+        "no PostgreSQL server binaries found (looked at `pg_config --bindir` and /usr/lib/postgresql/*/bin); \
+         install PostgreSQL server packages: apt-get install postgresql"
+    )]
+    NoServerBinaries,
+
+    /// A helper program failed.
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+
+    /// The server did not become ready.
+    #[error("PostgreSQL on port {port} did not start within {secs} s; server log:\n{log}")]
+    StartTimeout { port: u16, secs: u64, log: String },
+
+    /// File system trouble in the cluster directory.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A SQL statement issued by the testkit failed.
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, TestkitError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestkitError + '_ {
+    move |source| TestkitError::Io { path: path.to_owned(), source }
+}
+
+/// How to build a cluster. `Default` gives a logical-replication-ready server.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Extra `postgresql.conf` settings, applied after walshift's defaults (so they win).
+    /// Default: none.
+    pub settings: Vec<(String, String)>,
+    /// Seconds to wait for the server to accept connections. Default: 60.
+    pub start_timeout_secs: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { settings: Vec::new(), start_timeout_secs: 60 }
+    }
+}
+
+impl ClusterOptions {
+    /// Adds one `postgresql.conf` setting.
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// The PostgreSQL installation a cluster runs from.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// Directory holding `initdb`, `postgres`, `pg_dump`, `pg_recvlogical`, ….
+    pub bindir: PathBuf,
+}
+
+impl Binaries {
+    /// Finds server binaries: `pg_config --bindir` if it has `initdb`, else the newest
+    /// `/usr/lib/postgresql/<major>/bin`.
+    pub fn find() -> Result<Self> {
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            if out.status.success() {
+                let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+                if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
+                    return Ok(Binaries { bindir: dir });
+                }
+            }
+        }
+        let mut candidates: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let major: u32 = e.file_name().to_str()?.parse().ok()?;
+                let bin = e.path().join("bin");
+                bin.join("initdb").is_file().then_some((major, bin))
+            })
+            .collect();
+        candidates.sort();
+        candidates
+            .pop()
+            .map(|(_, bindir)| Binaries { bindir })
+            .ok_or(TestkitError::NoServerBinaries)
+    }
+
+    /// Path of one program in the installation.
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bindir.join(name)
+    }
+}
+
+/// The OS identity that owns and runs a cluster.
+#[derive(Clone, Copy, Debug)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+/// Root cannot run PostgreSQL: pick (or create) the unprivileged `postgres` user.
+fn run_as() -> Result<Option<RunAs>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    if let Some(u) = lookup_user("postgres") {
+        return Ok(Some(u));
+    }
+    let out = Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"])
+        .output()
+        .map_err(|e| TestkitError::Command { what: "useradd postgres".into(), detail: e.to_string() })?;
+    // A concurrent test may have created it first; only the lookup decides.
+    lookup_user("postgres").map(Some).ok_or_else(|| TestkitError::Command {
+        what: "useradd postgres".into(),
+        detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn lookup_user(name: &str) -> Option<RunAs> {
+    let cname = CString::new(name).ok()?;
+    // SAFETY: getpwnam returns a pointer into static storage or null; we copy out at once.
+    // Calls are serialised by USER_LOCK because the storage is shared.
+    static USER_LOCK: Mutex<()> = Mutex::new(());
+    let _g = USER_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
+    if pw.is_null() {
+        return None;
+    }
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    Some(RunAs { uid, gid })
+}
+
+fn chown_recursive(path: &Path, who: RunAs) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::chown(c.as_ptr(), who.uid, who.gid) } != 0 {
+        return Err(io_err(path)(std::io::Error::last_os_error()));
+    }
+    if path.is_dir() {
+        for entry in fs::read_dir(path).map_err(io_err(path))? {
+            let entry = entry.map_err(io_err(path))?;
+            chown_recursive(&entry.path(), who)?;
+        }
+    }
+    Ok(())
+}
+
+/// A request to the spawner thread: a command to start, and where to send the child.
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Server processes are spawned from one thread that lives as long as the process, so their
+/// parent-death signal (which Linux ties to the spawning *thread*) fires only when the whole
+/// test process goes away.
+fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("walshift-testkit-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn testkit thread");
+        Mutex::new(tx)
+    })
+}
+
+fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    spawner().lock().unwrap_or_else(|e| e.into_inner()).send((cmd, tx)).expect("spawner alive");
+    rx.recv().expect("spawner replies")
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
+    let port = l.local_addr().map_err(io_err(Path::new("127.0.0.1:0")))?.port();
+    Ok(port)
+}
+
+/// A running throwaway PostgreSQL server. Dropping it stops the server and deletes its files.
+pub struct Cluster {
+    bins: Binaries,
+    run_as: Option<RunAs>,
+    // Declared before `dir` so the server stops before its directory is removed.
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cluster(port={}, dir={})", self.port, self.dir.path().display())
+    }
+}
+
+impl Cluster {
+    /// Creates and starts a cluster; blocks until it accepts connections.
+    pub fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let bins = Binaries::find()?;
+        let run_as = run_as()?;
+        let dir = tempfile::Builder::new()
+            .prefix("walshift-pg-")
+            .tempdir_in(std::env::temp_dir())
+            .map_err(io_err(&std::env::temp_dir()))?;
+        let data = dir.path().join("data");
+        let sock = dir.path().join("sock");
+        fs::create_dir(&sock).map_err(io_err(&sock))?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).map_err(io_err(dir.path()))?;
+        if let Some(who) = run_as {
+            chown_recursive(dir.path(), who)?;
+        }
+
+        let mut initdb = Command::new(bins.program("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync", "--no-instructions"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null());
+        if let Some(who) = run_as {
+            initdb.uid(who.uid).gid(who.gid);
+        }
+        let out = initdb
+            .output()
+            .map_err(|e| TestkitError::Command { what: "initdb".into(), detail: e.to_string() })?;
+        if !out.status.success() {
+            return Err(TestkitError::Command {
+                what: "initdb".into(),
+                detail: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+
+        let mut conf = String::from("\n# walshift testkit\n");
+        let defaults = [
+            ("listen_addresses", "'127.0.0.1'".to_owned()),
+            ("unix_socket_directories", format!("'{}'", sock.display())),
+            ("wal_level", "logical".into()),
+            ("max_wal_senders", "20".into()),
+            ("max_replication_slots", "20".into()),
+            ("max_connections", "100".into()),
+            ("shared_buffers", "128MB".into()),
+            ("logging_collector", "off".into()),
+            ("log_min_messages", "warning".into()),
+        ];
+        for (k, v) in defaults.iter() {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        for (k, v) in &opts.settings {
+            conf.push_str(&format!("{k} = {v}\n"));
+        }
+        let conf_path = data.join("postgresql.auto.conf");
+        let mut auto = fs::read_to_string(&conf_path).unwrap_or_default();
+        auto.push_str(&conf);
+        fs::write(&conf_path, auto).map_err(io_err(&conf_path))?;
+
+        let mut cluster = Cluster { bins, run_as, child: None, dir, port: 0 };
+        // Another process may take the port between probing and binding: retry with a new one.
+        let mut last_err = None;
+        for _ in 0..5 {
+            cluster.port = free_port()?;
+            match cluster.launch(&opts) {
+                Ok(()) => return Ok(cluster),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.expect("at least one attempt"))
+    }
+
+    fn launch(&mut self, opts: &ClusterOptions) -> Result<()> {
+        let log_path = self.log_path();
+        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        if let Some(who) = self.run_as {
+            chown_recursive(&log_path, who)?;
+        }
+        let mut cmd = Command::new(self.bins.program("postgres"));
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .arg("-p")
+            .arg(self.port.to_string())
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io_err(&log_path))?)
+            .stderr(log);
+        if let Some(who) = self.run_as {
+            cmd.uid(who.uid).gid(who.gid);
+        }
+        let child = spawn_tied_to_process(cmd)
+            .map_err(|e| TestkitError::Command { what: "starting postgres".into(), detail: e.to_string() })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(opts.start_timeout_secs);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(TestkitError::Command {
+                    what: "postgres".into(),
+                    detail: format!("exited with {status}; server log:\n{}", tail_from(&log_path, log_start)),
+                });
+            }
+            if self.ready() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.stop();
+                return Err(TestkitError::StartTimeout {
+                    port: self.port,
+                    secs: opts.start_timeout_secs,
+                    log: tail_from(&log_path, log_start),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The server writes "ready" into postmaster.pid once it accepts connections.
+    fn ready(&self) -> bool {
+        fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .map(|s| s.lines().nth(7).map(|l| l.trim() == "ready").unwrap_or(false))
+            .unwrap_or(false)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SIGQUIT = immediate shutdown: the data is thrown away anyway.
+            // SAFETY: sending a signal to our own child.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGQUIT);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() > deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+
+    /// TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Socket directory.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("sock")
+    }
+
+    /// The server log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// The installation this cluster runs from (for `pg_dump`, `pg_recvlogical`, `pgbench`).
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// A key=value connection string over TCP as the superuser `postgres`.
+    pub fn conn_string(&self, dbname: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+    }
+
+    /// Opens a SQL session as the superuser. The connection task runs on the current runtime.
+    pub async fn connect(&self, dbname: &str) -> Result<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.conn_string(dbname), tokio_postgres::NoTls)
+            .await
+            .map_err(|source| TestkitError::Sql { context: format!("connecting to test cluster on port {}", self.port), source })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Runs SQL (several statements allowed) as the superuser.
+    pub async fn execute(&self, dbname: &str, sql: &str) -> Result<()> {
+        let client = self.connect(dbname).await?;
+        client
+            .batch_execute(sql)
+            .await
+            .map_err(|source| TestkitError::Sql { context: format!("running {sql:?}"), source })
+    }
+
+    /// Creates a database.
+    pub async fn create_database(&self, name: &str) -> Result<()> {
+        self.execute("postgres", &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))).await
+    }
+
+    /// Replaces `pg_hba.conf` with `lines` and reloads the configuration.
+    pub fn set_hba(&self, lines: &str) -> Result<()> {
+        let path = self.data_dir().join("pg_hba.conf");
+        fs::write(&path, lines).map_err(io_err(&path))?;
+        self.reload()
+    }
+
+    /// Sends SIGHUP so the server rereads its configuration files, then waits briefly for it.
+    pub fn reload(&self) -> Result<()> {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGHUP);
+            }
+        }
+        // The postmaster handles SIGHUP asynchronously; new connections see the change soon after.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tail_from(path: &Path, offset: u64) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = fs::File::open(path) {
+        let _ = f.seek(SeekFrom::Start(offset));
+        let _ = f.read_to_string(&mut s);
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }
