@@ -13,6 +13,7 @@ pub mod conn;
 pub mod error;
 pub mod lsn;
 pub mod source;
+pub mod sql;
 pub mod testkit;
 
 pub use error::{Error, Result};

@@ -3,5 +3,6 @@
 //! management that prepare it.
 
 pub mod pgoutput;
+pub mod preflight;
 pub mod protocol;
 pub mod replication;

@@ -61,7 +61,10 @@ pub enum TestkitError {
 type Result<T> = std::result::Result<T, TestkitError>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestkitError + '_ {
-    move |source| TestkitError::Io { path: path.to_owned(), source }
+    move |source| TestkitError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// How to build a cluster. `Default` gives a logical-replication-ready server.
@@ -76,7 +79,10 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { settings: Vec::new(), start_timeout_secs: 60 }
+        ClusterOptions {
+            settings: Vec::new(),
+            start_timeout_secs: 60,
+        }
     }
 }
 
@@ -147,14 +153,25 @@ fn run_as() -> Result<Option<RunAs>> {
         return Ok(Some(u));
     }
     let out = Command::new("useradd")
-        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"])
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "postgres",
+        ])
         .output()
-        .map_err(|e| TestkitError::Command { what: "useradd postgres".into(), detail: e.to_string() })?;
+        .map_err(|e| TestkitError::Command {
+            what: "useradd postgres".into(),
+            detail: e.to_string(),
+        })?;
     // A concurrent test may have created it first; only the lookup decides.
-    lookup_user("postgres").map(Some).ok_or_else(|| TestkitError::Command {
-        what: "useradd postgres".into(),
-        detail: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    lookup_user("postgres")
+        .map(Some)
+        .ok_or_else(|| TestkitError::Command {
+            what: "useradd postgres".into(),
+            detail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
 }
 
 fn lookup_user(name: &str) -> Option<RunAs> {
@@ -219,13 +236,20 @@ fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
         });
     }
     let (tx, rx) = mpsc::channel();
-    spawner().lock().unwrap_or_else(|e| e.into_inner()).send((cmd, tx)).expect("spawner alive");
+    spawner()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, tx))
+        .expect("spawner alive");
     rx.recv().expect("spawner replies")
 }
 
 fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io_err(Path::new("127.0.0.1:0")))?;
-    let port = l.local_addr().map_err(io_err(Path::new("127.0.0.1:0")))?.port();
+    let port = l
+        .local_addr()
+        .map_err(io_err(Path::new("127.0.0.1:0")))?
+        .port();
     Ok(port)
 }
 
@@ -241,7 +265,12 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Cluster(port={}, dir={})", self.port, self.dir.path().display())
+        write!(
+            f,
+            "Cluster(port={}, dir={})",
+            self.port,
+            self.dir.path().display()
+        )
     }
 }
 
@@ -257,7 +286,8 @@ impl Cluster {
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
         fs::create_dir(&sock).map_err(io_err(&sock))?;
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).map_err(io_err(dir.path()))?;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
+            .map_err(io_err(dir.path()))?;
         if let Some(who) = run_as {
             chown_recursive(dir.path(), who)?;
         }
@@ -266,19 +296,34 @@ impl Cluster {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync", "--no-instructions"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .current_dir(dir.path())
             .stdin(Stdio::null());
         if let Some(who) = run_as {
             initdb.uid(who.uid).gid(who.gid);
         }
-        let out = initdb
-            .output()
-            .map_err(|e| TestkitError::Command { what: "initdb".into(), detail: e.to_string() })?;
+        let out = initdb.output().map_err(|e| TestkitError::Command {
+            what: "initdb".into(),
+            detail: e.to_string(),
+        })?;
         if !out.status.success() {
             return Err(TestkitError::Command {
                 what: "initdb".into(),
-                detail: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+                detail: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             });
         }
 
@@ -305,7 +350,13 @@ impl Cluster {
         auto.push_str(&conf);
         fs::write(&conf_path, auto).map_err(io_err(&conf_path))?;
 
-        let mut cluster = Cluster { bins, run_as, child: None, dir, port: 0 };
+        let mut cluster = Cluster {
+            bins,
+            run_as,
+            child: None,
+            dir,
+            port: 0,
+        };
         // Another process may take the port between probing and binding: retry with a new one.
         let mut last_err = None;
         for _ in 0..5 {
@@ -320,7 +371,11 @@ impl Cluster {
 
     fn launch(&mut self, opts: &ClusterOptions) -> Result<()> {
         let log_path = self.log_path();
-        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         if let Some(who) = self.run_as {
             chown_recursive(&log_path, who)?;
@@ -337,16 +392,25 @@ impl Cluster {
         if let Some(who) = self.run_as {
             cmd.uid(who.uid).gid(who.gid);
         }
-        let child = spawn_tied_to_process(cmd)
-            .map_err(|e| TestkitError::Command { what: "starting postgres".into(), detail: e.to_string() })?;
+        let child = spawn_tied_to_process(cmd).map_err(|e| TestkitError::Command {
+            what: "starting postgres".into(),
+            detail: e.to_string(),
+        })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(opts.start_timeout_secs);
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 return Err(TestkitError::Command {
                     what: "postgres".into(),
-                    detail: format!("exited with {status}; server log:\n{}", tail_from(&log_path, log_start)),
+                    detail: format!(
+                        "exited with {status}; server log:\n{}",
+                        tail_from(&log_path, log_start)
+                    ),
                 });
             }
             if self.ready() {
@@ -367,7 +431,12 @@ impl Cluster {
     /// The server writes "ready" into postmaster.pid once it accepts connections.
     fn ready(&self) -> bool {
         fs::read_to_string(self.data_dir().join("postmaster.pid"))
-            .map(|s| s.lines().nth(7).map(|l| l.trim() == "ready").unwrap_or(false))
+            .map(|s| {
+                s.lines()
+                    .nth(7)
+                    .map(|l| l.trim() == "ready")
+                    .unwrap_or(false)
+            })
             .unwrap_or(false)
     }
 
@@ -420,14 +489,21 @@ impl Cluster {
 
     /// A key=value connection string over TCP as the superuser `postgres`.
     pub fn conn_string(&self, dbname: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={dbname}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={dbname}",
+            self.port
+        )
     }
 
     /// Opens a SQL session as the superuser. The connection task runs on the current runtime.
     pub async fn connect(&self, dbname: &str) -> Result<tokio_postgres::Client> {
-        let (client, conn) = tokio_postgres::connect(&self.conn_string(dbname), tokio_postgres::NoTls)
-            .await
-            .map_err(|source| TestkitError::Sql { context: format!("connecting to test cluster on port {}", self.port), source })?;
+        let (client, conn) =
+            tokio_postgres::connect(&self.conn_string(dbname), tokio_postgres::NoTls)
+                .await
+                .map_err(|source| TestkitError::Sql {
+                    context: format!("connecting to test cluster on port {}", self.port),
+                    source,
+                })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -440,12 +516,19 @@ impl Cluster {
         client
             .batch_execute(sql)
             .await
-            .map_err(|source| TestkitError::Sql { context: format!("running {sql:?}"), source })
+            .map_err(|source| TestkitError::Sql {
+                context: format!("running {sql:?}"),
+                source,
+            })
     }
 
     /// Creates a database.
     pub async fn create_database(&self, name: &str) -> Result<()> {
-        self.execute("postgres", &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""))).await
+        self.execute(
+            "postgres",
+            &format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\"")),
+        )
+        .await
     }
 
     /// Replaces `pg_hba.conf` with `lines` and reloads the configuration.
