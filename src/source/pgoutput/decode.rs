@@ -1,0 +1,567 @@
+//! Payload bytes → [`LogicalMessage`]. Every read is bounds-checked through [`Reader`]; lengths
+//! and counts from the wire are validated against the bytes that remain before anything is
+//! allocated or sliced.
+
+use std::str::Utf8Error;
+
+use bytes::Bytes;
+
+use super::{
+    Begin, Column, Commit, DecodingMessage, Delete, Insert, LogicalMessage, OldTuple, Origin,
+    PgTimestamp, Relation, ReplicaIdentity, StreamAbort, StreamCommit, StreamStart, Truncate,
+    TupleData, TupleValue, TypeInfo, Update,
+};
+use crate::lsn::Lsn;
+
+/// The `proto_version` requested in `START_REPLICATION`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum ProtocolVersion {
+    /// PostgreSQL 10+: whole transactions, sent at commit.
+    #[default]
+    V1,
+    /// PostgreSQL 14+: adds streaming of large in-progress transactions (`streaming 'on'`).
+    V2,
+}
+
+impl ProtocolVersion {
+    /// The number to pass as `proto_version`.
+    pub fn as_u32(self) -> u32 {
+        match self {
+            ProtocolVersion::V1 => 1,
+            ProtocolVersion::V2 => 2,
+        }
+    }
+}
+
+/// Decodes a sequence of payloads from one replication stream.
+///
+/// Under protocol 2, change, Relation, Type and Message payloads between Stream Start and
+/// Stream Stop carry an extra xid; the decoder follows those markers to know. A reader resuming
+/// in the middle of a stream block sets that state with [`Decoder::set_in_stream`].
+#[derive(Clone, Debug, Default)]
+pub struct Decoder {
+    version: ProtocolVersion,
+    in_stream: bool,
+}
+
+impl Decoder {
+    pub fn new(version: ProtocolVersion) -> Decoder {
+        Decoder {
+            version,
+            in_stream: false,
+        }
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// Between a Stream Start and its Stream Stop.
+    pub fn in_stream(&self) -> bool {
+        self.in_stream
+    }
+
+    pub fn set_in_stream(&mut self, in_stream: bool) {
+        self.in_stream = in_stream;
+    }
+
+    /// Decodes one payload. On error the stream state is unchanged.
+    pub fn decode(&mut self, payload: &Bytes) -> Result<LogicalMessage, DecodeError> {
+        let msg = decode_with(payload, self.version, self.in_stream)?;
+        match msg {
+            LogicalMessage::StreamStart(_) => self.in_stream = true,
+            LogicalMessage::StreamStop => self.in_stream = false,
+            _ => {}
+        }
+        Ok(msg)
+    }
+}
+
+/// Decodes one protocol version 1 payload.
+pub fn decode(payload: &Bytes) -> Result<LogicalMessage, DecodeError> {
+    decode_with(payload, ProtocolVersion::V1, false)
+}
+
+/// Why a payload is not a valid pgoutput message. Offsets count from the tag byte (offset 0).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("empty pgoutput message")]
+    Empty,
+
+    #[error("unknown pgoutput message tag {:?} (0x{tag:02X}) for protocol version {}", char::from(*.tag), .version.as_u32())]
+    UnknownTag { tag: u8, version: ProtocolVersion },
+
+    #[error("truncated {} message at offset {offset}: expected {expected} ({needed} bytes, {available} left)", message_name(*.tag))]
+    Truncated {
+        tag: u8,
+        offset: usize,
+        expected: &'static str,
+        needed: usize,
+        available: usize,
+    },
+
+    #[error("truncated {} message at offset {offset}: {field} has no NUL terminator", message_name(*.tag))]
+    Unterminated {
+        tag: u8,
+        offset: usize,
+        field: &'static str,
+    },
+
+    #[error("invalid UTF-8 in {field} of {} message at offset {offset}", message_name(*.tag))]
+    InvalidUtf8 {
+        tag: u8,
+        offset: usize,
+        field: &'static str,
+        #[source]
+        source: Utf8Error,
+    },
+
+    #[error("invalid {} message at offset {offset}: {field} is {value}", message_name(*.tag))]
+    InvalidLength {
+        tag: u8,
+        offset: usize,
+        field: &'static str,
+        value: i64,
+    },
+
+    #[error("invalid {} message at offset {offset}: expected {expected}, found {:?} (0x{found:02X})", message_name(*.tag), char::from(*.found))]
+    Unexpected {
+        tag: u8,
+        offset: usize,
+        expected: &'static str,
+        found: u8,
+    },
+
+    #[error("{} message has {count} unexpected trailing bytes at offset {offset}", message_name(*.tag))]
+    TrailingBytes {
+        tag: u8,
+        offset: usize,
+        count: usize,
+    },
+}
+
+impl DecodeError {
+    /// The tag byte of the message that failed; `None` for an empty payload.
+    pub fn tag(&self) -> Option<u8> {
+        match self {
+            DecodeError::Empty => None,
+            DecodeError::UnknownTag { tag, .. }
+            | DecodeError::Truncated { tag, .. }
+            | DecodeError::Unterminated { tag, .. }
+            | DecodeError::InvalidUtf8 { tag, .. }
+            | DecodeError::InvalidLength { tag, .. }
+            | DecodeError::Unexpected { tag, .. }
+            | DecodeError::TrailingBytes { tag, .. } => Some(*tag),
+        }
+    }
+
+    /// Byte offset in the payload where decoding failed.
+    pub fn offset(&self) -> usize {
+        match self {
+            DecodeError::Empty | DecodeError::UnknownTag { .. } => 0,
+            DecodeError::Truncated { offset, .. }
+            | DecodeError::Unterminated { offset, .. }
+            | DecodeError::InvalidUtf8 { offset, .. }
+            | DecodeError::InvalidLength { offset, .. }
+            | DecodeError::Unexpected { offset, .. }
+            | DecodeError::TrailingBytes { offset, .. } => *offset,
+        }
+    }
+}
+
+fn message_name(tag: u8) -> &'static str {
+    match tag {
+        b'B' => "Begin",
+        b'C' => "Commit",
+        b'O' => "Origin",
+        b'R' => "Relation",
+        b'Y' => "Type",
+        b'I' => "Insert",
+        b'U' => "Update",
+        b'D' => "Delete",
+        b'T' => "Truncate",
+        b'M' => "Message",
+        b'S' => "Stream Start",
+        b'E' => "Stream Stop",
+        b'c' => "Stream Commit",
+        b'A' => "Stream Abort",
+        _ => "unknown",
+    }
+}
+
+fn decode_with(
+    payload: &Bytes,
+    version: ProtocolVersion,
+    in_stream: bool,
+) -> Result<LogicalMessage, DecodeError> {
+    let &tag = payload.first().ok_or(DecodeError::Empty)?;
+    let mut r = Reader {
+        buf: payload,
+        pos: 1,
+        tag,
+    };
+    let streamed = version >= ProtocolVersion::V2 && in_stream;
+    let msg = match tag {
+        b'B' => LogicalMessage::Begin(Begin {
+            final_lsn: r.lsn("8-byte final LSN")?,
+            commit_time: r.timestamp("8-byte commit timestamp")?,
+            xid: r.u32("4-byte xid")?,
+        }),
+        b'C' => LogicalMessage::Commit(Commit {
+            flags: r.u8("1-byte flags")?,
+            commit_lsn: r.lsn("8-byte commit LSN")?,
+            end_lsn: r.lsn("8-byte end LSN")?,
+            commit_time: r.timestamp("8-byte commit timestamp")?,
+        }),
+        b'O' => LogicalMessage::Origin(Origin {
+            commit_lsn: r.lsn("8-byte origin commit LSN")?,
+            name: r.cstring("origin name")?,
+        }),
+        b'R' => LogicalMessage::Relation(r.relation(streamed)?),
+        b'Y' => LogicalMessage::Type(TypeInfo {
+            xid: r.stream_xid(streamed)?,
+            oid: r.u32("4-byte type OID")?,
+            namespace: r.cstring("namespace")?,
+            name: r.cstring("type name")?,
+        }),
+        b'I' => {
+            let xid = r.stream_xid(streamed)?;
+            let relid = r.u32("4-byte relation OID")?;
+            r.expect_byte(b'N', "'N' (new tuple)")?;
+            LogicalMessage::Insert(Insert {
+                xid,
+                relid,
+                new: r.tuple()?,
+            })
+        }
+        b'U' => {
+            let xid = r.stream_xid(streamed)?;
+            let relid = r.u32("4-byte relation OID")?;
+            let offset = r.pos;
+            let old = match r.u8("1-byte 'K', 'O' or 'N'")? {
+                b'K' => Some(OldTuple::Key(r.tuple()?)),
+                b'O' => Some(OldTuple::Full(r.tuple()?)),
+                b'N' => None,
+                found => return Err(r.unexpected(offset, "'K', 'O' or 'N'", found)),
+            };
+            if old.is_some() {
+                r.expect_byte(b'N', "'N' (new tuple)")?;
+            }
+            LogicalMessage::Update(Update {
+                xid,
+                relid,
+                old,
+                new: r.tuple()?,
+            })
+        }
+        b'D' => {
+            let xid = r.stream_xid(streamed)?;
+            let relid = r.u32("4-byte relation OID")?;
+            let offset = r.pos;
+            let old = match r.u8("1-byte 'K' or 'O'")? {
+                b'K' => OldTuple::Key(r.tuple()?),
+                b'O' => OldTuple::Full(r.tuple()?),
+                found => return Err(r.unexpected(offset, "'K' or 'O'", found)),
+            };
+            LogicalMessage::Delete(Delete { xid, relid, old })
+        }
+        b'T' => {
+            let xid = r.stream_xid(streamed)?;
+            let count = r.count_i32("4-byte relation count", "relation count", 4)?;
+            let options = r.u8("1-byte option bits")?;
+            let mut relids = Vec::with_capacity(count);
+            for _ in 0..count {
+                relids.push(r.u32("4-byte relation OID")?);
+            }
+            LogicalMessage::Truncate(Truncate {
+                xid,
+                options,
+                relids,
+            })
+        }
+        b'M' => {
+            let xid = r.stream_xid(streamed)?;
+            let flags = r.u8("1-byte flags")?;
+            let lsn = r.lsn("8-byte message LSN")?;
+            let prefix = r.cstring("prefix")?;
+            let len = r.len_i32("4-byte content length", "content length")?;
+            let content = r.take(len, "message content")?;
+            LogicalMessage::Message(DecodingMessage {
+                xid,
+                flags,
+                lsn,
+                prefix,
+                content,
+            })
+        }
+        b'S' if version >= ProtocolVersion::V2 => {
+            let xid = r.u32("4-byte xid")?;
+            let offset = r.pos;
+            let first_segment = match r.u8("1-byte first-segment flag")? {
+                0 => false,
+                1 => true,
+                found => return Err(r.unexpected(offset, "first-segment flag 0 or 1", found)),
+            };
+            LogicalMessage::StreamStart(StreamStart { xid, first_segment })
+        }
+        b'E' if version >= ProtocolVersion::V2 => LogicalMessage::StreamStop,
+        b'c' if version >= ProtocolVersion::V2 => LogicalMessage::StreamCommit(StreamCommit {
+            xid: r.u32("4-byte xid")?,
+            flags: r.u8("1-byte flags")?,
+            commit_lsn: r.lsn("8-byte commit LSN")?,
+            end_lsn: r.lsn("8-byte end LSN")?,
+            commit_time: r.timestamp("8-byte commit timestamp")?,
+        }),
+        b'A' if version >= ProtocolVersion::V2 => LogicalMessage::StreamAbort(StreamAbort {
+            xid: r.u32("4-byte xid")?,
+            subxid: r.u32("4-byte subtransaction xid")?,
+        }),
+        _ => return Err(DecodeError::UnknownTag { tag, version }),
+    };
+    r.finish()?;
+    Ok(msg)
+}
+
+/// A bounds-checked cursor over one payload. Invariant: `pos <= buf.len()`.
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+    tag: u8,
+}
+
+impl Reader<'_> {
+    fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    fn truncated(&self, expected: &'static str, needed: usize) -> DecodeError {
+        DecodeError::Truncated {
+            tag: self.tag,
+            offset: self.pos,
+            expected,
+            needed,
+            available: self.remaining(),
+        }
+    }
+
+    fn unexpected(&self, offset: usize, expected: &'static str, found: u8) -> DecodeError {
+        DecodeError::Unexpected {
+            tag: self.tag,
+            offset,
+            expected,
+            found,
+        }
+    }
+
+    fn array<const N: usize>(&mut self, expected: &'static str) -> Result<[u8; N], DecodeError> {
+        let bytes = self
+            .pos
+            .checked_add(N)
+            .and_then(|end| self.buf.get(self.pos..end))
+            .ok_or_else(|| self.truncated(expected, N))?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(bytes);
+        self.pos += N;
+        Ok(out)
+    }
+
+    fn u8(&mut self, expected: &'static str) -> Result<u8, DecodeError> {
+        self.array::<1>(expected).map(|[b]| b)
+    }
+
+    fn i16(&mut self, expected: &'static str) -> Result<i16, DecodeError> {
+        self.array(expected).map(i16::from_be_bytes)
+    }
+
+    fn i32(&mut self, expected: &'static str) -> Result<i32, DecodeError> {
+        self.array(expected).map(i32::from_be_bytes)
+    }
+
+    fn u32(&mut self, expected: &'static str) -> Result<u32, DecodeError> {
+        self.array(expected).map(u32::from_be_bytes)
+    }
+
+    fn lsn(&mut self, expected: &'static str) -> Result<Lsn, DecodeError> {
+        self.array(expected).map(|b| Lsn(u64::from_be_bytes(b)))
+    }
+
+    fn timestamp(&mut self, expected: &'static str) -> Result<PgTimestamp, DecodeError> {
+        self.array(expected)
+            .map(|b| PgTimestamp(i64::from_be_bytes(b)))
+    }
+
+    fn stream_xid(&mut self, streamed: bool) -> Result<Option<u32>, DecodeError> {
+        if streamed {
+            self.u32("4-byte xid of the streamed transaction").map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn expect_byte(&mut self, want: u8, expected: &'static str) -> Result<(), DecodeError> {
+        let offset = self.pos;
+        match self.u8(expected)? {
+            b if b == want => Ok(()),
+            found => Err(self.unexpected(offset, expected, found)),
+        }
+    }
+
+    /// A signed 32-bit length; negative is an error.
+    fn len_i32(
+        &mut self,
+        expected: &'static str,
+        field: &'static str,
+    ) -> Result<usize, DecodeError> {
+        let offset = self.pos;
+        let v = self.i32(expected)?;
+        usize::try_from(v).map_err(|_| DecodeError::InvalidLength {
+            tag: self.tag,
+            offset,
+            field,
+            value: v.into(),
+        })
+    }
+
+    /// A signed 32-bit element count, each element at least `min_elem_size` bytes: negative or
+    /// more elements than the remaining bytes can hold is an error, so the count is safe to
+    /// allocate for.
+    fn count_i32(
+        &mut self,
+        expected: &'static str,
+        field: &'static str,
+        min_elem_size: usize,
+    ) -> Result<usize, DecodeError> {
+        let offset = self.pos;
+        let v = self.i32(expected)?;
+        self.check_count(offset, field, v.into(), min_elem_size)
+    }
+
+    fn count_i16(
+        &mut self,
+        expected: &'static str,
+        field: &'static str,
+        min_elem_size: usize,
+    ) -> Result<usize, DecodeError> {
+        let offset = self.pos;
+        let v = self.i16(expected)?;
+        self.check_count(offset, field, v.into(), min_elem_size)
+    }
+
+    fn check_count(
+        &self,
+        offset: usize,
+        field: &'static str,
+        value: i64,
+        min_elem_size: usize,
+    ) -> Result<usize, DecodeError> {
+        let invalid = || DecodeError::InvalidLength {
+            tag: self.tag,
+            offset,
+            field,
+            value,
+        };
+        let n = usize::try_from(value).map_err(|_| invalid())?;
+        match n.checked_mul(min_elem_size) {
+            Some(bytes) if bytes <= self.remaining() => Ok(n),
+            _ => Err(invalid()),
+        }
+    }
+
+    fn take(&mut self, len: usize, expected: &'static str) -> Result<Bytes, DecodeError> {
+        if len > self.remaining() {
+            return Err(self.truncated(expected, len));
+        }
+        let out = self.buf.slice(self.pos..self.pos + len);
+        self.pos += len;
+        Ok(out)
+    }
+
+    fn cstring(&mut self, field: &'static str) -> Result<String, DecodeError> {
+        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        let nul = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or(DecodeError::Unterminated {
+                tag: self.tag,
+                offset: self.pos,
+                field,
+            })?;
+        let s = std::str::from_utf8(&rest[..nul]).map_err(|source| DecodeError::InvalidUtf8 {
+            tag: self.tag,
+            offset: self.pos,
+            field,
+            source,
+        })?;
+        let s = s.to_owned();
+        self.pos += nul + 1;
+        Ok(s)
+    }
+
+    fn relation(&mut self, streamed: bool) -> Result<Relation, DecodeError> {
+        let xid = self.stream_xid(streamed)?;
+        let relid = self.u32("4-byte relation OID")?;
+        let namespace = self.cstring("namespace")?;
+        let name = self.cstring("relation name")?;
+        let offset = self.pos;
+        let ri = self.u8("1-byte replica identity")?;
+        let replica_identity = ReplicaIdentity::from_byte(ri)
+            .ok_or_else(|| self.unexpected(offset, "replica identity 'd', 'n', 'f' or 'i'", ri))?;
+        // flags, name NUL, type OID, typmod
+        let ncols = self.count_i16("2-byte column count", "column count", 10)?;
+        let mut columns = Vec::with_capacity(ncols);
+        for _ in 0..ncols {
+            columns.push(Column {
+                flags: self.u8("1-byte column flags")?,
+                name: self.cstring("column name")?,
+                type_oid: self.u32("4-byte column type OID")?,
+                type_modifier: self.i32("4-byte column type modifier")?,
+            });
+        }
+        Ok(Relation {
+            xid,
+            relid,
+            namespace,
+            name,
+            replica_identity,
+            columns,
+        })
+    }
+
+    fn tuple(&mut self) -> Result<TupleData, DecodeError> {
+        let ncols = self.count_i16("2-byte column count", "tuple column count", 1)?;
+        let mut values = Vec::with_capacity(ncols);
+        for _ in 0..ncols {
+            let offset = self.pos;
+            let value = match self.u8("1-byte value kind")? {
+                b'n' => TupleValue::Null,
+                b'u' => TupleValue::UnchangedToast,
+                b't' => {
+                    let len = self.len_i32("4-byte column length", "column length")?;
+                    TupleValue::Text(self.take(len, "column value")?)
+                }
+                b'b' => {
+                    let len = self.len_i32("4-byte column length", "column length")?;
+                    TupleValue::Binary(self.take(len, "column value")?)
+                }
+                found => {
+                    return Err(self.unexpected(offset, "value kind 'n', 'u', 't' or 'b'", found));
+                }
+            };
+            values.push(value);
+        }
+        Ok(TupleData { values })
+    }
+
+    fn finish(self) -> Result<(), DecodeError> {
+        match self.remaining() {
+            0 => Ok(()),
+            count => Err(DecodeError::TrailingBytes {
+                tag: self.tag,
+                offset: self.pos,
+                count,
+            }),
+        }
+    }
+}
