@@ -6,6 +6,7 @@
 //! later `transform` → `apply` → target, then cutover and rehearsal. `testkit` starts throwaway
 //! local PostgreSQL clusters for tests, the demo and benches.
 
+pub mod bench;
 pub mod buffer;
 pub mod capture;
 pub mod cli;
