@@ -140,9 +140,13 @@ pub struct CopyResponse {
     pub column_formats: Vec<i16>,
 }
 
-/// The fields of an `ErrorResponse` or `NoticeResponse`.
+/// The fields of an `ErrorResponse` or `NoticeResponse`. Boxed, so messages and results
+/// that may carry one stay small.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DbError {
+pub struct DbError(Box<DbErrorFields>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct DbErrorFields {
     severity: String,
     code: String,
     message: String,
@@ -164,58 +168,58 @@ impl DbError {
     /// `ERROR`, `FATAL`, `PANIC`, `WARNING`, `NOTICE`, … (not localized when the server
     /// sends the non-localized form).
     pub fn severity(&self) -> &str {
-        &self.severity
+        &self.0.severity
     }
     /// The SQLSTATE, e.g. `28P01` for a wrong password.
     pub fn code(&self) -> &str {
-        &self.code
+        &self.0.code
     }
     /// The primary message.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
     pub fn detail(&self) -> Option<&str> {
-        self.detail.as_deref()
+        self.0.detail.as_deref()
     }
     pub fn hint(&self) -> Option<&str> {
-        self.hint.as_deref()
+        self.0.hint.as_deref()
     }
     /// Cursor position in the query string (1-based characters), as sent.
     pub fn position(&self) -> Option<&str> {
-        self.position.as_deref()
+        self.0.position.as_deref()
     }
     /// The context (call stack) the error occurred in.
     pub fn where_(&self) -> Option<&str> {
-        self.where_.as_deref()
+        self.0.where_.as_deref()
     }
     pub fn schema(&self) -> Option<&str> {
-        self.schema.as_deref()
+        self.0.schema.as_deref()
     }
     pub fn table(&self) -> Option<&str> {
-        self.table.as_deref()
+        self.0.table.as_deref()
     }
     pub fn column(&self) -> Option<&str> {
-        self.column.as_deref()
+        self.0.column.as_deref()
     }
     pub fn datatype(&self) -> Option<&str> {
-        self.datatype.as_deref()
+        self.0.datatype.as_deref()
     }
     pub fn constraint(&self) -> Option<&str> {
-        self.constraint.as_deref()
+        self.0.constraint.as_deref()
     }
     /// Server source file, line and routine that reported it.
     pub fn file(&self) -> Option<&str> {
-        self.file.as_deref()
+        self.0.file.as_deref()
     }
     pub fn line(&self) -> Option<&str> {
-        self.line.as_deref()
+        self.0.line.as_deref()
     }
     pub fn routine(&self) -> Option<&str> {
-        self.routine.as_deref()
+        self.0.routine.as_deref()
     }
 
     fn parse(tag: u8, mut body: Bytes) -> Result<DbError, ProtocolError> {
-        let mut e = DbError::default();
+        let mut e = DbErrorFields::default();
         let mut localized_severity = None;
         loop {
             let field = read_u8(tag, &mut body)?;
@@ -256,7 +260,7 @@ impl DbError {
                 what: "no SQLSTATE field",
             });
         }
-        Ok(e)
+        Ok(DbError(Box::new(e)))
     }
 }
 
@@ -265,12 +269,12 @@ impl fmt::Display for DbError {
         write!(
             f,
             "{}: {} (SQLSTATE {})",
-            self.severity, self.message, self.code
+            self.0.severity, self.0.message, self.0.code
         )?;
-        if let Some(d) = &self.detail {
+        if let Some(d) = &self.0.detail {
             write!(f, "\nDETAIL: {d}")?;
         }
-        if let Some(h) = &self.hint {
+        if let Some(h) = &self.0.hint {
             write!(f, "\nHINT: {h}")?;
         }
         Ok(())
