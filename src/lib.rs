@@ -11,6 +11,7 @@ pub mod buffer;
 pub mod capture;
 pub mod cli;
 pub mod conn;
+pub mod demo;
 pub mod error;
 pub mod lsn;
 pub mod source;

@@ -1,1 +1,479 @@
-//! Placeholder: being written.
+//! Capture: stream the slot's pgoutput messages into the durable buffer.
+//!
+//! One loop reads XLogData from the replication connection and appends each pgoutput message,
+//! unchanged, to the [`crate::buffer`] (a memory copy; the buffer's sync thread writes and
+//! fsyncs groups in the background). Every `flush_interval` the appended group is handed to the
+//! sync thread; when a group is on disk the buffer's durable LSN advances, and only then is it
+//! reported to the server as the slot's flush position.
+//!
+//! **Contract (kept in [`StreamState::confirmable`]):** the flush position sent to the source
+//! never passes what the buffer has fsynced — except that, while no transaction is open and
+//! every appended record is durable, the server's own keepalive position may be confirmed (no
+//! commit can lie before it unsent). So after any crash the slot resends every transaction the
+//! buffer does not hold; a transaction the buffer already holds is recognised by its commit
+//! LSN and dropped. Each committed transaction is stored exactly once, in commit order.
+
+mod progress;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter};
+use crate::conn::ConnInfo;
+use crate::lsn::Lsn;
+use crate::source::preflight::{self, PreflightError, TableRef};
+use crate::source::replication::{
+    ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream, SlotOptions, SnapshotAction,
+    StandbyStatus, publication_names,
+};
+
+/// What to capture and how. Every field documents its default and trade-off.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// The live database. Needs a role with REPLICATION (or superuser).
+    pub source: ConnInfo,
+    /// Buffer directory; created if missing.
+    pub buffer_dir: PathBuf,
+    /// Replication slot name. Default `walshift`. The slot retains WAL on the source until
+    /// walshift confirms it: drop it (`SELECT pg_drop_replication_slot('walshift')`) when the
+    /// release is done, or the source keeps WAL forever.
+    pub slot: String,
+    /// Publication name. Default `walshift`; created `FOR ALL TABLES` (or `tables`) if missing.
+    pub publication: String,
+    /// Tables to publish when the publication is created. Default: all user tables.
+    pub tables: Option<Vec<String>>,
+    /// Stop once everything up to this LSN is durable. Default: run until interrupted.
+    pub until_lsn: Option<Lsn>,
+    /// Longest time a received change waits before its group is handed to fsync. Default
+    /// 20 ms. Shorter lowers the lag replay and cutover see; longer makes fewer, larger fsyncs.
+    pub flush_interval: Duration,
+    /// How often a standby status update is sent even when nothing changed. Default 10 s; must
+    /// stay well under the server's `wal_sender_timeout` (60 s by default).
+    pub status_interval: Duration,
+    /// Buffer settings (segment size, recovery mode).
+    pub buffer: BufferConfig,
+    /// Print a progress line to stderr once a second. Default false (the CLI turns it on).
+    pub progress: bool,
+}
+
+impl CaptureConfig {
+    /// Defaults for everything but the source and the buffer directory.
+    pub fn new(source: ConnInfo, buffer_dir: impl Into<PathBuf>) -> Self {
+        CaptureConfig {
+            source,
+            buffer_dir: buffer_dir.into(),
+            slot: "walshift".into(),
+            publication: "walshift".into(),
+            tables: None,
+            until_lsn: None,
+            flush_interval: Duration::from_millis(20),
+            status_interval: Duration::from_secs(10),
+            buffer: BufferConfig::default(),
+            progress: false,
+        }
+    }
+}
+
+/// Capture failures. Each says what happened and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaptureError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+
+    #[error("replication connection to the source failed: {0}")]
+    Replication(#[from] ReplicationError),
+
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+
+    #[error(transparent)]
+    Source(#[from] crate::Error),
+
+    #[error(
+        "buffer {dir} was captured from another source (system {buffer_system}, slot {buffer_slot:?}); \
+         this source is system {source_system}, slot {slot:?}. Use a new --buffer directory for a different source"
+    )]
+    ForeignBuffer { dir: PathBuf, buffer_system: u64, buffer_slot: String, source_system: u64, slot: String },
+
+    #[error(
+        "slot {slot:?} does not exist on the source, but buffer {dir} was started from it (durable up to {durable}): \
+         changes made while the slot was gone are lost to this buffer. Start over: a fresh clone and a new --buffer directory"
+    )]
+    SlotLost { slot: String, dir: PathBuf, durable: Lsn },
+
+    #[error(
+        "slot {slot:?} exists but uses plugin {plugin:?} in database {database:?}; walshift needs a pgoutput slot \
+         in {expected_db:?}. Choose another --slot"
+    )]
+    SlotMismatch { slot: String, plugin: String, database: String, expected_db: String },
+
+    #[error("the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)")]
+    StreamEnded,
+
+    #[error("{context}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CaptureError + '_ {
+    move |source| CaptureError::Sql { context: context.to_owned(), source }
+}
+
+/// What a capture run did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CaptureReport {
+    /// Where streaming started (the buffer's durable end, or the new slot's consistent point).
+    pub start_lsn: Lsn,
+    /// Everything up to here is fsynced in the buffer and confirmed to the slot.
+    pub durable_lsn: Lsn,
+    /// Transactions appended in this run.
+    pub transactions: u64,
+    /// Row changes (insert/update/delete) appended in this run.
+    pub changes: u64,
+    /// pgoutput bytes received in this run.
+    pub bytes: u64,
+    /// Wall time of the streaming phase.
+    #[serde(with = "secs")]
+    pub elapsed: Duration,
+    /// Whether this run created the slot.
+    pub slot_created: bool,
+    /// Published tables.
+    pub tables: Vec<String>,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// The source after [`prepare`]: publication and slot exist, the replication connection is idle.
+pub struct PreparedSource {
+    /// Published tables.
+    pub tables: Vec<TableRef>,
+    /// Source system identifier.
+    pub system_id: u64,
+    /// Source database name.
+    pub database: String,
+    /// Replication connection, idle. If `snapshot` is set, it stays importable only until this
+    /// connection runs its next command.
+    pub conn: ReplicationConnection,
+    /// Exported snapshot name when the slot was created now.
+    pub snapshot: Option<String>,
+    /// Consistent point of a slot created now.
+    pub consistent_point: Option<Lsn>,
+}
+
+/// Preflight, publication and slot: everything before streaming. `buffer_started` says whether
+/// the buffer already belongs to this slot (then a missing slot is an error, never silently
+/// recreated: the changes in between would be lost).
+pub async fn prepare(
+    config: &CaptureConfig,
+    buffer_started: Option<Lsn>,
+) -> Result<PreparedSource, CaptureError> {
+    let client = config.source.connect().await?;
+    let server = preflight::check_server(&client).await?;
+    let tables = preflight::ensure_publication(&client, &config.publication, config.tables.as_deref()).await?;
+
+    let mut conn = ReplicationConnection::connect(&config.source).await?;
+    let system = conn.identify_system().await?;
+
+    let slot = client
+        .query_opt(
+            "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(sql("looking up the replication slot"))?;
+    let (snapshot, consistent_point) = match slot {
+        Some(row) => {
+            let plugin: Option<String> = row.get(0);
+            let database: Option<String> = row.get(1);
+            let (plugin, database) = (plugin.unwrap_or_default(), database.unwrap_or_default());
+            if plugin != "pgoutput" || database != server.database {
+                return Err(CaptureError::SlotMismatch {
+                    slot: config.slot.clone(),
+                    plugin,
+                    database,
+                    expected_db: server.database,
+                });
+            }
+            (None, None)
+        }
+        None => {
+            if let Some(durable) = buffer_started {
+                return Err(CaptureError::SlotLost {
+                    slot: config.slot.clone(),
+                    dir: config.buffer_dir.clone(),
+                    durable,
+                });
+            }
+            let created = conn
+                .create_logical_slot(&config.slot, SlotOptions { temporary: false, snapshot: SnapshotAction::Export })
+                .await?;
+            tracing::info!(slot = %config.slot, consistent_point = %created.consistent_point, "created replication slot");
+            (created.snapshot_name, Some(created.consistent_point))
+        }
+    };
+    Ok(PreparedSource {
+        tables,
+        system_id: system.system_id,
+        database: server.database,
+        conn,
+        snapshot,
+        consistent_point,
+    })
+}
+
+/// Opens (and recovers) the buffer, checks it belongs to this source, prepares the source and
+/// streams until `until_lsn` is durable, `shutdown` resolves, or an error occurs. On a clean
+/// stop everything received is flushed and confirmed before returning.
+pub async fn run(
+    config: CaptureConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<CaptureReport, CaptureError> {
+    let (writer, recovery) = BufferWriter::open(&config.buffer_dir, config.buffer.clone())?;
+    if !recovery.is_clean() {
+        tracing::warn!("buffer recovery: {recovery:?}");
+    }
+    let existing = BufferMeta::read(&config.buffer_dir)?;
+    let prepared = prepare(&config, existing.as_ref().map(|_| writer.durable_lsn())).await?;
+    match existing {
+        Some(meta) if meta.system_identifier != prepared.system_id || meta.slot != config.slot => {
+            return Err(CaptureError::ForeignBuffer {
+                dir: config.buffer_dir.clone(),
+                buffer_system: meta.system_identifier,
+                buffer_slot: meta.slot,
+                source_system: prepared.system_id,
+                slot: config.slot.clone(),
+            });
+        }
+        Some(_) => {}
+        None => BufferMeta::new(prepared.system_id, &prepared.database, &config.slot, &config.publication)
+            .write(&config.buffer_dir)?,
+    }
+    let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
+    let slot_created = prepared.consistent_point.is_some();
+    let resume_from = writer.durable_lsn().max(prepared.consistent_point.unwrap_or(Lsn::ZERO));
+    let stream = prepared
+        .conn
+        .start_logical_replication(
+            &config.slot,
+            resume_from,
+            &[
+                ("proto_version", "1"),
+                ("publication_names", &publication_names(&[&config.publication])),
+                ("messages", "true"),
+            ],
+        )
+        .await?;
+    let mut report = stream_into(&config, stream, writer, resume_from, shutdown).await?;
+    report.slot_created = slot_created;
+    report.tables = tables;
+    Ok(report)
+}
+
+/// The streaming loop. See the module contract.
+async fn stream_into(
+    config: &CaptureConfig,
+    mut stream: ReplicationStream,
+    mut writer: BufferWriter,
+    resume_from: Lsn,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<CaptureReport, CaptureError> {
+    let started = Instant::now();
+    let mut state = StreamState { resume_from, durable: resume_from, ..Default::default() };
+    let mut progress = progress::Progress::new(config.progress, started);
+
+    // Half the flush interval: a group handed over at one tick is usually seen durable at the next.
+    let mut flush_tick = tokio::time::interval((config.flush_interval / 2).max(Duration::from_millis(1)));
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_tick = tokio::time::interval(config.status_interval);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_submit = Instant::now();
+    let mut reported = Lsn::ZERO;
+    tokio::pin!(shutdown);
+
+    let outcome: Result<(), CaptureError> = async {
+        loop {
+            if let Some(until) = config.until_lsn {
+                if state.confirmable() >= until {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => return Ok(()),
+                _ = flush_tick.tick() => {
+                    if state.unsubmitted && last_submit.elapsed() >= config.flush_interval {
+                        writer.submit()?;
+                        state.unsubmitted = false;
+                        last_submit = Instant::now();
+                    }
+                    state.set_durable(writer.poll()?);
+                    if state.confirmable() > reported {
+                        reported = state.confirmable();
+                        send_status(&mut stream, &state, false).await?;
+                    }
+                }
+                _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
+                _ = progress_tick.tick() => progress.update(&state),
+                event = stream.next() => match event? {
+                    Some(ReplicationEvent::XLogData { wal_start, wal_end, data, .. }) => {
+                        state.server_wal_end = state.server_wal_end.max(wal_end);
+                        if let Some((lsn, kind, payload)) = state.accept(wal_start, data) {
+                            writer.append(lsn, kind, &payload)?;
+                            state.unsubmitted = true;
+                        }
+                    }
+                    Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
+                        state.server_wal_end = state.server_wal_end.max(wal_end);
+                        state.keepalive(wal_end);
+                        if reply_requested {
+                            send_status(&mut stream, &state, false).await?;
+                        }
+                    }
+                    None => return Err(CaptureError::StreamEnded),
+                },
+            }
+        }
+    }
+    .await;
+
+    // Whatever happened, make what was received durable; confirm it only on a clean stop.
+    let flushed = writer.flush();
+    if let Ok(durable) = &flushed {
+        state.set_durable(*durable);
+        state.unsubmitted = false;
+    }
+    progress.finish(&state);
+    outcome?;
+    flushed?;
+    send_status(&mut stream, &state, false).await?;
+    let _ = stream.stop().await;
+    Ok(CaptureReport {
+        start_lsn: resume_from,
+        durable_lsn: state.confirmable(),
+        transactions: state.transactions,
+        changes: state.changes,
+        bytes: state.bytes,
+        elapsed: started.elapsed(),
+        slot_created: false,
+        tables: Vec::new(),
+    })
+}
+
+async fn send_status(stream: &mut ReplicationStream, state: &StreamState, reply: bool) -> Result<(), CaptureError> {
+    let flush = state.confirmable();
+    let write = flush.max(state.received_commit_end);
+    stream
+        .send_status(StandbyStatus { write, flush, apply: flush, reply_requested: reply })
+        .await
+        .map_err(CaptureError::from)
+}
+
+/// The stream as capture sees it: transaction boundaries, duplicates, what is durable.
+#[derive(Default)]
+struct StreamState {
+    /// Commits ending at or before this are already in the buffer (or before the slot).
+    resume_from: Lsn,
+    /// The buffer's durable LSN (end of the last fsynced commit).
+    durable: Lsn,
+    in_transaction: bool,
+    /// True while dropping a transaction the buffer already holds.
+    skipping: bool,
+    /// Records appended since the last submit to the sync thread.
+    unsubmitted: bool,
+    /// End LSN of the last commit appended.
+    last_appended_commit: Lsn,
+    /// Records appended after the last commit (standalone messages): their durability is not
+    /// visible through the durable LSN, so they hold back keepalive confirmation.
+    appended_since_commit: u64,
+    /// End LSN of the last commit received (appended or skipped).
+    received_commit_end: Lsn,
+    /// Server position from keepalives while nothing was pending.
+    idle_position: Lsn,
+    server_wal_end: Lsn,
+    last_commit_time: Option<i64>,
+    transactions: u64,
+    changes: u64,
+    bytes: u64,
+}
+
+impl StreamState {
+    /// The position that may be confirmed to the slot. Never passes the durable commit unless
+    /// nothing is pending and no transaction is open (then the keepalive position is safe).
+    fn confirmable(&self) -> Lsn {
+        if self.all_durable() { self.durable.max(self.idle_position) } else { self.durable }
+    }
+
+    /// Nothing open, nothing appended after the last commit, and that commit is on disk.
+    fn all_durable(&self) -> bool {
+        !self.in_transaction && self.appended_since_commit == 0 && self.durable >= self.last_appended_commit
+    }
+
+    fn set_durable(&mut self, durable: Lsn) {
+        self.durable = self.durable.max(durable);
+    }
+
+    fn keepalive(&mut self, wal_end: Lsn) {
+        if self.all_durable() {
+            self.idle_position = self.idle_position.max(wal_end);
+        }
+    }
+
+    /// Classifies one pgoutput message; returns `(lsn, kind, payload)` to append, if any.
+    fn accept(&mut self, wal_start: Lsn, data: Bytes) -> Option<(Lsn, u8, Bytes)> {
+        self.bytes += data.len() as u64;
+        let tag = *data.first()?;
+        match tag {
+            b'B' => {
+                self.in_transaction = true;
+                // Begin: final_lsn (the commit record's start) at bytes 1..9.
+                let final_lsn = read_lsn(&data, 1);
+                self.skipping = final_lsn.is_some_and(|f| f < self.resume_from);
+                if self.skipping {
+                    tracing::debug!(?final_lsn, resume_from = %self.resume_from, "dropping a transaction the buffer already holds");
+                    return None;
+                }
+                Some((wal_start, tag, data))
+            }
+            b'C' => {
+                self.in_transaction = false;
+                // Commit: flags (1), commit_lsn (8), end_lsn (8), timestamp (8).
+                let end = read_lsn(&data, 10).unwrap_or(wal_start);
+                self.received_commit_end = self.received_commit_end.max(end);
+                if std::mem::take(&mut self.skipping) {
+                    return None;
+                }
+                self.transactions += 1;
+                self.last_appended_commit = end;
+                self.appended_since_commit = 0;
+                self.last_commit_time = data.get(18..26).map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
+                Some((end, tag, data))
+            }
+            _ if self.skipping => None,
+            b'I' | b'U' | b'D' => {
+                self.changes += 1;
+                Some((wal_start, tag, data))
+            }
+            _ => {
+                if !self.in_transaction {
+                    self.appended_since_commit += 1;
+                }
+                Some((wal_start, tag, data))
+            }
+        }
+    }
+}
+
+fn read_lsn(data: &[u8], at: usize) -> Option<Lsn> {
+    data.get(at..at + 8).map(|b| Lsn(u64::from_be_bytes(b.try_into().expect("8 bytes"))))
+}

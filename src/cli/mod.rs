@@ -1,16 +1,110 @@
-//! The `walshift` command line: argument parsing and dispatch to the library.
+//! The `walshift` command line: argument parsing, logging setup, and dispatch. Each command's
+//! handler lives in its own file and only translates between flags and the library.
 
+mod bench;
+mod buffer_cmds;
+mod capture;
+mod demo;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-/// Near-zero-downtime PostgreSQL releases.
+use crate::lsn::Lsn;
+
+/// Near-zero-downtime PostgreSQL releases: capture the live database's changes into a durable
+/// buffer, replay them into the migrated copy, cut over in a short measured window.
 #[derive(Parser, Debug)]
-#[command(name = "walshift", version, about)]
-pub struct Cli {}
+#[command(name = "walshift", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (tracing syntax), e.g. `info`, `walshift=debug`. Also `WALSHIFT_LOG`.
+    #[arg(long, global = true, env = "WALSHIFT_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream the source's changes (logical replication, pgoutput) into a durable buffer.
+    Capture(capture::CaptureArgs),
+    /// Show the transactions and changes held in a buffer.
+    Inspect(buffer_cmds::InspectArgs),
+    /// Show a buffer's segments, size, LSN range and last commit.
+    Status(buffer_cmds::StatusArgs),
+    /// Buffer maintenance.
+    #[command(subcommand)]
+    Buffer(buffer_cmds::BufferCommand),
+    /// Measure walshift against PostgreSQL's own tools on throwaway clusters.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Run walshift's main job end to end on throwaway local clusters.
+    Demo(demo::DemoArgs),
+}
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Capture(a) => capture::run(a).await,
+            Command::Inspect(a) => buffer_cmds::inspect(a),
+            Command::Status(a) => buffer_cmds::status(a),
+            Command::Buffer(c) => buffer_cmds::buffer(c),
+            Command::Bench(c) => bench::run(c).await,
+            Command::Demo(a) => demo::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Parses an `X/Y` LSN flag.
+fn parse_lsn(s: &str) -> Result<Lsn, String> {
+    s.parse::<Lsn>().map_err(|e| e.to_string())
+}
+
+/// A buffer directory flag shared by several commands.
+#[derive(clap::Args, Debug, Clone)]
+struct BufferDir {
+    /// Buffer directory (created by `walshift capture`).
+    #[arg(long, value_name = "DIR")]
+    buffer: PathBuf,
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
 }

@@ -1,0 +1,27 @@
+//! `walshift demo`.
+
+use std::process::ExitCode;
+
+use super::shutdown_signal;
+use crate::demo::{self, DemoOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Seconds the demo shop keeps writing.
+    #[arg(long, default_value_t = 6)]
+    seconds: u64,
+    /// Writer transactions per second.
+    #[arg(long, default_value_t = 150)]
+    tps: u32,
+}
+
+pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    let opts = DemoOptions { seconds: a.seconds.max(2), tps: a.tps.max(1) };
+    tokio::select! {
+        r = demo::run(opts, |line| println!("{line}")) => { r?; Ok(ExitCode::SUCCESS) }
+        _ = shutdown_signal() => {
+            eprintln!("interrupted: stopping the demo clusters and removing their files");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
