@@ -142,7 +142,7 @@ pub struct Origin {
 /// A table's shape, sent before the first change to it in a session and after it changes ('R').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Relation {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     /// The table's OID, which change messages refer to.
     pub relid: u32,
@@ -212,7 +212,7 @@ impl Column {
 /// A data type's name, sent before a relation that uses a non-built-in type ('Y').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypeInfo {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     pub oid: u32,
     /// Schema name; empty for `pg_catalog`.
@@ -223,7 +223,7 @@ pub struct TypeInfo {
 /// A row inserted ('I').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Insert {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     pub relid: u32,
     pub new: TupleData,
@@ -232,7 +232,7 @@ pub struct Insert {
 /// A row updated ('U').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Update {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     pub relid: u32,
     /// The old key when it changed, or the whole old row under REPLICA IDENTITY FULL.
@@ -245,7 +245,7 @@ pub struct Update {
 /// A row deleted ('D').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delete {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     pub relid: u32,
     pub old: OldTuple,
@@ -271,7 +271,7 @@ impl OldTuple {
 /// Tables truncated ('T').
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Truncate {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     /// Bit 0: CASCADE, bit 1: RESTART IDENTITY. Other bits are kept as sent.
     pub options: u8,
@@ -294,7 +294,7 @@ impl Truncate {
 /// A message written with `pg_logical_emit_message` ('M'); walshift's cutover marker is one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodingMessage {
-    /// Xid of the in-progress transaction (protocol 2, inside a stream only).
+    /// Protocol 2, inside a stream block only: xid of the (sub)transaction that sent it.
     pub xid: Option<u32>,
     /// Bit 0: transactional. Other bits are kept as sent.
     pub flags: u8,
@@ -313,6 +313,7 @@ impl DecodingMessage {
 /// Start of a block of changes of an in-progress transaction ('S', protocol 2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamStart {
+    /// The top-level transaction.
     pub xid: u32,
     /// The first block streamed for this xid.
     pub first_segment: bool,
@@ -329,11 +330,12 @@ pub struct StreamCommit {
     pub commit_time: PgTimestamp,
 }
 
-/// A streamed transaction, or one of its subtransactions, aborted ('A', protocol 2).
+/// A streamed transaction, or one of its subtransactions, aborted ('A', protocol 2): the
+/// changes streamed with xid `subxid` are void (all of the transaction's when `subxid == xid`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamAbort {
+    /// The top-level transaction.
     pub xid: u32,
-    /// Equal to `xid` when the whole transaction aborted.
     pub subxid: u32,
 }
 
