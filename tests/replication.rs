@@ -414,3 +414,74 @@ async fn server_errors_carry_sqlstate_and_message() {
         "{refused:?}"
     );
 }
+
+/// How fast the stream reads a large transaction, and how much of a core the reader used:
+/// `cargo test --release --test replication -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run on demand"]
+async fn stream_throughput() {
+    const ROWS: usize = 500_000;
+    let c = cluster();
+    c.execute(
+        "postgres",
+        "CREATE TABLE t (id int PRIMARY KEY, v int);
+         CREATE PUBLICATION walshift FOR TABLE t;",
+    )
+    .await
+    .unwrap();
+    let mut conn = connect(&c).await;
+    let slot = conn
+        .create_logical_slot(
+            "bench",
+            SlotOptions {
+                temporary: true,
+                snapshot: SnapshotAction::NoExport,
+            },
+        )
+        .await
+        .unwrap();
+    c.execute(
+        "postgres",
+        &format!("INSERT INTO t SELECT g, g FROM generate_series(1, {ROWS}) g"),
+    )
+    .await
+    .unwrap();
+    let mut stream = start(conn, "bench", slot.consistent_point).await.unwrap();
+    let cpu = || {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage fills the struct we own.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+        t(ru.ru_utime) + t(ru.ru_stime)
+    };
+    let (t0, cpu0) = (Instant::now(), cpu());
+    let mut messages = 0usize;
+    let mut bytes = 0usize;
+    loop {
+        let event = stream.next().await.unwrap().unwrap();
+        if event.reply_requested() {
+            stream
+                .send_status(StandbyStatus::new(
+                    slot.consistent_point,
+                    slot.consistent_point,
+                ))
+                .await
+                .unwrap();
+        }
+        if let ReplicationEvent::XLogData { data, .. } = event {
+            messages += 1;
+            bytes += data.len();
+            if data[0] == b'C' {
+                break;
+            }
+        }
+    }
+    let (secs, cpu_secs) = (t0.elapsed().as_secs_f64(), cpu() - cpu0);
+    assert_eq!(messages, ROWS + 3);
+    println!(
+        "{messages} messages ({bytes} bytes) in {secs:.2}s: {:.0} messages/s; reader CPU {cpu_secs:.2}s \
+         ({:.0} messages per CPU-second)",
+        messages as f64 / secs,
+        messages as f64 / cpu_secs
+    );
+}

@@ -441,13 +441,19 @@ impl ReplicationConnection {
             if let Some(msg) = BackendMessage::parse(&mut self.read_buf)? {
                 return Ok(msg);
             }
-            if self.read_buf.capacity() - self.read_buf.len() < MIN_READ {
-                self.read_buf.reserve(READ_BUFFER_RESERVE);
-            }
-            if self.socket.read_buf(&mut self.read_buf).await? == 0 {
-                return Err(ReplicationError::Closed);
-            }
+            self.fill_read_buf().await?;
         }
+    }
+
+    /// One read from the socket into the receive buffer, growing it in bulk when short.
+    async fn fill_read_buf(&mut self) -> Result<()> {
+        if self.read_buf.capacity() - self.read_buf.len() < MIN_READ {
+            self.read_buf.reserve(READ_BUFFER_RESERVE);
+        }
+        if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+            return Err(ReplicationError::Closed);
+        }
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -675,11 +681,25 @@ impl ReplicationStream {
     /// Cancel-safe: a `next()` dropped in a `tokio::select!` loses no data.
     #[inline]
     pub async fn next(&mut self) -> Result<Option<ReplicationEvent>> {
+        loop {
+            match self.next_buffered()? {
+                Some(event) => return Ok(Some(event)),
+                None if self.server_done => return Ok(None),
+                None => self.conn.fill_read_buf().await?,
+            }
+        }
+    }
+
+    /// The next message if one has already been received, without waiting: lets a caller
+    /// drain everything buffered between two `select!` rounds. `None` means "call
+    /// [`Self::next`]" (or, after the server ended the stream, that it has).
+    #[inline]
+    pub fn next_buffered(&mut self) -> Result<Option<ReplicationEvent>> {
         if self.server_done {
             return Ok(None);
         }
-        loop {
-            match self.conn.read_message().await? {
+        while let Some(msg) = BackendMessage::parse(&mut self.conn.read_buf)? {
+            match msg {
                 BackendMessage::CopyData(data) => {
                     let event = match ReplicationMessage::parse(data)? {
                         ReplicationMessage::XLogData {
@@ -714,6 +734,7 @@ impl ReplicationStream {
                 other => self.conn.unexpected(other, "during replication")?,
             }
         }
+        Ok(None)
     }
 
     /// Sends a standby status update stamped with the current time.
