@@ -92,7 +92,7 @@ impl ConnInfo {
         }
         if config.get_application_name().is_none() {
             config.application_name(
-                &env.var("PGAPPNAME")
+                env.var("PGAPPNAME")
                     .unwrap_or_else(|| "walshift".to_owned()),
             );
         }

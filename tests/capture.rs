@@ -19,7 +19,15 @@ fn changes(c: &Captured) -> Vec<&LogicalMessage> {
     c.transactions
         .iter()
         .flat_map(|t| t.messages.iter())
-        .filter(|m| matches!(m, LogicalMessage::Insert(_) | LogicalMessage::Update(_) | LogicalMessage::Delete(_) | LogicalMessage::Truncate(_)))
+        .filter(|m| {
+            matches!(
+                m,
+                LogicalMessage::Insert(_)
+                    | LogicalMessage::Update(_)
+                    | LogicalMessage::Delete(_)
+                    | LogicalMessage::Truncate(_)
+            )
+        })
         .collect()
 }
 
@@ -70,7 +78,9 @@ async fn type_matrix_round_trips_through_the_buffer() {
             )
             .await
             .unwrap();
-        rows.iter().map(|r| (0..16).map(|i| r.get::<_, Option<String>>(i)).collect()).collect()
+        rows.iter()
+            .map(|r| (0..16).map(|i| r.get::<_, Option<String>>(i)).collect())
+            .collect()
     };
     let captured = capture_until_now(&cluster, dir.path()).await;
     let ch = changes(&captured);
@@ -78,7 +88,9 @@ async fn type_matrix_round_trips_through_the_buffer() {
 
     // Inserts carry every value exactly as the server prints it — except row 1's i8, updated later.
     for (n, msg) in ch[..3].iter().enumerate() {
-        let LogicalMessage::Insert(ins) = msg else { panic!("expected insert, got {msg:?}") };
+        let LogicalMessage::Insert(ins) = msg else {
+            panic!("expected insert, got {msg:?}")
+        };
         let got: Vec<Option<String>> = ins.new.values.iter().map(text).collect();
         let mut want = expected[n].clone();
         if n == 0 {
@@ -87,15 +99,29 @@ async fn type_matrix_round_trips_through_the_buffer() {
         assert_eq!(got, want, "row {}", n + 1);
     }
     // The update did not touch the TOASTed column: pgoutput sends it as unchanged.
-    let LogicalMessage::Update(up) = ch[3] else { panic!("expected update") };
+    let LogicalMessage::Update(up) = ch[3] else {
+        panic!("expected update")
+    };
     assert!(up.old.is_none(), "key unchanged: no old tuple");
     assert_eq!(up.new.values[15], TupleValue::UnchangedToast);
     assert_eq!(text(&up.new.values[2]).as_deref(), Some("42"));
 
     // The relation and the enum type were described in the stream.
-    let all: Vec<&LogicalMessage> = captured.transactions.iter().flat_map(|t| t.messages.iter()).collect();
-    assert!(all.iter().any(|m| matches!(m, LogicalMessage::Type(t) if t.name == "mood")));
-    assert!(captured.relations.iter().any(|r| r.name == "matrix" && r.columns.len() == 16));
+    let all: Vec<&LogicalMessage> = captured
+        .transactions
+        .iter()
+        .flat_map(|t| t.messages.iter())
+        .collect();
+    assert!(
+        all.iter()
+            .any(|m| matches!(m, LogicalMessage::Type(t) if t.name == "mood"))
+    );
+    assert!(
+        captured
+            .relations
+            .iter()
+            .any(|r| r.name == "matrix" && r.columns.len() == 16)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +156,9 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
     assert_eq!(ch.len(), 8, "{ch:#?}");
     match ch[2] {
         LogicalMessage::Update(u) => {
-            let Some(OldTuple::Key(k)) = &u.old else { panic!("key change must carry the old key: {u:?}") };
+            let Some(OldTuple::Key(k)) = &u.old else {
+                panic!("key change must carry the old key: {u:?}")
+            };
             assert_eq!(text(&k.values[0]).as_deref(), Some("1"));
             assert_eq!(text(&u.new.values[0]).as_deref(), Some("10"));
         }
@@ -138,14 +166,18 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
     }
     match ch[3] {
         LogicalMessage::Delete(d) => {
-            let OldTuple::Key(k) = &d.old else { panic!("default identity deletes carry the key") };
+            let OldTuple::Key(k) = &d.old else {
+                panic!("default identity deletes carry the key")
+            };
             assert_eq!(text(&k.values[0]).as_deref(), Some("2"));
         }
         other => panic!("expected delete, got {other:?}"),
     }
     match ch[5] {
         LogicalMessage::Update(u) => {
-            let Some(OldTuple::Full(o)) = &u.old else { panic!("REPLICA IDENTITY FULL sends the old row: {u:?}") };
+            let Some(OldTuple::Full(o)) = &u.old else {
+                panic!("REPLICA IDENTITY FULL sends the old row: {u:?}")
+            };
             assert_eq!(text(&o.values[1]).as_deref(), Some("x"));
             assert_eq!(text(&u.new.values[1]).as_deref(), Some("y"));
         }
@@ -157,7 +189,11 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
     }
     match ch[7] {
         LogicalMessage::Truncate(t) => {
-            let keyed = captured.relations.iter().find(|r| r.name == "keyed").unwrap();
+            let keyed = captured
+                .relations
+                .iter()
+                .find(|r| r.name == "keyed")
+                .unwrap();
             assert_eq!(t.relids, vec![keyed.relid]);
         }
         other => panic!("expected truncate, got {other:?}"),
@@ -167,15 +203,25 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200k_row_transaction_is_captured_whole() {
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster.execute("postgres", "CREATE TABLE big (id int PRIMARY KEY, v text)").await.unwrap();
+    cluster
+        .execute("postgres", "CREATE TABLE big (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     capture_until_now(&cluster, dir.path()).await;
     cluster
-        .execute("postgres", "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g")
+        .execute(
+            "postgres",
+            "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g",
+        )
         .await
         .unwrap();
     let captured = capture_until_now(&cluster, dir.path()).await;
-    let txns: Vec<_> = captured.transactions.iter().filter(|t| t.changes() > 0).collect();
+    let txns: Vec<_> = captured
+        .transactions
+        .iter()
+        .filter(|t| t.changes() > 0)
+        .collect();
     assert_eq!(txns.len(), 1, "one source transaction");
     assert_eq!(txns[0].changes(), 200_000);
     let ids: Vec<i64> = txns[0]

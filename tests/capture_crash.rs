@@ -30,7 +30,13 @@ fn spawn_capture(conn: &str, dir: &std::path::Path, extra: &[String]) -> std::pr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster.execute("postgres", "CREATE TABLE events (id bigint PRIMARY KEY, txn bigint, pad text)").await.unwrap();
+    cluster
+        .execute(
+            "postgres",
+            "CREATE TABLE events (id bigint PRIMARY KEY, txn bigint, pad text)",
+        )
+        .await
+        .unwrap();
     let conn = cluster.conn_string("postgres");
     let dir = tempfile::tempdir().unwrap();
 
@@ -89,7 +95,10 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     writer.await.unwrap();
     assert!(kills >= 10);
     let total = committed.load(Ordering::Relaxed);
-    assert!(total > 100, "the writer should have committed a fair amount ({total})");
+    assert!(
+        total > 100,
+        "the writer should have committed a fair amount ({total})"
+    );
 
     // Drain to the end and check.
     let end = common::current_lsn(&cluster).await;
@@ -99,17 +108,27 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         .args(["--no-progress", "--until-lsn", &end.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "final capture failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "final capture failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let captured = common::read_buffer(dir.path());
     let mut ids = Vec::new();
     let mut last_end = walshift::lsn::Lsn::ZERO;
     for t in &captured.transactions {
-        assert!(t.end_lsn > last_end, "commits out of order: {} after {last_end}", t.end_lsn);
+        assert!(
+            t.end_lsn > last_end,
+            "commits out of order: {} after {last_end}",
+            t.end_lsn
+        );
         last_end = t.end_lsn;
         for m in &t.messages {
             if let LogicalMessage::Insert(i) = m {
-                let TupleValue::Text(b) = &i.new.values[0] else { panic!("text id") };
+                let TupleValue::Text(b) = &i.new.values[0] else {
+                    panic!("text id")
+                };
                 ids.push(std::str::from_utf8(b).unwrap().parse::<i64>().unwrap());
             }
         }
@@ -123,5 +142,12 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
             expected.len()
         );
     }
-    assert_eq!(captured.transactions.iter().filter(|t| t.changes() > 0).count() as i64, total);
+    assert_eq!(
+        captured
+            .transactions
+            .iter()
+            .filter(|t| t.changes() > 0)
+            .count() as i64,
+        total
+    );
 }

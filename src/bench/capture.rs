@@ -53,7 +53,11 @@ pub enum BenchError {
     #[error("SQL failed during the bench: {0}")]
     Sql(#[from] tokio_postgres::Error),
     #[error("{tool} failed ({status}): {stderr}")]
-    Tool { tool: String, status: String, stderr: String },
+    Tool {
+        tool: String,
+        status: String,
+        stderr: String,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -67,7 +71,12 @@ fn dir_size(p: &Path) -> u64 {
     if p.is_file() {
         return p.metadata().map(|m| m.len()).unwrap_or(0);
     }
-    std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| dir_size(&e.path())).sum()
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| dir_size(&e.path()))
+        .sum()
 }
 
 fn timed(tool: &str, mut cmd: Command) -> Result<Duration, BenchError> {
@@ -86,7 +95,11 @@ fn timed(tool: &str, mut cmd: Command) -> Result<Duration, BenchError> {
 
 impl CaptureBench {
     /// Runs the measurement. `walshift` is the path of the walshift binary to measure.
-    pub async fn run(&self, walshift: &Path, log: impl Fn(&str)) -> Result<CaptureBenchReport, BenchError> {
+    pub async fn run(
+        &self,
+        walshift: &Path,
+        log: impl Fn(&str),
+    ) -> Result<CaptureBenchReport, BenchError> {
         let cluster = Cluster::start(
             ClusterOptions::default()
                 .setting("max_wal_size", "'8GB'")
@@ -97,7 +110,9 @@ impl CaptureBench {
         let client = cluster.connect("postgres").await?;
         log(&format!("loading {} accounts", self.workload.initial_rows));
         workload::load(&client, &self.workload).await?;
-        client.batch_execute("CREATE PUBLICATION walshift FOR TABLE accounts").await?;
+        client
+            .batch_execute("CREATE PUBLICATION walshift FOR TABLE accounts")
+            .await?;
         for i in 0..self.runs {
             client
                 .batch_execute(&format!(
@@ -111,7 +126,10 @@ impl CaptureBench {
             self.workload.changes, self.workload.txn_size
         ));
         let transactions = workload::run(&client, &self.workload).await?;
-        let end: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+        let end: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
         let end_lsn: Lsn = end.parse().expect("server LSN");
         let scratch = tempfile::tempdir()?;
         let conn = cluster.conn_string("postgres");
@@ -145,9 +163,15 @@ impl CaptureBench {
                 .arg(format!("--until-lsn={end_lsn}"))
                 .arg("--no-progress");
             let order: [(&'static str, &mut Command, &Path); 2] = if i % 2 == 0 {
-                [("pg_recvlogical", &mut recv, out_file.as_path()), ("walshift", &mut ours, buf.as_path())]
+                [
+                    ("pg_recvlogical", &mut recv, out_file.as_path()),
+                    ("walshift", &mut ours, buf.as_path()),
+                ]
             } else {
-                [("walshift", &mut ours, buf.as_path()), ("pg_recvlogical", &mut recv, out_file.as_path())]
+                [
+                    ("walshift", &mut ours, buf.as_path()),
+                    ("pg_recvlogical", &mut recv, out_file.as_path()),
+                ]
             };
             for (tool, cmd, out) in order {
                 let cmd = std::mem::replace(cmd, Command::new("true"));
@@ -170,10 +194,22 @@ impl CaptureBench {
                 timings.push(t);
             }
         }
-        let rate = |tool: &str| timings.iter().filter(|t| t.tool == tool).map(|t| t.changes_per_sec).collect::<Vec<_>>();
+        let rate = |tool: &str| {
+            timings
+                .iter()
+                .filter(|t| t.tool == tool)
+                .map(|t| t.changes_per_sec)
+                .collect::<Vec<_>>()
+        };
         let ratios: Vec<f64> = (1..=self.runs)
             .map(|r| {
-                let get = |tool: &str| timings.iter().find(|t| t.tool == tool && t.run == r).map(|t| t.changes_per_sec).unwrap_or(0.0);
+                let get = |tool: &str| {
+                    timings
+                        .iter()
+                        .find(|t| t.tool == tool && t.run == r)
+                        .map(|t| t.changes_per_sec)
+                        .unwrap_or(0.0)
+                };
                 get("walshift") / get("pg_recvlogical").max(1e-9)
             })
             .collect();
@@ -193,11 +229,27 @@ impl CaptureBench {
 
 impl std::fmt::Display for CaptureBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "capture throughput: {} row changes in {} transactions (end LSN {})", self.changes, self.transactions, self.end_lsn)?;
+        writeln!(
+            f,
+            "capture throughput: {} row changes in {} transactions (end LSN {})",
+            self.changes, self.transactions, self.end_lsn
+        )?;
         writeln!(f, "| tool | changes/s median | best |")?;
         writeln!(f, "|---|---|---|")?;
-        writeln!(f, "| pg_recvlogical → file | {:.0} | {:.0} |", self.recvlogical_median, self.recvlogical_best)?;
-        writeln!(f, "| walshift capture → durable buffer | {:.0} | {:.0} |", self.walshift_median, self.walshift_best)?;
-        write!(f, "walshift / pg_recvlogical, median of per-run ratios: {:.2}×", self.ratio_median)
+        writeln!(
+            f,
+            "| pg_recvlogical → file | {:.0} | {:.0} |",
+            self.recvlogical_median, self.recvlogical_best
+        )?;
+        writeln!(
+            f,
+            "| walshift capture → durable buffer | {:.0} | {:.0} |",
+            self.walshift_median, self.walshift_best
+        )?;
+        write!(
+            f,
+            "walshift / pg_recvlogical, median of per-run ratios: {:.2}×",
+            self.ratio_median
+        )
     }
 }

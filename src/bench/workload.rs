@@ -21,7 +21,12 @@ pub struct Workload {
 
 impl Default for Workload {
     fn default() -> Self {
-        Workload { initial_rows: 200_000, changes: 1_000_000, txn_size: 10, seed: 0.42 }
+        Workload {
+            initial_rows: 200_000,
+            changes: 1_000_000,
+            txn_size: 10,
+            seed: 0.42,
+        }
     }
 }
 
@@ -34,11 +39,11 @@ pub async fn load(client: &Client, w: &Workload) -> Result<(), tokio_postgres::E
                                    note text, updated_at timestamptz NOT NULL);
              INSERT INTO accounts
                SELECT g, 'owner-' || g, 1000, md5(g::text), '2026-01-01 00:00:00+00'::timestamptz
-               FROM generate_series(1, {}) g;
-             VACUUM ANALYZE accounts;",
+               FROM generate_series(1, {}) g;",
             w.initial_rows
         ))
-        .await
+        .await?;
+    client.batch_execute("VACUUM ANALYZE accounts").await
 }
 
 /// Runs the changes; returns the number of transactions committed. Uses
@@ -78,7 +83,10 @@ pub async fn run(client: &Client, w: &Workload) -> Result<i64, tokio_postgres::E
         .await?;
     client.batch_execute("SET synchronous_commit = off").await?;
     client
-        .execute("CALL walshift_workload($1, $2, $3)", &[&w.changes, &w.txn_size, &w.seed])
+        .execute(
+            "CALL walshift_workload($1, $2, $3)",
+            &[&w.changes, &w.txn_size, &w.seed],
+        )
         .await?;
     client.batch_execute("RESET synchronous_commit").await?;
     Ok((w.changes + w.txn_size - 1) / w.txn_size.max(1))

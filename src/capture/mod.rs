@@ -25,8 +25,8 @@ use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::source::preflight::{self, PreflightError, TableRef};
 use crate::source::replication::{
-    ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream, SlotOptions, SnapshotAction,
-    StandbyStatus, publication_names,
+    ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream, SlotOptions,
+    SnapshotAction, StandbyStatus, publication_names,
 };
 
 /// What to capture and how. Every field documents its default and trade-off.
@@ -96,21 +96,38 @@ pub enum CaptureError {
         "buffer {dir} was captured from another source (system {buffer_system}, slot {buffer_slot:?}); \
          this source is system {source_system}, slot {slot:?}. Use a new --buffer directory for a different source"
     )]
-    ForeignBuffer { dir: PathBuf, buffer_system: u64, buffer_slot: String, source_system: u64, slot: String },
+    ForeignBuffer {
+        dir: PathBuf,
+        buffer_system: u64,
+        buffer_slot: String,
+        source_system: u64,
+        slot: String,
+    },
 
     #[error(
         "slot {slot:?} does not exist on the source, but buffer {dir} was started from it (durable up to {durable}): \
          changes made while the slot was gone are lost to this buffer. Start over: a fresh clone and a new --buffer directory"
     )]
-    SlotLost { slot: String, dir: PathBuf, durable: Lsn },
+    SlotLost {
+        slot: String,
+        dir: PathBuf,
+        durable: Lsn,
+    },
 
     #[error(
         "slot {slot:?} exists but uses plugin {plugin:?} in database {database:?}; walshift needs a pgoutput slot \
          in {expected_db:?}. Choose another --slot"
     )]
-    SlotMismatch { slot: String, plugin: String, database: String, expected_db: String },
+    SlotMismatch {
+        slot: String,
+        plugin: String,
+        database: String,
+        expected_db: String,
+    },
 
-    #[error("the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)")]
+    #[error(
+        "the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)"
+    )]
     StreamEnded,
 
     #[error("{context}")]
@@ -122,7 +139,10 @@ pub enum CaptureError {
 }
 
 fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CaptureError + '_ {
-    move |source| CaptureError::Sql { context: context.to_owned(), source }
+    move |source| CaptureError::Sql {
+        context: context.to_owned(),
+        source,
+    }
 }
 
 /// What a capture run did.
@@ -148,7 +168,10 @@ pub struct CaptureReport {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -179,7 +202,9 @@ pub async fn prepare(
 ) -> Result<PreparedSource, CaptureError> {
     let client = config.source.connect().await?;
     let server = preflight::check_server(&client).await?;
-    let tables = preflight::ensure_publication(&client, &config.publication, config.tables.as_deref()).await?;
+    let tables =
+        preflight::ensure_publication(&client, &config.publication, config.tables.as_deref())
+            .await?;
 
     let mut conn = ReplicationConnection::connect(&config.source).await?;
     let system = conn.identify_system().await?;
@@ -215,7 +240,13 @@ pub async fn prepare(
                 });
             }
             let created = conn
-                .create_logical_slot(&config.slot, SlotOptions { temporary: false, snapshot: SnapshotAction::Export })
+                .create_logical_slot(
+                    &config.slot,
+                    SlotOptions {
+                        temporary: false,
+                        snapshot: SnapshotAction::Export,
+                    },
+                )
                 .await?;
             tracing::info!(slot = %config.slot, consistent_point = %created.consistent_point, "created replication slot");
             (created.snapshot_name, Some(created.consistent_point))
@@ -255,12 +286,19 @@ pub async fn run(
             });
         }
         Some(_) => {}
-        None => BufferMeta::new(prepared.system_id, &prepared.database, &config.slot, &config.publication)
-            .write(&config.buffer_dir)?,
+        None => BufferMeta::new(
+            prepared.system_id,
+            &prepared.database,
+            &config.slot,
+            &config.publication,
+        )
+        .write(&config.buffer_dir)?,
     }
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
     let slot_created = prepared.consistent_point.is_some();
-    let resume_from = writer.durable_lsn().max(prepared.consistent_point.unwrap_or(Lsn::ZERO));
+    let resume_from = writer
+        .durable_lsn()
+        .max(prepared.consistent_point.unwrap_or(Lsn::ZERO));
     let stream = prepared
         .conn
         .start_logical_replication(
@@ -268,7 +306,10 @@ pub async fn run(
             resume_from,
             &[
                 ("proto_version", "1"),
-                ("publication_names", &publication_names(&[&config.publication])),
+                (
+                    "publication_names",
+                    &publication_names(&[&config.publication]),
+                ),
                 ("messages", "true"),
             ],
         )
@@ -288,11 +329,16 @@ async fn stream_into(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
     let started = Instant::now();
-    let mut state = StreamState { resume_from, durable: resume_from, ..Default::default() };
+    let mut state = StreamState {
+        resume_from,
+        durable: resume_from,
+        ..Default::default()
+    };
     let mut progress = progress::Progress::new(config.progress, started);
 
     // Half the flush interval: a group handed over at one tick is usually seen durable at the next.
-    let mut flush_tick = tokio::time::interval((config.flush_interval / 2).max(Duration::from_millis(1)));
+    let mut flush_tick =
+        tokio::time::interval((config.flush_interval / 2).max(Duration::from_millis(1)));
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(config.status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -303,10 +349,11 @@ async fn stream_into(
 
     let outcome: Result<(), CaptureError> = async {
         loop {
-            if let Some(until) = config.until_lsn {
-                if state.confirmable() >= until {
-                    return Ok(());
-                }
+            if config
+                .until_lsn
+                .is_some_and(|until| state.confirmable() >= until)
+            {
+                return Ok(());
             }
             tokio::select! {
                 biased;
@@ -370,11 +417,20 @@ async fn stream_into(
     })
 }
 
-async fn send_status(stream: &mut ReplicationStream, state: &StreamState, reply: bool) -> Result<(), CaptureError> {
+async fn send_status(
+    stream: &mut ReplicationStream,
+    state: &StreamState,
+    reply: bool,
+) -> Result<(), CaptureError> {
     let flush = state.confirmable();
     let write = flush.max(state.received_commit_end);
     stream
-        .send_status(StandbyStatus { write, flush, apply: flush, reply_requested: reply })
+        .send_status(StandbyStatus {
+            write,
+            flush,
+            apply: flush,
+            reply_requested: reply,
+        })
         .await
         .map_err(CaptureError::from)
 }
@@ -411,12 +467,18 @@ impl StreamState {
     /// The position that may be confirmed to the slot. Never passes the durable commit unless
     /// nothing is pending and no transaction is open (then the keepalive position is safe).
     fn confirmable(&self) -> Lsn {
-        if self.all_durable() { self.durable.max(self.idle_position) } else { self.durable }
+        if self.all_durable() {
+            self.durable.max(self.idle_position)
+        } else {
+            self.durable
+        }
     }
 
     /// Nothing open, nothing appended after the last commit, and that commit is on disk.
     fn all_durable(&self) -> bool {
-        !self.in_transaction && self.appended_since_commit == 0 && self.durable >= self.last_appended_commit
+        !self.in_transaction
+            && self.appended_since_commit == 0
+            && self.durable >= self.last_appended_commit
     }
 
     fn set_durable(&mut self, durable: Lsn) {
@@ -456,7 +518,9 @@ impl StreamState {
                 self.transactions += 1;
                 self.last_appended_commit = end;
                 self.appended_since_commit = 0;
-                self.last_commit_time = data.get(18..26).map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
+                self.last_commit_time = data
+                    .get(18..26)
+                    .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
                 Some((end, tag, data))
             }
             _ if self.skipping => None,
@@ -475,5 +539,6 @@ impl StreamState {
 }
 
 fn read_lsn(data: &[u8], at: usize) -> Option<Lsn> {
-    data.get(at..at + 8).map(|b| Lsn(u64::from_be_bytes(b.try_into().expect("8 bytes"))))
+    data.get(at..at + 8)
+        .map(|b| Lsn(u64::from_be_bytes(b.try_into().expect("8 bytes"))))
 }

@@ -15,7 +15,12 @@ pub(super) struct Progress {
 
 impl Progress {
     pub fn new(enabled: bool, started: Instant) -> Self {
-        Progress { enabled, tty: std::io::stderr().is_terminal(), started, last: None }
+        Progress {
+            enabled,
+            tty: std::io::stderr().is_terminal(),
+            started,
+            last: None,
+        }
     }
 
     fn line(&self, state: &StreamState, rate: f64) -> String {

@@ -31,9 +31,20 @@ pub enum BenchCommand {
 
 pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
     match c {
-        BenchCommand::Capture { changes, txn_size, initial_rows, runs, json } => {
+        BenchCommand::Capture {
+            changes,
+            txn_size,
+            initial_rows,
+            runs,
+            json,
+        } => {
             let bench = CaptureBench {
-                workload: Workload { changes, txn_size: txn_size.max(1), initial_rows, ..Workload::default() },
+                workload: Workload {
+                    changes,
+                    txn_size: txn_size.max(1),
+                    initial_rows,
+                    ..Workload::default()
+                },
                 runs: runs.max(1),
             };
             let exe = std::env::current_exe().context("locating the walshift binary")?;

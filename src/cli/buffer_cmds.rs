@@ -55,7 +55,10 @@ pub enum BufferCommand {
 
 fn open(dir: &std::path::Path) -> anyhow::Result<BufferReader> {
     if !dir.is_dir() {
-        anyhow::bail!("buffer directory {} does not exist (create one with `walshift capture --buffer …`)", dir.display());
+        anyhow::bail!(
+            "buffer directory {} does not exist (create one with `walshift capture --buffer …`)",
+            dir.display()
+        );
     }
     BufferReader::open(dir).with_context(|| format!("opening buffer {}", dir.display()))
 }
@@ -68,15 +71,25 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     println!("buffer        {}", st.dir.display());
     if let Some(m) = &st.meta {
-        println!("source        system {} database {:?} slot {:?} publication {:?}", m.system_identifier, m.database, m.slot, m.publication);
+        println!(
+            "source        system {} database {:?} slot {:?} publication {:?}",
+            m.system_identifier, m.database, m.slot, m.publication
+        );
         println!("started       {}", m.created_at);
     }
-    println!("segments      {} ({:.1} MiB)", st.segments, st.total_bytes as f64 / 1048576.0);
+    println!(
+        "segments      {} ({:.1} MiB)",
+        st.segments,
+        st.total_bytes as f64 / 1048576.0
+    );
     println!("transactions  {}", st.transactions);
     let lsn = |l: Option<Lsn>| l.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
     println!("first commit  {}", lsn(st.first_commit_lsn));
     println!("last commit   {}", lsn(st.last_commit.map(|c| c.end_lsn)));
-    println!("last commit   at {}", commit_time(st.last_commit.as_ref()).unwrap_or_else(|| "-".into()));
+    println!(
+        "last commit   at {}",
+        commit_time(st.last_commit.as_ref()).unwrap_or_else(|| "-".into())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -105,18 +118,23 @@ pub fn buffer(c: BufferCommand) -> anyhow::Result<ExitCode> {
                         record
                     }
                 };
-                pgoutput::decode(&rec.payload).with_context(|| format!("record at {:?} (LSN {})", rec.pos, rec.lsn))?;
+                pgoutput::decode(&rec.payload)
+                    .with_context(|| format!("record at {:?} (LSN {})", rec.pos, rec.lsn))?;
                 records += 1;
                 bytes += rec.payload.len() as u64;
             }
-            println!("ok: {records} records, {txns} transactions, {:.1} MiB of pgoutput, every checksum and message valid", bytes as f64 / 1048576.0);
+            println!(
+                "ok: {records} records, {txns} transactions, {:.1} MiB of pgoutput, every checksum and message valid",
+                bytes as f64 / 1048576.0
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn commit_time(c: Option<&CommitInfo>) -> Option<String> {
-    c.and_then(|c| c.commit_time()).map(|t| humantime::format_rfc3339_millis(t).to_string())
+    c.and_then(|c| c.commit_time())
+        .map(|t| humantime::format_rfc3339_millis(t).to_string())
 }
 
 /// Renders one value for humans: quoted text, cut at 60 characters.
@@ -173,7 +191,13 @@ impl Relations {
         t.values
             .iter()
             .enumerate()
-            .filter(|(i, v)| !only_keys || rel.and_then(|r| r.columns.get(*i)).map(|c| c.is_key()).unwrap_or(!matches!(v, TupleValue::Null)))
+            .filter(|(i, v)| {
+                !only_keys
+                    || rel
+                        .and_then(|r| r.columns.get(*i))
+                        .map(|c| c.is_key())
+                        .unwrap_or(!matches!(v, TupleValue::Null))
+            })
             .map(|(i, v)| format!("{}={}", self.column(relid, i), show_value(v)))
             .collect::<Vec<_>>()
             .join(" ")
@@ -183,7 +207,12 @@ impl Relations {
         let rel = self.0.get(&relid);
         let mut m = Map::new();
         for (i, v) in t.values.iter().enumerate() {
-            if only_keys && !rel.and_then(|r| r.columns.get(i)).map(|c| c.is_key()).unwrap_or(true) {
+            if only_keys
+                && !rel
+                    .and_then(|r| r.columns.get(i))
+                    .map(|c| c.is_key())
+                    .unwrap_or(true)
+            {
                 continue;
             }
             m.insert(self.column(relid, i), json_value(v));
@@ -195,30 +224,62 @@ impl Relations {
 /// One decoded change for humans, or `None` for messages that are not changes.
 fn describe(rels: &Relations, m: &LogicalMessage) -> Option<String> {
     Some(match m {
-        LogicalMessage::Insert(i) => format!("INSERT {}: {}", rels.name(i.relid), rels.tuple(i.relid, &i.new, false)),
+        LogicalMessage::Insert(i) => format!(
+            "INSERT {}: {}",
+            rels.name(i.relid),
+            rels.tuple(i.relid, &i.new, false)
+        ),
         LogicalMessage::Update(u) => {
-            let mut s = format!("UPDATE {}: {}", rels.name(u.relid), rels.tuple(u.relid, &u.new, false));
+            let mut s = format!(
+                "UPDATE {}: {}",
+                rels.name(u.relid),
+                rels.tuple(u.relid, &u.new, false)
+            );
             match &u.old {
-                Some(OldTuple::Key(k)) => { let _ = write!(s, "  (old key: {})", rels.tuple(u.relid, k, true)); }
-                Some(OldTuple::Full(o)) => { let _ = write!(s, "  (old row: {})", rels.tuple(u.relid, o, false)); }
+                Some(OldTuple::Key(k)) => {
+                    let _ = write!(s, "  (old key: {})", rels.tuple(u.relid, k, true));
+                }
+                Some(OldTuple::Full(o)) => {
+                    let _ = write!(s, "  (old row: {})", rels.tuple(u.relid, o, false));
+                }
                 None => {}
             }
             s
         }
         LogicalMessage::Delete(d) => match &d.old {
-            OldTuple::Key(k) => format!("DELETE {}: {}", rels.name(d.relid), rels.tuple(d.relid, k, true)),
-            OldTuple::Full(o) => format!("DELETE {}: {}", rels.name(d.relid), rels.tuple(d.relid, o, false)),
+            OldTuple::Key(k) => format!(
+                "DELETE {}: {}",
+                rels.name(d.relid),
+                rels.tuple(d.relid, k, true)
+            ),
+            OldTuple::Full(o) => format!(
+                "DELETE {}: {}",
+                rels.name(d.relid),
+                rels.tuple(d.relid, o, false)
+            ),
         },
         LogicalMessage::Truncate(t) => format!(
             "TRUNCATE {}{}{}",
-            t.relids.iter().map(|r| rels.name(*r)).collect::<Vec<_>>().join(", "),
+            t.relids
+                .iter()
+                .map(|r| rels.name(*r))
+                .collect::<Vec<_>>()
+                .join(", "),
             if t.cascade() { " CASCADE" } else { "" },
-            if t.restart_identity() { " RESTART IDENTITY" } else { "" }
+            if t.restart_identity() {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            }
         ),
         LogicalMessage::Message(msg) => format!(
             "MESSAGE prefix={:?}{}: {}",
             msg.prefix,
-            if msg.is_transactional() { " (transactional)" } else { "" },
+            if msg.is_transactional() {
+                " (transactional)"
+            } else {
+                ""
+            },
             String::from_utf8_lossy(&msg.content)
         ),
         _ => return None,
@@ -227,7 +288,9 @@ fn describe(rels: &Relations, m: &LogicalMessage) -> Option<String> {
 
 fn describe_json(rels: &Relations, m: &LogicalMessage) -> Option<Value> {
     Some(match m {
-        LogicalMessage::Insert(i) => json!({"op": "insert", "table": rels.name(i.relid), "new": rels.tuple_json(i.relid, &i.new, false)}),
+        LogicalMessage::Insert(i) => {
+            json!({"op": "insert", "table": rels.name(i.relid), "new": rels.tuple_json(i.relid, &i.new, false)})
+        }
         LogicalMessage::Update(u) => {
             let mut v = json!({"op": "update", "table": rels.name(u.relid), "new": rels.tuple_json(u.relid, &u.new, false)});
             match &u.old {
@@ -238,13 +301,21 @@ fn describe_json(rels: &Relations, m: &LogicalMessage) -> Option<Value> {
             v
         }
         LogicalMessage::Delete(d) => match &d.old {
-            OldTuple::Key(k) => json!({"op": "delete", "table": rels.name(d.relid), "old_key": rels.tuple_json(d.relid, k, true)}),
-            OldTuple::Full(o) => json!({"op": "delete", "table": rels.name(d.relid), "old": rels.tuple_json(d.relid, o, false)}),
+            OldTuple::Key(k) => {
+                json!({"op": "delete", "table": rels.name(d.relid), "old_key": rels.tuple_json(d.relid, k, true)})
+            }
+            OldTuple::Full(o) => {
+                json!({"op": "delete", "table": rels.name(d.relid), "old": rels.tuple_json(d.relid, o, false)})
+            }
         },
-        LogicalMessage::Truncate(t) => json!({"op": "truncate", "tables": t.relids.iter().map(|r| rels.name(*r)).collect::<Vec<_>>(),
-            "cascade": t.cascade(), "restart_identity": t.restart_identity()}),
-        LogicalMessage::Message(msg) => json!({"op": "message", "prefix": msg.prefix, "transactional": msg.is_transactional(),
-            "content": String::from_utf8_lossy(&msg.content)}),
+        LogicalMessage::Truncate(t) => {
+            json!({"op": "truncate", "tables": t.relids.iter().map(|r| rels.name(*r)).collect::<Vec<_>>(),
+            "cascade": t.cascade(), "restart_identity": t.restart_identity()})
+        }
+        LogicalMessage::Message(msg) => {
+            json!({"op": "message", "prefix": msg.prefix, "transactional": msg.is_transactional(),
+            "content": String::from_utf8_lossy(&msg.content)})
+        }
         _ => return None,
     })
 }
@@ -260,10 +331,19 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
     for ev in reader.transactions_from(a.from)? {
         let ev = ev?;
         let rec = match &ev {
-            TxnEvent::Begin(r) | TxnEvent::Change(r) | TxnEvent::Standalone(r) | TxnEvent::Commit { record: r, .. } => r,
+            TxnEvent::Begin(r)
+            | TxnEvent::Change(r)
+            | TxnEvent::Standalone(r)
+            | TxnEvent::Commit { record: r, .. } => r,
         };
-        let msg = pgoutput::decode(&rec.payload)
-            .with_context(|| format!("decoding the record at {:?} (LSN {}) of {}", rec.pos, rec.lsn, a.buffer.buffer.display()))?;
+        let msg = pgoutput::decode(&rec.payload).with_context(|| {
+            format!(
+                "decoding the record at {:?} (LSN {}) of {}",
+                rec.pos,
+                rec.lsn,
+                a.buffer.buffer.display()
+            )
+        })?;
         if let LogicalMessage::Relation(r) = &msg {
             rels.0.insert(r.relid, r.clone());
             continue;
@@ -289,7 +369,9 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             }
             TxnEvent::Commit { commit, .. } => {
                 shown += 1;
-                let LogicalMessage::Commit(c) = &msg else { continue };
+                let LogicalMessage::Commit(c) = &msg else {
+                    continue;
+                };
                 let when = commit_time(Some(&commit)).unwrap_or_default();
                 if a.json {
                     println!(
@@ -298,7 +380,14 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
                                "commit_time": when, "changes": txn_json})
                     );
                 } else {
-                    println!("commit {} (end {})  xid {}  {}  {} change(s)", c.commit_lsn, c.end_lsn, xid, when, txn_lines.len());
+                    println!(
+                        "commit {} (end {})  xid {}  {}  {} change(s)",
+                        c.commit_lsn,
+                        c.end_lsn,
+                        xid,
+                        when,
+                        txn_lines.len()
+                    );
                     for l in &txn_lines {
                         println!("  {l}");
                     }
@@ -316,7 +405,9 @@ pub fn inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if more && !a.json {
-        eprintln!("(more transactions follow: raise --limit, or pass --from <end LSN of the last one shown>)");
+        eprintln!(
+            "(more transactions follow: raise --limit, or pass --from <end LSN of the last one shown>)"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

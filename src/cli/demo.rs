@@ -16,7 +16,10 @@ pub struct DemoArgs {
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
-    let opts = DemoOptions { seconds: a.seconds.max(2), tps: a.tps.max(1) };
+    let opts = DemoOptions {
+        seconds: a.seconds.max(2),
+        tps: a.tps.max(1),
+    };
     tokio::select! {
         r = demo::run(opts, |line| println!("{line}")) => { r?; Ok(ExitCode::SUCCESS) }
         _ = shutdown_signal() => {

@@ -35,7 +35,11 @@ CREATE TABLE orders (
 ";
 
 /// Starting rows: `customers` customers, 50 products, `orders` orders.
-pub async fn seed(client: &Client, customers: i64, orders: i64) -> Result<(), tokio_postgres::Error> {
+pub async fn seed(
+    client: &Client,
+    customers: i64,
+    orders: i64,
+) -> Result<(), tokio_postgres::Error> {
     client
         .batch_execute(&format!(
             "INSERT INTO customers (id, first_name, last_name, email)
@@ -99,7 +103,16 @@ impl Writer {
                 let customer = 1 + (n * 7919) % customers.max(1);
                 let qty = (1 + n % 4) as i32;
                 client
-                    .execute(&place, &[&customer, &qty, &format!("{n} Side Road"), &format!("City {}", n % 20), &(1 + n % 50)])
+                    .execute(
+                        &place,
+                        &[
+                            &customer,
+                            &qty,
+                            &format!("{n} Side Road"),
+                            &format!("City {}", n % 20),
+                            &(1 + n % 50),
+                        ],
+                    )
                     .await?;
                 stats.orders_placed += 1;
                 if n % 5 == 0 {
@@ -114,7 +127,11 @@ impl Writer {
             }
             Ok(stats)
         });
-        Writer { stop, committed, handle }
+        Writer {
+            stop,
+            committed,
+            handle,
+        }
     }
 
     /// Transactions committed so far.

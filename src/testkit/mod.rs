@@ -105,12 +105,12 @@ impl Binaries {
     /// Finds server binaries: `pg_config --bindir` if it has `initdb`, else the newest
     /// `/usr/lib/postgresql/<major>/bin`.
     pub fn find() -> Result<Self> {
-        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-            if out.status.success() {
-                let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-                if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
-                    return Ok(Binaries { bindir: dir });
-                }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+            && out.status.success()
+        {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
+                return Ok(Binaries { bindir: dir });
             }
         }
         let mut candidates: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")

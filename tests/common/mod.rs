@@ -23,7 +23,14 @@ impl Txn {
     pub fn changes(&self) -> usize {
         self.messages
             .iter()
-            .filter(|m| matches!(m, LogicalMessage::Insert(_) | LogicalMessage::Update(_) | LogicalMessage::Delete(_)))
+            .filter(|m| {
+                matches!(
+                    m,
+                    LogicalMessage::Insert(_)
+                        | LogicalMessage::Update(_)
+                        | LogicalMessage::Delete(_)
+                )
+            })
             .count()
     }
 }
@@ -40,7 +47,11 @@ pub struct Captured {
 pub fn read_buffer(dir: &Path) -> Captured {
     let mut out = Captured::default();
     let mut current: Vec<LogicalMessage> = Vec::new();
-    for ev in BufferReader::open(dir).unwrap().transactions_from(Lsn::ZERO).unwrap() {
+    for ev in BufferReader::open(dir)
+        .unwrap()
+        .transactions_from(Lsn::ZERO)
+        .unwrap()
+    {
         match ev.unwrap() {
             TxnEvent::Begin(_) => current.clear(),
             TxnEvent::Change(r) | TxnEvent::Standalone(r) => {
@@ -51,7 +62,10 @@ pub fn read_buffer(dir: &Path) -> Captured {
                 current.push(m);
             }
             TxnEvent::Commit { commit, .. } => {
-                out.transactions.push(Txn { end_lsn: commit.end_lsn, messages: std::mem::take(&mut current) });
+                out.transactions.push(Txn {
+                    end_lsn: commit.end_lsn,
+                    messages: std::mem::take(&mut current),
+                });
             }
         }
     }
@@ -61,23 +75,33 @@ pub fn read_buffer(dir: &Path) -> Captured {
 /// The source's current end of WAL.
 pub async fn current_lsn(cluster: &Cluster) -> Lsn {
     let c = cluster.connect("postgres").await.unwrap();
-    let s: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+    let s: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     s.parse().unwrap()
 }
 
 /// Capture config for a test cluster's `postgres` database.
 pub fn config(cluster: &Cluster, dir: &Path) -> CaptureConfig {
-    CaptureConfig::new(ConnInfo::parse(&cluster.conn_string("postgres")).unwrap(), dir)
+    CaptureConfig::new(
+        ConnInfo::parse(&cluster.conn_string("postgres")).unwrap(),
+        dir,
+    )
 }
 
 /// Runs capture (in process) until everything committed so far is durable in `dir`.
 pub async fn capture_until_now_report(cluster: &Cluster, dir: &Path) -> CaptureReport {
     let mut cfg = config(cluster, dir);
     cfg.until_lsn = Some(current_lsn(cluster).await);
-    tokio::time::timeout(std::time::Duration::from_secs(120), capture::run(cfg, std::future::pending::<()>()))
-        .await
-        .expect("capture reached the end of WAL in time")
-        .expect("capture succeeded")
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        capture::run(cfg, std::future::pending::<()>()),
+    )
+    .await
+    .expect("capture reached the end of WAL in time")
+    .expect("capture succeeded")
 }
 
 /// As [`capture_until_now_report`], then reads the whole buffer back.
