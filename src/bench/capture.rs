@@ -4,7 +4,7 @@
 //! a durable buffer, both to the same end LSN. Runs alternate which tool goes first.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::workload::{self, Workload};
@@ -27,6 +27,8 @@ pub struct Timing {
     pub run: usize,
     pub seconds: f64,
     pub changes_per_sec: f64,
+    /// CPU seconds (user + system) the tool's process used.
+    pub cpu_seconds: f64,
     pub output_bytes: u64,
 }
 
@@ -79,18 +81,33 @@ fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
-fn timed(tool: &str, mut cmd: Command) -> Result<Duration, BenchError> {
+/// Runs a tool to completion; returns its wall time and CPU time (user + system).
+fn timed(tool: &str, mut cmd: Command) -> Result<(Duration, Duration), BenchError> {
     let start = Instant::now();
-    let out = cmd.output()?;
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut stderr)?;
+    }
+    let mut status = 0;
+    // SAFETY: zeroed rusage is a valid out-parameter; wait4 reaps our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
     let took = start.elapsed();
-    if !out.status.success() {
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(BenchError::Tool {
             tool: tool.into(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            status: format!("wait status {status}"),
+            stderr,
         });
     }
-    Ok(took)
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    Ok((took, tv(usage.ru_utime) + tv(usage.ru_stime)))
 }
 
 impl CaptureBench {
@@ -175,20 +192,22 @@ impl CaptureBench {
             };
             for (tool, cmd, out) in order {
                 let cmd = std::mem::replace(cmd, Command::new("true"));
-                let took = timed(tool, cmd)?;
+                let (took, cpu) = timed(tool, cmd)?;
                 let t = Timing {
                     tool,
                     run: i + 1,
                     seconds: took.as_secs_f64(),
                     changes_per_sec: changes / took.as_secs_f64(),
+                    cpu_seconds: cpu.as_secs_f64(),
                     output_bytes: dir_size(out),
                 };
                 log(&format!(
-                    "run {}: {:<14} {:>7.2} s  {:>9.0} changes/s  {:>6.1} MiB",
+                    "run {}: {:<14} {:>7.2} s  {:>9.0} changes/s  cpu {:>5.2} s  {:>6.1} MiB",
                     t.run,
                     t.tool,
                     t.seconds,
                     t.changes_per_sec,
+                    t.cpu_seconds,
                     t.output_bytes as f64 / 1048576.0
                 ));
                 timings.push(t);

@@ -54,15 +54,16 @@ pub async fn run(client: &Client, w: &Workload) -> Result<i64, tokio_postgres::E
             "CREATE OR REPLACE PROCEDURE walshift_workload(n_changes bigint, txn_size bigint, seed float8)
              LANGUAGE plpgsql AS $$
              DECLARE
-               lo bigint; hi bigint; done bigint := 0; in_txn bigint := 0; r float8;
+               lo bigint; hi bigint; done bigint := 0; in_txn bigint := 0; r float8; target bigint;
              BEGIN
                PERFORM setseed(seed);
                SELECT min(id), max(id) + 1 INTO lo, hi FROM accounts;
                WHILE done < n_changes LOOP
                  r := random();
                  IF r < 0.5 AND hi > lo THEN
-                   UPDATE accounts SET balance = balance + 1, updated_at = clock_timestamp()
-                     WHERE id = lo + floor(random() * (hi - lo))::bigint;
+                   -- Computed first: a volatile random() inside WHERE would force a sequential scan.
+                   target := lo + floor(random() * (hi - lo))::bigint;
+                   UPDATE accounts SET balance = balance + 1, updated_at = clock_timestamp() WHERE id = target;
                  ELSIF r < 0.8 OR hi <= lo THEN
                    INSERT INTO accounts VALUES (hi, 'owner-' || hi, 0, md5(hi::text), clock_timestamp());
                    hi := hi + 1;

@@ -29,6 +29,9 @@ use crate::source::replication::{
     SnapshotAction, StandbyStatus, publication_names,
 };
 
+/// Events handled per `select!` round before timers and shutdown are checked again.
+const DRAIN_BATCH: usize = 4096;
+
 /// What to capture and how. Every field documents its default and trade-off.
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
@@ -372,23 +375,20 @@ async fn stream_into(
                 }
                 _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
                 _ = progress_tick.tick() => progress.update(&state),
-                event = stream.next() => match event? {
-                    Some(ReplicationEvent::XLogData { wal_start, wal_end, data, .. }) => {
-                        state.server_wal_end = state.server_wal_end.max(wal_end);
-                        if let Some((lsn, kind, payload)) = state.accept(wal_start, data) {
-                            writer.append(lsn, kind, &payload)?;
-                            state.unsubmitted = true;
-                        }
-                    }
-                    Some(ReplicationEvent::Keepalive { wal_end, reply_requested, .. }) => {
-                        state.server_wal_end = state.server_wal_end.max(wal_end);
-                        state.keepalive(wal_end);
-                        if reply_requested {
+                event = stream.next() => {
+                    let Some(mut event) = event? else { return Err(CaptureError::StreamEnded) };
+                    // Handle what has already arrived before the next select round (bounded,
+                    // so timers and shutdown are still served under a constant stream).
+                    for _ in 0..DRAIN_BATCH {
+                        if state.handle(event, &mut writer)? {
                             send_status(&mut stream, &state, false).await?;
                         }
+                        match stream.next_buffered()? {
+                            Some(next) => event = next,
+                            None => break,
+                        }
                     }
-                    None => return Err(CaptureError::StreamEnded),
-                },
+                }
             }
         }
     }
@@ -483,6 +483,39 @@ impl StreamState {
 
     fn set_durable(&mut self, durable: Lsn) {
         self.durable = self.durable.max(durable);
+    }
+
+    /// Applies one event: appends a message to the buffer or notes a keepalive. Returns
+    /// true when the server asked for a status update now.
+    fn handle(
+        &mut self,
+        event: ReplicationEvent,
+        writer: &mut BufferWriter,
+    ) -> Result<bool, CaptureError> {
+        match event {
+            ReplicationEvent::XLogData {
+                wal_start,
+                wal_end,
+                data,
+                ..
+            } => {
+                self.server_wal_end = self.server_wal_end.max(wal_end);
+                if let Some((lsn, kind, payload)) = self.accept(wal_start, data) {
+                    writer.append(lsn, kind, &payload)?;
+                    self.unsubmitted = true;
+                }
+                Ok(false)
+            }
+            ReplicationEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
+                self.server_wal_end = self.server_wal_end.max(wal_end);
+                self.keepalive(wal_end);
+                Ok(reply_requested)
+            }
+        }
     }
 
     fn keepalive(&mut self, wal_end: Lsn) {
