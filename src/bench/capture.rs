@@ -81,11 +81,16 @@ fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
-/// Runs a tool to completion; returns its wall time and CPU time (user + system).
-fn timed(tool: &str, mut cmd: Command) -> Result<(Duration, Duration), BenchError> {
+/// Runs a tool to completion; returns its wall time, CPU time (user + system) and stdout.
+fn timed(tool: &str, mut cmd: Command) -> Result<(Duration, Duration, String), BenchError> {
     let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let mut stderr = String::new();
+    let mut stdout = String::new();
+    // The tools print little: reading one pipe to its end before the other cannot deadlock.
+    if let Some(mut o) = child.stdout.take() {
+        std::io::Read::read_to_string(&mut o, &mut stdout)?;
+    }
     if let Some(mut e) = child.stderr.take() {
         std::io::Read::read_to_string(&mut e, &mut stderr)?;
     }
@@ -107,7 +112,7 @@ fn timed(tool: &str, mut cmd: Command) -> Result<(Duration, Duration), BenchErro
     let tv = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    Ok((took, tv(usage.ru_utime) + tv(usage.ru_stime)))
+    Ok((took, tv(usage.ru_utime) + tv(usage.ru_stime), stdout))
 }
 
 impl CaptureBench {
@@ -178,7 +183,8 @@ impl CaptureBench {
                 .arg(format!("--slot=walshift_{i}"))
                 .arg("--publication=walshift")
                 .arg(format!("--until-lsn={end_lsn}"))
-                .arg("--no-progress");
+                .arg("--no-progress")
+                .arg("--json");
             let order: [(&'static str, &mut Command, &Path); 2] = if i % 2 == 0 {
                 [
                     ("pg_recvlogical", &mut recv, out_file.as_path()),
@@ -192,7 +198,27 @@ impl CaptureBench {
             };
             for (tool, cmd, out) in order {
                 let cmd = std::mem::replace(cmd, Command::new("true"));
-                let (took, cpu) = timed(tool, cmd)?;
+                let (took, cpu, stdout) = timed(tool, cmd)?;
+                if tool == "walshift" {
+                    // The measurement counts only if everything arrived.
+                    let report: serde_json::Value =
+                        serde_json::from_str(&stdout).map_err(|e| BenchError::Tool {
+                            tool: tool.into(),
+                            status: "unreadable report".into(),
+                            stderr: format!("{e}: {stdout}"),
+                        })?;
+                    let got = report["changes"].as_i64().unwrap_or(-1);
+                    if got != self.workload.changes {
+                        return Err(BenchError::Tool {
+                            tool: tool.into(),
+                            status: "incomplete capture".into(),
+                            stderr: format!(
+                                "captured {got} changes, the workload made {}",
+                                self.workload.changes
+                            ),
+                        });
+                    }
+                }
                 let t = Timing {
                     tool,
                     run: i + 1,

@@ -376,17 +376,17 @@ async fn stream_into(
                 _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
                 _ = progress_tick.tick() => progress.update(&state),
                 event = stream.next() => {
-                    let Some(mut event) = event? else { return Err(CaptureError::StreamEnded) };
+                    let Some(event) = event? else { return Err(CaptureError::StreamEnded) };
                     // Handle what has already arrived before the next select round (bounded,
                     // so timers and shutdown are still served under a constant stream).
-                    for _ in 0..DRAIN_BATCH {
-                        if state.handle(event, &mut writer)? {
+                    let mut handled = 0;
+                    let mut next = Some(event);
+                    while let Some(ev) = next {
+                        if state.handle(ev, &mut writer)? {
                             send_status(&mut stream, &state, false).await?;
                         }
-                        match stream.next_buffered()? {
-                            Some(next) => event = next,
-                            None => break,
-                        }
+                        handled += 1;
+                        next = if handled < DRAIN_BATCH { stream.next_buffered()? } else { None };
                     }
                 }
             }

@@ -48,8 +48,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: capture's hot loop then polls its socket itself instead of being woken by
+    // an I/O thread for every read (the buffer's fsyncs have their own thread).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
