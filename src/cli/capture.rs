@@ -32,6 +32,10 @@ pub struct CaptureArgs {
     /// Longest wait before a received change is fsynced, in milliseconds.
     #[arg(long, default_value_t = 20)]
     flush_ms: u64,
+    /// After a read that brought only a few messages, pause this many microseconds so the
+    /// socket fills (fewer, larger reads; 0 = off).
+    #[arg(long, default_value_t = 1000)]
+    read_coalesce_us: u64,
     /// Segment size in MiB for a new buffer.
     #[arg(long, default_value_t = 64)]
     segment_mib: u64,
@@ -51,6 +55,7 @@ pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
     config.tables = a.tables;
     config.until_lsn = a.until_lsn;
     config.flush_interval = Duration::from_millis(a.flush_ms.max(1));
+    config.read_coalesce = Duration::from_micros(a.read_coalesce_us);
     config.buffer.segment_size = a.segment_mib.max(1) * 1024 * 1024;
     config.progress = !a.no_progress;
     let report = capture::run(config, shutdown_signal()).await?;
