@@ -87,6 +87,15 @@ pub struct TableRef {
 }
 
 impl TableRef {
+    /// From a row of `(oid, schema text, name text)`.
+    fn from_row(r: &tokio_postgres::Row) -> TableRef {
+        TableRef {
+            oid: r.get(0),
+            schema: r.get(1),
+            name: r.get(2),
+        }
+    }
+
     /// `"schema"."name"`, quoted for SQL.
     pub fn quoted(&self) -> String {
         quote_qualified(&self.schema, &self.name)
@@ -210,11 +219,7 @@ async fn resolve_tables(
             )
             .await;
         match row {
-            Ok(r) => out.push(TableRef {
-                oid: r.get(0),
-                schema: r.get(1),
-                name: r.get(2),
-            }),
+            Ok(r) => out.push(TableRef::from_row(&r)),
             Err(e) if e.as_db_error().is_none() => {
                 return Err(PreflightError::TableNotFound { name: n.clone() });
             }
@@ -236,14 +241,7 @@ async fn all_user_tables(client: &Client) -> Result<Vec<TableRef>, PreflightErro
         )
         .await
         .map_err(sql("listing user tables"))?;
-    Ok(rows
-        .iter()
-        .map(|r| TableRef {
-            oid: r.get(0),
-            schema: r.get(1),
-            name: r.get(2),
-        })
-        .collect())
+    Ok(rows.iter().map(TableRef::from_row).collect())
 }
 
 /// The tables a publication carries, in name order.
@@ -261,14 +259,7 @@ pub async fn publication_tables(
         )
         .await
         .map_err(sql("listing the publication's tables"))?;
-    Ok(rows
-        .iter()
-        .map(|r| TableRef {
-            oid: r.get(0),
-            schema: r.get(1),
-            name: r.get(2),
-        })
-        .collect())
+    Ok(rows.iter().map(TableRef::from_row).collect())
 }
 
 /// Every table must have a primary key, a replica identity index, or REPLICA IDENTITY FULL.
