@@ -6,9 +6,11 @@
 //! later `transform` → `apply` → target, then cutover and rehearsal. `testkit` starts throwaway
 //! local PostgreSQL clusters for tests, the demo and benches.
 
+pub mod apply;
 pub mod bench;
 pub mod buffer;
 pub mod capture;
+pub mod clone;
 pub mod cli;
 pub mod conn;
 pub mod demo;
