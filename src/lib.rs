@@ -10,6 +10,7 @@ pub mod apply;
 pub mod bench;
 pub mod buffer;
 pub mod capture;
+pub mod clone;
 pub mod cli;
 pub mod conn;
 pub mod demo;

@@ -1,0 +1,295 @@
+//! Row transfer: `COPY (SELECT …) TO STDOUT (FORMAT binary)` on source sessions that imported
+//! the snapshot, streamed into `COPY … FROM STDIN (FORMAT binary)` on the target, several
+//! tables at a time, never holding more than a few rows in memory.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, pin_mut};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio_postgres::Client;
+
+use super::error::{CloneError, sql};
+use crate::conn::ConnInfo;
+use crate::sql::{quote_ident, quote_literal};
+
+/// One table to copy, as seen in the snapshot.
+#[derive(Debug, Clone)]
+pub(crate) struct TablePlan {
+    /// `schema.name`, for reports.
+    pub display: String,
+    /// `"schema"."name"`.
+    pub quoted: String,
+    /// Non-generated columns, quoted, in attribute order.
+    pub columns: Vec<String>,
+    /// Partitioned tables are read through their partitions; plain tables with `ONLY`.
+    pub partitioned: bool,
+    /// `pg_class.reltuples` (negative: never analyzed).
+    pub estimated_rows: f64,
+    pub pages: i64,
+}
+
+impl TablePlan {
+    fn column_list(&self) -> String {
+        self.columns.join(", ")
+    }
+
+    fn copy_out_sql(&self) -> String {
+        format!(
+            "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)",
+            self.column_list(),
+            if self.partitioned { "" } else { "ONLY " },
+            self.quoted
+        )
+    }
+
+    fn copy_in_sql(&self) -> String {
+        format!(
+            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            self.quoted,
+            self.column_list()
+        )
+    }
+}
+
+/// What one table's copy moved.
+#[derive(Debug, Clone)]
+pub(crate) struct Copied {
+    pub display: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Opens a source session whose transaction sees exactly the exported snapshot.
+pub(crate) async fn snapshot_session(
+    source: &ConnInfo,
+    snapshot: &str,
+) -> Result<Client, CloneError> {
+    let client = source.connect().await.map_err(|e| CloneError::Connect {
+        context: "connecting to the source".into(),
+        source: e,
+    })?;
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| CloneError::Snapshot {
+            snapshot: snapshot.to_owned(),
+            source_db: source.redacted(),
+            message: super::error::pg_message(&e),
+            source: e,
+        })?;
+    Ok(client)
+}
+
+/// Opens a target session for loading: `session_replication_role = replica`, so user triggers
+/// and foreign-key checks do not fire during the load (rows are consistent at the snapshot).
+pub(crate) async fn load_session(target: &ConnInfo) -> Result<Client, CloneError> {
+    let client = target.connect().await.map_err(|e| CloneError::Connect {
+        context: "connecting to the target".into(),
+        source: e,
+    })?;
+    client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .map_err(sql(
+            "setting session_replication_role = replica on the target (needs a superuser, or on \
+             PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role)",
+        ))?;
+    Ok(client)
+}
+
+/// Reads a table's copy plan in the snapshot.
+pub(crate) async fn plan_table(
+    source: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<TablePlan, CloneError> {
+    let quoted = crate::sql::quote_qualified(schema, name);
+    let display = format!("{schema}.{name}");
+    let row = source
+        .query_opt(
+            "SELECT c.relkind::text, c.reltuples::float8, c.relpages::int8 FROM pg_class c \
+             WHERE c.oid = to_regclass($1)",
+            &[&quoted],
+        )
+        .await
+        .map_err(sql(format!("reading {display} in the snapshot")))?;
+    let Some(row) = row else {
+        return Err(CloneError::Options(format!(
+            "table {display} does not exist in the source snapshot"
+        )));
+    };
+    let relkind: String = row.get(0);
+    let columns = source
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = to_regclass($1) \
+             AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+            &[&quoted],
+        )
+        .await
+        .map_err(sql(format!("reading the columns of {display}")))?
+        .iter()
+        .map(|r| quote_ident(r.get::<_, &str>(0)))
+        .collect();
+    Ok(TablePlan {
+        display,
+        quoted,
+        columns,
+        partitioned: relkind == "p",
+        estimated_rows: row.get(1),
+        pages: row.get(2),
+    })
+}
+
+fn bar(multi: &MultiProgress, plan: &TablePlan) -> ProgressBar {
+    let pb = if plan.estimated_rows > 0.0 {
+        let pb = ProgressBar::new(plan.estimated_rows as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{prefix:30!} [{bar:30}] {human_pos}/~{human_len} rows {per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb
+    } else {
+        let pb = ProgressBar::no_length();
+        pb.set_style(
+            ProgressStyle::with_template("{prefix:30!} {spinner} {human_pos} rows {per_sec}")
+                .expect("valid template"),
+        );
+        pb
+    };
+    pb.set_prefix(plan.display.clone());
+    multi.add(pb)
+}
+
+/// Streams one table from `source` to `target`.
+async fn copy_table(
+    source: &Client,
+    target: &Client,
+    plan: &TablePlan,
+    pb: Option<&ProgressBar>,
+) -> Result<Copied, CloneError> {
+    let ctx = |what: &str| format!("copying {} ({what})", plan.display);
+    if plan.columns.is_empty() {
+        return Ok(Copied {
+            display: plan.display.clone(),
+            rows: 0,
+            bytes: 0,
+        });
+    }
+    let out = source
+        .copy_out(plan.copy_out_sql().as_str())
+        .await
+        .map_err(sql(ctx("reading the source")))?;
+    let sink = target
+        .copy_in::<_, Bytes>(plan.copy_in_sql().as_str())
+        .await
+        .map_err(sql(ctx("writing the target")))?;
+    pin_mut!(out);
+    pin_mut!(sink);
+    let mut bytes = 0u64;
+    let mut pending = 0u64;
+    // The server sends one CopyData message per row (the last one is the binary trailer).
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk.map_err(sql(ctx("reading the source")))?;
+        bytes += chunk.len() as u64;
+        sink.as_mut()
+            .feed(chunk)
+            .await
+            .map_err(sql(ctx("writing the target")))?;
+        pending += 1;
+        if pending == 1024 {
+            if let Some(pb) = pb {
+                pb.inc(pending);
+            }
+            pending = 0;
+        }
+    }
+    let rows = sink
+        .as_mut()
+        .finish()
+        .await
+        .map_err(sql(ctx("finishing the target COPY")))?;
+    if let Some(pb) = pb {
+        pb.set_position(rows);
+        pb.finish();
+    }
+    Ok(Copied {
+        display: plan.display.clone(),
+        rows,
+        bytes,
+    })
+}
+
+/// Copies every planned table, `parallel` at a time (largest first), each worker on its own
+/// source session importing `snapshot` and its own target load session. Returns the tables in
+/// the order given. The first failure stops all workers.
+pub(crate) async fn copy_tables(
+    source: &ConnInfo,
+    target: &ConnInfo,
+    snapshot: &str,
+    plans: Vec<TablePlan>,
+    parallel: usize,
+    progress: bool,
+) -> Result<Vec<Copied>, CloneError> {
+    let multi = MultiProgress::with_draw_target(if progress {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let mut order: Vec<usize> = (0..plans.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(plans[i].pages));
+    let plans = Arc::new(plans);
+    let queue = Arc::new(Mutex::new(order.into_iter().collect::<VecDeque<usize>>()));
+    let workers = parallel.min(plans.len()).max(1);
+    // Open every session before copying, so all imports happen while the caller is certain to
+    // still hold the snapshot.
+    let mut sessions = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        sessions.push((
+            snapshot_session(source, snapshot).await?,
+            load_session(target).await?,
+        ));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (src, dst) in sessions {
+        let plans = Arc::clone(&plans);
+        let queue = Arc::clone(&queue);
+        let multi = multi.clone();
+        set.spawn(async move {
+            let mut done = Vec::new();
+            loop {
+                let next = queue.lock().expect("queue lock").pop_front();
+                let Some(i) = next else { break };
+                let plan = &plans[i];
+                let pb = progress.then(|| bar(&multi, plan));
+                let copied = copy_table(&src, &dst, plan, pb.as_ref()).await?;
+                done.push((i, copied));
+            }
+            src.batch_execute("COMMIT")
+                .await
+                .map_err(sql("ending the source snapshot transaction"))?;
+            Ok::<_, CloneError>(done)
+        });
+    }
+    let mut results: Vec<Option<Copied>> = vec![None; plans.len()];
+    while let Some(joined) = set.join_next().await {
+        let done = match joined {
+            Ok(r) => r?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        for (i, c) in done {
+            results[i] = Some(c);
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|c| c.expect("every table copied"))
+        .collect())
+}

@@ -1,0 +1,112 @@
+//! What can go wrong while cloning, each with what to do about it.
+
+use std::path::PathBuf;
+
+/// Clone failures. Messages name the object and say how to proceed; sources are kept.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloneError {
+    /// The options are unusable (e.g. `parallel = 0`).
+    #[error("invalid clone options: {0}")]
+    Options(String),
+
+    /// The target already holds some of the tables to clone, and no clone state says why.
+    #[error(
+        "target {target} already has {} of the tables to clone ({}); clone into an empty database, \
+         or pass --force to truncate those tables and load into their existing definitions",
+        tables.len(),
+        tables.join(", ")
+    )]
+    TargetNotEmpty { target: String, tables: Vec<String> },
+
+    /// A previous clone into this target started but never finished.
+    #[error(
+        "target {target} holds an interrupted clone (snapshot {snapshot}, state 'copying'): its tables \
+         are incomplete; pass --force to drop the cloned tables and start over"
+    )]
+    Interrupted { target: String, snapshot: String },
+
+    /// This target was already cloned.
+    #[error(
+        "target {target} was already cloned (snapshot {snapshot}, state 'done'); replay into it instead, \
+         or pass --force to drop the cloned tables and clone again"
+    )]
+    AlreadyCloned { target: String, snapshot: String },
+
+    /// The exported snapshot cannot be imported on the source.
+    #[error(
+        "cannot import snapshot {snapshot:?} on the source {source_db}: {message}; the snapshot lives only \
+         while the replication connection that exported it stays open and idle"
+    )]
+    Snapshot {
+        snapshot: String,
+        source_db: String,
+        message: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// `pg_dump` / `psql` could not be started.
+    #[error(
+        "cannot run {}: {source}; install the PostgreSQL client programs (pg_dump, psql) of at least \
+         the source's major version, or pass their directory as bindir",
+        program.display()
+    )]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// `pg_dump` or `psql` ran and failed.
+    #[error("{what} failed ({status}):\n{stderr}")]
+    Command {
+        what: String,
+        status: String,
+        stderr: String,
+    },
+
+    /// Connecting to the source or the target failed.
+    #[error("{context}: {source}")]
+    Connect {
+        context: String,
+        #[source]
+        source: crate::error::Error,
+    },
+
+    /// A SQL statement failed (`message` carries the server's message, detail and hint).
+    #[error("{context}: {message}")]
+    Sql {
+        context: String,
+        message: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// Renders a `tokio_postgres` error with the server's message, detail and hint.
+pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; detail: {d}"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}
+
+/// `map_err` helper: wraps a SQL error with what was being done.
+pub(crate) fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CloneError {
+    let context = context.into();
+    move |source| CloneError::Sql {
+        context,
+        message: pg_message(&source),
+        source,
+    }
+}

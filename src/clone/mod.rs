@@ -1,0 +1,344 @@
+//! Clone: copy the source into the target exactly as of the slot's exported snapshot.
+//!
+//! Steps, all while the snapshot is held by the replication connection that exported it:
+//! check the target (refuse tables that are already there, detect an earlier clone) →
+//! `pg_dump --schema-only --snapshot` of the pre-data and post-data sections → record
+//! `walshift.clone_state = 'copying'` → pre-data into the target (`psql`) → rows of every
+//! table (`COPY … (FORMAT binary)`, streamed, `parallel` tables at a time) → sequences →
+//! post-data (indexes, constraints, triggers) → `clone_state = 'done'`.
+//!
+//! Replaying the buffer captured from the slot's consistent point on top of the result gives
+//! the source. Operator documentation: `docs/clone.md`.
+
+mod copy;
+mod dump;
+mod error;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_postgres::Client;
+
+pub use error::CloneError;
+use error::sql;
+
+use crate::conn::ConnInfo;
+use crate::source::preflight::TableRef;
+use crate::sql::{quote_literal, quote_qualified};
+use dump::{Programs, Section};
+
+/// How to clone.
+#[derive(Debug, Clone)]
+pub struct CloneOptions {
+    /// The database the snapshot was exported from.
+    pub source: ConnInfo,
+    /// The database to fill.
+    pub target: ConnInfo,
+    /// Tables copied at the same time, each on its own pair of sessions. Default: 2.
+    pub parallel: usize,
+    /// Clone even if the target already holds the tables or an earlier clone (see
+    /// [`clone_database`] for exactly what it does).
+    pub force: bool,
+    /// Draw a progress bar per table on stderr.
+    pub progress: bool,
+    /// Directory of `pg_dump` and `psql`. Default: the installation `pg_config --bindir`
+    /// names, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`.
+    pub bindir: Option<PathBuf>,
+}
+
+impl CloneOptions {
+    /// Defaults: 2 tables in parallel, no force, no progress bars, binaries found automatically.
+    pub fn new(source: ConnInfo, target: ConnInfo) -> Self {
+        CloneOptions {
+            source,
+            target,
+            parallel: 2,
+            force: false,
+            progress: false,
+            bindir: None,
+        }
+    }
+}
+
+/// What a clone did.
+#[derive(Debug, Clone)]
+pub struct CloneReport {
+    /// `schema.name` and rows copied, in the order the tables were given.
+    pub tables: Vec<(String, u64)>,
+    /// Rows copied, all tables.
+    pub rows: u64,
+    /// Bytes of `COPY` binary data streamed.
+    pub bytes: u64,
+    /// Sequences set on the target.
+    pub sequences: usize,
+    pub elapsed: Duration,
+}
+
+/// Progress of a clone as recorded in the target's `walshift.clone_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloneStatus {
+    /// Started, not finished: the target's tables are incomplete.
+    Copying,
+    /// Finished: the target equals the source as of `snapshot`.
+    Done,
+}
+
+/// The target's clone record.
+#[derive(Debug, Clone)]
+pub struct CloneState {
+    pub snapshot: String,
+    pub status: CloneStatus,
+    pub started_at: SystemTime,
+    pub finished_at: Option<SystemTime>,
+    /// Tables copied (set when done).
+    pub tables: Option<i32>,
+    /// Rows copied (set when done).
+    pub rows: Option<i64>,
+}
+
+const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
+    CREATE TABLE IF NOT EXISTS walshift.clone_state ( \
+      id int PRIMARY KEY CHECK (id = 1), \
+      snapshot text NOT NULL, \
+      state text NOT NULL CHECK (state IN ('copying', 'done')), \
+      started_at timestamptz NOT NULL DEFAULT now(), \
+      finished_at timestamptz, \
+      tables int, \
+      rows bigint)";
+
+async fn connect_target(target: &ConnInfo) -> Result<Client, CloneError> {
+    target.connect().await.map_err(|e| CloneError::Connect {
+        context: "connecting to the target".into(),
+        source: e,
+    })
+}
+
+async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
+    let ctx = "reading walshift.clone_state on the target";
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('walshift.clone_state') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(sql(ctx))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_opt(
+            "SELECT snapshot, state, started_at, finished_at, tables, rows \
+             FROM walshift.clone_state WHERE id = 1",
+            &[],
+        )
+        .await
+        .map_err(sql(ctx))?;
+    Ok(row.map(|r| CloneState {
+        snapshot: r.get(0),
+        status: if r.get::<_, &str>(1) == "done" {
+            CloneStatus::Done
+        } else {
+            CloneStatus::Copying
+        },
+        started_at: r.get(2),
+        finished_at: r.get(3),
+        tables: r.get(4),
+        rows: r.get(5),
+    }))
+}
+
+/// The target's clone record, or `None` if no clone was ever started there.
+pub async fn clone_state(target: &ConnInfo) -> Result<Option<CloneState>, CloneError> {
+    read_state(&connect_target(target).await?).await
+}
+
+/// The given tables that exist on the target.
+async fn existing_tables(
+    client: &Client,
+    tables: &[TableRef],
+) -> Result<Vec<TableRef>, CloneError> {
+    let mut found = Vec::new();
+    for t in tables {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
+            .await
+            .map_err(sql("looking for the tables on the target"))?
+            .get(0);
+        if exists {
+            found.push(t.clone());
+        }
+    }
+    Ok(found)
+}
+
+fn display(t: &TableRef) -> String {
+    format!("{}.{}", t.schema, t.name)
+}
+
+/// Sets every target sequence that also exists on the source to the source's value.
+///
+/// Sequences are not transactional: the value read is the current one, never lower than at
+/// the snapshot. Cutover synchronises sequences again.
+async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, CloneError> {
+    let seqs = source
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'S' AND n.nspname NOT IN ('walshift', 'pg_catalog', 'information_schema') \
+             AND n.nspname !~ '^pg_(temp|toast)' ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(sql("listing the source's sequences"))?;
+    let mut set = 0;
+    for s in seqs {
+        let q = quote_qualified(s.get(0), s.get(1));
+        let row = source
+            .query_one(&format!("SELECT last_value, is_called FROM {q}"), &[])
+            .await
+            .map_err(sql(format!("reading sequence {q} on the source")))?;
+        let (value, called): (i64, bool) = (row.get(0), row.get(1));
+        let n = target
+            .execute(
+                "SELECT setval(to_regclass($1), $2, $3) WHERE to_regclass($1) IS NOT NULL",
+                &[&q, &value, &called],
+            )
+            .await
+            .map_err(sql(format!("setting sequence {q} on the target")))?;
+        set += n as usize;
+    }
+    Ok(set)
+}
+
+/// Copies the source's schema and the rows of `tables` into the target, as of `snapshot`.
+///
+/// Contract:
+/// - `snapshot` was exported by the replication connection that created the slot; the caller
+///   keeps that connection open and idle until this returns (every session here imports it).
+/// - Without `force`, refuses (changing nothing) a target that has any of `tables`
+///   ([`CloneError::TargetNotEmpty`]) or a clone record ([`CloneError::Interrupted`] for
+///   `'copying'`, [`CloneError::AlreadyCloned`] for `'done'`); the schema is then applied in
+///   one transaction, any error fails it.
+/// - With `force`: if the target has a clone record, the given tables are dropped
+///   (`DROP TABLE … CASCADE`) and recreated; otherwise, tables that already exist are
+///   truncated and loaded as they are (their definition, indexes and constraints untouched,
+///   not taken from the source). Either way, schema objects that already exist (schemas,
+///   types, functions, other tables) are kept: "already exists" errors are ignored.
+/// - The pre-data of the whole source database is applied (all schemas, types, functions,
+///   sequences and tables, including unpublished tables, which stay empty), without owners,
+///   privileges, tablespaces, publications and subscriptions; rows are copied for `tables`
+///   only; generated columns are recomputed by the target.
+/// - On success `walshift.clone_state` on the target says `'done'`; after any failure it says
+///   `'copying'` (once the load started) and the next call refuses without `force`.
+pub async fn clone_database(
+    opts: &CloneOptions,
+    snapshot: &str,
+    tables: &[TableRef],
+) -> Result<CloneReport, CloneError> {
+    let started = Instant::now();
+    if opts.parallel == 0 {
+        return Err(CloneError::Options("parallel must be at least 1".into()));
+    }
+    let target_name = opts.target.redacted();
+    let target = connect_target(&opts.target).await?;
+    let state = read_state(&target).await?;
+    let existing = existing_tables(&target, tables).await?;
+    // Tables to drop and recreate (restart) or to truncate and keep (pre-existing).
+    let (drop, keep): (Vec<TableRef>, Vec<TableRef>) = match &state {
+        Some(s) if !opts.force => {
+            return Err(match s.status {
+                CloneStatus::Copying => CloneError::Interrupted {
+                    target: target_name,
+                    snapshot: s.snapshot.clone(),
+                },
+                CloneStatus::Done => CloneError::AlreadyCloned {
+                    target: target_name,
+                    snapshot: s.snapshot.clone(),
+                },
+            });
+        }
+        Some(_) => (existing, Vec::new()),
+        None if !existing.is_empty() && !opts.force => {
+            return Err(CloneError::TargetNotEmpty {
+                target: target_name,
+                tables: existing.iter().map(display).collect(),
+            });
+        }
+        None => (Vec::new(), existing),
+    };
+
+    // Everything read from the source happens inside the snapshot.
+    let source = copy::snapshot_session(&opts.source, snapshot).await?;
+    let mut plans = Vec::with_capacity(tables.len());
+    for t in tables {
+        plans.push(copy::plan_table(&source, &t.schema, &t.name).await?);
+    }
+    let programs = Programs::locate(opts.bindir.as_deref());
+    let (pre, post) = tokio::try_join!(
+        dump::dump(&programs, &opts.source, snapshot, Section::PreData, &keep),
+        dump::dump(&programs, &opts.source, snapshot, Section::PostData, &keep),
+    )?;
+
+    target
+        .batch_execute(&format!(
+            "{STATE_DDL}; INSERT INTO walshift.clone_state (id, snapshot, state, started_at) \
+             VALUES (1, {snap}, 'copying', now()) ON CONFLICT (id) DO UPDATE SET \
+             snapshot = EXCLUDED.snapshot, state = 'copying', started_at = now(), \
+             finished_at = NULL, tables = NULL, rows = NULL",
+            snap = quote_literal(snapshot)
+        ))
+        .await
+        .map_err(sql("recording the clone state on the target"))?;
+    if !drop.is_empty() {
+        let list: Vec<String> = drop.iter().map(TableRef::quoted).collect();
+        tracing::info!("dropping {} tables of the earlier clone", list.len());
+        target
+            .batch_execute(&format!("DROP TABLE IF EXISTS {} CASCADE", list.join(", ")))
+            .await
+            .map_err(sql("dropping the tables of the earlier clone"))?;
+    }
+    if !keep.is_empty() {
+        let list: Vec<String> = keep.iter().map(TableRef::quoted).collect();
+        tracing::info!("truncating {} existing tables", list.len());
+        target
+            .batch_execute(&format!("TRUNCATE {}", list.join(", ")))
+            .await
+            .map_err(sql("truncating the existing tables on the target"))?;
+    }
+
+    dump::apply(&programs, &opts.target, &pre, "pre-data", opts.force).await?;
+    let copied = copy::copy_tables(
+        &opts.source,
+        &opts.target,
+        snapshot,
+        plans,
+        opts.parallel,
+        opts.progress,
+    )
+    .await?;
+    let sequences = sync_sequences(&source, &target).await?;
+    dump::apply(&programs, &opts.target, &post, "post-data", opts.force).await?;
+    source
+        .batch_execute("COMMIT")
+        .await
+        .map_err(sql("ending the source snapshot transaction"))?;
+
+    let rows: u64 = copied.iter().map(|c| c.rows).sum();
+    let bytes: u64 = copied.iter().map(|c| c.bytes).sum();
+    target
+        .execute(
+            "UPDATE walshift.clone_state SET state = 'done', finished_at = now(), \
+             tables = $1, rows = $2 WHERE id = 1",
+            &[&(copied.len() as i32), &(rows as i64)],
+        )
+        .await
+        .map_err(sql("recording the finished clone on the target"))?;
+    Ok(CloneReport {
+        tables: copied.into_iter().map(|c| (c.display, c.rows)).collect(),
+        rows,
+        bytes,
+        sequences,
+        elapsed: started.elapsed(),
+    })
+}
