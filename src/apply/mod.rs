@@ -1,3 +1,6 @@
 //! Replay's apply path: turning buffered row changes into set-based statements on the target.
 
 pub mod fold;
+pub mod replay;
+pub mod sql;
+pub mod target;

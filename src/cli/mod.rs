@@ -5,6 +5,7 @@ mod bench;
 mod buffer_cmds;
 mod capture;
 mod demo;
+mod replay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ pub struct Cli {
 enum Command {
     /// Stream the source's changes (logical replication, pgoutput) into a durable buffer.
     Capture(capture::CaptureArgs),
+    /// Apply the buffer's transactions to the target, batched, set-based, exactly once.
+    Replay(replay::ReplayArgs),
     /// Show the transactions and changes held in a buffer.
     Inspect(buffer_cmds::InspectArgs),
     /// Show a buffer's segments, size, LSN range and last commit.
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Capture(a) => capture::run(a).await,
+            Command::Replay(a) => replay::run(a).await,
             Command::Inspect(a) => buffer_cmds::inspect(a),
             Command::Status(a) => buffer_cmds::status(a),
             Command::Buffer(c) => buffer_cmds::buffer(c),

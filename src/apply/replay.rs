@@ -1,0 +1,730 @@
+//! Replay: buffered source transactions, in commit order, into the target — batched, folded
+//! to their net effect, written set-based, exactly once.
+//!
+//! Consecutive source transactions form one target transaction (never splitting a source
+//! transaction across two target commits). Inside it, changes are folded per key
+//! ([`super::fold`]) and flushed as a few set-based statements per table whenever the folder
+//! holds `batch_rows` changes — so a single huge source transaction streams through bounded
+//! memory while staying one target transaction. The applied end LSN is recorded in the same
+//! target transaction ([`super::target`]). If a batch fails, it is rolled back and replayed
+//! in strict source order, one statement per change; a change that still fails stops replay
+//! naming the table, the source LSN and the server's error.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+
+use super::fold::{BatchFolder, Change, ColumnValue, TableBatch, TableShape, Value};
+use super::target::{self, MappedTable, TargetError};
+use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
+use crate::conn::ConnInfo;
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleData, TupleValue};
+
+/// What to replay and how. Every field documents its default and trade-off.
+#[derive(Clone, Debug)]
+pub struct ReplayConfig {
+    /// Buffer written by capture.
+    pub buffer_dir: PathBuf,
+    /// The target database (the copy).
+    pub target: ConnInfo,
+    /// Keep applying as capture appends. Default false: stop at the end of the buffer.
+    pub follow: bool,
+    /// Stop after the transaction ending at or after this LSN. Default: none.
+    pub until_lsn: Option<Lsn>,
+    /// Changes folded before they are written (and, at a transaction boundary, committed).
+    /// Default 20 000. Larger batches fold more and commit less often; they hold more memory
+    /// and make a retry in strict order longer.
+    pub batch_rows: usize,
+    /// Longest a batch stays open before it is committed at the next transaction boundary.
+    /// Default 200 ms. Bounds how far the target lags under light load.
+    pub batch_time: Duration,
+    /// Print a progress line once a second. Default false (the CLI turns it on).
+    pub progress: bool,
+}
+
+impl ReplayConfig {
+    /// Defaults for everything but the buffer and the target.
+    pub fn new(buffer_dir: impl Into<PathBuf>, target: ConnInfo) -> Self {
+        ReplayConfig {
+            buffer_dir: buffer_dir.into(),
+            target,
+            follow: false,
+            until_lsn: None,
+            batch_rows: 20_000,
+            batch_time: Duration::from_millis(200),
+            progress: false,
+        }
+    }
+}
+
+/// Replay failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Connect(#[from] crate::Error),
+    #[error("buffer {0} has no buffer.json: it was not written by walshift capture")]
+    NotABuffer(PathBuf),
+    #[error("undecodable message in the buffer at LSN {lsn}: {source}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error(
+        "a change refers to relation {relid}, but the buffer holds no Relation message for it before LSN {lsn}"
+    )]
+    UnknownRelation { relid: u32, lsn: Lsn },
+    #[error(
+        "applying the source change at LSN {lsn} failed on {table} ({what}), even in strict source order: {source}. \
+         Its transaction was rolled back; the target is consistent up to the previous source transaction. \
+         Fix the target (or the transform) and run replay again: it resumes there"
+    )]
+    Apply {
+        lsn: Lsn,
+        table: String,
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot fold the change at LSN {lsn}: {source}")]
+    Fold {
+        lsn: Lsn,
+        #[source]
+        source: super::fold::FoldError,
+    },
+    #[error("{context}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplayError + '_ {
+    move |source| ReplayError::Sql {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// What a replay run did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReplayReport {
+    /// The target's applied position when replay started.
+    pub start_lsn: Lsn,
+    /// The target's applied position now.
+    pub applied_lsn: Lsn,
+    pub transactions: u64,
+    pub changes: u64,
+    /// Target transactions committed.
+    pub batches: u64,
+    /// Batches that failed set-based and were applied in strict source order.
+    pub retried_in_order: u64,
+    pub elapsed_secs: f64,
+}
+
+/// A source relation and where it goes.
+struct RelEntry {
+    rel: Relation,
+    mapped: Option<MappedTable>,
+}
+
+/// Applies the buffer to the target until its end (or `until_lsn`, or forever with `follow`,
+/// until `shutdown`).
+pub async fn run(
+    config: ReplayConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ReplayReport, ReplayError> {
+    let meta = BufferMeta::read(&config.buffer_dir)?
+        .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
+    let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let client = config.target.connect().await?;
+    client
+        .batch_execute("SET session_replication_role = replica; SET synchronous_commit = on")
+        .await
+        .map_err(sql("preparing the target session"))?;
+    target::ensure_progress_table(&client).await?;
+    let start = target::applied_lsn(&client, &buffer_id)
+        .await?
+        .unwrap_or(Lsn::ZERO);
+    let started = Instant::now();
+    let mut report = ReplayReport {
+        start_lsn: start,
+        applied_lsn: start,
+        ..Default::default()
+    };
+    let mut applier = Applier {
+        client,
+        buffer_id,
+        rels: HashMap::new(),
+        statements: HashMap::new(),
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let outcome = applier
+            .apply_from(
+                &config,
+                report.applied_lsn,
+                false,
+                &mut report,
+                &mut shutdown,
+            )
+            .await;
+        match outcome {
+            Ok(Pass::Done) => break,
+            Ok(Pass::Retry { until }) => {
+                // Strict source order for the failed batch only, then set-based again.
+                report.retried_in_order += 1;
+                let mut strict = config.clone();
+                strict.until_lsn = Some(until.max(report.applied_lsn + 1));
+                strict.follow = false;
+                applier
+                    .apply_from(
+                        &strict,
+                        report.applied_lsn,
+                        true,
+                        &mut report,
+                        &mut shutdown,
+                    )
+                    .await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+enum Pass {
+    Done,
+    /// The batch after the applied position failed set-based: replay it in strict order up
+    /// to (at least) this end LSN.
+    Retry {
+        until: Lsn,
+    },
+}
+
+struct Applier {
+    client: Client,
+    buffer_id: String,
+    rels: HashMap<u32, RelEntry>,
+    statements: HashMap<String, tokio_postgres::Statement>,
+}
+
+/// An open target transaction and the folder feeding it.
+struct Batch {
+    folder: BatchFolder,
+    open: bool,
+    opened_at: Instant,
+    transactions: u64,
+    changes: u64,
+    last_end: Lsn,
+}
+
+impl Applier {
+    /// One pass over the buffer from `from`. In `strict` mode exactly one batch (the one that
+    /// failed) is applied change by change, then the pass returns.
+    async fn apply_from(
+        &mut self,
+        config: &ReplayConfig,
+        from: Lsn,
+        strict: bool,
+        report: &mut ReplayReport,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<Pass, ReplayError> {
+        let reader = BufferReader::open(&config.buffer_dir)?;
+        let mut events = reader.transactions_from(from)?;
+        let mut batch = Batch {
+            folder: BatchFolder::new(),
+            open: false,
+            opened_at: Instant::now(),
+            transactions: 0,
+            changes: 0,
+            last_end: from,
+        };
+        loop {
+            let Some(ev) = events.next() else {
+                // End of what is in the buffer now.
+                if batch.open
+                    && let Err(p) = self.commit(&mut batch, strict, report).await?
+                {
+                    return Ok(p);
+                }
+                if !config.follow {
+                    return Ok(Pass::Done);
+                }
+                tokio::select! {
+                    _ = shutdown.as_mut() => return Ok(Pass::Done),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                events.refresh()?;
+                continue;
+            };
+            let ev = ev?;
+            let rec = match &ev {
+                TxnEvent::Begin(r)
+                | TxnEvent::Change(r)
+                | TxnEvent::Standalone(r)
+                | TxnEvent::Commit { record: r, .. } => r,
+            };
+            let lsn = rec.lsn;
+            match ev {
+                TxnEvent::Begin(_) => {}
+                TxnEvent::Commit { commit, .. } => {
+                    batch.transactions += 1;
+                    batch.last_end = commit.end_lsn;
+                    let until_reached = config.until_lsn.is_some_and(|u| commit.end_lsn >= u);
+                    let full = batch.changes as usize >= config.batch_rows
+                        || batch.opened_at.elapsed() >= config.batch_time;
+                    if batch.open && (strict || full || until_reached) {
+                        if let Err(p) = self.commit(&mut batch, strict, report).await? {
+                            return Ok(p);
+                        }
+                    } else if !batch.open {
+                        // A transaction with no change for us (e.g. other tables): just advance.
+                        report.transactions += 1;
+                        batch.transactions = 0;
+                    }
+                    if until_reached {
+                        if batch.open
+                            && let Err(p) = self.commit(&mut batch, strict, report).await?
+                        {
+                            return Ok(p);
+                        }
+                        return Ok(Pass::Done);
+                    }
+                }
+                TxnEvent::Change(rec) | TxnEvent::Standalone(rec) => {
+                    let msg = pgoutput::decode(&rec.payload)
+                        .map_err(|source| ReplayError::Decode { lsn, source })?;
+                    match msg {
+                        LogicalMessage::Relation(rel) => {
+                            let changed = self.rels.get(&rel.relid).is_none_or(|e| e.rel != rel);
+                            if changed {
+                                // Drift is checked when the first change for it arrives.
+                                self.rels.insert(rel.relid, RelEntry { rel, mapped: None });
+                            }
+                        }
+                        LogicalMessage::Insert(_)
+                        | LogicalMessage::Update(_)
+                        | LogicalMessage::Delete(_) => {
+                            self.begin(&mut batch).await?;
+                            let (shape, change) = self.decode_change(msg, lsn).await?;
+                            if strict {
+                                let table = self.rels[&shape.relid].mapped.clone().expect("mapped");
+                                if let Err(e) = self.apply_one(&table, &change).await {
+                                    let _ = self.client.batch_execute("ROLLBACK").await;
+                                    return Err(ReplayError::Apply {
+                                        lsn,
+                                        table: table.name.clone(),
+                                        what: describe_change(&table, &change),
+                                        source: e,
+                                    });
+                                }
+                            } else {
+                                batch
+                                    .folder
+                                    .push(&shape, change)
+                                    .map_err(|e| ReplayError::Fold { lsn, source: e })?;
+                            }
+                            batch.changes += 1;
+                            report.changes += 1;
+                            if !strict && batch.folder.len() >= config.batch_rows {
+                                // Mid-transaction: write what is folded, keep the transaction open.
+                                if let Err(p) = self.flush(&mut batch).await? {
+                                    return Ok(p);
+                                }
+                            }
+                        }
+                        LogicalMessage::Truncate(t) => {
+                            self.begin(&mut batch).await?;
+                            if !strict && let Err(p) = self.flush(&mut batch).await? {
+                                return Ok(p);
+                            }
+                            let mut tables = Vec::new();
+                            for relid in &t.relids {
+                                tables.push(self.mapped(*relid, lsn).await?.clone());
+                            }
+                            let refs: Vec<&MappedTable> = tables.iter().collect();
+                            let stmt =
+                                target::truncate_sql(&refs, t.cascade(), t.restart_identity());
+                            if let Err(e) = self.client.batch_execute(&stmt).await {
+                                let _ = self.client.batch_execute("ROLLBACK").await;
+                                return Err(ReplayError::Apply {
+                                    lsn,
+                                    table: tables
+                                        .iter()
+                                        .map(|t| t.name.clone())
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                    what: "TRUNCATE".into(),
+                                    source: e,
+                                });
+                            }
+                            batch.changes += 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn begin(&mut self, batch: &mut Batch) -> Result<(), ReplayError> {
+        if !batch.open {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(sql("BEGIN on the target"))?;
+            batch.open = true;
+            batch.opened_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn mapped(&mut self, relid: u32, lsn: Lsn) -> Result<&MappedTable, ReplayError> {
+        let entry = self
+            .rels
+            .get_mut(&relid)
+            .ok_or(ReplayError::UnknownRelation { relid, lsn })?;
+        if entry.mapped.is_none() {
+            entry.mapped = Some(target::map_relation(&self.client, &entry.rel).await?);
+        }
+        Ok(entry.mapped.as_ref().expect("just mapped"))
+    }
+
+    async fn decode_change(
+        &mut self,
+        msg: LogicalMessage,
+        lsn: Lsn,
+    ) -> Result<(TableShape, Change), ReplayError> {
+        let relid = match &msg {
+            LogicalMessage::Insert(i) => i.relid,
+            LogicalMessage::Update(u) => u.relid,
+            LogicalMessage::Delete(d) => d.relid,
+            _ => unreachable!("only row changes"),
+        };
+        let table = self.mapped(relid, lsn).await?;
+        let shape = TableShape {
+            relid,
+            columns: table.sql.columns.len(),
+            key: table.sql.key.clone(),
+            identity_full_without_key: table.full_row_identity,
+        };
+        let change = match msg {
+            LogicalMessage::Insert(i) => Change::Insert { new: known(&i.new) },
+            LogicalMessage::Update(u) => Change::Update {
+                old: u.old.as_ref().map(|o| known(o.tuple())),
+                new: partial(&u.new),
+            },
+            LogicalMessage::Delete(d) => Change::Delete {
+                old: known(d.old.tuple()),
+            },
+            _ => unreachable!("only row changes"),
+        };
+        Ok((shape, change))
+    }
+
+    async fn statement(
+        &mut self,
+        key: String,
+        text: impl FnOnce() -> String,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(&key) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(&text()).await?;
+        self.statements.insert(key, s.clone());
+        Ok(s)
+    }
+
+    /// Writes what the folder holds (set-based), inside the open transaction. `Err(Pass)`
+    /// means the batch failed and was rolled back: retry it in order.
+    async fn flush(&mut self, batch: &mut Batch) -> Result<Result<(), Pass>, ReplayError> {
+        let folder = std::mem::replace(&mut batch.folder, BatchFolder::new());
+        for tb in folder.finish() {
+            if let Err(e) = self.write_table(&tb).await {
+                tracing::warn!("set-based batch failed ({e}); replaying it in strict source order");
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                batch.open = false;
+                return Ok(Err(Pass::Retry {
+                    until: batch.last_end,
+                }));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    async fn write_table(&mut self, tb: &TableBatch) -> Result<(), tokio_postgres::Error> {
+        let table = self.rels[&tb.relid]
+            .mapped
+            .clone()
+            .expect("mapped before folding");
+        if tb.ordered {
+            for c in &tb.original {
+                self.apply_one(&table, c).await?;
+            }
+            return Ok(());
+        }
+        let id = tb.relid;
+        if !tb.deletes.is_empty() {
+            let stmt = self
+                .statement(format!("{id}/d"), || table.sql.delete())
+                .await?;
+            let cols: Vec<Vec<Option<&str>>> = (0..table.sql.key.len())
+                .map(|j| tb.deletes.iter().map(|k| text(&k[j])).collect())
+                .collect();
+            self.execute(&stmt, &cols).await?;
+        }
+        // Partial updates, grouped by which columns they know.
+        let mut groups: HashMap<Vec<usize>, Vec<usize>> = HashMap::new();
+        for (n, (_, row)) in tb.updates.iter().enumerate() {
+            let set: Vec<usize> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| matches!(v, ColumnValue::Known(_)))
+                .map(|(i, _)| i)
+                .collect();
+            groups.entry(set).or_default().push(n);
+        }
+        for (set, members) in groups {
+            let mask = set
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let stmt = self
+                .statement(format!("{id}/u/{mask}"), || table.sql.update(&set))
+                .await?;
+            let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
+            for j in 0..table.sql.key.len() {
+                cols.push(members.iter().map(|&n| text(&tb.updates[n].0[j])).collect());
+            }
+            for &c in &set {
+                cols.push(
+                    members
+                        .iter()
+                        .map(|&n| match &tb.updates[n].1[c] {
+                            ColumnValue::Known(v) => text(v),
+                            ColumnValue::UnchangedToast => None,
+                        })
+                        .collect(),
+                );
+            }
+            self.execute(&stmt, &cols).await?;
+        }
+        if !tb.upserts.is_empty() {
+            let stmt = self
+                .statement(format!("{id}/i"), || table.sql.upsert())
+                .await?;
+            let cols: Vec<Vec<Option<&str>>> = (0..table.sql.columns.len())
+                .map(|c| tb.upserts.iter().map(|r| text(&r[c])).collect())
+                .collect();
+            self.execute(&stmt, &cols).await?;
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        stmt: &tokio_postgres::Statement,
+        cols: &[Vec<Option<&str>>],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let params: Vec<&(dyn ToSql + Sync)> =
+            cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+        self.client.execute(stmt, &params).await
+    }
+
+    /// One change, one statement (strict order, and tables that cannot be folded).
+    async fn apply_one(
+        &mut self,
+        table: &MappedTable,
+        change: &Change,
+    ) -> Result<(), tokio_postgres::Error> {
+        let id = table.sql.qualified.clone();
+        let key_of = |row: &[Value]| -> Vec<Option<String>> {
+            table
+                .sql
+                .key
+                .iter()
+                .map(|&k| text(&row[k]).map(str::to_owned))
+                .collect()
+        };
+        match change {
+            Change::Insert { new } => {
+                let stmt = self
+                    .statement(format!("{id}/1i"), || table.sql.insert_one())
+                    .await?;
+                let vals: Vec<Option<&str>> = new.iter().map(text).collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                self.client.execute(&stmt, &params).await?;
+            }
+            Change::Delete { old } => {
+                let (stmt, vals): (_, Vec<Option<String>>) = if table.full_row_identity {
+                    (
+                        self.statement(format!("{id}/1df"), || table.sql.delete_one_full_row())
+                            .await?,
+                        old.iter().map(|v| text(v).map(str::to_owned)).collect(),
+                    )
+                } else {
+                    (
+                        self.statement(format!("{id}/1d"), || table.sql.delete_one())
+                            .await?,
+                        key_of(old),
+                    )
+                };
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                self.client.execute(&stmt, &params).await?;
+            }
+            Change::Update { old, new } => {
+                let set: Vec<usize> = new
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| matches!(v, ColumnValue::Known(_)))
+                    .map(|(i, _)| i)
+                    .collect();
+                let mask = set
+                    .iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut vals: Vec<Option<String>> = if table.full_row_identity {
+                    old.as_ref()
+                        .map(|o| o.iter().map(|v| text(v).map(str::to_owned)).collect())
+                        .unwrap_or_default()
+                } else {
+                    match old {
+                        Some(o) => key_of(o),
+                        None => table
+                            .sql
+                            .key
+                            .iter()
+                            .map(|&k| match &new[k] {
+                                ColumnValue::Known(v) => text(v).map(str::to_owned),
+                                ColumnValue::UnchangedToast => None,
+                            })
+                            .collect(),
+                    }
+                };
+                vals.extend(set.iter().map(|&c| match &new[c] {
+                    ColumnValue::Known(v) => text(v).map(str::to_owned),
+                    ColumnValue::UnchangedToast => None,
+                }));
+                let stmt = if table.full_row_identity {
+                    self.statement(format!("{id}/1uf/{mask}"), || {
+                        table.sql.update_one_full_row(&set)
+                    })
+                    .await?
+                } else {
+                    self.statement(format!("{id}/1u/{mask}"), || table.sql.update_one(&set))
+                        .await?
+                };
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+                self.client.execute(&stmt, &params).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes, records progress, commits. `Err(Pass)` = the batch failed set-based and was
+    /// rolled back.
+    async fn commit(
+        &mut self,
+        batch: &mut Batch,
+        strict: bool,
+        report: &mut ReplayReport,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        if !strict && let Err(p) = self.flush(batch).await? {
+            return Ok(Err(p));
+        }
+        let end = batch.last_end.to_string();
+        let recorded = self
+            .client
+            .execute(target::RECORD_PROGRESS, &[&self.buffer_id, &end])
+            .await;
+        let committed = match recorded {
+            Ok(_) => self.client.batch_execute("COMMIT").await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            batch.open = false;
+            if strict {
+                return Err(sql("committing a batch on the target")(e));
+            }
+            tracing::warn!("commit failed ({e}); replaying the batch in strict source order");
+            return Ok(Err(Pass::Retry {
+                until: batch.last_end,
+            }));
+        }
+        batch.open = false;
+        report.applied_lsn = batch.last_end;
+        report.transactions += batch.transactions;
+        report.batches += 1;
+        batch.transactions = 0;
+        batch.changes = 0;
+        Ok(Ok(()))
+    }
+}
+
+fn text(v: &Value) -> Option<&str> {
+    v.as_ref()
+        .map(|b| std::str::from_utf8(b).unwrap_or("\u{FFFD}"))
+}
+
+fn known(t: &TupleData) -> Vec<Value> {
+    t.values
+        .iter()
+        .map(|v| match v {
+            TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn partial(t: &TupleData) -> Vec<ColumnValue> {
+    t.values
+        .iter()
+        .map(|v| match v {
+            TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
+            TupleValue::Text(b) | TupleValue::Binary(b) => ColumnValue::Known(Some(b.clone())),
+            _ => ColumnValue::Known(None),
+        })
+        .collect()
+}
+
+fn describe_change(table: &MappedTable, change: &Change) -> String {
+    let key = |row: &[Value]| {
+        table
+            .sql
+            .key
+            .iter()
+            .map(|&k| {
+                format!(
+                    "{}={}",
+                    table.sql.columns[k].name,
+                    text(&row[k]).unwrap_or("NULL")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match change {
+        Change::Insert { new } => format!("INSERT of key ({})", key(new)),
+        Change::Delete { old } => format!("DELETE of key ({})", key(old)),
+        Change::Update { old: Some(o), .. } => format!("UPDATE of key ({})", key(o)),
+        Change::Update { old: None, .. } => "UPDATE".into(),
+    }
+}

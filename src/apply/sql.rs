@@ -1,0 +1,282 @@
+//! The set-based statements replay sends to the target, as text (no I/O).
+//!
+//! Every statement takes one `text[]` parameter per column and turns the arrays back into rows
+//! with `unnest`; each value is cast to the target column's type by PostgreSQL's own input
+//! function (the inverse of the text output pgoutput sends). So a batch of any size is a fixed
+//! handful of statements per table, and types need no client-side conversion.
+
+use crate::sql::quote_ident;
+
+/// A target column: its quoted-ready name and its type as `format_type` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetColumn {
+    pub name: String,
+    pub type_sql: String,
+}
+
+/// What the statements need to know about a target table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSql {
+    /// `"schema"."table"`, already quoted.
+    pub qualified: String,
+    pub columns: Vec<TargetColumn>,
+    /// Indices into `columns` of the primary key (or replica identity) columns.
+    pub key: Vec<usize>,
+}
+
+impl TableSql {
+    fn col(&self, i: usize) -> String {
+        quote_ident(&self.columns[i].name)
+    }
+
+    fn cast(&self, alias: &str, param: usize, col: usize) -> String {
+        format!("{alias}.p{param}::{}", self.columns[col].type_sql)
+    }
+
+    fn unnest(n: usize) -> String {
+        let arrays = (1..=n)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let names = (1..=n)
+            .map(|i| format!("p{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("unnest({arrays}) AS u({names})")
+    }
+
+    fn key_match(&self, first_param: usize) -> String {
+        self.key
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| format!("t.{} = {}", self.col(c), self.cast("u", first_param + j, c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `DELETE … USING unnest(keys)`: parameters are the key columns, in `key` order.
+    pub fn delete(&self) -> String {
+        format!(
+            "DELETE FROM {} AS t USING {} WHERE {}",
+            self.qualified,
+            Self::unnest(self.key.len()),
+            self.key_match(1)
+        )
+    }
+
+    /// `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: parameters are all columns
+    /// in order. Rows whose key exists are overwritten with the new values.
+    pub fn upsert(&self) -> String {
+        let n = self.columns.len();
+        let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
+        let vals = (0..n)
+            .map(|i| self.cast("u", i + 1, i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key = self
+            .key
+            .iter()
+            .map(|&i| self.col(i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let non_key: Vec<String> = (0..n)
+            .filter(|i| !self.key.contains(i))
+            .map(|i| format!("{c} = EXCLUDED.{c}", c = self.col(i)))
+            .collect();
+        let action = if non_key.is_empty() {
+            "NOTHING".to_owned()
+        } else {
+            format!("UPDATE SET {}", non_key.join(", "))
+        };
+        format!(
+            "INSERT INTO {} AS t ({cols}) SELECT {vals} FROM {} ON CONFLICT ({key}) DO {action}",
+            self.qualified,
+            Self::unnest(n)
+        )
+    }
+
+    /// `UPDATE … FROM unnest(…)` setting only the columns in `set` (the others keep the
+    /// target's value, as an unchanged TOAST value must). Parameters: the key columns that
+    /// identify the row (old key), then the `set` columns in order.
+    pub fn update(&self, set: &[usize]) -> String {
+        let k = self.key.len();
+        let assignments = set
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| format!("{} = {}", self.col(c), self.cast("u", k + j + 1, c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "UPDATE {} AS t SET {assignments} FROM {} WHERE {}",
+            self.qualified,
+            Self::unnest(k + set.len()),
+            self.key_match(1)
+        )
+    }
+
+    /// `INSERT` of one row (ordered apply). Parameters: all columns.
+    pub fn insert_one(&self) -> String {
+        let n = self.columns.len();
+        let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
+        let vals = (0..n)
+            .map(|i| format!("${}::text::{}", i + 1, self.columns[i].type_sql))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!("INSERT INTO {} ({cols}) VALUES ({vals})", self.qualified)
+    }
+
+    /// `UPDATE` of one row identified by its old key (ordered apply). Parameters: the key
+    /// columns, then the `set` columns.
+    pub fn update_one(&self, set: &[usize]) -> String {
+        let k = self.key.len();
+        let assignments = set
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| {
+                format!(
+                    "{} = ${}::text::{}",
+                    self.col(c),
+                    k + j + 1,
+                    self.columns[c].type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "UPDATE {} SET {assignments} WHERE {}",
+            self.qualified,
+            self.key_where_params()
+        )
+    }
+
+    /// `DELETE` of one row by key (ordered apply). Parameters: the key columns.
+    pub fn delete_one(&self) -> String {
+        format!(
+            "DELETE FROM {} WHERE {}",
+            self.qualified,
+            self.key_where_params()
+        )
+    }
+
+    /// Deletes one row equal to a whole old row, for tables without any key (REPLICA IDENTITY
+    /// FULL): duplicates are possible, so exactly one of them goes. Parameters: all columns.
+    pub fn delete_one_full_row(&self) -> String {
+        let matches = (0..self.columns.len())
+            .map(|i| {
+                format!(
+                    "{} IS NOT DISTINCT FROM ${}::text::{}",
+                    self.col(i),
+                    i + 1,
+                    self.columns[i].type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        format!(
+            "DELETE FROM {q} WHERE ctid = (SELECT ctid FROM {q} WHERE {matches} LIMIT 1)",
+            q = self.qualified
+        )
+    }
+
+    /// Updates one row equal to a whole old row (REPLICA IDENTITY FULL, no key). Parameters:
+    /// all columns of the old row, then the `set` columns.
+    pub fn update_one_full_row(&self, set: &[usize]) -> String {
+        let n = self.columns.len();
+        let matches = (0..n)
+            .map(|i| {
+                format!(
+                    "{} IS NOT DISTINCT FROM ${}::text::{}",
+                    self.col(i),
+                    i + 1,
+                    self.columns[i].type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let assignments = set
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| {
+                format!(
+                    "{} = ${}::text::{}",
+                    self.col(c),
+                    n + j + 1,
+                    self.columns[c].type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "UPDATE {q} SET {assignments} WHERE ctid = (SELECT ctid FROM {q} WHERE {matches} LIMIT 1)",
+            q = self.qualified
+        )
+    }
+
+    fn key_where_params(&self) -> String {
+        self.key
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| {
+                format!(
+                    "{} = ${}::text::{}",
+                    self.col(c),
+                    j + 1,
+                    self.columns[c].type_sql
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accounts() -> TableSql {
+        let col = |n: &str, t: &str| TargetColumn {
+            name: n.into(),
+            type_sql: t.into(),
+        };
+        TableSql {
+            qualified: "\"public\".\"accounts\"".into(),
+            columns: vec![
+                col("id", "bigint"),
+                col("owner", "text"),
+                col("Balance", "numeric(12,2)"),
+            ],
+            key: vec![0],
+        }
+    }
+
+    #[test]
+    fn statements_are_set_based_and_quoted() {
+        let t = accounts();
+        assert_eq!(
+            t.delete(),
+            "DELETE FROM \"public\".\"accounts\" AS t USING unnest($1::text[]) AS u(p1) WHERE t.\"id\" = u.p1::bigint"
+        );
+        assert_eq!(
+            t.upsert(),
+            "INSERT INTO \"public\".\"accounts\" AS t (\"id\", \"owner\", \"Balance\") SELECT u.p1::bigint, u.p2::text, \
+             u.p3::numeric(12,2) FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3) ON CONFLICT (\"id\") \
+             DO UPDATE SET \"owner\" = EXCLUDED.\"owner\", \"Balance\" = EXCLUDED.\"Balance\""
+        );
+        assert_eq!(
+            t.update(&[0, 2]),
+            "UPDATE \"public\".\"accounts\" AS t SET \"id\" = u.p2::bigint, \"Balance\" = u.p3::numeric(12,2) FROM \
+             unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3) WHERE t.\"id\" = u.p1::bigint"
+        );
+        assert_eq!(
+            t.delete_one(),
+            "DELETE FROM \"public\".\"accounts\" WHERE \"id\" = $1::text::bigint"
+        );
+    }
+
+    #[test]
+    fn all_key_table_upsert_does_nothing_on_conflict() {
+        let mut t = accounts();
+        t.columns.truncate(1);
+        assert!(t.upsert().ends_with("ON CONFLICT (\"id\") DO NOTHING"));
+    }
+}

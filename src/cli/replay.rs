@@ -1,0 +1,58 @@
+//! `walshift replay`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::{BufferDir, parse_lsn, shutdown_signal};
+use crate::apply::replay::{self, ReplayConfig};
+use crate::conn::ConnInfo;
+use crate::lsn::Lsn;
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    buffer: BufferDir,
+    /// Target database (the copy): a libpq URL or key=value string.
+    #[arg(long, value_name = "CONN")]
+    target: String,
+    /// Keep applying as capture appends, until Ctrl-C.
+    #[arg(long)]
+    follow: bool,
+    /// Stop after the transaction that ends at or after this LSN.
+    #[arg(long, value_parser = parse_lsn, value_name = "LSN")]
+    until_lsn: Option<Lsn>,
+    /// Changes folded into one batch before it is written.
+    #[arg(long, default_value_t = 20_000)]
+    batch_rows: usize,
+    /// Longest a batch stays open, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    batch_ms: u64,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let target = ConnInfo::parse(&a.target).context("--target")?;
+    let mut config = ReplayConfig::new(a.buffer.buffer, target);
+    config.follow = a.follow;
+    config.until_lsn = a.until_lsn;
+    config.batch_rows = a.batch_rows.max(1);
+    config.batch_time = Duration::from_millis(a.batch_ms);
+    let report = replay::run(config, shutdown_signal()).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        eprintln!(
+            "replay: {} transactions, {} changes in {} target commits ({:.0} changes/s); applied up to {}",
+            report.transactions,
+            report.changes,
+            report.batches,
+            report.changes as f64 / report.elapsed_secs.max(1e-3),
+            report.applied_lsn
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
