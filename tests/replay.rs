@@ -166,3 +166,89 @@ async fn schema_drift_is_a_clear_error_and_applies_nothing() {
     );
     assert_eq!(checksum(&target, "t", "id").await.0, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_constraint_conflict_in_a_batch_is_retried_in_source_order() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE)";
+    source.execute("postgres", schema).await.unwrap();
+    target.execute("postgres", schema).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    let c = source.connect("postgres").await.unwrap();
+    c.batch_execute("INSERT INTO users VALUES (1, 'a'), (2, 'b')")
+        .await
+        .unwrap();
+    replay_all(&source, &target, dir.path(), 10_000).await;
+    // A swap through a temporary value: folded, it is one statement that collides on the
+    // unique email whatever the row order — the batch must fall back to source order.
+    c.batch_execute("UPDATE users SET email = 'tmp' WHERE id = 1")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE users SET email = 'a' WHERE id = 2")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE users SET email = 'b' WHERE id = 1")
+        .await
+        .unwrap();
+    let report = replay_all(&source, &target, dir.path(), 10_000).await;
+    assert!(report.retried_in_order >= 1, "{report:?}");
+    assert_eq!(
+        checksum(&source, "users", "id").await,
+        checksum(&target, "users", "id").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_target_rejects_stops_replay_with_table_key_and_lsn() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source
+        .execute(
+            "postgres",
+            "CREATE TABLE items (id int PRIMARY KEY, qty int)",
+        )
+        .await
+        .unwrap();
+    target
+        .execute(
+            "postgres",
+            "CREATE TABLE items (id int PRIMARY KEY, qty int CHECK (qty >= 0))",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    source
+        .execute("postgres", "INSERT INTO items VALUES (1, 5)")
+        .await
+        .unwrap();
+    source
+        .execute("postgres", "INSERT INTO items VALUES (2, -1)")
+        .await
+        .unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    let cfg = ReplayConfig::new(
+        dir.path(),
+        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
+    );
+    let err = replay::run(cfg, std::future::pending::<()>())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("\"public\".\"items\"") && err.contains("id=2") && err.contains("LSN"),
+        "{err}"
+    );
+    // The good transaction before it is applied; the bad one is not, not even partly.
+    let t = target.connect("postgres").await.unwrap();
+    let ids: Vec<i32> = t
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![1]);
+}

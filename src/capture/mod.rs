@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -64,6 +65,10 @@ pub struct CaptureConfig {
     pub status_interval: Duration,
     /// Buffer settings (segment size, recovery mode).
     pub buffer: BufferConfig,
+    /// Clone the source into a target at the new slot's exported snapshot before streaming.
+    /// Default: none. Only possible when the slot is created by this run; an interrupted
+    /// clone is detected on the next start (slot dropped, cloned again from a new snapshot).
+    pub clone: Option<CloneOptions>,
     /// Print a progress line to stderr once a second. Default false (the CLI turns it on).
     pub progress: bool,
 }
@@ -82,6 +87,7 @@ impl CaptureConfig {
             read_coalesce: Duration::from_millis(1),
             status_interval: Duration::from_secs(10),
             buffer: BufferConfig::default(),
+            clone: None,
             progress: false,
         }
     }
@@ -140,6 +146,21 @@ pub enum CaptureError {
         "the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)"
     )]
     StreamEnded,
+
+    #[error(transparent)]
+    Clone(#[from] crate::clone::CloneError),
+
+    #[error(
+        "buffer {dir} already holds streamed changes, but the target's clone is not marked done: \
+         the two do not line up. Start over with a new --buffer directory and a fresh target"
+    )]
+    CloneAfterStreaming { dir: PathBuf },
+
+    #[error(
+        "slot {slot:?} already exists, so its starting snapshot is gone and a clone cannot line up with it. \
+         Drop it (SELECT pg_drop_replication_slot('{slot}')) and run again with a new --buffer, or capture without --clone-to"
+    )]
+    CloneNeedsNewSlot { slot: String },
 
     #[error("{context}")]
     Sql {
@@ -295,7 +316,24 @@ pub async fn run(
     if !recovery.is_clean() {
         tracing::warn!("buffer recovery: {recovery:?}");
     }
-    let existing = BufferMeta::read(&config.buffer_dir)?;
+    let mut existing = BufferMeta::read(&config.buffer_dir)?;
+    let mut restart_clone = false;
+    if let Some(clone) = &config.clone {
+        let done = clone::clone_state(&clone.target).await?.is_some_and(|s| s.status == CloneStatus::Done);
+        if !done && existing.is_some() {
+            // Streaming starts only after a clone is done, so an unfinished clone means the
+            // buffer holds nothing yet: start over with a new slot and a new snapshot.
+            if !writer.durable_lsn().is_zero() {
+                return Err(CaptureError::CloneAfterStreaming { dir: config.buffer_dir.clone() });
+            }
+            tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
+            drop_slot_if_exists(&config).await?;
+            std::fs::remove_file(BufferMeta::path(&config.buffer_dir))
+                .map_err(|e| crate::Error::io(BufferMeta::path(&config.buffer_dir), e))?;
+            existing = None;
+            restart_clone = true;
+        }
+    }
     let prepared = prepare(
         &config,
         existing.as_ref().map(|m| (m, writer.durable_lsn())),
@@ -309,6 +347,19 @@ pub async fn run(
             &config.publication,
         )
         .write(&config.buffer_dir)?;
+    }
+    if let Some(clone) = &config.clone {
+        match &prepared.snapshot {
+            Some(snapshot) => {
+                let mut opts = clone.clone();
+                opts.force |= restart_clone;
+                // The replication connection stays idle meanwhile: the snapshot stays valid.
+                let report = clone::clone_database(&opts, snapshot, &prepared.tables).await?;
+                tracing::info!(rows = report.rows, tables = report.tables.len(), "clone done");
+            }
+            None if existing.is_some() => {} // cloned earlier; resuming the stream
+            None => return Err(CaptureError::CloneNeedsNewSlot { slot: config.slot.clone() }),
+        }
     }
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
     let slot_created = prepared.consistent_point.is_some();
@@ -334,6 +385,18 @@ pub async fn run(
     report.slot_created = slot_created;
     report.tables = tables;
     Ok(report)
+}
+
+async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError> {
+    let client = config.source.connect().await?;
+    client
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(sql("dropping the slot of an unfinished clone"))?;
+    Ok(())
 }
 
 /// The streaming loop. See the module contract.

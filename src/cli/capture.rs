@@ -39,6 +39,15 @@ pub struct CaptureArgs {
     /// Segment size in MiB for a new buffer.
     #[arg(long, default_value_t = 64)]
     segment_mib: u64,
+    /// Clone the source into this target database at the new slot's snapshot before streaming.
+    #[arg(long, value_name = "CONN")]
+    clone_to: Option<String>,
+    /// With --clone-to: clone even if the target already holds the tables or an earlier clone.
+    #[arg(long)]
+    force: bool,
+    /// With --clone-to: tables copied in parallel.
+    #[arg(long, default_value_t = 2)]
+    clone_parallel: usize,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -58,6 +67,14 @@ pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
     config.read_coalesce = Duration::from_micros(a.read_coalesce_us);
     config.buffer.segment_size = a.segment_mib.max(1) * 1024 * 1024;
     config.progress = !a.no_progress;
+    if let Some(target) = &a.clone_to {
+        let target = ConnInfo::parse(target).context("--clone-to")?;
+        let mut clone = crate::clone::CloneOptions::new(config.source.clone(), target);
+        clone.force = a.force;
+        clone.parallel = a.clone_parallel.max(1);
+        clone.progress = !a.no_progress;
+        config.clone = Some(clone);
+    }
     let report = capture::run(config, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
