@@ -31,6 +31,9 @@ pub struct InspectArgs {
 pub struct StatusArgs {
     #[command(flatten)]
     buffer: BufferDir,
+    /// Also show how far replay has applied this buffer on this target, and the lag.
+    #[arg(long, value_name = "CONN")]
+    target: Option<String>,
     /// JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -63,10 +66,38 @@ fn open(dir: &std::path::Path) -> anyhow::Result<BufferReader> {
     BufferReader::open(dir).with_context(|| format!("opening buffer {}", dir.display()))
 }
 
-pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let st = open(&a.buffer.buffer)?.status()?;
+    let last = st.last_commit.map(|c| c.end_lsn);
+    let applied = match (&a.target, &st.meta) {
+        (Some(t), Some(m)) => {
+            let target = crate::conn::ConnInfo::parse(t).context("--target")?;
+            let client = target.connect().await?;
+            let id = crate::apply::target::buffer_id(m.system_identifier, &m.slot);
+            let exists: bool = client
+                .query_one("SELECT to_regclass('walshift.applied') IS NOT NULL", &[])
+                .await
+                .context("reading the target")?
+                .get(0);
+            Some(if exists {
+                crate::apply::target::applied_lsn(&client, &id).await?
+            } else {
+                None
+            })
+        }
+        (Some(_), None) => anyhow::bail!(
+            "{} has no buffer.json: not a walshift buffer",
+            st.dir.display()
+        ),
+        _ => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        let mut v = serde_json::to_value(&st)?;
+        if let Some(applied) = applied {
+            v["applied_lsn"] = json!(applied.map(|l| l.to_string()));
+            v["lag_bytes"] = json!(last.map(|l| l.bytes_since(applied.unwrap_or(Lsn::ZERO))));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("buffer        {}", st.dir.display());
@@ -85,11 +116,19 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("transactions  {}", st.transactions);
     let lsn = |l: Option<Lsn>| l.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
     println!("first commit  {}", lsn(st.first_commit_lsn));
-    println!("last commit   {}", lsn(st.last_commit.map(|c| c.end_lsn)));
+    println!("last commit   {}", lsn(last));
     println!(
         "last commit   at {}",
         commit_time(st.last_commit.as_ref()).unwrap_or_else(|| "-".into())
     );
+    if let Some(applied) = applied {
+        println!("applied       {}", lsn(applied));
+        println!(
+            "replay lag    {} bytes of WAL",
+            last.map(|l| l.bytes_since(applied.unwrap_or(Lsn::ZERO)).to_string())
+                .unwrap_or_else(|| "0".into())
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

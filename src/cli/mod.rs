@@ -68,7 +68,7 @@ pub fn main() -> ExitCode {
             Command::Capture(a) => capture::run(a).await,
             Command::Replay(a) => replay::run(a).await,
             Command::Inspect(a) => buffer_cmds::inspect(a),
-            Command::Status(a) => buffer_cmds::status(a),
+            Command::Status(a) => buffer_cmds::status(a).await,
             Command::Buffer(c) => buffer_cmds::buffer(c),
             Command::Bench(c) => bench::run(c).await,
             Command::Demo(a) => demo::run(a).await,
