@@ -282,7 +282,8 @@ pub(crate) async fn copy_tables(
     while let Some(joined) = set.join_next().await {
         let done = match joined {
             Ok(r) => r?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => return Err(CloneError::Options(format!("copy worker stopped: {e}"))),
         };
         for (i, c) in done {
             results[i] = Some(c);
