@@ -167,6 +167,12 @@ pub async fn run(
         buffer_id,
         rels: HashMap::new(),
         statements: HashMap::new(),
+        progress: config.progress.then(|| Progress {
+            started,
+            last_print: Instant::now(),
+            last_changes: 0,
+            last_commit_us: None,
+        }),
     };
     tokio::pin!(shutdown);
     loop {
@@ -218,6 +224,50 @@ struct Applier {
     buffer_id: String,
     rels: HashMap<u32, RelEntry>,
     statements: HashMap<String, tokio_postgres::Statement>,
+    progress: Option<Progress>,
+}
+
+/// The `--follow` status line: rate, applied position, lag behind the buffer and the source.
+struct Progress {
+    started: Instant,
+    last_print: Instant,
+    last_changes: u64,
+    /// Commit time of the last applied source transaction (µs since 2000-01-01).
+    last_commit_us: Option<i64>,
+}
+
+impl Progress {
+    fn maybe_print(&mut self, config: &ReplayConfig, report: &ReplayReport, force: bool) {
+        let now = Instant::now();
+        let since = now.duration_since(self.last_print);
+        if !force && since < Duration::from_secs(1) {
+            return;
+        }
+        let rate = (report.changes - self.last_changes) as f64 / since.as_secs_f64().max(1e-3);
+        self.last_print = now;
+        self.last_changes = report.changes;
+        let buffered = BufferReader::open(&config.buffer_dir)
+            .and_then(|r| r.status())
+            .ok()
+            .and_then(|s| s.last_commit.map(|c| c.end_lsn))
+            .unwrap_or(report.applied_lsn);
+        let behind = self
+            .last_commit_us
+            .map(crate::buffer::pg_time_to_system_time)
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .map(|d| format!("{:.1}s", d.as_secs_f64()))
+            .unwrap_or_else(|| "-".into());
+        eprintln!(
+            "replay: {} txns, {} changes, {:.0} changes/s | applied {} | lag {} bytes behind the buffer, {} behind the source commit | up {:.0}s",
+            report.transactions,
+            report.changes,
+            rate,
+            report.applied_lsn,
+            buffered.bytes_since(report.applied_lsn),
+            behind,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// An open target transaction and the folder feeding it.
@@ -228,6 +278,7 @@ struct Batch {
     transactions: u64,
     changes: u64,
     last_end: Lsn,
+    last_commit_us: Option<i64>,
 }
 
 impl Applier {
@@ -250,17 +301,21 @@ impl Applier {
             transactions: 0,
             changes: 0,
             last_end: from,
+            last_commit_us: None,
         };
         loop {
             let Some(ev) = events.next() else {
                 // End of what is in the buffer now.
                 if batch.open
-                    && let Err(p) = self.commit(&mut batch, strict, report).await?
+                    && let Err(p) = self.commit(config, &mut batch, strict, report).await?
                 {
                     return Ok(p);
                 }
                 if !config.follow {
                     return Ok(Pass::Done);
+                }
+                if let Some(p) = &mut self.progress {
+                    p.maybe_print(config, report, false);
                 }
                 tokio::select! {
                     _ = shutdown.as_mut() => return Ok(Pass::Done),
@@ -282,11 +337,12 @@ impl Applier {
                 TxnEvent::Commit { commit, .. } => {
                     batch.transactions += 1;
                     batch.last_end = commit.end_lsn;
+                    batch.last_commit_us = commit.commit_time_us;
                     let until_reached = config.until_lsn.is_some_and(|u| commit.end_lsn >= u);
                     let full = batch.changes as usize >= config.batch_rows
                         || batch.opened_at.elapsed() >= config.batch_time;
                     if batch.open && (strict || full || until_reached) {
-                        if let Err(p) = self.commit(&mut batch, strict, report).await? {
+                        if let Err(p) = self.commit(config, &mut batch, strict, report).await? {
                             return Ok(p);
                         }
                     } else if !batch.open {
@@ -296,7 +352,7 @@ impl Applier {
                     }
                     if until_reached {
                         if batch.open
-                            && let Err(p) = self.commit(&mut batch, strict, report).await?
+                            && let Err(p) = self.commit(config, &mut batch, strict, report).await?
                         {
                             return Ok(p);
                         }
@@ -642,6 +698,7 @@ impl Applier {
     /// rolled back.
     async fn commit(
         &mut self,
+        config: &ReplayConfig,
         batch: &mut Batch,
         strict: bool,
         report: &mut ReplayReport,
@@ -673,6 +730,10 @@ impl Applier {
         report.applied_lsn = batch.last_end;
         report.transactions += batch.transactions;
         report.batches += 1;
+        if let Some(p) = &mut self.progress {
+            p.last_commit_us = batch.last_commit_us.or(p.last_commit_us);
+            p.maybe_print(config, report, false);
+        }
         batch.transactions = 0;
         batch.changes = 0;
         Ok(Ok(()))

@@ -29,6 +29,9 @@ pub struct ReplayArgs {
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, default_value_t = 200)]
     batch_ms: u64,
+    /// No progress line.
+    #[arg(long)]
+    no_progress: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -41,6 +44,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     config.until_lsn = a.until_lsn;
     config.batch_rows = a.batch_rows.max(1);
     config.batch_time = Duration::from_millis(a.batch_ms);
+    config.progress = !a.no_progress;
     let report = replay::run(config, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
