@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter};
+use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::source::preflight::{self, PreflightError, TableRef};
@@ -319,12 +319,16 @@ pub async fn run(
     let mut existing = BufferMeta::read(&config.buffer_dir)?;
     let mut restart_clone = false;
     if let Some(clone) = &config.clone {
-        let done = clone::clone_state(&clone.target).await?.is_some_and(|s| s.status == CloneStatus::Done);
+        let done = clone::clone_state(&clone.target)
+            .await?
+            .is_some_and(|s| s.status == CloneStatus::Done);
         if !done && existing.is_some() {
             // Streaming starts only after a clone is done, so an unfinished clone means the
             // buffer holds nothing yet: start over with a new slot and a new snapshot.
             if !writer.durable_lsn().is_zero() {
-                return Err(CaptureError::CloneAfterStreaming { dir: config.buffer_dir.clone() });
+                return Err(CaptureError::CloneAfterStreaming {
+                    dir: config.buffer_dir.clone(),
+                });
             }
             tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
             drop_slot_if_exists(&config).await?;
@@ -355,10 +359,18 @@ pub async fn run(
                 opts.force |= restart_clone;
                 // The replication connection stays idle meanwhile: the snapshot stays valid.
                 let report = clone::clone_database(&opts, snapshot, &prepared.tables).await?;
-                tracing::info!(rows = report.rows, tables = report.tables.len(), "clone done");
+                tracing::info!(
+                    rows = report.rows,
+                    tables = report.tables.len(),
+                    "clone done"
+                );
             }
             None if existing.is_some() => {} // cloned earlier; resuming the stream
-            None => return Err(CaptureError::CloneNeedsNewSlot { slot: config.slot.clone() }),
+            None => {
+                return Err(CaptureError::CloneNeedsNewSlot {
+                    slot: config.slot.clone(),
+                });
+            }
         }
     }
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
