@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::BenchError;
 use super::workload::{self, Workload};
 use crate::lsn::Lsn;
 use crate::testkit::{Cluster, ClusterOptions};
@@ -45,23 +46,6 @@ pub struct CaptureBenchReport {
     pub walshift_best: f64,
     /// Median over runs of walshift / pg_recvlogical changes/s (same run, same slot position).
     pub ratio_median: f64,
-}
-
-/// Bench failures.
-#[derive(Debug, thiserror::Error)]
-pub enum BenchError {
-    #[error(transparent)]
-    Testkit(#[from] crate::testkit::TestkitError),
-    #[error("SQL failed during the bench: {0}")]
-    Sql(#[from] tokio_postgres::Error),
-    #[error("{tool} failed ({status}): {stderr}")]
-    Tool {
-        tool: String,
-        status: String,
-        stderr: String,
-    },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

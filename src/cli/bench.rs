@@ -1,25 +1,77 @@
-//! `walshift bench …`.
+//! `walshift bench …`: without a subcommand, replay vs native logical replication
+//! ([`crate::bench::replay`]); `walshift bench capture` for capture vs `pg_recvlogical`.
 
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::{Args, FromArgMatches, Subcommand};
 
 use crate::bench::capture::CaptureBench;
+use crate::bench::replay::ReplayBench;
 use crate::bench::workload::Workload;
 
-#[derive(clap::Subcommand, Debug)]
-pub enum BenchCommand {
+/// `walshift bench`: the replay comparison's flags on the command itself, plus optional
+/// subcommands for the other measurements.
+///
+/// The parent CLI declares `bench` as a subcommand group (`#[command(subcommand)]`), which
+/// clap derives as "a subcommand is required". This wrapper implements [`Subcommand`] by
+/// hand so that `bench` also takes its own flags and runs without a subcommand.
+#[derive(Debug)]
+pub struct BenchCommand(BenchArgs);
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchSub>,
+    #[command(flatten)]
+    replay: ReplayBenchArgs,
+}
+
+/// Replay throughput: walshift replay vs native logical replication (subscription with
+/// `synchronous_commit` on and off), same backlog, same run.
+#[derive(Args, Debug)]
+pub struct ReplayBenchArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
+    /// `--batch-rows` for walshift replay (default: replay's own default).
+    #[arg(long)]
+    batch_rows: Option<usize>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The workload's shape (workload W by default).
+#[derive(Args, Debug)]
+pub struct WorkloadArgs {
+    /// Row changes in the workload.
+    #[arg(long, default_value_t = 1_000_000)]
+    changes: i64,
+    /// Row changes per source transaction.
+    #[arg(long, default_value_t = 10)]
+    txn_size: i64,
+    /// Rows in `accounts` before the changes.
+    #[arg(long, default_value_t = 200_000)]
+    initial_rows: i64,
+}
+
+impl WorkloadArgs {
+    fn workload(&self) -> Workload {
+        Workload {
+            changes: self.changes,
+            txn_size: self.txn_size.max(1),
+            initial_rows: self.initial_rows,
+            ..Workload::default()
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchSub {
     /// Capture throughput: walshift capture vs pg_recvlogical on identical slots, same run.
     Capture {
-        /// Row changes in the workload.
-        #[arg(long, default_value_t = 1_000_000)]
-        changes: i64,
-        /// Row changes per source transaction.
-        #[arg(long, default_value_t = 10)]
-        txn_size: i64,
-        /// Rows in `accounts` before the changes.
-        #[arg(long, default_value_t = 200_000)]
-        initial_rows: i64,
+        #[command(flatten)]
+        workload: WorkloadArgs,
         /// Measured runs per tool.
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -29,32 +81,65 @@ pub enum BenchCommand {
     },
 }
 
+impl FromArgMatches for BenchCommand {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        BenchArgs::from_arg_matches(m).map(BenchCommand)
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches(m)
+    }
+}
+
+impl Subcommand for BenchCommand {
+    fn augment_subcommands(cmd: clap::Command) -> clap::Command {
+        BenchArgs::augment_args(cmd)
+            .subcommand_required(false)
+            .arg_required_else_help(false)
+            .args_conflicts_with_subcommands(true)
+    }
+    fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
+        BenchArgs::augment_args_for_update(cmd)
+            .subcommand_required(false)
+            .arg_required_else_help(false)
+            .args_conflicts_with_subcommands(true)
+    }
+    fn has_subcommand(name: &str) -> bool {
+        BenchSub::has_subcommand(name)
+    }
+}
+
 pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
-    match c {
-        BenchCommand::Capture {
-            changes,
-            txn_size,
-            initial_rows,
+    let exe = std::env::current_exe().context("locating the walshift binary")?;
+    match c.0.command {
+        Some(BenchSub::Capture {
+            workload,
             runs,
             json,
-        } => {
+        }) => {
             let bench = CaptureBench {
-                workload: Workload {
-                    changes,
-                    txn_size: txn_size.max(1),
-                    initial_rows,
-                    ..Workload::default()
-                },
+                workload: workload.workload(),
                 runs: runs.max(1),
             };
-            let exe = std::env::current_exe().context("locating the walshift binary")?;
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{report}");
             }
-            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let a = c.0.replay;
+            let bench = ReplayBench {
+                workload: a.workload.workload(),
+                batch_rows: a.batch_rows.map(|n| n.max(1)),
+            };
+            let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
