@@ -149,7 +149,13 @@ pub async fn run(
     let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
     let client = config.target.connect().await?;
     client
-        .batch_execute("SET session_replication_role = replica; SET synchronous_commit = on")
+        // Generic plans: a custom plan sees the batch's thousands of keys and picks a
+        // sequential scan plus hash join over the whole table; the generic plan looks each key
+        // up through the primary key index, which is what a batch of changes wants.
+        .batch_execute(
+            "SET session_replication_role = replica; SET synchronous_commit = on; \
+             SET plan_cache_mode = force_generic_plan",
+        )
         .await
         .map_err(sql("preparing the target session"))?;
     target::ensure_progress_table(&client).await?;
