@@ -29,9 +29,11 @@
 //! * Every key appears at most once per list (keys of the fold map are distinct; each row
 //!   before the batch has at most one descendant), so no `UPDATE … FROM` row is matched twice
 //!   and no `ON CONFLICT DO UPDATE` affects a row twice.
-//! * An update is emitted only when a value is unknown, i.e. the row descends from the row at
-//!   `k0` before the batch; the update needs that row, so `k0` is never in `deletes`, and
-//!   nothing before step 2 changes it, so "keep the current value" reads the pre-batch value.
+//! * An update is emitted only for a row that descends from the row at `k0` before the batch:
+//!   either it still sits at `k0` (all values known: a plain `UPDATE`, cheaper on the target
+//!   than an upsert), or a value is unknown. The update needs that row, so `k0` is never in
+//!   `deletes`, and nothing before step 2 changes it, so "keep the current value" reads the
+//!   pre-batch value. A row that stays at `k0` is nobody's move target (that entry holds it).
 //! * A key move `k0 → k1` in step 2 needs `k1` free while the statement runs, in any row order:
 //!   `k1` is not the old key of any update in the statement (checked; otherwise — swaps,
 //!   cycles, chains onto a key whose row moves away — the table goes `ordered`), not the new key
@@ -237,7 +239,9 @@ pub struct TableBatch {
     pub reason: Option<OrderedReason>,
     /// Step 1: keys to delete.
     pub deletes: Vec<Key>,
-    /// Step 2: (key before the batch, new image). Only for images with an unknown value.
+    /// Step 2: (key before the batch, new image): rows that existed before the batch and
+    /// either still sit at their key (an `UPDATE`, cheaper than an upsert) or have an unknown
+    /// value (unchanged TOAST; such a row may also move to a new key).
     pub updates: Vec<(Key, Vec<ColumnValue>)>,
     /// Step 3: full rows to insert or overwrite by key.
     pub upserts: Vec<Vec<Value>>,
@@ -592,7 +596,10 @@ impl TableState {
                     }
                 }
                 Cur::Row { origin, values } => {
-                    if values.iter().all(ColumnValue::is_known) {
+                    // A row that existed at this key before the batch and still does is an
+                    // UPDATE: cheaper on the target than an INSERT … ON CONFLICT.
+                    let stayed = origin == Some(i as u32);
+                    if values.iter().all(ColumnValue::is_known) && !stayed {
                         batch.upserts.push(
                             values
                                 .into_iter()
@@ -603,7 +610,7 @@ impl TableState {
                                 .collect(),
                         );
                     } else {
-                        let o = origin.expect("checked above") as usize;
+                        let o = origin.expect("an update descends from a pre-batch row") as usize;
                         if move_target[i] && e.pre {
                             batch
                                 .deletes
@@ -725,17 +732,17 @@ mod tests {
     #[test]
     fn update_then_update_merges_later_known_values() {
         let b = fold(vec![upd([k("1"), k("a"), U]), upd([k("1"), U, k("c")])]);
-        assert_eq!(b.upserts, vec![row("1", "a", "c")]);
+        assert_eq!(b.updates, vec![(key("1"), vec![k("1"), k("a"), k("c")])]);
         let b = fold(vec![upd([k("1"), k("a"), U]), upd([k("1"), k("b"), U])]);
         assert!(b.upserts.is_empty());
         assert_eq!(b.updates, vec![(key("1"), vec![k("1"), k("b"), U])]);
     }
 
     #[test]
-    fn update_with_all_values_known_is_an_upsert() {
+    fn update_with_all_values_known_stays_an_update_of_the_existing_row() {
         let b = fold(vec![upd([k("1"), k("a"), k("x")])]);
-        assert_eq!(b.upserts, vec![row("1", "a", "x")]);
-        assert!(b.updates.is_empty() && b.deletes.is_empty());
+        assert_eq!(b.updates, vec![(key("1"), vec![k("1"), k("a"), k("x")])]);
+        assert!(b.upserts.is_empty() && b.deletes.is_empty());
     }
 
     #[test]
@@ -1306,8 +1313,10 @@ mod tests {
                 prop_assert!(b.ordered || b.original.is_empty());
                 // Only a key-move conflict may make these consistent streams ordered.
                 prop_assert!(!b.ordered || b.reason == Some(OrderedReason::KeyMoveConflict));
-                // Updates only when needed.
-                prop_assert!(b.updates.iter().all(|(_, r)| !r.iter().all(ColumnValue::is_known)));
+                // A fully known update never moves its row (moves of known rows are upserts).
+                let key_cols = &shapes[ti].key;
+                prop_assert!(b.updates.iter().all(|(k, r)| !r.iter().all(ColumnValue::is_known)
+                    || key_cols.iter().zip(k).all(|(&c, kv)| r[c] == ColumnValue::Known(kv.clone()))));
                 apply_batch(&shapes[ti], &mut got[ti], b).map_err(TestCaseError::fail)?;
             }
             prop_assert_eq!(got, expected);

@@ -549,16 +549,28 @@ impl Applier {
         }
         // Partial updates, grouped by which columns they know.
         let mut groups: HashMap<Vec<usize>, Vec<usize>> = HashMap::new();
-        for (n, (_, row)) in tb.updates.iter().enumerate() {
+        let key_cols = &table.sql.key;
+        for (n, (old_key, row)) in tb.updates.iter().enumerate() {
+            // Key columns are set only when the row moves: rewriting an unchanged key would
+            // only cost index work.
+            let moved = key_cols
+                .iter()
+                .zip(old_key)
+                .any(|(&c, k)| !matches!(&row[c], ColumnValue::Known(v) if v == k));
             let set: Vec<usize> = row
                 .iter()
                 .enumerate()
-                .filter(|(_, v)| matches!(v, ColumnValue::Known(_)))
+                .filter(|(i, v)| {
+                    matches!(v, ColumnValue::Known(_)) && (moved || !key_cols.contains(i))
+                })
                 .map(|(i, _)| i)
                 .collect();
             groups.entry(set).or_default().push(n);
         }
         for (set, members) in groups {
+            if set.is_empty() {
+                continue; // nothing but an unchanged key: the row is already right
+            }
             let mask = set
                 .iter()
                 .map(|i| i.to_string())
