@@ -4,11 +4,10 @@
 //! a durable buffer, both to the same end LSN. Runs alternate which tool goes first.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use super::BenchError;
 use super::workload::{self, Workload};
+use super::{BenchError, dir_size, timed};
 use crate::lsn::Lsn;
 use crate::testkit::{Cluster, ClusterOptions};
 
@@ -51,52 +50,6 @@ pub struct CaptureBenchReport {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
-}
-
-fn dir_size(p: &Path) -> u64 {
-    if p.is_file() {
-        return p.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    std::fs::read_dir(p)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| dir_size(&e.path()))
-        .sum()
-}
-
-/// Runs a tool to completion; returns its wall time, CPU time (user + system) and stdout.
-fn timed(tool: &str, mut cmd: Command) -> Result<(Duration, Duration, String), BenchError> {
-    let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let mut stderr = String::new();
-    let mut stdout = String::new();
-    // The tools print little: reading one pipe to its end before the other cannot deadlock.
-    if let Some(mut o) = child.stdout.take() {
-        std::io::Read::read_to_string(&mut o, &mut stdout)?;
-    }
-    if let Some(mut e) = child.stderr.take() {
-        std::io::Read::read_to_string(&mut e, &mut stderr)?;
-    }
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid out-parameter; wait4 reaps our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    let took = start.elapsed();
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        return Err(BenchError::Tool {
-            tool: tool.into(),
-            status: format!("wait status {status}"),
-            stderr,
-        });
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    Ok((took, tv(usage.ru_utime) + tv(usage.ru_stime), stdout))
 }
 
 impl CaptureBench {
@@ -182,7 +135,8 @@ impl CaptureBench {
             };
             for (tool, cmd, out) in order {
                 let cmd = std::mem::replace(cmd, Command::new("true"));
-                let (took, cpu, stdout) = timed(tool, cmd)?;
+                let run = timed(tool, cmd)?;
+                let (took, cpu, stdout) = (run.wall, run.cpu, run.stdout);
                 if tool == "walshift" {
                     // The measurement counts only if everything arrived.
                     let report: serde_json::Value =

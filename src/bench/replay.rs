@@ -49,13 +49,13 @@
 //! methods run one at a time so none competes with another.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::BenchError;
 use super::workload::{self, Workload};
+use super::{BenchError, dir_size, timed};
 use crate::lsn::Lsn;
 use crate::testkit::{Cluster, ClusterOptions};
 
@@ -124,59 +124,6 @@ const NATIVE_ASYNC: &str = "native sync off";
 /// Native apply that makes no progress for this long is declared stuck.
 const STALL: Duration = Duration::from_secs(120);
 
-/// Exit of a timed child process.
-struct ChildRun {
-    wall: Duration,
-    cpu: Duration,
-    max_rss_bytes: u64,
-    stdout: String,
-}
-
-/// Runs a tool to completion; wall time, CPU time (user + system), peak RSS and stdout.
-fn timed(tool: &str, mut cmd: Command) -> Result<ChildRun, BenchError> {
-    let start = Instant::now();
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    let stderr_pipe = child.stderr.take();
-    // stderr on its own thread: neither pipe can fill up while the other is read.
-    let stderr_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut e) = stderr_pipe {
-            let _ = std::io::Read::read_to_string(&mut e, &mut s);
-        }
-        s
-    });
-    let mut stdout = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        std::io::Read::read_to_string(&mut o, &mut stdout)?;
-    }
-    let mut status = 0;
-    // SAFETY: zeroed rusage is a valid out-parameter; wait4 reaps our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    let wall = start.elapsed();
-    let stderr = stderr_reader.join().unwrap_or_default();
-    if pid < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        return Err(BenchError::Tool {
-            tool: tool.into(),
-            status: format!("wait status {status}"),
-            stderr,
-        });
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    Ok(ChildRun {
-        wall,
-        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-        // Linux reports kilobytes.
-        max_rss_bytes: usage.ru_maxrss.max(0) as u64 * 1024,
-        stdout,
-    })
-}
-
 /// CPU time used so far by a cluster: every live process under its postmaster plus the
 /// postmaster itself, including the children it has already reaped (`cutime`, `cstime`).
 /// Differences of two readings give the cluster's CPU over an interval. Zero where `/proc`
@@ -223,18 +170,6 @@ fn cluster_cpu(cluster: &Cluster) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_nanos(ticks * 1_000_000_000 / hz)
-}
-
-fn dir_size(p: &Path) -> u64 {
-    if p.is_file() {
-        return p.metadata().map(|m| m.len()).unwrap_or(0);
-    }
-    std::fs::read_dir(p)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| dir_size(&e.path()))
-        .sum()
 }
 
 /// Row count and order-independent checksum of `accounts`.
