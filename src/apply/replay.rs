@@ -22,7 +22,7 @@ use super::target::{self, MappedTable, TargetError};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleData, TupleValue};
+use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue};
 
 /// What to replay and how. Every field documents its default and trade-off.
 #[derive(Clone, Debug)]
@@ -94,6 +94,15 @@ pub enum ReplayError {
         what: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error(
+        "the change at LSN {lsn} to {table} carries a value of column {column:?} that is not UTF-8: \
+         walshift replays text values and needs a UTF8 source database (check `SHOW server_encoding`)"
+    )]
+    Encoding {
+        lsn: Lsn,
+        table: String,
+        column: String,
     },
     #[error("cannot fold the change at LSN {lsn}: {source}")]
     Fold {
@@ -482,17 +491,42 @@ impl Applier {
             key: table.sql.key.clone(),
             identity_full_without_key: table.full_row_identity,
         };
-        let change = match msg {
-            LogicalMessage::Insert(i) => Change::Insert { new: known(&i.new) },
-            LogicalMessage::Update(u) => Change::Update {
-                old: u.old.as_ref().map(|o| known(o.tuple())),
-                new: partial(&u.new),
-            },
-            LogicalMessage::Delete(d) => Change::Delete {
-                old: known(d.old.tuple()),
-            },
+        let change = match &msg {
+            LogicalMessage::Insert(i) => Change::from_insert(i),
+            LogicalMessage::Update(u) => Change::from_update(u),
+            LogicalMessage::Delete(d) => Change::from_delete(d),
+            _ => unreachable!("only row changes"),
+        }
+        .map_err(|source| ReplayError::Fold { lsn, source })?;
+        // Values go to the target as text in UTF-8; anything else would be silently mangled.
+        let values: Box<dyn Iterator<Item = &TupleValue>> = match &msg {
+            LogicalMessage::Insert(i) => Box::new(i.new.values.iter()),
+            LogicalMessage::Update(u) => Box::new(
+                u.new
+                    .values
+                    .iter()
+                    .chain(u.old.iter().flat_map(|o| o.tuple().values.iter())),
+            ),
+            LogicalMessage::Delete(d) => Box::new(d.old.tuple().values.iter()),
             _ => unreachable!("only row changes"),
         };
+        for (i, v) in values.enumerate() {
+            if let TupleValue::Text(b) | TupleValue::Binary(b) = v
+                && std::str::from_utf8(b).is_err()
+            {
+                let column = table
+                    .sql
+                    .columns
+                    .get(i % shape.columns.max(1))
+                    .map(|c| c.name.clone())
+                    .unwrap_or_default();
+                return Err(ReplayError::Encoding {
+                    lsn,
+                    table: table.name.clone(),
+                    column,
+                });
+            }
+        }
         Ok((shape, change))
     }
 
@@ -758,30 +792,10 @@ impl Applier {
     }
 }
 
+/// A value as the text parameter it travels as. Checked to be UTF-8 when it was decoded.
 fn text(v: &Value) -> Option<&str> {
     v.as_ref()
-        .map(|b| std::str::from_utf8(b).unwrap_or("\u{FFFD}"))
-}
-
-fn known(t: &TupleData) -> Vec<Value> {
-    t.values
-        .iter()
-        .map(|v| match v {
-            TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn partial(t: &TupleData) -> Vec<ColumnValue> {
-    t.values
-        .iter()
-        .map(|v| match v {
-            TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
-            TupleValue::Text(b) | TupleValue::Binary(b) => ColumnValue::Known(Some(b.clone())),
-            _ => ColumnValue::Known(None),
-        })
-        .collect()
+        .map(|b| std::str::from_utf8(b).expect("checked in decode_change"))
 }
 
 fn describe_change(table: &MappedTable, change: &Change) -> String {

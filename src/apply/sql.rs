@@ -114,12 +114,55 @@ impl TableSql {
         )
     }
 
+    /// `$n::text::type`: parameter `n` cast to column `col`'s type (row-at-a-time statements).
+    fn param(&self, n: usize, col: usize) -> String {
+        format!("${n}::text::{}", self.columns[col].type_sql)
+    }
+
+    /// `"c" = $n::text::type, …` for the `set` columns, parameters numbered from `first`.
+    fn assign_params(&self, set: &[usize], first: usize) -> String {
+        set.iter()
+            .enumerate()
+            .map(|(j, &c)| format!("{} = {}", self.col(c), self.param(first + j, c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The key columns equal to parameters `$1…`.
+    fn key_where_params(&self) -> String {
+        self.key
+            .iter()
+            .enumerate()
+            .map(|(j, &c)| format!("{} = {}", self.col(c), self.param(j + 1, c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `WHERE ctid = (… LIMIT 1)` picking one row equal to parameters `$1…$n` (all columns):
+    /// for tables without a key, where duplicates are possible and exactly one must change.
+    fn one_full_row(&self) -> String {
+        let matches = (0..self.columns.len())
+            .map(|i| {
+                format!(
+                    "{} IS NOT DISTINCT FROM {}",
+                    self.col(i),
+                    self.param(i + 1, i)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        format!(
+            "WHERE ctid = (SELECT ctid FROM {} WHERE {matches} LIMIT 1)",
+            self.qualified
+        )
+    }
+
     /// `INSERT` of one row (ordered apply). Parameters: all columns.
     pub fn insert_one(&self) -> String {
         let n = self.columns.len();
         let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
         let vals = (0..n)
-            .map(|i| format!("${}::text::{}", i + 1, self.columns[i].type_sql))
+            .map(|i| self.param(i + 1, i))
             .collect::<Vec<_>>()
             .join(", ");
         format!("INSERT INTO {} ({cols}) VALUES ({vals})", self.qualified)
@@ -128,20 +171,7 @@ impl TableSql {
     /// `UPDATE` of one row identified by its old key (ordered apply). Parameters: the key
     /// columns, then the `set` columns.
     pub fn update_one(&self, set: &[usize]) -> String {
-        let k = self.key.len();
-        let assignments = set
-            .iter()
-            .enumerate()
-            .map(|(j, &c)| {
-                format!(
-                    "{} = ${}::text::{}",
-                    self.col(c),
-                    k + j + 1,
-                    self.columns[c].type_sql
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let assignments = self.assign_params(set, self.key.len() + 1);
         format!(
             "UPDATE {} SET {assignments} WHERE {}",
             self.qualified,
@@ -158,74 +188,21 @@ impl TableSql {
         )
     }
 
-    /// Deletes one row equal to a whole old row, for tables without any key (REPLICA IDENTITY
-    /// FULL): duplicates are possible, so exactly one of them goes. Parameters: all columns.
+    /// Deletes one row equal to a whole old row (REPLICA IDENTITY FULL, no key). Parameters:
+    /// all columns.
     pub fn delete_one_full_row(&self) -> String {
-        let matches = (0..self.columns.len())
-            .map(|i| {
-                format!(
-                    "{} IS NOT DISTINCT FROM ${}::text::{}",
-                    self.col(i),
-                    i + 1,
-                    self.columns[i].type_sql
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        format!(
-            "DELETE FROM {q} WHERE ctid = (SELECT ctid FROM {q} WHERE {matches} LIMIT 1)",
-            q = self.qualified
-        )
+        format!("DELETE FROM {} {}", self.qualified, self.one_full_row())
     }
 
     /// Updates one row equal to a whole old row (REPLICA IDENTITY FULL, no key). Parameters:
     /// all columns of the old row, then the `set` columns.
     pub fn update_one_full_row(&self, set: &[usize]) -> String {
-        let n = self.columns.len();
-        let matches = (0..n)
-            .map(|i| {
-                format!(
-                    "{} IS NOT DISTINCT FROM ${}::text::{}",
-                    self.col(i),
-                    i + 1,
-                    self.columns[i].type_sql
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        let assignments = set
-            .iter()
-            .enumerate()
-            .map(|(j, &c)| {
-                format!(
-                    "{} = ${}::text::{}",
-                    self.col(c),
-                    n + j + 1,
-                    self.columns[c].type_sql
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let assignments = self.assign_params(set, self.columns.len() + 1);
         format!(
-            "UPDATE {q} SET {assignments} WHERE ctid = (SELECT ctid FROM {q} WHERE {matches} LIMIT 1)",
-            q = self.qualified
+            "UPDATE {} SET {assignments} {}",
+            self.qualified,
+            self.one_full_row()
         )
-    }
-
-    fn key_where_params(&self) -> String {
-        self.key
-            .iter()
-            .enumerate()
-            .map(|(j, &c)| {
-                format!(
-                    "{} = ${}::text::{}",
-                    self.col(c),
-                    j + 1,
-                    self.columns[c].type_sql
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" AND ")
     }
 }
 
