@@ -252,3 +252,51 @@ async fn a_change_the_target_rejects_stops_replay_with_table_key_and_lsn() {
         .collect();
     assert_eq!(ids, vec![1]);
 }
+
+/// A transaction holding only a cutover marker is recorded as applied: cutover waits for the
+/// target's applied position to pass the marker, and a fenced source sends nothing after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marker_only_transaction_is_recorded_as_applied() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", SCHEMA).await.unwrap();
+    target.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO accounts VALUES (1, 'a', 1, NULL, NULL)",
+        )
+        .await
+        .unwrap();
+    let client = source.connect("postgres").await.unwrap();
+    let marker: String = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'walshift', 'cutover-42')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let marker: walshift::Lsn = marker.parse().unwrap();
+    let report = replay_all(&source, &target, dir.path(), 1000).await;
+    assert_eq!(report.last_marker.as_deref(), Some("cutover-42"));
+    assert!(
+        report.applied_lsn > marker,
+        "applied {} must pass the marker at {marker}",
+        report.applied_lsn
+    );
+    let applied: String = target
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one("SELECT max(end_lsn)::text FROM walshift.applied", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        applied.parse::<walshift::Lsn>().unwrap(),
+        report.applied_lsn
+    );
+}

@@ -139,7 +139,13 @@ pub struct ReplayReport {
     /// Batches that failed set-based and were applied in strict source order.
     pub retried_in_order: u64,
     pub elapsed_secs: f64,
+    /// Content of the last cutover marker (a `walshift`-prefixed logical message) seen.
+    pub last_marker: Option<String>,
 }
+
+/// Prefix of the logical messages (`pg_logical_emit_message`) that mark a cutover. A
+/// transaction holding one is recorded in `walshift.applied` like any applied transaction.
+pub const MARKER_PREFIX: &str = "walshift";
 
 /// A source relation and where it goes.
 struct RelEntry {
@@ -442,6 +448,13 @@ impl Applier {
                                 });
                             }
                             batch.changes += 1;
+                        }
+                        LogicalMessage::Message(m) if m.prefix == MARKER_PREFIX => {
+                            // A cutover marker: its transaction must be recorded as applied
+                            // even though it changes no row, so cutover can see replay
+                            // passed it.
+                            self.begin(&mut batch).await?;
+                            report.last_marker = Some(String::from_utf8_lossy(&m.content).into());
                         }
                         _ => {}
                     }
