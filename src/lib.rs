@@ -16,9 +16,11 @@ pub mod conn;
 pub mod demo;
 pub mod error;
 pub mod lsn;
+pub mod migrate;
 pub mod source;
 pub mod sql;
 pub mod testkit;
+pub mod transform;
 
 pub use error::{Error, Result};
 pub use lsn::Lsn;

@@ -1,0 +1,181 @@
+//! What a mapping expression reads (pure, no I/O): the identifiers it mentions, found by a small
+//! SQL lexer that skips string literals, dollar quotes, comments and numbers.
+//!
+//! PostgreSQL itself type-checks the expressions (the compiler prepares them on the target);
+//! this module only answers "which source columns could this expression read?", which replay
+//! needs when an update does not carry a TOASTed value. The answer is conservative: a function
+//! or type spelled like a column counts as a read, which can only make replay ask for a value
+//! it did not need, never use a value it did not have.
+
+/// The identifiers in `expr`, unquoted ones folded to lower case, in order of appearance
+/// (duplicates kept).
+pub fn identifiers(expr: &str) -> Vec<String> {
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => i = skip_string(b, i + 1, false),
+            b'E' | b'e' if b.get(i + 1) == Some(&b'\'') && !prev_is_word(b, i) => {
+                i = skip_string(b, i + 2, true)
+            }
+            b'"' => {
+                let mut j = i + 1;
+                let mut name = Vec::new();
+                while j < b.len() {
+                    if b[j] == b'"' {
+                        if b.get(j + 1) == Some(&b'"') {
+                            name.push(b'"');
+                            j += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    name.push(b[j]);
+                    j += 1;
+                }
+                out.push(String::from_utf8_lossy(&name).into_owned());
+                i = j + 1;
+            }
+            b'$' if !prev_is_word(b, i) => i = skip_dollar(b, i),
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            _ if c.is_ascii_digit() => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
+                {
+                    i += 1;
+                }
+            }
+            _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                out.push(expr[start..i].to_lowercase());
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+fn prev_is_word(b: &[u8], i: usize) -> bool {
+    i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] >= 0x80)
+}
+
+/// Skips a quoted string whose body starts at `i`; returns the index after its closing quote.
+fn skip_string(b: &[u8], mut i: usize, backslash_escapes: bool) -> usize {
+    while i < b.len() {
+        match b[i] {
+            b'\\' if backslash_escapes => i += 2,
+            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    i
+}
+
+/// Skips `$tag$…$tag$` starting at `i`; a `$` that does not open a dollar quote (`$1`) is
+/// skipped alone.
+fn skip_dollar(b: &[u8], i: usize) -> usize {
+    let mut j = i + 1;
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+        j += 1;
+    }
+    if b.get(j) != Some(&b'$') || b[i + 1..j].first().is_some_and(u8::is_ascii_digit) {
+        return i + 1;
+    }
+    let tag = &b[i..=j];
+    let mut k = j + 1;
+    while k + tag.len() <= b.len() {
+        if &b[k..k + tag.len()] == tag {
+            return k + tag.len();
+        }
+        k += 1;
+    }
+    b.len()
+}
+
+/// If `expr` is nothing but one column reference (`amount`, `"Amount"`), that name.
+pub fn bare_column(expr: &str) -> Option<String> {
+    let e = expr.trim();
+    if let Some(inner) = e.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        if inner.contains('"') && !inner.contains("\"\"") {
+            return None;
+        }
+        return Some(inner.replace("\"\"", "\""));
+    }
+    let ok = e
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_alphabetic() || c == '_')
+        && e.chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    ok.then(|| e.to_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_identifiers_outside_literals_and_comments() {
+        assert_eq!(
+            identifiers("first || ' ' || \"Last\" -- last\n /* x */ || E'it\\'s y' || $q$z$q$"),
+            vec!["first", "Last"]
+        );
+        assert_eq!(
+            identifiers("(amount * 100.5e3)::bigint + $1"),
+            vec!["amount", "bigint"]
+        );
+        assert_eq!(
+            identifiers("coalesce(note, 'x''y')"),
+            vec!["coalesce", "note"]
+        );
+        assert_eq!(identifiers("name"), vec!["name"]);
+        assert_eq!(identifiers("e'x' || e"), vec!["e"]);
+    }
+
+    #[test]
+    fn bare_columns() {
+        assert_eq!(bare_column(" Amount "), Some("amount".into()));
+        assert_eq!(bare_column("\"Amount\""), Some("Amount".into()));
+        assert_eq!(bare_column("amount + 1"), None);
+        assert_eq!(bare_column("1"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(s in ".{0,64}") {
+            let _ = identifiers(&s);
+            let _ = bare_column(&s);
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! The set-based statements that write source rows through a [`TargetPlan`] (text, no I/O).
+//!
+//! Every statement receives the source values as one `text[]` parameter per source column,
+//! turns them back into typed source rows with `unnest` (alias `s`, source column names), and
+//! evaluates the mapping's expressions over those rows inside the statement: PostgreSQL runs
+//! the transform, per batch, not per row. Expressions are evaluated in a subquery whose only
+//! table is `s`, so a bare column name always means the *source* column, even when the target
+//! has a column of the same name.
+
+use super::plan::{PlanExpr, SourcePlan, TargetPlan};
+use crate::sql::quote_ident;
+
+/// Prefix of helper names in generated statements (kept distinct from user columns).
+const P: &str = "walshift_";
+
+/// `(SELECT u.p1::type AS "col", … FROM unnest($1::text[], …) AS u(p1, …)) AS s` over the
+/// given source columns, parameters numbered from `first`. `old_key` adds the old key values
+/// (parameters before the columns) as `walshift_old_N`.
+fn source_rows(plan: &SourcePlan, cols: &[usize], first: usize, old_key: bool) -> String {
+    let mut exprs = Vec::new();
+    let mut n = first;
+    if old_key {
+        for (j, &k) in plan.key.iter().enumerate() {
+            exprs.push(format!(
+                "u.p{n}::{} AS {P}old_{j}",
+                plan.source.columns[k].type_sql
+            ));
+            n += 1;
+        }
+    }
+    for &c in cols {
+        let col = &plan.source.columns[c];
+        exprs.push(format!(
+            "u.p{n}::{} AS {}",
+            col.type_sql,
+            quote_ident(&col.name)
+        ));
+        n += 1;
+    }
+    let arrays = (first..n)
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names = (first..n)
+        .map(|i| format!("p{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "(SELECT {} FROM unnest({arrays}) AS u({names})) AS s",
+        exprs.join(", ")
+    )
+}
+
+fn cast(e: &PlanExpr, type_sql: &str) -> String {
+    format!("({})::{type_sql}", e.sql)
+}
+
+/// `coalesce((filter), false)`: a NULL predicate does not pass, as in a WHERE clause.
+fn pass(f: &PlanExpr) -> String {
+    format!("coalesce(({}), false) AS {P}pass", f.sql)
+}
+
+/// The target key computed from the old key values (`walshift_old_N`), in a scope where the
+/// source key columns carry their names.
+fn key_from_old(plan: &SourcePlan, t: &TargetPlan, k: usize) -> String {
+    let col = &t.columns[t.key[k]];
+    let renames = plan
+        .key
+        .iter()
+        .enumerate()
+        .map(|(j, &c)| {
+            format!(
+                "s.{P}old_{j} AS {}",
+                quote_ident(&plan.source.columns[c].name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "(SELECT {} FROM (SELECT {renames}) AS o)",
+        cast(&col.expr, &col.type_sql)
+    )
+}
+
+fn key_match(t: &TargetPlan, alias: &str) -> String {
+    t.key
+        .iter()
+        .enumerate()
+        .map(|(j, &c)| format!("t.{} = {alias}.{P}k{j}", quote_ident(&t.columns[c].name)))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn key_outputs(t: &TargetPlan) -> String {
+    t.key
+        .iter()
+        .enumerate()
+        .map(|(j, &c)| {
+            let col = &t.columns[c];
+            format!("{} AS {P}k{j}", cast(&col.expr, &col.type_sql))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `DELETE` of the target rows whose keys derive from the given source keys. Parameters: the
+/// source key columns ([`SourcePlan::key`] order).
+pub fn delete(plan: &SourcePlan, t: &TargetPlan) -> String {
+    format!(
+        "DELETE FROM {} AS t USING (SELECT {} FROM {}) AS v WHERE {}",
+        t.target.quoted(),
+        key_outputs(t),
+        source_rows(plan, &plan.key, 1, false),
+        key_match(t, "v")
+    )
+}
+
+fn all_columns(plan: &SourcePlan) -> Vec<usize> {
+    (0..plan.source.columns.len()).collect()
+}
+
+fn insert_head(t: &TargetPlan) -> String {
+    format!(
+        "INSERT INTO {} AS t ({})",
+        t.target.quoted(),
+        t.columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn on_conflict(t: &TargetPlan) -> String {
+    let key = t
+        .key
+        .iter()
+        .map(|&c| quote_ident(&t.columns[c].name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let set: Vec<String> = (0..t.columns.len())
+        .filter(|i| !t.key.contains(i))
+        .map(|i| format!("{c} = EXCLUDED.{c}", c = quote_ident(&t.columns[i].name)))
+        .collect();
+    if set.is_empty() {
+        format!(" ON CONFLICT ({key}) DO NOTHING")
+    } else {
+        format!(" ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
+    }
+}
+
+/// Inserts full source rows (all source columns as parameters). `upsert`: a row whose target
+/// key exists is overwritten in the mapped columns (unmapped target columns keep their value).
+/// With a filter, rows that do not pass are not written, and with `upsert` their target key
+/// is deleted (a row that stops passing leaves the target).
+pub fn insert(plan: &SourcePlan, t: &TargetPlan, upsert: bool) -> String {
+    let rows = source_rows(plan, &all_columns(plan), 1, false);
+    let conflict = if upsert {
+        on_conflict(t)
+    } else {
+        String::new()
+    };
+    match &t.filter {
+        None => format!(
+            "{} SELECT {} FROM {rows}{conflict}",
+            insert_head(t),
+            t.columns
+                .iter()
+                .map(|c| cast(&c.expr, &c.type_sql))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Some(f) => {
+            let outputs = t
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{} AS {P}c{i}", cast(&c.expr, &c.type_sql)))
+                .chain(std::iter::once(pass(f)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let values = (0..t.columns.len())
+                .map(|i| format!("v.{P}c{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let delete_failing = if upsert {
+                let m = t
+                    .key
+                    .iter()
+                    .map(|&c| format!("t.{} = v.{P}c{c}", quote_ident(&t.columns[c].name)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                format!(
+                    ", {P}gone AS (DELETE FROM {} AS t USING v WHERE NOT v.{P}pass AND {m})",
+                    t.target.quoted()
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "WITH v AS (SELECT {outputs} FROM {rows}){delete_failing} {} SELECT {values} FROM v WHERE v.{P}pass{conflict}",
+                insert_head(t)
+            )
+        }
+    }
+}
+
+/// Which target columns an update sets when only the `known` source columns are available.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateShape {
+    /// Indices into the target plan's columns.
+    pub set: Vec<usize>,
+}
+
+/// A target column whose expression needs a source value the change did not carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MissingValue {
+    pub target_column: String,
+    pub source_column: String,
+}
+
+/// The columns an update can set from the `known` source columns (sorted indices). A column
+/// that is exactly an unknown source column keeps its target value (an unchanged TOAST value);
+/// any other expression reading an unknown column (and a filter reading one) cannot be
+/// computed. Key columns are set only when the row `moved`.
+pub fn update_shape(
+    plan: &SourcePlan,
+    t: &TargetPlan,
+    known: &[usize],
+    moved: bool,
+) -> Result<UpdateShape, MissingValue> {
+    let missing = |e: &PlanExpr| e.reads.iter().copied().find(|r| !known.contains(r));
+    let mut set = Vec::new();
+    for (i, c) in t.columns.iter().enumerate() {
+        if t.key.contains(&i) && !moved {
+            continue;
+        }
+        match missing(&c.expr) {
+            None => set.push(i),
+            Some(_) if c.expr.passthrough.is_some() => {}
+            Some(r) => {
+                return Err(MissingValue {
+                    target_column: c.name.clone(),
+                    source_column: plan.source.columns[r].name.clone(),
+                });
+            }
+        }
+    }
+    if let Some(f) = &t.filter
+        && let Some(r) = missing(f)
+    {
+        return Err(MissingValue {
+            target_column: format!("(filter of {})", t.target),
+            source_column: plan.source.columns[r].name.clone(),
+        });
+    }
+    Ok(UpdateShape { set })
+}
+
+/// `UPDATE` of existing target rows from the `known` source columns. Parameters: with `moved`,
+/// the old source key ([`SourcePlan::key`] order) first; then the `known` columns in order.
+/// The row is found by the target key computed from the old key (`moved`) or from the new
+/// values (in place). Without a filter the statement returns nothing. With a filter, rows that
+/// do not pass are deleted, and the statement returns one number: rows that pass but were not
+/// on the target (they would need the whole row to be inserted; the caller reports them).
+pub fn update(
+    plan: &SourcePlan,
+    t: &TargetPlan,
+    known: &[usize],
+    shape: &UpdateShape,
+    moved: bool,
+) -> String {
+    let rows = source_rows(plan, known, 1, moved);
+    let keys = if moved {
+        (0..t.key.len())
+            .map(|j| format!("{} AS {P}k{j}", key_from_old(plan, t, j)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    } else {
+        key_outputs(t)
+    };
+    let outputs = shape
+        .set
+        .iter()
+        .map(|&i| {
+            let c = &t.columns[i];
+            format!("{} AS {P}c{i}", cast(&c.expr, &c.type_sql))
+        })
+        .chain(t.filter.iter().map(pass))
+        .fold(keys, |acc, x| format!("{acc}, {x}"));
+    let assignments = shape
+        .set
+        .iter()
+        .map(|&i| format!("{} = v.{P}c{i}", quote_ident(&t.columns[i].name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let m = key_match(t, "v");
+    let table = t.target.quoted();
+    match &t.filter {
+        None => format!(
+            "UPDATE {table} AS t SET {assignments} FROM (SELECT {outputs} FROM {rows}) AS v WHERE {m}"
+        ),
+        Some(_) => {
+            let update = if shape.set.is_empty() {
+                format!("SELECT 1 FROM {table} AS t, v WHERE v.{P}pass AND {m}")
+            } else {
+                format!(
+                    "UPDATE {table} AS t SET {assignments} FROM v WHERE v.{P}pass AND {m} RETURNING 1"
+                )
+            };
+            format!(
+                "WITH v AS (SELECT {outputs} FROM {rows}), {P}up AS ({update}), \
+                 {P}gone AS (DELETE FROM {table} AS t USING v WHERE NOT v.{P}pass AND {m}) \
+                 SELECT (SELECT count(*) FROM v WHERE v.{P}pass) - (SELECT count(*) FROM {P}up)"
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mapping::{Mapping, TableName};
+    use super::super::plan::{self, *};
+    use super::*;
+
+    fn plan_for(toml: &str) -> SourcePlan {
+        let c = |n: &str, t: &str, key: bool| SourceColumn {
+            name: n.into(),
+            type_sql: t.into(),
+            key,
+        };
+        let source = SourceTable {
+            name: TableName::new("public", "accounts"),
+            columns: vec![
+                c("id", "bigint", true),
+                c("first", "text", false),
+                c("amount", "numeric", false),
+            ],
+        };
+        let target = TargetTableInfo {
+            name: TableName::new("public", "people"),
+            columns: vec![
+                TargetColumnInfo {
+                    name: "pid".into(),
+                    type_sql: "bigint".into(),
+                    not_null: true,
+                    has_default: false,
+                    generated: false,
+                    primary_key: true,
+                },
+                TargetColumnInfo {
+                    name: "first".into(),
+                    type_sql: "text".into(),
+                    not_null: false,
+                    has_default: false,
+                    generated: false,
+                    primary_key: false,
+                },
+                TargetColumnInfo {
+                    name: "cents".into(),
+                    type_sql: "bigint".into(),
+                    not_null: false,
+                    has_default: false,
+                    generated: false,
+                    primary_key: false,
+                },
+            ],
+            primary_key: vec!["pid".into()],
+        };
+        let m = Mapping::parse("m.toml", toml).unwrap();
+        plan::compile_source(&m, &source, &|_| Some(target.clone())).unwrap()
+    }
+
+    const MAP: &str = "[[table]]\nsource = \"accounts\"\ntarget = \"people\"\n[table.columns]\npid = \"id\"\ncents = \"(amount * 100)::bigint\"\n";
+
+    #[test]
+    fn statements_evaluate_expressions_over_source_rows() {
+        let p = plan_for(MAP);
+        let t = &p.targets[0];
+        assert_eq!(
+            delete(&p, t),
+            "DELETE FROM \"public\".\"people\" AS t USING (SELECT (id)::bigint AS walshift_k0 FROM \
+             (SELECT u.p1::bigint AS \"id\" FROM unnest($1::text[]) AS u(p1)) AS s) AS v WHERE t.\"pid\" = v.walshift_k0"
+        );
+        assert_eq!(
+            insert(&p, t, true),
+            "INSERT INTO \"public\".\"people\" AS t (\"pid\", \"first\", \"cents\") SELECT (id)::bigint, (\"first\")::text, \
+             ((amount * 100)::bigint)::bigint FROM (SELECT u.p1::bigint AS \"id\", u.p2::text AS \"first\", \
+             u.p3::numeric AS \"amount\" FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3)) AS s \
+             ON CONFLICT (\"pid\") DO UPDATE SET \"first\" = EXCLUDED.\"first\", \"cents\" = EXCLUDED.\"cents\""
+        );
+    }
+
+    #[test]
+    fn unknown_values_keep_passthrough_columns_and_refuse_computed_ones() {
+        let p = plan_for(MAP);
+        let t = &p.targets[0];
+        // amount unknown: cents cannot be computed.
+        let e = update_shape(&p, t, &[0, 1], false).unwrap_err();
+        assert_eq!(e.source_column, "amount");
+        // first unknown: it keeps its target value.
+        let s = update_shape(&p, t, &[0, 2], false).unwrap();
+        assert_eq!(s.set, vec![2]);
+        let sql = update(&p, t, &[0, 2], &s, true);
+        assert!(
+            sql.contains(
+                "(SELECT (id)::bigint FROM (SELECT s.walshift_old_0 AS \"id\") AS o) AS walshift_k0"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.starts_with("UPDATE \"public\".\"people\" AS t SET \"cents\" = v.walshift_c2 FROM"),
+            "{sql}"
+        );
+    }
+
+    const MAP_FILTERED: &str = "[[table]]\nsource = \"accounts\"\ntarget = \"people\"\nfilter = \"amount > 0\"\n[table.columns]\npid = \"id\"\ncents = \"(amount * 100)::bigint\"\n";
+
+    #[test]
+    fn filtered_statements_delete_rows_that_stop_passing() {
+        let p = plan_for(MAP_FILTERED);
+        let t = &p.targets[0];
+        assert!(t.filter.is_some());
+        let sql = insert(&p, t, true);
+        assert!(sql.contains("walshift_gone AS (DELETE FROM \"public\".\"people\" AS t USING v WHERE NOT v.walshift_pass"), "{sql}");
+        assert!(sql.contains("WHERE v.walshift_pass ON CONFLICT"), "{sql}");
+        let s = update_shape(&p, t, &[0, 1, 2], false).unwrap();
+        let sql = update(&p, t, &[0, 1, 2], &s, false);
+        assert!(sql.ends_with("SELECT (SELECT count(*) FROM v WHERE v.walshift_pass) - (SELECT count(*) FROM walshift_up)"), "{sql}");
+    }
+}
