@@ -4,8 +4,13 @@
 mod bench;
 mod buffer_cmds;
 mod capture;
+mod cutover;
 mod demo;
+mod migrate;
 mod replay;
+mod run;
+mod transform;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +38,13 @@ enum Command {
     Capture(capture::CaptureArgs),
     /// Apply the buffer's transactions to the target, batched, set-based, exactly once.
     Replay(replay::ReplayArgs),
+    /// Run the release's migration scripts on the target, in order, each once, recorded there.
+    Migrate(migrate::MigrateArgs),
+    /// Migration mappings: compile and check one against the target.
+    #[command(subcommand)]
+    Transform(transform::TransformCommand),
+    /// Compare each target table with the source through the mapping: counts, checksums, differing keys.
+    Verify(verify::VerifyArgs),
     /// Show the transactions and changes held in a buffer.
     Inspect(buffer_cmds::InspectArgs),
     /// Show a buffer's segments, size, LSN range and last commit.
@@ -45,6 +57,10 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run walshift's main job end to end on throwaway local clusters.
     Demo(demo::DemoArgs),
+    /// Fence the source, drain to a marker, sync sequences, verify, switch: the measured window.
+    Cutover(cutover::CutoverArgs),
+    /// Capture (cloning on first start) and replay --follow in one process, with a control socket.
+    Run(run::RunArgs),
 }
 
 /// Entry point used by `main.rs`.
@@ -67,11 +83,16 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Capture(a) => capture::run(a).await,
             Command::Replay(a) => replay::run(a).await,
+            Command::Migrate(a) => migrate::run(a).await,
+            Command::Transform(c) => transform::run(c).await,
+            Command::Verify(a) => verify::run(a).await,
             Command::Inspect(a) => buffer_cmds::inspect(a),
             Command::Status(a) => buffer_cmds::status(a).await,
             Command::Buffer(c) => buffer_cmds::buffer(c),
             Command::Bench(c) => bench::run(c).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Cutover(a) => cutover::run(a).await,
+            Command::Run(a) => run::run(a).await,
         }
     });
     match result {
