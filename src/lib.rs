@@ -21,6 +21,7 @@ pub mod source;
 pub mod sql;
 pub mod testkit;
 pub mod transform;
+pub mod verify;
 
 pub use error::{Error, Result};
 pub use lsn::Lsn;

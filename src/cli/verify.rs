@@ -1,0 +1,131 @@
+//! `walshift verify`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::conn::ConnInfo;
+use crate::transform::{Mapping, TableName};
+use crate::verify::{self, VerifyOptions, VerifyReport};
+
+/// Exit code when verify ran and a table differs (1 is "could not verify", 2 a usage error).
+pub const EXIT_DIFFERS: u8 = 3;
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// Source database (the live site): a libpq URL or key=value string.
+    #[arg(long, value_name = "CONN")]
+    source: String,
+    /// Target database (the copy): a libpq URL or key=value string.
+    #[arg(long, value_name = "CONN")]
+    target: String,
+    /// Mapping file: compare the target with the source rows *through* the mapping.
+    /// Without it every table maps onto itself.
+    #[arg(long, value_name = "FILE")]
+    transform: Option<PathBuf>,
+    /// Source tables to verify (comma-separated `schema.table`); default: the publication's.
+    #[arg(long, value_delimiter = ',', value_name = "TABLES")]
+    tables: Vec<String>,
+    /// Publication whose tables are verified when --tables is not given.
+    #[arg(long, default_value = "walshift")]
+    publication: String,
+    /// Differing keys reported per table (0: counts and checksums only).
+    #[arg(long, default_value_t = verify::DEFAULT_MAX_KEYS)]
+    max_keys: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let source_info = ConnInfo::parse(&a.source).context("--source")?;
+    let target_info = ConnInfo::parse(&a.target).context("--target")?;
+    let mapping = match &a.transform {
+        Some(p) => Mapping::load(p)?,
+        None => Mapping::identity(),
+    };
+    let source = source_info.connect().await?;
+    let target = target_info.connect().await?;
+    let tables = if a.tables.is_empty() {
+        verify::published_tables(&source, &a.publication).await?
+    } else {
+        a.tables
+            .iter()
+            .map(|t| {
+                TableName::parse(t).with_context(|| {
+                    format!("--tables: {t:?} is not a table name; write table or schema.table")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let opts = VerifyOptions {
+        max_keys: a.max_keys,
+        ..VerifyOptions::default()
+    };
+    let report = verify::verify(&source, &target, &mapping, &tables, &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_human(&report, &source_info, &target_info);
+    }
+    Ok(if report.equal() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIFFERS)
+    })
+}
+
+fn print_human(report: &VerifyReport, source: &ConnInfo, target: &ConnInfo) {
+    println!("verify: source {source}");
+    println!("        target {target}");
+    let names: Vec<String> = report
+        .tables
+        .iter()
+        .map(|t| {
+            if t.source == t.target {
+                t.target.to_string()
+            } else {
+                format!("{} → {}", t.source, t.target)
+            }
+        })
+        .collect();
+    let width = names.iter().map(|n| n.chars().count()).max().unwrap_or(0);
+    for (t, name) in report.tables.iter().zip(&names) {
+        let pad = width - name.chars().count();
+        println!(
+            "  {} {name}{:pad$}  source {:>10} rows  target {:>10} rows  {}",
+            if t.equal { "✓" } else { "✗" },
+            "",
+            t.source_rows,
+            t.target_rows,
+            if t.equal {
+                "equal"
+            } else if t.source_rows != t.target_rows {
+                "counts differ"
+            } else {
+                "checksums differ"
+            }
+        );
+        if !t.differences.is_empty() {
+            let key = t.key.join(", ");
+            for d in &t.differences {
+                println!("      {:<17} ({key}) = {}", d.kind.to_string(), d.key);
+            }
+        }
+    }
+    let differing = report.differing().count();
+    if differing == 0 {
+        println!(
+            "verify: {} tables equal ({:.1} s)",
+            report.tables.len(),
+            report.elapsed_secs
+        );
+    } else {
+        println!(
+            "verify: {differing} of {} tables differ ({:.1} s)",
+            report.tables.len(),
+            report.elapsed_secs
+        );
+    }
+}
