@@ -12,17 +12,21 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 
-use super::fold::{BatchFolder, Change, ColumnValue, TableBatch, TableShape, Value};
+mod mapped;
+
+use super::fold::{BatchFolder, Change, ColumnValue, Key, TableBatch, TableShape, Value};
 use super::target::{self, MappedTable, TargetError};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue};
+use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue, TypeInfo};
+use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
 
 /// What to replay and how. Every field documents its default and trade-off.
 #[derive(Clone, Debug)]
@@ -44,6 +48,9 @@ pub struct ReplayConfig {
     pub batch_time: Duration,
     /// Print a progress line once a second. Default false (the CLI turns it on).
     pub progress: bool,
+    /// The migration mapping rows go through. Default none: every table onto the same-named
+    /// target table and columns. Tables the mapping does not name map onto themselves.
+    pub transform: Option<Arc<Mapping>>,
 }
 
 impl ReplayConfig {
@@ -57,6 +64,7 @@ impl ReplayConfig {
             batch_rows: 20_000,
             batch_time: Duration::from_millis(200),
             progress: false,
+            transform: None,
         }
     }
 }
@@ -110,6 +118,32 @@ pub enum ReplayError {
         #[source]
         source: super::fold::FoldError,
     },
+    #[error(transparent)]
+    Transform(#[from] TransformError),
+    #[error(
+        "the update at LSN {lsn} to {table} left column {source_column:?} unchanged (a TOASTed value the \
+         source does not resend), but {target_column} is computed from it. walshift cannot compute it: \
+         set `ALTER TABLE {table} REPLICA IDENTITY FULL` on the source (old rows then carry the value) \
+         and capture again, or map the column without reading {source_column:?}"
+    )]
+    MissingValue {
+        lsn: Lsn,
+        table: String,
+        source_column: String,
+        target_column: String,
+    },
+    #[error(
+        "{rows} row(s) of {table} started passing the mapping's filter for {target} in an update that left a \
+         TOASTed value unchanged (transactions up to LSN {lsn}): the whole row is not in the stream, so it \
+         cannot be inserted. Set `ALTER TABLE {table} REPLICA IDENTITY FULL` on the source and capture again. \
+         Nothing of this batch was committed"
+    )]
+    FilteredRowIncomplete {
+        lsn: Lsn,
+        table: String,
+        target: String,
+        rows: i64,
+    },
     #[error("{context}")]
     Sql {
         context: String,
@@ -150,7 +184,133 @@ pub const MARKER_PREFIX: &str = "walshift";
 /// A source relation and where it goes.
 struct RelEntry {
     rel: Relation,
-    mapped: Option<MappedTable>,
+    dest: Option<Dest>,
+}
+
+/// Where a source table's rows are written.
+#[derive(Clone)]
+enum Dest {
+    /// The same-named target table and columns (no transform).
+    Same(MappedTable),
+    /// Through the mapping, onto one or more target tables.
+    Mapped(Arc<SourcePlan>),
+}
+
+impl Dest {
+    fn name(&self) -> String {
+        match self {
+            Dest::Same(t) => t.name.clone(),
+            Dest::Mapped(p) => p.source.name.quoted(),
+        }
+    }
+
+    fn shape(&self, relid: u32) -> TableShape {
+        match self {
+            Dest::Same(t) => TableShape {
+                relid,
+                columns: t.sql.columns.len(),
+                key: t.sql.key.clone(),
+                identity_full_without_key: t.full_row_identity,
+            },
+            Dest::Mapped(p) => TableShape {
+                relid,
+                columns: p.source.columns.len(),
+                key: p.key.clone(),
+                identity_full_without_key: false,
+            },
+        }
+    }
+
+    /// Target tables, quoted.
+    fn targets(&self) -> Vec<String> {
+        match self {
+            Dest::Same(t) => vec![t.sql.qualified.clone()],
+            Dest::Mapped(p) => p.targets.iter().map(|t| t.target.quoted()).collect(),
+        }
+    }
+}
+
+/// A set-based write that failed.
+enum WriteError {
+    /// The server refused a statement: the batch is retried in strict source order.
+    Db(tokio_postgres::Error),
+    /// The change cannot be written through the mapping, in any order.
+    Fatal(ReplayError),
+}
+
+impl From<tokio_postgres::Error> for WriteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        WriteError::Db(e)
+    }
+}
+
+/// Where a source relation goes: through the mapping if it names the table, else onto the
+/// same-named table.
+async fn dest_for(
+    client: &Client,
+    mapping: &Mapping,
+    rel: &Relation,
+    types: &HashMap<u32, TypeInfo>,
+) -> Result<Dest, ReplayError> {
+    let schema = if rel.namespace.is_empty() {
+        "pg_catalog"
+    } else {
+        rel.namespace.as_str()
+    };
+    if mapping.names(&TableName::new(schema, rel.name.clone())) {
+        let source = transform::catalog::source_from_relation(client, rel, types).await?;
+        let plan = transform::catalog::compile(client, mapping, &source).await?;
+        Ok(Dest::Mapped(Arc::new(plan)))
+    } else {
+        Ok(Dest::Same(target::map_relation(client, rel).await?))
+    }
+}
+
+/// Reads the Relation and Type messages of the buffer from `from` until every table the
+/// mapping names has been seen (or the end), so the mapping is compiled before anything is
+/// written.
+pub fn scan_relations(
+    dir: &std::path::Path,
+    from: Lsn,
+    mapping: &Mapping,
+) -> Result<(Vec<Relation>, HashMap<u32, TypeInfo>), ReplayError> {
+    let mut wanted: std::collections::HashSet<TableName> = mapping
+        .tables
+        .iter()
+        .map(|t| t.source.value.clone())
+        .collect();
+    let mut rels = Vec::new();
+    let mut types = HashMap::new();
+    for rec in BufferReader::open(dir)?.records_from(from)? {
+        let rec = rec?;
+        if !matches!(rec.payload.first(), Some(b'R' | b'Y')) {
+            continue;
+        }
+        match pgoutput::decode(&rec.payload).map_err(|source| ReplayError::Decode {
+            lsn: rec.lsn,
+            source,
+        })? {
+            LogicalMessage::Relation(r) => {
+                wanted.remove(&TableName::new(
+                    if r.namespace.is_empty() {
+                        "pg_catalog"
+                    } else {
+                        &r.namespace
+                    },
+                    r.name.clone(),
+                ));
+                rels.push(r);
+            }
+            LogicalMessage::Type(t) => {
+                types.insert(t.oid, t);
+            }
+            _ => {}
+        }
+        if wanted.is_empty() {
+            break;
+        }
+    }
+    Ok((rels, types))
 }
 
 /// Applies the buffer to the target until its end (or `until_lsn`, or forever with `follow`,
@@ -177,6 +337,52 @@ pub async fn run(
     let start = target::applied_lsn(&client, &buffer_id)
         .await?
         .unwrap_or(Lsn::ZERO);
+    let mut types = HashMap::new();
+    let mut rels = HashMap::new();
+    if let Some(mapping) = &config.transform {
+        // Compile up front: a mapping that does not fit the target stops replay before any
+        // batch is written.
+        transform::plan::check_mapping(mapping)?;
+        let (mut seen, t) = scan_relations(&config.buffer_dir, start, mapping)?;
+        types = t;
+        // Mapped tables first: a mistake in the mapping is reported before identity drift.
+        seen.sort_by_key(|r| {
+            !mapping.names(&TableName::new(
+                if r.namespace.is_empty() {
+                    "pg_catalog"
+                } else {
+                    &r.namespace
+                },
+                r.name.clone(),
+            ))
+        });
+        for rel in seen {
+            let dest = dest_for(&client, mapping, &rel, &types).await?;
+            rels.insert(
+                rel.relid,
+                RelEntry {
+                    rel,
+                    dest: Some(dest),
+                },
+            );
+        }
+        for entry in &mapping.tables {
+            if transform::catalog::target_table(&client, &entry.target.value)
+                .await?
+                .is_none()
+            {
+                return Err(TransformError::Mapping {
+                    path: mapping.path.clone(),
+                    line: entry.target.line,
+                    message: format!(
+                        "target table {} does not exist on the target: create it in the migration, or fix the name",
+                        entry.target.value
+                    ),
+                }
+                .into());
+            }
+        }
+    }
     let started = Instant::now();
     let mut report = ReplayReport {
         start_lsn: start,
@@ -186,7 +392,9 @@ pub async fn run(
     let mut applier = Applier {
         client,
         buffer_id,
-        rels: HashMap::new(),
+        rels,
+        types,
+        transform: config.transform.clone(),
         statements: HashMap::new(),
         progress: config.progress.then(|| Progress {
             started,
@@ -244,6 +452,9 @@ struct Applier {
     client: Client,
     buffer_id: String,
     rels: HashMap<u32, RelEntry>,
+    /// Type messages seen (names of non-built-in column types).
+    types: HashMap<u32, TypeInfo>,
+    transform: Option<Arc<Mapping>>,
     statements: HashMap<String, tokio_postgres::Statement>,
     progress: Option<Progress>,
 }
@@ -387,9 +598,16 @@ impl Applier {
                         LogicalMessage::Relation(rel) => {
                             let changed = self.rels.get(&rel.relid).is_none_or(|e| e.rel != rel);
                             if changed {
+                                // Statements prepared for the old shape no longer fit.
+                                if self.rels.contains_key(&rel.relid) {
+                                    self.statements.clear();
+                                }
                                 // Drift is checked when the first change for it arrives.
-                                self.rels.insert(rel.relid, RelEntry { rel, mapped: None });
+                                self.rels.insert(rel.relid, RelEntry { rel, dest: None });
                             }
+                        }
+                        LogicalMessage::Type(t) => {
+                            self.types.insert(t.oid, t);
                         }
                         LogicalMessage::Insert(_)
                         | LogicalMessage::Update(_)
@@ -397,14 +615,17 @@ impl Applier {
                             self.begin(&mut batch).await?;
                             let (shape, change) = self.decode_change(msg, lsn).await?;
                             if strict {
-                                let table = self.rels[&shape.relid].mapped.clone().expect("mapped");
-                                if let Err(e) = self.apply_one(&table, &change).await {
+                                let dest = self.rels[&shape.relid].dest.clone().expect("mapped");
+                                if let Err(e) = self.apply_one(&dest, &change, lsn).await {
                                     let _ = self.client.batch_execute("ROLLBACK").await;
-                                    return Err(ReplayError::Apply {
-                                        lsn,
-                                        table: table.name.clone(),
-                                        what: describe_change(&table, &change),
-                                        source: e,
+                                    return Err(match e {
+                                        WriteError::Db(e) => ReplayError::Apply {
+                                            lsn,
+                                            table: dest.name(),
+                                            what: describe_change(&dest, &change),
+                                            source: e,
+                                        },
+                                        WriteError::Fatal(e) => e,
                                     });
                                 }
                             } else {
@@ -429,20 +650,15 @@ impl Applier {
                             }
                             let mut tables = Vec::new();
                             for relid in &t.relids {
-                                tables.push(self.mapped(*relid, lsn).await?.clone());
+                                tables.extend(self.dest(*relid, lsn).await?.targets());
                             }
-                            let refs: Vec<&MappedTable> = tables.iter().collect();
                             let stmt =
-                                target::truncate_sql(&refs, t.cascade(), t.restart_identity());
+                                target::truncate_sql(&tables, t.cascade(), t.restart_identity());
                             if let Err(e) = self.client.batch_execute(&stmt).await {
                                 let _ = self.client.batch_execute("ROLLBACK").await;
                                 return Err(ReplayError::Apply {
                                     lsn,
-                                    table: tables
-                                        .iter()
-                                        .map(|t| t.name.clone())
-                                        .collect::<Vec<_>>()
-                                        .join(", "),
+                                    table: tables.join(", "),
                                     what: "TRUNCATE".into(),
                                     source: e,
                                 });
@@ -475,15 +691,19 @@ impl Applier {
         Ok(())
     }
 
-    async fn mapped(&mut self, relid: u32, lsn: Lsn) -> Result<&MappedTable, ReplayError> {
+    async fn dest(&mut self, relid: u32, lsn: Lsn) -> Result<&Dest, ReplayError> {
         let entry = self
             .rels
             .get_mut(&relid)
             .ok_or(ReplayError::UnknownRelation { relid, lsn })?;
-        if entry.mapped.is_none() {
-            entry.mapped = Some(target::map_relation(&self.client, &entry.rel).await?);
+        if entry.dest.is_none() {
+            let dest = match &self.transform {
+                Some(m) => dest_for(&self.client, m, &entry.rel, &self.types).await?,
+                None => Dest::Same(target::map_relation(&self.client, &entry.rel).await?),
+            };
+            entry.dest = Some(dest);
         }
-        Ok(entry.mapped.as_ref().expect("just mapped"))
+        Ok(entry.dest.as_ref().expect("just mapped"))
     }
 
     async fn decode_change(
@@ -497,20 +717,32 @@ impl Applier {
             LogicalMessage::Delete(d) => d.relid,
             _ => unreachable!("only row changes"),
         };
-        let table = self.mapped(relid, lsn).await?;
-        let shape = TableShape {
-            relid,
-            columns: table.sql.columns.len(),
-            key: table.sql.key.clone(),
-            identity_full_without_key: table.full_row_identity,
-        };
-        let change = match &msg {
+        let dest = self.dest(relid, lsn).await?;
+        let shape = dest.shape(relid);
+        let name = dest.name();
+        let rel = &self.rels[&relid].rel;
+        let mut change = match &msg {
             LogicalMessage::Insert(i) => Change::from_insert(i),
             LogicalMessage::Update(u) => Change::from_update(u),
             LogicalMessage::Delete(d) => Change::from_delete(d),
             _ => unreachable!("only row changes"),
         }
         .map_err(|source| ReplayError::Fold { lsn, source })?;
+        // Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed values the
+        // new image leaves out, so the update can be written (and transformed) completely.
+        if let Change::Update {
+            old: Some(old),
+            new,
+        } = &mut change
+            && rel.replica_identity == pgoutput::ReplicaIdentity::Full
+            && old.len() == new.len()
+        {
+            for (n, o) in new.iter_mut().zip(old.iter()) {
+                if !n.is_known() {
+                    *n = ColumnValue::Known(o.clone());
+                }
+            }
+        }
         // Values go to the target as text in UTF-8; anything else would be silently mangled.
         let values: Box<dyn Iterator<Item = &TupleValue>> = match &msg {
             LogicalMessage::Insert(i) => Box::new(i.new.values.iter()),
@@ -527,15 +759,14 @@ impl Applier {
             if let TupleValue::Text(b) | TupleValue::Binary(b) = v
                 && std::str::from_utf8(b).is_err()
             {
-                let column = table
-                    .sql
+                let column = rel
                     .columns
                     .get(i % shape.columns.max(1))
                     .map(|c| c.name.clone())
                     .unwrap_or_default();
                 return Err(ReplayError::Encoding {
                     lsn,
-                    table: table.name.clone(),
+                    table: name,
                     column,
                 });
             }
@@ -561,7 +792,23 @@ impl Applier {
     async fn flush(&mut self, batch: &mut Batch) -> Result<Result<(), Pass>, ReplayError> {
         let folder = std::mem::replace(&mut batch.folder, BatchFolder::new());
         for tb in folder.finish() {
-            if let Err(e) = self.write_table(&tb).await {
+            let dest = self.rels[&tb.relid]
+                .dest
+                .clone()
+                .expect("mapped before folding");
+            let written = match &dest {
+                Dest::Same(table) => self.write_table(table, &tb).await.map_err(WriteError::Db),
+                Dest::Mapped(plan) => self.write_mapped(plan, &tb, batch.last_end).await,
+            };
+            if let Err(e) = written {
+                let e = match e {
+                    WriteError::Db(e) => e,
+                    WriteError::Fatal(e) => {
+                        let _ = self.client.batch_execute("ROLLBACK").await;
+                        batch.open = false;
+                        return Err(e);
+                    }
+                };
                 tracing::warn!("set-based batch failed ({e}); replaying it in strict source order");
                 let _ = self.client.batch_execute("ROLLBACK").await;
                 batch.open = false;
@@ -573,14 +820,14 @@ impl Applier {
         Ok(Ok(()))
     }
 
-    async fn write_table(&mut self, tb: &TableBatch) -> Result<(), tokio_postgres::Error> {
-        let table = self.rels[&tb.relid]
-            .mapped
-            .clone()
-            .expect("mapped before folding");
+    async fn write_table(
+        &mut self,
+        table: &MappedTable,
+        tb: &TableBatch,
+    ) -> Result<(), tokio_postgres::Error> {
         if tb.ordered {
             for c in &tb.original {
-                self.apply_one(&table, c).await?;
+                self.apply_one_same(table, c).await?;
             }
             return Ok(());
         }
@@ -665,8 +912,21 @@ impl Applier {
         self.client.execute(stmt, &params).await
     }
 
-    /// One change, one statement (strict order, and tables that cannot be folded).
+    /// One change, in source order (strict mode, and tables that cannot be folded).
     async fn apply_one(
+        &mut self,
+        dest: &Dest,
+        change: &Change,
+        lsn: Lsn,
+    ) -> Result<(), WriteError> {
+        match dest {
+            Dest::Same(t) => Ok(self.apply_one_same(t, change).await?),
+            Dest::Mapped(p) => self.apply_one_mapped(p, change, lsn).await,
+        }
+    }
+
+    /// One change, one statement, onto the same-named table.
+    async fn apply_one_same(
         &mut self,
         table: &MappedTable,
         change: &Change,
@@ -811,19 +1071,21 @@ fn text(v: &Value) -> Option<&str> {
         .map(|b| std::str::from_utf8(b).expect("checked in decode_change"))
 }
 
-fn describe_change(table: &MappedTable, change: &Change) -> String {
+fn describe_change(dest: &Dest, change: &Change) -> String {
+    let (names, key_cols): (Vec<&str>, &[usize]) = match dest {
+        Dest::Same(t) => (
+            t.sql.columns.iter().map(|c| c.name.as_str()).collect(),
+            &t.sql.key,
+        ),
+        Dest::Mapped(p) => (
+            p.source.columns.iter().map(|c| c.name.as_str()).collect(),
+            &p.key,
+        ),
+    };
     let key = |row: &[Value]| {
-        table
-            .sql
-            .key
+        key_cols
             .iter()
-            .map(|&k| {
-                format!(
-                    "{}={}",
-                    table.sql.columns[k].name,
-                    text(&row[k]).unwrap_or("NULL")
-                )
-            })
+            .map(|&k| format!("{}={}", names[k], text(&row[k]).unwrap_or("NULL")))
             .collect::<Vec<_>>()
             .join(", ")
     };

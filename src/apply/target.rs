@@ -178,15 +178,11 @@ pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable
     })
 }
 
-/// `TRUNCATE` of mapped tables.
-pub fn truncate_sql(tables: &[&MappedTable], cascade: bool, restart_identity: bool) -> String {
+/// `TRUNCATE` of target tables (already quoted).
+pub fn truncate_sql(tables: &[String], cascade: bool, restart_identity: bool) -> String {
     format!(
         "TRUNCATE {}{}{}",
-        tables
-            .iter()
-            .map(|t| t.sql.qualified.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
+        tables.join(", "),
         if restart_identity {
             " RESTART IDENTITY"
         } else {

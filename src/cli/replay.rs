@@ -29,6 +29,10 @@ pub struct ReplayArgs {
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, default_value_t = 200)]
     batch_ms: u64,
+    /// Migration mapping (TOML) the rows go through; see docs/transforms.md. Default: every
+    /// table onto the same-named target table.
+    #[arg(long, value_name = "FILE")]
+    transform: Option<std::path::PathBuf>,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -45,6 +49,25 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     config.batch_rows = a.batch_rows.max(1);
     config.batch_time = Duration::from_millis(a.batch_ms);
     config.progress = !a.no_progress;
+    if let Some(path) = &a.transform {
+        config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));
+    }
+    // One replay of a buffer into a target at a time; the lock is also how `walshift cutover`
+    // sees that a replay is already running.
+    let _guard = match crate::buffer::BufferMeta::read(&config.buffer_dir)? {
+        Some(m) => {
+            let id = crate::apply::target::buffer_id(m.system_identifier, &m.slot);
+            let wait = Duration::from_secs(10);
+            Some(
+                crate::cutover::coord::ReplayGuard::acquire_within(&config.target, &id, wait)
+                    .await?
+                    .context(
+                        "another walshift replay (or walshift run, or a cutover) is applying this buffer to this target; stop it first",
+                    )?,
+            )
+        }
+        None => None,
+    };
     let report = replay::run(config, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

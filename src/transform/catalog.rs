@@ -26,7 +26,8 @@ pub async fn target_table(
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
                     a.atthasdef OR a.attidentity <> '', a.attgenerated <> '', \
-                    coalesce(array_position(i.indkey::int2[], a.attnum), 0)::int4 \
+                    coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(a, n) \
+                              WHERE k.a = a.attnum), 0)::int4 \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary \
@@ -80,10 +81,10 @@ pub async fn source_table(
                     CASE c.relreplident \
                       WHEN 'f' THEN true \
                       WHEN 'n' THEN false \
-                      WHEN 'i' THEN coalesce(a.attnum = ANY((SELECT indkey::int2[] FROM pg_index \
-                                    WHERE indrelid = c.oid AND indisreplident)), false) \
-                      ELSE coalesce(a.attnum = ANY((SELECT indkey::int2[] FROM pg_index \
-                                    WHERE indrelid = c.oid AND indisprimary)), false) END \
+                      WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid \
+                                    AND x.indisreplident AND a.attnum = ANY(x.indkey::int2[])) \
+                      ELSE EXISTS (SELECT 1 FROM pg_index x WHERE x.indrelid = c.oid \
+                                    AND x.indisprimary AND a.attnum = ANY(x.indkey::int2[])) END \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                                AND a.attgenerated = '' \

@@ -82,6 +82,20 @@ pub struct TargetPlan {
 }
 
 impl TargetPlan {
+    /// Every source column this target's expressions and filter may read.
+    pub fn reads(&self) -> Vec<usize> {
+        let mut r: Vec<usize> = self
+            .columns
+            .iter()
+            .map(|c| &c.expr)
+            .chain(self.filter.iter())
+            .flat_map(|e| e.reads.iter().copied())
+            .collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
     /// No expression but same-named columns, no filter: the target row is the source row.
     pub fn is_identity(&self, source: &SourceTable) -> bool {
         self.filter.is_none()

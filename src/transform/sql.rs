@@ -210,6 +210,10 @@ pub fn insert(plan: &SourcePlan, t: &TargetPlan, upsert: bool) -> String {
 pub struct UpdateShape {
     /// Indices into the target plan's columns.
     pub set: Vec<usize>,
+    /// The filter is evaluated (rows that stop passing are deleted). False when the table has
+    /// none, or when it reads only values the update left unchanged: then whether the row
+    /// passes cannot have changed.
+    pub filter: bool,
 }
 
 /// A target column whose expression needs a source value the change did not carry.
@@ -219,48 +223,62 @@ pub struct MissingValue {
     pub source_column: String,
 }
 
-/// The columns an update can set from the `known` source columns (sorted indices). A column
-/// that is exactly an unknown source column keeps its target value (an unchanged TOAST value);
-/// any other expression reading an unknown column (and a filter reading one) cannot be
-/// computed. Key columns are set only when the row `moved`.
+/// What an update can compute from the `known` source columns. An unknown value is one the
+/// update left unchanged (TOAST), so an expression reading only unknown columns — a plain copy
+/// of one, say — keeps its target value; one reading known *and* unknown columns cannot be
+/// computed, and neither can a filter that does. Key columns are set only when the row `moved`.
 pub fn update_shape(
     plan: &SourcePlan,
     t: &TargetPlan,
     known: &[usize],
     moved: bool,
 ) -> Result<UpdateShape, MissingValue> {
-    let missing = |e: &PlanExpr| e.reads.iter().copied().find(|r| !known.contains(r));
+    enum Reads {
+        Known,
+        Unchanged,
+        Mixed(usize),
+    }
+    let classify = |e: &PlanExpr| {
+        let unknown = e.reads.iter().copied().find(|r| !known.contains(r));
+        match unknown {
+            None => Reads::Known,
+            Some(_) if e.reads.iter().all(|r| !known.contains(r)) => Reads::Unchanged,
+            Some(r) => Reads::Mixed(r),
+        }
+    };
     let mut set = Vec::new();
     for (i, c) in t.columns.iter().enumerate() {
         if t.key.contains(&i) && !moved {
             continue;
         }
-        match missing(&c.expr) {
-            None => set.push(i),
-            Some(_) if c.expr.passthrough.is_some() => {}
-            Some(r) => {
+        match classify(&c.expr) {
+            Reads::Known => set.push(i),
+            Reads::Unchanged => {}
+            Reads::Mixed(r) => {
                 return Err(MissingValue {
-                    target_column: c.name.clone(),
+                    target_column: format!("{}.{}", t.target, c.name),
                     source_column: plan.source.columns[r].name.clone(),
                 });
             }
         }
     }
-    if let Some(f) = &t.filter
-        && let Some(r) = missing(f)
-    {
-        return Err(MissingValue {
-            target_column: format!("(filter of {})", t.target),
-            source_column: plan.source.columns[r].name.clone(),
-        });
-    }
-    Ok(UpdateShape { set })
+    let filter = match t.filter.as_ref().map(classify) {
+        None | Some(Reads::Unchanged) => false,
+        Some(Reads::Known) => true,
+        Some(Reads::Mixed(r)) => {
+            return Err(MissingValue {
+                target_column: format!("the filter of {}", t.target),
+                source_column: plan.source.columns[r].name.clone(),
+            });
+        }
+    };
+    Ok(UpdateShape { set, filter })
 }
 
 /// `UPDATE` of existing target rows from the `known` source columns. Parameters: with `moved`,
 /// the old source key ([`SourcePlan::key`] order) first; then the `known` columns in order.
 /// The row is found by the target key computed from the old key (`moved`) or from the new
-/// values (in place). Without a filter the statement returns nothing. With a filter, rows that
+/// values (in place). Without `shape.filter` the statement returns nothing. With it, rows that
 /// do not pass are deleted, and the statement returns one number: rows that pass but were not
 /// on the target (they would need the whole row to be inserted; the caller reports them).
 pub fn update(
@@ -286,7 +304,7 @@ pub fn update(
             let c = &t.columns[i];
             format!("{} AS {P}c{i}", cast(&c.expr, &c.type_sql))
         })
-        .chain(t.filter.iter().map(pass))
+        .chain(t.filter.iter().filter(|_| shape.filter).map(pass))
         .fold(keys, |acc, x| format!("{acc}, {x}"));
     let assignments = shape
         .set
@@ -296,11 +314,11 @@ pub fn update(
         .join(", ");
     let m = key_match(t, "v");
     let table = t.target.quoted();
-    match &t.filter {
-        None => format!(
+    match shape.filter {
+        false => format!(
             "UPDATE {table} AS t SET {assignments} FROM (SELECT {outputs} FROM {rows}) AS v WHERE {m}"
         ),
-        Some(_) => {
+        true => {
             let update = if shape.set.is_empty() {
                 format!("SELECT 1 FROM {table} AS t, v WHERE v.{P}pass AND {m}")
             } else {
@@ -396,8 +414,12 @@ mod tests {
         let p = plan_for(MAP);
         let t = &p.targets[0];
         // amount unknown: cents cannot be computed.
-        let e = update_shape(&p, t, &[0, 1], false).unwrap_err();
-        assert_eq!(e.source_column, "amount");
+        let s = update_shape(&p, t, &[0, 1], false).unwrap();
+        assert_eq!(
+            s.set,
+            vec![1],
+            "cents reads only the unchanged amount: kept"
+        );
         // first unknown: it keeps its target value.
         let s = update_shape(&p, t, &[0, 2], false).unwrap();
         assert_eq!(s.set, vec![2]);
