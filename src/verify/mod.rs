@@ -39,7 +39,6 @@ use crate::transform::mapping::{Mapping, TableName};
 use crate::transform::plan::{SourcePlan, TargetPlan};
 use crate::transform::{TransformError, catalog};
 
-mod shape;
 
 /// Differing keys reported per table by default.
 pub const DEFAULT_MAX_KEYS: usize = 10;
@@ -329,7 +328,7 @@ pub async fn verify(
     crate::transform::plan::check_mapping(mapping)?;
     let mut plans = Vec::with_capacity(tables.len());
     for name in tables {
-        let shape = shape::source_table(source, name)
+        let shape = crate::transform::catalog::source_table(source, name)
             .await?
             .ok_or_else(|| VerifyError::NoSourceTable(name.clone()))?;
         plans.push(catalog::compile(target, mapping, &shape).await?);
