@@ -13,6 +13,7 @@ pub mod capture;
 pub mod cli;
 pub mod clone;
 pub mod conn;
+pub mod cutover;
 pub mod demo;
 pub mod error;
 pub mod lsn;

@@ -68,6 +68,11 @@ fn open(dir: &std::path::Path) -> anyhow::Result<BufferReader> {
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let st = open(&a.buffer.buffer)?.status()?;
+    // A `walshift run` serving this buffer answers on its control socket.
+    let run = crate::cutover::control::request(&a.buffer.buffer, "status")
+        .await
+        .ok()
+        .flatten();
     let last = st.last_commit.map(|c| c.end_lsn);
     let applied = match (&a.target, &st.meta) {
         (Some(t), Some(m)) => {
@@ -93,6 +98,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     };
     if a.json {
         let mut v = serde_json::to_value(&st)?;
+        v["run"] = run.clone().unwrap_or(serde_json::Value::Null);
         if let Some(applied) = applied {
             v["applied_lsn"] = json!(applied.map(|l| l.to_string()));
             v["lag_bytes"] = json!(last.map(|l| l.bytes_since(applied.unwrap_or(Lsn::ZERO))));
@@ -101,6 +107,15 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("buffer        {}", st.dir.display());
+    match &run {
+        Some(r) => println!(
+            "walshift run  running (pid {}, {}, applied {})",
+            r["pid"],
+            r["phase"].as_str().unwrap_or("?"),
+            r["applied_lsn"].as_str().unwrap_or("-")
+        ),
+        None => println!("walshift run  not running"),
+    }
     if let Some(m) = &st.meta {
         println!(
             "source        system {} database {:?} slot {:?} publication {:?}",

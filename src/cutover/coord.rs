@@ -1,0 +1,261 @@
+//! How cutover finds out where capture and replay are — without timing guesses.
+//!
+//! - **Is capture running elsewhere?** A capture holds the buffer's writer lock
+//!   (`<buffer>/writer.lock`, `flock`); [`capture_running`] tries to take it and lets go.
+//! - **Is replay running elsewhere?** A replay into a target from a buffer holds a
+//!   session-level advisory lock on the target, keyed by the buffer ([`ReplayGuard`]);
+//!   `walshift replay`, `walshift run` and cutover's own in-process replay all take it, so two
+//!   replays of one buffer into one target never run at once.
+//! - **Is the marker durable?** Capture confirms to the slot only what the buffer has fsynced:
+//!   the slot's `confirmed_flush_lsn` passing the marker's position is the proof.
+//! - **Is the marker applied?** The target's `walshift.applied` passing the end LSN of the
+//!   marker's transaction, found in the buffer by [`MarkerScan`].
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::Client;
+
+use crate::buffer::{BufferError, BufferReader, LOCK_FILE, TxnEvent, TxnIter};
+use crate::conn::ConnInfo;
+use crate::lsn::Lsn;
+use crate::source::pgoutput::{self, LogicalMessage};
+
+/// True if another process (or another open file in this one) holds the buffer's writer lock,
+/// that is, a capture is appending to it.
+pub fn capture_running(buffer_dir: &Path) -> std::io::Result<bool> {
+    let path = buffer_dir.join(LOCK_FILE);
+    let f = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: flock on a descriptor we own; closing the file releases our lock.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(false);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(true)
+    } else {
+        Err(err)
+    }
+}
+
+/// The advisory lock a replay of one buffer into one target holds for its lifetime (a
+/// session of its own on the target; dropping the guard closes it and releases the lock).
+pub struct ReplayGuard {
+    _client: Client,
+}
+
+impl ReplayGuard {
+    /// Takes the lock for `buffer_id` (see [`crate::apply::target::buffer_id`]) on `target`;
+    /// `None` if another replay holds it.
+    pub async fn try_acquire(
+        target: &ConnInfo,
+        buffer_id: &str,
+    ) -> Result<Option<ReplayGuard>, crate::Error> {
+        let client = target.connect().await?;
+        let got: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('walshift replay'), hashtext($1))",
+                &[&buffer_id],
+            )
+            .await
+            .map_err(|e| crate::Error::sql("taking the replay lock on the target", e))?
+            .get(0);
+        Ok(got.then_some(ReplayGuard { _client: client }))
+    }
+
+    /// As [`ReplayGuard::try_acquire`], retrying for up to `wait` (a replay that was just
+    /// killed holds the lock until its server session notices).
+    pub async fn acquire_within(
+        target: &ConnInfo,
+        buffer_id: &str,
+        wait: Duration,
+    ) -> Result<Option<ReplayGuard>, crate::Error> {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(g) = Self::try_acquire(target, buffer_id).await? {
+                return Ok(Some(g));
+            }
+            if started.elapsed() >= wait {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The slot's confirmed flush position (what capture has made durable), if the slot exists.
+pub async fn slot_confirmed(
+    source: &Client,
+    slot: &str,
+) -> Result<Option<Lsn>, tokio_postgres::Error> {
+    let row = source
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .and_then(|s| s.parse().ok()))
+}
+
+/// The target's applied LSN for a buffer (`None`: nothing applied yet or no progress table).
+pub async fn applied(
+    target: &Client,
+    buffer_id: &str,
+) -> Result<Option<Lsn>, tokio_postgres::Error> {
+    let row = target
+        .query_opt(
+            "SELECT end_lsn::text FROM walshift.applied WHERE buffer_id = $1",
+            &[&buffer_id],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+}
+
+/// How far behind the source the target is.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Lag {
+    /// A capture is streaming from the slot (it is active).
+    pub streaming: bool,
+    /// Source WAL end minus what capture has made durable.
+    pub capture_bytes: u64,
+    /// From the target's applied LSN to the end of the first buffered transaction it does not
+    /// have yet (0: replay has everything the buffer holds).
+    pub replay_bytes: u64,
+    /// How long ago the oldest change not yet durable or applied was committed (the larger of
+    /// the walsender's `flush_lag` and the age of the first unapplied transaction in the
+    /// buffer); zero when nothing is behind.
+    pub secs: f64,
+}
+
+/// Measures the lag. `applied_lsn` is the target's applied LSN.
+pub async fn lag(
+    source: &Client,
+    slot: &str,
+    buffer_dir: &Path,
+    applied_lsn: Lsn,
+) -> Result<Lag, LagError> {
+    let row = source
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, \
+                    (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+                    (SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r \
+                       JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1), \
+                    (SELECT active_pid IS NOT NULL AND active FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await?;
+    let wal: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
+    let confirmed: Lsn = row
+        .get::<_, Option<String>>(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    let flush_lag: Option<f64> = row.get(2);
+    let mut out = Lag {
+        streaming: row.get::<_, Option<bool>>(3).unwrap_or(false),
+        capture_bytes: wal.bytes_since(confirmed),
+        ..Default::default()
+    };
+    if out.capture_bytes > 0 {
+        out.secs = flush_lag.unwrap_or(0.0);
+    }
+    // The first transaction the target does not have yet, if the buffer holds one (reading
+    // up to its commit, not the whole buffer).
+    for ev in BufferReader::open(buffer_dir)?.transactions_from(applied_lsn)? {
+        if let TxnEvent::Commit { commit, .. } = ev? {
+            out.replay_bytes = commit.end_lsn.bytes_since(applied_lsn);
+            if let Some(t) = commit.commit_time() {
+                let age = SystemTime::now()
+                    .duration_since(t)
+                    .unwrap_or(Duration::ZERO);
+                out.secs = out.secs.max(age.as_secs_f64());
+            }
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Lag measurement failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LagError {
+    #[error("measuring the lag on the source: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+}
+
+/// Follows the buffer from a position, looking for the marker message of one cutover and
+/// counting what lies before it.
+pub struct MarkerScan {
+    iter: TxnIter,
+    cutover_id: String,
+    in_marker_txn: bool,
+    txn_changes: u64,
+    /// Complete transactions seen before the marker's (and including it).
+    pub transactions: u64,
+    /// Row changes seen before the marker.
+    pub changes: u64,
+    /// End LSN of the marker's transaction, once found.
+    pub found: Option<Lsn>,
+}
+
+impl MarkerScan {
+    /// Scans transactions ending after `from`.
+    pub fn new(buffer_dir: &Path, from: Lsn, cutover_id: &str) -> Result<Self, BufferError> {
+        Ok(MarkerScan {
+            iter: BufferReader::open(buffer_dir)?.transactions_from(from)?,
+            cutover_id: cutover_id.to_owned(),
+            in_marker_txn: false,
+            txn_changes: 0,
+            transactions: 0,
+            changes: 0,
+            found: None,
+        })
+    }
+
+    /// Reads what the buffer holds now; returns the marker transaction's end LSN once seen.
+    pub fn poll(&mut self) -> Result<Option<Lsn>, BufferError> {
+        if self.found.is_some() {
+            return Ok(self.found);
+        }
+        self.iter.refresh()?;
+        for ev in self.iter.by_ref() {
+            match ev? {
+                TxnEvent::Begin(_) => {
+                    self.in_marker_txn = false;
+                    self.txn_changes = 0;
+                }
+                TxnEvent::Change(r) | TxnEvent::Standalone(r) => match r.kind {
+                    b'I' | b'U' | b'D' | b'T' => self.txn_changes += 1,
+                    b'M' => {
+                        if let Ok(LogicalMessage::Message(m)) = pgoutput::decode(&r.payload)
+                            && m.prefix == crate::apply::replay::MARKER_PREFIX
+                            && m.content.as_ref() == self.cutover_id.as_bytes()
+                        {
+                            self.in_marker_txn = true;
+                        }
+                    }
+                    _ => {}
+                },
+                TxnEvent::Commit { commit, .. } => {
+                    self.transactions += 1;
+                    self.changes += self.txn_changes;
+                    self.txn_changes = 0;
+                    if self.in_marker_txn {
+                        self.found = Some(commit.end_lsn);
+                        return Ok(self.found);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,974 @@
+//! Cutover: the release-night moment. The source stops taking writes, the last changes reach
+//! the migrated target, sequences follow, the copy is checked, and traffic moves — every phase
+//! timed, and nothing lost if anything goes wrong.
+//!
+//! [`run`] is the orchestrator and runs the phases in a straight line:
+//!
+//! 1. **postpone** — while `<buffer>/postpone-cutover` exists, wait (nothing is touched).
+//! 2. **preflight** — the buffer belongs to the source, the slot exists, the role may fence;
+//!    capture and replay are running elsewhere or are started here ([`coord`]); wait until the
+//!    lag is under `max_lag`. Nothing is fenced yet.
+//! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
+//! 4. **marker** — `pg_logical_emit_message(true, 'walshift', <cutover id>)` on the source.
+//! 5. **drain** — wait until the slot's confirmed (durable) position passes the marker and the
+//!    target's `walshift.applied` passes the marker's transaction.
+//! 6. **sequences** — [`sequences::sync`].
+//! 7. **verify** — [`verify::verify_tables`] as `verify` asks.
+//! 8. **switch** — the `--switch` hook — the window ends when it returns.
+//! 9. **after** — the `--after` hook; then the report.
+//!
+//! **Abort contract:** any failure before the switch is done, `max_window` running out before
+//! the switch starts, or an interrupt, aborts: the fence is lifted (the database's previous
+//! `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`] carries the
+//! cause and the report. Nothing captured is lost: capture and replay only ever move forward
+//! (the buffer, the slot and `walshift.applied` are untouched by an abort), so cutover can be
+//! run again. A failing `--switch` hook also aborts: the hook must leave traffic where it was
+//! when it fails. After the switch nothing is undone.
+//!
+//! A dry run does everything except fencing, the hooks and the switch, and reports the
+//! projected window (fence → verify done).
+
+pub mod control;
+pub mod coord;
+pub mod fence;
+pub mod hooks;
+pub mod live;
+pub mod report;
+pub mod sequences;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+pub use fence::FenceMode;
+pub use report::{CutoverReport, Outcome};
+pub use sequences::TableMap;
+pub use verify::VerifyMode;
+
+use crate::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
+use crate::apply::target;
+use crate::buffer::{BufferError, BufferMeta};
+use crate::capture::{self, CaptureConfig, CaptureError, CaptureReport};
+use crate::conn::ConnInfo;
+use crate::lsn::Lsn;
+use fence::{FenceError, FenceState};
+use hooks::{HookContext, HookError};
+use report::Timeline;
+
+/// Name of the file that holds a cutover back while it exists.
+pub const POSTPONE_FILE: &str = "postpone-cutover";
+
+/// A callback for progress lines.
+pub type Say = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// What to cut over and how. Every field documents its default and trade-off.
+#[derive(Clone)]
+pub struct CutoverConfig {
+    /// The live database (fenced, then left read-only after a successful cutover).
+    pub source: ConnInfo,
+    /// The migrated copy that replay fills.
+    pub target: ConnInfo,
+    /// The buffer capture writes.
+    pub buffer_dir: PathBuf,
+    /// Replication slot. Default `walshift` (as capture's). Must be the buffer's slot.
+    pub slot: String,
+    /// Publication. Default `walshift` (as capture's). Its tables are the ones verified.
+    pub publication: String,
+    /// How the source is fenced. Default read-only.
+    pub fence: FenceMode,
+    /// Run before the fence (required in hook mode, where it is the fence). Default none.
+    pub before: Option<String>,
+    /// Repoints traffic (pooler, DNS, VIP). Default none (the window then ends after verify).
+    pub switch: Option<String>,
+    /// Run after the switch (e.g. take the maintenance page down). Default none.
+    pub after: Option<String>,
+    /// Longest each hook may run before it is killed. Default 60 s.
+    pub hook_timeout: Duration,
+    /// Fence only once the target is at most this far behind. Default 5 s. Lower means a
+    /// shorter drain inside the window; too low may never be reached under heavy load.
+    pub max_lag: Duration,
+    /// Abort (and unfence) if the switch has not started this long after the fence went up.
+    /// Default 10 s. The cap on how long the site can be read-only because of walshift.
+    pub max_window: Duration,
+    /// What to compare after the drain. Default counts (cheap); checksum reads every row on
+    /// both sides, inside the window.
+    pub verify: VerifyMode,
+    /// Rehearse: no fence, no hooks, no switch; report the projected window. Default false.
+    pub dry_run: bool,
+    /// Source table → target tables, for sequences and verify. Default identity.
+    pub table_map: TableMap,
+    /// Give up (nothing fenced) if the lag is not under `max_lag` within this time. Default
+    /// none: wait until it is, or until interrupted.
+    pub preflight_timeout: Option<Duration>,
+    /// How long to wait for each terminated session to exit. Default 5 s (capped by
+    /// `max_window`).
+    pub terminate_timeout: Duration,
+    /// How often the drain checks the slot, the buffer and the target. Default 2 ms: each
+    /// check is a small query; shorter adds load, longer adds up to that much to the window.
+    pub poll_interval: Duration,
+    /// Fsync interval of a capture cutover starts itself. Default 10 ms (capture's own default
+    /// is 20 ms): part of the drain time.
+    pub capture_flush_interval: Duration,
+    /// Batch time of a replay cutover starts itself. Default 50 ms.
+    pub replay_batch_time: Duration,
+    /// Progress lines (waiting, lag). Default none.
+    pub say: Option<Say>,
+}
+
+impl CutoverConfig {
+    /// Defaults for everything but the databases and the buffer.
+    pub fn new(source: ConnInfo, target: ConnInfo, buffer_dir: impl Into<PathBuf>) -> Self {
+        CutoverConfig {
+            source,
+            target,
+            buffer_dir: buffer_dir.into(),
+            slot: "walshift".into(),
+            publication: "walshift".into(),
+            fence: FenceMode::ReadOnly,
+            before: None,
+            switch: None,
+            after: None,
+            hook_timeout: Duration::from_secs(60),
+            max_lag: Duration::from_secs(5),
+            max_window: Duration::from_secs(10),
+            verify: VerifyMode::Counts,
+            dry_run: false,
+            table_map: TableMap::identity(),
+            preflight_timeout: None,
+            terminate_timeout: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(2),
+            capture_flush_interval: Duration::from_millis(10),
+            replay_batch_time: Duration::from_millis(50),
+            say: None,
+        }
+    }
+
+    fn say(&self, line: &str) {
+        if let Some(s) = &self.say {
+            s(line);
+        }
+    }
+}
+
+impl std::fmt::Debug for CutoverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CutoverConfig")
+            .field("source", &self.source)
+            .field("target", &self.target)
+            .field("buffer_dir", &self.buffer_dir)
+            .field("fence", &self.fence)
+            .field("dry_run", &self.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cutover failures. Before the fence they are returned as they are; after it, wrapped in
+/// [`CutoverError::Aborted`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CutoverError {
+    #[error(
+        "buffer {0} has no buffer.json: run walshift capture --clone-to first (cutover needs a captured, cloned release)"
+    )]
+    NotABuffer(PathBuf),
+
+    #[error(
+        "buffer {dir} was captured through slot {buffer_slot:?}, not {slot:?}: pass --slot {buffer_slot}"
+    )]
+    SlotMismatch {
+        dir: PathBuf,
+        buffer_slot: String,
+        slot: String,
+    },
+
+    #[error(
+        "--source is system {found}, but buffer {dir} was captured from system {expected}: wrong --source or --buffer"
+    )]
+    WrongSource {
+        dir: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+
+    #[error(
+        "slot {slot:?} does not exist on the source: changes since it was dropped are lost to this buffer; start over with a fresh clone"
+    )]
+    SlotMissing { slot: String },
+
+    #[error("--fence hook needs a --before command that stops the application's writes")]
+    HookModeWithoutBefore,
+
+    #[error(
+        "the target is still {lag_secs:.1} s behind the source after {waited:?} (--max-lag {max:?}); nothing was fenced. \
+         Let replay catch up (or raise --max-lag) and run cutover again"
+    )]
+    LagTimeout {
+        lag_secs: f64,
+        max: Duration,
+        waited: Duration,
+    },
+
+    #[error("--max-window {max:?} ran out during {phase} ({elapsed:?} after the fence went up)")]
+    MaxWindow {
+        phase: String,
+        max: Duration,
+        elapsed: Duration,
+    },
+
+    #[error("verification failed: {} table(s) differ between source and target: {}", .tables.len(), .tables.join("; "))]
+    VerifyFailed { tables: Vec<String> },
+
+    #[error("interrupted")]
+    Interrupted,
+
+    #[error("the in-process {what} stopped before the marker was reached")]
+    TaskEnded { what: &'static str },
+
+    #[error("in-process capture failed: {0}")]
+    Capture(#[source] CaptureError),
+
+    #[error("in-process replay failed: {0}")]
+    Replay(#[source] ReplayError),
+
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+
+    #[error(transparent)]
+    Hook(#[from] HookError),
+
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+
+    #[error(transparent)]
+    Lag(#[from] coord::LagError),
+
+    #[error(transparent)]
+    Connect(#[from] crate::Error),
+
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error(transparent)]
+    Aborted(Box<Aborted>),
+}
+
+fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_ {
+    move |source| CutoverError::Sql {
+        context: context.to_owned(),
+        source,
+    }
+}
+
+/// A cutover that stopped after the fence went up, before the switch.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cutover {} aborted before the switch: {cause}. {unfence}. Nothing captured is lost (the buffer, the slot and \
+     the target's applied position are intact); {advice}, then run walshift cutover again",
+    report.cutover_id,
+    unfence = self.unfence_text(),
+    advice = self.advice()
+)]
+pub struct Aborted {
+    pub cause: CutoverError,
+    /// The report up to the abort (outcome [`Outcome::Aborted`]).
+    pub report: CutoverReport,
+    /// `Ok` if the fence was lifted (or there was none); the error text if lifting failed.
+    pub unfenced: Result<(), String>,
+    fence: FenceMode,
+}
+
+impl Aborted {
+    fn unfence_text(&self) -> String {
+        match (&self.unfenced, self.fence) {
+            (Err(e), _) => format!(
+                "UNFENCING FAILED ({e}): the source is still read-only; restore it by hand with the value in {} \
+                 (ALTER DATABASE … RESET default_transaction_read_only if it was not set)",
+                fence::STATE_FILE
+            ),
+            (Ok(()), FenceMode::ReadOnly) => match &self.report.fence_previous_setting {
+                Some(v) => format!("The source is writable again (default_transaction_read_only restored to {v:?})"),
+                None => "The source is writable again (default_transaction_read_only reset)".into(),
+            },
+            (Ok(()), FenceMode::Hook) => {
+                "The --before hook stopped the application: restart it (walshift has no hook to undo --before)".into()
+            }
+            (Ok(()), FenceMode::None) => "walshift fenced nothing".into(),
+        }
+    }
+
+    fn advice(&self) -> &'static str {
+        match &self.cause {
+            CutoverError::MaxWindow { .. } => {
+                "the backlog at the fence took longer than --max-window: lower --max-lag so the fence goes up closer \
+                 to caught up, or raise --max-window"
+            }
+            CutoverError::VerifyFailed { .. } => {
+                "find why the target differs (writes on the target, a table outside the publication, a transform) and fix it"
+            }
+            CutoverError::Hook(_) => "fix the hook",
+            CutoverError::Interrupted => "when ready",
+            _ => "fix the cause above",
+        }
+    }
+}
+
+type CaptureTask = JoinHandle<Result<CaptureReport, CaptureError>>;
+type ReplayTask = JoinHandle<Result<ReplayReport, ReplayError>>;
+type StopSender = tokio::sync::oneshot::Sender<()>;
+
+/// Capture and replay tasks started by cutover, and how to stop them.
+struct Helpers {
+    capture: Option<(CaptureTask, StopSender)>,
+    replay: Option<(ReplayTask, StopSender, coord::ReplayGuard)>,
+}
+
+impl Helpers {
+    /// An error if an in-process task has ended (they only end on their own by failing).
+    async fn check(&mut self) -> Result<(), CutoverError> {
+        if self.capture.as_ref().is_some_and(|c| c.0.is_finished()) {
+            let (h, _) = self.capture.take().expect("checked");
+            return Err(match h.await {
+                Ok(Err(e)) => CutoverError::Capture(e),
+                _ => CutoverError::TaskEnded { what: "capture" },
+            });
+        }
+        if self.replay.as_ref().is_some_and(|r| r.0.is_finished()) {
+            let (h, _, _) = self.replay.take().expect("checked");
+            return Err(match h.await {
+                Ok(Err(e)) => CutoverError::Replay(e),
+                _ => CutoverError::TaskEnded { what: "replay" },
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops the tasks cleanly (capture flushes and confirms what it received).
+    async fn stop(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some((h, tx, guard)) = self.replay.take() {
+            let _ = tx.send(());
+            match tokio::time::timeout(Duration::from_secs(60), h).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => warnings.push(format!("in-process replay: {e}")),
+                _ => warnings.push("in-process replay did not stop in time".into()),
+            }
+            drop(guard);
+        }
+        if let Some((h, tx)) = self.capture.take() {
+            let _ = tx.send(());
+            match tokio::time::timeout(Duration::from_secs(60), h).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => warnings.push(format!("in-process capture: {e}")),
+                _ => warnings.push("in-process capture did not stop in time".into()),
+            }
+        }
+        warnings
+    }
+}
+
+/// Everything the phases share.
+struct Ctx<'a> {
+    config: &'a CutoverConfig,
+    report: CutoverReport,
+    tl: Timeline,
+    src: Client,
+    tgt: Client,
+    buffer_id: String,
+    helpers: Helpers,
+    interrupted: Arc<AtomicBool>,
+    fence_state: Option<FenceState>,
+    leftover: Option<FenceState>,
+    window_start: Option<Instant>,
+    hook_ctx: HookContext,
+}
+
+impl Ctx<'_> {
+    fn deadline_check(&self, phase: &str) -> Result<(), CutoverError> {
+        let Some(start) = self.window_start else {
+            return Ok(());
+        };
+        let elapsed = start.elapsed();
+        if elapsed > self.config.max_window {
+            return Err(CutoverError::MaxWindow {
+                phase: phase.to_owned(),
+                max: self.config.max_window,
+                elapsed,
+            });
+        }
+        if self.interrupted.load(Ordering::Relaxed) {
+            return Err(CutoverError::Interrupted);
+        }
+        Ok(())
+    }
+
+    fn remaining(&self) -> Duration {
+        self.window_start
+            .map(|s| self.config.max_window.saturating_sub(s.elapsed()))
+            .unwrap_or(self.config.max_window)
+    }
+}
+
+/// A fresh cutover id: `cutover-<unix seconds>-<pid>`.
+fn new_cutover_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("cutover-{secs}-{}", std::process::id())
+}
+
+/// Waits while `<buffer>/postpone-cutover` exists, saying so every few seconds.
+async fn wait_postponed(
+    config: &CutoverConfig,
+    interrupted: &AtomicBool,
+) -> Result<bool, CutoverError> {
+    let path = config.buffer_dir.join(POSTPONE_FILE);
+    let mut waited = false;
+    let mut last_said: Option<Instant> = None;
+    while path.exists() {
+        if interrupted.load(Ordering::Relaxed) {
+            return Err(CutoverError::Interrupted);
+        }
+        if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            config.say(&format!(
+                "cutover postponed: {} exists; waiting (remove it to proceed)",
+                path.display()
+            ));
+            last_said = Some(Instant::now());
+        }
+        waited = true;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(waited)
+}
+
+async fn prepare_session(client: &Client) -> Result<i32, CutoverError> {
+    client
+        .batch_execute(&format!(
+            "SET default_transaction_read_only = off; SET application_name = 'walshift cutover'; {}",
+            verify::SESSION_SETTINGS
+        ))
+        .await
+        .map_err(sql("preparing a session"))?;
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .map_err(sql("preparing a session"))?
+        .get(0))
+}
+
+/// Runs a cutover. `interrupt` resolving (Ctrl-C) stops it: before the fence with
+/// [`CutoverError::Interrupted`], after it with an abort (unfenced). See the module docs.
+pub async fn run(
+    config: CutoverConfig,
+    interrupt: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<CutoverReport, CutoverError> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let watcher = tokio::spawn(async move {
+        interrupt.await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let result = run_inner(&config, interrupted).await;
+    watcher.abort();
+    result
+}
+
+async fn run_inner(
+    config: &CutoverConfig,
+    interrupted: Arc<AtomicBool>,
+) -> Result<CutoverReport, CutoverError> {
+    let id = new_cutover_id();
+    let mut report = CutoverReport::new(
+        id.clone(),
+        config.dry_run,
+        config.fence.as_str().into(),
+        config.verify.as_str().into(),
+    );
+    let mut tl = Timeline::new();
+    if config.fence == FenceMode::Hook && config.before.is_none() && !config.dry_run {
+        return Err(CutoverError::HookModeWithoutBefore);
+    }
+
+    if config.buffer_dir.join(POSTPONE_FILE).exists() {
+        tl.begin("postpone");
+        wait_postponed(config, &interrupted).await?;
+        tl.end(&mut report, "waited for the postpone file to go");
+    }
+
+    // Preflight: nothing is fenced until it passes.
+    tl.begin("preflight");
+    let dir = &config.buffer_dir;
+    let meta = BufferMeta::read(dir)?.ok_or_else(|| CutoverError::NotABuffer(dir.clone()))?;
+    if meta.slot != config.slot {
+        return Err(CutoverError::SlotMismatch {
+            dir: dir.clone(),
+            buffer_slot: meta.slot.clone(),
+            slot: config.slot.clone(),
+        });
+    }
+    let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let src = config.source.connect().await?;
+    let own_pid = prepare_session(&src).await?;
+    match src
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => {
+            let found: u64 = r.get::<_, String>(0).parse().unwrap_or(0);
+            if found != meta.system_identifier {
+                return Err(CutoverError::WrongSource {
+                    dir: dir.clone(),
+                    expected: meta.system_identifier,
+                    found,
+                });
+            }
+        }
+        Err(e) => report.warnings.push(format!(
+            "could not check the source's system identifier: {e}"
+        )),
+    }
+    if coord::slot_confirmed(&src, &config.slot)
+        .await
+        .map_err(sql("looking up the slot"))?
+        .is_none()
+        && src
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(sql("looking up the slot"))?
+            .is_none()
+    {
+        return Err(CutoverError::SlotMissing {
+            slot: config.slot.clone(),
+        });
+    }
+    if config.fence == FenceMode::ReadOnly && !config.dry_run {
+        fence::check_privileges(&src).await?;
+    }
+    let leftover = FenceState::read_leftover(dir)?;
+    if let Some(l) = &leftover {
+        report.warnings.push(format!(
+            "cutover {} left the source fenced ({} exists); its recorded previous setting ({:?}) is what unfencing restores",
+            l.cutover_id,
+            fence::STATE_FILE,
+            l.previous
+        ));
+    }
+    let tgt = config.target.connect().await?;
+    prepare_session(&tgt).await?;
+    target::ensure_progress_table(&tgt)
+        .await
+        .map_err(|e| CutoverError::Replay(ReplayError::Target(e)))?;
+
+    let mut helpers = Helpers {
+        capture: None,
+        replay: None,
+    };
+    let capture_external = coord::capture_running(dir).map_err(|e| {
+        CutoverError::Connect(crate::Error::io(dir.join(crate::buffer::LOCK_FILE), e))
+    })?;
+    if capture_external {
+        report.capture = "external".into();
+    } else {
+        report.capture = "in-process".into();
+        let mut cfg = CaptureConfig::new(config.source.clone(), dir.clone());
+        cfg.slot = config.slot.clone();
+        cfg.publication = config.publication.clone();
+        cfg.flush_interval = config.capture_flush_interval;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(capture::run(cfg, async move {
+            let _ = rx.await;
+        }));
+        helpers.capture = Some((h, tx));
+    }
+    match coord::ReplayGuard::try_acquire(&config.target, &buffer_id).await? {
+        None => report.replay = "external".into(),
+        Some(guard) => {
+            report.replay = "in-process".into();
+            let mut cfg = ReplayConfig::new(dir.clone(), config.target.clone());
+            cfg.follow = true;
+            cfg.batch_time = config.replay_batch_time;
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let h = tokio::spawn(replay::run(cfg, async move {
+                let _ = rx.await;
+            }));
+            helpers.replay = Some((h, tx, guard));
+        }
+    }
+
+    let hook_ctx = HookContext {
+        cutover_id: id.clone(),
+        source: config.source.clone(),
+        target: config.target.clone(),
+        buffer_dir: dir.clone(),
+        marker: None,
+    };
+    let mut ctx = Ctx {
+        config,
+        report,
+        tl,
+        src,
+        tgt,
+        buffer_id,
+        helpers,
+        interrupted,
+        fence_state: None,
+        leftover,
+        window_start: None,
+        hook_ctx,
+    };
+    if let Err(e) = wait_for_lag(&mut ctx).await {
+        let warnings = ctx.helpers.stop().await;
+        ctx.report.warnings.extend(warnings);
+        return Err(e);
+    }
+
+    // From here on, every failure before the switch aborts and unfences.
+    match fenced(&mut ctx, own_pid).await {
+        Ok(()) => {}
+        Err(cause) => return Err(abort(ctx, cause).await),
+    }
+    if !config.dry_run {
+        if let Some(cmd) = &config.after {
+            ctx.tl.begin("after");
+            let (run, r) = hooks::run_hook("after", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+            ctx.report.hooks.push(run);
+            match r {
+                Ok(()) => {
+                    ctx.tl.end(&mut ctx.report, "");
+                }
+                Err(e) => {
+                    ctx.tl.end(&mut ctx.report, "failed");
+                    ctx.report.outcome = Outcome::SwitchedAfterHookFailed;
+                    ctx.report.error = Some(e.to_string());
+                }
+            }
+        }
+        if ctx.report.outcome == Outcome::InProgress {
+            ctx.report.outcome = Outcome::Switched;
+        }
+        // The fence stays up on purpose: the source must not take writes any more.
+        if let Err(e) = FenceState::remove(dir) {
+            ctx.report.warnings.push(e.to_string());
+        }
+    } else {
+        ctx.report.outcome = Outcome::DryRun;
+    }
+    let warnings = ctx.helpers.stop().await;
+    ctx.report.warnings.extend(warnings);
+    Ok(ctx.report)
+}
+
+/// Preflight's wait: lag under `max_lag` and no postpone file.
+async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    let started = Instant::now();
+    let mut last_said = Instant::now();
+    let mut said_postpone: Option<Instant> = None;
+    loop {
+        ctx.helpers.check().await?;
+        if ctx.interrupted.load(Ordering::Relaxed) {
+            return Err(CutoverError::Interrupted);
+        }
+        let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
+            .await
+            .map_err(sql("reading the target's applied LSN"))?
+            .unwrap_or(Lsn::ZERO);
+        let lag = coord::lag(&ctx.src, &config.slot, &config.buffer_dir, applied).await?;
+        let postponed = config.buffer_dir.join(POSTPONE_FILE).exists();
+        if postponed {
+            if said_postpone.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                config.say(&format!(
+                    "cutover postponed: {} exists; waiting (remove it to proceed)",
+                    config.buffer_dir.join(POSTPONE_FILE).display()
+                ));
+                said_postpone = Some(Instant::now());
+            }
+        } else if lag.streaming && lag.secs <= config.max_lag.as_secs_f64() {
+            ctx.tl.end(
+                &mut ctx.report,
+                format!(
+                    "lag {:.2} s (capture {} bytes, replay {} bytes)",
+                    lag.secs, lag.capture_bytes, lag.replay_bytes
+                ),
+            );
+            return Ok(());
+        }
+        if let Some(limit) = config.preflight_timeout
+            && started.elapsed() > limit
+        {
+            return Err(CutoverError::LagTimeout {
+                lag_secs: lag.secs,
+                max: config.max_lag,
+                waited: started.elapsed(),
+            });
+        }
+        if !postponed && !lag.streaming && last_said.elapsed() >= Duration::from_secs(2) {
+            config.say(&format!(
+                "cutover waiting for capture to stream from slot {:?} (it is not active yet)",
+                config.slot
+            ));
+            last_said = Instant::now();
+        } else if !postponed && last_said.elapsed() >= Duration::from_secs(2) {
+            config.say(&format!(
+                "cutover waiting for replay to catch up: lag {:.1} s (capture {} bytes, replay {} bytes), need ≤ {:?}",
+                lag.secs, lag.capture_bytes, lag.replay_bytes, config.max_lag
+            ));
+            last_said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Fence → switch. Any error returned here aborts.
+async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    let dir = &config.buffer_dir;
+    ctx.window_start = Some(ctx.tl.begin("fence"));
+    let mut note = String::new();
+    if !config.dry_run
+        && let Some(cmd) = &config.before
+    {
+        let (run, r) = hooks::run_hook("before", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+        ctx.report.hooks.push(run);
+        r?;
+        note.push_str("before hook ran; ");
+    }
+    match (config.fence, config.dry_run) {
+        (FenceMode::ReadOnly, false) => {
+            let state =
+                fence::prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
+            ctx.report.fence_previous_setting = state.previous.clone();
+            ctx.fence_state = Some(state.clone());
+            let timeout = config.terminate_timeout.min(ctx.remaining());
+            let n = fence::raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
+            ctx.report.sessions_terminated = n;
+            note.push_str(&format!("read-only; {n} session(s) terminated"));
+        }
+        (FenceMode::ReadOnly, true) => {
+            let n = fence::other_sessions(&ctx.src, &[own_pid]).await?.len();
+            note.push_str(&format!("dry run: would terminate {n} session(s)"));
+        }
+        (FenceMode::Hook, _) => note.push_str("fenced by the before hook"),
+        (FenceMode::None, _) => note.push_str("none (writes stopped by the operator)"),
+    }
+    let applied_at_fence = coord::applied(&ctx.tgt, &ctx.buffer_id)
+        .await
+        .map_err(sql("reading the target's applied LSN"))?
+        .unwrap_or(Lsn::ZERO);
+    ctx.report.applied_at_fence = Some(applied_at_fence);
+    ctx.tl.end(&mut ctx.report, note.trim_end_matches("; "));
+    ctx.deadline_check("fence")?;
+
+    // Marker.
+    ctx.tl.begin("marker");
+    ctx.src
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+            &[&crate::apply::replay::MARKER_PREFIX, &ctx.report.cutover_id],
+        )
+        .await
+        .map_err(sql("writing the cutover marker on the source"))?;
+    let marker: Lsn = ctx
+        .src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(sql("reading the source's WAL position"))?
+        .get::<_, String>(0)
+        .parse()
+        .unwrap_or_default();
+    ctx.report.marker_lsn = Some(marker);
+    ctx.tl.end(&mut ctx.report, format!("at {marker}"));
+
+    // Drain: durable in the buffer (slot confirmed) and applied on the target.
+    ctx.tl.begin("drain");
+    let mut scan = coord::MarkerScan::new(dir, applied_at_fence, &ctx.report.cutover_id)?;
+    let mut durable = false;
+    let end = loop {
+        ctx.deadline_check("drain")?;
+        ctx.helpers.check().await?;
+        if !durable {
+            durable = coord::slot_confirmed(&ctx.src, &config.slot)
+                .await
+                .map_err(sql("reading the slot's confirmed position"))?
+                .is_some_and(|c| c >= marker);
+        }
+        let found = scan.poll()?;
+        if durable && let Some(end) = found {
+            let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
+                .await
+                .map_err(sql("reading the target's applied LSN"))?
+                .unwrap_or(Lsn::ZERO);
+            if applied >= end {
+                break end;
+            }
+        }
+        tokio::time::sleep(config.poll_interval).await;
+    };
+    ctx.report.marker_commit_end = Some(end);
+    ctx.report.transactions_drained = scan.transactions.saturating_sub(1);
+    ctx.report.changes_drained = scan.changes;
+    ctx.hook_ctx.marker = Some(end);
+    let note = format!(
+        "{} transactions, {} changes; applied past {end}",
+        ctx.report.transactions_drained, ctx.report.changes_drained
+    );
+    ctx.tl.end(&mut ctx.report, note);
+
+    // Sequences.
+    ctx.deadline_check("sequences")?;
+    ctx.tl.begin("sequences");
+    let synced = sequences::sync(&ctx.src, &ctx.tgt, &config.table_map)
+        .await
+        .map_err(sql("syncing sequences"))?;
+    ctx.report.sequences = synced.set;
+    ctx.report.sequences_skipped = synced.skipped;
+    let note = format!("{} set", ctx.report.sequences.len());
+    ctx.tl.end(&mut ctx.report, note);
+
+    // Verify.
+    ctx.deadline_check("verify")?;
+    ctx.tl.begin("verify");
+    if config.verify != VerifyMode::None {
+        let tables = verify::published_tables(&ctx.src, &config.publication)
+            .await
+            .map_err(sql("listing the published tables"))?;
+        let remaining = ctx.remaining();
+        let checks = match tokio::time::timeout(
+            remaining,
+            verify::verify_tables(
+                &ctx.src,
+                &ctx.tgt,
+                &tables,
+                &config.table_map,
+                config.verify,
+            ),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(sql("verifying the target"))?,
+            Err(_) => {
+                return Err(CutoverError::MaxWindow {
+                    phase: "verify".into(),
+                    max: config.max_window,
+                    elapsed: ctx.window_start.map(|s| s.elapsed()).unwrap_or_default(),
+                });
+            }
+        };
+        let differing: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.equal)
+            .map(|c| {
+                format!(
+                    "{} → {}: {} vs {} rows",
+                    c.source, c.target, c.source_rows, c.target_rows
+                )
+            })
+            .collect();
+        ctx.report.verified = checks;
+        if !differing.is_empty() {
+            if config.dry_run {
+                ctx.report.warnings.push(format!(
+                    "dry run: {} table(s) differ (expected while the source keeps writing): {}",
+                    differing.len(),
+                    differing.join("; ")
+                ));
+            } else {
+                ctx.tl.end(&mut ctx.report, "differences found");
+                return Err(CutoverError::VerifyFailed { tables: differing });
+            }
+        }
+        let n = ctx.report.verified.len();
+        ctx.tl.end(&mut ctx.report, format!("{n} tables"));
+    } else {
+        ctx.tl.end(&mut ctx.report, "skipped (--verify none)");
+    }
+
+    if config.dry_run {
+        ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
+        return Ok(());
+    }
+
+    // Switch.
+    ctx.deadline_check("the switch (not started)")?;
+    ctx.tl.begin("switch");
+    if let Some(cmd) = &config.switch {
+        let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+        ctx.report.hooks.push(run);
+        r?;
+        ctx.tl.end(&mut ctx.report, "switch hook done");
+    } else {
+        ctx.tl.end(&mut ctx.report, "no --switch hook");
+    }
+    ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Lifts the fence, stops in-process helpers and wraps the cause.
+async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
+    let config = ctx.config;
+    ctx.tl.end_open(&mut ctx.report, format!("failed: {cause}"));
+    ctx.tl.begin("unfence");
+    let mut unfenced = Ok(());
+    let had_fence = ctx.fence_state.is_some();
+    if let Some(state) = ctx.fence_state.take() {
+        unfenced = lift_with_retry(config, &ctx.src, &config.buffer_dir, &state).await;
+    }
+    let note = match &unfenced {
+        Ok(()) if ctx.report.fence_previous_setting.is_some() || had_fence => {
+            "previous setting restored"
+        }
+        Ok(()) => "nothing to undo",
+        Err(_) => "FAILED",
+    };
+    ctx.tl.end(&mut ctx.report, note);
+    ctx.report.outcome = Outcome::Aborted;
+    ctx.report.error = Some(cause.to_string());
+    let warnings = ctx.helpers.stop().await;
+    ctx.report.warnings.extend(warnings);
+    CutoverError::Aborted(Box::new(Aborted {
+        cause,
+        report: ctx.report,
+        unfenced,
+        fence: config.fence,
+    }))
+}
+
+/// Lifts the fence over the existing session, or a new one if that session is gone.
+async fn lift_with_retry(
+    config: &CutoverConfig,
+    src: &Client,
+    dir: &Path,
+    state: &FenceState,
+) -> Result<(), String> {
+    if fence::lift(src, dir, state).await.is_ok() {
+        return Ok(());
+    }
+    let mut last = String::new();
+    for _ in 0..5 {
+        match config.source.connect().await {
+            Ok(c) => match fence::lift(&c, dir, state).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(last)
+}

@@ -1,0 +1,228 @@
+//! Sequences: logical decoding does not carry them, so at cutover every target sequence is set
+//! to its source counterpart's current state (`last_value`, `is_called`), after the fence (a
+//! read-only transaction cannot call `nextval`, so the source's values no longer move).
+//!
+//! Which target sequence a source sequence feeds: a sequence owned by a column (`serial`,
+//! identity) follows its table through the [`TableMap`] — the target table's sequence for the
+//! same column (`pg_get_serial_sequence`); otherwise (or if that finds nothing) the sequence
+//! of the same schema-qualified name. A source sequence with no counterpart on the target is
+//! reported as skipped. When several source sequences feed one target sequence, it gets the
+//! largest value.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use super::report::SequenceSync;
+use crate::sql::{quote_ident, quote_qualified};
+
+/// Where a source table's rows land on the target: `(schema, table)` → target tables.
+/// Identity by default; a migration mapping that renames or splits tables supplies its own.
+#[derive(Clone)]
+pub struct TableMap(Arc<MapFn>);
+
+/// The mapping function behind a [`TableMap`].
+type MapFn = dyn Fn(&str, &str) -> Vec<(String, String)> + Send + Sync;
+
+impl TableMap {
+    /// Every table maps to the table of the same name.
+    pub fn identity() -> Self {
+        TableMap(Arc::new(|s, t| vec![(s.to_owned(), t.to_owned())]))
+    }
+
+    /// A custom mapping.
+    pub fn new(f: impl Fn(&str, &str) -> Vec<(String, String)> + Send + Sync + 'static) -> Self {
+        TableMap(Arc::new(f))
+    }
+
+    /// The target tables of a source table (empty: the table is dropped by the mapping).
+    pub fn map(&self, schema: &str, table: &str) -> Vec<(String, String)> {
+        (self.0)(schema, table)
+    }
+}
+
+impl Default for TableMap {
+    fn default() -> Self {
+        TableMap::identity()
+    }
+}
+
+impl std::fmt::Debug for TableMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TableMap(..)")
+    }
+}
+
+/// A source sequence, its owning column if any, and its state.
+struct SourceSequence {
+    schema: String,
+    name: String,
+    owner: Option<(String, String, String)>,
+    last_value: i64,
+    is_called: bool,
+}
+
+/// What [`sync`] did.
+#[derive(Debug, Default)]
+pub struct SequencesSynced {
+    pub set: Vec<SequenceSync>,
+    pub skipped: Vec<String>,
+}
+
+/// Reads every source sequence's state and sets the target's counterparts. Two round trips
+/// per side whatever the number of sequences.
+pub async fn sync(
+    source: &Client,
+    target: &Client,
+    map: &TableMap,
+) -> Result<SequencesSynced, tokio_postgres::Error> {
+    let rows = source
+        .query(
+            "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text, a.attname::text \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid \
+                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0 \
+             LEFT JOIN pg_class t ON t.oid = d.refobjid \
+             LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace \
+             LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+             WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(SequencesSynced::default());
+    }
+    let mut seqs: Vec<SourceSequence> = rows
+        .iter()
+        .map(|r| SourceSequence {
+            schema: r.get(0),
+            name: r.get(1),
+            owner: match (
+                r.get::<_, Option<String>>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, Option<String>>(4),
+            ) {
+                (Some(s), Some(t), Some(c)) => Some((s, t, c)),
+                _ => None,
+            },
+            last_value: 0,
+            is_called: false,
+        })
+        .collect();
+    // One statement reads them all.
+    let values_sql = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "SELECT {i}, last_value, is_called FROM {}",
+                quote_qualified(&s.schema, &s.name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    for r in source.query(&values_sql, &[]).await? {
+        let i: i32 = r.get(0);
+        let s = &mut seqs[i as usize];
+        s.last_value = r.get(1);
+        s.is_called = r.get(2);
+    }
+
+    // Candidates per source sequence: (owning target table, column) pairs and the same name.
+    let mut idx: Vec<i32> = Vec::new();
+    let mut tables: Vec<Option<String>> = Vec::new();
+    let mut columns: Vec<Option<String>> = Vec::new();
+    let mut same_names: Vec<String> = Vec::new();
+    for (i, s) in seqs.iter().enumerate() {
+        let same = quote_qualified(&s.schema, &s.name);
+        match &s.owner {
+            Some((ts, tt, col)) => {
+                for (ms, mt) in map.map(ts, tt) {
+                    idx.push(i as i32);
+                    tables.push(Some(quote_qualified(&ms, &mt)));
+                    columns.push(Some(col.clone()));
+                    same_names.push(same.clone());
+                }
+                if map.map(ts, tt).is_empty() {
+                    idx.push(i as i32);
+                    tables.push(None);
+                    columns.push(None);
+                    same_names.push(same);
+                }
+            }
+            None => {
+                idx.push(i as i32);
+                tables.push(None);
+                columns.push(None);
+                same_names.push(same);
+            }
+        }
+    }
+    let resolved = target
+        .query(
+            "SELECT x.i, coalesce( \
+                 CASE WHEN x.tq IS NOT NULL AND to_regclass(x.tq) IS NOT NULL AND EXISTS ( \
+                     SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(x.tq) AND attname = x.col AND NOT attisdropped) \
+                 THEN pg_get_serial_sequence(x.tq, x.col) END, \
+                 (SELECT to_regclass(x.sq)::text WHERE to_regclass(x.sq) IS NOT NULL \
+                     AND (SELECT relkind FROM pg_class WHERE oid = to_regclass(x.sq)) = 'S')) \
+             FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[]) AS x(i, tq, col, sq)",
+            &[&idx, &tables, &columns, &same_names],
+        )
+        .await?;
+    // Target sequence → (value, called, sources) keeping the largest value.
+    let mut plan: BTreeMap<String, (i64, bool, Vec<usize>)> = BTreeMap::new();
+    let mut found = vec![false; seqs.len()];
+    for r in resolved {
+        let i = r.get::<_, i32>(0) as usize;
+        let Some(t) = r.get::<_, Option<String>>(1) else {
+            continue;
+        };
+        found[i] = true;
+        let s = &seqs[i];
+        let e = plan
+            .entry(t)
+            .or_insert((s.last_value, s.is_called, Vec::new()));
+        if (s.last_value, s.is_called) > (e.0, e.1) {
+            e.0 = s.last_value;
+            e.1 = s.is_called;
+        }
+        e.2.push(i);
+    }
+    let mut out = SequencesSynced::default();
+    for (i, s) in seqs.iter().enumerate() {
+        if !found[i] {
+            out.skipped.push(format!(
+                "{}.{}",
+                quote_ident(&s.schema),
+                quote_ident(&s.name)
+            ));
+        }
+    }
+    if plan.is_empty() {
+        return Ok(out);
+    }
+    let names: Vec<&str> = plan.keys().map(String::as_str).collect();
+    let values: Vec<i64> = plan.values().map(|v| v.0).collect();
+    let called: Vec<bool> = plan.values().map(|v| v.1).collect();
+    target
+        .execute(
+            "SELECT setval(x.s::regclass, x.v, x.c) FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(s, v, c)",
+            &[&names, &values, &called],
+        )
+        .await?;
+    for (t, (v, c, sources)) in &plan {
+        for &i in sources {
+            out.set.push(SequenceSync {
+                source: quote_qualified(&seqs[i].schema, &seqs[i].name),
+                target: t.clone(),
+                last_value: *v,
+                is_called: *c,
+            });
+        }
+    }
+    Ok(out)
+}

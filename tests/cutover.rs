@@ -1,0 +1,533 @@
+//! Cutover against real throwaway clusters: under concurrent writes (everything committed
+//! before the fence reaches the target, the source refuses writes afterwards), the abort paths
+//! (failing verify, failing switch hook, a backlog larger than --max-window — each leaves the
+//! source writable exactly as before, with nothing lost), a dry run that fences nothing, and
+//! `walshift run` + `walshift cutover` as separate processes.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use walshift::capture::{self, CaptureConfig};
+use walshift::clone::CloneOptions;
+use walshift::conn::ConnInfo;
+use walshift::cutover::{self, CutoverConfig, CutoverError, Outcome, VerifyMode};
+use walshift::testkit::{Cluster, ClusterOptions};
+
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id bigserial PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL DEFAULT 0);
+    CREATE TABLE events (id bigserial PRIMARY KEY, account_id bigint, amount bigint, at timestamptz DEFAULT now());
+    CREATE TABLE notes (k text PRIMARY KEY, body text);
+    CREATE SEQUENCE invoice_no START 1000;
+    INSERT INTO accounts (owner, balance) SELECT 'o' || g, g FROM generate_series(1, 2000) g;
+    INSERT INTO notes SELECT 'k' || g, 'n' FROM generate_series(1, 100) g;
+    SELECT nextval('invoice_no') FROM generate_series(1, 5);";
+
+const TABLES: [&str; 3] = ["accounts", "events", "notes"];
+
+struct Setup {
+    source: Cluster,
+    target: Cluster,
+    dir: tempfile::TempDir,
+    src: ConnInfo,
+    tgt: ConnInfo,
+}
+
+impl Setup {
+    fn config(&self) -> CutoverConfig {
+        let mut c = CutoverConfig::new(self.src.clone(), self.tgt.clone(), self.dir.path());
+        c.preflight_timeout = Some(Duration::from_secs(60));
+        c
+    }
+}
+
+/// Two clusters, the schema on the source, cloned into the target at a new slot's snapshot.
+async fn setup() -> Setup {
+    let (a, b) = (
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+    );
+    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+    source.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = ConnInfo::parse(&source.conn_string("postgres")).unwrap();
+    let tgt = ConnInfo::parse(&target.conn_string("postgres")).unwrap();
+    let mut cfg = CaptureConfig::new(src.clone(), dir.path());
+    cfg.clone = Some(CloneOptions::new(src.clone(), tgt.clone()));
+    cfg.until_lsn = Some(common::current_lsn(&source).await);
+    capture::run(cfg, std::future::pending::<()>())
+        .await
+        .expect("capture with clone");
+    Setup {
+        source,
+        target,
+        dir,
+        src,
+        tgt,
+    }
+}
+
+/// Per table: row count and an order-independent checksum.
+async fn sums(c: &Cluster) -> Vec<(String, i64, String)> {
+    let client = c.connect("postgres").await.unwrap();
+    let mut out = Vec::new();
+    for t in TABLES {
+        let r = client
+            .query_one(
+                &format!("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {t} t"),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((t.to_string(), r.get(0), r.get(1)));
+    }
+    out
+}
+
+/// The database-wide setting entry and what a new session sees.
+async fn read_only_state(c: &Cluster) -> (Option<Vec<String>>, String) {
+    let client = c.connect("postgres").await.unwrap();
+    let entry: Option<Vec<String>> = client
+        .query_opt(
+            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+             WHERE d.datname = 'postgres' AND s.setrole = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0));
+    let show: String = client
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (entry, show)
+}
+
+/// A write in a new session on the source.
+async fn source_write(c: &Cluster) -> Result<(), tokio_postgres::Error> {
+    let client = c.connect("postgres").await.unwrap();
+    client
+        .batch_execute("INSERT INTO notes VALUES ('probe-' || gen_random_uuid(), 'p')")
+        .await
+}
+
+/// What a writer saw.
+#[derive(Debug, Default)]
+struct Written {
+    /// Last event id whose transaction committed (COMMIT answered).
+    last_committed: Option<i64>,
+    commits: u64,
+    /// The writer met a read-only error (the fence).
+    fenced: bool,
+    other_errors: u64,
+}
+
+/// Hammers the source until it is refused as read-only (or `stop`): each transaction inserts
+/// an event, moves a balance and takes an invoice number. Reconnects when its session is
+/// terminated.
+fn writer(conn: String, seed: i64, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Written> {
+    tokio::spawn(async move {
+        let mut w = Written::default();
+        let mut n = seed;
+        let deadline = Instant::now() + Duration::from_secs(45);
+        'outer: while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let Ok((client, conn)) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+            else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let r = async {
+                    client.batch_execute("BEGIN").await?;
+                    let id: i64 = client
+                        .query_one(
+                            "INSERT INTO events (account_id, amount) VALUES ($1, $2) RETURNING id",
+                            &[&(1 + n % 2000), &n],
+                        )
+                        .await?
+                        .get(0);
+                    client
+                        .execute(
+                            "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                            &[&(1 + (n * 7) % 2000)],
+                        )
+                        .await?;
+                    client
+                        .query_one("SELECT nextval('invoice_no')", &[])
+                        .await?;
+                    client.batch_execute("COMMIT").await?;
+                    Ok::<i64, tokio_postgres::Error>(id)
+                }
+                .await;
+                match r {
+                    Ok(id) => {
+                        w.last_committed = Some(id);
+                        w.commits += 1;
+                    }
+                    Err(e) => {
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+                        {
+                            w.fenced = true;
+                            break 'outer;
+                        }
+                        w.other_errors += 1;
+                        continue 'outer; // terminated: reconnect
+                    }
+                }
+            }
+        }
+        w
+    })
+}
+
+async fn seq_values(c: &Cluster) -> Vec<(String, i64)> {
+    let client = c.connect("postgres").await.unwrap();
+    let mut out = Vec::new();
+    for s in ["accounts_id_seq", "events_id_seq", "invoice_no"] {
+        let v: i64 = client
+            .query_one(&format!("SELECT last_value FROM {s}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        out.push((s.to_string(), v));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_under_concurrent_writes_loses_nothing_and_fences_the_source() {
+    let s = setup().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let conn = s.source.conn_string("postgres");
+    let writers: Vec<_> = (0..2)
+        .map(|i| writer(conn.clone(), i * 1_000_000, stop.clone()))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let marker_file = s.dir.path().join("switched");
+    let mut cfg = s.config();
+    cfg.verify = VerifyMode::Checksum;
+    cfg.switch = Some(format!(
+        "echo \"$WALSHIFT_CUTOVER_ID $WALSHIFT_MARKER_LSN $WALSHIFT_SOURCE\" > {}",
+        marker_file.display()
+    ));
+    let report = cutover::run(cfg, std::future::pending())
+        .await
+        .expect("cutover");
+    assert_eq!(report.outcome, Outcome::Switched, "{report}");
+    assert_eq!(
+        (report.capture.as_str(), report.replay.as_str()),
+        ("in-process", "in-process")
+    );
+    assert!(report.sessions_terminated >= 2, "{report}");
+
+    let mut last = Vec::new();
+    for w in writers {
+        let w = tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .expect("writers stop at the fence")
+            .unwrap();
+        assert!(w.fenced, "the writer ended on a read-only error: {w:?}");
+        assert!(w.commits > 10, "the writer wrote before the fence: {w:?}");
+        last.push(w.last_committed.unwrap());
+    }
+
+    // The target equals the source, table by table, and holds each writer's last commit.
+    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+    let t = s.target.connect("postgres").await.unwrap();
+    for id in last {
+        let n: i64 = t
+            .query_one("SELECT count(*) FROM events WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "last committed event {id} is on the target");
+    }
+    // Sequences: the target continues at or past the source.
+    for ((name, sv), (_, tv)) in seq_values(&s.source)
+        .await
+        .into_iter()
+        .zip(seq_values(&s.target).await)
+    {
+        assert!(tv >= sv, "{name}: target {tv} < source {sv}");
+    }
+    assert!(report.sequences.len() >= 3, "{report}");
+    // The source refuses writes; the switch hook saw the marker and names without a password.
+    let e = source_write(&s.source).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
+    let hook = std::fs::read_to_string(&marker_file).unwrap();
+    let end = report.marker_commit_end.unwrap();
+    assert_eq!(
+        hook.trim(),
+        format!("{} {end} {}", report.cutover_id, s.src.redacted())
+    );
+    assert!(
+        report.window().unwrap() < Duration::from_secs(10),
+        "{report}"
+    );
+    assert!(
+        !s.dir
+            .path()
+            .join(walshift::cutover::fence::STATE_FILE)
+            .exists()
+    );
+    for p in ["fence", "marker", "drain", "sequences", "verify", "switch"] {
+        assert!(report.phase(p).is_some(), "phase {p} in {report}");
+    }
+}
+
+/// The abort left the database's setting as it was before and the source writable.
+async fn assert_unfenced(s: &Setup, expected_entry: Option<Vec<String>>) {
+    let (entry, show) = read_only_state(&s.source).await;
+    assert_eq!(entry, expected_entry);
+    assert_eq!(show, "off");
+    source_write(&s.source)
+        .await
+        .expect("the source takes writes again");
+    assert!(
+        !s.dir
+            .path()
+            .join(walshift::cutover::fence::STATE_FILE)
+            .exists()
+    );
+}
+
+fn aborted(r: Result<cutover::CutoverReport, CutoverError>) -> Box<cutover::Aborted> {
+    match r {
+        Err(CutoverError::Aborted(a)) => a,
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_verify_aborts_unfenced_and_a_rerun_after_the_fix_succeeds() {
+    let s = setup().await;
+    // An explicit previous setting: unfencing must restore exactly it.
+    s.source
+        .execute(
+            "postgres",
+            "ALTER DATABASE postgres SET default_transaction_read_only = off",
+        )
+        .await
+        .unwrap();
+    s.target
+        .execute(
+            "postgres",
+            "INSERT INTO notes VALUES ('only-on-target', 'x')",
+        )
+        .await
+        .unwrap();
+    s.source
+        .execute(
+            "postgres",
+            "INSERT INTO notes VALUES ('before-cutover', 'y')",
+        )
+        .await
+        .unwrap();
+    let a = aborted(cutover::run(s.config(), std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::VerifyFailed { .. }), "{a}");
+    assert!(a.unfenced.is_ok());
+    assert_eq!(a.report.outcome, Outcome::Aborted);
+    let msg = a.to_string();
+    assert!(
+        msg.contains("notes") && msg.contains("writable again"),
+        "{msg}"
+    );
+    assert_unfenced(&s, Some(vec!["default_transaction_read_only=off".into()])).await;
+
+    // Nothing lost: fix the target, write more, cut over again.
+    s.target
+        .execute("postgres", "DELETE FROM notes WHERE k = 'only-on-target'")
+        .await
+        .unwrap();
+    s.source
+        .execute("postgres", "INSERT INTO notes VALUES ('after-abort', 'z')")
+        .await
+        .unwrap();
+    let report = cutover::run(s.config(), std::future::pending())
+        .await
+        .expect("second cutover");
+    assert_eq!(report.outcome, Outcome::Switched);
+    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_switch_hook_aborts_and_leaves_the_source_as_it_was() {
+    let s = setup().await;
+    let mut cfg = s.config();
+    cfg.switch = Some("echo repointing failed >&2; exit 1".into());
+    let a = aborted(cutover::run(cfg, std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::Hook(_)), "{a}");
+    assert!(a.to_string().contains("repointing failed"), "{a}");
+    assert_eq!(a.report.hooks.len(), 1);
+    assert_eq!(a.report.hooks[0].exit_code, Some(1));
+    assert_unfenced(&s, None).await;
+    assert_eq!(sums(&s.source).await[0], sums(&s.target).await[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_beyond_max_window_aborts_then_drains_on_a_rerun() {
+    let s = setup().await;
+    // A backlog capture has not even read yet: 60 000 changes.
+    s.source
+        .execute(
+            "postgres",
+            "INSERT INTO events (account_id, amount) SELECT g % 2000, g FROM generate_series(1, 60000) g;
+             UPDATE accounts SET balance = balance + 1;",
+        )
+        .await
+        .unwrap();
+    let mut cfg = s.config();
+    cfg.max_lag = Duration::from_secs(3600);
+    cfg.max_window = Duration::from_millis(30);
+    let a = aborted(cutover::run(cfg, std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::MaxWindow { .. }), "{a}");
+    assert!(a.to_string().contains("--max-window"), "{a}");
+    assert_unfenced(&s, None).await;
+
+    let report = cutover::run(s.config(), std::future::pending())
+        .await
+        .expect("a rerun with the default window");
+    assert_eq!(report.outcome, Outcome::Switched, "{report}");
+    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_fences_nothing_and_projects_the_window() {
+    let s = setup().await;
+    let idle = s.source.connect("postgres").await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(s.source.conn_string("postgres"), 0, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut cfg = s.config();
+    cfg.dry_run = true;
+    cfg.switch = Some("exit 1".into()); // never run in a dry run
+    let report = cutover::run(cfg, std::future::pending())
+        .await
+        .expect("dry run");
+    assert_eq!(report.outcome, Outcome::DryRun, "{report}");
+    assert!(report.window().is_some());
+    assert!(report.phase("switch").is_none() && report.hooks.is_empty());
+    assert!(report.marker_commit_end.is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let w = w.await.unwrap();
+    assert!(
+        !w.fenced && w.other_errors == 0,
+        "the writer was never disturbed: {w:?}"
+    );
+    idle.batch_execute("SELECT 1")
+        .await
+        .expect("sessions were not terminated");
+    assert_unfenced(&s, None).await;
+}
+
+fn walshift(args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"));
+    c.args(args);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_against_a_running_walshift_run() {
+    let (a, b) = (
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+    );
+    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+    source.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let buf = dir.path().to_str().unwrap().to_owned();
+    let (sc, tc) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    let mut run = walshift(&[
+        "run",
+        "--source",
+        &sc,
+        "--target",
+        &tc,
+        "--buffer",
+        &buf,
+        "--no-progress",
+    ])
+    .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
+    .spawn()
+    .unwrap();
+    // Streaming once the control socket says so.
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(v)) = cutover::control::request(dir.path(), "status").await
+            && v["phase"] == "streaming"
+            && v["applied_lsn"].is_string()
+        {
+            break;
+        }
+        assert!(
+            run.try_wait().unwrap().is_none(),
+            "walshift run exited early"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "run never started streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = walshift(&["status", "--buffer", &buf]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("walshift run  running"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO notes SELECT 'live' || g, 'l' FROM generate_series(1, 500) g",
+        )
+        .await
+        .unwrap();
+    let out = walshift(&[
+        "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--verify",
+        "checksum",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "switched", "{v}");
+    assert_eq!(
+        (v["capture"].as_str(), v["replay"].as_str()),
+        (Some("external"), Some("external"))
+    );
+    assert!(v["window_secs"].as_f64().unwrap() > 0.0);
+    assert_eq!(sums(&source).await, sums(&target).await);
+    let v = cutover::control::request(dir.path(), "stop")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v["ok"], true);
+    let status = tokio::task::spawn_blocking(move || run.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default()
+    );
+    assert!(!Path::new(&buf).join("control.sock").exists());
+}
