@@ -26,6 +26,10 @@
 //!    every method starts with a clean cluster:
 //!    a. `walshift replay --buffer … --target …/ws --json` as a child process: wall time, CPU
 //!    (user + system) and peak RSS from `wait4`.
+//!    a'. With `--transform`, the same into database `wst`, which the release's migration
+//!    (`--migration`, untimed) brought to the mapping's schema after the initial load:
+//!    `walshift replay --transform <mapping>`, verified against the source *through the
+//!    mapping* ([`crate::verify`]); its rate over a.'s is reported (goal: within 20%).
 //!    b. `ALTER SUBSCRIPTION native_sync ENABLE`, clock running until the last source
 //!    transaction is applied **and flushed** on the target: the subscription's replication
 //!    origin shows the last commit's end LSN (`remote_lsn`) and the target's WAL is flushed
@@ -66,6 +70,22 @@ pub struct ReplayBench {
     pub workload: Workload,
     /// `--batch-rows` for `walshift replay`; `None` keeps replay's default.
     pub batch_rows: Option<usize>,
+    /// Also time replay through a migration mapping, into its own target database. Default
+    /// none.
+    pub transform: Option<TransformBench>,
+}
+
+/// Replay through a mapping, measured right after identity replay on the same backlog.
+///
+/// Its target database starts with the same rows as the others, then `migration` (the
+/// release's SQL, untimed) brings it to the mapping's schema; after replay it is compared with
+/// the source *through the mapping* ([`crate::verify`]).
+#[derive(Clone, Debug)]
+pub struct TransformBench {
+    /// The mapping file (`walshift replay --transform`).
+    pub mapping: std::path::PathBuf,
+    /// SQL run on the transform target before replay, untimed.
+    pub migration: Option<std::path::PathBuf>,
 }
 
 /// One method's measurement.
@@ -115,11 +135,14 @@ pub struct ReplayBenchReport {
     pub goal_sync_on_met: bool,
     /// Replay ≥ 2× native (sync off).
     pub goal_sync_off_met: bool,
+    /// Replay through the mapping, changes/s over identity replay's (with `--transform`).
+    pub transform_vs_identity: Option<f64>,
 }
 
 const WALSHIFT: &str = "walshift replay";
 const NATIVE_SYNC: &str = "native sync on";
 const NATIVE_ASYNC: &str = "native sync off";
+const WALSHIFT_TRANSFORM: &str = "walshift replay + transform";
 
 /// Native apply that makes no progress for this long is declared stuck.
 const STALL: Duration = Duration::from_secs(120);
@@ -322,8 +345,21 @@ impl ReplayBench {
             )
             .await?;
 
+        let mapping = match &self.transform {
+            Some(t) => Some(crate::transform::Mapping::load(&t.mapping).map_err(|e| {
+                BenchError::Check {
+                    method: WALSHIFT_TRANSFORM.into(),
+                    detail: e.to_string(),
+                }
+            })?),
+            None => None,
+        };
+        let mut dbs = vec!["ws", "native_sync", "native_async"];
+        if mapping.is_some() {
+            dbs.push("wst");
+        }
         let mut targets = Vec::new();
-        for db in ["ws", "native_sync", "native_async"] {
+        for db in dbs {
             log(&format!(
                 "loading {} accounts into target database {db}",
                 w.initial_rows
@@ -331,6 +367,12 @@ impl ReplayBench {
             target_cluster.create_database(db).await?;
             let client = target_cluster.connect(db).await?;
             workload::load(&client, w).await?;
+            if db == "wst"
+                && let Some(sql) = self.transform.as_ref().and_then(|t| t.migration.as_ref())
+            {
+                log(&format!("running the migration {} on wst", sql.display()));
+                client.batch_execute(&std::fs::read_to_string(sql)?).await?;
+            }
             targets.push(client);
         }
         let mut origins = Vec::new();
@@ -396,67 +438,106 @@ impl ReplayBench {
 
         let mut results = Vec::new();
 
-        // (a) walshift replay.
-        target_cluster.execute("postgres", "CHECKPOINT").await?;
-        let mut replay = Command::new(walshift);
-        replay
-            .arg("replay")
-            .arg("--buffer")
-            .arg(&buffer)
-            .arg("--target")
-            .arg(target_cluster.conn_string("ws"))
-            .arg("--json");
-        if let Some(n) = self.batch_rows {
-            replay.arg(format!("--batch-rows={n}"));
+        // (a) walshift replay, then (a') through the mapping if asked.
+        let mut runs = vec![(WALSHIFT, "ws", 0usize)];
+        if mapping.is_some() {
+            runs.push((WALSHIFT_TRANSFORM, "wst", 3));
         }
-        log("timing walshift replay");
-        let (t0, s0) = (cluster_cpu(&target_cluster), cluster_cpu(&source_cluster));
-        let ran = timed(WALSHIFT, replay)?;
-        // Replay's server backend has its CPU counted once the postmaster has reaped it: wait
-        // for it to leave (untimed), or a reading taken mid-exit would miss it.
-        let settle = Instant::now();
-        while settle.elapsed() < Duration::from_secs(5) {
-            let others: i64 = targets[0]
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = 'ws' AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await?
-                .get(0);
-            if others == 0 {
-                break;
+        let mut last_commit = Lsn::ZERO;
+        for (method, db, idx) in runs {
+            target_cluster.execute("postgres", "CHECKPOINT").await?;
+            let mut replay = Command::new(walshift);
+            replay
+                .arg("replay")
+                .arg("--buffer")
+                .arg(&buffer)
+                .arg("--target")
+                .arg(target_cluster.conn_string(db))
+                .arg("--json");
+            if let Some(n) = self.batch_rows {
+                replay.arg(format!("--batch-rows={n}"));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if method == WALSHIFT_TRANSFORM
+                && let Some(t) = &self.transform
+            {
+                replay.arg("--transform").arg(&t.mapping);
+            }
+            log(&format!("timing {method}"));
+            let (t0, s0) = (cluster_cpu(&target_cluster), cluster_cpu(&source_cluster));
+            let ran = timed(method, replay)?;
+            // Replay's server backend has its CPU counted once the postmaster has reaped it:
+            // wait for it to leave (untimed), or a reading taken mid-exit would miss it.
+            let settle = Instant::now();
+            while settle.elapsed() < Duration::from_secs(5) {
+                let others: i64 = targets[idx]
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .await?
+                    .get(0);
+                if others == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (t1, s1) = (cluster_cpu(&target_cluster), cluster_cpu(&source_cluster));
+            let report = json_report(method, &ran.stdout)?;
+            let applied = report["changes"].as_i64().unwrap_or(-1);
+            if applied != w.changes {
+                return Err(BenchError::Check {
+                    method: method.into(),
+                    detail: format!("applied {applied} changes, the workload made {}", w.changes),
+                });
+            }
+            last_commit = parse_lsn(method, report["applied_lsn"].as_str().unwrap_or(""))?;
+            if last_commit > end_lsn || last_commit == Lsn::ZERO {
+                return Err(BenchError::Check {
+                    method: method.into(),
+                    detail: format!(
+                        "applied up to {last_commit}, outside the backlog (end {end_lsn})"
+                    ),
+                });
+            }
+            match &mapping {
+                Some(m) if method == WALSHIFT_TRANSFORM => {
+                    let v = crate::verify::verify(
+                        &source,
+                        &targets[idx],
+                        m,
+                        &[crate::transform::TableName::new("public", "accounts")],
+                        &crate::verify::VerifyOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| BenchError::Check {
+                        method: method.into(),
+                        detail: format!("verify through the mapping failed: {e}"),
+                    })?;
+                    if !v.equal() {
+                        return Err(BenchError::Check {
+                            method: method.into(),
+                            detail: format!(
+                                "target differs from source + mapping: {}",
+                                serde_json::to_string(&v).unwrap_or_default()
+                            ),
+                        });
+                    }
+                }
+                _ => verify(method, &targets[idx], &expected).await?,
+            }
+            results.push(self.result(
+                method,
+                ran.wall,
+                Some(ran.cpu),
+                Some(ran.max_rss_bytes),
+                t1.saturating_sub(t0),
+                s1.saturating_sub(s0),
+                report["batches"].as_u64(),
+            ));
+            log(&results.last().expect("pushed").line());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (t1, s1) = (cluster_cpu(&target_cluster), cluster_cpu(&source_cluster));
-        let report = json_report(WALSHIFT, &ran.stdout)?;
-        let applied = report["changes"].as_i64().unwrap_or(-1);
-        if applied != w.changes {
-            return Err(BenchError::Check {
-                method: WALSHIFT.into(),
-                detail: format!("applied {applied} changes, the workload made {}", w.changes),
-            });
-        }
-        let last_commit = parse_lsn(WALSHIFT, report["applied_lsn"].as_str().unwrap_or(""))?;
-        if last_commit > end_lsn || last_commit == Lsn::ZERO {
-            return Err(BenchError::Check {
-                method: WALSHIFT.into(),
-                detail: format!("applied up to {last_commit}, outside the backlog (end {end_lsn})"),
-            });
-        }
-        verify(WALSHIFT, &targets[0], &expected).await?;
-        results.push(self.result(
-            WALSHIFT,
-            ran.wall,
-            Some(ran.cpu),
-            Some(ran.max_rss_bytes),
-            t1.saturating_sub(t0),
-            s1.saturating_sub(s0),
-            report["batches"].as_u64(),
-        ));
-        log(&results.last().expect("pushed").line());
 
         // (b), (c) native logical replication.
         for (i, (method, name, _)) in natives.iter().enumerate() {
@@ -509,7 +590,12 @@ impl ReplayBench {
             r.vs_native_sync_off = r.changes_per_sec / sync_off.max(1e-9);
         }
         let ours = &results[0];
+        let transform_vs_identity = results
+            .iter()
+            .find(|r| r.method == WALSHIFT_TRANSFORM)
+            .map(|r| r.changes_per_sec / ours.changes_per_sec.max(1e-9));
         Ok(ReplayBenchReport {
+            transform_vs_identity,
             changes: w.changes,
             transactions,
             txn_size: w.txn_size,
@@ -564,7 +650,7 @@ fn json_report(tool: &str, stdout: &str) -> Result<serde_json::Value, BenchError
 impl MethodResult {
     fn line(&self) -> String {
         format!(
-            "{:<16} {:>7.2} s  {:>9.0} changes/s  target cpu {:>6.2} s  source cpu {:>6.2} s{}",
+            "{:<27} {:>7.2} s  {:>9.0} changes/s  target cpu {:>6.2} s  source cpu {:>6.2} s{}",
             self.method,
             self.seconds,
             self.changes_per_sec,
@@ -641,6 +727,14 @@ impl std::fmt::Display for ReplayBenchReport {
             } else {
                 "NOT met"
             },
-        )
+        )?;
+        if let Some(r) = self.transform_vs_identity {
+            write!(
+                f,
+                "\nreplay through the mapping: {r:.2}× identity replay's rate (goal: within 20%, ≥ 0.80×: {})",
+                if r >= 0.8 { "met" } else { "NOT met" }
+            )?;
+        }
+        Ok(())
     }
 }

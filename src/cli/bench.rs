@@ -36,6 +36,14 @@ pub struct ReplayBenchArgs {
     /// `--batch-rows` for walshift replay (default: replay's own default).
     #[arg(long)]
     batch_rows: Option<usize>,
+    /// Also time replay through this mapping (TOML), same backlog, same run, e.g.
+    /// fixtures/transforms/bench/mapping.toml.
+    #[arg(long, value_name = "FILE")]
+    transform: Option<std::path::PathBuf>,
+    /// Migration SQL bringing the transform's target database to the mapping's schema
+    /// (untimed), e.g. fixtures/transforms/bench/migration.sql.
+    #[arg(long, value_name = "FILE", requires = "transform")]
+    migration: Option<std::path::PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -68,6 +76,30 @@ impl WorkloadArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchSub {
+    /// The cutover window under pgbench load: min / median / max per phase over several cutovers.
+    Cutover {
+        /// pgbench scale of the source.
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        /// pgbench --rate on the source, transactions per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// pgbench clients.
+        #[arg(long, default_value_t = 4)]
+        clients: u32,
+        /// Measured cutovers.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Seconds of load before each cutover.
+        #[arg(long, default_value_t = 5)]
+        warmup_secs: u64,
+        /// Verification inside the window: none, counts or checksum.
+        #[arg(long, default_value = "counts", value_parser = |s: &str| s.parse::<crate::cutover::VerifyMode>())]
+        verify: crate::cutover::VerifyMode,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Capture throughput: walshift capture vs pg_recvlogical on identical slots, same run.
     Capture {
         #[command(flatten)]
@@ -111,6 +143,30 @@ impl Subcommand for BenchCommand {
 pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the walshift binary")?;
     match c.0.command {
+        Some(BenchSub::Cutover {
+            scale,
+            rate,
+            clients,
+            runs,
+            warmup_secs,
+            verify,
+            json,
+        }) => {
+            let bench = crate::bench::cutover::CutoverBench {
+                scale: scale.max(1),
+                rate: rate.max(1),
+                clients: clients.max(1),
+                runs: runs.max(1),
+                warmup: std::time::Duration::from_secs(warmup_secs),
+                verify,
+            };
+            let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+        }
         Some(BenchSub::Capture {
             workload,
             runs,
@@ -132,6 +188,12 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             let bench = ReplayBench {
                 workload: a.workload.workload(),
                 batch_rows: a.batch_rows.map(|n| n.max(1)),
+                transform: a
+                    .transform
+                    .map(|mapping| crate::bench::replay::TransformBench {
+                        mapping,
+                        migration: a.migration,
+                    }),
             };
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if a.json {
