@@ -531,3 +531,56 @@ async fn cutover_against_a_running_walshift_run() {
     );
     assert!(!Path::new(&buf).join("control.sock").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_left_by_a_crash_is_lifted_to_the_recorded_previous_setting() {
+    use walshift::cutover::fence::{self, FenceState};
+    let c = Cluster::start(ClusterOptions::default()).unwrap();
+    c.execute(
+        "postgres",
+        "ALTER DATABASE postgres SET default_transaction_read_only = off",
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let other = c.connect("postgres").await.unwrap();
+    let client = c.connect("postgres").await.unwrap();
+    let state = fence::prepare(&client, dir.path(), "c1", None)
+        .await
+        .unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        fence::raise(&client, &state, &[pid], 5000).await.unwrap(),
+        1
+    );
+    assert!(other.batch_execute("SELECT 1").await.is_err(), "terminated");
+    drop(client); // walshift "dies" while fenced
+
+    let (entry, show) = read_only_state(&c).await;
+    assert_eq!(
+        (entry, show.as_str()),
+        (Some(vec!["default_transaction_read_only=on".into()]), "on")
+    );
+    // The next run takes the previous value from the state file, not from the catalog, and
+    // lifts the fence over a session that starts read-only.
+    let leftover = FenceState::read_leftover(dir.path()).unwrap().unwrap();
+    let fresh = c.connect("postgres").await.unwrap();
+    let state = fence::prepare(&fresh, dir.path(), "c2", Some(leftover))
+        .await
+        .unwrap();
+    assert_eq!(state.previous.as_deref(), Some("off"));
+    fence::lift(&fresh, dir.path(), &state).await.unwrap();
+    let (entry, show) = read_only_state(&c).await;
+    assert_eq!(
+        (entry, show.as_str()),
+        (
+            Some(vec!["default_transaction_read_only=off".into()]),
+            "off"
+        )
+    );
+    assert!(FenceState::read_leftover(dir.path()).unwrap().is_none());
+}

@@ -2,6 +2,7 @@
 //! tools in the same run (the machines are noisy: ratios count, not absolute times).
 
 pub mod capture;
+pub mod cutover;
 pub mod replay;
 pub mod workload;
 

@@ -261,29 +261,51 @@ pub async fn raise(
         .map_err(sql(
             "fencing the source (ALTER DATABASE … SET default_transaction_read_only = on)",
         ))?;
-    let rows = client
+    // Signal every session at once, then watch them go: `pg_terminate_backend(pid, timeout)`
+    // would wait for each in turn, sleeping 100 ms between its checks.
+    let pids: Vec<i32> = client
         .query(
-            "SELECT pid, pg_terminate_backend(pid, $2::int8) FROM pg_stat_activity \
+            "SELECT pid FROM pg_stat_activity, pg_terminate_backend(pid) AS signalled \
              WHERE datname = current_database() AND backend_type = 'client backend' \
                AND pid <> pg_backend_pid() AND pid <> ALL($1)",
-            &[&spare, &terminate_timeout_ms.max(1)],
+            &[&spare],
         )
         .await
-        .map_err(sql("terminating the source's other sessions"))?;
-    let lingering: Vec<i32> = rows
+        .map_err(sql("terminating the source's other sessions"))?
         .iter()
-        .filter(|r| !r.get::<_, bool>(1))
         .map(|r| r.get(0))
         .collect();
-    if !lingering.is_empty() {
-        return Err(FenceError::Lingering {
-            count: lingering.len(),
-            database: state.database.clone(),
-            timeout_ms: terminate_timeout_ms,
-            pids: lingering,
-        });
+    let started = std::time::Instant::now();
+    let timeout = std::time::Duration::from_millis(terminate_timeout_ms.max(1) as u64);
+    loop {
+        let lingering: Vec<i32> = if pids.is_empty() {
+            Vec::new()
+        } else {
+            client
+                .query(
+                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[&pids],
+                )
+                .await
+                .map_err(sql("waiting for terminated sessions to exit"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        };
+        if lingering.is_empty() {
+            break;
+        }
+        if started.elapsed() >= timeout {
+            return Err(FenceError::Lingering {
+                count: lingering.len(),
+                database: state.database.clone(),
+                timeout_ms: terminate_timeout_ms,
+                pids: lingering,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    Ok(rows.len() as u64)
+    Ok(pids.len() as u64)
 }
 
 /// Restores the previous setting exactly and removes the state file. Works over any session of
@@ -302,11 +324,14 @@ pub async fn lift(
         ),
         None => format!("ALTER DATABASE {db} RESET default_transaction_read_only"),
     };
+    // Separate round trips: statements sent together share one implicit transaction, which
+    // would already be read-only in a session opened after the fence.
     client
-        .batch_execute(&format!("SET default_transaction_read_only = off; {stmt}"))
+        .batch_execute("SET default_transaction_read_only = off")
         .await
-        .map_err(sql(
-            "unfencing the source (restoring default_transaction_read_only)",
-        ))?;
+        .map_err(sql("unfencing the source (making this session read-write)"))?;
+    client.batch_execute(&stmt).await.map_err(sql(
+        "unfencing the source (restoring default_transaction_read_only)",
+    ))?;
     FenceState::remove(buffer_dir)
 }

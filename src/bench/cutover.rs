@@ -1,0 +1,370 @@
+//! The cutover window under steady write load: throwaway source and target clusters,
+//! `pgbench -i -s <scale>` on the source (with a primary key added to `pgbench_history`, which
+//! has none), `walshift run` as a separate process (clone, capture, replay following), then
+//! `runs` times: `pgbench` at `--rate` tps for a warm-up, `walshift cutover` (in this process,
+//! read-only fence, `--switch true`, `--verify counts`), the source unfenced again. Every phase
+//! of every run is kept; min / median / max per phase are reported.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+use crate::conn::ConnInfo;
+use crate::cutover::{self, CutoverConfig, Outcome, VerifyMode};
+use crate::testkit::{Cluster, ClusterOptions};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct CutoverBench {
+    /// `pgbench` scale (100 000 accounts per unit). Default 10.
+    pub scale: u32,
+    /// `pgbench --rate`, transactions per second on the source. Default 500.
+    pub rate: u32,
+    /// `pgbench` clients. Default 4.
+    pub clients: u32,
+    /// Measured cutovers. Default 5.
+    pub runs: usize,
+    /// Load before each cutover. Default 5 s.
+    pub warmup: Duration,
+    /// Verification inside the window. Default counts (cutover's default).
+    pub verify: VerifyMode,
+}
+
+impl Default for CutoverBench {
+    fn default() -> Self {
+        CutoverBench {
+            scale: 10,
+            rate: 500,
+            clients: 4,
+            runs: 5,
+            warmup: Duration::from_secs(5),
+            verify: VerifyMode::Counts,
+        }
+    }
+}
+
+/// One cutover.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Run {
+    pub run: usize,
+    pub window_secs: f64,
+    /// (phase, seconds) in timeline order.
+    pub phases: Vec<(String, f64)>,
+    pub transactions_drained: u64,
+    pub changes_drained: u64,
+    pub sessions_terminated: u64,
+    /// pgbench transactions per second achieved during the warm-up.
+    pub source_tps: f64,
+}
+
+/// Min / median / max of one phase over the runs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Stat {
+    pub name: String,
+    pub min_ms: f64,
+    pub median_ms: f64,
+    pub max_ms: f64,
+}
+
+/// The whole measurement.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CutoverBenchReport {
+    pub scale: u32,
+    pub rate: u32,
+    pub clients: u32,
+    pub verify: String,
+    pub runs: Vec<Run>,
+    /// Per phase, then `window` last.
+    pub stats: Vec<Stat>,
+    pub median_window_ms: f64,
+}
+
+fn stat(name: &str, mut v: Vec<f64>) -> Stat {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let pick = |i: usize| v.get(i).copied().unwrap_or(0.0) * 1000.0;
+    Stat {
+        name: name.to_owned(),
+        min_ms: pick(0),
+        median_ms: pick(v.len() / 2),
+        max_ms: pick(v.len().saturating_sub(1)),
+    }
+}
+
+impl std::fmt::Display for CutoverBenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "cutover window under pgbench (scale {}, --rate {} tps, {} clients), verify {}, {} runs",
+            self.scale,
+            self.rate,
+            self.clients,
+            self.verify,
+            self.runs.len()
+        )?;
+        writeln!(
+            f,
+            "{:<11} {:>10} {:>10} {:>10}",
+            "phase", "min ms", "median ms", "max ms"
+        )?;
+        for s in &self.stats {
+            writeln!(
+                f,
+                "{:<11} {:>10.1} {:>10.1} {:>10.1}",
+                s.name, s.min_ms, s.median_ms, s.max_ms
+            )?;
+        }
+        for r in &self.runs {
+            writeln!(
+                f,
+                "run {}: window {:.1} ms, drained {} transactions / {} changes, {} sessions terminated, source at {:.0} tps",
+                r.run,
+                r.window_secs * 1000.0,
+                r.transactions_drained,
+                r.changes_drained,
+                r.sessions_terminated,
+                r.source_tps
+            )?;
+        }
+        write!(
+            f,
+            "median window {:.1} ms (goal ≤ 1000 ms)",
+            self.median_window_ms
+        )
+    }
+}
+
+fn tool_error(tool: &str, status: impl std::fmt::Display, stderr: &[u8]) -> BenchError {
+    BenchError::Tool {
+        tool: tool.into(),
+        status: status.to_string(),
+        stderr: String::from_utf8_lossy(stderr).into_owned(),
+    }
+}
+
+impl CutoverBench {
+    /// Runs the measurement. `walshift` is the binary started as `walshift run`.
+    pub async fn run(
+        &self,
+        walshift: &Path,
+        log: impl Fn(&str),
+    ) -> Result<CutoverBenchReport, BenchError> {
+        let opts = || {
+            ClusterOptions::default()
+                .setting("max_wal_size", "'4GB'")
+                .setting("checkpoint_timeout", "'30min'")
+        };
+        let (a, b) = (
+            std::thread::spawn(move || Cluster::start(opts())),
+            std::thread::spawn(move || Cluster::start(opts())),
+        );
+        let source = a.join().expect("cluster thread")?;
+        let target = b.join().expect("cluster thread")?;
+        let pgbench = source.binaries().program("pgbench");
+        let port = source.port().to_string();
+        let pg_args = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+
+        log(&format!("pgbench -i -s {} on the source", self.scale));
+        let out = tokio::process::Command::new(&pgbench)
+            .args(["-i", "-q", "-s", &self.scale.to_string()])
+            .args(pg_args)
+            .arg("postgres")
+            .output()
+            .await?;
+        if !out.status.success() {
+            return Err(tool_error("pgbench -i", out.status, &out.stderr));
+        }
+        source
+            .execute(
+                "postgres",
+                "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY",
+            )
+            .await?;
+
+        let dir = tempfile::tempdir()?;
+        let (sc, tc) = (
+            source.conn_string("postgres"),
+            target.conn_string("postgres"),
+        );
+        log("walshift run: clone, then capture and replay following");
+        let mut run = tokio::process::Command::new(walshift)
+            .args([
+                "run",
+                "--no-progress",
+                "--source",
+                &sc,
+                "--target",
+                &tc,
+                "--buffer",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(v)) = cutover::control::request(dir.path(), "status").await
+                && v["phase"] == "streaming"
+                && v["applied_lsn"].is_string()
+            {
+                break;
+            }
+            if let Some(status) = run.try_wait()? {
+                let out = run.wait_with_output().await?;
+                return Err(tool_error("walshift run", status, &out.stderr));
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(BenchError::Check {
+                    method: "walshift run".into(),
+                    detail: "did not start streaming within 10 minutes".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        log(&format!(
+            "clone done in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+
+        let mut runs = Vec::new();
+        for i in 1..=self.runs {
+            // A new session each time: the previous cutover's fence terminated the last one.
+            let admin = source.connect("postgres").await?;
+            admin
+                .batch_execute("SET default_transaction_read_only = off")
+                .await?;
+            admin
+                .batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
+                .await?;
+            let before: i64 = admin
+                .query_one("SELECT count(*) FROM pgbench_history", &[])
+                .await?
+                .get(0);
+            let load_start = Instant::now();
+            let mut bench = tokio::process::Command::new(&pgbench)
+                .args(["-n", "-T", "600", "-j", "2"])
+                .args([
+                    "-c",
+                    &self.clients.to_string(),
+                    "-R",
+                    &self.rate.to_string(),
+                ])
+                .args(pg_args)
+                .arg("postgres")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            tokio::time::sleep(self.warmup).await;
+            if let Some(status) = bench.try_wait()? {
+                return Err(tool_error("pgbench", status, b"ended before the cutover"));
+            }
+            let after: i64 = admin
+                .query_one("SELECT count(*) FROM pgbench_history", &[])
+                .await?
+                .get(0);
+            let tps = (after - before) as f64 / load_start.elapsed().as_secs_f64();
+
+            let mut cfg = CutoverConfig::new(
+                ConnInfo::parse(&sc).map_err(|e| BenchError::Check {
+                    method: "cutover".into(),
+                    detail: e.to_string(),
+                })?,
+                ConnInfo::parse(&tc).map_err(|e| BenchError::Check {
+                    method: "cutover".into(),
+                    detail: e.to_string(),
+                })?,
+                dir.path(),
+            );
+            cfg.verify = self.verify;
+            cfg.switch = Some("true".into());
+            cfg.preflight_timeout = Some(Duration::from_secs(300));
+            let report = cutover::run(cfg, std::future::pending())
+                .await
+                .map_err(|e| BenchError::Check {
+                    method: format!("cutover run {i}"),
+                    detail: e.to_string(),
+                })?;
+            if report.outcome != Outcome::Switched {
+                return Err(BenchError::Check {
+                    method: format!("cutover run {i}"),
+                    detail: format!("{report}"),
+                });
+            }
+            // pgbench's sessions were terminated by the fence: it ends with an error.
+            if tokio::time::timeout(Duration::from_secs(10), bench.wait())
+                .await
+                .is_err()
+            {
+                let _ = bench.kill().await;
+            }
+            let r = Run {
+                run: i,
+                window_secs: report.window_secs.unwrap_or(0.0),
+                phases: report
+                    .phases
+                    .iter()
+                    .map(|p| (p.name.clone(), p.duration_secs))
+                    .collect(),
+                transactions_drained: report.transactions_drained,
+                changes_drained: report.changes_drained,
+                sessions_terminated: report.sessions_terminated,
+                source_tps: tps,
+            };
+            log(&format!(
+                "run {i}: window {:.1} ms ({})",
+                r.window_secs * 1000.0,
+                r.phases
+                    .iter()
+                    .map(|(n, s)| format!("{n} {:.1}", s * 1000.0))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            runs.push(r);
+        }
+        let admin = source.connect("postgres").await?;
+        admin
+            .batch_execute("SET default_transaction_read_only = off")
+            .await?;
+        admin
+            .batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
+            .await?;
+        let _ = cutover::control::request(dir.path(), "stop").await;
+        if tokio::time::timeout(Duration::from_secs(30), run.wait())
+            .await
+            .is_err()
+        {
+            let _ = run.kill().await;
+        }
+
+        let mut stats = Vec::new();
+        for name in [
+            "preflight",
+            "fence",
+            "marker",
+            "drain",
+            "sequences",
+            "verify",
+            "switch",
+        ] {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.phases.iter().find(|(n, _)| n == name).map(|p| p.1))
+                .collect();
+            stats.push(stat(name, v));
+        }
+        let window = stat("window", runs.iter().map(|r| r.window_secs).collect());
+        let median_window_ms = window.median_ms;
+        stats.push(window);
+        Ok(CutoverBenchReport {
+            scale: self.scale,
+            rate: self.rate,
+            clients: self.clients,
+            verify: self.verify.as_str().into(),
+            runs,
+            stats,
+            median_window_ms,
+        })
+    }
+}
