@@ -113,7 +113,7 @@ pub enum MigrateError {
 
     /// A script failed: in a transaction, rolled back; later scripts not run.
     #[error(
-        "\"{name}\"{}: {message}; {}; {not_run} later script(s) not run",
+        "\"{name}\"{}: {message}; {}{}",
         at(*line, excerpt),
         if *no_transaction {
             format!(
@@ -123,7 +123,8 @@ pub enum MigrateError {
             )
         } else {
             "its transaction was rolled back: nothing of it was applied".to_owned()
-        }
+        },
+        later(*not_run)
     )]
     ScriptFailed {
         name: String,
@@ -145,9 +146,9 @@ pub enum MigrateError {
          (CREATE INDEX CONCURRENTLY, VACUUM, ALTER SYSTEM, CREATE DATABASE, …) into a script of their \
          own whose first line is `-- walshift:no-transaction` (it then runs statement by statement, \
          each committing on its own, and is recorded after the last succeeds), or split the script. \
-         The transaction was rolled back: nothing of \"{name}\" was applied; {not_run} later script(s) \
-         not run",
-        at(*line, excerpt)
+         The transaction was rolled back: nothing of \"{name}\" was applied{}",
+        at(*line, excerpt),
+        later(*not_run)
     )]
     NeedsNoTransaction {
         name: String,
@@ -182,6 +183,13 @@ pub struct ChangedScript {
 
 fn short(hex: &str) -> &str {
     &hex[..hex.len().min(12)]
+}
+
+fn later(not_run: usize) -> String {
+    match not_run {
+        0 => String::new(),
+        n => format!("; {n} later script(s) not run"),
+    }
 }
 
 fn at(line: Option<u32>, excerpt: &str) -> String {

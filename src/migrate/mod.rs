@@ -329,12 +329,12 @@ async fn run_script(
             }
             return Err(sql(&ctx)(e));
         }
-        // The record is walshift's, whatever role the script switched to.
-        client
-            .batch_execute("RESET ROLE")
-            .await
-            .map_err(sql(&ctx))?;
     }
+    // The record is walshift's, whatever role the script switched to.
+    client
+        .batch_execute("RESET ROLE")
+        .await
+        .map_err(sql(&ctx))?;
     client
         .execute(
             RECORD,
