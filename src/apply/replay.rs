@@ -120,6 +120,8 @@ pub enum ReplayError {
     },
     #[error(transparent)]
     Transform(#[from] TransformError),
+    #[error("the background writer stopped unexpectedly: {0}")]
+    Writer(String),
     #[error(
         "the update at LSN {lsn} to {table} left column {source_column:?} unchanged (a TOASTed value the \
          source does not resend), but {target_column} is computed from it. walshift cannot compute it: \
@@ -322,7 +324,7 @@ pub async fn run(
     let meta = BufferMeta::read(&config.buffer_dir)?
         .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
     let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
-    let client = config.target.connect().await?;
+    let client = Arc::new(config.target.connect().await?);
     client
         // Generic plans: a custom plan sees the batch's thousands of keys and picks a
         // sequential scan plus hash join over the whole table; the generic plan looks each key
@@ -390,12 +392,15 @@ pub async fn run(
         ..Default::default()
     };
     let mut applier = Applier {
+        slot: Slot::Idle(Writer {
+            client: client.clone(),
+            statements: HashMap::new(),
+        }),
         client,
         buffer_id,
         rels,
         types,
         transform: config.transform.clone(),
-        statements: HashMap::new(),
         progress: config.progress.then(|| Progress {
             started,
             last_print: Instant::now(),
@@ -435,6 +440,11 @@ pub async fn run(
             Err(e) => return Err(e),
         }
     }
+    if let Err(Pass::Retry { until }) = applier.idle(&config, &mut report).await? {
+        return Err(ReplayError::Writer(format!(
+            "a batch ending at {until} failed after replay stopped; run replay again"
+        )));
+    }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -449,13 +459,15 @@ enum Pass {
 }
 
 struct Applier {
-    client: Client,
+    /// For catalog lookups, only while the writer is idle.
+    client: Arc<Client>,
+    /// The target connection's writer: idle, or running a job in the background.
+    slot: Slot,
     buffer_id: String,
     rels: HashMap<u32, RelEntry>,
     /// Type messages seen (names of non-built-in column types).
     types: HashMap<u32, TypeInfo>,
     transform: Option<Arc<Mapping>>,
-    statements: HashMap<String, tokio_postgres::Statement>,
     progress: Option<Progress>,
 }
 
@@ -505,7 +517,10 @@ impl Progress {
 /// An open target transaction and the folder feeding it.
 struct Batch {
     folder: BatchFolder,
+    /// The batch has something to commit.
     open: bool,
+    /// BEGIN has been sent for it.
+    begun: bool,
     opened_at: Instant,
     transactions: u64,
     changes: u64,
@@ -529,6 +544,7 @@ impl Applier {
         let mut batch = Batch {
             folder: BatchFolder::new(),
             open: false,
+            begun: false,
             opened_at: Instant::now(),
             transactions: 0,
             changes: 0,
@@ -541,6 +557,9 @@ impl Applier {
                 if batch.open
                     && let Err(p) = self.commit(config, &mut batch, strict, report).await?
                 {
+                    return Ok(p);
+                }
+                if let Err(p) = self.idle(config, report).await? {
                     return Ok(p);
                 }
                 if !config.follow {
@@ -588,6 +607,9 @@ impl Applier {
                         {
                             return Ok(p);
                         }
+                        if let Err(p) = self.idle(config, report).await? {
+                            return Ok(p);
+                        }
                         return Ok(Pass::Done);
                     }
                 }
@@ -598,9 +620,14 @@ impl Applier {
                         LogicalMessage::Relation(rel) => {
                             let changed = self.rels.get(&rel.relid).is_none_or(|e| e.rel != rel);
                             if changed {
-                                // Statements prepared for the old shape no longer fit.
-                                if self.rels.contains_key(&rel.relid) {
-                                    self.statements.clear();
+                                // A batch never folds two shapes of a table: write what is
+                                // folded under the old one first.
+                                if self.rels.contains_key(&rel.relid)
+                                    && !strict
+                                    && !batch.folder.is_empty()
+                                    && let Err(p) = self.flush(config, &mut batch, report).await?
+                                {
+                                    return Ok(p);
                                 }
                                 // Drift is checked when the first change for it arrives.
                                 self.rels.insert(rel.relid, RelEntry { rel, dest: None });
@@ -612,12 +639,27 @@ impl Applier {
                         LogicalMessage::Insert(_)
                         | LogicalMessage::Update(_)
                         | LogicalMessage::Delete(_) => {
-                            self.begin(&mut batch).await?;
+                            self.begin(&mut batch);
+                            let relid = match &msg {
+                                LogicalMessage::Insert(i) => i.relid,
+                                LogicalMessage::Update(u) => u.relid,
+                                LogicalMessage::Delete(d) => d.relid,
+                                _ => unreachable!("row changes"),
+                            };
+                            if self.rels.get(&relid).is_none_or(|e| e.dest.is_none())
+                                && let Err(p) = self.idle(config, report).await?
+                            {
+                                // Catalog lookups need the connection to themselves.
+                                return Ok(p);
+                            }
                             let (shape, change) = self.decode_change(msg, lsn).await?;
                             if strict {
+                                if let Err(p) = self.begin_now(config, report, &mut batch).await? {
+                                    return Ok(p);
+                                }
                                 let dest = self.rels[&shape.relid].dest.clone().expect("mapped");
-                                if let Err(e) = self.apply_one(&dest, &change, lsn).await {
-                                    let _ = self.client.batch_execute("ROLLBACK").await;
+                                if let Err(e) = self.writer().apply_one(&dest, &change, lsn).await {
+                                    let _ = self.writer().client.batch_execute("ROLLBACK").await;
                                     return Err(match e {
                                         WriteError::Db(e) => ReplayError::Apply {
                                             lsn,
@@ -638,14 +680,25 @@ impl Applier {
                             report.changes += 1;
                             if !strict && batch.folder.len() >= config.batch_rows {
                                 // Mid-transaction: write what is folded, keep the transaction open.
-                                if let Err(p) = self.flush(&mut batch).await? {
+                                if let Err(p) = self.flush(config, &mut batch, report).await? {
                                     return Ok(p);
                                 }
                             }
+                            if batch.changes % 256 == 0 && matches!(self.slot, Slot::Busy(_)) {
+                                // On a single-threaded runtime, let the writer send its next
+                                // statement while this loop reads ahead.
+                                tokio::task::yield_now().await;
+                            }
                         }
                         LogicalMessage::Truncate(t) => {
-                            self.begin(&mut batch).await?;
-                            if !strict && let Err(p) = self.flush(&mut batch).await? {
+                            self.begin(&mut batch);
+                            if !strict
+                                && !batch.folder.is_empty()
+                                && let Err(p) = self.flush(config, &mut batch, report).await?
+                            {
+                                return Ok(p);
+                            }
+                            if let Err(p) = self.begin_now(config, report, &mut batch).await? {
                                 return Ok(p);
                             }
                             let mut tables = Vec::new();
@@ -654,8 +707,8 @@ impl Applier {
                             }
                             let stmt =
                                 target::truncate_sql(&tables, t.cascade(), t.restart_identity());
-                            if let Err(e) = self.client.batch_execute(&stmt).await {
-                                let _ = self.client.batch_execute("ROLLBACK").await;
+                            if let Err(e) = self.writer().client.batch_execute(&stmt).await {
+                                let _ = self.writer().client.batch_execute("ROLLBACK").await;
                                 return Err(ReplayError::Apply {
                                     lsn,
                                     table: tables.join(", "),
@@ -669,7 +722,7 @@ impl Applier {
                             // A cutover marker: its transaction must be recorded as applied
                             // even though it changes no row, so cutover can see replay
                             // passed it.
-                            self.begin(&mut batch).await?;
+                            self.begin(&mut batch);
                             report.last_marker = Some(String::from_utf8_lossy(&m.content).into());
                         }
                         _ => {}
@@ -679,16 +732,12 @@ impl Applier {
         }
     }
 
-    async fn begin(&mut self, batch: &mut Batch) -> Result<(), ReplayError> {
+    /// Opens the batch (BEGIN goes out with its first write).
+    fn begin(&mut self, batch: &mut Batch) {
         if !batch.open {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(sql("BEGIN on the target"))?;
             batch.open = true;
             batch.opened_at = Instant::now();
         }
-        Ok(())
     }
 
     async fn dest(&mut self, relid: u32, lsn: Lsn) -> Result<&Dest, ReplayError> {
@@ -774,50 +823,256 @@ impl Applier {
         Ok((shape, change))
     }
 
-    async fn statement(
+    /// Ends the batch: its changes, the progress row and COMMIT go to the writer (strict
+    /// mode: written here and now). `Err(Pass)` = a batch failed set-based and was rolled back.
+    async fn commit(
         &mut self,
-        key: String,
-        text: impl FnOnce() -> String,
-    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-        if let Some(s) = self.statements.get(&key) {
-            return Ok(s.clone());
+        config: &ReplayConfig,
+        batch: &mut Batch,
+        strict: bool,
+        report: &mut ReplayReport,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        let done = Committed {
+            end: batch.last_end,
+            transactions: batch.transactions,
+            commit_us: batch.last_commit_us,
+        };
+        batch.open = false;
+        batch.transactions = 0;
+        batch.changes = 0;
+        if !strict {
+            let job = Job {
+                begin: !std::mem::replace(&mut batch.begun, false),
+                tables: self.take_tables(batch),
+                commit: Some(done),
+                until: done.end,
+            };
+            return self.submit(config, report, job).await;
         }
-        let s = self.client.prepare(&text()).await?;
-        self.statements.insert(key, s.clone());
-        Ok(s)
+        if let Err(p) = self.begin_now(config, report, batch).await? {
+            return Ok(Err(p));
+        }
+        batch.begun = false;
+        let end = done.end.to_string();
+        let buffer_id = self.buffer_id.clone();
+        let w = self.writer();
+        let recorded = w
+            .client
+            .execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
+            .await;
+        let committed = match recorded {
+            Ok(_) => w.client.batch_execute("COMMIT").await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            let _ = w.client.batch_execute("ROLLBACK").await;
+            return Err(sql("committing a batch on the target")(e));
+        }
+        self.committed(config, report, done);
+        Ok(Ok(()))
     }
 
-    /// Writes what the folder holds (set-based), inside the open transaction. `Err(Pass)`
-    /// means the batch failed and was rolled back: retry it in order.
-    async fn flush(&mut self, batch: &mut Batch) -> Result<Result<(), Pass>, ReplayError> {
+    /// The folded tables of the batch so far, with where each goes.
+    fn take_tables(&mut self, batch: &mut Batch) -> Vec<(Dest, TableBatch)> {
         let folder = std::mem::replace(&mut batch.folder, BatchFolder::new());
-        for tb in folder.finish() {
-            let dest = self.rels[&tb.relid]
-                .dest
-                .clone()
-                .expect("mapped before folding");
-            let written = match &dest {
-                Dest::Same(table) => self.write_table(table, &tb).await.map_err(WriteError::Db),
-                Dest::Mapped(plan) => self.write_mapped(plan, &tb, batch.last_end).await,
-            };
-            if let Err(e) = written {
-                let e = match e {
-                    WriteError::Db(e) => e,
-                    WriteError::Fatal(e) => {
-                        let _ = self.client.batch_execute("ROLLBACK").await;
-                        batch.open = false;
-                        return Err(e);
-                    }
-                };
-                tracing::warn!("set-based batch failed ({e}); replaying it in strict source order");
-                let _ = self.client.batch_execute("ROLLBACK").await;
-                batch.open = false;
-                return Ok(Err(Pass::Retry {
-                    until: batch.last_end,
-                }));
-            }
+        folder
+            .finish()
+            .into_iter()
+            .map(|tb| {
+                let dest = self.rels[&tb.relid]
+                    .dest
+                    .clone()
+                    .expect("mapped before folding");
+                (dest, tb)
+            })
+            .collect()
+    }
+
+    /// Hands what the folder holds to the writer as a slice of the open target transaction.
+    async fn flush(
+        &mut self,
+        config: &ReplayConfig,
+        batch: &mut Batch,
+        report: &mut ReplayReport,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        let job = Job {
+            begin: !std::mem::replace(&mut batch.begun, true),
+            tables: self.take_tables(batch),
+            commit: None,
+            until: batch.last_end,
+        };
+        self.submit(config, report, job).await
+    }
+
+    /// Sends BEGIN now if the batch's transaction has not been started on the server
+    /// (strict mode, and before a TRUNCATE). Leaves the writer idle.
+    async fn begin_now(
+        &mut self,
+        config: &ReplayConfig,
+        report: &mut ReplayReport,
+        batch: &mut Batch,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        if let Err(p) = self.idle(config, report).await? {
+            return Ok(Err(p));
+        }
+        if !batch.begun {
+            self.writer()
+                .client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(sql("BEGIN on the target"))?;
+            batch.begun = true;
         }
         Ok(Ok(()))
+    }
+
+    /// Accounts for a batch whose COMMIT the target confirmed.
+    fn committed(&mut self, config: &ReplayConfig, report: &mut ReplayReport, c: Committed) {
+        report.applied_lsn = c.end;
+        report.transactions += c.transactions;
+        report.batches += 1;
+        if let Some(p) = &mut self.progress {
+            p.last_commit_us = c.commit_us.or(p.last_commit_us);
+            p.maybe_print(config, report, false);
+        }
+    }
+
+    fn writer(&mut self) -> &mut Writer {
+        match &mut self.slot {
+            Slot::Idle(w) => w,
+            _ => unreachable!("the writer is used only when idle"),
+        }
+    }
+
+    /// Waits for the job in flight, if any, and takes its outcome into account. `Err(Pass)`:
+    /// it failed and was rolled back; retry from the applied position in strict order.
+    async fn idle(
+        &mut self,
+        config: &ReplayConfig,
+        report: &mut ReplayReport,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        if !matches!(self.slot, Slot::Busy(_)) {
+            return Ok(Ok(()));
+        }
+        let Slot::Busy(handle) = std::mem::replace(&mut self.slot, Slot::Gone) else {
+            unreachable!("checked above")
+        };
+        let (writer, outcome) = handle
+            .await
+            .map_err(|e| ReplayError::Writer(e.to_string()))?;
+        self.slot = Slot::Idle(writer);
+        match outcome {
+            Ok(Some(c)) => self.committed(config, report, c),
+            Ok(None) => {}
+            Err((WriteError::Db(e), until)) => {
+                tracing::warn!("set-based batch failed ({e}); replaying it in strict source order");
+                return Ok(Err(Pass::Retry { until }));
+            }
+            Err((WriteError::Fatal(e), _)) => return Err(e),
+        }
+        Ok(Ok(()))
+    }
+
+    /// Starts `job` on the writer in the background (after the previous one finished): the
+    /// applier reads and folds the next batch while the target executes this one.
+    async fn submit(
+        &mut self,
+        config: &ReplayConfig,
+        report: &mut ReplayReport,
+        job: Job,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        if let Err(p) = self.idle(config, report).await? {
+            return Ok(Err(p));
+        }
+        let Slot::Idle(mut w) = std::mem::replace(&mut self.slot, Slot::Gone) else {
+            unreachable!("idle above")
+        };
+        let buffer_id = self.buffer_id.clone();
+        self.slot = Slot::Busy(tokio::spawn(async move {
+            let outcome = match w.run(&job, &buffer_id).await {
+                Ok(()) => Ok(job.commit),
+                Err(e) => {
+                    let _ = w.client.batch_execute("ROLLBACK").await;
+                    Err((e, job.until))
+                }
+            };
+            (w, outcome)
+        }));
+        Ok(Ok(()))
+    }
+}
+
+/// The target connection and its prepared statements (keyed by their text). Owned by the
+/// applier when idle, or by the background task running one [`Job`].
+struct Writer {
+    client: Arc<Client>,
+    statements: HashMap<String, tokio_postgres::Statement>,
+}
+
+/// One slice (or the end) of the open target transaction, written in the background.
+///
+/// Ordering contract: one job at a time, in submission order, on one connection; the applier
+/// sends nothing else to the target while a job runs. So the target sees exactly the
+/// statement sequence a synchronous applier would send, and a failure is noticed before the
+/// next job (nothing after a failed job is sent).
+struct Job {
+    /// Send BEGIN first (the batch's first slice).
+    begin: bool,
+    tables: Vec<(Dest, TableBatch)>,
+    /// Record progress and COMMIT after the tables.
+    commit: Option<Committed>,
+    /// A failure is retried in strict source order up to here.
+    until: Lsn,
+}
+
+/// What a committed batch covered; accounted for once the target confirmed the COMMIT.
+#[derive(Clone, Copy, Debug)]
+struct Committed {
+    end: Lsn,
+    transactions: u64,
+    commit_us: Option<i64>,
+}
+
+type JobOutcome = Result<Option<Committed>, (WriteError, Lsn)>;
+
+enum Slot {
+    Idle(Writer),
+    Busy(tokio::task::JoinHandle<(Writer, JobOutcome)>),
+    /// Only while switching between the two.
+    Gone,
+}
+
+impl Writer {
+    async fn run(&mut self, job: &Job, buffer_id: &str) -> Result<(), WriteError> {
+        if job.begin {
+            self.client.batch_execute("BEGIN").await?;
+        }
+        for (dest, tb) in &job.tables {
+            match dest {
+                Dest::Same(t) => self.write_table(t, tb).await?,
+                Dest::Mapped(p) => self.write_mapped(p, tb, job.until).await?,
+            }
+        }
+        if let Some(c) = &job.commit {
+            let end = c.end.to_string();
+            self.client
+                .execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
+                .await?;
+            self.client.batch_execute("COMMIT").await?;
+        }
+        Ok(())
+    }
+
+    async fn statement(
+        &mut self,
+        text: String,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(&text) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(&text).await?;
+        self.statements.insert(text, s.clone());
+        Ok(s)
     }
 
     async fn write_table(
@@ -831,11 +1086,8 @@ impl Applier {
             }
             return Ok(());
         }
-        let id = tb.relid;
         if !tb.deletes.is_empty() {
-            let stmt = self
-                .statement(format!("{id}/d"), || table.sql.delete())
-                .await?;
+            let stmt = self.statement(table.sql.delete()).await?;
             let cols: Vec<Vec<Option<&str>>> = (0..table.sql.key.len())
                 .map(|j| tb.deletes.iter().map(|k| text(&k[j])).collect())
                 .collect();
@@ -865,14 +1117,7 @@ impl Applier {
             if set.is_empty() {
                 continue; // nothing but an unchanged key: the row is already right
             }
-            let mask = set
-                .iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join(",");
-            let stmt = self
-                .statement(format!("{id}/u/{mask}"), || table.sql.update(&set))
-                .await?;
+            let stmt = self.statement(table.sql.update(&set)).await?;
             let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
             for j in 0..table.sql.key.len() {
                 cols.push(members.iter().map(|&n| text(&tb.updates[n].0[j])).collect());
@@ -891,9 +1136,7 @@ impl Applier {
             self.execute(&stmt, &cols).await?;
         }
         if !tb.upserts.is_empty() {
-            let stmt = self
-                .statement(format!("{id}/i"), || table.sql.upsert())
-                .await?;
+            let stmt = self.statement(table.sql.upsert()).await?;
             let cols: Vec<Vec<Option<&str>>> = (0..table.sql.columns.len())
                 .map(|c| tb.upserts.iter().map(|r| text(&r[c])).collect())
                 .collect();
@@ -931,7 +1174,6 @@ impl Applier {
         table: &MappedTable,
         change: &Change,
     ) -> Result<(), tokio_postgres::Error> {
-        let id = table.sql.qualified.clone();
         let key_of = |row: &[Value]| -> Vec<Option<String>> {
             table
                 .sql
@@ -942,9 +1184,7 @@ impl Applier {
         };
         match change {
             Change::Insert { new } => {
-                let stmt = self
-                    .statement(format!("{id}/1i"), || table.sql.insert_one())
-                    .await?;
+                let stmt = self.statement(table.sql.insert_one()).await?;
                 let vals: Vec<Option<&str>> = new.iter().map(text).collect();
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
@@ -953,16 +1193,11 @@ impl Applier {
             Change::Delete { old } => {
                 let (stmt, vals): (_, Vec<Option<String>>) = if table.full_row_identity {
                     (
-                        self.statement(format!("{id}/1df"), || table.sql.delete_one_full_row())
-                            .await?,
+                        self.statement(table.sql.delete_one_full_row()).await?,
                         old.iter().map(|v| text(v).map(str::to_owned)).collect(),
                     )
                 } else {
-                    (
-                        self.statement(format!("{id}/1d"), || table.sql.delete_one())
-                            .await?,
-                        key_of(old),
-                    )
+                    (self.statement(table.sql.delete_one()).await?, key_of(old))
                 };
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
@@ -975,11 +1210,6 @@ impl Applier {
                     .filter(|(_, v)| matches!(v, ColumnValue::Known(_)))
                     .map(|(i, _)| i)
                     .collect();
-                let mask = set
-                    .iter()
-                    .map(|i| i.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",");
                 let mut vals: Vec<Option<String>> = if table.full_row_identity {
                     old.as_ref()
                         .map(|o| o.iter().map(|v| text(v).map(str::to_owned)).collect())
@@ -1003,13 +1233,10 @@ impl Applier {
                     ColumnValue::UnchangedToast => None,
                 }));
                 let stmt = if table.full_row_identity {
-                    self.statement(format!("{id}/1uf/{mask}"), || {
-                        table.sql.update_one_full_row(&set)
-                    })
-                    .await?
-                } else {
-                    self.statement(format!("{id}/1u/{mask}"), || table.sql.update_one(&set))
+                    self.statement({ table.sql.update_one_full_row(&set) })
                         .await?
+                } else {
+                    self.statement(table.sql.update_one(&set)).await?
                 };
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
@@ -1017,51 +1244,6 @@ impl Applier {
             }
         }
         Ok(())
-    }
-
-    /// Flushes, records progress, commits. `Err(Pass)` = the batch failed set-based and was
-    /// rolled back.
-    async fn commit(
-        &mut self,
-        config: &ReplayConfig,
-        batch: &mut Batch,
-        strict: bool,
-        report: &mut ReplayReport,
-    ) -> Result<Result<(), Pass>, ReplayError> {
-        if !strict && let Err(p) = self.flush(batch).await? {
-            return Ok(Err(p));
-        }
-        let end = batch.last_end.to_string();
-        let recorded = self
-            .client
-            .execute(target::RECORD_PROGRESS, &[&self.buffer_id, &end])
-            .await;
-        let committed = match recorded {
-            Ok(_) => self.client.batch_execute("COMMIT").await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = committed {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            batch.open = false;
-            if strict {
-                return Err(sql("committing a batch on the target")(e));
-            }
-            tracing::warn!("commit failed ({e}); replaying the batch in strict source order");
-            return Ok(Err(Pass::Retry {
-                until: batch.last_end,
-            }));
-        }
-        batch.open = false;
-        report.applied_lsn = batch.last_end;
-        report.transactions += batch.transactions;
-        report.batches += 1;
-        if let Some(p) = &mut self.progress {
-            p.last_commit_us = batch.last_commit_us.or(p.last_commit_us);
-            p.maybe_print(config, report, false);
-        }
-        batch.transactions = 0;
-        batch.changes = 0;
-        Ok(Ok(()))
     }
 }
 

@@ -69,10 +69,16 @@ pub fn main() -> ExitCode {
     init_logging(&cli.log);
     // One thread: capture's hot loop then polls its socket itself instead of being woken by
     // an I/O thread for every read (the buffer's fsyncs have their own thread).
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // Replay is the exception: its writer task runs the target's statements on a second
+    // thread while the applier reads and folds the next batch.
+    let mut builder = if matches!(cli.command, Command::Replay(_)) {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -13,7 +13,7 @@
 use super::*;
 use crate::transform::sql as tsql;
 
-impl Applier {
+impl Writer {
     /// The folded batch of one source table, through its plan.
     pub(super) async fn write_mapped(
         &mut self,
@@ -28,7 +28,6 @@ impl Applier {
             return Ok(());
         }
         let ncols = plan.source.columns.len();
-        let id = plan.source.name.quoted();
         for (ti, t) in plan.targets.iter().enumerate() {
             let filtered = t.filter.is_some();
             let needs = t.reads();
@@ -48,9 +47,7 @@ impl Applier {
                 }
             }
             if !tb.deletes.is_empty() || !extra_deletes.is_empty() {
-                let stmt = self
-                    .statement(format!("{id}/m{ti}/d"), || tsql::delete(plan, t))
-                    .await?;
+                let stmt = self.statement(tsql::delete(plan, t)).await?;
                 let cols: Vec<Vec<Option<&str>>> = (0..plan.key.len())
                     .map(|j| {
                         tb.deletes
@@ -71,9 +68,7 @@ impl Applier {
                     .await?;
             }
             if !tb.upserts.is_empty() || !extra_upserts.is_empty() {
-                let stmt = self
-                    .statement(format!("{id}/m{ti}/i"), || tsql::insert(plan, t, true))
-                    .await?;
+                let stmt = self.statement(tsql::insert(plan, t, true)).await?;
                 let cols: Vec<Vec<Option<&str>>> = (0..ncols)
                     .map(|c| {
                         tb.upserts
@@ -111,16 +106,8 @@ impl Applier {
         if shape.set.is_empty() && !shape.filter {
             return Ok(()); // nothing computable changed: the target row is already right
         }
-        let mask = known
-            .iter()
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
-        let id = plan.source.name.quoted();
         let stmt = self
-            .statement(format!("{id}/m{ti}/u/{moved}/{mask}"), || {
-                tsql::update(plan, t, known, &shape, moved)
-            })
+            .statement({ tsql::update(plan, t, known, &shape, moved) })
             .await?;
         let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
         if moved {
@@ -163,13 +150,10 @@ impl Applier {
         change: &Change,
         lsn: Lsn,
     ) -> Result<(), WriteError> {
-        let id = plan.source.name.quoted();
         for (ti, t) in plan.targets.iter().enumerate() {
             match change {
                 Change::Insert { new } => {
-                    let stmt = self
-                        .statement(format!("{id}/m{ti}/1i"), || tsql::insert(plan, t, false))
-                        .await?;
+                    let stmt = self.statement(tsql::insert(plan, t, false)).await?;
                     let cols: Vec<Vec<Option<&str>>> = new.iter().map(one).collect();
                     self.execute(&stmt, &cols).await?;
                 }
@@ -195,9 +179,7 @@ impl Applier {
                         if moved {
                             self.delete_key_mapped(plan, ti, &old_key).await?;
                         }
-                        let stmt = self
-                            .statement(format!("{id}/m{ti}/i"), || tsql::insert(plan, t, true))
-                            .await?;
+                        let stmt = self.statement(tsql::insert(plan, t, true)).await?;
                         let row = known_row(new);
                         let cols: Vec<Vec<Option<&str>>> = row.iter().map(one).collect();
                         self.execute(&stmt, &cols).await?;
@@ -217,11 +199,8 @@ impl Applier {
         ti: usize,
         key: &Key,
     ) -> Result<(), WriteError> {
-        let id = plan.source.name.quoted();
         let t = &plan.targets[ti];
-        let stmt = self
-            .statement(format!("{id}/m{ti}/d"), || tsql::delete(plan, t))
-            .await?;
+        let stmt = self.statement(tsql::delete(plan, t)).await?;
         let cols: Vec<Vec<Option<&str>>> = key.iter().map(|v| vec![text(v)]).collect();
         self.execute(&stmt, &cols).await?;
         Ok(())
