@@ -584,3 +584,69 @@ async fn a_fence_left_by_a_crash_is_lifted_to_the_recorded_previous_setting() {
     );
     assert!(FenceState::read_leftover(dir.path()).unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_through_a_mapping_follows_renames_for_sequences_and_verify() {
+    let s = setup().await;
+    // The release renames events → ledger and stores amounts in cents.
+    s.target
+        .execute(
+            "postgres",
+            "ALTER TABLE events RENAME TO ledger;
+             ALTER TABLE ledger RENAME COLUMN amount TO amount_cents;
+             ALTER SEQUENCE events_id_seq RENAME TO ledger_id_seq;
+             DROP SEQUENCE invoice_no;",
+        )
+        .await
+        .unwrap();
+    let mapping = s.dir.path().join("release.toml");
+    std::fs::write(
+        &mapping,
+        "[[table]]\nsource = \"events\"\ntarget = \"ledger\"\n[table.columns]\namount_cents = \"amount * 100\"\n",
+    )
+    .unwrap();
+    s.source
+        .execute(
+            "postgres",
+            "INSERT INTO events (account_id, amount) SELECT g, g FROM generate_series(1, 300) g",
+        )
+        .await
+        .unwrap();
+    let mut cfg = s.config();
+    cfg.transform = Some(Arc::new(
+        walshift::transform::Mapping::load(&mapping).unwrap(),
+    ));
+    cfg.verify = VerifyMode::Checksum;
+    let report = cutover::run(cfg, std::future::pending())
+        .await
+        .expect("cutover through the mapping");
+    assert_eq!(report.outcome, Outcome::Switched, "{report}");
+    let ledger = report
+        .verified
+        .iter()
+        .find(|c| c.target == "\"public\".\"ledger\"")
+        .unwrap_or_else(|| panic!("ledger verified: {report}"));
+    assert!(ledger.equal && ledger.source_rows == 300 && ledger.source_checksum.is_some());
+    let seq = report
+        .sequences
+        .iter()
+        .find(|q| q.source == "\"public\".\"events_id_seq\"")
+        .expect("events_id_seq synced");
+    assert_eq!(seq.target, "public.ledger_id_seq");
+    assert_eq!(
+        report.sequences_skipped,
+        vec!["\"public\".\"invoice_no\"".to_string()]
+    );
+    let t = s.target.connect("postgres").await.unwrap();
+    let (n, cents, last): (i64, i64, i64) = {
+        let r = t
+            .query_one(
+                "SELECT count(*), sum(amount_cents)::int8, (SELECT last_value FROM ledger_id_seq) FROM ledger",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((n, cents, last), (300, 100 * 300 * 301 / 2, 300));
+}

@@ -22,7 +22,8 @@ pub struct CutoverArgs {
     target: String,
     #[command(flatten)]
     buffer: BufferDir,
-    /// Migration mapping (TOML) the copy was migrated with.
+    /// Migration mapping (TOML) the copy was migrated with: replay started by cutover applies
+    /// through it, sequences follow its renames, verify compares through it.
     #[arg(long, value_name = "FILE")]
     transform: Option<PathBuf>,
     /// How writes are stopped: read-only (ALTER DATABASE … default_transaction_read_only, other
@@ -73,12 +74,6 @@ fn parse_verify(s: &str) -> Result<VerifyMode, String> {
 }
 
 pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
-    if a.transform.is_some() {
-        anyhow::bail!(
-            "cutover is not yet supported with --transform (sequences and verify must map through it); \
-             run it without --transform only for a release without a migration mapping"
-        );
-    }
     let source = ConnInfo::parse(&a.source).context("--source")?;
     let target = ConnInfo::parse(&a.target).context("--target")?;
     let mut config = CutoverConfig::new(source, target, a.buffer.buffer);
@@ -93,6 +88,9 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
     config.max_window = a.max_window;
     config.verify = a.verify;
     config.dry_run = a.dry_run;
+    if let Some(path) = &a.transform {
+        config.transform = Some(Arc::new(crate::transform::Mapping::load(path)?));
+    }
     config.say = Some(Arc::new(|line: &str| eprintln!("{line}")));
     let json = a.json;
     let print = |report: &cutover::CutoverReport| -> anyhow::Result<()> {

@@ -48,11 +48,6 @@ pub struct RunArgs {
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    if a.transform.is_some() {
-        anyhow::bail!(
-            "walshift run is not yet supported with --transform; use capture and replay --transform"
-        );
-    }
     let source = ConnInfo::parse(&a.source).context("--source")?;
     let target = ConnInfo::parse(&a.target).context("--target")?;
     let mut config = LiveConfig::new(source, target, a.buffer.buffer);
@@ -62,6 +57,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     config.flush_interval = Duration::from_millis(a.flush_ms.max(1));
     config.batch_time = Duration::from_millis(a.batch_ms);
     config.status_line = !a.no_progress;
+    if let Some(path) = &a.transform {
+        config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));
+    }
     let report = live::run(config, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

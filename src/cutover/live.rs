@@ -43,6 +43,8 @@ pub struct LiveConfig {
     pub batch_time: Duration,
     /// Print a status line once a second on stderr. Default false (the CLI turns it on).
     pub status_line: bool,
+    /// Migration mapping replay applies through. Default none (identity).
+    pub transform: Option<Arc<crate::transform::Mapping>>,
 }
 
 impl LiveConfig {
@@ -57,6 +59,7 @@ impl LiveConfig {
             flush_interval: Duration::from_millis(20),
             batch_time: Duration::from_millis(200),
             status_line: false,
+            transform: None,
         }
     }
 }
@@ -166,6 +169,7 @@ pub async fn run(
     };
     let mut rep_cfg = ReplayConfig::new(&config.buffer_dir, config.target.clone());
     rep_cfg.follow = true;
+    rep_cfg.transform = config.transform.clone();
     rep_cfg.batch_time = config.batch_time;
     let mut rep_stop = stop_rx.clone();
     let mut replay = tokio::spawn(replay::run(rep_cfg, async move {

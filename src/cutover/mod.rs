@@ -100,7 +100,12 @@ pub struct CutoverConfig {
     pub verify: VerifyMode,
     /// Rehearse: no fence, no hooks, no switch; report the projected window. Default false.
     pub dry_run: bool,
-    /// Source table → target tables, for sequences and verify. Default identity.
+    /// The migration mapping the target was built with. Default none (identity). When set, a
+    /// replay cutover starts itself applies through it, sequences follow its table renames,
+    /// and verify compares through it ([`crate::verify::verify`]); `table_map` is ignored.
+    pub transform: Option<Arc<crate::transform::Mapping>>,
+    /// Source table → target tables, for sequences and verify without a `transform`. Default
+    /// identity.
     pub table_map: TableMap,
     /// Give up (nothing fenced) if the lag is not under `max_lag` within this time. Default
     /// none: wait until it is, or until interrupted.
@@ -138,6 +143,7 @@ impl CutoverConfig {
             max_window: Duration::from_secs(10),
             verify: VerifyMode::Counts,
             dry_run: false,
+            transform: None,
             table_map: TableMap::identity(),
             preflight_timeout: None,
             terminate_timeout: Duration::from_secs(5),
@@ -246,6 +252,9 @@ pub enum CutoverError {
 
     #[error(transparent)]
     Lag(#[from] coord::LagError),
+
+    #[error(transparent)]
+    Verify(#[from] verify::CheckError),
 
     #[error(transparent)]
     Connect(#[from] crate::Error),
@@ -389,6 +398,8 @@ struct Ctx<'a> {
     leftover: Option<FenceState>,
     window_start: Option<Instant>,
     hook_ctx: HookContext,
+    /// `config.table_map`, or the transform's tables.
+    table_map: TableMap,
 }
 
 impl Ctx<'_> {
@@ -601,6 +612,7 @@ async fn run_inner(
         Some(guard) => {
             report.replay = "in-process".into();
             let mut cfg = ReplayConfig::new(dir.clone(), config.target.clone());
+            cfg.transform = config.transform.clone();
             cfg.follow = true;
             cfg.batch_time = config.replay_batch_time;
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -631,6 +643,10 @@ async fn run_inner(
         leftover,
         window_start: None,
         hook_ctx,
+        table_map: match &config.transform {
+            Some(m) => TableMap::from_mapping(m.clone()),
+            None => config.table_map.clone(),
+        },
     };
     if let Err(e) = wait_for_lag(&mut ctx).await {
         let warnings = ctx.helpers.stop().await;
@@ -833,7 +849,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     // Sequences.
     ctx.deadline_check("sequences")?;
     ctx.tl.begin("sequences");
-    let synced = sequences::sync(&ctx.src, &ctx.tgt, &config.table_map)
+    let synced = sequences::sync(&ctx.src, &ctx.tgt, &ctx.table_map)
         .await
         .map_err(sql("syncing sequences"))?;
     ctx.report.sequences = synced.set;
@@ -855,13 +871,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
                 &ctx.src,
                 &ctx.tgt,
                 &tables,
-                &config.table_map,
+                &ctx.table_map,
+                config.transform.as_deref(),
                 config.verify,
             ),
         )
         .await
         {
-            Ok(r) => r.map_err(sql("verifying the target"))?,
+            Ok(r) => r?,
             Err(_) => {
                 return Err(CutoverError::MaxWindow {
                     phase: "verify".into(),

@@ -36,6 +36,17 @@ impl TableMap {
         TableMap(Arc::new(f))
     }
 
+    /// The tables a migration mapping sends each source table to (itself when not named).
+    pub fn from_mapping(mapping: std::sync::Arc<crate::transform::Mapping>) -> Self {
+        TableMap::new(move |s, t| {
+            mapping
+                .targets_of(&crate::transform::TableName::new(s, t))
+                .into_iter()
+                .map(|n| (n.schema, n.name))
+                .collect()
+        })
+    }
+
     /// The target tables of a source table (empty: the table is dropped by the mapping).
     pub fn map(&self, schema: &str, table: &str) -> Vec<(String, String)> {
         (self.0)(schema, table)
@@ -163,13 +174,17 @@ pub async fn sync(
     }
     let resolved = target
         .query(
-            "SELECT x.i, coalesce( \
+            // Resolved to an oid first, then named schema-qualified and quoted, whichever way
+            // it was found.
+            "SELECT y.i, CASE WHEN c.oid IS NOT NULL THEN format('%I.%I', n.nspname, c.relname) END FROM ( \
+               SELECT x.i, coalesce( \
                  CASE WHEN x.tq IS NOT NULL AND to_regclass(x.tq) IS NOT NULL AND EXISTS ( \
                      SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(x.tq) AND attname = x.col AND NOT attisdropped) \
-                 THEN pg_get_serial_sequence(x.tq, x.col) END, \
-                 (SELECT to_regclass(x.sq)::text WHERE to_regclass(x.sq) IS NOT NULL \
-                     AND (SELECT relkind FROM pg_class WHERE oid = to_regclass(x.sq)) = 'S')) \
-             FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[]) AS x(i, tq, col, sq)",
+                 THEN to_regclass(pg_get_serial_sequence(x.tq, x.col)) END, \
+                 to_regclass(x.sq)) AS seq \
+               FROM unnest($1::int4[], $2::text[], $3::text[], $4::text[]) AS x(i, tq, col, sq)) y \
+             LEFT JOIN pg_class c ON c.oid = y.seq AND c.relkind = 'S' \
+             LEFT JOIN pg_namespace n ON n.oid = c.relnamespace",
             &[&idx, &tables, &columns, &same_names],
         )
         .await?;

@@ -2,12 +2,12 @@
 //! the source holds. `counts` compares row counts per published table; `checksum` also
 //! compares an order-independent checksum per table.
 //!
-//! [`verify_tables`] is the one entry point the orchestrator calls, so a transform-aware
-//! verification (comparing the target with the source *through* a migration mapping) can
-//! replace it without touching the phases. For now tables are compared through the
-//! [`TableMap`]: a source table compared with its single target table, column by column of
-//! the same names (identity mapping); a table the map splits or drops is reported as not
-//! comparable.
+//! [`verify_tables`] is the one entry point the orchestrator calls. With a migration mapping
+//! it hands over to [`crate::verify::verify`], which compares every target table with the
+//! source *through* the mapping (expressions, filters, split tables; counts only unless
+//! `checksum`). Without one (identity), the lighter comparison below is used: each source
+//! table against the target table the [`TableMap`] names, column by column of the same names;
+//! a table the map splits or drops is reported as not comparable.
 //!
 //! The checksum of a table is `count(*)` and `sum(hashtextextended(row(cols…)::text, 0))` over
 //! the source's columns in their order, computed on both sides in sessions with the same
@@ -19,6 +19,7 @@ use tokio_postgres::Client;
 use super::report::TableCheck;
 use super::sequences::TableMap;
 use crate::sql::{quote_ident, quote_qualified};
+use crate::transform::{Mapping, TableName};
 
 /// What `--verify` compares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -108,19 +109,56 @@ async fn measure(
     Ok((r.get(0), r.get(1)))
 }
 
-/// Compares every published table of the source with its target table(s). Both sessions must
-/// have run [`SESSION_SETTINGS`]. Returns one check per table; the caller decides what a
-/// difference means.
+/// Verification failures (a difference is not one: it is in the checks).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckError {
+    #[error("verifying the target: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error("verifying the target through the mapping: {0}")]
+    Mapped(#[from] crate::verify::VerifyError),
+}
+
+/// Compares every published table of the source with its target table(s): through `mapping`
+/// when there is one, else through `map`. Both sessions must have run [`SESSION_SETTINGS`]
+/// and be outside a transaction. Returns one check per target table; the caller decides what
+/// a difference means.
 pub async fn verify_tables(
     source: &Client,
     target: &Client,
     tables: &[(String, String, Vec<String>)],
     map: &TableMap,
+    mapping: Option<&Mapping>,
     mode: VerifyMode,
-) -> Result<Vec<TableCheck>, tokio_postgres::Error> {
+) -> Result<Vec<TableCheck>, CheckError> {
     let mut out = Vec::new();
     if mode == VerifyMode::None {
         return Ok(out);
+    }
+    if let Some(mapping) = mapping {
+        let names: Vec<TableName> = tables
+            .iter()
+            .map(|(s, t, _)| TableName::new(s.clone(), t.clone()))
+            .collect();
+        let opts = crate::verify::VerifyOptions {
+            max_keys: 0,
+            checksums: mode == VerifyMode::Checksum,
+            ..Default::default()
+        };
+        let report = crate::verify::verify(source, target, mapping, &names, &opts).await?;
+        return Ok(report
+            .tables
+            .into_iter()
+            .map(|t| TableCheck {
+                source: t.source.quoted(),
+                target: t.target.quoted(),
+                source_rows: t.source_rows,
+                target_rows: t.target_rows,
+                source_checksum: (!t.source_checksum.is_empty()).then_some(t.source_checksum),
+                target_checksum: (!t.target_checksum.is_empty()).then_some(t.target_checksum),
+                equal: t.equal,
+            })
+            .collect());
     }
     let checksum = mode == VerifyMode::Checksum;
     for (schema, table, columns) in tables {
