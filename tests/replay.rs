@@ -300,3 +300,36 @@ async fn marker_only_transaction_is_recorded_as_applied() {
         report.applied_lsn
     );
 }
+
+/// A column added on the source mid-stream (and on the target, as a release would): the
+/// batch holding changes of both shapes is written in two parts, with statements for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_changing_shape_inside_a_batch_is_replayed() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", SCHEMA).await.unwrap();
+    target.execute("postgres", SCHEMA).await.unwrap();
+    target
+        .execute("postgres", "ALTER TABLE accounts ADD COLUMN extra int")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO accounts SELECT g, 'o' || g, g, NULL, NULL FROM generate_series(1, 500) g;
+             ALTER TABLE accounts ADD COLUMN extra int;
+             INSERT INTO accounts SELECT g, 'p' || g, g, NULL, NULL, g FROM generate_series(501, 900) g;
+             UPDATE accounts SET extra = id * 2, balance = balance + 1 WHERE id % 3 = 0;
+             DELETE FROM accounts WHERE id % 7 = 0;",
+        )
+        .await
+        .unwrap();
+    let report = replay_all(&source, &target, dir.path(), 100_000).await;
+    assert_eq!(report.changes, 1328, "{report:?}");
+    assert_eq!(
+        checksum(&source, "accounts", "id").await,
+        checksum(&target, "accounts", "id").await
+    );
+}
