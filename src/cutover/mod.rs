@@ -10,8 +10,8 @@
 //!    lag is under `max_lag`. Nothing is fenced yet.
 //! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
 //! 4. **marker** — `pg_logical_emit_message(true, 'walshift', <cutover id>)` on the source.
-//! 5. **drain** — wait until the slot's confirmed (durable) position passes the marker and the
-//!    target's `walshift.applied` passes the marker's transaction.
+//! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
+//!    (durable) position and the target's `walshift.applied` both pass its end.
 //! 6. **sequences** — [`sequences::sync`].
 //! 7. **verify** — [`verify::verify_tables`] as `verify` asks.
 //! 8. **switch** — the `--switch` hook — the window ends when it returns.
@@ -465,7 +465,8 @@ async fn wait_postponed(
 async fn prepare_session(client: &Client) -> Result<i32, CutoverError> {
     client
         .batch_execute(&format!(
-            "SET default_transaction_read_only = off; SET application_name = 'walshift cutover'; {}",
+            "SET default_transaction_read_only = off; SET synchronous_commit = on; \
+             SET application_name = 'walshift cutover'; {}",
             verify::SESSION_SETTINGS
         ))
         .await
@@ -802,7 +803,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
         .map_err(sql("writing the cutover marker on the source"))?;
     let marker: Lsn = ctx
         .src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
         .await
         .map_err(sql("reading the source's WAL position"))?
         .get::<_, String>(0)
@@ -818,13 +819,15 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     let end = loop {
         ctx.deadline_check("drain")?;
         ctx.helpers.check().await?;
-        if !durable {
+        // Durable: the slot is confirmed past the end of the marker's transaction (capture
+        // confirms only what the buffer has fsynced).
+        let found = scan.poll()?;
+        if !durable && let Some(end) = found {
             durable = coord::slot_confirmed(&ctx.src, &config.slot)
                 .await
                 .map_err(sql("reading the slot's confirmed position"))?
-                .is_some_and(|c| c >= marker);
+                .is_some_and(|c| c >= end);
         }
-        let found = scan.poll()?;
         if durable && let Some(end) = found {
             let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
                 .await

@@ -94,7 +94,7 @@ pub struct CutoverReport {
     pub capture: String,
     /// `external` or `in-process`.
     pub replay: String,
-    /// The source's WAL position right after the marker committed.
+    /// The source's WAL flush position right after the marker committed.
     pub marker_lsn: Option<Lsn>,
     /// End LSN of the marker's transaction (what the target's applied LSN passed).
     pub marker_commit_end: Option<Lsn>,
