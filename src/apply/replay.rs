@@ -1233,8 +1233,7 @@ impl Writer {
                     ColumnValue::UnchangedToast => None,
                 }));
                 let stmt = if table.full_row_identity {
-                    self.statement({ table.sql.update_one_full_row(&set) })
-                        .await?
+                    self.statement(table.sql.update_one_full_row(&set)).await?
                 } else {
                     self.statement(table.sql.update_one(&set)).await?
                 };

@@ -1,12 +1,16 @@
 //! `walshift demo`: the main job end to end on throwaway clusters, told as a story. A live shop
 //! keeps taking orders while walshift clones it into a second cluster at the slot's snapshot,
-//! streams its changes into a durable buffer (stopped and restarted mid-stream), and replays
-//! them into the copy, which ends equal to the live database, table by table. Migration
-//! transforms and cutover come with later stages.
+//! the release's migration reshapes the copy (a computed column, a rename, a table split),
+//! the live changes stream into a durable buffer (capture is stopped and restarted mid-stream)
+//! and are replayed through the release's mapping, and then the cutover fences the live site,
+//! drains the last changes, syncs sequences, verifies and switches — with its window measured.
+//! The copy is finally verified against the live database through the mapping.
 
 pub mod shop;
 
 use std::time::{Duration, Instant};
+
+use std::sync::Arc;
 
 use crate::apply::replay::{self, ReplayConfig};
 use crate::buffer::BufferReader;
@@ -38,8 +42,12 @@ impl Default for DemoOptions {
 #[derive(Clone, Debug)]
 pub struct DemoReport {
     pub writer: shop::WriterStats,
+    /// Changes replay applied before the cutover took over.
     pub replayed_changes: u64,
-    pub end_lsn: Lsn,
+    /// The cutover's timeline.
+    pub cutover: crate::cutover::CutoverReport,
+    /// Tables verified equal to source + mapping after the switch.
+    pub verified_tables: usize,
 }
 
 /// Demo failures.
@@ -57,6 +65,14 @@ pub enum DemoError {
     Lib(#[from] crate::Error),
     #[error("SQL failed in the demo: {0}")]
     Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
+    #[error(transparent)]
+    Transform(#[from] crate::transform::TransformError),
+    #[error(transparent)]
+    Cutover(#[from] crate::cutover::CutoverError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
     #[error("verification failed: {0}")]
     Mismatch(String),
 }
@@ -122,9 +138,47 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    say("▶ replay follows the buffer into the copy (batched, set-based, exactly once)");
+    say(
+        "▶ migrate the copy: customers get a computed full_name, orders.amount becomes amount_eur + amount_cents, \
+         shipping addresses move to their own table",
+    );
+    let migration = dir.path().join("001_release.sql");
+    let mapping_path = dir.path().join("release.toml");
+    std::fs::write(&migration, shop::MIGRATION)
+        .and_then(|_| std::fs::write(&mapping_path, shop::MAPPING))
+        .map_err(|e| crate::Error::io(dir.path(), e))?;
+    let scripts = crate::migrate::load_scripts(std::slice::from_ref(&migration))?;
+    let migrated = crate::migrate::migrate(
+        &crate::migrate::MigrateOptions::new(target_conn.clone()),
+        &scripts,
+        |_| {},
+    )
+    .await?;
+    say(&format!(
+        "  ✓ {} applied in {:.0} ms (recorded in walshift.migrations)",
+        migrated.scripts[0].name,
+        migrated.scripts[0].duration_ms.unwrap_or(0.0)
+    ));
+    let mapping = Arc::new(crate::transform::Mapping::load(&mapping_path)?);
+    say(
+        "  the release's mapping: full_name = first_name || ' ' || last_name; amount_eur = amount; \
+         amount_cents = (amount * 100)::bigint; orders → shipping_addresses where ship_street IS NOT NULL",
+    );
+
+    say(
+        "▶ replay follows the buffer into the migrated copy, through the mapping (batched, set-based, exactly once)",
+    );
     let mut replay_cfg = ReplayConfig::new(&buffer_dir, target_conn.clone());
     replay_cfg.follow = true;
+    replay_cfg.transform = Some(mapping.clone());
+    // The lock every replay of this buffer into this target holds: cutover sees it and
+    // leaves the draining to this follower instead of starting a replay of its own.
+    let meta = crate::buffer::BufferMeta::read(&buffer_dir)?
+        .ok_or_else(|| DemoError::Mismatch("capture wrote no buffer.json".into()))?;
+    let buffer_id = crate::apply::target::buffer_id(meta.system_identifier, &meta.slot);
+    let replay_lock = crate::cutover::coord::ReplayGuard::try_acquire(&target_conn, &buffer_id)
+        .await?
+        .ok_or_else(|| DemoError::Mismatch("another replay holds the target".into()))?;
     let (replay_stop_tx, replay_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let follower = tokio::spawn(replay::run(replay_cfg, async move {
         let _ = replay_stop_rx.await;
@@ -135,6 +189,10 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
     let mut first = Some(first);
     for s in 1..=opts.seconds {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if follower.is_finished() {
+            follower.await.expect("replay task")?;
+            return Err(DemoError::Mismatch("replay stopped unexpectedly".into()));
+        }
         let buffered = BufferReader::open(&buffer_dir)
             .and_then(|r| r.status())
             .ok()
@@ -160,76 +218,112 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
                 let _ = tx.send(());
                 task.await.expect("capture task")?;
             }
-            second = Some(tokio::spawn(capture::run(
-                config.clone(),
-                std::future::pending::<()>(),
-            )));
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            stop_tx = Some(tx);
+            second = Some(tokio::spawn(capture::run(config.clone(), async move {
+                let _ = rx.await;
+            })));
         }
+    }
+
+    say(
+        "▶ cutover, with the writer still placing orders: fence the live site (read-only), marker, drain, sequences, verify, switch",
+    );
+    let mut cut =
+        crate::cutover::CutoverConfig::new(source_conn.clone(), target_conn.clone(), &buffer_dir);
+    cut.transform = Some(mapping.clone());
+    cut.verify = crate::cutover::VerifyMode::Counts;
+    cut.switch = Some(format!(
+        "echo \"switching the shop's traffic to 127.0.0.1:{}\"",
+        target.port()
+    ));
+    cut.max_window = Duration::from_secs(10);
+    let report = crate::cutover::run(cut, std::future::pending::<()>()).await?;
+    for line in report.to_string().lines() {
+        say(&format!("  {line}"));
     }
     let stats = writer.stop().await?;
-    let end: String = admin
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let end_lsn: Lsn = end
-        .parse()
-        .map_err(|e| crate::Error::Config(format!("{e}")))?;
-    if let Some(task) = second {
-        task.abort();
-        let _ = task.await;
-    }
     say(&format!(
-        "▶ the writer stopped after {} transactions; draining capture and replay to the source's end of WAL {end_lsn}",
-        stats.transactions
-    ));
-    let mut drain = config.clone();
-    drain.clone = None;
-    drain.until_lsn = Some(end_lsn);
-    capture::run(drain, std::future::pending::<()>()).await?;
-    let _ = replay_stop_tx.send(());
-    let followed = follower.await.expect("replay task")?;
-    let rest = replay::run(
-        ReplayConfig::new(&buffer_dir, target_conn.clone()),
-        std::future::pending::<()>(),
-    )
-    .await?;
-    say(&format!(
-        "  replay applied {} changes in {} target commits; copy at {}",
-        followed.changes + rest.changes,
-        followed.batches + rest.batches,
-        rest.applied_lsn
+        "  the writer committed {} transactions; its next write was refused: {}",
+        stats.transactions,
+        stats.refused.as_deref().unwrap_or("(it was stopped first)")
     ));
 
-    say("▶ verifying: every table of the copy against the live database (row count and checksum)");
+    // Capture and replay had nothing left to do: stop them.
+    if let Some(tx) = stop_tx.take() {
+        let _ = tx.send(());
+    }
+    for task in [first, second].into_iter().flatten() {
+        task.await.expect("capture task")?;
+    }
+    let _ = replay_stop_tx.send(());
+    let followed = follower.await.expect("replay task")?;
+    drop(replay_lock);
+
+    say(
+        "▶ verifying the copy against the live database through the mapping (row count and checksum per table)",
+    );
     let copy = target.connect("shop").await?;
-    for table in ["customers", "products", "orders"] {
-        let q = format!(
-            "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {table} t"
-        );
-        let a = admin.query_one(&q, &[]).await?;
-        let b = copy.query_one(&q, &[]).await?;
-        let (ac, asum): (i64, String) = (a.get(0), a.get(1));
-        let (bc, bsum): (i64, String) = (b.get(0), b.get(1));
-        let ok = ac == bc && asum == bsum;
+    // The fence ended every other session of the live database; this one is new (and
+    // read-only, which is all verify needs).
+    let live = source.connect("shop").await?;
+    let tables: Vec<crate::transform::TableName> = ["customers", "products", "orders"]
+        .iter()
+        .map(|t| crate::transform::TableName::new("public", *t))
+        .collect();
+    let verified = crate::verify::verify(
+        &live,
+        &copy,
+        &mapping,
+        &tables,
+        &crate::verify::VerifyOptions::default(),
+    )
+    .await?;
+    for t in &verified.tables {
         say(&format!(
-            "  {} {table:<10} live {ac:>6} rows   copy {bc:>6} rows   checksums {}",
-            if ok { "✓" } else { "✗" },
-            if ok { "equal" } else { "differ" }
+            "  {} {:<28} live {:>6} rows   copy {:>6} rows   checksums {}",
+            if t.equal { "✓" } else { "✗" },
+            format!("{} → {}", t.source.name, t.target.name),
+            t.source_rows,
+            t.target_rows,
+            if t.equal { "equal" } else { "differ" }
         ));
-        if !ok {
+    }
+    if !verified.equal() {
+        return Err(DemoError::Mismatch(
+            "the copy differs from the live database through the mapping".into(),
+        ));
+    }
+    if let Some(id) = stats.last_order_id {
+        let found = copy
+            .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&id])
+            .await?
+            .is_some()
+            || live
+                .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&id])
+                .await?
+                .is_none(); // cancelled later by the writer itself
+        if !found {
             return Err(DemoError::Mismatch(format!(
-                "{table}: the copy differs from the live database"
+                "the writer's last committed order {id} is missing on the copy"
             )));
         }
+        let next: i64 = copy
+            .query_one("SELECT nextval('orders_id_seq')", &[])
+            .await?
+            .get(0);
+        say(&format!(
+            "  ✓ the last order the live site committed (#{id}) is on the copy; the copy's next order id is {next}"
+        ));
     }
     say(&format!(
         "▶ done in {:.1} s; clusters and buffer are removed now",
         t0.elapsed().as_secs_f64()
     ));
-    say("  (migration transforms and the measured cutover come next in walshift's roadmap)");
     Ok(DemoReport {
         writer: stats,
-        replayed_changes: followed.changes + rest.changes,
-        end_lsn,
+        replayed_changes: followed.changes,
+        verified_tables: verified.tables.len(),
+        cutover: report,
     })
 }

@@ -63,7 +63,52 @@ pub struct WriterStats {
     pub orders_placed: u64,
     pub orders_shipped: u64,
     pub orders_cancelled: u64,
+    /// Id of the last order whose transaction committed.
+    pub last_order_id: Option<i64>,
+    /// Why the writer stopped before being asked to (its session was terminated, the
+    /// database turned read-only): the server's message.
+    pub refused: Option<String>,
 }
+
+/// The release the demo performs on the copy: `customers.first_name`/`last_name` become one
+/// computed `full_name`; `orders.amount` is renamed `amount_eur` and gains `amount_cents`;
+/// the shipping address moves to its own table.
+pub const MIGRATION: &str = "
+ALTER TABLE customers ADD COLUMN full_name text;
+UPDATE customers SET full_name = first_name || ' ' || last_name;
+ALTER TABLE customers ALTER COLUMN full_name SET NOT NULL,
+                      DROP COLUMN first_name, DROP COLUMN last_name;
+ALTER TABLE orders RENAME COLUMN amount TO amount_eur;
+ALTER TABLE orders ADD COLUMN amount_cents bigint;
+UPDATE orders SET amount_cents = (amount_eur * 100)::bigint;
+ALTER TABLE orders ALTER COLUMN amount_cents SET NOT NULL;
+CREATE TABLE shipping_addresses (order_id bigint PRIMARY KEY, street text NOT NULL, city text);
+INSERT INTO shipping_addresses SELECT id, ship_street, ship_city FROM orders WHERE ship_street IS NOT NULL;
+ALTER TABLE orders DROP COLUMN ship_street, DROP COLUMN ship_city;
+";
+
+/// The mapping that replays the old shop's changes into the migrated copy.
+pub const MAPPING: &str = r#"
+[[table]]
+source = "customers"
+[table.columns]
+full_name = "first_name || ' ' || last_name"
+
+[[table]]
+source = "orders"
+[table.columns]
+amount_eur   = "amount"
+amount_cents = "(amount * 100)::bigint"
+
+[[table]]
+source = "orders"
+target = "shipping_addresses"
+filter = "ship_street IS NOT NULL"
+[table.columns]
+order_id = "id"
+street   = "ship_street"
+city     = "ship_city"
+"#;
 
 /// A running writer; [`Writer::stop`] ends it and returns what it committed.
 pub struct Writer {
@@ -86,7 +131,8 @@ impl Writer {
             let place = client
                 .prepare(
                     "INSERT INTO orders (customer_id, product_id, quantity, amount, ship_street, ship_city)
-                     SELECT $1::bigint, p.id, $2::int, p.price * $2::int, $3::text, $4::text FROM products p WHERE p.id = $5::bigint",
+                     SELECT $1::bigint, p.id, $2::int, p.price * $2::int, $3::text, $4::text FROM products p WHERE p.id = $5::bigint
+                     RETURNING id",
                 )
                 .await?;
             let ship = client
@@ -99,31 +145,59 @@ impl Writer {
             while !s.load(Ordering::Relaxed) {
                 tick.tick().await;
                 n += 1;
-                client.batch_execute("BEGIN").await?;
                 let customer = 1 + (n * 7919) % customers.max(1);
                 let qty = (1 + n % 4) as i32;
-                client
-                    .execute(
-                        &place,
-                        &[
-                            &customer,
-                            &qty,
-                            &format!("{n} Side Road"),
-                            &format!("City {}", n % 20),
-                            &(1 + n % 50),
-                        ],
-                    )
-                    .await?;
-                stats.orders_placed += 1;
-                if n % 5 == 0 {
-                    stats.orders_shipped += client.execute(&ship, &[]).await?;
+                // Every fifteenth order has no shipping address (a pickup).
+                let street = (n % 15 != 0).then(|| format!("{n} Side Road"));
+                let txn = async {
+                    client.batch_execute("BEGIN").await?;
+                    let id: i64 = client
+                        .query_one(
+                            &place,
+                            &[
+                                &customer,
+                                &qty,
+                                &street,
+                                &format!("City {}", n % 20),
+                                &(1 + n % 50),
+                            ],
+                        )
+                        .await?
+                        .get(0);
+                    let shipped = if n % 5 == 0 {
+                        client.execute(&ship, &[]).await?
+                    } else {
+                        0
+                    };
+                    let cancelled = if n % 10 == 0 {
+                        client.execute(&cancel, &[]).await?
+                    } else {
+                        0
+                    };
+                    client.batch_execute("COMMIT").await?;
+                    Ok::<_, tokio_postgres::Error>((id, shipped, cancelled))
+                };
+                match txn.await {
+                    Ok((id, shipped, cancelled)) => {
+                        stats.orders_placed += 1;
+                        stats.orders_shipped += shipped;
+                        stats.orders_cancelled += cancelled;
+                        stats.last_order_id = Some(id);
+                        stats.transactions += 1;
+                        c.store(stats.transactions, Ordering::Relaxed);
+                    }
+                    // The site was fenced (session terminated, or read-only): a real
+                    // application would show its maintenance page now.
+                    Err(e) if refused(&e) => {
+                        stats.refused = Some(
+                            e.as_db_error()
+                                .map(|d| d.message().to_owned())
+                                .unwrap_or_else(|| e.to_string()),
+                        );
+                        break;
+                    }
+                    Err(e) => return Err(e),
                 }
-                if n % 10 == 0 {
-                    stats.orders_cancelled += client.execute(&cancel, &[]).await?;
-                }
-                client.batch_execute("COMMIT").await?;
-                stats.transactions += 1;
-                c.store(stats.transactions, Ordering::Relaxed);
             }
             Ok(stats)
         });
@@ -132,6 +206,11 @@ impl Writer {
             committed,
             handle,
         }
+    }
+
+    /// Whether the writer has stopped (asked to, or refused by the database).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
     }
 
     /// Transactions committed so far.
@@ -144,4 +223,19 @@ impl Writer {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.await.expect("writer task panicked")
     }
+}
+
+/// An error a fenced source gives a writer: its session terminated, its connection gone, or
+/// a write refused in a read-only transaction.
+fn refused(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.is_closed()
+        || e.as_db_error().is_some_and(|d| {
+            [
+                SqlState::ADMIN_SHUTDOWN,
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+            ]
+            .contains(d.code())
+        })
+        || e.to_string().contains("connection closed")
 }

@@ -107,7 +107,7 @@ impl Writer {
             return Ok(()); // nothing computable changed: the target row is already right
         }
         let stmt = self
-            .statement({ tsql::update(plan, t, known, &shape, moved) })
+            .statement(tsql::update(plan, t, known, &shape, moved))
             .await?;
         let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
         if moved {
