@@ -221,6 +221,7 @@ async fn cutover_under_concurrent_writes_loses_nothing_and_fences_the_source() {
     let report = cutover::run(cfg, std::future::pending())
         .await
         .expect("cutover");
+    eprint!("{report}");
     assert_eq!(report.outcome, Outcome::Switched, "{report}");
     assert_eq!(
         (report.capture.as_str(), report.replay.as_str()),
@@ -366,6 +367,22 @@ async fn failing_switch_hook_aborts_and_leaves_the_source_as_it_was() {
     let s = setup().await;
     let mut cfg = s.config();
     cfg.switch = Some("echo repointing failed >&2; exit 1".into());
+    // A target whose clone is still being copied is refused before anything is fenced.
+    s.target
+        .execute(
+            "postgres",
+            "UPDATE walshift.clone_state SET state = 'copying'",
+        )
+        .await
+        .unwrap();
+    let e = cutover::run(cfg.clone(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CutoverError::CloneUnfinished), "{e}");
+    s.target
+        .execute("postgres", "UPDATE walshift.clone_state SET state = 'done'")
+        .await
+        .unwrap();
     let a = aborted(cutover::run(cfg, std::future::pending()).await);
     assert!(matches!(a.cause, CutoverError::Hook(_)), "{a}");
     assert!(a.to_string().contains("repointing failed"), "{a}");
@@ -649,4 +666,37 @@ async fn cutover_through_a_mapping_follows_renames_for_sequences_and_verify() {
         (r.get(0), r.get(1), r.get(2))
     };
     assert_eq!((n, cents, last), (300, 100 * 300 * 301 / 2, 300));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postpone_file_holds_the_cutover_back_until_it_goes() {
+    let s = setup().await;
+    let postpone = s.dir.path().join(cutover::POSTPONE_FILE);
+    std::fs::write(&postpone, "release manager says wait").unwrap();
+    let said = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut cfg = s.config();
+    let sink = said.clone();
+    cfg.say = Some(Arc::new(move |l: &str| {
+        sink.lock().unwrap().push(l.to_owned())
+    }));
+    let task = tokio::spawn(cutover::run(cfg, std::future::pending()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!task.is_finished());
+    assert_eq!(read_only_state(&s.source).await, (None, "off".to_string()));
+    source_write(&s.source)
+        .await
+        .expect("not fenced while postponed");
+    assert!(
+        said.lock().unwrap().iter().any(|l| l.contains("postponed")),
+        "{:?}",
+        said.lock().unwrap()
+    );
+    std::fs::remove_file(&postpone).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("cutover proceeds once the file is gone")
+        .unwrap()
+        .expect("cutover");
+    assert_eq!(report.outcome, Outcome::Switched);
+    assert!(report.phase("postpone").unwrap() >= Duration::from_millis(1400));
 }

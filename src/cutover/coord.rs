@@ -126,8 +126,9 @@ pub struct Lag {
     pub streaming: bool,
     /// Source WAL end minus what capture has made durable.
     pub capture_bytes: u64,
-    /// From the target's applied LSN to the end of the first buffered transaction it does not
-    /// have yet (0: replay has everything the buffer holds).
+    /// From the target's applied LSN (before anything is applied: from the start of the first
+    /// buffered transaction) to the end of the first buffered transaction it does not have yet
+    /// (0: replay has everything the buffer holds).
     pub replay_bytes: u64,
     /// How long ago the oldest change not yet durable or applied was committed (the larger of
     /// the walsender's `flush_lag` and the age of the first unapplied transaction in the
@@ -168,9 +169,16 @@ pub async fn lag(
     }
     // The first transaction the target does not have yet, if the buffer holds one (reading
     // up to its commit, not the whole buffer).
+    let mut base = applied_lsn;
     for ev in BufferReader::open(buffer_dir)?.transactions_from(applied_lsn)? {
-        if let TxnEvent::Commit { commit, .. } = ev? {
-            out.replay_bytes = commit.end_lsn.bytes_since(applied_lsn);
+        let ev = ev?;
+        if let TxnEvent::Begin(r) = &ev
+            && base.is_zero()
+        {
+            base = r.lsn; // nothing applied yet: count from the first transaction
+        }
+        if let TxnEvent::Commit { commit, .. } = ev {
+            out.replay_bytes = commit.end_lsn.bytes_since(base);
             if let Some(t) = commit.commit_time() {
                 let age = SystemTime::now()
                     .duration_since(t)

@@ -206,6 +206,12 @@ pub enum CutoverError {
     )]
     SlotMissing { slot: String },
 
+    #[error(
+        "the target's clone is not finished (its clone state says copying): wait for capture --clone-to or \
+         walshift run to finish it, then run cutover"
+    )]
+    CloneUnfinished,
+
     #[error("--fence hook needs a --before command that stops the application's writes")]
     HookModeWithoutBefore,
 
@@ -580,6 +586,17 @@ async fn run_inner(
             fence::STATE_FILE,
             l.previous
         ));
+    }
+    // A clone still being copied (by `walshift run` or `capture --clone-to`) is not a target
+    // to replay into yet.
+    match crate::clone::clone_state(&config.target).await {
+        Ok(Some(state)) if state.status != crate::clone::CloneStatus::Done => {
+            return Err(CutoverError::CloneUnfinished);
+        }
+        Ok(_) => {}
+        Err(e) => report
+            .warnings
+            .push(format!("could not read the target's clone state: {e}")),
     }
     let tgt = config.target.connect().await?;
     prepare_session(&tgt).await?;
