@@ -684,7 +684,9 @@ impl Applier {
                                     return Ok(p);
                                 }
                             }
-                            if batch.changes % 256 == 0 && matches!(self.slot, Slot::Busy(_)) {
+                            if batch.changes.is_multiple_of(256)
+                                && matches!(self.slot, Slot::Busy(_))
+                            {
                                 // On a single-threaded runtime, let the writer send its next
                                 // statement while this loop reads ahead.
                                 tokio::task::yield_now().await;
