@@ -625,7 +625,14 @@ async fn run_inner(
         }));
         helpers.capture = Some((h, tx));
     }
-    match coord::ReplayGuard::try_acquire(&config.target, &buffer_id).await? {
+    let guard = match coord::ReplayGuard::try_acquire(&config.target, &buffer_id).await {
+        Ok(g) => g,
+        Err(e) => {
+            helpers.stop().await; // never leave a capture running behind an error
+            return Err(e.into());
+        }
+    };
+    match guard {
         None => report.replay = "external".into(),
         Some(guard) => {
             report.replay = "in-process".into();
