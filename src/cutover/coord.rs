@@ -200,36 +200,28 @@ pub enum LagError {
     Buffer(#[from] BufferError),
 }
 
-/// Follows the buffer from a position, looking for the marker message of one cutover and
-/// counting what lies before it.
+/// Follows the buffer from a position, looking for the marker message of one cutover.
 pub struct MarkerScan {
     iter: TxnIter,
     cutover_id: String,
     in_marker_txn: bool,
-    txn_changes: u64,
-    /// Complete transactions seen before the marker's (and including it).
-    pub transactions: u64,
-    /// Row changes seen before the marker.
-    pub changes: u64,
     /// End LSN of the marker's transaction, once found.
     pub found: Option<Lsn>,
 }
 
 impl MarkerScan {
-    /// Scans transactions ending after `from`.
+    /// Scans transactions ending after `from` (positioning reads up to a segment).
     pub fn new(buffer_dir: &Path, from: Lsn, cutover_id: &str) -> Result<Self, BufferError> {
         Ok(MarkerScan {
             iter: BufferReader::open(buffer_dir)?.transactions_from(from)?,
             cutover_id: cutover_id.to_owned(),
             in_marker_txn: false,
-            txn_changes: 0,
-            transactions: 0,
-            changes: 0,
             found: None,
         })
     }
 
-    /// Reads what the buffer holds now; returns the marker transaction's end LSN once seen.
+    /// Reads what has been appended since the last call; returns the marker transaction's end
+    /// LSN once seen.
     pub fn poll(&mut self) -> Result<Option<Lsn>, BufferError> {
         if self.found.is_some() {
             return Ok(self.found);
@@ -237,26 +229,17 @@ impl MarkerScan {
         self.iter.refresh()?;
         for ev in self.iter.by_ref() {
             match ev? {
-                TxnEvent::Begin(_) => {
-                    self.in_marker_txn = false;
-                    self.txn_changes = 0;
-                }
-                TxnEvent::Change(r) | TxnEvent::Standalone(r) => match r.kind {
-                    b'I' | b'U' | b'D' | b'T' => self.txn_changes += 1,
-                    b'M' => {
-                        if let Ok(LogicalMessage::Message(m)) = pgoutput::decode(&r.payload)
-                            && m.prefix == crate::apply::replay::MARKER_PREFIX
-                            && m.content.as_ref() == self.cutover_id.as_bytes()
-                        {
-                            self.in_marker_txn = true;
-                        }
+                TxnEvent::Begin(_) => self.in_marker_txn = false,
+                TxnEvent::Change(r) | TxnEvent::Standalone(r) => {
+                    if r.kind == b'M'
+                        && let Ok(LogicalMessage::Message(m)) = pgoutput::decode(&r.payload)
+                        && m.prefix == crate::apply::replay::MARKER_PREFIX
+                        && m.content.as_ref() == self.cutover_id.as_bytes()
+                    {
+                        self.in_marker_txn = true;
                     }
-                    _ => {}
-                },
+                }
                 TxnEvent::Commit { commit, .. } => {
-                    self.transactions += 1;
-                    self.changes += self.txn_changes;
-                    self.txn_changes = 0;
                     if self.in_marker_txn {
                         self.found = Some(commit.end_lsn);
                         return Ok(self.found);
@@ -266,4 +249,25 @@ impl MarkerScan {
         }
         Ok(None)
     }
+}
+
+/// Transactions and row changes (insert, update, delete, truncate) of the transactions ending
+/// after `from` and at or before `to`.
+pub fn count_between(buffer_dir: &Path, from: Lsn, to: Lsn) -> Result<(u64, u64), BufferError> {
+    let (mut txns, mut changes, mut pending) = (0u64, 0u64, 0u64);
+    for ev in BufferReader::open(buffer_dir)?.transactions_from(from)? {
+        match ev? {
+            TxnEvent::Begin(_) => pending = 0,
+            TxnEvent::Change(r) if matches!(r.kind, b'I' | b'U' | b'D' | b'T') => pending += 1,
+            TxnEvent::Commit { commit, .. } => {
+                if commit.end_lsn > to {
+                    break;
+                }
+                txns += 1;
+                changes += pending;
+            }
+            _ => {}
+        }
+    }
+    Ok((txns, changes))
 }

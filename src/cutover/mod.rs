@@ -406,6 +406,8 @@ struct Ctx<'a> {
     hook_ctx: HookContext,
     /// `config.table_map`, or the transform's tables.
     table_map: TableMap,
+    /// Follows the buffer for the marker; positioned before the fence.
+    scan: Option<coord::MarkerScan>,
 }
 
 impl Ctx<'_> {
@@ -672,17 +674,41 @@ async fn run_inner(
             Some(m) => TableMap::from_mapping(m.clone()),
             None => config.table_map.clone(),
         },
+        scan: None,
     };
-    if let Err(e) = wait_for_lag(&mut ctx).await {
-        let warnings = ctx.helpers.stop().await;
-        ctx.report.warnings.extend(warnings);
-        return Err(e);
+    // The marker scan is positioned now, outside the window: finding a position in the buffer
+    // reads up to a segment; following it afterwards reads only what is appended.
+    let positioned = match wait_for_lag(&mut ctx).await {
+        Ok(()) => start_marker_scan(&ctx).await,
+        Err(e) => Err(e),
+    };
+    match positioned {
+        Ok(scan) => ctx.scan = Some(scan),
+        Err(e) => {
+            let warnings = ctx.helpers.stop().await;
+            ctx.report.warnings.extend(warnings);
+            return Err(e);
+        }
     }
 
     // From here on, every failure before the switch aborts and unfences.
     match fenced(&mut ctx, own_pid).await {
         Ok(()) => {}
         Err(cause) => return Err(abort(ctx, cause).await),
+    }
+    // What the window had to drain, counted now that it is over.
+    if let (Some(from), Some(to)) = (ctx.report.applied_at_fence, ctx.report.marker_commit_end) {
+        match coord::count_between(dir, from, to) {
+            Ok((txns, changes)) => {
+                // The marker's own transaction is not a drained change.
+                ctx.report.transactions_drained = txns.saturating_sub(1);
+                ctx.report.changes_drained = changes;
+            }
+            Err(e) => ctx
+                .report
+                .warnings
+                .push(format!("could not count the drained changes: {e}")),
+        }
     }
     if !config.dry_run {
         if let Some(cmd) = &config.after {
@@ -713,6 +739,17 @@ async fn run_inner(
     let warnings = ctx.helpers.stop().await;
     ctx.report.warnings.extend(warnings);
     Ok(ctx.report)
+}
+
+/// A marker scan from the target's current applied position, read up to the buffer's end.
+async fn start_marker_scan(ctx: &Ctx<'_>) -> Result<coord::MarkerScan, CutoverError> {
+    let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
+        .await
+        .map_err(sql("reading the target's applied LSN"))?
+        .unwrap_or(Lsn::ZERO);
+    let mut scan = coord::MarkerScan::new(&ctx.config.buffer_dir, applied, &ctx.report.cutover_id)?;
+    scan.poll()?;
+    Ok(scan)
 }
 
 /// Preflight's wait: lag under `max_lag` and no postpone file.
@@ -838,7 +875,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
 
     // Drain: durable in the buffer (slot confirmed) and applied on the target.
     ctx.tl.begin("drain");
-    let mut scan = coord::MarkerScan::new(dir, applied_at_fence, &ctx.report.cutover_id)?;
+    let mut scan = ctx.scan.take().expect("positioned after preflight");
     let mut durable = false;
     let end = loop {
         ctx.deadline_check("drain")?;
@@ -864,14 +901,8 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
         tokio::time::sleep(config.poll_interval).await;
     };
     ctx.report.marker_commit_end = Some(end);
-    ctx.report.transactions_drained = scan.transactions.saturating_sub(1);
-    ctx.report.changes_drained = scan.changes;
     ctx.hook_ctx.marker = Some(end);
-    let note = format!(
-        "{} transactions, {} changes; applied past {end}",
-        ctx.report.transactions_drained, ctx.report.changes_drained
-    );
-    ctx.tl.end(&mut ctx.report, note);
+    ctx.tl.end(&mut ctx.report, format!("applied past {end}"));
 
     // Sequences.
     ctx.deadline_check("sequences")?;
