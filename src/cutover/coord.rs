@@ -136,48 +136,93 @@ pub struct Lag {
     pub secs: f64,
 }
 
-/// Measures the lag. `applied_lsn` is the target's applied LSN.
-pub async fn lag(
-    source: &Client,
-    slot: &str,
-    buffer_dir: &Path,
-    applied_lsn: Lsn,
-) -> Result<Lag, LagError> {
-    let row = source
-        .query_one(
-            "SELECT pg_current_wal_lsn()::text, \
-                    (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
-                    (SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r \
-                       JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1), \
-                    (SELECT active_pid IS NOT NULL AND active FROM pg_replication_slots WHERE slot_name = $1)",
-            &[&slot],
-        )
-        .await?;
-    let wal: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
-    let confirmed: Lsn = row
-        .get::<_, Option<String>>(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_default();
-    let flush_lag: Option<f64> = row.get(2);
-    let mut out = Lag {
-        streaming: row.get::<_, Option<bool>>(3).unwrap_or(false),
-        capture_bytes: wal.bytes_since(confirmed),
-        ..Default::default()
-    };
-    if out.capture_bytes > 0 {
-        out.secs = flush_lag.unwrap_or(0.0);
-    }
-    // The first transaction the target does not have yet, if the buffer holds one (reading
-    // up to its commit, not the whole buffer).
-    let mut base = applied_lsn;
-    for ev in BufferReader::open(buffer_dir)?.transactions_from(applied_lsn)? {
-        let ev = ev?;
-        if let TxnEvent::Begin(r) = &ev
-            && base.is_zero()
-        {
-            base = r.lsn; // nothing applied yet: count from the first transaction
+/// Measures the lag, following the buffer forward between calls (positioning once, then
+/// reading only what is appended), so it can be called every fraction of a second.
+pub struct LagMeter {
+    buffer_dir: std::path::PathBuf,
+    iter: Option<TxnIter>,
+    /// Start of the transaction being read, and the first commit past the applied LSN seen.
+    begin: Lsn,
+    next_unapplied: Option<(Lsn, crate::buffer::CommitInfo)>,
+}
+
+impl LagMeter {
+    pub fn new(buffer_dir: &Path) -> Self {
+        LagMeter {
+            buffer_dir: buffer_dir.to_path_buf(),
+            iter: None,
+            begin: Lsn::ZERO,
+            next_unapplied: None,
         }
-        if let TxnEvent::Commit { commit, .. } = ev {
+    }
+
+    /// The first buffered transaction ending after `applied`: (its begin, its commit).
+    fn first_unapplied(
+        &mut self,
+        applied: Lsn,
+    ) -> Result<Option<(Lsn, crate::buffer::CommitInfo)>, BufferError> {
+        if let Some((_, c)) = &self.next_unapplied {
+            if c.end_lsn > applied {
+                return Ok(self.next_unapplied);
+            }
+            self.next_unapplied = None;
+        }
+        let iter = match &mut self.iter {
+            Some(it) => {
+                it.refresh()?;
+                it
+            }
+            None => self
+                .iter
+                .insert(BufferReader::open(&self.buffer_dir)?.transactions_from(applied)?),
+        };
+        for ev in iter.by_ref() {
+            match ev? {
+                TxnEvent::Begin(r) => self.begin = r.lsn,
+                TxnEvent::Commit { commit, .. } if commit.end_lsn > applied => {
+                    self.next_unapplied = Some((self.begin, commit));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        Ok(self.next_unapplied)
+    }
+
+    /// Measures the lag. `applied` is the target's applied LSN (it only moves forward).
+    pub async fn measure(
+        &mut self,
+        source: &Client,
+        slot: &str,
+        applied: Lsn,
+    ) -> Result<Lag, LagError> {
+        let row = source
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text, \
+                        (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
+                        (SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r \
+                           JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1), \
+                        (SELECT active_pid IS NOT NULL AND active FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await?;
+        let wal: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
+        let confirmed: Lsn = row
+            .get::<_, Option<String>>(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default();
+        let flush_lag: Option<f64> = row.get(2);
+        let mut out = Lag {
+            streaming: row.get::<_, Option<bool>>(3).unwrap_or(false),
+            capture_bytes: wal.bytes_since(confirmed),
+            ..Default::default()
+        };
+        if out.capture_bytes > 0 {
+            out.secs = flush_lag.unwrap_or(0.0);
+        }
+        if let Some((begin, commit)) = self.first_unapplied(applied)? {
+            // Nothing applied yet: count from the first transaction's start.
+            let base = if applied.is_zero() { begin } else { applied };
             out.replay_bytes = commit.end_lsn.bytes_since(base);
             if let Some(t) = commit.commit_time() {
                 let age = SystemTime::now()
@@ -185,10 +230,9 @@ pub async fn lag(
                     .unwrap_or(Duration::ZERO);
                 out.secs = out.secs.max(age.as_secs_f64());
             }
-            break;
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// Lag measurement failures.

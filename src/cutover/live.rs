@@ -178,6 +178,7 @@ pub async fn run(
     set_phase("streaming");
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut meter = coord::LagMeter::new(&config.buffer_dir);
     let mut sessions: Option<(tokio_postgres::Client, tokio_postgres::Client)> = None;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_printed = Instant::now() - Duration::from_secs(60);
@@ -206,7 +207,7 @@ pub async fn run(
                     continue;
                 };
                 let applied = applied.unwrap_or(Lsn::ZERO);
-                let lag = coord::lag(src, &config.slot, &config.buffer_dir, applied).await.ok();
+                let lag = meter.measure(src, &config.slot, applied).await.ok();
                 let line = format!(
                     "run: streaming | durable {} | applied {} | lag {} | up {:.0}s",
                     durable.unwrap_or_default(),

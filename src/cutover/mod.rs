@@ -758,6 +758,7 @@ async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     let started = Instant::now();
     let mut last_said = Instant::now();
     let mut said_postpone: Option<Instant> = None;
+    let mut meter = coord::LagMeter::new(&config.buffer_dir);
     loop {
         ctx.helpers.check().await?;
         if ctx.interrupted.load(Ordering::Relaxed) {
@@ -767,7 +768,7 @@ async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
             .await
             .map_err(sql("reading the target's applied LSN"))?
             .unwrap_or(Lsn::ZERO);
-        let lag = coord::lag(&ctx.src, &config.slot, &config.buffer_dir, applied).await?;
+        let lag = meter.measure(&ctx.src, &config.slot, applied).await?;
         let postponed = config.buffer_dir.join(POSTPONE_FILE).exists();
         if postponed {
             if said_postpone.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
