@@ -514,6 +514,26 @@ async fn cutover_against_a_running_walshift_run() {
         )
         .await
         .unwrap();
+    // An abort through the CLI: non-zero exit, the report (outcome aborted) on stdout, the
+    // reason and the unfencing on stderr.
+    let out = walshift(&[
+        "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--switch",
+        "exit 1",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "aborted", "{v}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("aborted before the switch") && err.contains("writable again"),
+        "{err}"
+    );
+    source_write(&source)
+        .await
+        .expect("writable after the abort");
+
     let out = walshift(&[
         "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--verify",
         "checksum",
@@ -699,4 +719,31 @@ async fn the_postpone_file_holds_the_cutover_back_until_it_goes() {
         .expect("cutover");
     assert_eq!(report.outcome, Outcome::Switched);
     assert!(report.phase("postpone").unwrap() >= Duration::from_millis(1400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_fence_runs_before_and_leaves_the_database_setting_alone() {
+    let s = setup().await;
+    let stopped = s.dir.path().join("app-stopped");
+    let mut cfg = s.config();
+    cfg.fence = cutover::FenceMode::Hook;
+    cfg.before = Some(format!(
+        "test \"$WALSHIFT_HOOK\" = before && test -z \"$WALSHIFT_MARKER_LSN\" && touch {}",
+        stopped.display()
+    ));
+    cfg.after = Some("exit 4".into());
+    let report = cutover::run(cfg, std::future::pending())
+        .await
+        .expect("cutover");
+    assert!(stopped.exists(), "the before hook ran: {report}");
+    // The switch stands although the after hook failed.
+    assert_eq!(report.outcome, Outcome::SwitchedAfterHookFailed, "{report}");
+    assert_eq!(report.sessions_terminated, 0);
+    assert_eq!(read_only_state(&s.source).await, (None, "off".to_string()));
+    let mut cfg = s.config();
+    cfg.fence = cutover::FenceMode::Hook;
+    assert!(matches!(
+        cutover::run(cfg, std::future::pending()).await,
+        Err(CutoverError::HookModeWithoutBefore)
+    ));
 }
