@@ -322,3 +322,61 @@ async fn bad_mappings_are_refused_before_anything_is_applied() {
         assert_eq!(applied, 0);
     }
 }
+
+/// `walshift transform check`: prints the compiled SQL and exits 0 for a good mapping; names
+/// the file and line and exits non-zero for a bad one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transform_check_command() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", SOURCE).await.unwrap();
+    target.execute("postgres", MIGRATION).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("release.toml");
+    std::fs::write(&good, MAPPING).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        MAPPING.replace("(amount * 100)::bigint", "amount * 'x'"),
+    )
+    .unwrap();
+    let run = |file: &std::path::Path, with_source: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"));
+        c.args(["transform", "check", "--transform"])
+            .arg(file)
+            .arg("--target")
+            .arg(target.conn_string("postgres"));
+        if with_source {
+            c.arg("--source").arg(source.conn_string("postgres"));
+        }
+        c.output().unwrap()
+    };
+    let ok = run(&good, true);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.contains("OK — 2 source table(s) compiled"), "{out}");
+    assert!(
+        out.contains("INSERT INTO \"public\".\"client_bios\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("full_name text = first || ' ' || last"),
+        "{out}"
+    );
+
+    let failed = run(&bad, true);
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(err.contains("bad.toml:21:"), "{err}");
+    assert!(err.contains("public.orders.amount_cents"), "{err}");
+
+    // Without the source's shapes only the target side is checked, and it says so.
+    let partial = run(&good, false);
+    let out = String::from_utf8_lossy(&partial.stdout);
+    assert!(partial.status.success(), "{out}");
+    assert!(out.contains("not type-checked"), "{out}");
+}
