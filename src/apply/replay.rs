@@ -317,6 +317,10 @@ pub fn scan_relations(
 
 /// Applies the buffer to the target until its end (or `until_lsn`, or forever with `follow`,
 /// until `shutdown`).
+///
+/// One replay of a buffer into a target at a time: callers hold
+/// [`crate::cutover::coord::ReplayGuard`] for the buffer while this runs (the `replay`, `run`
+/// and `cutover` commands and the demo do), which is also how cutover sees a replay running.
 pub async fn run(
     config: ReplayConfig,
     shutdown: impl std::future::Future<Output = ()>,
