@@ -560,19 +560,15 @@ async fn run_inner(
             "could not check the source's system identifier: {e}"
         )),
     }
-    if coord::slot_confirmed(&src, &config.slot)
+    let slot_exists = src
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
         .await
         .map_err(sql("looking up the slot"))?
-        .is_none()
-        && src
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&config.slot],
-            )
-            .await
-            .map_err(sql("looking up the slot"))?
-            .is_none()
-    {
+        .is_some();
+    if !slot_exists {
         return Err(CutoverError::SlotMissing {
             slot: config.slot.clone(),
         });
