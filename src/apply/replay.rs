@@ -41,7 +41,8 @@ pub struct ReplayConfig {
     pub until_lsn: Option<Lsn>,
     /// Changes folded before they are written (and, at a transaction boundary, committed).
     /// Default 20 000. Larger batches fold more and commit less often; they hold more memory
-    /// and make a retry in strict order longer.
+    /// (at most twice this many changes: a huge transaction is written in slices of this
+    /// size inside one target transaction) and make a retry in strict order longer.
     pub batch_rows: usize,
     /// Longest a batch stays open before it is committed at the next transaction boundary.
     /// Default 200 ms. Bounds how far the target lags under light load.
@@ -177,6 +178,11 @@ pub struct ReplayReport {
     pub elapsed_secs: f64,
     /// Content of the last cutover marker (a `walshift`-prefixed logical message) seen.
     pub last_marker: Option<String>,
+    /// Time the target connection spent executing batches (the writer busy).
+    pub writer_busy_secs: f64,
+    /// Time the applier waited for the writer before it could hand over the next batch: high
+    /// means the target is the bottleneck, low means reading and folding is.
+    pub applier_wait_secs: f64,
 }
 
 /// Prefix of the logical messages (`pg_logical_emit_message`) that mark a cutover. A
@@ -682,7 +688,17 @@ impl Applier {
                             }
                             batch.changes += 1;
                             report.changes += 1;
-                            if !strict && batch.folder.len() >= config.batch_rows {
+                            // A transaction too big for one batch is written in slices inside
+                            // the open target transaction. Only then: when the batch also holds
+                            // whole transactions, its commit comes within a transaction's
+                            // length, so the slice waits up to twice the limit (a slice right
+                            // before the commit would make the commit wait for it).
+                            let slice_at = if batch.transactions == 0 {
+                                config.batch_rows
+                            } else {
+                                config.batch_rows.saturating_mul(2)
+                            };
+                            if !strict && batch.folder.len() >= slice_at {
                                 // Mid-transaction: write what is folded, keep the transaction open.
                                 if let Err(p) = self.flush(config, &mut batch, report).await? {
                                     return Ok(p);
@@ -963,9 +979,12 @@ impl Applier {
         let Slot::Busy(handle) = std::mem::replace(&mut self.slot, Slot::Gone) else {
             unreachable!("checked above")
         };
-        let (writer, outcome) = handle
+        let waiting = Instant::now();
+        let (writer, outcome, busy) = handle
             .await
             .map_err(|e| ReplayError::Writer(e.to_string()))?;
+        report.applier_wait_secs += waiting.elapsed().as_secs_f64();
+        report.writer_busy_secs += busy.as_secs_f64();
         self.slot = Slot::Idle(writer);
         match outcome {
             Ok(Some(c)) => self.committed(config, report, c),
@@ -995,6 +1014,7 @@ impl Applier {
         };
         let buffer_id = self.buffer_id.clone();
         self.slot = Slot::Busy(tokio::spawn(async move {
+            let started = Instant::now();
             let outcome = match w.run(&job, &buffer_id).await {
                 Ok(()) => Ok(job.commit),
                 Err(e) => {
@@ -1002,7 +1022,7 @@ impl Applier {
                     Err((e, job.until))
                 }
             };
-            (w, outcome)
+            (w, outcome, started.elapsed())
         }));
         Ok(Ok(()))
     }
@@ -1043,7 +1063,7 @@ type JobOutcome = Result<Option<Committed>, (WriteError, Lsn)>;
 
 enum Slot {
     Idle(Writer),
-    Busy(tokio::task::JoinHandle<(Writer, JobOutcome)>),
+    Busy(tokio::task::JoinHandle<(Writer, JobOutcome, Duration)>),
     /// Only while switching between the two.
     Gone,
 }

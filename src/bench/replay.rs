@@ -537,6 +537,11 @@ impl ReplayBench {
                 report["batches"].as_u64(),
             ));
             log(&results.last().expect("pushed").line());
+            log(&format!(
+                "  target connection busy {:.2} s; replay waited {:.2} s for it (the rest of the wall time it read and folded)",
+                report["writer_busy_secs"].as_f64().unwrap_or(0.0),
+                report["applier_wait_secs"].as_f64().unwrap_or(0.0)
+            ));
         }
 
         // (b), (c) native logical replication.
