@@ -17,7 +17,9 @@
 //!    names the row by its key *before the batch* and gives its new image; an
 //!    [`ColumnValue::UnchangedToast`] column keeps the target's current value, and the image's
 //!    key columns may differ from the old key (a key move).
-//! 3. **upserts** — one `INSERT … ON CONFLICT (key) DO UPDATE SET <all columns> = EXCLUDED.…`.
+//! 3. **upserts** — one `INSERT … ON CONFLICT (key) DO UPDATE SET <all columns> = EXCLUDED.…`;
+//!    rows marked [`TableBatch::fresh`] (no row had their key before the batch) may go through
+//!    a plain `INSERT` instead.
 //!    Afterwards the row with the image's key has exactly these values.
 //!
 //! The updates may also be run as several UPDATE statements (e.g. grouped by which columns are
@@ -245,6 +247,10 @@ pub struct TableBatch {
     pub updates: Vec<(Key, Vec<ColumnValue>)>,
     /// Step 3: full rows to insert or overwrite by key.
     pub upserts: Vec<Vec<Value>>,
+    /// Parallel to `upserts`: no row had this key before the batch (its first change in the
+    /// batch was an insert or a key move onto it), and steps 1 and 2 put none there, so a
+    /// plain `INSERT` cannot conflict — cheaper on the target than `ON CONFLICT`.
+    pub fresh: Vec<bool>,
     /// The changes as pushed, only when `ordered`.
     pub original: Vec<Change>,
 }
@@ -600,6 +606,7 @@ impl TableState {
                     // UPDATE: cheaper on the target than an INSERT … ON CONFLICT.
                     let stayed = origin == Some(i as u32);
                     if values.iter().all(ColumnValue::is_known) && !stayed {
+                        batch.fresh.push(!e.pre);
                         batch.upserts.push(
                             values
                                 .into_iter()
@@ -1089,12 +1096,16 @@ mod tests {
         for (_, row) in moved {
             t.insert(key_of(shape, &row), row);
         }
-        // 3. INSERT … ON CONFLICT (key) DO UPDATE
+        // 3. INSERT … ON CONFLICT (key) DO UPDATE, or a plain INSERT for fresh keys.
         let mut seen = std::collections::BTreeSet::new();
-        for row in &b.upserts {
+        assert_eq!(b.fresh.len(), b.upserts.len());
+        for (row, fresh) in b.upserts.iter().zip(&b.fresh) {
             let key = key_of(shape, row);
             if !seen.insert(key.clone()) {
                 return Err(format!("upsert: row {key:?} affected twice"));
+            }
+            if *fresh && t.contains_key(&key) {
+                return Err(format!("insert: key {key:?} already exists"));
             }
             t.insert(key, row.clone());
         }

@@ -1161,10 +1161,27 @@ impl Writer {
             }
             self.execute(&stmt, &cols).await?;
         }
-        if !tb.upserts.is_empty() {
-            let stmt = self.statement(table.sql.upsert()).await?;
+        // Rows whose key had no row before the batch: a plain INSERT (no speculative
+        // insertion); the others overwrite by key.
+        for fresh in [true, false] {
+            let rows: Vec<&Vec<Value>> = tb
+                .upserts
+                .iter()
+                .zip(&tb.fresh)
+                .filter(|(_, f)| **f == fresh)
+                .map(|(r, _)| r)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let sql = if fresh {
+                table.sql.insert()
+            } else {
+                table.sql.upsert()
+            };
+            let stmt = self.statement(sql).await?;
             let cols: Vec<Vec<Option<&str>>> = (0..table.sql.columns.len())
-                .map(|c| tb.upserts.iter().map(|r| text(&r[c])).collect())
+                .map(|c| rows.iter().map(|r| text(&r[c])).collect())
                 .collect();
             self.execute(&stmt, &cols).await?;
         }

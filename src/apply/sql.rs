@@ -64,6 +64,22 @@ impl TableSql {
         )
     }
 
+    /// `INSERT … SELECT FROM unnest(…)`: parameters are all columns in order. For keys known
+    /// to be free (a conflict is an error).
+    pub fn insert(&self) -> String {
+        let n = self.columns.len();
+        let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
+        let vals = (0..n)
+            .map(|i| self.cast("u", i + 1, i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "INSERT INTO {} AS t ({cols}) SELECT {vals} FROM {}",
+            self.qualified,
+            Self::unnest(n)
+        )
+    }
+
     /// `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: parameters are all columns
     /// in order. Rows whose key exists are overwritten with the new values.
     pub fn upsert(&self) -> String {

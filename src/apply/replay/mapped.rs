@@ -67,16 +67,29 @@ impl Writer {
                 self.update_mapped(plan, ti, &known, moved, &rows, lsn)
                     .await?;
             }
-            if !tb.upserts.is_empty() || !extra_upserts.is_empty() {
-                let stmt = self.statement(tsql::insert(plan, t, true)).await?;
+            // Fresh keys (no row before the batch) take a plain INSERT; the rest overwrite.
+            let fresh: Vec<&Vec<Value>> = tb
+                .upserts
+                .iter()
+                .zip(&tb.fresh)
+                .filter(|(_, f)| **f)
+                .map(|(r, _)| r)
+                .collect();
+            let rest: Vec<&Vec<Value>> = tb
+                .upserts
+                .iter()
+                .zip(&tb.fresh)
+                .filter(|(_, f)| !**f)
+                .map(|(r, _)| r)
+                .chain(extra_upserts.iter())
+                .collect();
+            for (rows, upsert) in [(fresh, false), (rest, true)] {
+                if rows.is_empty() {
+                    continue;
+                }
+                let stmt = self.statement(tsql::insert(plan, t, upsert)).await?;
                 let cols: Vec<Vec<Option<&str>>> = (0..ncols)
-                    .map(|c| {
-                        tb.upserts
-                            .iter()
-                            .chain(extra_upserts.iter())
-                            .map(|r| text(&r[c]))
-                            .collect()
-                    })
+                    .map(|c| rows.iter().map(|r| text(&r[c])).collect())
                     .collect();
                 self.execute(&stmt, &cols).await?;
             }
