@@ -27,7 +27,8 @@
 //!    a. `walshift replay --buffer … --target …/ws --json` as a child process: wall time, CPU
 //!    (user + system) and peak RSS from `wait4`.
 //!    a'. With `--transform`, the same into database `wst`, which the release's migration
-//!    (`--migration`, untimed) brought to the mapping's schema after the initial load:
+//!    (`--migration`, untimed, followed by `VACUUM ANALYZE` as the other targets had) brought
+//!    to the mapping's schema after the initial load:
 //!    `walshift replay --transform <mapping>`, verified against the source *through the
 //!    mapping* ([`crate::verify`]); its rate over a.'s is reported (goal: within 20%).
 //!    b. `ALTER SUBSCRIPTION native_sync ENABLE`, clock running until the last source
@@ -372,6 +373,9 @@ impl ReplayBench {
             {
                 log(&format!("running the migration {} on wst", sql.display()));
                 client.batch_execute(&std::fs::read_to_string(sql)?).await?;
+                // As after any backfill (and as `load` leaves the other targets): no dead
+                // tuples from the migration's UPDATEs, fresh statistics.
+                client.batch_execute("VACUUM ANALYZE").await?;
             }
             targets.push(client);
         }
