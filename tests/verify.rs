@@ -380,3 +380,96 @@ async fn through_a_mapping_library_and_cli() {
     let err = String::from_utf8_lossy(&e.stderr);
     assert!(err.contains("release.toml:"), "{err}");
 }
+
+/// A keyless table (REPLICA IDENTITY FULL, no primary key — replay copies it onto itself) is
+/// compared as a multiset of whole rows, with or without a mapping naming other tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_table_is_compared_as_rows() {
+    let cluster = two_databases().await;
+    let schema = "CREATE TABLE log (at int, msg text); ALTER TABLE log REPLICA IDENTITY FULL;
+                  CREATE TABLE acc (id int PRIMARY KEY, v int);
+                  INSERT INTO log VALUES (1, 'a'), (1, 'a'), (2, NULL), (3, 'c');
+                  INSERT INTO acc VALUES (1, 10);";
+    cluster.execute("src", schema).await.unwrap();
+    cluster
+        .execute(
+            "dst",
+            &format!("{schema} ALTER TABLE acc RENAME COLUMN v TO w; ALTER TABLE log ADD COLUMN note text DEFAULT 'x';"),
+        )
+        .await
+        .unwrap();
+    let source = cluster.connect("src").await.unwrap();
+    let target = cluster.connect("dst").await.unwrap();
+    let mapping = Mapping::parse(
+        "release.toml",
+        "[[table]]\nsource = \"acc\"\n[table.columns]\nw = \"v\"\n",
+    )
+    .unwrap();
+    let tables = names(&["log", "acc"]);
+    let opts = VerifyOptions::default();
+    let report = verify::verify(&source, &target, &mapping, &tables, &opts)
+        .await
+        .unwrap();
+    assert!(report.equal(), "{report:#?}");
+    let log = &report.tables[0];
+    assert_eq!(log.target, TableName::new("public", "log"));
+    assert_eq!((log.source_rows, log.target_rows), (4, 4));
+    assert_eq!(
+        log.columns,
+        ["at", "msg"],
+        "the added column is not compared"
+    );
+    assert!(log.key.is_empty());
+
+    // One duplicate gone, one row changed: named by their whole text.
+    cluster
+        .execute(
+            "dst",
+            "DELETE FROM log WHERE ctid = (SELECT min(ctid) FROM log WHERE at = 1);
+             UPDATE log SET msg = 'C' WHERE at = 3;",
+        )
+        .await
+        .unwrap();
+    let report = verify::verify(
+        &source,
+        &target,
+        &Mapping::identity(),
+        &names(&["log"]),
+        &opts,
+    )
+    .await
+    .unwrap();
+    assert!(!report.equal());
+    let diff = |key: &str, kind| KeyDifference {
+        key: key.into(),
+        kind,
+    };
+    assert_eq!(
+        report.tables[0].differences,
+        vec![
+            diff("(1,a)", DifferenceKind::MissingOnTarget),
+            diff("(3,C)", DifferenceKind::ExtraOnTarget),
+            diff("(3,c)", DifferenceKind::MissingOnTarget),
+        ]
+    );
+
+    // A column the target lacks is an error naming it.
+    cluster
+        .execute("dst", "ALTER TABLE log DROP COLUMN msg")
+        .await
+        .unwrap();
+    let err = verify::verify(
+        &source,
+        &target,
+        &Mapping::identity(),
+        &names(&["log"]),
+        &opts,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("public.log") && err.contains("\"msg\""),
+        "{err}"
+    );
+}

@@ -23,6 +23,10 @@
 //!   `IntervalStyle` and `extra_float_digits` (what replay's sessions evaluate expressions
 //!   with) and `bytea_output = hex`, set with `SET LOCAL`: the callers' sessions are unchanged
 //!   afterwards.
+//! - **Tables without a key.** A table the mapping does not name whose target has no primary
+//!   key (a source table with `REPLICA IDENTITY FULL` and no key, which replay copies onto
+//!   itself) is compared as a multiset of whole rows: its same-named columns, and differing
+//!   rows named by their whole text.
 //!
 //! [`verify`] is the library entry point (cutover calls it); `walshift verify` is its command.
 
@@ -36,9 +40,10 @@ use tokio_postgres::Client;
 use crate::source::preflight::{self, PreflightError};
 use crate::sql::{quote_ident, quote_literal};
 use crate::transform::mapping::{Mapping, TableName};
-use crate::transform::plan::{SourcePlan, TargetPlan};
+use crate::transform::plan::{
+    PlanColumn, PlanExpr, SourcePlan, SourceTable, TargetPlan, TargetTableInfo,
+};
 use crate::transform::{TransformError, catalog};
-
 
 /// Differing keys reported per table by default.
 pub const DEFAULT_MAX_KEYS: usize = 10;
@@ -98,7 +103,8 @@ pub struct TableReport {
     pub target: TableName,
     /// The compared target columns, in target order.
     pub columns: Vec<String>,
-    /// The target's primary key columns (how `differences` name rows).
+    /// The target's primary key columns (how `differences` name rows). Empty for a table
+    /// without a primary key: its differing rows are named by their whole text.
     pub key: Vec<String>,
     /// Source rows passing the mapping's filter.
     pub source_rows: i64,
@@ -166,6 +172,12 @@ pub enum VerifyError {
          publication capture created with --publication"
     )]
     NoPublication(String),
+    #[error(
+        "{table} has no primary key on the target, so verify compares it with the same-named source \
+         table column by column, but the target has no column {column:?}: add it in the migration, \
+         or name the table in the mapping"
+    )]
+    KeylessColumn { table: TableName, column: String },
     #[error("{context}")]
     Sql {
         context: String,
@@ -268,8 +280,14 @@ impl Check {
             .iter()
             .map(|c| format!("t.{}::text", quote_ident(&c.name)))
             .collect();
-        let pick =
-            |parts: &[String]| -> Vec<String> { t.key.iter().map(|&k| parts[k].clone()).collect() };
+        // Without a key, a row is named by its whole text: the key pass then compares the two
+        // sides as sorted multisets of rows.
+        let pick = |parts: &[String]| -> Vec<String> {
+            if t.key.is_empty() {
+                return parts.to_vec();
+            }
+            t.key.iter().map(|&k| parts[k].clone()).collect()
+        };
         Check {
             source: plan.source.name.clone(),
             target: t.target.clone(),
@@ -331,6 +349,15 @@ pub async fn verify(
         let shape = crate::transform::catalog::source_table(source, name)
             .await?
             .ok_or_else(|| VerifyError::NoSourceTable(name.clone()))?;
+        if !mapping.names(name)
+            && let Some(t) = catalog::target_table(target, name).await?
+            && t.primary_key.is_empty()
+        {
+            // Replay copies such a table (REPLICA IDENTITY FULL, no key) onto itself without
+            // compiling a plan; the mapping's key checks do not apply to it.
+            plans.push(keyless_identity(&shape, &t)?);
+            continue;
+        }
         plans.push(catalog::compile(target, mapping, &shape).await?);
     }
     let builtin = builtin_types(source, &plans).await?;
@@ -354,6 +381,50 @@ pub async fn verify(
     Ok(VerifyReport {
         tables,
         elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The plan of a table without a primary key on the target that the mapping does not name:
+/// every source column onto the same-named target column, no key.
+fn keyless_identity(
+    source: &SourceTable,
+    target: &TargetTableInfo,
+) -> Result<SourcePlan, VerifyError> {
+    let columns = source
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, sc)| {
+            let tc = target
+                .columns
+                .iter()
+                .find(|tc| tc.name == sc.name && !tc.generated)
+                .ok_or_else(|| VerifyError::KeylessColumn {
+                    table: target.name.clone(),
+                    column: sc.name.clone(),
+                })?;
+            Ok(PlanColumn {
+                name: tc.name.clone(),
+                type_sql: tc.type_sql.clone(),
+                expr: PlanExpr {
+                    sql: quote_ident(&sc.name),
+                    reads: vec![i],
+                    passthrough: Some(i),
+                    line: None,
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, VerifyError>>()?;
+    Ok(SourcePlan {
+        source: source.clone(),
+        targets: vec![TargetPlan {
+            target: target.name.clone(),
+            columns,
+            key: Vec::new(),
+            filter: None,
+            line: 0,
+        }],
+        key: Vec::new(),
     })
 }
 
