@@ -44,6 +44,10 @@ pub struct ReplayBenchArgs {
     /// (untimed), e.g. fixtures/transforms/bench/migration.sql.
     #[arg(long, value_name = "FILE", requires = "transform")]
     migration: Option<std::path::PathBuf>,
+    /// Measure the cutover window instead (the same as `walshift bench cutover` with its
+    /// defaults: pgbench scale 10 at 500 tps, five cutovers).
+    #[arg(long, conflicts_with_all = ["transform", "migration", "batch_rows"])]
+    cutover: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -178,6 +182,22 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             };
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+        }
+        None if c.0.replay.cutover => {
+            let bench = crate::bench::cutover::CutoverBench {
+                scale: 10,
+                rate: 500,
+                clients: 4,
+                runs: 5,
+                warmup: std::time::Duration::from_secs(5),
+                verify: crate::cutover::VerifyMode::Counts,
+            };
+            let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
+            if c.0.replay.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{report}");
