@@ -18,6 +18,7 @@ pub mod demo;
 pub mod error;
 pub mod lsn;
 pub mod migrate;
+pub mod rehearse;
 pub mod source;
 pub mod sql;
 pub mod testkit;

@@ -6,7 +6,9 @@ mod buffer_cmds;
 mod capture;
 mod cutover;
 mod demo;
+mod fixture;
 mod migrate;
+mod rehearse;
 mod replay;
 mod run;
 mod transform;
@@ -61,6 +63,12 @@ enum Command {
     Cutover(cutover::CutoverArgs),
     /// Capture (cloning on first start) and replay --follow in one process, with a control socket.
     Run(run::RunArgs),
+    /// Fixtures for rehearsals: record one from a live source.
+    #[command(subcommand)]
+    Fixture(fixture::FixtureCommand),
+    /// Replay a fixture into a scratch target: check the result, measure throughput and the
+    /// projected cutover window.
+    Rehearse(rehearse::RehearseArgs),
 }
 
 /// Entry point used by `main.rs`.
@@ -71,7 +79,7 @@ pub fn main() -> ExitCode {
     // an I/O thread for every read (the buffer's fsyncs have their own thread).
     // Replay is the exception: its writer task runs the target's statements on a second
     // thread while the applier reads and folds the next batch.
-    let mut builder = if matches!(cli.command, Command::Replay(_)) {
+    let mut builder = if matches!(cli.command, Command::Replay(_) | Command::Rehearse(_)) {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(2);
         b
@@ -99,6 +107,8 @@ pub fn main() -> ExitCode {
             Command::Demo(a) => demo::run(a).await,
             Command::Cutover(a) => cutover::run(a).await,
             Command::Run(a) => run::run(a).await,
+            Command::Fixture(c) => fixture::run(c).await,
+            Command::Rehearse(a) => rehearse::run(a).await,
         }
     });
     match result {
