@@ -574,3 +574,82 @@ async fn regenerate_shipped_fixtures() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_record_then_rehearse() {
+    let source = start_cluster();
+    source
+        .execute(
+            "postgres",
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cli");
+    let exe = env!("CARGO_BIN_EXE_walshift");
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "fixture",
+            "record",
+            "--no-check",
+            "--seconds",
+            "3",
+            "--source",
+        ])
+        .arg(source.conn_string("postgres"))
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Write once the slot exists (changes before it are in data.sql, after it in the buffer).
+    let c = source.connect("postgres").await.unwrap();
+    for _ in 0..100 {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.batch_execute("UPDATE t SET v = v || '!' WHERE id <= 10; DELETE FROM t WHERE id > 95; INSERT INTO t VALUES (200, 'x')")
+        .await
+        .unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(status.success());
+    let fixture = Fixture::open(&out).unwrap();
+    assert_eq!(
+        fixture.manifest.buffer.transactions, 1,
+        "one simple query, one transaction"
+    );
+    assert_eq!(fixture.manifest.buffer.changes, 16);
+    assert_eq!(
+        fixture.expect().unwrap().unwrap().expect_from,
+        ExpectFrom::Source
+    );
+    let slots: i64 = c
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+
+    source.create_database("cli_target").await.unwrap();
+    let r = tokio::process::Command::new(exe)
+        .args(["rehearse", "--json", "--fixture"])
+        .arg(&out)
+        .arg("--target")
+        .arg(source.conn_string("cli_target"))
+        .output()
+        .await
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(report["replay"]["changes"], 16);
+    assert_eq!(report["tables"][0]["rows"], 96);
+    assert_eq!(report["tables"][0]["equal"], true);
+}

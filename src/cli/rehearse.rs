@@ -39,6 +39,8 @@ pub struct RehearseArgs {
 
 pub async fn run(a: RehearseArgs) -> anyhow::Result<ExitCode> {
     let fixture = Fixture::open(&a.fixture)?;
+    // A damaged fixture is reported before a cluster is started for it.
+    rehearse::fixture::check_buffer(&fixture)?;
     let scratch = match &a.target {
         Some(t) => Scratch::given(ConnInfo::parse(t).context("--target")?),
         None => {

@@ -65,7 +65,7 @@ pub enum RehearseError {
         dir.display()
     )]
     Corrupt { dir: PathBuf, detail: String },
-    #[error("the fixture's buffer cannot be read: {0}")]
+    #[error(transparent)]
     Buffer(#[from] BufferError),
     #[error(
         "the fixture has no expect.json: run `walshift rehearse --fixture … --write-expect` once to record \
@@ -95,15 +95,15 @@ pub enum RehearseError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("the fixture's migration failed: {0}")]
+    #[error("the fixture's migration failed")]
     Migrate(#[from] MigrateError),
     #[error(transparent)]
     Transform(#[from] TransformError),
-    #[error("replaying the fixture failed: {0}")]
+    #[error("replaying the fixture failed")]
     Replay(#[from] ReplayError),
-    #[error("checking the target failed: {0}")]
+    #[error("checking the target failed")]
     Verify(#[from] VerifyError),
-    #[error("cannot start a throwaway PostgreSQL cluster for the scratch target: {0}")]
+    #[error("cannot start a throwaway PostgreSQL cluster for the scratch target")]
     Testkit(#[from] crate::testkit::TestkitError),
     #[error(
         "the first replay stopped at {applied} instead of {expected}: the buffer does not line up with \
