@@ -25,6 +25,7 @@ use super::target::{self, MappedTable, TargetError};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
+use crate::sql::quote_literal;
 use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue, TypeInfo};
 use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
 
@@ -52,6 +53,14 @@ pub struct ReplayConfig {
     /// The migration mapping rows go through. Default none: every table onto the same-named
     /// target table and columns. Tables the mapping does not name map onto themselves.
     pub transform: Option<Arc<Mapping>>,
+    /// Target connections a batch is written over, split by a hash of each row's key.
+    /// Default 2. More than one uses two-phase commit and needs `max_prepared_transactions`
+    /// of at least this on the target (replay falls back to one connection, saying so,
+    /// otherwise). Trade-off: the target's work on a batch runs on several backends (and
+    /// cores) at once; the parts of a batch become visible a few milliseconds apart (never
+    /// the progress row before the rows it covers), and a replay killed between prepare and
+    /// commit leaves prepared transactions (holding locks) until replay starts again.
+    pub apply_connections: usize,
 }
 
 impl ReplayConfig {
@@ -66,6 +75,7 @@ impl ReplayConfig {
             batch_time: Duration::from_millis(200),
             progress: false,
             transform: None,
+            apply_connections: 2,
         }
     }
 }
@@ -175,6 +185,8 @@ pub struct ReplayReport {
     pub batches: u64,
     /// Batches that failed set-based and were applied in strict source order.
     pub retried_in_order: u64,
+    /// Batches redone over one connection (a TRUNCATE met rows the other connections wrote).
+    pub serial_batches: u64,
     pub elapsed_secs: f64,
     /// Content of the last cutover marker (a `walshift`-prefixed logical message) seen.
     pub last_marker: Option<String>,
@@ -183,6 +195,13 @@ pub struct ReplayReport {
     /// Time the applier waited for the writer before it could hand over the next batch: high
     /// means the target is the bottleneck, low means reading and folding is.
     pub applier_wait_secs: f64,
+    /// Target connections batches were written over ([`ReplayConfig::apply_connections`],
+    /// or 1 when the target does not allow prepared transactions).
+    pub apply_connections: usize,
+    /// Prepared transactions a previous, interrupted replay left: committed (their batch had
+    /// been decided) and rolled back (replayed again).
+    pub prepared_committed: usize,
+    pub prepared_rolled_back: usize,
 }
 
 /// Prefix of the logical messages (`pg_logical_emit_message`) that mark a cutover. A
@@ -336,16 +355,20 @@ pub async fn run(
     let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
     let client = Arc::new(config.target.connect().await?);
     client
-        // Generic plans: a custom plan sees the batch's thousands of keys and picks a
-        // sequential scan plus hash join over the whole table; the generic plan looks each key
-        // up through the primary key index, which is what a batch of changes wants.
-        .batch_execute(
-            "SET session_replication_role = replica; SET synchronous_commit = on; \
-             SET plan_cache_mode = force_generic_plan",
-        )
+        .batch_execute(SESSION_SETUP)
         .await
         .map_err(sql("preparing the target session"))?;
     target::ensure_progress_table(&client).await?;
+    let resolved = target::resolve_prepared(&client, &buffer_id).await?;
+    if resolved != target::Resolved::default() {
+        tracing::warn!(
+            "settled the prepared transactions an interrupted replay left on the target: \
+             {} committed, {} rolled back (replayed again)",
+            resolved.committed,
+            resolved.rolled_back
+        );
+    }
+    let conns = connect_parts(&config, client.clone()).await?;
     let start = target::applied_lsn(&client, &buffer_id)
         .await?
         .unwrap_or(Lsn::ZERO);
@@ -399,12 +422,17 @@ pub async fn run(
     let mut report = ReplayReport {
         start_lsn: start,
         applied_lsn: start,
+        apply_connections: conns.len(),
+        prepared_committed: resolved.committed,
+        prepared_rolled_back: resolved.rolled_back,
         ..Default::default()
     };
     let mut applier = Applier {
+        connections: conns.len(),
+        serial_pass: false,
         slot: Slot::Idle(Writer {
-            client: client.clone(),
-            statements: HashMap::new(),
+            open: vec![false; conns.len()],
+            conns,
         }),
         client,
         buffer_id,
@@ -419,34 +447,51 @@ pub async fn run(
         }),
     };
     tokio::pin!(shutdown);
+    let mut pending: Option<Pass> = None;
     loop {
-        let outcome = applier
-            .apply_from(
-                &config,
-                report.applied_lsn,
-                false,
-                &mut report,
-                &mut shutdown,
-            )
-            .await;
-        match outcome {
-            Ok(Pass::Done) => break,
-            Ok(Pass::Retry { until }) => {
+        // A pass that redoes one batch stops after it (or at the caller's own limit).
+        let redo = |until: Lsn, applied: Lsn| {
+            let mut c = config.clone();
+            let end = until.max(applied + 1);
+            c.until_lsn = Some(config.until_lsn.map_or(end, |u| u.min(end)));
+            c.follow = false;
+            c
+        };
+        let outcome = match pending.take() {
+            None => {
+                applier
+                    .apply_from(&config, report.applied_lsn, false, &mut report, &mut shutdown)
+                    .await
+            }
+            Some(Pass::Retry { until }) => {
                 // Strict source order for the failed batch only, then set-based again.
                 report.retried_in_order += 1;
-                let mut strict = config.clone();
-                strict.until_lsn = Some(until.max(report.applied_lsn + 1));
-                strict.follow = false;
+                let strict = redo(until, report.applied_lsn);
                 applier
-                    .apply_from(
-                        &strict,
-                        report.applied_lsn,
-                        true,
-                        &mut report,
-                        &mut shutdown,
-                    )
-                    .await?;
+                    .apply_from(&strict, report.applied_lsn, true, &mut report, &mut shutdown)
+                    .await
+                    .map(|_| Pass::Again)
             }
+            Some(Pass::Serial { until }) => {
+                // Set-based, but over the main connection only, for the batch that needs it.
+                report.serial_batches += 1;
+                let serial = redo(until, report.applied_lsn);
+                applier.serial_pass = true;
+                let outcome = applier
+                    .apply_from(&serial, report.applied_lsn, false, &mut report, &mut shutdown)
+                    .await;
+                applier.serial_pass = false;
+                outcome.map(|p| match p {
+                    Pass::Done => Pass::Again,
+                    other => other,
+                })
+            }
+            Some(Pass::Again | Pass::Done) => unreachable!("never pending"),
+        };
+        match outcome {
+            Ok(Pass::Done) => break,
+            Ok(Pass::Again) => {}
+            Ok(p) => pending = Some(p),
             Err(e) => return Err(e),
         }
     }
@@ -459,8 +504,77 @@ pub async fn run(
     Ok(report)
 }
 
+/// Every target session replay writes through. Generic plans: a custom plan sees the batch's
+/// thousands of keys and picks a sequential scan plus hash join over the whole table; the
+/// generic plan looks each key up through the primary key index, which is what a batch of
+/// changes wants.
+const SESSION_SETUP: &str = "SET session_replication_role = replica; SET synchronous_commit = on; \
+     SET plan_cache_mode = force_generic_plan";
+
+/// How long a part of a parallel batch waits for a row lock. Parts write disjoint keys, so a
+/// wait means two parts met on something else (a secondary unique index, a key move, a
+/// non-injective mapped key) and may be waiting for each other through walshift, a cycle
+/// PostgreSQL cannot see: the wait turns into an error and the batch is retried in strict
+/// order on one connection.
+const PART_LOCK_TIMEOUT: &str = "SET lock_timeout = '1s'";
+
+/// The main connection plus the helpers [`ReplayConfig::apply_connections`] asks for, if the
+/// target allows prepared transactions for them.
+async fn connect_parts(config: &ReplayConfig, main: Arc<Client>) -> Result<Vec<Conn>, ReplayError> {
+    let wanted = config.apply_connections.max(1);
+    let mut conns = vec![Conn {
+        client: main,
+        statements: HashMap::new(),
+    }];
+    if wanted == 1 {
+        return Ok(conns);
+    }
+    let allowed: i64 = conns[0]
+        .client
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'max_prepared_transactions'",
+            &[],
+        )
+        .await
+        .map_err(sql("reading max_prepared_transactions on the target"))?
+        .get(0);
+    if allowed < wanted as i64 {
+        tracing::warn!(
+            "the target allows {allowed} prepared transactions: replaying over one connection. \
+             Set max_prepared_transactions = {wanted} (or more) on the target and restart it to \
+             write each batch over {wanted} connections"
+        );
+        return Ok(conns);
+    }
+    conns[0]
+        .client
+        .batch_execute(PART_LOCK_TIMEOUT)
+        .await
+        .map_err(sql("preparing the target session"))?;
+    for _ in 1..wanted {
+        let client = config.target.connect().await?;
+        client
+            .batch_execute(&format!("{SESSION_SETUP}; {PART_LOCK_TIMEOUT}"))
+            .await
+            .map_err(sql("preparing a target session"))?;
+        conns.push(Conn {
+            client: Arc::new(client),
+            statements: HashMap::new(),
+        });
+    }
+    Ok(conns)
+}
+
 enum Pass {
     Done,
+    /// The pass that redid a batch finished it: continue normally.
+    Again,
+    /// The batch after the applied position needs one connection (a TRUNCATE after other
+    /// connections wrote part of it): redo it set-based over the main connection, up to (at
+    /// least) this LSN.
+    Serial {
+        until: Lsn,
+    },
     /// The batch after the applied position failed set-based: replay it in strict order up
     /// to (at least) this end LSN.
     Retry {
@@ -479,6 +593,10 @@ struct Applier {
     types: HashMap<u32, TypeInfo>,
     transform: Option<Arc<Mapping>>,
     progress: Option<Progress>,
+    /// Target connections of the writer (1: no two-phase commit).
+    connections: usize,
+    /// The current pass writes over the main connection only ([`Pass::Serial`]).
+    serial_pass: bool,
 }
 
 /// The `--follow` status line: rate, applied position, lag behind the buffer and the source.
@@ -536,6 +654,11 @@ struct Batch {
     changes: u64,
     last_end: Lsn,
     last_commit_us: Option<i64>,
+    /// Row changes in the open target transaction (counted in the report once committed).
+    rows: u64,
+    /// The target transaction holds a TRUNCATE on the main connection: its table lock would
+    /// block the other connections, so the rest of the batch goes over the main one.
+    serial: bool,
 }
 
 impl Applier {
@@ -560,6 +683,8 @@ impl Applier {
             changes: 0,
             last_end: from,
             last_commit_us: None,
+            serial: self.serial_pass,
+            rows: 0,
         };
         loop {
             let Some(ev) = events.next() else {
@@ -668,8 +793,10 @@ impl Applier {
                                     return Ok(p);
                                 }
                                 let dest = self.rels[&shape.relid].dest.clone().expect("mapped");
-                                if let Err(e) = self.writer().apply_one(&dest, &change, lsn).await {
-                                    let _ = self.writer().client.batch_execute("ROLLBACK").await;
+                                if let Err(e) =
+                                    self.writer().main().apply_one(&dest, &change, lsn).await
+                                {
+                                    self.writer().rollback().await;
                                     return Err(match e {
                                         WriteError::Db(e) => ReplayError::Apply {
                                             lsn,
@@ -687,7 +814,7 @@ impl Applier {
                                     .map_err(|e| ReplayError::Fold { lsn, source: e })?;
                             }
                             batch.changes += 1;
-                            report.changes += 1;
+                            batch.rows += 1;
                             // A transaction too big for one batch is written in slices inside
                             // the open target transaction. Only then: when the batch also holds
                             // whole transactions, its commit comes within a transaction's
@@ -723,14 +850,23 @@ impl Applier {
                             if let Err(p) = self.begin_now(config, report, &mut batch).await? {
                                 return Ok(p);
                             }
+                            if self.writer().helpers_open() {
+                                // Other connections hold rows of this target transaction: the
+                                // TRUNCATE would wait for them while they wait for it. Roll
+                                // back and write the batch in strict order on one connection.
+                                self.writer().rollback().await;
+                                return Ok(Pass::Serial { until: lsn });
+                            }
                             let mut tables = Vec::new();
                             for relid in &t.relids {
                                 tables.extend(self.dest(*relid, lsn).await?.targets());
                             }
                             let stmt =
                                 target::truncate_sql(&tables, t.cascade(), t.restart_identity());
-                            if let Err(e) = self.writer().client.batch_execute(&stmt).await {
-                                let _ = self.writer().client.batch_execute("ROLLBACK").await;
+                            batch.serial = true;
+                            if let Err(e) = self.writer().main().client.batch_execute(&stmt).await
+                            {
+                                self.writer().rollback().await;
                                 return Err(ReplayError::Apply {
                                     lsn,
                                     table: tables.join(", "),
@@ -856,6 +992,7 @@ impl Applier {
     ) -> Result<Result<(), Pass>, ReplayError> {
         let done = Committed {
             end: batch.last_end,
+            changes: std::mem::take(&mut batch.rows),
             transactions: batch.transactions,
             commit_us: batch.last_commit_us,
         };
@@ -863,9 +1000,11 @@ impl Applier {
         batch.transactions = 0;
         batch.changes = 0;
         if !strict {
+            let parts = self.take_tables(batch);
+            batch.serial = self.serial_pass;
             let job = Job {
                 begin: !std::mem::replace(&mut batch.begun, false),
-                tables: self.take_tables(batch),
+                parts,
                 commit: Some(done),
                 until: done.end,
             };
@@ -875,29 +1014,33 @@ impl Applier {
             return Ok(Err(p));
         }
         batch.begun = false;
+        batch.serial = self.serial_pass;
         let end = done.end.to_string();
         let buffer_id = self.buffer_id.clone();
         let w = self.writer();
         let recorded = w
+            .main()
             .client
             .execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
             .await;
         let committed = match recorded {
-            Ok(_) => w.client.batch_execute("COMMIT").await,
+            Ok(_) => w.main().client.batch_execute("COMMIT").await,
             Err(e) => Err(e),
         };
         if let Err(e) = committed {
-            let _ = w.client.batch_execute("ROLLBACK").await;
+            w.rollback().await;
             return Err(sql("committing a batch on the target")(e));
         }
         self.committed(config, report, done);
         Ok(Ok(()))
     }
 
-    /// The folded tables of the batch so far, with where each goes.
-    fn take_tables(&mut self, batch: &mut Batch) -> Vec<(Dest, TableBatch)> {
+    /// The folded tables of the batch so far, with where each goes, split over the writer's
+    /// connections.
+    fn take_tables(&mut self, batch: &mut Batch) -> Vec<Vec<(Dest, TableBatch)>> {
         let folder = std::mem::replace(&mut batch.folder, BatchFolder::new());
-        folder
+        let connections = if batch.serial { 1 } else { self.connections };
+        let tables = folder
             .finish()
             .into_iter()
             .map(|tb| {
@@ -907,7 +1050,8 @@ impl Applier {
                     .expect("mapped before folding");
                 (dest, tb)
             })
-            .collect()
+            .collect();
+        partition(tables, connections)
     }
 
     /// Hands what the folder holds to the writer as a slice of the open target transaction.
@@ -919,7 +1063,7 @@ impl Applier {
     ) -> Result<Result<(), Pass>, ReplayError> {
         let job = Job {
             begin: !std::mem::replace(&mut batch.begun, true),
-            tables: self.take_tables(batch),
+            parts: self.take_tables(batch),
             commit: None,
             until: batch.last_end,
         };
@@ -938,9 +1082,17 @@ impl Applier {
             return Ok(Err(p));
         }
         if !batch.begun {
+            // One connection from here to the commit: no part can wait for another, so no
+            // lock timeout either.
+            let begin = if self.connections > 1 {
+                "BEGIN; SET LOCAL lock_timeout = 0"
+            } else {
+                "BEGIN"
+            };
             self.writer()
+                .main()
                 .client
-                .batch_execute("BEGIN")
+                .batch_execute(begin)
                 .await
                 .map_err(sql("BEGIN on the target"))?;
             batch.begun = true;
@@ -951,6 +1103,7 @@ impl Applier {
     /// Accounts for a batch whose COMMIT the target confirmed.
     fn committed(&mut self, config: &ReplayConfig, report: &mut ReplayReport, c: Committed) {
         report.applied_lsn = c.end;
+        report.changes += c.changes;
         report.transactions += c.transactions;
         report.batches += 1;
         if let Some(p) = &mut self.progress {
@@ -1018,7 +1171,7 @@ impl Applier {
             let outcome = match w.run(&job, &buffer_id).await {
                 Ok(()) => Ok(job.commit),
                 Err(e) => {
-                    let _ = w.client.batch_execute("ROLLBACK").await;
+                    w.rollback().await;
                     Err((e, job.until))
                 }
             };
@@ -1028,11 +1181,20 @@ impl Applier {
     }
 }
 
-/// The target connection and its prepared statements (keyed by their text). Owned by the
-/// applier when idle, or by the background task running one [`Job`].
-struct Writer {
+/// A target connection and its prepared statements (keyed by their text).
+struct Conn {
     client: Arc<Client>,
     statements: HashMap<String, tokio_postgres::Statement>,
+}
+
+/// The target connections a batch is written over: `conns[0]` is the main one (BEGIN at the
+/// batch's start, the progress row, strict order, TRUNCATE); the others take their share of
+/// the rows. Owned by the applier when idle, or by the background task running one [`Job`].
+struct Writer {
+    conns: Vec<Conn>,
+    /// Which connections have BEGIN in the open target transaction (the main one's is
+    /// tracked by the batch).
+    open: Vec<bool>,
 }
 
 /// One slice (or the end) of the open target transaction, written in the background.
@@ -1044,7 +1206,8 @@ struct Writer {
 struct Job {
     /// Send BEGIN first (the batch's first slice).
     begin: bool,
-    tables: Vec<(Dest, TableBatch)>,
+    /// The folded tables, one list per connection ([`partition`]).
+    parts: Vec<Vec<(Dest, TableBatch)>>,
     /// Record progress and COMMIT after the tables.
     commit: Option<Committed>,
     /// A failure is retried in strict source order up to here.
@@ -1055,6 +1218,8 @@ struct Job {
 #[derive(Clone, Copy, Debug)]
 struct Committed {
     end: Lsn,
+    /// Row changes it held.
+    changes: u64,
     transactions: u64,
     commit_us: Option<i64>,
 }
@@ -1069,26 +1234,218 @@ enum Slot {
 }
 
 impl Writer {
+    fn main(&mut self) -> &mut Conn {
+        &mut self.conns[0]
+    }
+
+    /// A connection other than the main one has part of the open target transaction.
+    fn helpers_open(&self) -> bool {
+        self.open.iter().skip(1).any(|&o| o)
+    }
+
+    /// Ends the open target transaction on every connection without committing (a failed
+    /// statement already aborted it; the server then only warns).
+    async fn rollback(&mut self) {
+        for (k, (conn, open)) in self.conns.iter().zip(self.open.iter_mut()).enumerate() {
+            if k == 0 || *open {
+                let _ = conn.client.batch_execute("ROLLBACK").await;
+            }
+            *open = false;
+        }
+    }
+
+    /// Writes one job: every connection's share at once, then (with `commit`) the progress
+    /// row and COMMIT — two-phase over every connection that took part, the main one last.
     async fn run(&mut self, job: &Job, buffer_id: &str) -> Result<(), WriteError> {
         if job.begin {
-            self.client.batch_execute("BEGIN").await?;
+            self.conns[0].client.batch_execute("BEGIN").await?;
+            self.open[0] = true;
         }
-        for (dest, tb) in &job.tables {
-            match dest {
-                Dest::Same(t) => self.write_table(t, tb).await?,
-                Dest::Mapped(p) => self.write_mapped(p, tb, job.until).await?,
+        let until = job.until;
+        let mut writes = Vec::new();
+        for (k, (conn, tables)) in self.conns.iter_mut().zip(&job.parts).enumerate() {
+            if tables.is_empty() {
+                continue;
             }
+            let begin = k > 0 && !self.open[k];
+            self.open[k] = true;
+            writes.push(async move {
+                if begin {
+                    conn.client.batch_execute("BEGIN").await?;
+                }
+                for (dest, tb) in tables {
+                    match dest {
+                        Dest::Same(t) => conn.write_table(t, tb).await?,
+                        Dest::Mapped(p) => conn.write_mapped(p, tb, until).await?,
+                    }
+                }
+                Ok::<(), WriteError>(())
+            });
         }
-        if let Some(c) = &job.commit {
-            let end = c.end.to_string();
-            self.client
-                .execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
+        first_error(futures_util::future::join_all(writes).await)?;
+        let Some(c) = &job.commit else {
+            return Ok(());
+        };
+        let end = c.end.to_string();
+        if !self.helpers_open() {
+            let main = &self.conns[0].client;
+            main.execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
                 .await?;
-            self.client.batch_execute("COMMIT").await?;
+            main.batch_execute("COMMIT").await?;
+            self.open[0] = false;
+            return Ok(());
+        }
+        // Phase one: every part prepared, each with its progress record. The main connection
+        // always has the transaction open here (its BEGIN came with the batch's first job or
+        // from `begin_now`).
+        let parts: Vec<usize> = (0..self.conns.len())
+            .filter(|&k| k == 0 || self.open[k])
+            .collect();
+        let gids: Vec<String> = parts
+            .iter()
+            .map(|&k| target::prepared_gid(buffer_id, c.end, k))
+            .collect();
+        let prepares = parts.iter().zip(&gids).map(|(&k, gid)| {
+            let client = &self.conns[k].client;
+            let end = &end;
+            async move {
+                if k == 0 {
+                    client
+                        .execute(target::RECORD_PROGRESS, &[&buffer_id, end])
+                        .await?;
+                } else {
+                    let part = k as i32;
+                    client
+                        .execute(target::RECORD_PART, &[&buffer_id, &part, end])
+                        .await?;
+                }
+                client
+                    .batch_execute(&format!("PREPARE TRANSACTION {}", quote_literal(gid)))
+                    .await
+            }
+        });
+        let prepared = futures_util::future::join_all(prepares).await;
+        if prepared.iter().any(Result::is_err) {
+            for ((&k, gid), outcome) in parts.iter().zip(&gids).zip(&prepared) {
+                let client = &self.conns[k].client;
+                let _ = match outcome {
+                    Ok(()) => {
+                        client
+                            .batch_execute(&format!("ROLLBACK PREPARED {}", quote_literal(gid)))
+                            .await
+                    }
+                    Err(_) => client.batch_execute("ROLLBACK").await,
+                };
+                self.open[k] = false;
+            }
+            let e = prepared.into_iter().find_map(Result::err).expect("one failed");
+            return Err(WriteError::Db(e));
+        }
+        self.open.iter_mut().for_each(|o| *o = false);
+        // Phase two: decided. Helpers first, the main part (walshift.applied) last.
+        let commits = parts
+            .iter()
+            .zip(&gids)
+            .filter(|(k, _)| **k != 0)
+            .map(|(&k, gid)| {
+                let client = &self.conns[k].client;
+                async move {
+                    client
+                        .batch_execute(&format!("COMMIT PREPARED {}", quote_literal(gid)))
+                        .await
+                }
+            });
+        let mut outcomes = futures_util::future::join_all(commits).await;
+        outcomes.push(
+            self.conns[0]
+                .client
+                .batch_execute(&format!("COMMIT PREPARED {}", quote_literal(&gids[0])))
+                .await,
+        );
+        if let Some(e) = outcomes.into_iter().find_map(Result::err) {
+            return Err(WriteError::Fatal(ReplayError::Sql {
+                context: format!(
+                    "COMMIT PREPARED of the batch ending at {} failed after every part was \
+                     prepared; the batch is decided: start replay again and it commits what is \
+                     left (prepared transactions \"walshift … {}\" on the target)",
+                    c.end, buffer_id
+                ),
+                source: e,
+            }));
         }
         Ok(())
     }
+}
 
+/// The first failure of a set of parts, a fatal one before a server error.
+fn first_error(outcomes: Vec<Result<(), WriteError>>) -> Result<(), WriteError> {
+    let mut db = None;
+    for o in outcomes {
+        match o {
+            Ok(()) => {}
+            Err(WriteError::Fatal(e)) => return Err(WriteError::Fatal(e)),
+            Err(e) => db = db.or(Some(e)),
+        }
+    }
+    db.map_or(Ok(()), Err)
+}
+
+/// Splits folded tables over `n` connections by a hash of each row's key (a row's delete,
+/// update and upsert all land on the same connection, so parts write disjoint keys). Tables
+/// replayed in order and tables without a key go whole to the main connection.
+fn partition(tables: Vec<(Dest, TableBatch)>, n: usize) -> Vec<Vec<(Dest, TableBatch)>> {
+    let mut parts: Vec<Vec<(Dest, TableBatch)>> = (0..n.max(1)).map(|_| Vec::new()).collect();
+    for (dest, tb) in tables {
+        let shape = dest.shape(tb.relid);
+        if n <= 1 || tb.ordered || shape.identity_full_without_key || shape.key.is_empty() {
+            parts[0].push((dest, tb));
+            continue;
+        }
+        let mut split: Vec<TableBatch> = (0..n)
+            .map(|_| TableBatch {
+                relid: tb.relid,
+                ..TableBatch::default()
+            })
+            .collect();
+        for k in tb.deletes {
+            split[part_of(k.iter(), n)].deletes.push(k);
+        }
+        for (k, row) in tb.updates {
+            split[part_of(k.iter(), n)].updates.push((k, row));
+        }
+        for (row, fresh) in tb.upserts.into_iter().zip(tb.fresh) {
+            let p = part_of(shape.key.iter().map(|&i| &row[i]), n);
+            split[p].upserts.push(row);
+            split[p].fresh.push(fresh);
+        }
+        for (p, t) in split.into_iter().enumerate() {
+            if !(t.deletes.is_empty() && t.updates.is_empty() && t.upserts.is_empty()) {
+                parts[p].push((dest.clone(), t));
+            }
+        }
+    }
+    parts
+}
+
+/// Which of `n` connections writes the row with this key (FNV-1a over the key's values).
+fn part_of<'a>(key: impl Iterator<Item = &'a Value>, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in key {
+        let (tag, bytes): (u8, &[u8]) = match v {
+            Some(b) => (1, b),
+            None => (0, &[]),
+        };
+        for &b in std::iter::once(&tag).chain(bytes) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
+impl Conn {
     async fn statement(
         &mut self,
         text: String,

@@ -5,13 +5,22 @@
 //! end LSN of the last source transaction applied. It is updated in the same target
 //! transaction as the data it covers, so after any crash the target's data and its recorded
 //! position agree, and replay resumes right after that transaction.
+//!
+//! **Parallel apply** (several target connections) keeps that contract with two-phase commit:
+//! each connection's part of a batch is a prepared transaction (`PREPARE TRANSACTION`, gid
+//! [`prepared_gid`]); the helper parts record their end LSN in `walshift.applied_parts`, the
+//! main part updates `walshift.applied`. Only once every part is prepared are they committed,
+//! helpers first and the main part last, so `walshift.applied` never runs ahead of any row.
+//! A crash in between leaves prepared transactions behind; [`resolve_prepared`] settles them at
+//! the next start: if any part of that batch committed, the decision was "commit" and the rest
+//! are committed; otherwise all are rolled back and the batch is replayed.
 
 use tokio_postgres::Client;
 
 use super::sql::{TableSql, TargetColumn};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::Relation;
-use crate::sql::{quote_ident, quote_qualified};
+use crate::sql::{quote_ident, quote_literal, quote_qualified};
 
 /// Target-side failures.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +70,101 @@ pub async fn ensure_progress_table(client: &Client) -> Result<(), TargetError> {
                buffer_id  text PRIMARY KEY,
                end_lsn    pg_lsn NOT NULL,
                applied_at timestamptz NOT NULL DEFAULT now()
+             );
+             CREATE TABLE IF NOT EXISTS walshift.applied_parts (
+               buffer_id text NOT NULL,
+               part      int NOT NULL,
+               end_lsn   pg_lsn NOT NULL,
+               PRIMARY KEY (buffer_id, part)
              );",
         )
         .await
         .map_err(sql("creating walshift.applied on the target"))
+}
+
+/// The statement a helper connection records its part of a batch with, inside that part's
+/// transaction. Parameters: buffer id, part number (int4), end LSN as text.
+pub const RECORD_PART: &str = "INSERT INTO walshift.applied_parts (buffer_id, part, end_lsn) \
+     VALUES ($1, $2, $3::text::pg_lsn) \
+     ON CONFLICT (buffer_id, part) DO UPDATE SET end_lsn = EXCLUDED.end_lsn";
+
+/// The global transaction id of part `part` of the batch ending at `end` (at most 200 bytes,
+/// as PostgreSQL requires; the buffer id is a system identifier and a slot name).
+pub fn prepared_gid(buffer_id: &str, end: Lsn, part: usize) -> String {
+    format!("walshift {part} {end} {buffer_id}")
+}
+
+/// Parses [`prepared_gid`]: (part, end LSN, buffer id).
+fn parse_gid(gid: &str) -> Option<(usize, Lsn, &str)> {
+    let rest = gid.strip_prefix("walshift ")?;
+    let (part, rest) = rest.split_once(' ')?;
+    let (end, buffer_id) = rest.split_once(' ')?;
+    Some((part.parse().ok()?, end.parse().ok()?, buffer_id))
+}
+
+/// What [`resolve_prepared`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Prepared parts committed (their batch had been decided).
+    pub committed: usize,
+    /// Prepared parts rolled back (their batch is replayed again).
+    pub rolled_back: usize,
+}
+
+/// Settles the prepared transactions a replay of `buffer_id` left on the target (a crash
+/// between `PREPARE TRANSACTION` and the last `COMMIT PREPARED`). Must run before the applied
+/// position is read and before anything is written. See the module docs for the rule.
+pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolved, TargetError> {
+    let rows = client
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
+             AND gid LIKE 'walshift %'",
+            &[],
+        )
+        .await
+        .map_err(sql("listing prepared transactions on the target"))?;
+    let mut ours: Vec<(usize, Lsn, String)> = rows
+        .iter()
+        .filter_map(|r| {
+            let gid: String = r.get(0);
+            let (part, end, id) = parse_gid(&gid)?;
+            (id == buffer_id).then_some((part, end, gid.clone()))
+        })
+        .collect();
+    let mut done = Resolved::default();
+    if ours.is_empty() {
+        return Ok(done);
+    }
+    ours.sort_by_key(|(part, end, _)| (*end, std::cmp::Reverse(*part)));
+    let applied = applied_lsn(client, buffer_id).await?.unwrap_or(Lsn::ZERO);
+    let parts = client
+        .query(
+            "SELECT end_lsn::text FROM walshift.applied_parts WHERE buffer_id = $1",
+            &[&buffer_id],
+        )
+        .await
+        .map_err(sql("reading walshift.applied_parts"))?;
+    let part_ends: Vec<Lsn> = parts
+        .iter()
+        .filter_map(|r| r.get::<_, String>(0).parse().ok())
+        .collect();
+    for (_, end, gid) in ours {
+        let decided = applied >= end || part_ends.iter().any(|&p| p >= end);
+        let verb = if decided { "COMMIT" } else { "ROLLBACK" };
+        client
+            .batch_execute(&format!("{verb} PREPARED {}", quote_literal(&gid)))
+            .await
+            .map_err(sql(format!(
+                "settling the prepared transaction {gid:?} a previous replay left on the target \
+                 ({verb} PREPARED); run it by hand as a superuser or the replay role, then start replay again"
+            )))?;
+        if decided {
+            done.committed += 1;
+        } else {
+            done.rolled_back += 1;
+        }
+    }
+    Ok(done)
 }
 
 /// The end LSN of the last transaction applied from `buffer_id`, if any.
@@ -195,4 +295,20 @@ pub fn truncate_sql(tables: &[String], cascade: bool, restart_identity: bool) ->
 /// Identifier of a buffer in `walshift.applied`: source system and slot.
 pub fn buffer_id(system_identifier: u64, slot: &str) -> String {
     format!("{system_identifier}/{}", quote_ident(slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepared_gid_round_trips_and_fits() {
+        let id = buffer_id(7_300_000_000_000_000_000, "walshift \"slot\" x");
+        let end: Lsn = "1A/2B3C4D5E".parse().unwrap();
+        let gid = prepared_gid(&id, end, 3);
+        assert!(gid.len() < 200);
+        assert_eq!(parse_gid(&gid), Some((3, end, id.as_str())));
+        assert_eq!(parse_gid("walshift x 0/1 y"), None);
+        assert_eq!(parse_gid("other 1 0/1 y"), None);
+    }
 }

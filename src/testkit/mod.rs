@@ -335,6 +335,7 @@ impl Cluster {
             ("max_wal_senders", "20".into()),
             ("max_replication_slots", "20".into()),
             ("max_connections", "100".into()),
+            ("max_prepared_transactions", "10".into()),
             ("shared_buffers", "128MB".into()),
             ("logging_collector", "off".into()),
             ("log_min_messages", "warning".into()),

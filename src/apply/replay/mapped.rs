@@ -13,7 +13,7 @@
 use super::*;
 use crate::transform::sql as tsql;
 
-impl Writer {
+impl Conn {
     /// The folded batch of one source table, through its plan.
     pub(super) async fn write_mapped(
         &mut self,
