@@ -25,8 +25,8 @@ use super::target::{self, MappedTable, TargetError};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
-use crate::sql::quote_literal;
 use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue, TypeInfo};
+use crate::sql::quote_literal;
 use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
 
 /// What to replay and how. Every field documents its default and trade-off.
@@ -460,7 +460,13 @@ pub async fn run(
         let outcome = match pending.take() {
             None => {
                 applier
-                    .apply_from(&config, report.applied_lsn, false, &mut report, &mut shutdown)
+                    .apply_from(
+                        &config,
+                        report.applied_lsn,
+                        false,
+                        &mut report,
+                        &mut shutdown,
+                    )
                     .await
             }
             Some(Pass::Retry { until }) => {
@@ -468,7 +474,13 @@ pub async fn run(
                 report.retried_in_order += 1;
                 let strict = redo(until, report.applied_lsn);
                 applier
-                    .apply_from(&strict, report.applied_lsn, true, &mut report, &mut shutdown)
+                    .apply_from(
+                        &strict,
+                        report.applied_lsn,
+                        true,
+                        &mut report,
+                        &mut shutdown,
+                    )
                     .await
                     .map(|_| Pass::Again)
             }
@@ -478,7 +490,13 @@ pub async fn run(
                 let serial = redo(until, report.applied_lsn);
                 applier.serial_pass = true;
                 let outcome = applier
-                    .apply_from(&serial, report.applied_lsn, false, &mut report, &mut shutdown)
+                    .apply_from(
+                        &serial,
+                        report.applied_lsn,
+                        false,
+                        &mut report,
+                        &mut shutdown,
+                    )
                     .await;
                 applier.serial_pass = false;
                 outcome.map(|p| match p {
@@ -864,8 +882,7 @@ impl Applier {
                             let stmt =
                                 target::truncate_sql(&tables, t.cascade(), t.restart_identity());
                             batch.serial = true;
-                            if let Err(e) = self.writer().main().client.batch_execute(&stmt).await
-                            {
+                            if let Err(e) = self.writer().main().client.batch_execute(&stmt).await {
                                 self.writer().rollback().await;
                                 return Err(ReplayError::Apply {
                                     lsn,
@@ -1338,7 +1355,10 @@ impl Writer {
                 };
                 self.open[k] = false;
             }
-            let e = prepared.into_iter().find_map(Result::err).expect("one failed");
+            let e = prepared
+                .into_iter()
+                .find_map(Result::err)
+                .expect("one failed");
             return Err(WriteError::Db(e));
         }
         self.open.iter_mut().for_each(|o| *o = false);
@@ -1675,5 +1695,92 @@ fn describe_change(dest: &Dest, change: &Change) -> String {
         Change::Delete { old } => format!("DELETE of key ({})", key(old)),
         Change::Update { old: Some(o), .. } => format!("UPDATE of key ({})", key(o)),
         Change::Update { old: None, .. } => "UPDATE".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::sql::{TableSql, TargetColumn};
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    fn table() -> Dest {
+        let col = |name: &str| TargetColumn {
+            name: name.into(),
+            type_sql: "text".into(),
+        };
+        Dest::Same(MappedTable {
+            sql: TableSql {
+                qualified: "\"public\".\"t\"".into(),
+                columns: vec![col("a"), col("k"), col("v")],
+                key: vec![1],
+            },
+            name: "public.t".into(),
+            full_row_identity: false,
+        })
+    }
+
+    fn v(n: u16) -> Value {
+        Some(Bytes::from(n.to_string()))
+    }
+
+    proptest! {
+        /// Every row lands on exactly one connection, and a key's delete, update and upsert
+        /// land on the same one.
+        #[test]
+        fn partition_keeps_every_row_and_each_key_on_one_connection(
+            deletes in proptest::collection::vec(0u16..300, 0..60),
+            updates in proptest::collection::vec(0u16..300, 0..60),
+            upserts in proptest::collection::vec(0u16..300, 0..60),
+            n in 1usize..4,
+        ) {
+            let tb = TableBatch {
+                relid: 1,
+                deletes: deletes.iter().map(|&k| vec![v(k)]).collect(),
+                updates: updates
+                    .iter()
+                    .map(|&k| (vec![v(k)], vec![ColumnValue::Known(None), ColumnValue::Known(v(k)), ColumnValue::UnchangedToast]))
+                    .collect(),
+                upserts: upserts.iter().map(|&k| vec![None, v(k), v(7)]).collect(),
+                fresh: upserts.iter().map(|&k| k.is_multiple_of(2)).collect(),
+                ..TableBatch::default()
+            };
+            let parts = partition(vec![(table(), tb.clone())], n);
+            prop_assert_eq!(parts.len(), n);
+            let mut home: HashMap<Value, usize> = HashMap::new();
+            let (mut d, mut u, mut i) = (0, 0, 0);
+            for (p, tables) in parts.iter().enumerate() {
+                for (_, t) in tables {
+                    prop_assert_eq!(t.upserts.len(), t.fresh.len());
+                    let keys = t.deletes.iter().map(|k| k[0].clone())
+                        .chain(t.updates.iter().map(|(k, _)| k[0].clone()))
+                        .chain(t.upserts.iter().map(|r| r[1].clone()));
+                    for k in keys {
+                        prop_assert_eq!(*home.entry(k).or_insert(p), p);
+                    }
+                    for (r, f) in t.upserts.iter().zip(&t.fresh) {
+                        let k: u16 = std::str::from_utf8(r[1].as_ref().unwrap()).unwrap().parse().unwrap();
+                        prop_assert_eq!(*f, k.is_multiple_of(2), "fresh flag travels with its row");
+                    }
+                    d += t.deletes.len();
+                    u += t.updates.len();
+                    i += t.upserts.len();
+                }
+            }
+            prop_assert_eq!((d, u, i), (tb.deletes.len(), tb.updates.len(), tb.upserts.len()));
+        }
+    }
+
+    #[test]
+    fn ordered_and_keyless_tables_stay_on_the_main_connection() {
+        let tb = TableBatch {
+            relid: 1,
+            ordered: true,
+            ..TableBatch::default()
+        };
+        let parts = partition(vec![(table(), tb)], 3);
+        assert_eq!(parts[0].len(), 1);
+        assert!(parts[1].is_empty() && parts[2].is_empty());
     }
 }

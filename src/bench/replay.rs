@@ -71,6 +71,8 @@ pub struct ReplayBench {
     pub workload: Workload,
     /// `--batch-rows` for `walshift replay`; `None` keeps replay's default.
     pub batch_rows: Option<usize>,
+    /// `--apply-connections` for `walshift replay`; `None` keeps replay's default.
+    pub apply_connections: Option<usize>,
     /// Also time replay through a migration mapping, into its own target database. Default
     /// none.
     pub transform: Option<TransformBench>,
@@ -461,6 +463,9 @@ impl ReplayBench {
             if let Some(n) = self.batch_rows {
                 replay.arg(format!("--batch-rows={n}"));
             }
+            if let Some(n) = self.apply_connections {
+                replay.arg(format!("--apply-connections={n}"));
+            }
             if method == WALSHIFT_TRANSFORM
                 && let Some(t) = &self.transform
             {
@@ -542,7 +547,8 @@ impl ReplayBench {
             ));
             log(&results.last().expect("pushed").line());
             log(&format!(
-                "  target connection busy {:.2} s; replay waited {:.2} s for it (the rest of the wall time it read and folded)",
+                "  {} target connection(s); writer busy {:.2} s; replay waited {:.2} s for it (the rest of the wall time it read and folded)",
+                report["apply_connections"].as_u64().unwrap_or(1),
                 report["writer_busy_secs"].as_f64().unwrap_or(0.0),
                 report["applier_wait_secs"].as_f64().unwrap_or(0.0)
             ));

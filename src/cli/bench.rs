@@ -36,6 +36,9 @@ pub struct ReplayBenchArgs {
     /// `--batch-rows` for walshift replay (default: replay's own default).
     #[arg(long)]
     batch_rows: Option<usize>,
+    /// `--apply-connections` for walshift replay (default: replay's own default).
+    #[arg(long, value_name = "N")]
+    apply_connections: Option<usize>,
     /// Also time replay through this mapping (TOML), same backlog, same run, e.g.
     /// fixtures/transforms/bench/mapping.toml.
     #[arg(long, value_name = "FILE")]
@@ -46,7 +49,7 @@ pub struct ReplayBenchArgs {
     migration: Option<std::path::PathBuf>,
     /// Measure the cutover window instead (the same as `walshift bench cutover` with its
     /// defaults: pgbench scale 10 at 500 tps, five cutovers).
-    #[arg(long, conflicts_with_all = ["transform", "migration", "batch_rows"])]
+    #[arg(long, conflicts_with_all = ["transform", "migration", "batch_rows", "apply_connections"])]
     cutover: bool,
     /// Print the report as JSON.
     #[arg(long)]
@@ -208,6 +211,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             let bench = ReplayBench {
                 workload: a.workload.workload(),
                 batch_rows: a.batch_rows.map(|n| n.max(1)),
+                apply_connections: a.apply_connections.map(|n| n.max(1)),
                 transform: a
                     .transform
                     .map(|mapping| crate::bench::replay::TransformBench {

@@ -29,6 +29,10 @@ pub struct ReplayArgs {
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, default_value_t = 200)]
     batch_ms: u64,
+    /// Target connections each batch is written over (rows split by key; two-phase commit,
+    /// which needs max_prepared_transactions >= N on the target, else one connection is used).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    apply_connections: usize,
     /// Migration mapping (TOML) the rows go through; see docs/transforms.md. Default: every
     /// table onto the same-named target table.
     #[arg(long, value_name = "FILE")]
@@ -48,6 +52,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     config.until_lsn = a.until_lsn;
     config.batch_rows = a.batch_rows.max(1);
     config.batch_time = Duration::from_millis(a.batch_ms);
+    config.apply_connections = a.apply_connections.max(1);
     config.progress = !a.no_progress;
     if let Some(path) = &a.transform {
         config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));
@@ -73,10 +78,11 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         eprintln!(
-            "replay: {} transactions, {} changes in {} target commits ({:.0} changes/s); applied up to {}",
+            "replay: {} transactions, {} changes in {} target commits over {} connection(s) ({:.0} changes/s); applied up to {}",
             report.transactions,
             report.changes,
             report.batches,
+            report.apply_connections,
             report.changes as f64 / report.elapsed_secs.max(1e-3),
             report.applied_lsn
         );

@@ -1,0 +1,227 @@
+//! Replay over several target connections: the same result as one connection, a fallback
+//! when the target allows no prepared transactions, and the prepared transactions an
+//! interrupted replay leaves settled by the rule in `apply::target` (commit when any part of
+//! the batch committed, else roll back and replay).
+
+mod common;
+
+use walshift::apply::replay::{self, ReplayConfig, ReplayReport};
+use walshift::apply::target;
+use walshift::buffer::BufferMeta;
+use walshift::conn::ConnInfo;
+use walshift::testkit::{Cluster, ClusterOptions};
+
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint, email text UNIQUE);
+    CREATE TABLE events (id bigint PRIMARY KEY, account bigint, kind text);";
+
+async fn fingerprint(c: &Cluster) -> Vec<(i64, String)> {
+    let client = c.connect("postgres").await.unwrap();
+    let mut out = Vec::new();
+    for (t, order) in [("accounts", "id"), ("events", "id")] {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order})), '') FROM {t} t"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        out.push((row.get(0), row.get(1)));
+    }
+    out
+}
+
+async fn replay_with(target: &Cluster, dir: &std::path::Path, connections: usize) -> ReplayReport {
+    let mut cfg = ReplayConfig::new(
+        dir,
+        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
+    );
+    cfg.batch_rows = 700;
+    cfg.apply_connections = connections;
+    replay::run(cfg, std::future::pending::<()>())
+        .await
+        .expect("replay")
+}
+
+/// Many small transactions of inserts, updates, deletes, key moves and unique-email swaps.
+async fn workload(source: &Cluster) {
+    let client = source.connect("postgres").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO accounts SELECT g, 'o' || g, g, 'e' || g FROM generate_series(1, 2000) g;",
+        )
+        .await
+        .unwrap();
+    for i in 0..400i64 {
+        let a = 1 + i * 7 % 2000;
+        let b = 1 + (i * 13 + 5) % 2000;
+        let d = 1 + (i * 31 + 11) % 2000;
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 UPDATE accounts SET balance = balance + 1 WHERE id = {a};
+                 INSERT INTO events VALUES ({i}, {a}, 'credit');
+                 DELETE FROM accounts WHERE id = {d};
+                 INSERT INTO accounts VALUES ({d}, 'again', 0, 'again{i}');
+                 UPDATE accounts SET id = {m} WHERE id = {mv};
+                 UPDATE accounts SET email = NULL WHERE id = {b};
+                 UPDATE accounts SET email = 'swap{i}' WHERE id = {a};
+                 COMMIT;",
+                m = 100_000 + i,
+                mv = 3000 + i,
+            ))
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute("DELETE FROM events WHERE id % 3 = 0; TRUNCATE events; INSERT INTO events VALUES (1, 1, 'after truncate');")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_give_the_same_target_as_one_and_fall_back_without_2pc() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let parallel = Cluster::start(ClusterOptions::default()).unwrap();
+    let no_2pc = Cluster::start(ClusterOptions {
+        settings: vec![("max_prepared_transactions".into(), "0".into())],
+        ..Default::default()
+    })
+    .unwrap();
+    for c in [&source, &parallel, &no_2pc] {
+        c.execute("postgres", SCHEMA).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    workload(&source).await;
+    common::capture_until_now(&source, dir.path()).await;
+    let expected = fingerprint(&source).await;
+
+    let report = replay_with(&parallel, dir.path(), 2).await;
+    assert_eq!(report.apply_connections, 2, "{report:?}");
+    assert!(report.batches >= 3, "{report:?}");
+    assert!(report.serial_batches >= 1, "the TRUNCATE batch: {report:?}");
+    assert_eq!(fingerprint(&parallel).await, expected);
+    let client = parallel.connect("postgres").await.unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "no prepared transaction left behind");
+    let again = replay_with(&parallel, dir.path(), 2).await;
+    assert_eq!(again.changes, 0, "{again:?}");
+
+    let report = replay_with(&no_2pc, dir.path(), 2).await;
+    assert_eq!(report.apply_connections, 1, "fell back: {report:?}");
+    assert_eq!(fingerprint(&no_2pc).await, expected);
+}
+
+/// The state a crash between the two phases leaves, made by hand on a real target: part 1
+/// committed, part 0 (with `walshift.applied`) still prepared. The batch was decided, so the
+/// next replay commits part 0 and goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let decided = Cluster::start(ClusterOptions::default()).unwrap();
+    let undecided = Cluster::start(ClusterOptions::default()).unwrap();
+    for c in [&source, &decided, &undecided] {
+        c.execute("postgres", SCHEMA).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series(1, 100) g",
+        )
+        .await
+        .unwrap();
+    let first = common::capture_until_now(&source, dir.path()).await;
+    let end = first.transactions.last().unwrap().end_lsn;
+    source
+        .execute(
+            "postgres",
+            "UPDATE accounts SET balance = -balance WHERE id <= 10",
+        )
+        .await
+        .unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
+    let id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let end_text = end.to_string();
+
+    // Decided: part 1 (ids 51..100) committed, part 0 (ids 1..50 + progress) prepared.
+    let c0 = decided.connect("postgres").await.unwrap();
+    let c1 = decided.connect("postgres").await.unwrap();
+    target::ensure_progress_table(&c0).await.unwrap();
+    c1.batch_execute(
+        "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series(51, 100) g",
+    )
+    .await
+    .unwrap();
+    c1.execute(target::RECORD_PART, &[&id, &1i32, &end_text])
+        .await
+        .unwrap();
+    let gid1 = target::prepared_gid(&id, end, 1);
+    c1.batch_execute(&format!("PREPARE TRANSACTION '{gid1}'"))
+        .await
+        .unwrap();
+    c1.batch_execute(&format!("COMMIT PREPARED '{gid1}'"))
+        .await
+        .unwrap();
+    c0.batch_execute(
+        "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series(1, 50) g",
+    )
+    .await
+    .unwrap();
+    c0.execute(target::RECORD_PROGRESS, &[&id, &end_text])
+        .await
+        .unwrap();
+    let gid0 = target::prepared_gid(&id, end, 0);
+    c0.batch_execute(&format!("PREPARE TRANSACTION '{gid0}'"))
+        .await
+        .unwrap();
+    drop((c0, c1));
+    let report = replay_with(&decided, dir.path(), 2).await;
+    assert_eq!(report.prepared_committed, 1, "{report:?}");
+    assert_eq!(report.prepared_rolled_back, 0, "{report:?}");
+    assert_eq!(report.start_lsn, end, "resumed after the decided batch");
+    assert_eq!(report.changes, 10, "only the update after it: {report:?}");
+    assert_eq!(fingerprint(&decided).await, fingerprint(&source).await);
+
+    // Undecided: both parts prepared (with rows the batch never had), none committed: both
+    // are rolled back and the whole buffer is replayed.
+    let c0 = undecided.connect("postgres").await.unwrap();
+    let c1 = undecided.connect("postgres").await.unwrap();
+    target::ensure_progress_table(&c0).await.unwrap();
+    for (k, c) in [(0usize, &c0), (1, &c1)] {
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO accounts VALUES ({}, 'never', 0, NULL)",
+            900 + k
+        ))
+        .await
+        .unwrap();
+        if k == 0 {
+            c.execute(target::RECORD_PROGRESS, &[&id, &end_text])
+                .await
+                .unwrap();
+        } else {
+            c.execute(target::RECORD_PART, &[&id, &1i32, &end_text])
+                .await
+                .unwrap();
+        }
+        let gid = target::prepared_gid(&id, end, k);
+        c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+            .await
+            .unwrap();
+    }
+    drop((c0, c1));
+    let report = replay_with(&undecided, dir.path(), 2).await;
+    assert_eq!(report.prepared_rolled_back, 2, "{report:?}");
+    assert_eq!(report.prepared_committed, 0, "{report:?}");
+    assert_eq!(report.changes, 110, "everything replayed: {report:?}");
+    assert_eq!(fingerprint(&undecided).await, fingerprint(&source).await);
+}
