@@ -333,3 +333,78 @@ async fn a_table_changing_shape_inside_a_batch_is_replayed() {
         checksum(&target, "accounts", "id").await
     );
 }
+
+/// Integers, booleans and timestamps travel in binary (`apply::wire`), everything else as
+/// text; odd values (BC, infinity, five-digit years, historical offsets with seconds, type
+/// limits) and servers whose time zone and DateStyle differ from each other all replay exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_values_replay_exactly_across_time_zones_and_date_styles() {
+    let source = Cluster::start(ClusterOptions {
+        settings: vec![
+            ("timezone".into(), "'Asia/Kolkata'".into()),
+            ("datestyle".into(), "'SQL, DMY'".into()),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    let target = Cluster::start(ClusterOptions {
+        settings: vec![
+            ("timezone".into(), "'America/St_Johns'".into()),
+            ("datestyle".into(), "'ISO, MDY'".into()),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    let schema = "CREATE TABLE typed (id bigint PRIMARY KEY, i4 int, i2 smallint, b boolean, ts timestamp, \
+                  tstz timestamptz, d date, iv interval, f float8, ts3 timestamp(3) with time zone)";
+    source.execute("postgres", schema).await.unwrap();
+    target.execute("postgres", schema).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO typed VALUES
+               (1, 2147483647, 32767, true, '2000-01-01 00:00:00', '2000-01-01 00:00:00+00', '2024-02-29', '1 year 2 mons -3 days 04:05:06.789', 0.1, now()),
+               (2, -2147483648, -32768, false, '1970-01-01 00:00:00.000001', '1999-12-31 23:59:59.999999+00', 'infinity', '-1 day', 1e308, '2024-02-29 12:34:56.789+05:30'),
+               (3, 0, 0, NULL, 'infinity', 'infinity', '0044-03-15 BC', NULL, 'NaN', NULL),
+               (4, NULL, NULL, true, '-infinity', '-infinity', NULL, '00:00:00.000001', '-Infinity', '-infinity'),
+               (5, 7, 7, false, '0001-01-01 00:00:00 BC', '0044-03-15 12:00:00+00 BC', '2000-01-01', '0', -0.0, '1900-01-01 00:00:00+00'),
+               (6, 8, 8, true, '294276-12-31 23:59:59', '12345-06-07 08:09:10+00', '5874897-12-31', '178000000 years', 5e-324, '2024-02-29 23:59:59.9995+00'),
+               (7, 9, 9, false, '2024-02-29 12:34:56.5', '1900-01-01 00:00:00+00', '1900-01-01', '1 mon', 1.5, now()),
+               (8, 10, 10, true, '1999-12-31 23:59:59.999999', '2024-02-29 12:34:56.5+05:30', '1999-12-31', '-1 mon', 2.5, now());
+             UPDATE typed SET tstz = tstz + interval '1 microsecond', b = NOT b WHERE id IN (1, 2, 7, 8);
+             UPDATE typed SET i4 = i4 - 1, ts = '1582-10-15 00:00:00' WHERE id = 7;
+             DELETE FROM typed WHERE id = 8;",
+        )
+        .await
+        .unwrap();
+    let report = replay_all(&source, &target, dir.path(), 500).await;
+    assert_eq!(report.changes, 14, "{report:?}");
+    let dump = |c: &Cluster| {
+        let c = c.conn_string("postgres");
+        async move {
+            let (client, conn) = tokio_postgres::connect(&c, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",
+                )
+                .await
+                .unwrap();
+            client
+                .query_one(
+                    "SELECT string_agg(t::text, E'\\n' ORDER BY id) FROM typed t",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    let (s, t) = (dump(&source).await, dump(&target).await);
+    assert_eq!(s, t);
+    assert!(s.contains("0044-03-15 12:00:00+00 BC"), "{s}");
+}

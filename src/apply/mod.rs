@@ -4,3 +4,4 @@ pub mod fold;
 pub mod replay;
 pub mod sql;
 pub mod target;
+pub mod wire;

@@ -22,6 +22,7 @@ mod mapped;
 
 use super::fold::{BatchFolder, Change, ColumnValue, Key, TableBatch, TableShape, Value};
 use super::target::{self, MappedTable, TargetError};
+use super::wire::{self, Wire};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -1490,11 +1491,12 @@ impl Conn {
             return Ok(());
         }
         if !tb.deletes.is_empty() {
-            let stmt = self.statement(table.sql.delete()).await?;
             let cols: Vec<Vec<Option<&str>>> = (0..table.sql.key.len())
                 .map(|j| tb.deletes.iter().map(|k| text(&k[j])).collect())
                 .collect();
-            self.execute(&stmt, &cols).await?;
+            let (arrays, params) = typed(&table.sql, &table.sql.key, &cols);
+            let stmt = self.statement(table.sql.delete(&arrays)).await?;
+            self.execute_typed(&stmt, &cols, &params).await?;
         }
         // Partial updates, grouped by which columns they know.
         let mut groups: HashMap<Vec<usize>, Vec<usize>> = HashMap::new();
@@ -1520,7 +1522,6 @@ impl Conn {
             if set.is_empty() {
                 continue; // nothing but an unchanged key: the row is already right
             }
-            let stmt = self.statement(table.sql.update(&set)).await?;
             let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
             for j in 0..table.sql.key.len() {
                 cols.push(members.iter().map(|&n| text(&tb.updates[n].0[j])).collect());
@@ -1536,7 +1537,10 @@ impl Conn {
                         .collect(),
                 );
             }
-            self.execute(&stmt, &cols).await?;
+            let columns: Vec<usize> = key_cols.iter().chain(&set).copied().collect();
+            let (arrays, params) = typed(&table.sql, &columns, &cols);
+            let stmt = self.statement(table.sql.update(&set, &arrays)).await?;
+            self.execute_typed(&stmt, &cols, &params).await?;
         }
         // Rows whose key had no row before the batch: a plain INSERT (no speculative
         // insertion); the others overwrite by key.
@@ -1551,18 +1555,39 @@ impl Conn {
             if rows.is_empty() {
                 continue;
             }
-            let sql = if fresh {
-                table.sql.insert()
-            } else {
-                table.sql.upsert()
-            };
-            let stmt = self.statement(sql).await?;
             let cols: Vec<Vec<Option<&str>>> = (0..table.sql.columns.len())
                 .map(|c| rows.iter().map(|r| text(&r[c])).collect())
                 .collect();
-            self.execute(&stmt, &cols).await?;
+            let all: Vec<usize> = (0..table.sql.columns.len()).collect();
+            let (arrays, params) = typed(&table.sql, &all, &cols);
+            let sql = if fresh {
+                table.sql.insert(&arrays)
+            } else {
+                table.sql.upsert(&arrays)
+            };
+            let stmt = self.statement(sql).await?;
+            self.execute_typed(&stmt, &cols, &params).await?;
         }
         Ok(())
+    }
+
+    /// Executes with parameter `i` taken from `typed[i]` when it has a binary form, else
+    /// from the text column `cols[i]`.
+    async fn execute_typed(
+        &self,
+        stmt: &tokio_postgres::Statement,
+        cols: &[Vec<Option<&str>>],
+        typed: &[Option<Box<dyn ToSql + Sync + Send>>],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let params: Vec<&(dyn ToSql + Sync)> = cols
+            .iter()
+            .zip(typed)
+            .map(|(c, t)| match t {
+                Some(b) => b.as_ref() as &(dyn ToSql + Sync),
+                None => c as &(dyn ToSql + Sync),
+            })
+            .collect();
+        self.client.execute(stmt, &params).await
     }
 
     async fn execute(
@@ -1667,6 +1692,28 @@ impl Conn {
 }
 
 /// A value as the text parameter it travels as. Checked to be UTF-8 when it was decoded.
+/// Per parameter (`cols[i]` holds the values of target column `columns[i]`): the array type
+/// the statement declares, and the binary array when the column has one
+/// ([`super::wire`]; text otherwise, and for a column with any value that does not parse).
+#[allow(clippy::type_complexity)]
+fn typed(
+    sql: &super::sql::TableSql,
+    columns: &[usize],
+    cols: &[Vec<Option<&str>>],
+) -> (Vec<&'static str>, Vec<Option<Box<dyn ToSql + Sync + Send>>>) {
+    columns
+        .iter()
+        .zip(cols)
+        .map(|(&c, values)| {
+            let wire = Wire::for_type(&sql.columns[c].type_sql);
+            match wire::encode(wire, values) {
+                Some(b) => (wire.array_type(), Some(b)),
+                None => (Wire::Text.array_type(), None),
+            }
+        })
+        .unzip()
+}
+
 fn text(v: &Value) -> Option<&str> {
     v.as_ref()
         .map(|b| std::str::from_utf8(b).expect("checked in decode_change"))

@@ -1,9 +1,11 @@
 //! The set-based statements replay sends to the target, as text (no I/O).
 //!
-//! Every statement takes one `text[]` parameter per column and turns the arrays back into rows
-//! with `unnest`; each value is cast to the target column's type by PostgreSQL's own input
-//! function (the inverse of the text output pgoutput sends). So a batch of any size is a fixed
-//! handful of statements per table, and types need no client-side conversion.
+//! Every statement takes one array parameter per column and turns the arrays back into rows
+//! with `unnest`; each value is cast to the target column's type. Most columns travel as
+//! `text[]`, parsed by PostgreSQL's own input function (the inverse of the text output
+//! pgoutput sends); integers, booleans and timestamps may travel as typed binary arrays
+//! ([`super::wire`]), the cast then a no-op. So a batch of any size is a fixed handful of
+//! statements per table.
 
 use crate::sql::quote_ident;
 
@@ -33,9 +35,13 @@ impl TableSql {
         format!("{alias}.p{param}::{}", self.columns[col].type_sql)
     }
 
-    fn unnest(n: usize) -> String {
-        let arrays = (1..=n)
-            .map(|i| format!("${i}::text[]"))
+    /// `unnest($1::text[], $2::int8[], …) AS u(p1, p2, …)`: one parameter per array type.
+    fn unnest(arrays: &[&str]) -> String {
+        let n = arrays.len();
+        let arrays = arrays
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("${}::{t}", i + 1))
             .collect::<Vec<_>>()
             .join(", ");
         let names = (1..=n)
@@ -54,20 +60,23 @@ impl TableSql {
             .join(" AND ")
     }
 
-    /// `DELETE … USING unnest(keys)`: parameters are the key columns, in `key` order.
-    pub fn delete(&self) -> String {
+    /// `DELETE … USING unnest(keys)`: parameters are the key columns, in `key` order, as
+    /// arrays of the types in `arrays` (`text[]` unless [`super::wire`] says otherwise).
+    pub fn delete(&self, arrays: &[&str]) -> String {
+        debug_assert_eq!(arrays.len(), self.key.len());
         format!(
             "DELETE FROM {} AS t USING {} WHERE {}",
             self.qualified,
-            Self::unnest(self.key.len()),
+            Self::unnest(arrays),
             self.key_match(1)
         )
     }
 
     /// `INSERT … SELECT FROM unnest(…)`: parameters are all columns in order. For keys known
     /// to be free (a conflict is an error).
-    pub fn insert(&self) -> String {
+    pub fn insert(&self, arrays: &[&str]) -> String {
         let n = self.columns.len();
+        debug_assert_eq!(arrays.len(), n);
         let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
         let vals = (0..n)
             .map(|i| self.cast("u", i + 1, i))
@@ -76,14 +85,15 @@ impl TableSql {
         format!(
             "INSERT INTO {} AS t ({cols}) SELECT {vals} FROM {}",
             self.qualified,
-            Self::unnest(n)
+            Self::unnest(arrays)
         )
     }
 
     /// `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: parameters are all columns
     /// in order. Rows whose key exists are overwritten with the new values.
-    pub fn upsert(&self) -> String {
+    pub fn upsert(&self, arrays: &[&str]) -> String {
         let n = self.columns.len();
+        debug_assert_eq!(arrays.len(), n);
         let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
         let vals = (0..n)
             .map(|i| self.cast("u", i + 1, i))
@@ -107,15 +117,16 @@ impl TableSql {
         format!(
             "INSERT INTO {} AS t ({cols}) SELECT {vals} FROM {} ON CONFLICT ({key}) DO {action}",
             self.qualified,
-            Self::unnest(n)
+            Self::unnest(arrays)
         )
     }
 
     /// `UPDATE … FROM unnest(…)` setting only the columns in `set` (the others keep the
     /// target's value, as an unchanged TOAST value must). Parameters: the key columns that
     /// identify the row (old key), then the `set` columns in order.
-    pub fn update(&self, set: &[usize]) -> String {
+    pub fn update(&self, set: &[usize], arrays: &[&str]) -> String {
         let k = self.key.len();
+        debug_assert_eq!(arrays.len(), k + set.len());
         let assignments = set
             .iter()
             .enumerate()
@@ -125,7 +136,7 @@ impl TableSql {
         format!(
             "UPDATE {} AS t SET {assignments} FROM {} WHERE {}",
             self.qualified,
-            Self::unnest(k + set.len()),
+            Self::unnest(arrays),
             self.key_match(1)
         )
     }
@@ -246,17 +257,17 @@ mod tests {
     fn statements_are_set_based_and_quoted() {
         let t = accounts();
         assert_eq!(
-            t.delete(),
+            t.delete(&["text[]"]),
             "DELETE FROM \"public\".\"accounts\" AS t USING unnest($1::text[]) AS u(p1) WHERE t.\"id\" = u.p1::bigint"
         );
         assert_eq!(
-            t.upsert(),
+            t.upsert(&["text[]"; 3]),
             "INSERT INTO \"public\".\"accounts\" AS t (\"id\", \"owner\", \"Balance\") SELECT u.p1::bigint, u.p2::text, \
              u.p3::numeric(12,2) FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3) ON CONFLICT (\"id\") \
              DO UPDATE SET \"owner\" = EXCLUDED.\"owner\", \"Balance\" = EXCLUDED.\"Balance\""
         );
         assert_eq!(
-            t.update(&[0, 2]),
+            t.update(&[0, 2], &["text[]"; 3]),
             "UPDATE \"public\".\"accounts\" AS t SET \"id\" = u.p2::bigint, \"Balance\" = u.p3::numeric(12,2) FROM \
              unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3) WHERE t.\"id\" = u.p1::bigint"
         );
@@ -267,9 +278,25 @@ mod tests {
     }
 
     #[test]
+    fn typed_arrays_are_declared_per_parameter() {
+        let t = accounts();
+        assert_eq!(
+            t.delete(&["int8[]"]),
+            "DELETE FROM \"public\".\"accounts\" AS t USING unnest($1::int8[]) AS u(p1) WHERE t.\"id\" = u.p1::bigint"
+        );
+        assert!(
+            t.insert(&["int8[]", "text[]", "text[]"])
+                .contains("FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(p1, p2, p3)")
+        );
+    }
+
+    #[test]
     fn all_key_table_upsert_does_nothing_on_conflict() {
         let mut t = accounts();
         t.columns.truncate(1);
-        assert!(t.upsert().ends_with("ON CONFLICT (\"id\") DO NOTHING"));
+        assert!(
+            t.upsert(&["text[]"])
+                .ends_with("ON CONFLICT (\"id\") DO NOTHING")
+        );
     }
 }

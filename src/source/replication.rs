@@ -289,6 +289,11 @@ impl ReplicationConnection {
                 ("replication", "database"),
                 ("application_name", info.application_name()),
                 ("client_encoding", "UTF8"),
+                // The form values are printed in, whatever the server's defaults: unambiguous
+                // dates and intervals, exact floats (as native logical replication asks).
+                ("DateStyle", "ISO"),
+                ("IntervalStyle", "postgres"),
+                ("extra_float_digits", "3"),
             ],
             &mut conn.write_buf,
         )?;
