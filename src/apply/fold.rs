@@ -68,10 +68,16 @@
 
 use std::collections::HashMap;
 
+/// Seeded per process (collisions cannot be planted through key values), and several times
+/// faster than SipHash on short keys.
+type FastHash = foldhash::fast::RandomState;
+
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::source::pgoutput::{Delete, Insert, OldTuple, Relation, TupleData, TupleValue, Update};
+use crate::source::pgoutput::{
+    Delete, Insert, LogicalMessage, OldTuple, Relation, TupleData, TupleValue, Update,
+};
 
 /// One column value in text (or binary) format; `None` is SQL NULL.
 pub type Value = Option<Bytes>;
@@ -102,6 +108,17 @@ impl From<&TupleValue> for ColumnValue {
             TupleValue::Null => ColumnValue::Known(None),
             TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
             TupleValue::Text(b) | TupleValue::Binary(b) => ColumnValue::Known(Some(b.clone())),
+        }
+    }
+}
+
+impl From<TupleValue> for ColumnValue {
+    /// As for a borrowed value, moving the bytes out instead of sharing them.
+    fn from(v: TupleValue) -> ColumnValue {
+        match v {
+            TupleValue::Null => ColumnValue::Known(None),
+            TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
+            TupleValue::Text(b) | TupleValue::Binary(b) => ColumnValue::Known(Some(b)),
         }
     }
 }
@@ -170,7 +187,40 @@ fn known_tuple(t: &TupleData) -> Result<Vec<Value>, FoldError> {
         .collect()
 }
 
+fn known_tuple_owned(t: TupleData) -> Result<Vec<Value>, FoldError> {
+    t.values
+        .into_iter()
+        .map(|v| match ColumnValue::from(v) {
+            ColumnValue::Known(v) => Ok(v),
+            ColumnValue::UnchangedToast => Err(FoldError::UnchangedToastInImage),
+        })
+        .collect()
+}
+
 impl Change {
+    /// The change an Insert, Update or Delete message makes, taking its values (the same as
+    /// [`Change::from_insert`] and its siblings, without copying). `None` for other messages.
+    pub fn from_message(m: LogicalMessage) -> Option<Result<Change, FoldError>> {
+        Some(match m {
+            LogicalMessage::Insert(i) => known_tuple_owned(i.new).map(|new| Change::Insert { new }),
+            LogicalMessage::Update(u) => u
+                .old
+                .map(|o| match o {
+                    OldTuple::Key(t) | OldTuple::Full(t) => known_tuple_owned(t),
+                })
+                .transpose()
+                .map(|old| Change::Update {
+                    old,
+                    new: u.new.values.into_iter().map(ColumnValue::from).collect(),
+                }),
+            LogicalMessage::Delete(d) => match d.old {
+                OldTuple::Key(t) | OldTuple::Full(t) => known_tuple_owned(t),
+            }
+            .map(|old| Change::Delete { old }),
+            _ => return None,
+        })
+    }
+
     /// An Insert message's change. Fails if the new row holds an unchanged-TOAST marker.
     pub fn from_insert(m: &Insert) -> Result<Change, FoldError> {
         Ok(Change::Insert {
@@ -284,7 +334,7 @@ struct TableState {
     ordered: Option<OrderedReason>,
     /// Every change pushed, in order (needed if the table turns out `ordered`).
     log: Vec<Change>,
-    index: HashMap<Key, u32>,
+    index: HashMap<Key, u32, FastHash>,
     entries: Vec<Entry>,
 }
 
@@ -292,7 +342,7 @@ struct TableState {
 #[derive(Debug, Default)]
 pub struct BatchFolder {
     tables: Vec<TableState>,
-    by_relid: HashMap<u32, usize>,
+    by_relid: HashMap<u32, usize, FastHash>,
     len: usize,
     scratch_old: Key,
     scratch_new: Key,
@@ -365,7 +415,7 @@ impl BatchFolder {
                     shape: shape.clone(),
                     ordered,
                     log: Vec::new(),
-                    index: HashMap::new(),
+                    index: HashMap::default(),
                     entries: Vec::new(),
                 });
                 self.by_relid.insert(relid, self.tables.len() - 1);
@@ -377,7 +427,7 @@ impl BatchFolder {
             && let Err(reason) = table.fold(&change, &mut self.scratch_old, &mut self.scratch_new)
         {
             table.ordered = Some(reason);
-            table.index = HashMap::new();
+            table.index = HashMap::default();
             table.entries = Vec::new();
         }
         table.log.push(change);

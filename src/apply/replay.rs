@@ -942,32 +942,9 @@ impl Applier {
             LogicalMessage::Delete(d) => d.relid,
             _ => unreachable!("only row changes"),
         };
-        let dest = self.dest(relid, lsn).await?;
-        let shape = dest.shape(relid);
-        let name = dest.name();
-        let rel = &self.rels[&relid].rel;
-        let mut change = match &msg {
-            LogicalMessage::Insert(i) => Change::from_insert(i),
-            LogicalMessage::Update(u) => Change::from_update(u),
-            LogicalMessage::Delete(d) => Change::from_delete(d),
-            _ => unreachable!("only row changes"),
-        }
-        .map_err(|source| ReplayError::Fold { lsn, source })?;
-        // Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed values the
-        // new image leaves out, so the update can be written (and transformed) completely.
-        if let Change::Update {
-            old: Some(old),
-            new,
-        } = &mut change
-            && rel.replica_identity == pgoutput::ReplicaIdentity::Full
-            && old.len() == new.len()
-        {
-            for (n, o) in new.iter_mut().zip(old.iter()) {
-                if !n.is_known() {
-                    *n = ColumnValue::Known(o.clone());
-                }
-            }
-        }
+        let shape = self.dest(relid, lsn).await?.shape(relid);
+        let entry = &self.rels[&relid];
+        let rel = &entry.rel;
         // Values go to the target as text in UTF-8; anything else would be silently mangled.
         let values: Box<dyn Iterator<Item = &TupleValue>> = match &msg {
             LogicalMessage::Insert(i) => Box::new(i.new.values.iter()),
@@ -991,9 +968,28 @@ impl Applier {
                     .unwrap_or_default();
                 return Err(ReplayError::Encoding {
                     lsn,
-                    table: name,
+                    table: entry.dest.as_ref().map(Dest::name).unwrap_or_default(),
                     column,
                 });
+            }
+        }
+        let full = rel.replica_identity == pgoutput::ReplicaIdentity::Full;
+        let mut change = Change::from_message(msg)
+            .expect("only row changes")
+            .map_err(|source| ReplayError::Fold { lsn, source })?;
+        // Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed values the
+        // new image leaves out, so the update can be written (and transformed) completely.
+        if let Change::Update {
+            old: Some(old),
+            new,
+        } = &mut change
+            && full
+            && old.len() == new.len()
+        {
+            for (n, o) in new.iter_mut().zip(old.iter()) {
+                if !n.is_known() {
+                    *n = ColumnValue::Known(o.clone());
+                }
             }
         }
         Ok((shape, change))
