@@ -185,6 +185,15 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
         .await
         .unwrap();
     drop((c0, c1));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
+        .args(["status", "--json", "--buffer"])
+        .arg(dir.path())
+        .args(["--target", &decided.conn_string("postgres")])
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["prepared_transactions"], 1, "{status}");
     let report = replay_with(&decided, dir.path(), 2).await;
     assert_eq!(report.prepared_committed, 1, "{report:?}");
     assert_eq!(report.prepared_rolled_back, 0, "{report:?}");

@@ -111,10 +111,12 @@ pub struct Resolved {
     pub rolled_back: usize,
 }
 
-/// Settles the prepared transactions a replay of `buffer_id` left on the target (a crash
-/// between `PREPARE TRANSACTION` and the last `COMMIT PREPARED`). Must run before the applied
-/// position is read and before anything is written. See the module docs for the rule.
-pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolved, TargetError> {
+/// The prepared transactions of replays of `buffer_id` on the target: (part, batch end LSN,
+/// gid). Normally empty, or one batch between its two commit phases while replay runs.
+pub async fn prepared(
+    client: &Client,
+    buffer_id: &str,
+) -> Result<Vec<(usize, Lsn, String)>, TargetError> {
     let rows = client
         .query(
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
@@ -123,14 +125,21 @@ pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolv
         )
         .await
         .map_err(sql("listing prepared transactions on the target"))?;
-    let mut ours: Vec<(usize, Lsn, String)> = rows
+    Ok(rows
         .iter()
         .filter_map(|r| {
             let gid: String = r.get(0);
             let (part, end, id) = parse_gid(&gid)?;
             (id == buffer_id).then_some((part, end, gid.clone()))
         })
-        .collect();
+        .collect())
+}
+
+/// Settles the prepared transactions a replay of `buffer_id` left on the target (a crash
+/// between `PREPARE TRANSACTION` and the last `COMMIT PREPARED`). Must run before the applied
+/// position is read and before anything is written. See the module docs for the rule.
+pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolved, TargetError> {
+    let mut ours = prepared(client, buffer_id).await?;
     let mut done = Resolved::default();
     if ours.is_empty() {
         return Ok(done);

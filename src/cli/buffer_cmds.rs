@@ -74,6 +74,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .flatten();
     let last = st.last_commit.map(|c| c.end_lsn);
+    let mut prepared = 0;
     let applied = match (&a.target, &st.meta) {
         (Some(t), Some(m)) => {
             let target = crate::conn::ConnInfo::parse(t).context("--target")?;
@@ -84,6 +85,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 .await
                 .context("reading the target")?
                 .get(0);
+            prepared = crate::apply::target::prepared(&client, &id).await?.len();
             Some(if exists {
                 crate::apply::target::applied_lsn(&client, &id).await?
             } else {
@@ -102,6 +104,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         if let Some(applied) = applied {
             v["applied_lsn"] = json!(applied.map(|l| l.to_string()));
             v["lag_bytes"] = json!(last.map(|l| l.bytes_since(applied.unwrap_or(Lsn::ZERO))));
+            v["prepared_transactions"] = json!(prepared);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -143,6 +146,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             last.map(|l| l.bytes_since(applied.unwrap_or(Lsn::ZERO)).to_string())
                 .unwrap_or_else(|| "0".into())
         );
+        if prepared > 0 {
+            println!(
+                "prepared      {prepared} transaction(s) of a batch between its two commit phases: \
+                 settled in a moment by a running replay, or by the next replay start if none runs"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
