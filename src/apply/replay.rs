@@ -880,8 +880,13 @@ impl Applier {
                             for relid in &t.relids {
                                 tables.extend(self.dest(*relid, lsn).await?.targets());
                             }
-                            let stmt =
+                            let mut stmt =
                                 target::truncate_sql(&tables, t.cascade(), t.restart_identity());
+                            if self.connections > 1 {
+                                // Only the main connection writes from here to the commit: wait
+                                // for other sessions' locks as long as it takes.
+                                stmt = format!("SET LOCAL lock_timeout = 0; {stmt}");
+                            }
                             batch.serial = true;
                             if let Err(e) = self.writer().main().client.batch_execute(&stmt).await {
                                 self.writer().rollback().await;
