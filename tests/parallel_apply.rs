@@ -119,15 +119,16 @@ async fn two_connections_give_the_same_target_as_one_and_fall_back_without_2pc()
     assert_eq!(fingerprint(&no_2pc).await, expected);
 }
 
-/// The state a crash between the two phases leaves, made by hand on a real target: part 1
-/// committed, part 0 (with `walshift.applied`) still prepared. The batch was decided, so the
-/// next replay commits part 0 and goes on from there.
+/// The states a crash around the two phases leaves, made by hand on real targets: part 1
+/// committed and part 0 (with `walshift.applied`) prepared; both prepared; only part 0
+/// prepared. The first two were decided and are committed, the last is rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     let source = Cluster::start(ClusterOptions::default()).unwrap();
     let decided = Cluster::start(ClusterOptions::default()).unwrap();
     let undecided = Cluster::start(ClusterOptions::default()).unwrap();
-    for c in [&source, &decided, &undecided] {
+    let all_prepared = Cluster::start(ClusterOptions::default()).unwrap();
+    for c in [&source, &decided, &undecided, &all_prepared] {
         c.execute("postgres", SCHEMA).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
@@ -165,7 +166,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     c1.execute(target::RECORD_PART, &[&id, &1i32, &end_text])
         .await
         .unwrap();
-    let gid1 = target::prepared_gid(&id, end, 1);
+    let gid1 = target::prepared_gid(&id, end, 1, 2);
     c1.batch_execute(&format!("PREPARE TRANSACTION '{gid1}'"))
         .await
         .unwrap();
@@ -180,7 +181,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     c0.execute(target::RECORD_PROGRESS, &[&id, &end_text])
         .await
         .unwrap();
-    let gid0 = target::prepared_gid(&id, end, 0);
+    let gid0 = target::prepared_gid(&id, end, 0, 2);
     c0.batch_execute(&format!("PREPARE TRANSACTION '{gid0}'"))
         .await
         .unwrap();
@@ -201,15 +202,14 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     assert_eq!(report.changes, 10, "only the update after it: {report:?}");
     assert_eq!(fingerprint(&decided).await, fingerprint(&source).await);
 
-    // Undecided: both parts prepared (with rows the batch never had), none committed: both
-    // are rolled back and the whole buffer is replayed.
-    let c0 = undecided.connect("postgres").await.unwrap();
-    let c1 = undecided.connect("postgres").await.unwrap();
+    // Every part prepared, none committed yet (killed just before phase two): decided too,
+    // both are committed.
+    let c0 = all_prepared.connect("postgres").await.unwrap();
+    let c1 = all_prepared.connect("postgres").await.unwrap();
     target::ensure_progress_table(&c0).await.unwrap();
-    for (k, c) in [(0usize, &c0), (1, &c1)] {
+    for (k, c, range) in [(0usize, &c0, "1, 50"), (1, &c1, "51, 100")] {
         c.batch_execute(&format!(
-            "BEGIN; INSERT INTO accounts VALUES ({}, 'never', 0, NULL)",
-            900 + k
+            "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series({range}) g"
         ))
         .await
         .unwrap();
@@ -222,14 +222,40 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
                 .await
                 .unwrap();
         }
-        let gid = target::prepared_gid(&id, end, k);
+        let gid = target::prepared_gid(&id, end, k, 2);
         c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
             .await
             .unwrap();
     }
     drop((c0, c1));
+    let report = replay_with(&all_prepared, dir.path(), 2).await;
+    assert_eq!(report.prepared_committed, 2, "{report:?}");
+    assert_eq!(report.start_lsn, end, "{report:?}");
+    assert_eq!(report.changes, 10, "{report:?}");
+    assert_eq!(fingerprint(&all_prepared).await, fingerprint(&source).await);
+
+    // Undecided: part 0 of 2 prepared (with a row the batch never had), part 1 never got to
+    // PREPARE (its session died): no COMMIT PREPARED was ever sent, so part 0 is rolled back
+    // and the whole buffer is replayed.
+    let c0 = undecided.connect("postgres").await.unwrap();
+    let c1 = undecided.connect("postgres").await.unwrap();
+    target::ensure_progress_table(&c0).await.unwrap();
+    c0.batch_execute("BEGIN; INSERT INTO accounts VALUES (900, 'never', 0, NULL)")
+        .await
+        .unwrap();
+    c0.execute(target::RECORD_PROGRESS, &[&id, &end_text])
+        .await
+        .unwrap();
+    let gid0 = target::prepared_gid(&id, end, 0, 2);
+    c0.batch_execute(&format!("PREPARE TRANSACTION '{gid0}'"))
+        .await
+        .unwrap();
+    c1.batch_execute("BEGIN; INSERT INTO accounts VALUES (901, 'never', 0, NULL)")
+        .await
+        .unwrap();
+    drop((c0, c1));
     let report = replay_with(&undecided, dir.path(), 2).await;
-    assert_eq!(report.prepared_rolled_back, 2, "{report:?}");
+    assert_eq!(report.prepared_rolled_back, 1, "{report:?}");
     assert_eq!(report.prepared_committed, 0, "{report:?}");
     assert_eq!(report.changes, 110, "everything replayed: {report:?}");
     assert_eq!(fingerprint(&undecided).await, fingerprint(&source).await);

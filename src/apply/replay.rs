@@ -1322,7 +1322,7 @@ impl Writer {
             .collect();
         let gids: Vec<String> = parts
             .iter()
-            .map(|&k| target::prepared_gid(buffer_id, c.end, k))
+            .map(|&k| target::prepared_gid(buffer_id, c.end, k, parts.len()))
             .collect();
         let prepares = parts.iter().zip(&gids).map(|(&k, gid)| {
             let client = &self.conns[k].client;

@@ -12,10 +12,13 @@
 //! main part updates `walshift.applied`. Only once every part is prepared are they committed,
 //! helpers first and the main part last, so `walshift.applied` never runs ahead of any row.
 //! A crash in between leaves prepared transactions behind; [`resolve_prepared`] settles them at
-//! the next start: if any part of that batch committed, the decision was "commit" and the rest
-//! are committed; otherwise all are rolled back and the batch is replayed.
+//! the next start. The batch was decided ("commit") if every part of it is prepared (the gid
+//! carries the part count) or any part already committed (its progress record says so): then
+//! the rest are committed. Otherwise the crash came before the last PREPARE, no COMMIT PREPARED
+//! was ever sent, and the prepared parts are rolled back; replay redoes the batch.
 
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use super::sql::{TableSql, TargetColumn};
 use crate::lsn::Lsn;
@@ -90,16 +93,32 @@ pub const RECORD_PART: &str = "INSERT INTO walshift.applied_parts (buffer_id, pa
 
 /// The global transaction id of part `part` of the batch ending at `end` (at most 200 bytes,
 /// as PostgreSQL requires; the buffer id is a system identifier and a slot name).
-pub fn prepared_gid(buffer_id: &str, end: Lsn, part: usize) -> String {
-    format!("walshift {part} {end} {buffer_id}")
+pub fn prepared_gid(buffer_id: &str, end: Lsn, part: usize, parts: usize) -> String {
+    format!("walshift {part}/{parts} {end} {buffer_id}")
 }
 
-/// Parses [`prepared_gid`]: (part, end LSN, buffer id).
-fn parse_gid(gid: &str) -> Option<(usize, Lsn, &str)> {
+/// A prepared part of a batch, as [`prepared_gid`] names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedPart {
+    pub part: usize,
+    /// How many parts the batch was prepared in.
+    pub parts: usize,
+    pub end: Lsn,
+    pub gid: String,
+}
+
+/// Parses [`prepared_gid`]: (part, parts, end LSN, buffer id).
+fn parse_gid(gid: &str) -> Option<(usize, usize, Lsn, &str)> {
     let rest = gid.strip_prefix("walshift ")?;
     let (part, rest) = rest.split_once(' ')?;
+    let (part, parts) = part.split_once('/')?;
     let (end, buffer_id) = rest.split_once(' ')?;
-    Some((part.parse().ok()?, end.parse().ok()?, buffer_id))
+    Some((
+        part.parse().ok()?,
+        parts.parse().ok()?,
+        end.parse().ok()?,
+        buffer_id,
+    ))
 }
 
 /// What [`resolve_prepared`] found and did.
@@ -111,12 +130,9 @@ pub struct Resolved {
     pub rolled_back: usize,
 }
 
-/// The prepared transactions of replays of `buffer_id` on the target: (part, batch end LSN,
-/// gid). Normally empty, or one batch between its two commit phases while replay runs.
-pub async fn prepared(
-    client: &Client,
-    buffer_id: &str,
-) -> Result<Vec<(usize, Lsn, String)>, TargetError> {
+/// The prepared transactions of replays of `buffer_id` on the target. Normally none, or one
+/// batch between its two commit phases while replay runs.
+pub async fn prepared(client: &Client, buffer_id: &str) -> Result<Vec<PreparedPart>, TargetError> {
     let rows = client
         .query(
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
@@ -129,8 +145,13 @@ pub async fn prepared(
         .iter()
         .filter_map(|r| {
             let gid: String = r.get(0);
-            let (part, end, id) = parse_gid(&gid)?;
-            (id == buffer_id).then_some((part, end, gid.clone()))
+            let (part, parts, end, id) = parse_gid(&gid)?;
+            (id == buffer_id).then(|| PreparedPart {
+                part,
+                parts,
+                end,
+                gid: gid.clone(),
+            })
         })
         .collect())
 }
@@ -138,42 +159,99 @@ pub async fn prepared(
 /// Settles the prepared transactions a replay of `buffer_id` left on the target (a crash
 /// between `PREPARE TRANSACTION` and the last `COMMIT PREPARED`). Must run before the applied
 /// position is read and before anything is written. See the module docs for the rule.
+///
+/// A killed replay's backends may still be finishing a `PREPARE TRANSACTION` or `COMMIT
+/// PREPARED` (the server notices the lost client only afterwards): the state is read only once
+/// no such statement is running, and read again if a transaction turns out busy or gone.
 pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolved, TargetError> {
-    let mut ours = prepared(client, buffer_id).await?;
     let mut done = Resolved::default();
-    if ours.is_empty() {
-        return Ok(done);
-    }
-    ours.sort_by_key(|(part, end, _)| (*end, std::cmp::Reverse(*part)));
-    let applied = applied_lsn(client, buffer_id).await?.unwrap_or(Lsn::ZERO);
-    let parts = client
-        .query(
-            "SELECT end_lsn::text FROM walshift.applied_parts WHERE buffer_id = $1",
-            &[&buffer_id],
-        )
-        .await
-        .map_err(sql("reading walshift.applied_parts"))?;
-    let part_ends: Vec<Lsn> = parts
-        .iter()
-        .filter_map(|r| r.get::<_, String>(0).parse().ok())
-        .collect();
-    for (_, end, gid) in ours {
-        let decided = applied >= end || part_ends.iter().any(|&p| p >= end);
-        let verb = if decided { "COMMIT" } else { "ROLLBACK" };
-        client
-            .batch_execute(&format!("{verb} PREPARED {}", quote_literal(&gid)))
-            .await
-            .map_err(sql(format!(
-                "settling the prepared transaction {gid:?} a previous replay left on the target \
-                 ({verb} PREPARED); run it by hand as a superuser or the replay role, then start replay again"
-            )))?;
-        if decided {
-            done.committed += 1;
-        } else {
-            done.rolled_back += 1;
+    let mut attempts = 0;
+    'settle: loop {
+        attempts += 1;
+        wait_for_two_phase_statements(client).await?;
+        let mut ours = prepared(client, buffer_id).await?;
+        if ours.is_empty() {
+            return Ok(done);
         }
+        ours.sort_by_key(|p| (p.end, std::cmp::Reverse(p.part)));
+        let applied = applied_lsn(client, buffer_id).await?.unwrap_or(Lsn::ZERO);
+        let parts = client
+            .query(
+                "SELECT end_lsn::text FROM walshift.applied_parts WHERE buffer_id = $1",
+                &[&buffer_id],
+            )
+            .await
+            .map_err(sql("reading walshift.applied_parts"))?;
+        let part_ends: Vec<Lsn> = parts
+            .iter()
+            .filter_map(|r| r.get::<_, String>(0).parse().ok())
+            .collect();
+        let all_prepared =
+            |end: Lsn, parts: usize| ours.iter().filter(|p| p.end == end).count() == parts;
+        let decisions: Vec<(bool, String)> = ours
+            .iter()
+            .map(|p| {
+                let decided = applied >= p.end
+                    || part_ends.iter().any(|&e| e >= p.end)
+                    || all_prepared(p.end, p.parts);
+                (decided, p.gid.clone())
+            })
+            .collect();
+        for (decided, gid) in decisions {
+            let verb = if decided { "COMMIT" } else { "ROLLBACK" };
+            match client
+                .batch_execute(&format!("{verb} PREPARED {}", quote_literal(&gid)))
+                .await
+            {
+                Ok(()) if decided => done.committed += 1,
+                Ok(()) => done.rolled_back += 1,
+                Err(e)
+                    if attempts < 100
+                        && matches!(
+                            e.code(),
+                            Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE)
+                                | Some(&SqlState::UNDEFINED_OBJECT)
+                        ) =>
+                {
+                    // Busy (another backend is finishing it) or gone (finished): look again.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue 'settle;
+                }
+                Err(e) => {
+                    return Err(sql(format!(
+                        "settling the prepared transaction {gid:?} a previous replay left on the target \
+                         ({verb} PREPARED); run it by hand as a superuser or the replay role, then start replay again"
+                    ))(e));
+                }
+            }
+        }
+        // Settled: look once more, for a PREPARE a killed replay's backend had not read yet.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Ok(done)
+}
+
+/// Waits (up to 30 s) until no other session of this database is running one of walshift's
+/// `PREPARE TRANSACTION` / `COMMIT PREPARED` / `ROLLBACK PREPARED` statements.
+async fn wait_for_two_phase_statements(client: &Client) -> Result<(), TargetError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let running: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active' \
+                   AND (query LIKE 'PREPARE TRANSACTION ''walshift %' \
+                        OR query LIKE 'COMMIT PREPARED ''walshift %' \
+                        OR query LIKE 'ROLLBACK PREPARED ''walshift %')",
+                &[],
+            )
+            .await
+            .map_err(sql("looking for replay sessions still finishing a batch"))?
+            .get(0);
+        if running == 0 || std::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// The end LSN of the last transaction applied from `buffer_id`, if any.
@@ -314,10 +392,11 @@ mod tests {
     fn prepared_gid_round_trips_and_fits() {
         let id = buffer_id(7_300_000_000_000_000_000, "walshift \"slot\" x");
         let end: Lsn = "1A/2B3C4D5E".parse().unwrap();
-        let gid = prepared_gid(&id, end, 3);
+        let gid = prepared_gid(&id, end, 3, 4);
         assert!(gid.len() < 200);
-        assert_eq!(parse_gid(&gid), Some((3, end, id.as_str())));
-        assert_eq!(parse_gid("walshift x 0/1 y"), None);
-        assert_eq!(parse_gid("other 1 0/1 y"), None);
+        assert_eq!(parse_gid(&gid), Some((3, 4, end, id.as_str())));
+        assert_eq!(parse_gid("walshift x/2 0/1 y"), None);
+        assert_eq!(parse_gid("walshift 1 0/1 y"), None);
+        assert_eq!(parse_gid("other 1/2 0/1 y"), None);
     }
 }
