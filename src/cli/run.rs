@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Replay's longest batch, in milliseconds.
     #[arg(long, default_value_t = 200)]
     batch_ms: u64,
+    /// Replay's target connections per batch (two-phase commit; needs
+    /// max_prepared_transactions >= N on the target, else one is used).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    apply_connections: usize,
     /// No status line.
     #[arg(long)]
     no_progress: bool,
@@ -56,6 +60,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     config.clone_parallel = a.clone_parallel.max(1);
     config.flush_interval = Duration::from_millis(a.flush_ms.max(1));
     config.batch_time = Duration::from_millis(a.batch_ms);
+    config.apply_connections = a.apply_connections.max(1);
     config.status_line = !a.no_progress;
     if let Some(path) = &a.transform {
         config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));

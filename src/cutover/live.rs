@@ -41,6 +41,9 @@ pub struct LiveConfig {
     pub flush_interval: Duration,
     /// Replay's batch time. Default 200 ms (replay's default).
     pub batch_time: Duration,
+    /// Replay's target connections per batch. Default 2 (replay's default; see
+    /// [`crate::apply::replay::ReplayConfig::apply_connections`]).
+    pub apply_connections: usize,
     /// Print a status line once a second on stderr. Default false (the CLI turns it on).
     pub status_line: bool,
     /// Migration mapping replay applies through. Default none (identity).
@@ -58,6 +61,7 @@ impl LiveConfig {
             clone_parallel: 2,
             flush_interval: Duration::from_millis(20),
             batch_time: Duration::from_millis(200),
+            apply_connections: 2,
             status_line: false,
             transform: None,
         }
@@ -171,6 +175,7 @@ pub async fn run(
     rep_cfg.follow = true;
     rep_cfg.transform = config.transform.clone();
     rep_cfg.batch_time = config.batch_time;
+    rep_cfg.apply_connections = config.apply_connections;
     let mut rep_stop = stop_rx.clone();
     let mut replay = tokio::spawn(replay::run(rep_cfg, async move {
         let _ = rep_stop.wait_for(|s| *s).await;
