@@ -213,6 +213,8 @@ pub const MARKER_PREFIX: &str = "walshift";
 struct RelEntry {
     rel: Relation,
     dest: Option<Dest>,
+    /// `dest`'s shape, kept rather than rebuilt for every change.
+    shape: Option<TableShape>,
 }
 
 /// Where a source table's rows are written.
@@ -397,6 +399,7 @@ pub async fn run(
             rels.insert(
                 rel.relid,
                 RelEntry {
+                    shape: Some(dest.shape(rel.relid)),
                     rel,
                     dest: Some(dest),
                 },
@@ -784,7 +787,14 @@ impl Applier {
                                     return Ok(p);
                                 }
                                 // Drift is checked when the first change for it arrives.
-                                self.rels.insert(rel.relid, RelEntry { rel, dest: None });
+                                self.rels.insert(
+                                    rel.relid,
+                                    RelEntry {
+                                        rel,
+                                        dest: None,
+                                        shape: None,
+                                    },
+                                );
                             }
                         }
                         LogicalMessage::Type(t) => {
@@ -806,12 +816,12 @@ impl Applier {
                                 // Catalog lookups need the connection to themselves.
                                 return Ok(p);
                             }
-                            let (shape, change) = self.decode_change(msg, lsn).await?;
+                            let change = self.decode_change(msg, lsn).await?;
                             if strict {
                                 if let Err(p) = self.begin_now(config, report, &mut batch).await? {
                                     return Ok(p);
                                 }
-                                let dest = self.rels[&shape.relid].dest.clone().expect("mapped");
+                                let dest = self.rels[&relid].dest.clone().expect("mapped");
                                 if let Err(e) =
                                     self.writer().main().apply_one(&dest, &change, lsn).await
                                 {
@@ -827,9 +837,10 @@ impl Applier {
                                     });
                                 }
                             } else {
+                                let shape = self.rels[&relid].shape.as_ref().expect("mapped");
                                 batch
                                     .folder
-                                    .push(&shape, change)
+                                    .push(shape, change)
                                     .map_err(|e| ReplayError::Fold { lsn, source: e })?;
                             }
                             batch.changes += 1;
@@ -931,6 +942,7 @@ impl Applier {
                 Some(m) => dest_for(&self.client, m, &entry.rel, &self.types).await?,
                 None => Dest::Same(target::map_relation(&self.client, &entry.rel).await?),
             };
+            entry.shape = Some(dest.shape(relid));
             entry.dest = Some(dest);
         }
         Ok(entry.dest.as_ref().expect("just mapped"))
@@ -940,15 +952,16 @@ impl Applier {
         &mut self,
         msg: LogicalMessage,
         lsn: Lsn,
-    ) -> Result<(TableShape, Change), ReplayError> {
+    ) -> Result<Change, ReplayError> {
         let relid = match &msg {
             LogicalMessage::Insert(i) => i.relid,
             LogicalMessage::Update(u) => u.relid,
             LogicalMessage::Delete(d) => d.relid,
             _ => unreachable!("only row changes"),
         };
-        let shape = self.dest(relid, lsn).await?.shape(relid);
+        self.dest(relid, lsn).await?;
         let entry = &self.rels[&relid];
+        let columns = entry.shape.as_ref().map_or(1, |s| s.columns.max(1));
         let rel = &entry.rel;
         // Values go to the target as text in UTF-8; anything else would be silently mangled.
         let values: Box<dyn Iterator<Item = &TupleValue>> = match &msg {
@@ -968,7 +981,7 @@ impl Applier {
             {
                 let column = rel
                     .columns
-                    .get(i % shape.columns.max(1))
+                    .get(i % columns)
                     .map(|c| c.name.clone())
                     .unwrap_or_default();
                 return Err(ReplayError::Encoding {
@@ -997,7 +1010,7 @@ impl Applier {
                 }
             }
         }
-        Ok((shape, change))
+        Ok(change)
     }
 
     /// Ends the batch: its changes, the progress row and COMMIT go to the writer (strict
