@@ -33,6 +33,38 @@ async fn fingerprint(c: &Cluster) -> Vec<(i64, String)> {
     out
 }
 
+/// What a replay's part `part` of 2 of the batch ending at `end` leaves when killed right
+/// after its PREPARE: the rows `SELECT g … FROM <rows>` inserted, its progress record, the
+/// transaction prepared under replay's gid (returned).
+async fn prepare_part(
+    c: &tokio_postgres::Client,
+    id: &str,
+    end: walshift::lsn::Lsn,
+    part: usize,
+    rows: &str,
+) -> String {
+    c.batch_execute(&format!(
+        "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM {rows}"
+    ))
+    .await
+    .unwrap();
+    let end_text = end.to_string();
+    if part == 0 {
+        c.execute(target::RECORD_PROGRESS, &[&id, &end_text])
+            .await
+            .unwrap();
+    } else {
+        c.execute(target::RECORD_PART, &[&id, &(part as i32), &end_text])
+            .await
+            .unwrap();
+    }
+    let gid = target::prepared_gid(id, end, part, 2);
+    c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
+        .await
+        .unwrap();
+    gid
+}
+
 async fn replay_with(target: &Cluster, dir: &std::path::Path, connections: usize) -> ReplayReport {
     let mut cfg = ReplayConfig::new(
         dir,
@@ -152,39 +184,16 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     common::capture_until_now(&source, dir.path()).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
     let id = target::buffer_id(meta.system_identifier, &meta.slot);
-    let end_text = end.to_string();
 
     // Decided: part 1 (ids 51..100) committed, part 0 (ids 1..50 + progress) prepared.
     let c0 = decided.connect("postgres").await.unwrap();
     let c1 = decided.connect("postgres").await.unwrap();
     target::ensure_progress_table(&c0).await.unwrap();
-    c1.batch_execute(
-        "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series(51, 100) g",
-    )
-    .await
-    .unwrap();
-    c1.execute(target::RECORD_PART, &[&id, &1i32, &end_text])
-        .await
-        .unwrap();
-    let gid1 = target::prepared_gid(&id, end, 1, 2);
-    c1.batch_execute(&format!("PREPARE TRANSACTION '{gid1}'"))
-        .await
-        .unwrap();
+    let gid1 = prepare_part(&c1, &id, end, 1, "generate_series(51, 100) g").await;
     c1.batch_execute(&format!("COMMIT PREPARED '{gid1}'"))
         .await
         .unwrap();
-    c0.batch_execute(
-        "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series(1, 50) g",
-    )
-    .await
-    .unwrap();
-    c0.execute(target::RECORD_PROGRESS, &[&id, &end_text])
-        .await
-        .unwrap();
-    let gid0 = target::prepared_gid(&id, end, 0, 2);
-    c0.batch_execute(&format!("PREPARE TRANSACTION '{gid0}'"))
-        .await
-        .unwrap();
+    prepare_part(&c0, &id, end, 0, "generate_series(1, 50) g").await;
     drop((c0, c1));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
         .args(["status", "--json", "--buffer"])
@@ -207,26 +216,8 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     let c0 = all_prepared.connect("postgres").await.unwrap();
     let c1 = all_prepared.connect("postgres").await.unwrap();
     target::ensure_progress_table(&c0).await.unwrap();
-    for (k, c, range) in [(0usize, &c0, "1, 50"), (1, &c1, "51, 100")] {
-        c.batch_execute(&format!(
-            "BEGIN; INSERT INTO accounts SELECT g, 'o' || g, g, NULL FROM generate_series({range}) g"
-        ))
-        .await
-        .unwrap();
-        if k == 0 {
-            c.execute(target::RECORD_PROGRESS, &[&id, &end_text])
-                .await
-                .unwrap();
-        } else {
-            c.execute(target::RECORD_PART, &[&id, &1i32, &end_text])
-                .await
-                .unwrap();
-        }
-        let gid = target::prepared_gid(&id, end, k, 2);
-        c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
-            .await
-            .unwrap();
-    }
+    prepare_part(&c0, &id, end, 0, "generate_series(1, 50) g").await;
+    prepare_part(&c1, &id, end, 1, "generate_series(51, 100) g").await;
     drop((c0, c1));
     let report = replay_with(&all_prepared, dir.path(), 2).await;
     assert_eq!(report.prepared_committed, 2, "{report:?}");
@@ -240,16 +231,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     let c0 = undecided.connect("postgres").await.unwrap();
     let c1 = undecided.connect("postgres").await.unwrap();
     target::ensure_progress_table(&c0).await.unwrap();
-    c0.batch_execute("BEGIN; INSERT INTO accounts VALUES (900, 'never', 0, NULL)")
-        .await
-        .unwrap();
-    c0.execute(target::RECORD_PROGRESS, &[&id, &end_text])
-        .await
-        .unwrap();
-    let gid0 = target::prepared_gid(&id, end, 0, 2);
-    c0.batch_execute(&format!("PREPARE TRANSACTION '{gid0}'"))
-        .await
-        .unwrap();
+    prepare_part(&c0, &id, end, 0, "(VALUES (900)) v(g)").await;
     c1.batch_execute("BEGIN; INSERT INTO accounts VALUES (901, 'never', 0, NULL)")
         .await
         .unwrap();

@@ -68,16 +68,14 @@
 
 use std::collections::HashMap;
 
-/// Seeded per process (collisions cannot be planted through key values), and several times
-/// faster than SipHash on short keys.
-type FastHash = foldhash::fast::RandomState;
-
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::source::pgoutput::{
-    Delete, Insert, LogicalMessage, OldTuple, Relation, TupleData, TupleValue, Update,
-};
+use crate::source::pgoutput::{LogicalMessage, OldTuple, Relation, TupleData, TupleValue};
+
+/// Seeded per process (collisions cannot be planted through key values), and several times
+/// faster than SipHash on short keys.
+type FastHash = foldhash::fast::RandomState;
 
 /// One column value in text (or binary) format; `None` is SQL NULL.
 pub type Value = Option<Bytes>;
@@ -101,19 +99,9 @@ impl ColumnValue {
     }
 }
 
-impl From<&TupleValue> for ColumnValue {
-    /// Text and binary values alike become bytes; the batch does not record the format.
-    fn from(v: &TupleValue) -> ColumnValue {
-        match v {
-            TupleValue::Null => ColumnValue::Known(None),
-            TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
-            TupleValue::Text(b) | TupleValue::Binary(b) => ColumnValue::Known(Some(b.clone())),
-        }
-    }
-}
-
 impl From<TupleValue> for ColumnValue {
-    /// As for a borrowed value, moving the bytes out instead of sharing them.
+    /// Text and binary values alike become bytes (moved, not shared); the batch does not
+    /// record the format.
     fn from(v: TupleValue) -> ColumnValue {
         match v {
             TupleValue::Null => ColumnValue::Known(None),
@@ -177,17 +165,8 @@ pub enum Change {
     },
 }
 
-fn known_tuple(t: &TupleData) -> Result<Vec<Value>, FoldError> {
-    t.values
-        .iter()
-        .map(|v| match ColumnValue::from(v) {
-            ColumnValue::Known(v) => Ok(v),
-            ColumnValue::UnchangedToast => Err(FoldError::UnchangedToastInImage),
-        })
-        .collect()
-}
-
-fn known_tuple_owned(t: TupleData) -> Result<Vec<Value>, FoldError> {
+/// A whole row image; an unchanged-TOAST marker in it is an error.
+fn known_tuple(t: TupleData) -> Result<Vec<Value>, FoldError> {
     t.values
         .into_iter()
         .map(|v| match ColumnValue::from(v) {
@@ -198,15 +177,16 @@ fn known_tuple_owned(t: TupleData) -> Result<Vec<Value>, FoldError> {
 }
 
 impl Change {
-    /// The change an Insert, Update or Delete message makes, taking its values (the same as
-    /// [`Change::from_insert`] and its siblings, without copying). `None` for other messages.
+    /// The change an Insert, Update or Delete message makes, taking its values out of the
+    /// message (no copy). `None` for other messages; an error if an image that must be whole
+    /// (a new row inserted, an old row) holds an unchanged-TOAST marker.
     pub fn from_message(m: LogicalMessage) -> Option<Result<Change, FoldError>> {
         Some(match m {
-            LogicalMessage::Insert(i) => known_tuple_owned(i.new).map(|new| Change::Insert { new }),
+            LogicalMessage::Insert(i) => known_tuple(i.new).map(|new| Change::Insert { new }),
             LogicalMessage::Update(u) => u
                 .old
                 .map(|o| match o {
-                    OldTuple::Key(t) | OldTuple::Full(t) => known_tuple_owned(t),
+                    OldTuple::Key(t) | OldTuple::Full(t) => known_tuple(t),
                 })
                 .transpose()
                 .map(|old| Change::Update {
@@ -214,34 +194,11 @@ impl Change {
                     new: u.new.values.into_iter().map(ColumnValue::from).collect(),
                 }),
             LogicalMessage::Delete(d) => match d.old {
-                OldTuple::Key(t) | OldTuple::Full(t) => known_tuple_owned(t),
+                OldTuple::Key(t) | OldTuple::Full(t) => known_tuple(t),
             }
             .map(|old| Change::Delete { old }),
             _ => return None,
         })
-    }
-
-    /// An Insert message's change. Fails if the new row holds an unchanged-TOAST marker.
-    pub fn from_insert(m: &Insert) -> Result<Change, FoldError> {
-        Ok(Change::Insert {
-            new: known_tuple(&m.new)?,
-        })
-    }
-
-    /// An Update message's change. Fails if the old image holds an unchanged-TOAST marker.
-    pub fn from_update(m: &Update) -> Result<Change, FoldError> {
-        Ok(Change::Update {
-            old: m.old.as_ref().map(|o| known_tuple(o.tuple())).transpose()?,
-            new: m.new.values.iter().map(ColumnValue::from).collect(),
-        })
-    }
-
-    /// A Delete message's change. Fails if the old image holds an unchanged-TOAST marker.
-    pub fn from_delete(m: &Delete) -> Result<Change, FoldError> {
-        let old = match &m.old {
-            OldTuple::Key(t) | OldTuple::Full(t) => known_tuple(t)?,
-        };
-        Ok(Change::Delete { old })
     }
 }
 
@@ -1018,7 +975,9 @@ mod tests {
             new: new.clone(),
         };
         assert_eq!(
-            Change::from_update(&u).unwrap(),
+            Change::from_message(pg::LogicalMessage::Update(u))
+                .unwrap()
+                .unwrap(),
             Change::Update {
                 old: None,
                 new: vec![k("1"), ColumnValue::Known(None), U]
@@ -1030,7 +989,7 @@ mod tests {
             new,
         };
         assert_eq!(
-            Change::from_insert(&i),
+            Change::from_message(pg::LogicalMessage::Insert(i)).unwrap(),
             Err(FoldError::UnchangedToastInImage)
         );
         let d = pg::Delete {
@@ -1038,7 +997,12 @@ mod tests {
             relid: 5,
             old: pg::OldTuple::Key(pg::TupleData::text([Some("1"), None, None])),
         };
-        assert_eq!(Change::from_delete(&d).unwrap(), del("1"));
+        assert_eq!(
+            Change::from_message(pg::LogicalMessage::Delete(d))
+                .unwrap()
+                .unwrap(),
+            del("1")
+        );
     }
 
     // ---- the oracle ----------------------------------------------------------------------

@@ -883,7 +883,7 @@ impl Applier {
                             if self.writer().helpers_open() {
                                 // Other connections hold rows of this target transaction: the
                                 // TRUNCATE would wait for them while they wait for it. Roll
-                                // back and write the batch in strict order on one connection.
+                                // back and redo the batch, set-based, on the main connection only.
                                 self.writer().rollback().await;
                                 return Ok(Pass::Serial { until: lsn });
                             }
@@ -1224,17 +1224,19 @@ struct Conn {
 /// the rows. Owned by the applier when idle, or by the background task running one [`Job`].
 struct Writer {
     conns: Vec<Conn>,
-    /// Which connections have BEGIN in the open target transaction (the main one's is
-    /// tracked by the batch).
+    /// Which helper connections (index ≥ 1) have BEGIN in the open target transaction; the
+    /// main one's is tracked by the batch, and `open[0]` is unused.
     open: Vec<bool>,
 }
 
 /// One slice (or the end) of the open target transaction, written in the background.
 ///
-/// Ordering contract: one job at a time, in submission order, on one connection; the applier
-/// sends nothing else to the target while a job runs. So the target sees exactly the
-/// statement sequence a synchronous applier would send, and a failure is noticed before the
-/// next job (nothing after a failed job is sent).
+/// Ordering contract: one job at a time, in submission order; the applier sends nothing else
+/// to the target while a job runs. Within a job each connection writes its own share of the
+/// keys in the order a synchronous applier would (deletes, updates, upserts per table), and
+/// no two connections write the same key; a failure on any connection is noticed before the
+/// next job (nothing after a failed job is sent, and the whole target transaction is rolled
+/// back on every connection).
 struct Job {
     /// Send BEGIN first (the batch's first slice).
     begin: bool,
@@ -1291,7 +1293,6 @@ impl Writer {
     async fn run(&mut self, job: &Job, buffer_id: &str) -> Result<(), WriteError> {
         if job.begin {
             self.conns[0].client.batch_execute("BEGIN").await?;
-            self.open[0] = true;
         }
         let until = job.until;
         let mut writes = Vec::new();
@@ -1300,7 +1301,9 @@ impl Writer {
                 continue;
             }
             let begin = k > 0 && !self.open[k];
-            self.open[k] = true;
+            if k > 0 {
+                self.open[k] = true;
+            }
             writes.push(async move {
                 if begin {
                     conn.client.batch_execute("BEGIN").await?;
@@ -1324,7 +1327,6 @@ impl Writer {
             main.execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
                 .await?;
             main.batch_execute("COMMIT").await?;
-            self.open[0] = false;
             return Ok(());
         }
         // Phase one: every part prepared, each with its progress record. The main connection
@@ -1586,7 +1588,7 @@ impl Conn {
     }
 
     /// Executes with parameter `i` taken from `typed[i]` when it has a binary form, else
-    /// from the text column `cols[i]`.
+    /// from the text column `cols[i]` (all text when `typed` is empty).
     async fn execute_typed(
         &self,
         stmt: &tokio_postgres::Statement,
@@ -1595,10 +1597,10 @@ impl Conn {
     ) -> Result<u64, tokio_postgres::Error> {
         let params: Vec<&(dyn ToSql + Sync)> = cols
             .iter()
-            .zip(typed)
-            .map(|(c, t)| match t {
-                Some(b) => b.as_ref() as &(dyn ToSql + Sync),
-                None => c as &(dyn ToSql + Sync),
+            .enumerate()
+            .map(|(i, c)| match typed.get(i) {
+                Some(Some(b)) => b.as_ref() as &(dyn ToSql + Sync),
+                _ => c as &(dyn ToSql + Sync),
             })
             .collect();
         self.client.execute(stmt, &params).await
@@ -1609,9 +1611,7 @@ impl Conn {
         stmt: &tokio_postgres::Statement,
         cols: &[Vec<Option<&str>>],
     ) -> Result<u64, tokio_postgres::Error> {
-        let params: Vec<&(dyn ToSql + Sync)> =
-            cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        self.client.execute(stmt, &params).await
+        self.execute_typed(stmt, cols, &[]).await
     }
 
     /// One change, in source order (strict mode, and tables that cannot be folded).
@@ -1705,7 +1705,6 @@ impl Conn {
     }
 }
 
-/// A value as the text parameter it travels as. Checked to be UTF-8 when it was decoded.
 /// Per parameter (`cols[i]` holds the values of target column `columns[i]`): the array type
 /// the statement declares, and the binary array when the column has one
 /// ([`super::wire`]; text otherwise, and for a column with any value that does not parse).
@@ -1728,6 +1727,7 @@ fn typed(
         .unzip()
 }
 
+/// A value as the text parameter it travels as. Checked to be UTF-8 when it was decoded.
 fn text(v: &Value) -> Option<&str> {
     v.as_ref()
         .map(|b| std::str::from_utf8(b).expect("checked in decode_change"))
