@@ -9,7 +9,8 @@ use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_mai
 use walshift::Lsn;
 use walshift::source::pgoutput::encode::encode;
 use walshift::source::pgoutput::{
-    Begin, Commit, Delete, Insert, LogicalMessage, OldTuple, PgTimestamp, TupleData, Update, decode,
+    Begin, Commit, Delete, Insert, LogicalMessage, OldTuple, PgTimestamp, TupleData, Update,
+    ValueRef, decode, decode_row,
 };
 
 const RELID: u32 = 16385;
@@ -116,6 +117,34 @@ fn bench_batch(c: &mut Criterion, name: &str, payloads: &[Bytes]) {
     group.finish();
 }
 
+/// `decode` against `decode_row` plus a walk over every value, on the same payloads.
+fn bench_owned_vs_borrowed(c: &mut Criterion, name: &str, payloads: &[Bytes]) {
+    let mut group = c.benchmark_group("pgoutput_decode_row");
+    group.throughput(Throughput::Elements(payloads.len() as u64));
+    group.bench_function(format!("{name}: decode"), |b| {
+        b.iter(|| {
+            for p in payloads {
+                black_box(decode(black_box(p)).unwrap());
+            }
+        })
+    });
+    group.bench_function(format!("{name}: decode_row + values"), |b| {
+        b.iter(|| {
+            for p in payloads {
+                let row = decode_row(black_box(p)).unwrap().unwrap();
+                for t in row.old.map(|(_, t)| t).into_iter().chain(row.new) {
+                    for v in t.values() {
+                        if let ValueRef::Text(b) | ValueRef::Binary(b) = v {
+                            black_box(b);
+                        }
+                    }
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     let ids = 100_000..100_000 + BATCH as u64;
     let inserts: Vec<Bytes> = ids.clone().map(|id| encode(&insert(id))).collect();
@@ -130,6 +159,8 @@ fn benches(c: &mut Criterion) {
     bench_batch(c, "update replica identity full", &updates_full);
     bench_batch(c, "delete key", &deletes);
     bench_batch(c, "workload W mix", &workload_w(BATCH as u64 / 10));
+    bench_owned_vs_borrowed(c, "update", &updates);
+    bench_owned_vs_borrowed(c, "update replica identity full", &updates_full);
 }
 
 criterion_group!(pgoutput, benches);

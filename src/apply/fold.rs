@@ -67,8 +67,10 @@
 //! table (the applier finishes the batch there).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 
 use bytes::Bytes;
+use hashbrown::HashTable;
 use thiserror::Error;
 
 use crate::source::pgoutput::{LogicalMessage, OldTuple, Relation, TupleData, TupleValue};
@@ -111,6 +113,122 @@ impl From<TupleValue> for ColumnValue {
     }
 }
 
+/// A value held in a batch's [`Arena`]: a range of its bytes, SQL NULL, or an unchanged-TOAST
+/// marker. Eight bytes, `Copy`: the fold moves these around, never the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Val {
+    off: u32,
+    len: u32,
+}
+
+impl Val {
+    const NULL_LEN: u32 = u32::MAX;
+    const TOAST_LEN: u32 = u32::MAX - 1;
+    pub const NULL: Val = Val {
+        off: 0,
+        len: Val::NULL_LEN,
+    };
+    /// pgoutput's 'u' (see [`ColumnValue::UnchangedToast`]).
+    pub const UNCHANGED_TOAST: Val = Val {
+        off: 0,
+        len: Val::TOAST_LEN,
+    };
+
+    pub fn is_null(self) -> bool {
+        self.len == Val::NULL_LEN
+    }
+
+    /// A value or NULL (not an unchanged-TOAST marker).
+    pub fn is_known(self) -> bool {
+        self.len != Val::TOAST_LEN
+    }
+}
+
+/// The bytes of every value of one batch, appended in arrival order and shared read-only with
+/// the writer once the batch is handed over. Values are copied in once (no per-value
+/// allocation or reference count); the arena is dropped, or reused, as a whole.
+///
+/// Offsets are 32-bit: replay hands a batch over long before it holds 4 GiB (the slice rule
+/// bounds it by bytes as well as rows, and one pgoutput message is under 1 GiB).
+#[derive(Clone, Debug, Default)]
+pub struct Arena {
+    bytes: Vec<u8>,
+}
+
+impl Arena {
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Copies a value in (`None` = NULL).
+    pub fn push(&mut self, value: Option<&[u8]>) -> Val {
+        let Some(b) = value else {
+            return Val::NULL;
+        };
+        let off = self.bytes.len();
+        let end = off + b.len();
+        assert!(
+            end < Val::TOAST_LEN as usize,
+            "a replay batch outgrew 4 GiB; the slice rule hands batches over long before"
+        );
+        self.bytes.extend_from_slice(b);
+        Val {
+            off: off as u32,
+            len: b.len() as u32,
+        }
+    }
+
+    /// A value's bytes; `None` for NULL and for an unchanged-TOAST marker.
+    pub fn get(&self, v: Val) -> Option<&[u8]> {
+        if v.is_null() || !v.is_known() {
+            return None;
+        }
+        Some(&self.bytes[v.off as usize..(v.off + v.len) as usize])
+    }
+
+    /// Two values are the same value (NULL equals NULL, a marker equals a marker).
+    pub fn same(&self, a: Val, b: Val) -> bool {
+        match (a.is_known(), b.is_known()) {
+            (true, true) => self.get(a) == self.get(b),
+            (false, false) => true,
+            _ => false,
+        }
+    }
+
+    /// Empties the arena, keeping its allocation.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+    }
+
+    fn value(&self, v: Val) -> Value {
+        self.get(v).map(Bytes::copy_from_slice)
+    }
+
+    fn column(&self, v: Val) -> ColumnValue {
+        if v.is_known() {
+            ColumnValue::Known(self.value(v))
+        } else {
+            ColumnValue::UnchangedToast
+        }
+    }
+
+    fn intern(&mut self, v: &Value) -> Val {
+        self.push(v.as_deref())
+    }
+
+    fn intern_column(&mut self, v: &ColumnValue) -> Val {
+        match v {
+            ColumnValue::Known(v) => self.intern(v),
+            ColumnValue::UnchangedToast => Val::UNCHANGED_TOAST,
+        }
+    }
+}
+
 /// What the fold needs to know about a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableShape {
@@ -144,7 +262,7 @@ impl TableShape {
     }
 }
 
-/// One row change, as decoded (see the `from_*` constructors).
+/// One row change with owned values (strict-order replay, tables replayed in order, tests).
 ///
 /// Old images are full-width tuples in column order as pgoutput sends them: for a key image
 /// ('K') only the key columns are meaningful (the others are NULL); for REPLICA IDENTITY FULL
@@ -202,6 +320,22 @@ impl Change {
     }
 }
 
+/// A row change whose values are in the folder's [`Arena`] ([`BatchFolder::arena`]); the
+/// same layout as [`Change`], with [`Val::UNCHANGED_TOAST`] for an unchanged value.
+#[derive(Clone, Copy, Debug)]
+pub enum RowChange<'a> {
+    Insert {
+        new: &'a [Val],
+    },
+    Update {
+        old: Option<&'a [Val]>,
+        new: &'a [Val],
+    },
+    Delete {
+        old: &'a [Val],
+    },
+}
+
 /// A change the fold cannot take. [`BatchFolder::push`] leaves the folder unchanged on error.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FoldError {
@@ -238,7 +372,9 @@ pub enum OrderedReason {
     KeyMoveConflict,
 }
 
-/// The net effect of a batch on one table. See the module doc for the statement order.
+/// The net effect of a batch on one table, its values in the batch's [`Arena`]. Lists are
+/// flat: `key_width` values per key, `columns` per image. See the module doc for the
+/// statement order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableBatch {
     pub relid: u32,
@@ -246,20 +382,139 @@ pub struct TableBatch {
     pub ordered: bool,
     /// Set when `ordered`.
     pub reason: Option<OrderedReason>,
+    /// Values per key (the table's key columns).
+    pub key_width: usize,
+    /// Values per image.
+    pub columns: usize,
     /// Step 1: keys to delete.
-    pub deletes: Vec<Key>,
-    /// Step 2: (key before the batch, new image): rows that existed before the batch and
-    /// either still sit at their key (an `UPDATE`, cheaper than an upsert) or have an unknown
-    /// value (unchanged TOAST; such a row may also move to a new key).
-    pub updates: Vec<(Key, Vec<ColumnValue>)>,
+    pub deletes: Vec<Val>,
+    /// Step 2, parallel to `update_rows`: the key of each row before the batch.
+    pub update_keys: Vec<Val>,
+    /// Step 2: the new images of rows that existed before the batch and either still sit at
+    /// their key (an `UPDATE`, cheaper than an upsert) or have an unknown value (unchanged
+    /// TOAST; such a row may also move to a new key).
+    pub update_rows: Vec<Val>,
     /// Step 3: full rows to insert or overwrite by key.
-    pub upserts: Vec<Vec<Value>>,
+    pub upserts: Vec<Val>,
     /// Parallel to `upserts`: no row had this key before the batch (its first change in the
     /// batch was an insert or a key move onto it), and steps 1 and 2 put none there, so a
     /// plain `INSERT` cannot conflict — cheaper on the target than `ON CONFLICT`.
     pub fresh: Vec<bool>,
     /// The changes as pushed, only when `ordered`.
     pub original: Vec<Change>,
+}
+
+impl TableBatch {
+    /// An empty batch for the same table and widths.
+    pub fn empty_like(&self) -> TableBatch {
+        TableBatch {
+            relid: self.relid,
+            key_width: self.key_width,
+            columns: self.columns,
+            ..TableBatch::default()
+        }
+    }
+
+    pub fn deletes(&self) -> std::slice::ChunksExact<'_, Val> {
+        self.deletes.chunks_exact(self.key_width.max(1))
+    }
+
+    /// (key before the batch, new image) pairs.
+    pub fn updates(&self) -> impl ExactSizeIterator<Item = (&[Val], &[Val])> + Clone {
+        self.update_keys
+            .chunks_exact(self.key_width.max(1))
+            .zip(self.update_rows.chunks_exact(self.columns.max(1)))
+    }
+
+    pub fn upserts(&self) -> std::slice::ChunksExact<'_, Val> {
+        self.upserts.chunks_exact(self.columns.max(1))
+    }
+
+    pub fn delete(&self, n: usize) -> &[Val] {
+        &self.deletes[n * self.key_width..(n + 1) * self.key_width]
+    }
+
+    /// Update `n`'s key before the batch.
+    pub fn update_key(&self, n: usize) -> &[Val] {
+        &self.update_keys[n * self.key_width..(n + 1) * self.key_width]
+    }
+
+    /// Update `n`'s new image.
+    pub fn update_row(&self, n: usize) -> &[Val] {
+        &self.update_rows[n * self.columns..(n + 1) * self.columns]
+    }
+
+    pub fn upsert(&self, n: usize) -> &[Val] {
+        &self.upserts[n * self.columns..(n + 1) * self.columns]
+    }
+
+    pub fn delete_count(&self) -> usize {
+        self.deletes.len() / self.key_width.max(1)
+    }
+
+    pub fn update_count(&self) -> usize {
+        self.update_rows.len() / self.columns.max(1)
+    }
+
+    pub fn upsert_count(&self) -> usize {
+        self.upserts.len() / self.columns.max(1)
+    }
+
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.deletes.is_empty()
+            && self.update_rows.is_empty()
+            && self.upserts.is_empty()
+            && self.original.is_empty()
+    }
+
+    /// The same batch with owned values (tests and diagnostics).
+    pub fn to_owned_batch(&self, arena: &Arena) -> OwnedTableBatch {
+        OwnedTableBatch {
+            relid: self.relid,
+            ordered: self.ordered,
+            reason: self.reason,
+            deletes: self
+                .deletes()
+                .map(|k| k.iter().map(|&v| arena.value(v)).collect())
+                .collect(),
+            updates: self
+                .updates()
+                .map(|(k, r)| {
+                    (
+                        k.iter().map(|&v| arena.value(v)).collect(),
+                        r.iter().map(|&v| arena.column(v)).collect(),
+                    )
+                })
+                .collect(),
+            upserts: self
+                .upserts()
+                .map(|r| r.iter().map(|&v| arena.value(v)).collect())
+                .collect(),
+            fresh: self.fresh.clone(),
+            original: self.original.clone(),
+        }
+    }
+}
+
+/// A [`TableBatch`] with owned values ([`TableBatch::to_owned_batch`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnedTableBatch {
+    pub relid: u32,
+    pub ordered: bool,
+    pub reason: Option<OrderedReason>,
+    pub deletes: Vec<Key>,
+    pub updates: Vec<(Key, Vec<ColumnValue>)>,
+    pub upserts: Vec<Vec<Value>>,
+    pub fresh: Vec<bool>,
+    pub original: Vec<Change>,
+}
+
+/// A finished batch: every table's net effect and the bytes their values point into.
+#[derive(Debug, Default)]
+pub struct Folded {
+    pub arena: Arena,
+    pub tables: Vec<TableBatch>,
 }
 
 /// The state of one key of one table, relative to the start of the batch.
@@ -272,16 +527,24 @@ struct Entry {
     cur: Cur,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Cur {
     Absent,
     Row {
         /// Index of the entry whose pre-batch row this row descends from, if it does; the
         /// image's unknown values are that row's values.
         origin: Option<u32>,
-        /// Key columns are always known.
-        values: Vec<ColumnValue>,
+        /// The image: `rows[row * columns..]`. Key columns are always known.
+        row: u32,
     },
+}
+
+/// One logged change: where its images start in `log_vals`.
+#[derive(Debug, Clone, Copy)]
+struct Logged {
+    kind: u8,
+    old: Option<u32>,
+    new: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -290,24 +553,45 @@ struct TableState {
     /// Set once the table is given up on; folding stops.
     ordered: Option<OrderedReason>,
     /// Every change pushed, in order (needed if the table turns out `ordered`).
-    log: Vec<Change>,
-    index: HashMap<Key, u32, FastHash>,
+    log: Vec<Logged>,
+    log_vals: Vec<Val>,
+    /// Entry indices by key, with their hash.
+    index: HashTable<(u64, u32)>,
     entries: Vec<Entry>,
+    /// `key.len()` values per entry.
+    entry_keys: Vec<Val>,
+    /// `columns` values per image slot.
+    rows: Vec<Val>,
 }
 
 /// Folds the changes of a batch; see the module doc.
 #[derive(Debug, Default)]
 pub struct BatchFolder {
+    arena: Arena,
     tables: Vec<TableState>,
     by_relid: HashMap<u32, usize, FastHash>,
     len: usize,
-    scratch_old: Key,
-    scratch_new: Key,
+    hasher: FastHash,
+    scratch_old: Vec<Val>,
+    scratch_new: Vec<Val>,
 }
+
+const INSERT: u8 = b'I';
+const UPDATE: u8 = b'U';
+const DELETE: u8 = b'D';
 
 impl BatchFolder {
     pub fn new() -> BatchFolder {
         BatchFolder::default()
+    }
+
+    /// A folder whose arena reuses `arena`'s allocation (emptied first).
+    pub fn with_arena(mut arena: Arena) -> BatchFolder {
+        arena.clear();
+        BatchFolder {
+            arena,
+            ..BatchFolder::default()
+        }
     }
 
     /// Changes pushed so far.
@@ -319,11 +603,51 @@ impl BatchFolder {
         self.len == 0
     }
 
-    /// Adds the next change of the batch (source order) to table `shape.relid`.
+    /// Where a change's values go before [`push_row`](Self::push_row).
+    pub fn arena(&mut self) -> &mut Arena {
+        &mut self.arena
+    }
+
+    /// Bytes held by the batch's values.
+    pub fn bytes(&self) -> usize {
+        self.arena.len()
+    }
+
+    /// Adds an owned change (copying its values into the arena). See [`push_row`](Self::push_row).
+    pub fn push(&mut self, shape: &TableShape, change: Change) -> Result<(), FoldError> {
+        let mut old = Vec::new();
+        let mut new = Vec::new();
+        let a = &mut self.arena;
+        let row = match &change {
+            Change::Insert { new: n } => {
+                new.extend(n.iter().map(|v| a.intern(v)));
+                RowChange::Insert { new: &new }
+            }
+            Change::Update { old: o, new: n } => {
+                if let Some(o) = o {
+                    old.extend(o.iter().map(|v| a.intern(v)));
+                }
+                new.extend(n.iter().map(|v| a.intern_column(v)));
+                RowChange::Update {
+                    old: o.as_ref().map(|_| old.as_slice()),
+                    new: &new,
+                }
+            }
+            Change::Delete { old: o } => {
+                old.extend(o.iter().map(|v| a.intern(v)));
+                RowChange::Delete { old: &old }
+            }
+        };
+        self.push_row(shape, row)
+    }
+
+    /// Adds the next change of the batch (source order) to table `shape.relid`; its values
+    /// are already in [`arena`](Self::arena).
     ///
     /// Errors (the folder is unchanged): a tuple of the wrong width, a shape different from
-    /// the one this table had earlier in the batch, an update whose key cannot be determined.
-    pub fn push(&mut self, shape: &TableShape, change: Change) -> Result<(), FoldError> {
+    /// the one this table had earlier in the batch, an update whose key cannot be determined,
+    /// an unchanged-TOAST marker in an image that must be whole.
+    pub fn push_row(&mut self, shape: &TableShape, change: RowChange<'_>) -> Result<(), FoldError> {
         let relid = shape.relid;
         let check = |got: usize| {
             if got == shape.columns {
@@ -336,13 +660,27 @@ impl BatchFolder {
                 })
             }
         };
-        match &change {
-            Change::Insert { new } => check(new.len())?,
-            Change::Delete { old } => check(old.len())?,
-            Change::Update { old, new } => {
+        let whole = |image: &[Val]| {
+            if image.iter().all(|v| v.is_known()) {
+                Ok(())
+            } else {
+                Err(FoldError::UnchangedToastInImage)
+            }
+        };
+        match change {
+            RowChange::Insert { new } => {
+                check(new.len())?;
+                whole(new)?;
+            }
+            RowChange::Delete { old } => {
+                check(old.len())?;
+                whole(old)?;
+            }
+            RowChange::Update { old, new } => {
                 check(new.len())?;
                 if let Some(old) = old {
                     check(old.len())?;
+                    whole(old)?;
                 } else if shape.key.iter().any(|&c| !new[c].is_known()) {
                     return Err(FoldError::UnknownKey { relid });
                 }
@@ -372,42 +710,63 @@ impl BatchFolder {
                     shape: shape.clone(),
                     ordered,
                     log: Vec::new(),
-                    index: HashMap::default(),
+                    log_vals: Vec::new(),
+                    index: HashTable::new(),
                     entries: Vec::new(),
+                    entry_keys: Vec::new(),
+                    rows: Vec::new(),
                 });
                 self.by_relid.insert(relid, self.tables.len() - 1);
                 self.tables.len() - 1
             }
         };
         let table = &mut self.tables[t];
-        if table.ordered.is_none()
-            && let Err(reason) = table.fold(&change, &mut self.scratch_old, &mut self.scratch_new)
-        {
-            table.ordered = Some(reason);
-            table.index = HashMap::default();
-            table.entries = Vec::new();
+        if table.ordered.is_none() {
+            let mut f = Fold {
+                arena: &self.arena,
+                hasher: &self.hasher,
+                ko: &mut self.scratch_old,
+                kn: &mut self.scratch_new,
+            };
+            if let Err(reason) = f.fold(table, change) {
+                table.ordered = Some(reason);
+                table.index = HashTable::new();
+                table.entries = Vec::new();
+                table.entry_keys = Vec::new();
+                table.rows = Vec::new();
+            }
         }
-        table.log.push(change);
+        table.log(change);
         self.len += 1;
         Ok(())
     }
 
     /// The net effect per table, tables in first-seen order.
-    pub fn finish(self) -> Vec<TableBatch> {
-        self.tables.into_iter().map(TableState::finish).collect()
+    pub fn finish(self) -> Folded {
+        let arena = self.arena;
+        let tables = self.tables.into_iter().map(|t| t.finish(&arena)).collect();
+        Folded { arena, tables }
     }
+}
+
+/// The folding of one change: what it reads besides the table.
+struct Fold<'a> {
+    arena: &'a Arena,
+    hasher: &'a FastHash,
+    ko: &'a mut Vec<Val>,
+    kn: &'a mut Vec<Val>,
 }
 
 /// Fills `out` with the key columns of `row`; `Err` if one is NULL.
 fn gather_key(
     key: &[usize],
-    out: &mut Key,
-    mut col: impl FnMut(usize) -> Value,
+    out: &mut Vec<Val>,
+    mut col: impl FnMut(usize, usize) -> Val,
 ) -> Result<(), OrderedReason> {
     out.clear();
-    for &c in key {
-        let v = col(c);
-        if v.is_none() {
+    for (j, &c) in key.iter().enumerate() {
+        let v = col(j, c);
+        if v.is_null() {
             return Err(OrderedReason::NullKey);
         }
         out.push(v);
@@ -415,141 +774,162 @@ fn gather_key(
     Ok(())
 }
 
-impl TableState {
-    /// Looks `key` up, creating an entry with `make` if absent. Returns (index, created).
-    fn entry(&mut self, key: &Key, make: impl FnOnce() -> Entry) -> u32 {
-        if let Some(&i) = self.index.get(key.as_slice()) {
-            return i;
+impl Fold<'_> {
+    fn hash(&self, key: &[Val]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for &v in key {
+            let b = self.arena.get(v).unwrap_or_default();
+            h.write_usize(b.len());
+            h.write(b);
         }
-        let i = self.entries.len() as u32;
-        self.entries.push(make());
-        self.index.insert(key.clone(), i);
-        i
+        h.finish()
     }
 
-    fn fold(&mut self, change: &Change, ko: &mut Key, kn: &mut Key) -> Result<(), OrderedReason> {
-        let key_cols = std::mem::take(&mut self.shape.key);
-        let r = self.fold_inner(&key_cols, change, ko, kn);
-        self.shape.key = key_cols;
+    fn same_key(&self, a: &[Val], b: &[Val]) -> bool {
+        a.iter().zip(b).all(|(&x, &y)| self.arena.same(x, y))
+    }
+
+    /// The entry for `key`, created with `make` (given its index) if absent.
+    fn entry(
+        &self,
+        t: &mut TableState,
+        key: &[Val],
+        make: impl FnOnce(u32, &mut Vec<Val>) -> Entry,
+    ) -> (u32, bool) {
+        let hash = self.hash(key);
+        let w = key.len();
+        let TableState {
+            index,
+            entry_keys,
+            entries,
+            rows,
+            ..
+        } = t;
+        if let Some(&(_, i)) = index.find(hash, |&(h, i)| {
+            h == hash && self.same_key(&entry_keys[i as usize * w..(i as usize + 1) * w], key)
+        }) {
+            return (i, false);
+        }
+        let i = entries.len() as u32;
+        entries.push(make(i, rows));
+        entry_keys.extend_from_slice(key);
+        index.insert_unique(hash, (hash, i), |&(h, _)| h);
+        (i, true)
+    }
+
+    fn fold(&mut self, t: &mut TableState, change: RowChange<'_>) -> Result<(), OrderedReason> {
+        let key_cols = std::mem::take(&mut t.shape.key);
+        let r = self.fold_inner(t, &key_cols, change);
+        t.shape.key = key_cols;
         r
     }
 
     fn fold_inner(
         &mut self,
+        t: &mut TableState,
         key_cols: &[usize],
-        change: &Change,
-        ko: &mut Key,
-        kn: &mut Key,
+        change: RowChange<'_>,
     ) -> Result<(), OrderedReason> {
+        let columns = t.shape.columns;
+        let new_slot = |rows: &mut Vec<Val>, image: &[Val]| {
+            let slot = (rows.len() / columns.max(1)) as u32;
+            rows.extend_from_slice(image);
+            slot
+        };
         match change {
-            Change::Insert { new } => {
-                gather_key(key_cols, kn, |c| new[c].clone())?;
-                let image = || new.iter().cloned().map(ColumnValue::Known).collect();
-                let mut created = false;
-                let i = self.entry(kn, || {
-                    created = true;
-                    Entry {
-                        pre: false,
-                        cur: Cur::Row {
-                            origin: None,
-                            values: image(),
-                        },
-                    }
+            RowChange::Insert { new } => {
+                gather_key(key_cols, self.kn, |_, c| new[c])?;
+                let kn = std::mem::take(self.kn);
+                let (i, created) = self.entry(t, &kn, |_, rows| Entry {
+                    pre: false,
+                    cur: Cur::Row {
+                        origin: None,
+                        row: new_slot(rows, new),
+                    },
                 });
+                *self.kn = kn;
                 if !created {
-                    let e = &mut self.entries[i as usize];
-                    match e.cur {
+                    match t.entries[i as usize].cur {
                         Cur::Absent => {
-                            e.cur = Cur::Row {
-                                origin: None,
-                                values: image(),
-                            }
+                            let row = new_slot(&mut t.rows, new);
+                            t.entries[i as usize].cur = Cur::Row { origin: None, row };
                         }
                         Cur::Row { .. } => return Err(OrderedReason::Inconsistent),
                     }
                 }
             }
-            Change::Delete { old } => {
-                gather_key(key_cols, ko, |c| old[c].clone())?;
-                let mut created = false;
-                let i = self.entry(ko, || {
-                    created = true;
-                    Entry {
-                        pre: true,
-                        cur: Cur::Absent,
-                    }
+            RowChange::Delete { old } => {
+                gather_key(key_cols, self.ko, |_, c| old[c])?;
+                let ko = std::mem::take(self.ko);
+                let (i, created) = self.entry(t, &ko, |_, _| Entry {
+                    pre: true,
+                    cur: Cur::Absent,
                 });
+                *self.ko = ko;
                 if !created {
-                    let e = &mut self.entries[i as usize];
+                    let e = &mut t.entries[i as usize];
                     match e.cur {
                         Cur::Absent => return Err(OrderedReason::Inconsistent),
                         Cur::Row { .. } => e.cur = Cur::Absent,
                     }
                 }
             }
-            Change::Update { old, new } => {
+            RowChange::Update { old, new } => {
                 match old {
-                    Some(old) => gather_key(key_cols, ko, |c| old[c].clone())?,
-                    // push() checked the key columns are known.
-                    None => gather_key(key_cols, ko, |c| match &new[c] {
-                        ColumnValue::Known(v) => v.clone(),
-                        ColumnValue::UnchangedToast => None,
-                    })?,
+                    Some(old) => gather_key(key_cols, self.ko, |_, c| old[c])?,
+                    // push_row() checked the key columns are known.
+                    None => gather_key(key_cols, self.ko, |_, c| new[c])?,
                 }
                 // An unchanged-TOAST key column keeps the old key's value.
-                let mut k = 0;
-                gather_key(key_cols, kn, |c| {
-                    k += 1;
-                    match &new[c] {
-                        ColumnValue::Known(v) => v.clone(),
-                        ColumnValue::UnchangedToast => ko[k - 1].clone(),
-                    }
+                let ko = std::mem::take(self.ko);
+                gather_key(key_cols, self.kn, |j, c| {
+                    if new[c].is_known() { new[c] } else { ko[j] }
                 })?;
-                let columns = self.shape.columns;
-                let i = self.entry(ko, || Entry {
-                    pre: true,
-                    cur: Cur::Row {
-                        origin: None, // fixed below: the entry's own index
-                        values: Vec::new(),
-                    },
-                });
-                let e = &mut self.entries[i as usize];
-                let (origin, mut values) = match &mut e.cur {
-                    Cur::Absent => return Err(OrderedReason::Inconsistent),
-                    Cur::Row { origin, values } => {
-                        if values.is_empty() {
-                            // Fresh entry: the pre-batch row at `ko`, only its key known.
-                            *origin = Some(i);
-                            values.resize(columns, ColumnValue::UnchangedToast);
-                            for (&c, v) in key_cols.iter().zip(ko.iter()) {
-                                values[c] = ColumnValue::Known(v.clone());
-                            }
-                        }
-                        (*origin, std::mem::take(values))
+                let (i, _) = self.entry(t, &ko, |i, rows| {
+                    // The pre-batch row at `ko`: only its key known so far.
+                    let slot = (rows.len() / columns.max(1)) as u32;
+                    let start = rows.len();
+                    rows.resize(start + columns, Val::UNCHANGED_TOAST);
+                    for (&c, &v) in key_cols.iter().zip(ko.iter()) {
+                        rows[start + c] = v;
                     }
+                    Entry {
+                        pre: true,
+                        cur: Cur::Row {
+                            origin: Some(i),
+                            row: slot,
+                        },
+                    }
+                });
+                let (origin, row) = match t.entries[i as usize].cur {
+                    Cur::Absent => {
+                        *self.ko = ko;
+                        return Err(OrderedReason::Inconsistent);
+                    }
+                    Cur::Row { origin, row } => (origin, row),
                 };
-                for (dst, src) in values.iter_mut().zip(new) {
-                    if let ColumnValue::Known(v) = src {
-                        *dst = ColumnValue::Known(v.clone());
+                let image = &mut t.rows[row as usize * columns..(row as usize + 1) * columns];
+                for (dst, &src) in image.iter_mut().zip(new) {
+                    if src.is_known() {
+                        *dst = src;
                     }
                 }
-                if ko == kn {
-                    e.cur = Cur::Row { origin, values };
+                let moved = !self.same_key(&ko, self.kn);
+                *self.ko = ko;
+                if !moved {
                     return Ok(());
                 }
-                e.cur = Cur::Absent;
-                let mut slot = Some(values);
-                let j = self.entry(kn, || Entry {
+                t.entries[i as usize].cur = Cur::Absent;
+                let kn = std::mem::take(self.kn);
+                let (j, created) = self.entry(t, &kn, |_, _| Entry {
                     pre: false,
-                    cur: Cur::Row {
-                        origin,
-                        values: slot.take().expect("taken once"),
-                    },
+                    cur: Cur::Row { origin, row },
                 });
-                if let Some(values) = slot {
-                    let e = &mut self.entries[j as usize];
+                *self.kn = kn;
+                if !created {
+                    let e = &mut t.entries[j as usize];
                     match e.cur {
-                        Cur::Absent => e.cur = Cur::Row { origin, values },
+                        Cur::Absent => e.cur = Cur::Row { origin, row },
                         Cur::Row { .. } => return Err(OrderedReason::Inconsistent),
                     }
                 }
@@ -557,30 +937,82 @@ impl TableState {
         }
         Ok(())
     }
+}
 
-    fn finish(self) -> TableBatch {
+impl TableState {
+    fn log(&mut self, change: RowChange<'_>) {
+        let mut put = |image: &[Val]| {
+            let at = self.log_vals.len() as u32;
+            self.log_vals.extend_from_slice(image);
+            at
+        };
+        let logged = match change {
+            RowChange::Insert { new } => Logged {
+                kind: INSERT,
+                old: None,
+                new: Some(put(new)),
+            },
+            RowChange::Update { old, new } => Logged {
+                kind: UPDATE,
+                old: old.map(&mut put),
+                new: Some(put(new)),
+            },
+            RowChange::Delete { old } => Logged {
+                kind: DELETE,
+                old: Some(put(old)),
+                new: None,
+            },
+        };
+        self.log.push(logged);
+    }
+
+    /// The logged changes with owned values.
+    fn original(&self, arena: &Arena) -> Vec<Change> {
+        let n = self.shape.columns;
+        let image = |at: Option<u32>| &self.log_vals[at.unwrap_or(0) as usize..][..n];
+        let values = |at| image(at).iter().map(|&v| arena.value(v)).collect();
+        self.log
+            .iter()
+            .map(|l| match l.kind {
+                INSERT => Change::Insert { new: values(l.new) },
+                UPDATE => Change::Update {
+                    old: l.old.map(|o| values(Some(o))),
+                    new: image(l.new).iter().map(|&v| arena.column(v)).collect(),
+                },
+                _ => Change::Delete { old: values(l.old) },
+            })
+            .collect()
+    }
+
+    fn finish(self, arena: &Arena) -> TableBatch {
         let relid = self.shape.relid;
-        let ordered = |log: Vec<Change>, reason| TableBatch {
+        let columns = self.shape.columns;
+        let w = self.shape.key.len();
+        let ordered = |t: &TableState, reason| TableBatch {
             relid,
             ordered: true,
             reason: Some(reason),
-            original: log,
+            key_width: w,
+            columns,
+            original: t.original(arena),
             ..TableBatch::default()
         };
         if let Some(reason) = self.ordered {
-            return ordered(self.log, reason);
+            return ordered(&self, reason);
         }
+        let image = |row: u32| &self.rows[row as usize * columns..(row as usize + 1) * columns];
+        let key = |i: usize| &self.entry_keys[i * w..(i + 1) * w];
         let n = self.entries.len();
         let mut update_origin = vec![false; n];
         let mut move_target = vec![false; n];
         for (i, e) in self.entries.iter().enumerate() {
-            if let Cur::Row { origin, values } = &e.cur
-                && !values.iter().all(ColumnValue::is_known)
+            if let Cur::Row { origin, row } = e.cur
+                && !image(row).iter().all(|v| v.is_known())
             {
-                let Some(o) = *origin else {
+                let Some(o) = origin else {
                     // Unreachable: rows born in the batch are fully known. Stay safe anyway.
                     debug_assert!(false, "unknown value in a row inserted in the batch");
-                    return ordered(self.log, OrderedReason::Inconsistent);
+                    return ordered(&self, OrderedReason::Inconsistent);
                 };
                 update_origin[o as usize] = true;
                 if o as usize != i {
@@ -589,50 +1021,37 @@ impl TableState {
             }
         }
         if (0..n).any(|i| move_target[i] && update_origin[i]) {
-            return ordered(self.log, OrderedReason::KeyMoveConflict);
-        }
-        let mut keys: Vec<Option<Key>> = vec![None; n];
-        for (k, i) in self.index {
-            keys[i as usize] = Some(k);
+            return ordered(&self, OrderedReason::KeyMoveConflict);
         }
         let mut batch = TableBatch {
             relid,
+            key_width: w,
+            columns,
             ..TableBatch::default()
         };
-        for (i, e) in self.entries.into_iter().enumerate() {
+        for (i, e) in self.entries.iter().enumerate() {
             match e.cur {
                 Cur::Absent => {
                     if e.pre && !update_origin[i] {
-                        batch
-                            .deletes
-                            .push(keys[i].take().expect("every entry has a key"));
+                        batch.deletes.extend_from_slice(key(i));
                     }
                 }
-                Cur::Row { origin, values } => {
+                Cur::Row { origin, row } => {
                     // A row that existed at this key before the batch and still does is an
                     // UPDATE: cheaper on the target than an INSERT … ON CONFLICT.
                     let stayed = origin == Some(i as u32);
-                    if values.iter().all(ColumnValue::is_known) && !stayed {
+                    let values = image(row);
+                    if values.iter().all(|v| v.is_known()) && !stayed {
                         batch.fresh.push(!e.pre);
-                        batch.upserts.push(
-                            values
-                                .into_iter()
-                                .map(|v| match v {
-                                    ColumnValue::Known(v) => v,
-                                    ColumnValue::UnchangedToast => unreachable!(),
-                                })
-                                .collect(),
-                        );
+                        batch.upserts.extend_from_slice(values);
                     } else {
                         let o = origin.expect("an update descends from a pre-batch row") as usize;
                         if move_target[i] && e.pre {
-                            batch
-                                .deletes
-                                .push(keys[i].clone().expect("every entry has a key"));
+                            batch.deletes.extend_from_slice(key(i));
                         }
                         // An origin has one descendant, so its key is used once.
-                        let old_key = keys[o].take().expect("every entry has a key");
-                        batch.updates.push((old_key, values));
+                        batch.update_keys.extend_from_slice(key(o));
+                        batch.update_rows.extend_from_slice(values);
                     }
                 }
             }
@@ -690,15 +1109,22 @@ mod tests {
             old: vec![v(key), None, None],
         }
     }
-    fn fold(changes: Vec<Change>) -> TableBatch {
+    fn fold(changes: Vec<Change>) -> OwnedTableBatch {
         let mut f = BatchFolder::new();
         let s = shape();
         for c in changes {
             f.push(&s, c).unwrap();
         }
-        let mut out = f.finish();
+        let mut out = owned(f);
         assert_eq!(out.len(), 1);
         out.pop().unwrap()
+    }
+    fn owned(f: BatchFolder) -> Vec<OwnedTableBatch> {
+        let out = f.finish();
+        out.tables
+            .iter()
+            .map(|t| t.to_owned_batch(&out.arena))
+            .collect()
     }
     fn key(s: &str) -> Key {
         vec![v(s)]
@@ -722,9 +1148,9 @@ mod tests {
         let b = fold(vec![ins("1", "a", "x"), del("1")]);
         assert_eq!(
             b,
-            TableBatch {
+            OwnedTableBatch {
                 relid: 1,
-                ..TableBatch::default()
+                ..OwnedTableBatch::default()
             }
         );
     }
@@ -849,7 +1275,7 @@ mod tests {
             old: vec![v("a"), v("b")],
         };
         f.push(&s, c.clone()).unwrap();
-        let b = f.finish().pop().unwrap();
+        let b = owned(f).pop().unwrap();
         assert!(b.ordered);
         assert_eq!(b.reason, Some(OrderedReason::NoKey));
         assert_eq!(b.original, vec![c]);
@@ -908,7 +1334,7 @@ mod tests {
         f.push(&a, ins("1", "a", "b")).unwrap();
         f.push(&b, ins("1", "a", "b")).unwrap();
         f.push(&a, ins("2", "a", "b")).unwrap();
-        let out = f.finish();
+        let out = owned(f);
         assert_eq!(
             out.iter().map(|t| t.relid).collect::<Vec<_>>(),
             vec![20, 10]
@@ -935,7 +1361,7 @@ mod tests {
             },
         )
         .unwrap();
-        let b = f.finish().pop().unwrap();
+        let b = owned(f).pop().unwrap();
         assert_eq!(b.upserts, vec![row("2", "big", "y")]);
         assert!(
             b.deletes.is_empty(),
@@ -1066,7 +1492,7 @@ mod tests {
     /// *any* row order: an UPDATE moving a row onto a key that holds a row when the statement
     /// starts (even one the same statement moves away) or onto another updated row's key, an
     /// UPDATE … FROM matching a row twice, an upsert affecting a row twice.
-    fn apply_batch(shape: &TableShape, t: &mut Table, b: &TableBatch) -> Result<(), String> {
+    fn apply_batch(shape: &TableShape, t: &mut Table, b: &OwnedTableBatch) -> Result<(), String> {
         if b.ordered {
             for c in &b.original {
                 apply_one(shape, t, c)?;
@@ -1135,13 +1561,13 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let b = TableBatch {
+        let b = OwnedTableBatch {
             relid: 1,
             updates: vec![
                 (key("1"), vec![k("2"), U, U]),
                 (key("2"), vec![k("1"), U, U]),
             ],
-            ..TableBatch::default()
+            ..OwnedTableBatch::default()
         };
         assert!(apply_batch(&s, &mut t, &b).unwrap_err().contains("collide"));
     }
@@ -1330,7 +1756,7 @@ mod tests {
                 f.push(&shapes[*ti], c.clone()).unwrap();
             }
             prop_assert_eq!(f.len(), changes.len());
-            let batches = f.finish();
+            let batches = owned(f);
             let mut got = init;
             for b in &batches {
                 let ti = usize::from(b.relid == 2);

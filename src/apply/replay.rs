@@ -20,15 +20,22 @@ use tokio_postgres::types::ToSql;
 
 mod mapped;
 
-use super::fold::{BatchFolder, Change, ColumnValue, Key, TableBatch, TableShape, Value};
+use super::fold::{
+    Arena, BatchFolder, Change, ColumnValue, RowChange, TableBatch, TableShape, Val, Value,
+};
 use super::target::{self, MappedTable, TargetError};
-use super::wire::{self, Wire};
+use super::wire::{self, EncodedArray, Wire};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue, TypeInfo};
 use crate::sql::quote_literal;
 use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
+
+/// A batch holding this many bytes of values is written as a slice of the open target
+/// transaction even before `batch_rows` changes: memory stays bounded when rows are large
+/// (TOASTed documents), and the arena's 32-bit offsets are never at risk.
+const SLICE_BYTES: usize = 64 << 20;
 
 /// What to replay and how. Every field documents its default and trade-off.
 #[derive(Clone, Debug)]
@@ -42,7 +49,7 @@ pub struct ReplayConfig {
     /// Stop after the transaction ending at or after this LSN. Default: none.
     pub until_lsn: Option<Lsn>,
     /// Changes folded before they are written (and, at a transaction boundary, committed).
-    /// Default 20 000. Larger batches fold more and commit less often; they hold more memory
+    /// Default 50 000. Larger batches fold more and commit less often; they hold more memory
     /// (at most twice this many changes: a huge transaction is written in slices of this
     /// size inside one target transaction) and make a retry in strict order longer.
     pub batch_rows: usize,
@@ -72,7 +79,7 @@ impl ReplayConfig {
             target,
             follow: false,
             until_lsn: None,
-            batch_rows: 20_000,
+            batch_rows: 50_000,
             batch_time: Duration::from_millis(200),
             progress: false,
             transform: None,
@@ -434,6 +441,7 @@ pub async fn run(
     let mut applier = Applier {
         connections: conns.len(),
         serial_pass: false,
+        scratch: Default::default(),
         slot: Slot::Idle(Writer {
             open: vec![false; conns.len()],
             conns,
@@ -448,6 +456,8 @@ pub async fn run(
             last_print: Instant::now(),
             last_changes: 0,
             last_commit_us: None,
+            buffered: None,
+            tail: None,
         }),
     };
     tokio::pin!(shutdown);
@@ -619,6 +629,8 @@ struct Applier {
     connections: usize,
     /// The current pass writes over the main connection only ([`Pass::Serial`]).
     serial_pass: bool,
+    /// Old and new images of the change being folded.
+    scratch: (Vec<Val>, Vec<Val>),
 }
 
 /// The `--follow` status line: rate, applied position, lag behind the buffer and the source.
@@ -628,6 +640,9 @@ struct Progress {
     last_changes: u64,
     /// Commit time of the last applied source transaction (µs since 2000-01-01).
     last_commit_us: Option<i64>,
+    /// End of the last commit in the buffer, and where to look for the next one.
+    buffered: Option<Lsn>,
+    tail: Option<crate::buffer::Pos>,
 }
 
 impl Progress {
@@ -640,11 +655,14 @@ impl Progress {
         let rate = (report.changes - self.last_changes) as f64 / since.as_secs_f64().max(1e-3);
         self.last_print = now;
         self.last_changes = report.changes;
-        let buffered = BufferReader::open(&config.buffer_dir)
-            .and_then(|r| r.status())
-            .ok()
-            .and_then(|s| s.last_commit.map(|c| c.end_lsn))
-            .unwrap_or(report.applied_lsn);
+        match BufferReader::open(&config.buffer_dir).and_then(|r| r.last_commit_since(self.tail)) {
+            Ok((commit, next)) => {
+                self.buffered = commit.map(|c| c.end_lsn).or(self.buffered);
+                self.tail = Some(next);
+            }
+            Err(_) => self.tail = None,
+        }
+        let buffered = self.buffered.unwrap_or(report.applied_lsn);
         let behind = self
             .last_commit_us
             .map(crate::buffer::pg_time_to_system_time)
@@ -771,6 +789,29 @@ impl Applier {
                     }
                 }
                 TxnEvent::Change(rec) | TxnEvent::Standalone(rec) => {
+                    // The hot path: a row change goes from the record's bytes straight into
+                    // the batch's arena (strict order keeps the owned form below).
+                    let row = if strict {
+                        None
+                    } else {
+                        pgoutput::decode_row(&rec.payload)
+                            .map_err(|source| ReplayError::Decode { lsn, source })?
+                    };
+                    if let Some(row) = row {
+                        self.begin(&mut batch);
+                        if self.rels.get(&row.relid).is_none_or(|e| e.dest.is_none())
+                            && let Err(p) = self.idle(config, report).await?
+                        {
+                            // Catalog lookups need the connection to themselves.
+                            return Ok(p);
+                        }
+                        self.dest(row.relid, lsn).await?;
+                        self.fold_row(&row, lsn, &mut batch.folder)?;
+                        if let Err(p) = self.counted(config, &mut batch, report, strict).await? {
+                            return Ok(p);
+                        }
+                        continue;
+                    }
                     let msg = pgoutput::decode(&rec.payload)
                         .map_err(|source| ReplayError::Decode { lsn, source })?;
                     match msg {
@@ -843,30 +884,9 @@ impl Applier {
                                     .push(shape, change)
                                     .map_err(|e| ReplayError::Fold { lsn, source: e })?;
                             }
-                            batch.changes += 1;
-                            batch.rows += 1;
-                            // A transaction too big for one batch is written in slices inside
-                            // the open target transaction. Only then: when the batch also holds
-                            // whole transactions, its commit comes within a transaction's
-                            // length, so the slice waits up to twice the limit (a slice right
-                            // before the commit would make the commit wait for it).
-                            let slice_at = if batch.transactions == 0 {
-                                config.batch_rows
-                            } else {
-                                config.batch_rows.saturating_mul(2)
-                            };
-                            if !strict && batch.folder.len() >= slice_at {
-                                // Mid-transaction: write what is folded, keep the transaction open.
-                                if let Err(p) = self.flush(config, &mut batch, report).await? {
-                                    return Ok(p);
-                                }
-                            }
-                            if batch.changes.is_multiple_of(256)
-                                && matches!(self.slot, Slot::Busy(_))
+                            if let Err(p) = self.counted(config, &mut batch, report, strict).await?
                             {
-                                // On a single-threaded runtime, let the writer send its next
-                                // statement while this loop reads ahead.
-                                tokio::task::yield_now().await;
+                                return Ok(p);
                             }
                         }
                         LogicalMessage::Truncate(t) => {
@@ -922,6 +942,112 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// Accounts for one row change taken into the batch; writes a slice of the open target
+    /// transaction when the folder is full.
+    async fn counted(
+        &mut self,
+        config: &ReplayConfig,
+        batch: &mut Batch,
+        report: &mut ReplayReport,
+        strict: bool,
+    ) -> Result<Result<(), Pass>, ReplayError> {
+        batch.changes += 1;
+        batch.rows += 1;
+        // A transaction too big for one batch is written in slices inside the open target
+        // transaction. Only then: when the batch also holds whole transactions, its commit
+        // comes within a transaction's length, so the slice waits up to twice the limit (a
+        // slice right before the commit would make the commit wait for it). Large values
+        // slice by bytes too, so memory stays bounded whatever the rows hold.
+        let slice_at = if batch.transactions == 0 {
+            config.batch_rows
+        } else {
+            config.batch_rows.saturating_mul(2)
+        };
+        if !strict && (batch.folder.len() >= slice_at || batch.folder.bytes() >= SLICE_BYTES) {
+            // Mid-transaction: write what is folded, keep the transaction open.
+            if let Err(p) = self.flush(config, batch, report).await? {
+                return Ok(Err(p));
+            }
+        }
+        if batch.changes.is_multiple_of(256) && matches!(self.slot, Slot::Busy(_)) {
+            // On a single-threaded runtime, let the writer send its next statement while this
+            // loop reads ahead.
+            tokio::task::yield_now().await;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Takes a row change into the batch: its values copied into the folder's arena (checked
+    /// to be UTF-8, as the target's text input needs), then folded.
+    fn fold_row(
+        &mut self,
+        row: &pgoutput::RowRef<'_>,
+        lsn: Lsn,
+        folder: &mut BatchFolder,
+    ) -> Result<(), ReplayError> {
+        let entry = &self.rels[&row.relid];
+        let shape = entry.shape.as_ref().expect("mapped before folding");
+        let (old, new) = (&mut self.scratch.0, &mut self.scratch.1);
+        old.clear();
+        new.clear();
+        let arena = folder.arena();
+        let mut intern = |tuple: &pgoutput::TupleRef<'_>, out: &mut Vec<Val>| {
+            for (i, v) in tuple.values().enumerate() {
+                out.push(match v {
+                    pgoutput::ValueRef::Null => Val::NULL,
+                    pgoutput::ValueRef::UnchangedToast => Val::UNCHANGED_TOAST,
+                    pgoutput::ValueRef::Text(b) | pgoutput::ValueRef::Binary(b) => {
+                        if std::str::from_utf8(b).is_err() {
+                            return Err(ReplayError::Encoding {
+                                lsn,
+                                table: entry.dest.as_ref().map(Dest::name).unwrap_or_default(),
+                                column: entry
+                                    .rel
+                                    .columns
+                                    .get(i)
+                                    .map(|c| c.name.clone())
+                                    .unwrap_or_default(),
+                            });
+                        }
+                        arena.push(Some(b))
+                    }
+                });
+            }
+            Ok(())
+        };
+        if let Some((_, t)) = &row.old {
+            intern(t, old)?;
+        }
+        if let Some(t) = &row.new {
+            intern(t, new)?;
+        }
+        let change = match row.kind {
+            pgoutput::RowKind::Insert => RowChange::Insert { new },
+            pgoutput::RowKind::Delete => RowChange::Delete { old },
+            pgoutput::RowKind::Update => {
+                // Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed
+                // values the new image leaves out, so the update can be written (and
+                // transformed) completely.
+                if entry.rel.replica_identity == pgoutput::ReplicaIdentity::Full
+                    && old.len() == new.len()
+                {
+                    for (n, &o) in new.iter_mut().zip(old.iter()) {
+                        if !n.is_known() {
+                            *n = o;
+                        }
+                    }
+                }
+                RowChange::Update {
+                    old: row.old.is_some().then_some(old.as_slice()),
+                    new,
+                }
+            }
+        };
+        folder
+            .push_row(shape, change)
+            .map_err(|source| ReplayError::Fold { lsn, source })
     }
 
     /// Opens the batch (BEGIN goes out with its first write).
@@ -1032,10 +1158,11 @@ impl Applier {
         batch.transactions = 0;
         batch.changes = 0;
         if !strict {
-            let parts = self.take_tables(batch);
+            let (arena, parts) = self.take_tables(batch);
             batch.serial = self.serial_pass;
             let job = Job {
                 begin: !std::mem::replace(&mut batch.begun, false),
+                arena,
                 parts,
                 commit: Some(done),
                 until: done.end,
@@ -1069,11 +1196,12 @@ impl Applier {
 
     /// The folded tables of the batch so far, with where each goes, split over the writer's
     /// connections.
-    fn take_tables(&mut self, batch: &mut Batch) -> Vec<Vec<(Dest, TableBatch)>> {
+    fn take_tables(&mut self, batch: &mut Batch) -> (Arc<Arena>, Vec<Vec<(Dest, TableBatch)>>) {
         let folder = std::mem::replace(&mut batch.folder, BatchFolder::new());
         let connections = if batch.serial { 1 } else { self.connections };
-        let tables = folder
-            .finish()
+        let folded = folder.finish();
+        let tables = folded
+            .tables
             .into_iter()
             .map(|tb| {
                 let dest = self.rels[&tb.relid]
@@ -1083,7 +1211,8 @@ impl Applier {
                 (dest, tb)
             })
             .collect();
-        partition(tables, connections)
+        let parts = partition(tables, connections, &folded.arena);
+        (Arc::new(folded.arena), parts)
     }
 
     /// Hands what the folder holds to the writer as a slice of the open target transaction.
@@ -1093,9 +1222,11 @@ impl Applier {
         batch: &mut Batch,
         report: &mut ReplayReport,
     ) -> Result<Result<(), Pass>, ReplayError> {
+        let (arena, parts) = self.take_tables(batch);
         let job = Job {
             begin: !std::mem::replace(&mut batch.begun, true),
-            parts: self.take_tables(batch),
+            arena,
+            parts,
             commit: None,
             until: batch.last_end,
         };
@@ -1240,6 +1371,8 @@ struct Writer {
 struct Job {
     /// Send BEGIN first (the batch's first slice).
     begin: bool,
+    /// The bytes the folded tables' values point into.
+    arena: Arc<Arena>,
     /// The folded tables, one list per connection ([`partition`]).
     parts: Vec<Vec<(Dest, TableBatch)>>,
     /// Record progress and COMMIT after the tables.
@@ -1295,6 +1428,7 @@ impl Writer {
             self.conns[0].client.batch_execute("BEGIN").await?;
         }
         let until = job.until;
+        let arena = &*job.arena;
         let mut writes = Vec::new();
         for (k, (conn, tables)) in self.conns.iter_mut().zip(&job.parts).enumerate() {
             if tables.is_empty() {
@@ -1310,8 +1444,8 @@ impl Writer {
                 }
                 for (dest, tb) in tables {
                     match dest {
-                        Dest::Same(t) => conn.write_table(t, tb).await?,
-                        Dest::Mapped(p) => conn.write_mapped(p, tb, until).await?,
+                        Dest::Same(t) => conn.write_table(t, tb, arena).await?,
+                        Dest::Mapped(p) => conn.write_mapped(p, tb, arena, until).await?,
                     }
                 }
                 Ok::<(), WriteError>(())
@@ -1430,7 +1564,11 @@ fn first_error(outcomes: Vec<Result<(), WriteError>>) -> Result<(), WriteError> 
 /// Splits folded tables over `n` connections by a hash of each row's key (a row's delete,
 /// update and upsert all land on the same connection, so parts write disjoint keys). Tables
 /// replayed in order and tables without a key go whole to the main connection.
-fn partition(tables: Vec<(Dest, TableBatch)>, n: usize) -> Vec<Vec<(Dest, TableBatch)>> {
+fn partition(
+    tables: Vec<(Dest, TableBatch)>,
+    n: usize,
+    arena: &Arena,
+) -> Vec<Vec<(Dest, TableBatch)>> {
     let mut parts: Vec<Vec<(Dest, TableBatch)>> = (0..n.max(1)).map(|_| Vec::new()).collect();
     for (dest, tb) in tables {
         let shape = dest.shape(tb.relid);
@@ -1438,25 +1576,24 @@ fn partition(tables: Vec<(Dest, TableBatch)>, n: usize) -> Vec<Vec<(Dest, TableB
             parts[0].push((dest, tb));
             continue;
         }
-        let mut split: Vec<TableBatch> = (0..n)
-            .map(|_| TableBatch {
-                relid: tb.relid,
-                ..TableBatch::default()
-            })
-            .collect();
-        for k in tb.deletes {
-            split[part_of(k.iter(), n)].deletes.push(k);
+        let mut split: Vec<TableBatch> = (0..n).map(|_| tb.empty_like()).collect();
+        for k in tb.deletes() {
+            split[part_of(arena, k.iter().copied(), n)]
+                .deletes
+                .extend_from_slice(k);
         }
-        for (k, row) in tb.updates {
-            split[part_of(k.iter(), n)].updates.push((k, row));
+        for (k, row) in tb.updates() {
+            let t = &mut split[part_of(arena, k.iter().copied(), n)];
+            t.update_keys.extend_from_slice(k);
+            t.update_rows.extend_from_slice(row);
         }
-        for (row, fresh) in tb.upserts.into_iter().zip(tb.fresh) {
-            let p = part_of(shape.key.iter().map(|&i| &row[i]), n);
-            split[p].upserts.push(row);
-            split[p].fresh.push(fresh);
+        for (row, &fresh) in tb.upserts().zip(&tb.fresh) {
+            let t = &mut split[part_of(arena, shape.key.iter().map(|&i| row[i]), n)];
+            t.upserts.extend_from_slice(row);
+            t.fresh.push(fresh);
         }
         for (p, t) in split.into_iter().enumerate() {
-            if !(t.deletes.is_empty() && t.updates.is_empty() && t.upserts.is_empty()) {
+            if !t.is_empty() {
                 parts[p].push((dest.clone(), t));
             }
         }
@@ -1465,10 +1602,10 @@ fn partition(tables: Vec<(Dest, TableBatch)>, n: usize) -> Vec<Vec<(Dest, TableB
 }
 
 /// Which of `n` connections writes the row with this key (FNV-1a over the key's values).
-fn part_of<'a>(key: impl Iterator<Item = &'a Value>, n: usize) -> usize {
+fn part_of(arena: &Arena, key: impl Iterator<Item = Val>, n: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for v in key {
-        let (tag, bytes): (u8, &[u8]) = match v {
+        let (tag, bytes): (u8, &[u8]) = match arena.get(v) {
             Some(b) => (1, b),
             None => (0, &[]),
         };
@@ -1480,6 +1617,29 @@ fn part_of<'a>(key: impl Iterator<Item = &'a Value>, n: usize) -> usize {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h % n as u64) as usize
+}
+
+/// One statement parameter: column `col` of `sql`'s table holding `values`, in its binary
+/// form ([`super::wire`]) when every value has one, else as text. Returns the array type the
+/// statement declares for it, and the array.
+fn param<'a>(
+    sql: &super::sql::TableSql,
+    col: usize,
+    values: impl Iterator<Item = Option<&'a [u8]>> + Clone,
+) -> (&'static str, EncodedArray) {
+    let wire = Wire::for_type(&sql.columns[col].type_sql);
+    match wire::encode_array(wire, values.clone()) {
+        Some(a) => (wire.array_type(), a),
+        None => (Wire::Text.array_type(), wire::encode_text(values)),
+    }
+}
+
+/// Text parameters (statements through a mapping declare every parameter `text[]`).
+fn text_params<'a, I>(columns: impl Iterator<Item = I>) -> Vec<EncodedArray>
+where
+    I: Iterator<Item = Option<&'a [u8]>> + Clone,
+{
+    columns.map(wire::encode_text).collect()
 }
 
 impl Conn {
@@ -1499,6 +1659,7 @@ impl Conn {
         &mut self,
         table: &MappedTable,
         tb: &TableBatch,
+        arena: &Arena,
     ) -> Result<(), tokio_postgres::Error> {
         if tb.ordered {
             for c in &tb.original {
@@ -1506,112 +1667,107 @@ impl Conn {
             }
             return Ok(());
         }
+        let sql = &table.sql;
+        let key_cols = &sql.key;
         if !tb.deletes.is_empty() {
-            let cols: Vec<Vec<Option<&str>>> = (0..table.sql.key.len())
-                .map(|j| tb.deletes.iter().map(|k| text(&k[j])).collect())
+            let rows = in_key_order(sql, arena, (0..tb.delete_count()).collect(), |n| {
+                tb.delete(n)[0]
+            });
+            let params: Vec<(&str, EncodedArray)> = (0..key_cols.len())
+                .map(|j| {
+                    param(
+                        sql,
+                        key_cols[j],
+                        rows.iter().map(|&n| arena.get(tb.delete(n)[j])),
+                    )
+                })
                 .collect();
-            let (arrays, params) = typed(&table.sql, &table.sql.key, &cols);
-            let stmt = self.statement(table.sql.delete(&arrays)).await?;
-            self.execute_typed(&stmt, &cols, &params).await?;
+            self.write(sql.delete(&types(&params)), &params).await?;
         }
         // Partial updates, grouped by which columns they know.
         let mut groups: HashMap<Vec<usize>, Vec<usize>> = HashMap::new();
-        let key_cols = &table.sql.key;
-        for (n, (old_key, row)) in tb.updates.iter().enumerate() {
+        let mut set: Vec<usize> = Vec::new();
+        for (n, (old_key, row)) in tb.updates().enumerate() {
             // Key columns are set only when the row moves: rewriting an unchanged key would
             // only cost index work.
             let moved = key_cols
                 .iter()
                 .zip(old_key)
-                .any(|(&c, k)| !matches!(&row[c], ColumnValue::Known(v) if v == k));
-            let set: Vec<usize> = row
-                .iter()
-                .enumerate()
-                .filter(|(i, v)| {
-                    matches!(v, ColumnValue::Known(_)) && (moved || !key_cols.contains(i))
-                })
-                .map(|(i, _)| i)
-                .collect();
-            groups.entry(set).or_default().push(n);
+                .any(|(&c, &k)| !(row[c].is_known() && arena.same(row[c], k)));
+            set.clear();
+            set.extend(
+                (0..row.len()).filter(|&i| row[i].is_known() && (moved || !key_cols.contains(&i))),
+            );
+            match groups.get_mut(set.as_slice()) {
+                Some(members) => members.push(n),
+                None => {
+                    groups.insert(set.clone(), vec![n]);
+                }
+            }
         }
         for (set, members) in groups {
             if set.is_empty() {
                 continue; // nothing but an unchanged key: the row is already right
             }
-            let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
-            for j in 0..table.sql.key.len() {
-                cols.push(members.iter().map(|&n| text(&tb.updates[n].0[j])).collect());
+            let members = in_key_order(sql, arena, members, |n| tb.update_key(n)[0]);
+            let mut params: Vec<(&str, EncodedArray)> = Vec::new();
+            for (j, &c) in key_cols.iter().enumerate() {
+                let values = members.iter().map(|&n| arena.get(tb.update_key(n)[j]));
+                params.push(param(sql, c, values));
             }
             for &c in &set {
-                cols.push(
-                    members
-                        .iter()
-                        .map(|&n| match &tb.updates[n].1[c] {
-                            ColumnValue::Known(v) => text(v),
-                            ColumnValue::UnchangedToast => None,
-                        })
-                        .collect(),
-                );
+                let values = members.iter().map(|&n| arena.get(tb.update_row(n)[c]));
+                params.push(param(sql, c, values));
             }
-            let columns: Vec<usize> = key_cols.iter().chain(&set).copied().collect();
-            let (arrays, params) = typed(&table.sql, &columns, &cols);
-            let stmt = self.statement(table.sql.update(&set, &arrays)).await?;
-            self.execute_typed(&stmt, &cols, &params).await?;
+            self.write(sql.update(&set, &types(&params)), &params)
+                .await?;
         }
         // Rows whose key had no row before the batch: a plain INSERT (no speculative
         // insertion); the others overwrite by key.
         for fresh in [true, false] {
-            let rows: Vec<&Vec<Value>> = tb
-                .upserts
-                .iter()
-                .zip(&tb.fresh)
-                .filter(|(_, f)| **f == fresh)
-                .map(|(r, _)| r)
+            let rows: Vec<usize> = (0..tb.upsert_count())
+                .filter(|&n| tb.fresh[n] == fresh)
                 .collect();
             if rows.is_empty() {
                 continue;
             }
-            let cols: Vec<Vec<Option<&str>>> = (0..table.sql.columns.len())
-                .map(|c| rows.iter().map(|r| text(&r[c])).collect())
+            let rows = in_key_order(sql, arena, rows, |n| tb.upsert(n)[key_cols[0]]);
+            let params: Vec<(&str, EncodedArray)> = (0..sql.columns.len())
+                .map(|c| param(sql, c, rows.iter().map(|&n| arena.get(tb.upsert(n)[c]))))
                 .collect();
-            let all: Vec<usize> = (0..table.sql.columns.len()).collect();
-            let (arrays, params) = typed(&table.sql, &all, &cols);
-            let sql = if fresh {
-                table.sql.insert(&arrays)
+            let text = if fresh {
+                sql.insert(&types(&params))
             } else {
-                table.sql.upsert(&arrays)
+                sql.upsert(&types(&params))
             };
-            let stmt = self.statement(sql).await?;
-            self.execute_typed(&stmt, &cols, &params).await?;
+            self.write(text, &params).await?;
         }
         Ok(())
     }
 
-    /// Executes with parameter `i` taken from `typed[i]` when it has a binary form, else
-    /// from the text column `cols[i]` (all text when `typed` is empty).
-    async fn execute_typed(
-        &self,
-        stmt: &tokio_postgres::Statement,
-        cols: &[Vec<Option<&str>>],
-        typed: &[Option<Box<dyn ToSql + Sync + Send>>],
+    /// Prepares (once per text) and executes a set-based statement.
+    async fn write(
+        &mut self,
+        text: String,
+        params: &[(&str, EncodedArray)],
     ) -> Result<u64, tokio_postgres::Error> {
-        let params: Vec<&(dyn ToSql + Sync)> = cols
+        let stmt = self.statement(text).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params
             .iter()
-            .enumerate()
-            .map(|(i, c)| match typed.get(i) {
-                Some(Some(b)) => b.as_ref() as &(dyn ToSql + Sync),
-                _ => c as &(dyn ToSql + Sync),
-            })
+            .map(|(_, a)| a as &(dyn ToSql + Sync))
             .collect();
-        self.client.execute(stmt, &params).await
+        self.client.execute(&stmt, &refs).await
     }
 
-    async fn execute(
+    /// Executes with every parameter given as an encoded array.
+    async fn execute_arrays(
         &self,
         stmt: &tokio_postgres::Statement,
-        cols: &[Vec<Option<&str>>],
+        params: &[EncodedArray],
     ) -> Result<u64, tokio_postgres::Error> {
-        self.execute_typed(stmt, cols, &[]).await
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        self.client.execute(stmt, &refs).await
     }
 
     /// One change, in source order (strict mode, and tables that cannot be folded).
@@ -1705,26 +1861,41 @@ impl Conn {
     }
 }
 
-/// Per parameter (`cols[i]` holds the values of target column `columns[i]`): the array type
-/// the statement declares, and the binary array when the column has one
-/// ([`super::wire`]; text otherwise, and for a column with any value that does not parse).
-#[allow(clippy::type_complexity)]
-fn typed(
+/// `rows` (indices into a batch list) in the order a statement should visit them: by key
+/// (`key(n)`: row `n`'s key value) when the key is one integer column, so the target walks its index and heap pages in order
+/// instead of at random; as folded otherwise. Any order is correct (the fold's contract).
+fn in_key_order(
     sql: &super::sql::TableSql,
-    columns: &[usize],
-    cols: &[Vec<Option<&str>>],
-) -> (Vec<&'static str>, Vec<Option<Box<dyn ToSql + Sync + Send>>>) {
-    columns
-        .iter()
-        .zip(cols)
-        .map(|(&c, values)| {
-            let wire = Wire::for_type(&sql.columns[c].type_sql);
-            match wire::encode(wire, values) {
-                Some(b) => (wire.array_type(), Some(b)),
-                None => (Wire::Text.array_type(), None),
-            }
-        })
-        .unzip()
+    arena: &Arena,
+    mut rows: Vec<usize>,
+    key: impl Fn(usize) -> Val,
+) -> Vec<usize> {
+    let [k] = sql.key[..] else {
+        return rows;
+    };
+    if !matches!(
+        Wire::for_type(&sql.columns[k].type_sql),
+        Wire::Int8 | Wire::Int4 | Wire::Int2
+    ) {
+        return rows;
+    }
+    let number = |n: usize| {
+        arena
+            .get(key(n))
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(i64::MAX)
+    };
+    let mut keyed: Vec<(i64, usize)> = rows.iter().map(|&n| (number(n), n)).collect();
+    keyed.sort_unstable();
+    rows.clear();
+    rows.extend(keyed.into_iter().map(|(_, n)| n));
+    rows
+}
+
+/// The array types the statement declares, one per parameter.
+fn types(params: &[(&'static str, EncodedArray)]) -> Vec<&'static str> {
+    params.iter().map(|(t, _)| *t).collect()
 }
 
 /// A value as the text parameter it travels as. Checked to be UTF-8 when it was decoded.
@@ -1763,7 +1934,6 @@ fn describe_change(dest: &Dest, change: &Change) -> String {
 mod tests {
     use super::*;
     use crate::apply::sql::{TableSql, TargetColumn};
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     fn table() -> Dest {
@@ -1782,10 +1952,6 @@ mod tests {
         })
     }
 
-    fn v(n: u16) -> Value {
-        Some(Bytes::from(n.to_string()))
-    }
-
     proptest! {
         /// Every row lands on exactly one connection, and a key's delete, update and upsert
         /// land on the same one.
@@ -1796,40 +1962,55 @@ mod tests {
             upserts in proptest::collection::vec(0u16..300, 0..60),
             n in 1usize..4,
         ) {
-            let tb = TableBatch {
+            let mut arena = Arena::default();
+            let mut key = |k: u16| arena.push(Some(k.to_string().as_bytes()));
+            let mut tb = TableBatch {
                 relid: 1,
-                deletes: deletes.iter().map(|&k| vec![v(k)]).collect(),
-                updates: updates
-                    .iter()
-                    .map(|&k| (vec![v(k)], vec![ColumnValue::Known(None), ColumnValue::Known(v(k)), ColumnValue::UnchangedToast]))
-                    .collect(),
-                upserts: upserts.iter().map(|&k| vec![None, v(k), v(7)]).collect(),
-                fresh: upserts.iter().map(|&k| k.is_multiple_of(2)).collect(),
+                key_width: 1,
+                columns: 3,
                 ..TableBatch::default()
             };
-            let parts = partition(vec![(table(), tb.clone())], n);
+            for &k in &deletes {
+                tb.deletes.push(key(k));
+            }
+            for &k in &updates {
+                let kv = key(k);
+                tb.update_keys.push(kv);
+                tb.update_rows.extend([Val::NULL, kv, Val::UNCHANGED_TOAST]);
+            }
+            for &k in &upserts {
+                let kv = key(k);
+                tb.upserts.extend([Val::NULL, kv, key(7)]);
+                tb.fresh.push(k.is_multiple_of(2));
+            }
+            let parts = partition(vec![(table(), tb.clone())], n, &arena);
             prop_assert_eq!(parts.len(), n);
-            let mut home: HashMap<Value, usize> = HashMap::new();
+            let bytes = |v: Val| arena.get(v).unwrap().to_vec();
+            let mut home: HashMap<Vec<u8>, usize> = HashMap::new();
             let (mut d, mut u, mut i) = (0, 0, 0);
             for (p, tables) in parts.iter().enumerate() {
                 for (_, t) in tables {
-                    prop_assert_eq!(t.upserts.len(), t.fresh.len());
-                    let keys = t.deletes.iter().map(|k| k[0].clone())
-                        .chain(t.updates.iter().map(|(k, _)| k[0].clone()))
-                        .chain(t.upserts.iter().map(|r| r[1].clone()));
+                    prop_assert_eq!(t.upsert_count(), t.fresh.len());
+                    prop_assert_eq!(t.update_keys.len(), t.update_count());
+                    let keys = t.deletes().map(|k| bytes(k[0]))
+                        .chain(t.updates().map(|(k, r)| {
+                            assert_eq!(k[0], r[1]);
+                            bytes(k[0])
+                        }))
+                        .chain(t.upserts().map(|r| bytes(r[1])));
                     for k in keys {
                         prop_assert_eq!(*home.entry(k).or_insert(p), p);
                     }
-                    for (r, f) in t.upserts.iter().zip(&t.fresh) {
-                        let k: u16 = std::str::from_utf8(r[1].as_ref().unwrap()).unwrap().parse().unwrap();
+                    for (r, f) in t.upserts().zip(&t.fresh) {
+                        let k: u16 = std::str::from_utf8(&bytes(r[1])).unwrap().parse().unwrap();
                         prop_assert_eq!(*f, k.is_multiple_of(2), "fresh flag travels with its row");
                     }
-                    d += t.deletes.len();
-                    u += t.updates.len();
-                    i += t.upserts.len();
+                    d += t.delete_count();
+                    u += t.update_count();
+                    i += t.upsert_count();
                 }
             }
-            prop_assert_eq!((d, u, i), (tb.deletes.len(), tb.updates.len(), tb.upserts.len()));
+            prop_assert_eq!((d, u, i), (tb.delete_count(), tb.update_count(), tb.upsert_count()));
         }
     }
 
@@ -1840,7 +2021,7 @@ mod tests {
             ordered: true,
             ..TableBatch::default()
         };
-        let parts = partition(vec![(table(), tb)], 3);
+        let parts = partition(vec![(table(), tb)], 3, &Arena::default());
         assert_eq!(parts[0].len(), 1);
         assert!(parts[1].is_empty() && parts[2].is_empty());
     }

@@ -201,6 +201,25 @@ impl BufferReader {
         Ok(status)
     }
 
+    /// The last complete commit from `from` (a position outside any transaction: what the
+    /// previous call returned, or `None` to start at the last segment) to the end of the log,
+    /// and where the next call may start. Follows a growing buffer at the cost of reading only
+    /// what was appended since (where [`status`](Self::status) rereads the last segment).
+    pub fn last_commit_since(&self, from: Option<Pos>) -> Result<(Option<CommitInfo>, Pos)> {
+        let start = match from {
+            Some(p) if segment_path(&self.dir, p.seq).exists() => p,
+            _ => {
+                let segs = self.segments()?;
+                let Some(last) = segs.last() else {
+                    return Ok((None, Pos::new(0, HEADER_LEN as u64)));
+                };
+                last.header.resume
+            }
+        };
+        let state = scan_forward(&self.dir, normalize(start))?;
+        Ok((state.last_commit, state.idle_end))
+    }
+
     fn pruned(&self, requested: Lsn, segs: &[Seg]) -> BufferError {
         let first = segs.first().map(|s| s.file.seq).unwrap_or(0);
         BufferError::Pruned {

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::error::{BufferError, HINT_RESTORE, Result};
 use super::format::{
@@ -195,7 +195,10 @@ impl Cursor {
         loop {
             match format::decode_record(&self.buf) {
                 Frame::Valid(v) => {
-                    let frame = self.buf.split_to(v.frame_len()).freeze();
+                    // Skip the header in place: one shared handle per record (a reference
+                    // count touched once, not for the frame and again for its payload).
+                    self.buf.advance(v.payload_start);
+                    let payload = self.buf.split_to(v.payload_len).freeze();
                     let pos = Pos::new(self.seg.seq, self.offset);
                     self.offset += v.frame_len() as u64;
                     return Ok(Step::Record(Record {
@@ -203,7 +206,7 @@ impl Cursor {
                         lsn: v.lsn,
                         kind: v.tag(),
                         preamble: v.is_preamble(),
-                        payload: frame.slice(v.payload_start..),
+                        payload,
                     }));
                 }
                 Frame::Incomplete { needed } => {

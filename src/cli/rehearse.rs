@@ -26,7 +26,7 @@ pub struct RehearseArgs {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     window_of: Duration,
     /// Replay batch size (changes).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     batch_rows: usize,
     /// Write expect.json from this rehearsal instead of comparing with it (a regression
     /// baseline for fixtures recorded from a source that was not quiescent).

@@ -24,7 +24,7 @@ pub struct ReplayArgs {
     #[arg(long, value_parser = parse_lsn, value_name = "LSN")]
     until_lsn: Option<Lsn>,
     /// Changes folded into one batch before it is written.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 50_000)]
     batch_rows: usize,
     /// Longest a batch stays open, in milliseconds.
     #[arg(long, default_value_t = 200)]

@@ -19,6 +19,7 @@ impl Conn {
         &mut self,
         plan: &Arc<SourcePlan>,
         tb: &TableBatch,
+        arena: &Arena,
         lsn: Lsn,
     ) -> Result<(), WriteError> {
         if tb.ordered {
@@ -31,80 +32,79 @@ impl Conn {
         for (ti, t) in plan.targets.iter().enumerate() {
             let filtered = t.filter.is_some();
             let needs = t.reads();
-            let mut extra_deletes: Vec<&Key> = Vec::new();
-            let mut extra_upserts: Vec<Vec<Value>> = Vec::new();
+            let mut extra_deletes: Vec<&[Val]> = Vec::new();
+            // Updates written as upserts; their unknown values (which the target does not
+            // read) travel as NULL.
+            let mut extra_upserts: Vec<&[Val]> = Vec::new();
             let mut groups: HashMap<(Vec<usize>, bool), Vec<usize>> = HashMap::new();
-            for (n, (old_key, row)) in tb.updates.iter().enumerate() {
+            for (n, (old_key, row)) in tb.updates().enumerate() {
                 let known: Vec<usize> = (0..ncols).filter(|&i| row[i].is_known()).collect();
-                let moved = moved(plan, old_key, row);
+                let moved = moved(plan, arena, old_key, row);
                 if filtered && needs.iter().all(|r| known.contains(r)) {
                     if moved {
                         extra_deletes.push(old_key);
                     }
-                    extra_upserts.push(known_row(row));
+                    extra_upserts.push(row);
                 } else {
                     groups.entry((known, moved)).or_default().push(n);
                 }
             }
             if !tb.deletes.is_empty() || !extra_deletes.is_empty() {
                 let stmt = self.statement(tsql::delete(plan, t)).await?;
-                let cols: Vec<Vec<Option<&str>>> = (0..plan.key.len())
-                    .map(|j| {
-                        tb.deletes
-                            .iter()
-                            .chain(extra_deletes.iter().copied())
-                            .map(|k| text(&k[j]))
-                            .collect()
-                    })
-                    .collect();
-                self.execute(&stmt, &cols).await?;
+                let params = text_params((0..plan.key.len()).map(|j| {
+                    tb.deletes()
+                        .chain(extra_deletes.iter().copied())
+                        .map(move |k| arena.get(k[j]))
+                }));
+                self.execute_arrays(&stmt, &params).await?;
             }
             for ((known, moved), members) in groups {
-                let rows: Vec<(&Key, &Vec<ColumnValue>)> = members
+                let rows: Vec<(&[Val], &[Val])> = members
                     .iter()
-                    .map(|&n| (&tb.updates[n].0, &tb.updates[n].1))
+                    .map(|&n| (tb.update_key(n), tb.update_row(n)))
                     .collect();
-                self.update_mapped(plan, ti, &known, moved, &rows, lsn)
+                self.update_mapped(plan, ti, &known, moved, &rows, arena, lsn)
                     .await?;
             }
             // Fresh keys (no row before the batch) take a plain INSERT; the rest overwrite.
-            let fresh: Vec<&Vec<Value>> = tb
-                .upserts
-                .iter()
+            let fresh: Vec<&[Val]> = tb
+                .upserts()
                 .zip(&tb.fresh)
                 .filter(|(_, f)| **f)
                 .map(|(r, _)| r)
                 .collect();
-            let rest: Vec<&Vec<Value>> = tb
-                .upserts
-                .iter()
+            let rest: Vec<&[Val]> = tb
+                .upserts()
                 .zip(&tb.fresh)
                 .filter(|(_, f)| !**f)
                 .map(|(r, _)| r)
-                .chain(extra_upserts.iter())
+                .chain(extra_upserts.iter().copied())
                 .collect();
             for (rows, upsert) in [(fresh, false), (rest, true)] {
                 if rows.is_empty() {
                     continue;
                 }
                 let stmt = self.statement(tsql::insert(plan, t, upsert)).await?;
-                let cols: Vec<Vec<Option<&str>>> = (0..ncols)
-                    .map(|c| rows.iter().map(|r| text(&r[c])).collect())
-                    .collect();
-                self.execute(&stmt, &cols).await?;
+                let rows = &rows;
+                let params =
+                    text_params((0..ncols).map(|c| rows.iter().map(move |r| arena.get(r[c]))));
+                self.execute_arrays(&stmt, &params).await?;
             }
         }
         Ok(())
     }
 
-    /// Updates of existing rows that know the same source columns.
+    /// Updates of existing rows that know the same source columns: (key before the batch,
+    /// image) pairs.
+    #[allow(clippy::too_many_arguments)]
     async fn update_mapped(
         &mut self,
         plan: &Arc<SourcePlan>,
         ti: usize,
         known: &[usize],
         moved: bool,
-        rows: &[(&Key, &Vec<ColumnValue>)],
+        rows: &[(&[Val], &[Val])],
+        arena: &Arena,
         lsn: Lsn,
     ) -> Result<(), WriteError> {
         let t = &plan.targets[ti];
@@ -122,29 +122,22 @@ impl Conn {
         let stmt = self
             .statement(tsql::update(plan, t, known, &shape, moved))
             .await?;
-        let mut cols: Vec<Vec<Option<&str>>> = Vec::new();
-        if moved {
-            for j in 0..plan.key.len() {
-                cols.push(rows.iter().map(|(k, _)| text(&k[j])).collect());
-            }
-        }
-        for &c in known {
-            cols.push(
-                rows.iter()
-                    .map(|(_, r)| match &r[c] {
-                        ColumnValue::Known(v) => text(v),
-                        ColumnValue::UnchangedToast => None,
-                    })
-                    .collect(),
-            );
-        }
+        let key_params = (0..plan.key.len())
+            .filter(|_| moved)
+            .map(|j| rows.iter().map(move |(k, _)| arena.get(k[j])));
+        let mut params = text_params(key_params);
+        params.extend(text_params(
+            known
+                .iter()
+                .map(|&c| rows.iter().map(move |(_, r)| arena.get(r[c]))),
+        ));
         if !shape.filter {
-            self.execute(&stmt, &cols).await?;
+            self.execute_arrays(&stmt, &params).await?;
             return Ok(());
         }
-        let params: Vec<&(dyn ToSql + Sync)> =
-            cols.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        let missing: i64 = self.client.query_one(&stmt, &params).await?.get(0);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let missing: i64 = self.client.query_one(&stmt, &refs).await?.get(0);
         if missing > 0 {
             return Err(WriteError::Fatal(ReplayError::FilteredRowIncomplete {
                 lsn,
@@ -163,44 +156,59 @@ impl Conn {
         change: &Change,
         lsn: Lsn,
     ) -> Result<(), WriteError> {
+        let mut arena = Arena::default();
+        let image = |values: &mut dyn Iterator<Item = Val>| values.collect::<Vec<Val>>();
+        let (old, new): (Option<Vec<Val>>, Option<Vec<Val>>) = match change {
+            Change::Insert { new } => (
+                None,
+                Some(image(&mut new.iter().map(|v| arena.push(v.as_deref())))),
+            ),
+            Change::Delete { old } => (
+                Some(image(&mut old.iter().map(|v| arena.push(v.as_deref())))),
+                None,
+            ),
+            Change::Update { old, new } => {
+                let old = old
+                    .as_ref()
+                    .map(|o| image(&mut o.iter().map(|v| arena.push(v.as_deref()))));
+                let new = image(&mut new.iter().map(|v| match v {
+                    ColumnValue::Known(v) => arena.push(v.as_deref()),
+                    ColumnValue::UnchangedToast => Val::UNCHANGED_TOAST,
+                }));
+                (old, Some(new))
+            }
+        };
+        let arena = &arena;
         for (ti, t) in plan.targets.iter().enumerate() {
-            match change {
-                Change::Insert { new } => {
+            match (&old, &new) {
+                (None, Some(new)) => {
                     let stmt = self.statement(tsql::insert(plan, t, false)).await?;
-                    let cols: Vec<Vec<Option<&str>>> = new.iter().map(one).collect();
-                    self.execute(&stmt, &cols).await?;
+                    let params = text_params(new.iter().map(|&v| std::iter::once(arena.get(v))));
+                    self.execute_arrays(&stmt, &params).await?;
                 }
-                Change::Delete { old } => {
-                    let key: Key = plan.key.iter().map(|&k| old[k].clone()).collect();
-                    self.delete_key_mapped(plan, ti, &key).await?;
+                (Some(old), None) => {
+                    let key: Vec<Val> = plan.key.iter().map(|&k| old[k]).collect();
+                    self.delete_key_mapped(plan, ti, &key, arena).await?;
                 }
-                Change::Update { old, new } => {
-                    let old_key: Key = match old {
-                        Some(o) => plan.key.iter().map(|&k| o[k].clone()).collect(),
-                        None => plan
-                            .key
-                            .iter()
-                            .map(|&k| match &new[k] {
-                                ColumnValue::Known(v) => v.clone(),
-                                ColumnValue::UnchangedToast => None,
-                            })
-                            .collect(),
-                    };
+                (old, Some(new)) => {
+                    let src = old.as_deref().unwrap_or(new);
+                    let old_key: Vec<Val> = plan.key.iter().map(|&k| src[k]).collect();
                     let known: Vec<usize> = (0..new.len()).filter(|&i| new[i].is_known()).collect();
-                    let moved = moved(plan, &old_key, new);
+                    let moved = moved(plan, arena, &old_key, new);
                     if t.filter.is_some() && t.reads().iter().all(|r| known.contains(r)) {
                         if moved {
-                            self.delete_key_mapped(plan, ti, &old_key).await?;
+                            self.delete_key_mapped(plan, ti, &old_key, arena).await?;
                         }
                         let stmt = self.statement(tsql::insert(plan, t, true)).await?;
-                        let row = known_row(new);
-                        let cols: Vec<Vec<Option<&str>>> = row.iter().map(one).collect();
-                        self.execute(&stmt, &cols).await?;
+                        let params =
+                            text_params(new.iter().map(|&v| std::iter::once(arena.get(v))));
+                        self.execute_arrays(&stmt, &params).await?;
                     } else {
-                        self.update_mapped(plan, ti, &known, moved, &[(&old_key, new)], lsn)
+                        self.update_mapped(plan, ti, &known, moved, &[(&old_key, new)], arena, lsn)
                             .await?;
                     }
                 }
+                (None, None) => unreachable!("a change has an image"),
             }
         }
         Ok(())
@@ -210,34 +218,21 @@ impl Conn {
         &mut self,
         plan: &Arc<SourcePlan>,
         ti: usize,
-        key: &Key,
+        key: &[Val],
+        arena: &Arena,
     ) -> Result<(), WriteError> {
         let t = &plan.targets[ti];
         let stmt = self.statement(tsql::delete(plan, t)).await?;
-        let cols: Vec<Vec<Option<&str>>> = key.iter().map(|v| vec![text(v)]).collect();
-        self.execute(&stmt, &cols).await?;
+        let params = text_params(key.iter().map(|&v| std::iter::once(arena.get(v))));
+        self.execute_arrays(&stmt, &params).await?;
         Ok(())
     }
 }
 
-fn one(v: &Value) -> Vec<Option<&str>> {
-    vec![text(v)]
-}
-
 /// The row's key columns differ from its key before the batch.
-fn moved(plan: &SourcePlan, old_key: &Key, row: &[ColumnValue]) -> bool {
+fn moved(plan: &SourcePlan, arena: &Arena, old_key: &[Val], row: &[Val]) -> bool {
     plan.key
         .iter()
         .zip(old_key)
-        .any(|(&c, k)| !matches!(&row[c], ColumnValue::Known(v) if v == k))
-}
-
-/// An image as plain values; unknown ones (which the target does not read) become NULL.
-fn known_row(row: &[ColumnValue]) -> Vec<Value> {
-    row.iter()
-        .map(|v| match v {
-            ColumnValue::Known(v) => v.clone(),
-            ColumnValue::UnchangedToast => None,
-        })
-        .collect()
+        .any(|(&c, &k)| !(row[c].is_known() && arena.same(row[c], k)))
 }

@@ -1,11 +1,15 @@
-//! Payload bytes → [`LogicalMessage`]. Every read is bounds-checked through [`Reader`]; lengths
-//! and counts from the wire are validated against the bytes that remain before anything is
-//! allocated or sliced.
+//! Payload bytes → [`LogicalMessage`], and Insert/Update/Delete payloads → a borrowed
+//! [`RowRef`]. Every read is bounds-checked through [`Reader`]; lengths and counts from the wire
+//! are validated against the bytes that remain before anything is allocated or sliced. Both
+//! decoders validate row messages with [`Reader::row`] and read tuples with
+//! [`TupleValues`](super::TupleValues), so they accept the same bytes and fail with the same
+//! errors.
 
 use std::str::Utf8Error;
 
 use bytes::Bytes;
 
+use super::row::{OldKind, RowKind, RowRef, TupleRef, ValueRef};
 use super::{
     Begin, Column, Commit, DecodingMessage, Delete, Insert, LogicalMessage, OldTuple, Origin,
     PgTimestamp, Relation, ReplicaIdentity, StreamAbort, StreamCommit, StreamStart, Truncate,
@@ -81,6 +85,27 @@ impl Decoder {
 /// Decodes one protocol version 1 payload.
 pub fn decode(payload: &Bytes) -> Result<LogicalMessage, DecodeError> {
     decode_with(payload, ProtocolVersion::V1, false)
+}
+
+/// Decodes a protocol version 1 Insert, Update or Delete payload without copying or allocating:
+/// the message is validated in full, and its tuples borrow `payload`.
+///
+/// `Ok(None)` when the payload is empty or its tag is not 'I', 'U' or 'D'. A malformed row
+/// message fails with exactly the [`DecodeError`] that [`decode`] returns for the same bytes.
+pub fn decode_row(payload: &[u8]) -> Result<Option<RowRef<'_>>, DecodeError> {
+    let Some(&tag) = payload.first() else {
+        return Ok(None);
+    };
+    let kind = match tag {
+        b'I' => RowKind::Insert,
+        b'U' => RowKind::Update,
+        b'D' => RowKind::Delete,
+        _ => return Ok(None),
+    };
+    let mut r = Reader::new(payload, tag);
+    let row = r.row(kind)?;
+    r.finish()?;
+    Ok(Some(row))
 }
 
 /// Why a payload is not a valid pgoutput message. Offsets count from the tag byte (offset 0).
@@ -197,11 +222,7 @@ fn decode_with(
     in_stream: bool,
 ) -> Result<LogicalMessage, DecodeError> {
     let &tag = payload.first().ok_or(DecodeError::Empty)?;
-    let mut r = Reader {
-        buf: payload,
-        pos: 1,
-        tag,
-    };
+    let mut r = Reader::new(payload, tag);
     let streamed = version >= ProtocolVersion::V2 && in_stream;
     let msg = match tag {
         b'B' => LogicalMessage::Begin(Begin {
@@ -226,47 +247,9 @@ fn decode_with(
             namespace: r.cstring("namespace")?,
             name: r.cstring("type name")?,
         }),
-        b'I' => {
-            let xid = r.stream_xid(streamed)?;
-            let relid = r.u32("4-byte relation OID")?;
-            r.expect_byte(b'N', "'N' (new tuple)")?;
-            LogicalMessage::Insert(Insert {
-                xid,
-                relid,
-                new: r.tuple()?,
-            })
-        }
-        b'U' => {
-            let xid = r.stream_xid(streamed)?;
-            let relid = r.u32("4-byte relation OID")?;
-            let offset = r.pos;
-            let old = match r.u8("1-byte 'K', 'O' or 'N'")? {
-                b'K' => Some(OldTuple::Key(r.tuple()?)),
-                b'O' => Some(OldTuple::Full(r.tuple()?)),
-                b'N' => None,
-                found => return Err(r.unexpected(offset, "'K', 'O' or 'N'", found)),
-            };
-            if old.is_some() {
-                r.expect_byte(b'N', "'N' (new tuple)")?;
-            }
-            LogicalMessage::Update(Update {
-                xid,
-                relid,
-                old,
-                new: r.tuple()?,
-            })
-        }
-        b'D' => {
-            let xid = r.stream_xid(streamed)?;
-            let relid = r.u32("4-byte relation OID")?;
-            let offset = r.pos;
-            let old = match r.u8("1-byte 'K' or 'O'")? {
-                b'K' => OldTuple::Key(r.tuple()?),
-                b'O' => OldTuple::Full(r.tuple()?),
-                found => return Err(r.unexpected(offset, "'K' or 'O'", found)),
-            };
-            LogicalMessage::Delete(Delete { xid, relid, old })
-        }
+        b'I' => owned_row(payload, r.stream_xid(streamed)?, r.row(RowKind::Insert)?),
+        b'U' => owned_row(payload, r.stream_xid(streamed)?, r.row(RowKind::Update)?),
+        b'D' => owned_row(payload, r.stream_xid(streamed)?, r.row(RowKind::Delete)?),
         b'T' => {
             let xid = r.stream_xid(streamed)?;
             let count = r.count_i32("4-byte relation count", "relation count", 4)?;
@@ -287,7 +270,7 @@ fn decode_with(
             let lsn = r.lsn("8-byte message LSN")?;
             let prefix = r.cstring("prefix")?;
             let len = r.len_i32("4-byte content length", "content length")?;
-            let content = r.take(len, "message content")?;
+            let content = payload.slice_ref(r.take(len, "message content")?);
             LogicalMessage::Message(DecodingMessage {
                 xid,
                 flags,
@@ -298,7 +281,7 @@ fn decode_with(
         }
         b'S' if version >= ProtocolVersion::V2 => {
             let xid = r.u32("4-byte xid")?;
-            let offset = r.pos;
+            let offset = r.pos();
             let first_segment = match r.u8("1-byte first-segment flag")? {
                 0 => false,
                 1 => true,
@@ -324,28 +307,90 @@ fn decode_with(
     Ok(msg)
 }
 
-/// A bounds-checked cursor over one payload. Invariant: `pos <= buf.len()`.
+/// The owned form of a validated row message: values are `Bytes` slices of `payload`.
+fn owned_row(payload: &Bytes, xid: Option<u32>, row: RowRef<'_>) -> LogicalMessage {
+    let tuple = |t: TupleRef<'_>| {
+        let mut values = Vec::with_capacity(t.len());
+        for v in t.values() {
+            values.push(owned_value(payload, v));
+        }
+        TupleData { values }
+    };
+    let old = row.old.map(|(kind, t)| match kind {
+        OldKind::Key => OldTuple::Key(tuple(t)),
+        OldKind::Full => OldTuple::Full(tuple(t)),
+    });
+    let relid = row.relid;
+    match (row.kind, old, row.new) {
+        (RowKind::Insert, None, Some(new)) => LogicalMessage::Insert(Insert {
+            xid,
+            relid,
+            new: tuple(new),
+        }),
+        (RowKind::Update, old, Some(new)) => LogicalMessage::Update(Update {
+            xid,
+            relid,
+            old,
+            new: tuple(new),
+        }),
+        (RowKind::Delete, Some(old), None) => LogicalMessage::Delete(Delete { xid, relid, old }),
+        _ => unreachable!("Reader::row returns the tuples its kind has"),
+    }
+}
+
+fn owned_value(payload: &Bytes, v: ValueRef<'_>) -> TupleValue {
+    match v {
+        ValueRef::Null => TupleValue::Null,
+        ValueRef::UnchangedToast => TupleValue::UnchangedToast,
+        ValueRef::Text(b) => TupleValue::Text(slice_of(payload, b)),
+        ValueRef::Binary(b) => TupleValue::Binary(slice_of(payload, b)),
+    }
+}
+
+/// `part`, a slice of `payload`, as a `Bytes` sharing `payload`'s buffer.
+fn slice_of(payload: &Bytes, part: &[u8]) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(payload.as_ptr() as usize);
+    payload.slice(start..start + part.len())
+}
+
+/// A bounds-checked cursor over one payload.
 struct Reader<'a> {
-    buf: &'a Bytes,
-    pos: usize,
+    buf: &'a [u8],
+    /// The unread end of `buf`.
+    rest: &'a [u8],
     tag: u8,
 }
 
-impl Reader<'_> {
-    fn remaining(&self) -> usize {
-        self.buf.len().saturating_sub(self.pos)
+impl<'a> Reader<'a> {
+    /// Positioned after the tag byte.
+    fn new(buf: &'a [u8], tag: u8) -> Reader<'a> {
+        Reader {
+            buf,
+            rest: buf.get(1..).unwrap_or_default(),
+            tag,
+        }
     }
 
+    fn pos(&self) -> usize {
+        self.buf.len() - self.rest.len()
+    }
+
+    fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
+    #[cold]
     fn truncated(&self, expected: &'static str, needed: usize) -> DecodeError {
         DecodeError::Truncated {
             tag: self.tag,
-            offset: self.pos,
+            offset: self.pos(),
             expected,
             needed,
             available: self.remaining(),
         }
     }
 
+    #[cold]
     fn unexpected(&self, offset: usize, expected: &'static str, found: u8) -> DecodeError {
         DecodeError::Unexpected {
             tag: self.tag,
@@ -356,15 +401,11 @@ impl Reader<'_> {
     }
 
     fn array<const N: usize>(&mut self, expected: &'static str) -> Result<[u8; N], DecodeError> {
-        let bytes = self
-            .pos
-            .checked_add(N)
-            .and_then(|end| self.buf.get(self.pos..end))
-            .ok_or_else(|| self.truncated(expected, N))?;
-        let mut out = [0u8; N];
-        out.copy_from_slice(bytes);
-        self.pos += N;
-        Ok(out)
+        let Some((&bytes, rest)) = self.rest.split_first_chunk::<N>() else {
+            return Err(self.truncated(expected, N));
+        };
+        self.rest = rest;
+        Ok(bytes)
     }
 
     fn u8(&mut self, expected: &'static str) -> Result<u8, DecodeError> {
@@ -401,7 +442,7 @@ impl Reader<'_> {
     }
 
     fn expect_byte(&mut self, want: u8, expected: &'static str) -> Result<(), DecodeError> {
-        let offset = self.pos;
+        let offset = self.pos();
         match self.u8(expected)? {
             b if b == want => Ok(()),
             found => Err(self.unexpected(offset, expected, found)),
@@ -414,7 +455,7 @@ impl Reader<'_> {
         expected: &'static str,
         field: &'static str,
     ) -> Result<usize, DecodeError> {
-        let offset = self.pos;
+        let offset = self.pos();
         let v = self.i32(expected)?;
         usize::try_from(v).map_err(|_| DecodeError::InvalidLength {
             tag: self.tag,
@@ -433,7 +474,7 @@ impl Reader<'_> {
         field: &'static str,
         min_elem_size: usize,
     ) -> Result<usize, DecodeError> {
-        let offset = self.pos;
+        let offset = self.pos();
         let v = self.i32(expected)?;
         self.check_count(offset, field, v.into(), min_elem_size)
     }
@@ -444,7 +485,7 @@ impl Reader<'_> {
         field: &'static str,
         min_elem_size: usize,
     ) -> Result<usize, DecodeError> {
-        let offset = self.pos;
+        let offset = self.pos();
         let v = self.i16(expected)?;
         self.check_count(offset, field, v.into(), min_elem_size)
     }
@@ -469,33 +510,33 @@ impl Reader<'_> {
         }
     }
 
-    fn take(&mut self, len: usize, expected: &'static str) -> Result<Bytes, DecodeError> {
+    fn take(&mut self, len: usize, expected: &'static str) -> Result<&'a [u8], DecodeError> {
         if len > self.remaining() {
             return Err(self.truncated(expected, len));
         }
-        let out = self.buf.slice(self.pos..self.pos + len);
-        self.pos += len;
+        let (out, rest) = self.rest.split_at(len);
+        self.rest = rest;
         Ok(out)
     }
 
     fn cstring(&mut self, field: &'static str) -> Result<String, DecodeError> {
-        let rest = self.buf.get(self.pos..).unwrap_or_default();
+        let rest = self.rest;
         let nul = rest
             .iter()
             .position(|&b| b == 0)
             .ok_or(DecodeError::Unterminated {
                 tag: self.tag,
-                offset: self.pos,
+                offset: self.pos(),
                 field,
             })?;
         let s = std::str::from_utf8(&rest[..nul]).map_err(|source| DecodeError::InvalidUtf8 {
             tag: self.tag,
-            offset: self.pos,
+            offset: self.pos(),
             field,
             source,
         })?;
         let s = s.to_owned();
-        self.pos += nul + 1;
+        self.rest = &rest[nul + 1..];
         Ok(s)
     }
 
@@ -504,7 +545,7 @@ impl Reader<'_> {
         let relid = self.u32("4-byte relation OID")?;
         let namespace = self.cstring("namespace")?;
         let name = self.cstring("relation name")?;
-        let offset = self.pos;
+        let offset = self.pos();
         let ri = self.u8("1-byte replica identity")?;
         let replica_identity = ReplicaIdentity::from_byte(ri)
             .ok_or_else(|| self.unexpected(offset, "replica identity 'd', 'n', 'f' or 'i'", ri))?;
@@ -529,29 +570,64 @@ impl Reader<'_> {
         })
     }
 
-    fn tuple(&mut self) -> Result<TupleData, DecodeError> {
-        let ncols = self.count_i16("2-byte column count", "tuple column count", 1)?;
-        let mut values = Vec::with_capacity(ncols);
-        for _ in 0..ncols {
-            let offset = self.pos;
-            let value = match self.u8("1-byte value kind")? {
-                b'n' => TupleValue::Null,
-                b'u' => TupleValue::UnchangedToast,
-                b't' => {
-                    let len = self.len_i32("4-byte column length", "column length")?;
-                    TupleValue::Text(self.take(len, "column value")?)
+    /// An Insert, Update or Delete after the tag (and any streamed xid), from the relation OID
+    /// on.
+    fn row(&mut self, kind: RowKind) -> Result<RowRef<'a>, DecodeError> {
+        let relid = self.u32("4-byte relation OID")?;
+        let (old, new) = match kind {
+            RowKind::Insert => {
+                self.expect_byte(b'N', "'N' (new tuple)")?;
+                (None, Some(self.tuple()?))
+            }
+            RowKind::Update => {
+                let offset = self.pos();
+                let old = match self.u8("1-byte 'K', 'O' or 'N'")? {
+                    b'N' => None,
+                    found => match old_kind(found) {
+                        Some(k) => Some((k, self.tuple()?)),
+                        None => return Err(self.unexpected(offset, "'K', 'O' or 'N'", found)),
+                    },
+                };
+                if old.is_some() {
+                    self.expect_byte(b'N', "'N' (new tuple)")?;
                 }
-                b'b' => {
+                (old, Some(self.tuple()?))
+            }
+            RowKind::Delete => {
+                let offset = self.pos();
+                let found = self.u8("1-byte 'K' or 'O'")?;
+                let k =
+                    old_kind(found).ok_or_else(|| self.unexpected(offset, "'K' or 'O'", found))?;
+                (Some((k, self.tuple()?)), None)
+            }
+        };
+        Ok(RowRef {
+            kind,
+            relid,
+            old,
+            new,
+        })
+    }
+
+    /// Validates a tuple: its column count, then each value's kind and length.
+    fn tuple(&mut self) -> Result<TupleRef<'a>, DecodeError> {
+        let ncols = self.count_i16("2-byte column count", "tuple column count", 1)?;
+        let start = self.rest;
+        for _ in 0..ncols {
+            let offset = self.pos();
+            match self.u8("1-byte value kind")? {
+                b'n' | b'u' => {}
+                b't' | b'b' => {
                     let len = self.len_i32("4-byte column length", "column length")?;
-                    TupleValue::Binary(self.take(len, "column value")?)
+                    self.take(len, "column value")?;
                 }
                 found => {
                     return Err(self.unexpected(offset, "value kind 'n', 'u', 't' or 'b'", found));
                 }
-            };
-            values.push(value);
+            }
         }
-        Ok(TupleData { values })
+        let len = start.len() - self.rest.len();
+        Ok(TupleRef::validated(&start[..len], ncols))
     }
 
     fn finish(self) -> Result<(), DecodeError> {
@@ -559,9 +635,17 @@ impl Reader<'_> {
             0 => Ok(()),
             count => Err(DecodeError::TrailingBytes {
                 tag: self.tag,
-                offset: self.pos,
+                offset: self.pos(),
                 count,
             }),
         }
+    }
+}
+
+fn old_kind(b: u8) -> Option<OldKind> {
+    match b {
+        b'K' => Some(OldKind::Key),
+        b'O' => Some(OldKind::Full),
+        _ => None,
     }
 }

@@ -6,6 +6,9 @@
 //! slices of the payload (no copy); names are small `String`s. Malformed input is a
 //! [`DecodeError`] naming the message, the byte offset and what was expected, never a panic.
 //!
+//! [`decode_row`] is the hot-path alternative for Insert, Update and Delete: it validates the
+//! message and returns a [`RowRef`] whose values borrow the payload, allocating nothing.
+//!
 //! [`decode`] speaks protocol version 1. [`Decoder`] carries the protocol version and, for
 //! version 2, whether the stream is inside a Stream Start / Stream Stop block (where change
 //! messages carry the xid of the in-progress transaction). The [`encode`] module is the
@@ -13,6 +16,7 @@
 
 mod decode;
 pub mod encode;
+mod row;
 #[cfg(test)]
 mod tests;
 
@@ -22,7 +26,8 @@ use bytes::Bytes;
 
 use crate::lsn::Lsn;
 
-pub use decode::{DecodeError, Decoder, ProtocolVersion, decode};
+pub use decode::{DecodeError, Decoder, ProtocolVersion, decode, decode_row};
+pub use row::{OldKind, RowKind, RowRef, TupleRef, TupleValues, ValueRef};
 
 /// The tag byte of a payload, without decoding it.
 pub fn peek_tag(payload: &[u8]) -> Option<u8> {

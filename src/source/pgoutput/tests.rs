@@ -1285,3 +1285,360 @@ fn pg15_v2_stream_capture() {
         Err(DecodeError::UnknownTag { tag: b'S', .. })
     ));
 }
+
+// ---- decode_row: the borrowed Insert/Update/Delete decoder ----
+
+/// `row` as `decode` would return it, built by copying the borrowed values.
+fn owned(row: RowRef<'_>) -> LogicalMessage {
+    let tuple = |t: TupleRef<'_>| TupleData {
+        values: t
+            .values()
+            .map(|v| match v {
+                ValueRef::Null => TupleValue::Null,
+                ValueRef::UnchangedToast => TupleValue::UnchangedToast,
+                ValueRef::Text(b) => TupleValue::Text(Bytes::copy_from_slice(b)),
+                ValueRef::Binary(b) => TupleValue::Binary(Bytes::copy_from_slice(b)),
+            })
+            .collect(),
+    };
+    let old = row.old.map(|(kind, t)| match kind {
+        OldKind::Key => OldTuple::Key(tuple(t)),
+        OldKind::Full => OldTuple::Full(tuple(t)),
+    });
+    let relid = row.relid;
+    match row.kind {
+        RowKind::Insert => {
+            assert!(old.is_none());
+            LogicalMessage::Insert(Insert {
+                xid: None,
+                relid,
+                new: tuple(row.new.unwrap()),
+            })
+        }
+        RowKind::Update => LogicalMessage::Update(Update {
+            xid: None,
+            relid,
+            old,
+            new: tuple(row.new.unwrap()),
+        }),
+        RowKind::Delete => {
+            assert!(row.new.is_none());
+            LogicalMessage::Delete(Delete {
+                xid: None,
+                relid,
+                old: old.unwrap(),
+            })
+        }
+    }
+}
+
+fn row(p: &[u8]) -> RowRef<'_> {
+    decode_row(p).unwrap().expect("a row message")
+}
+
+fn values<'a>(t: &TupleRef<'a>) -> Vec<ValueRef<'a>> {
+    t.values().collect()
+}
+
+#[test]
+fn decode_row_insert_with_every_value_kind() {
+    let p = wire(&[
+        b"I",
+        &16385u32.to_be_bytes(),
+        b"N",
+        &5i16.to_be_bytes(),
+        b"t",
+        &2i32.to_be_bytes(),
+        b"42",
+        b"n",
+        b"u",
+        b"b",
+        &8i32.to_be_bytes(),
+        &42i64.to_be_bytes(),
+        b"t",
+        &0i32.to_be_bytes(),
+    ]);
+    let r = row(&p);
+    assert_eq!((r.kind, r.relid), (RowKind::Insert, 16385));
+    assert!(r.old.is_none());
+    let new = r.new.unwrap();
+    assert_eq!((new.len(), new.is_empty()), (5, false));
+    let bin = 42i64.to_be_bytes();
+    assert_eq!(
+        values(&new),
+        [
+            ValueRef::Text(b"42"),
+            ValueRef::Null,
+            ValueRef::UnchangedToast,
+            ValueRef::Binary(&bin),
+            ValueRef::Text(b""),
+        ]
+    );
+    let ValueRef::Text(v) = new.values().next().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(v.as_ptr(), p[13..].as_ptr(), "borrowed from the payload");
+    assert_eq!(owned(r), decode(&p).unwrap());
+
+    let mut it = new.values();
+    assert_eq!(it.len(), 5);
+    it.nth(3);
+    assert_eq!(
+        (it.len(), it.next(), it.len()),
+        (1, Some(ValueRef::Text(b"")), 0)
+    );
+    assert_eq!((it.next(), it.next()), (None, None));
+}
+
+#[test]
+fn decode_row_update_without_old_and_with_key_or_full_old() {
+    let p = wire(&[
+        b"U",
+        &16385u32.to_be_bytes(),
+        b"N",
+        &2i16.to_be_bytes(),
+        b"t",
+        &1i32.to_be_bytes(),
+        b"1",
+        b"u",
+    ]);
+    let r = row(&p);
+    assert_eq!((r.kind, r.relid), (RowKind::Update, 16385));
+    assert!(r.old.is_none());
+    assert_eq!(
+        values(&r.new.unwrap()),
+        [ValueRef::Text(b"1"), ValueRef::UnchangedToast]
+    );
+    assert_eq!(owned(r), decode(&p).unwrap());
+
+    for (sub, want) in [(b"K", OldKind::Key), (b"O", OldKind::Full)] {
+        let p = wire(&[
+            b"U",
+            &16385u32.to_be_bytes(),
+            sub,
+            &2i16.to_be_bytes(),
+            b"t",
+            &1i32.to_be_bytes(),
+            b"1",
+            b"n",
+            b"N",
+            &2i16.to_be_bytes(),
+            b"t",
+            &1i32.to_be_bytes(),
+            b"2",
+            b"t",
+            &3i32.to_be_bytes(),
+            "é!".as_bytes(),
+        ]);
+        let r = row(&p);
+        let (kind, old) = r.old.unwrap();
+        assert_eq!(kind, want);
+        assert_eq!(values(&old), [ValueRef::Text(b"1"), ValueRef::Null]);
+        assert_eq!(
+            values(&r.new.unwrap()),
+            [ValueRef::Text(b"2"), ValueRef::Text("é!".as_bytes())]
+        );
+        assert_eq!(owned(r), decode(&p).unwrap());
+    }
+}
+
+#[test]
+fn decode_row_delete_with_key_or_full_old() {
+    for (sub, want) in [(b"K", OldKind::Key), (b"O", OldKind::Full)] {
+        let p = wire(&[
+            b"D",
+            &16385u32.to_be_bytes(),
+            sub,
+            &2i16.to_be_bytes(),
+            b"t",
+            &3i32.to_be_bytes(),
+            b"123",
+            b"b",
+            &1i32.to_be_bytes(),
+            &[0xFF],
+        ]);
+        let r = row(&p);
+        assert_eq!((r.kind, r.relid), (RowKind::Delete, 16385));
+        assert!(r.new.is_none());
+        let (kind, old) = r.old.unwrap();
+        assert_eq!(kind, want);
+        assert_eq!(
+            values(&old),
+            [ValueRef::Text(b"123"), ValueRef::Binary(&[0xFF])]
+        );
+        assert_eq!(owned(r), decode(&p).unwrap());
+    }
+}
+
+#[test]
+fn decode_row_zero_column_tuple() {
+    let p = wire(&[b"I", &7u32.to_be_bytes(), b"N", &0i16.to_be_bytes()]);
+    let new = row(&p).new.unwrap();
+    assert!(new.is_empty());
+    assert_eq!(new.values().next(), None);
+}
+
+#[test]
+fn decode_row_is_none_for_other_messages() {
+    let begin = wire(&[
+        b"B",
+        &LSN.to_be_bytes(),
+        &TS.to_be_bytes(),
+        &748u32.to_be_bytes(),
+    ]);
+    let truncate = wire(&[b"T", &1i32.to_be_bytes(), &[0], &16385u32.to_be_bytes()]);
+    for p in [&begin[..], &truncate[..], b"", b"Zabc", b"i", b"E", b"T"] {
+        assert!(decode_row(p).unwrap().is_none(), "{p:?}");
+    }
+}
+
+#[test]
+fn decode_row_errors_equal_decode_errors() {
+    let cases = [
+        // truncated column length, negative length, length past the end
+        wire(&[
+            b"I",
+            &1u32.to_be_bytes(),
+            b"N",
+            &1i16.to_be_bytes(),
+            b"t",
+            &[0, 0],
+        ]),
+        wire(&[
+            b"I",
+            &1u32.to_be_bytes(),
+            b"N",
+            &1i16.to_be_bytes(),
+            b"t",
+            &(-5i32).to_be_bytes(),
+        ]),
+        wire(&[
+            b"U",
+            &1u32.to_be_bytes(),
+            b"N",
+            &1i16.to_be_bytes(),
+            b"b",
+            &i32::MAX.to_be_bytes(),
+            b"abc",
+        ]),
+        // negative and oversized column counts
+        wire(&[b"I", &1u32.to_be_bytes(), b"N", &(-1i16).to_be_bytes()]),
+        wire(&[
+            b"D",
+            &1u32.to_be_bytes(),
+            b"K",
+            &i16::MAX.to_be_bytes(),
+            b"n",
+        ]),
+        // bad submessage and value kind bytes
+        wire(&[b"I", &1u32.to_be_bytes(), b"K", &0i16.to_be_bytes()]),
+        wire(&[
+            b"U",
+            &1u32.to_be_bytes(),
+            b"K",
+            &0i16.to_be_bytes(),
+            b"O",
+            &0i16.to_be_bytes(),
+        ]),
+        wire(&[b"U", &1u32.to_be_bytes(), b"x"]),
+        wire(&[b"D", &16385u32.to_be_bytes(), b"N", &0i16.to_be_bytes()]),
+        wire(&[b"I", &1u32.to_be_bytes(), b"N", &1i16.to_be_bytes(), b"x"]),
+        // missing tuples, trailing bytes
+        wire(&[b"U", &1u32.to_be_bytes(), b"O", &0i16.to_be_bytes()]),
+        wire(&[b"D", &1u32.to_be_bytes()]),
+        wire(&[b"I", &1u32.to_be_bytes(), b"N", &0i16.to_be_bytes(), b"xy"]),
+        wire(&[b"I"]),
+    ];
+    for p in &cases {
+        let want = decode(p).unwrap_err();
+        assert_eq!(decode_row(p).unwrap_err(), want, "{p:?}");
+    }
+}
+
+fn row_message() -> impl Strategy<Value = LogicalMessage> {
+    prop_oneof![
+        (any::<u32>(), tuple()).prop_map(|(relid, new)| LogicalMessage::Insert(Insert {
+            xid: None,
+            relid,
+            new
+        })),
+        (any::<u32>(), proptest::option::of(old_tuple()), tuple()).prop_map(|(relid, old, new)| {
+            LogicalMessage::Update(Update {
+                xid: None,
+                relid,
+                old,
+                new,
+            })
+        }),
+        (any::<u32>(), old_tuple()).prop_map(|(relid, old)| LogicalMessage::Delete(Delete {
+            xid: None,
+            relid,
+            old
+        })),
+    ]
+}
+
+/// `decode_row` and `decode` agree on `p`: equal values, equal errors, or not a row message.
+fn agrees_with_decode(p: &Bytes) -> Result<(), TestCaseError> {
+    match (decode_row(p), decode(p)) {
+        (Ok(Some(r)), Ok(msg)) => prop_assert_eq!(owned(r), msg),
+        (Err(e), Err(want)) => prop_assert_eq!(e, want),
+        (Ok(None), result) => {
+            prop_assert!(!matches!(peek_tag(p), Some(b'I' | b'U' | b'D')));
+            prop_assert!(!matches!(
+                result,
+                Ok(LogicalMessage::Insert(_)
+                    | LogicalMessage::Update(_)
+                    | LogicalMessage::Delete(_))
+            ));
+        }
+        (r, msg) => prop_assert!(false, "decode_row: {:?}, decode: {:?}", r, msg),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn decode_row_yields_the_values_decode_yields(msg in row_message()) {
+        let p = encode(&msg);
+        let r = decode_row(&p).unwrap().unwrap();
+        for t in r.old.map(|(_, t)| t).into_iter().chain(r.new) {
+            for v in t.values() {
+                if let ValueRef::Text(b) | ValueRef::Binary(b) = v {
+                    prop_assert!(p.as_ptr_range().contains(&b.as_ptr()) || b.is_empty());
+                }
+            }
+        }
+        prop_assert_eq!(owned(r), decode(&p).unwrap());
+        prop_assert_eq!(decode(&p).unwrap(), msg);
+    }
+
+    #[test]
+    fn decode_row_agrees_with_decode_on_mangled_bytes(
+        msg in row_message(),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        appended in proptest::collection::vec(any::<u8>(), 0..3),
+    ) {
+        let mut bytes = encode(&msg).to_vec();
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] ^= b;
+        }
+        bytes.extend_from_slice(&appended);
+        if let Some(cut) = cut {
+            bytes.truncate(cut.index(bytes.len() + 1));
+        }
+        agrees_with_decode(&Bytes::from(bytes))?;
+    }
+
+    #[test]
+    fn decode_row_agrees_with_decode_on_every_prefix(msg in row_message()) {
+        let full = encode(&msg);
+        for len in 0..=full.len() {
+            agrees_with_decode(&full.slice(..len))?;
+        }
+    }
+}
