@@ -442,6 +442,7 @@ pub async fn run(
         connections: conns.len(),
         serial_pass: false,
         scratch: Default::default(),
+        spare_arena: None,
         slot: Slot::Idle(Writer {
             open: vec![false; conns.len()],
             conns,
@@ -631,6 +632,8 @@ struct Applier {
     serial_pass: bool,
     /// Old and new images of the change being folded.
     scratch: (Vec<Val>, Vec<Val>),
+    /// A written batch's arena, emptied and reused by a later batch.
+    spare_arena: Option<Arena>,
 }
 
 /// The `--follow` status line: rate, applied position, lag behind the buffer and the source.
@@ -1197,7 +1200,8 @@ impl Applier {
     /// The folded tables of the batch so far, with where each goes, split over the writer's
     /// connections.
     fn take_tables(&mut self, batch: &mut Batch) -> (Arc<Arena>, Vec<Vec<(Dest, TableBatch)>>) {
-        let folder = std::mem::replace(&mut batch.folder, BatchFolder::new());
+        let next = BatchFolder::with_arena(self.spare_arena.take().unwrap_or_default());
+        let folder = std::mem::replace(&mut batch.folder, next);
         let connections = if batch.serial { 1 } else { self.connections };
         let folded = folder.finish();
         let tables = folded
@@ -1296,9 +1300,12 @@ impl Applier {
             unreachable!("checked above")
         };
         let waiting = Instant::now();
-        let (writer, outcome, busy) = handle
+        let (writer, outcome, busy, arena) = handle
             .await
             .map_err(|e| ReplayError::Writer(e.to_string()))?;
+        if arena.is_some() {
+            self.spare_arena = arena;
+        }
         report.applier_wait_secs += waiting.elapsed().as_secs_f64();
         report.writer_busy_secs += busy.as_secs_f64();
         self.slot = Slot::Idle(writer);
@@ -1338,7 +1345,9 @@ impl Applier {
                     Err((e, job.until))
                 }
             };
-            (w, outcome, started.elapsed())
+            let busy = started.elapsed();
+            // The arena goes back to the applier for a later batch (no fresh pages per batch).
+            (w, outcome, busy, Arc::try_unwrap(job.arena).ok())
         }));
         Ok(Ok(()))
     }
@@ -1395,7 +1404,7 @@ type JobOutcome = Result<Option<Committed>, (WriteError, Lsn)>;
 
 enum Slot {
     Idle(Writer),
-    Busy(tokio::task::JoinHandle<(Writer, JobOutcome, Duration)>),
+    Busy(tokio::task::JoinHandle<(Writer, JobOutcome, Duration, Option<Arena>)>),
     /// Only while switching between the two.
     Gone,
 }
