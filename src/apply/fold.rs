@@ -73,7 +73,7 @@ use bytes::Bytes;
 use hashbrown::HashTable;
 use thiserror::Error;
 
-use crate::source::pgoutput::{LogicalMessage, OldTuple, Relation, TupleData, TupleValue};
+use crate::source::pgoutput::Relation;
 
 /// Seeded per process (collisions cannot be planted through key values), and several times
 /// faster than SipHash on short keys.
@@ -98,18 +98,6 @@ pub enum ColumnValue {
 impl ColumnValue {
     pub fn is_known(&self) -> bool {
         matches!(self, ColumnValue::Known(_))
-    }
-}
-
-impl From<TupleValue> for ColumnValue {
-    /// Text and binary values alike become bytes (moved, not shared); the batch does not
-    /// record the format.
-    fn from(v: TupleValue) -> ColumnValue {
-        match v {
-            TupleValue::Null => ColumnValue::Known(None),
-            TupleValue::UnchangedToast => ColumnValue::UnchangedToast,
-            TupleValue::Text(b) | TupleValue::Binary(b) => ColumnValue::Known(Some(b)),
-        }
     }
 }
 
@@ -283,43 +271,6 @@ pub enum Change {
     },
 }
 
-/// A whole row image; an unchanged-TOAST marker in it is an error.
-fn known_tuple(t: TupleData) -> Result<Vec<Value>, FoldError> {
-    t.values
-        .into_iter()
-        .map(|v| match ColumnValue::from(v) {
-            ColumnValue::Known(v) => Ok(v),
-            ColumnValue::UnchangedToast => Err(FoldError::UnchangedToastInImage),
-        })
-        .collect()
-}
-
-impl Change {
-    /// The change an Insert, Update or Delete message makes, taking its values out of the
-    /// message (no copy). `None` for other messages; an error if an image that must be whole
-    /// (a new row inserted, an old row) holds an unchanged-TOAST marker.
-    pub fn from_message(m: LogicalMessage) -> Option<Result<Change, FoldError>> {
-        Some(match m {
-            LogicalMessage::Insert(i) => known_tuple(i.new).map(|new| Change::Insert { new }),
-            LogicalMessage::Update(u) => u
-                .old
-                .map(|o| match o {
-                    OldTuple::Key(t) | OldTuple::Full(t) => known_tuple(t),
-                })
-                .transpose()
-                .map(|old| Change::Update {
-                    old,
-                    new: u.new.values.into_iter().map(ColumnValue::from).collect(),
-                }),
-            LogicalMessage::Delete(d) => match d.old {
-                OldTuple::Key(t) | OldTuple::Full(t) => known_tuple(t),
-            }
-            .map(|old| Change::Delete { old }),
-            _ => return None,
-        })
-    }
-}
-
 /// A row change whose values are in the folder's [`Arena`] ([`BatchFolder::arena`]); the
 /// same layout as [`Change`], with [`Val::UNCHANGED_TOAST`] for an unchanged value.
 #[derive(Clone, Copy, Debug)]
@@ -334,6 +285,72 @@ pub enum RowChange<'a> {
     Delete {
         old: &'a [Val],
     },
+}
+
+impl RowChange<'_> {
+    /// Checks the change fits `shape`: tuple widths, a determinable key, and whole images
+    /// where they must be (a new row inserted, an old row).
+    pub fn check(&self, shape: &TableShape) -> Result<(), FoldError> {
+        let relid = shape.relid;
+        let check = |got: usize| {
+            if got == shape.columns {
+                Ok(())
+            } else {
+                Err(FoldError::WidthMismatch {
+                    relid,
+                    expected: shape.columns,
+                    got,
+                })
+            }
+        };
+        let whole = |image: &[Val]| {
+            if image.iter().all(|v| v.is_known()) {
+                Ok(())
+            } else {
+                Err(FoldError::UnchangedToastInImage)
+            }
+        };
+        match *self {
+            RowChange::Insert { new } => {
+                check(new.len())?;
+                whole(new)?;
+            }
+            RowChange::Delete { old } => {
+                check(old.len())?;
+                whole(old)?;
+            }
+            RowChange::Update { old, new } => {
+                check(new.len())?;
+                if let Some(old) = old {
+                    check(old.len())?;
+                    whole(old)?;
+                } else if shape.key.iter().any(|&c| !new[c].is_known()) {
+                    return Err(FoldError::UnknownKey { relid });
+                }
+            }
+        }
+        if let Some(&c) = shape.key.iter().find(|&&c| c >= shape.columns) {
+            return Err(FoldError::WidthMismatch {
+                relid,
+                expected: shape.columns,
+                got: c + 1,
+            });
+        }
+        Ok(())
+    }
+
+    /// The same change with owned values (strict-order replay, tables replayed in order).
+    pub fn to_change(&self, arena: &Arena) -> Change {
+        let values = |image: &[Val]| image.iter().map(|&v| arena.value(v)).collect();
+        match *self {
+            RowChange::Insert { new } => Change::Insert { new: values(new) },
+            RowChange::Update { old, new } => Change::Update {
+                old: old.map(values),
+                new: new.iter().map(|&v| arena.column(v)).collect(),
+            },
+            RowChange::Delete { old } => Change::Delete { old: values(old) },
+        }
+    }
 }
 
 /// A change the fold cannot take. [`BatchFolder::push`] leaves the folder unchanged on error.
@@ -648,51 +665,8 @@ impl BatchFolder {
     /// the one this table had earlier in the batch, an update whose key cannot be determined,
     /// an unchanged-TOAST marker in an image that must be whole.
     pub fn push_row(&mut self, shape: &TableShape, change: RowChange<'_>) -> Result<(), FoldError> {
+        change.check(shape)?;
         let relid = shape.relid;
-        let check = |got: usize| {
-            if got == shape.columns {
-                Ok(())
-            } else {
-                Err(FoldError::WidthMismatch {
-                    relid,
-                    expected: shape.columns,
-                    got,
-                })
-            }
-        };
-        let whole = |image: &[Val]| {
-            if image.iter().all(|v| v.is_known()) {
-                Ok(())
-            } else {
-                Err(FoldError::UnchangedToastInImage)
-            }
-        };
-        match change {
-            RowChange::Insert { new } => {
-                check(new.len())?;
-                whole(new)?;
-            }
-            RowChange::Delete { old } => {
-                check(old.len())?;
-                whole(old)?;
-            }
-            RowChange::Update { old, new } => {
-                check(new.len())?;
-                if let Some(old) = old {
-                    check(old.len())?;
-                    whole(old)?;
-                } else if shape.key.iter().any(|&c| !new[c].is_known()) {
-                    return Err(FoldError::UnknownKey { relid });
-                }
-            }
-        }
-        if let Some(&c) = shape.key.iter().find(|&&c| c >= shape.columns) {
-            return Err(FoldError::WidthMismatch {
-                relid,
-                expected: shape.columns,
-                got: c + 1,
-            });
-        }
         let t = match self.by_relid.get(&relid) {
             Some(&t) => {
                 if self.tables[t].shape != *shape {
@@ -969,17 +943,20 @@ impl TableState {
     /// The logged changes with owned values.
     fn original(&self, arena: &Arena) -> Vec<Change> {
         let n = self.shape.columns;
-        let image = |at: Option<u32>| &self.log_vals[at.unwrap_or(0) as usize..][..n];
-        let values = |at| image(at).iter().map(|&v| arena.value(v)).collect();
+        let image = |at: u32| &self.log_vals[at as usize..][..n];
         self.log
             .iter()
-            .map(|l| match l.kind {
-                INSERT => Change::Insert { new: values(l.new) },
-                UPDATE => Change::Update {
-                    old: l.old.map(|o| values(Some(o))),
-                    new: image(l.new).iter().map(|&v| arena.column(v)).collect(),
-                },
-                _ => Change::Delete { old: values(l.old) },
+            .map(|l| {
+                match (l.kind, l.old, l.new) {
+                    (INSERT, _, Some(new)) => RowChange::Insert { new: image(new) },
+                    (UPDATE, old, Some(new)) => RowChange::Update {
+                        old: old.map(image),
+                        new: image(new),
+                    },
+                    (_, Some(old), _) => RowChange::Delete { old: image(old) },
+                    _ => unreachable!("every logged change has an image"),
+                }
+                .to_change(arena)
             })
             .collect()
     }
@@ -1392,43 +1369,29 @@ mod tests {
         let s = TableShape::from_relation(&rel);
         assert_eq!((s.relid, s.columns, s.key.clone()), (5, 3, vec![0]));
         assert!(!s.identity_full_without_key);
-        let mut new = pg::TupleData::text([Some("1"), None, Some("x")]);
-        new.values[2] = pg::TupleValue::UnchangedToast;
-        let u = pg::Update {
-            xid: None,
-            relid: 5,
+        let mut arena = Arena::default();
+        let one = arena.push(Some(b"1"));
+        let new = [one, Val::NULL, Val::UNCHANGED_TOAST];
+        let u = RowChange::Update {
             old: None,
-            new: new.clone(),
+            new: &new,
         };
+        assert_eq!(u.check(&s), Ok(()));
         assert_eq!(
-            Change::from_message(pg::LogicalMessage::Update(u))
-                .unwrap()
-                .unwrap(),
+            u.to_change(&arena),
             Change::Update {
                 old: None,
                 new: vec![k("1"), ColumnValue::Known(None), U]
             }
         );
-        let i = pg::Insert {
-            xid: None,
-            relid: 5,
-            new,
-        };
         assert_eq!(
-            Change::from_message(pg::LogicalMessage::Insert(i)).unwrap(),
+            RowChange::Insert { new: &new }.check(&s),
             Err(FoldError::UnchangedToastInImage)
         );
-        let d = pg::Delete {
-            xid: None,
-            relid: 5,
-            old: pg::OldTuple::Key(pg::TupleData::text([Some("1"), None, None])),
-        };
-        assert_eq!(
-            Change::from_message(pg::LogicalMessage::Delete(d))
-                .unwrap()
-                .unwrap(),
-            del("1")
-        );
+        let old = [one, Val::NULL, Val::NULL];
+        let d = RowChange::Delete { old: &old };
+        assert_eq!(d.check(&s), Ok(()));
+        assert_eq!(d.to_change(&arena), del("1"));
     }
 
     // ---- the oracle ----------------------------------------------------------------------

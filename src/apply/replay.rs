@@ -28,7 +28,7 @@ use super::wire::{self, EncodedArray, Wire};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, LogicalMessage, Relation, TupleValue, TypeInfo};
+use crate::source::pgoutput::{self, LogicalMessage, Relation, TypeInfo};
 use crate::sql::quote_literal;
 use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
 
@@ -792,14 +792,11 @@ impl Applier {
                     }
                 }
                 TxnEvent::Change(rec) | TxnEvent::Standalone(rec) => {
-                    // The hot path: a row change goes from the record's bytes straight into
-                    // the batch's arena (strict order keeps the owned form below).
-                    let row = if strict {
-                        None
-                    } else {
-                        pgoutput::decode_row(&rec.payload)
-                            .map_err(|source| ReplayError::Decode { lsn, source })?
-                    };
+                    // A row change goes from the record's bytes straight into an arena: the
+                    // batch's (folded), or a scratch one turned into an owned change (strict
+                    // order).
+                    let row = pgoutput::decode_row(&rec.payload)
+                        .map_err(|source| ReplayError::Decode { lsn, source })?;
                     if let Some(row) = row {
                         self.begin(&mut batch);
                         if self.rels.get(&row.relid).is_none_or(|e| e.dest.is_none())
@@ -809,7 +806,39 @@ impl Applier {
                             return Ok(p);
                         }
                         self.dest(row.relid, lsn).await?;
-                        self.fold_row(&row, lsn, &mut batch.folder)?;
+                        if strict {
+                            let mut arena = Arena::default();
+                            self.intern_row(&row, lsn, &mut arena)?;
+                            let change = self.scratch_change(&row);
+                            change
+                                .check(self.shape(row.relid))
+                                .map_err(|source| ReplayError::Fold { lsn, source })?;
+                            let change = change.to_change(&arena);
+                            if let Err(p) = self.begin_now(config, report, &mut batch).await? {
+                                return Ok(p);
+                            }
+                            let dest = self.rels[&row.relid].dest.clone().expect("mapped");
+                            if let Err(e) =
+                                self.writer().main().apply_one(&dest, &change, lsn).await
+                            {
+                                self.writer().rollback().await;
+                                return Err(match e {
+                                    WriteError::Db(e) => ReplayError::Apply {
+                                        lsn,
+                                        table: dest.name(),
+                                        what: describe_change(&dest, &change),
+                                        source: e,
+                                    },
+                                    WriteError::Fatal(e) => e,
+                                });
+                            }
+                        } else {
+                            self.intern_row(&row, lsn, batch.folder.arena())?;
+                            batch
+                                .folder
+                                .push_row(self.shape(row.relid), self.scratch_change(&row))
+                                .map_err(|source| ReplayError::Fold { lsn, source })?;
+                        }
                         if let Err(p) = self.counted(config, &mut batch, report, strict).await? {
                             return Ok(p);
                         }
@@ -843,54 +872,6 @@ impl Applier {
                         }
                         LogicalMessage::Type(t) => {
                             self.types.insert(t.oid, t);
-                        }
-                        LogicalMessage::Insert(_)
-                        | LogicalMessage::Update(_)
-                        | LogicalMessage::Delete(_) => {
-                            self.begin(&mut batch);
-                            let relid = match &msg {
-                                LogicalMessage::Insert(i) => i.relid,
-                                LogicalMessage::Update(u) => u.relid,
-                                LogicalMessage::Delete(d) => d.relid,
-                                _ => unreachable!("row changes"),
-                            };
-                            if self.rels.get(&relid).is_none_or(|e| e.dest.is_none())
-                                && let Err(p) = self.idle(config, report).await?
-                            {
-                                // Catalog lookups need the connection to themselves.
-                                return Ok(p);
-                            }
-                            let change = self.decode_change(msg, lsn).await?;
-                            if strict {
-                                if let Err(p) = self.begin_now(config, report, &mut batch).await? {
-                                    return Ok(p);
-                                }
-                                let dest = self.rels[&relid].dest.clone().expect("mapped");
-                                if let Err(e) =
-                                    self.writer().main().apply_one(&dest, &change, lsn).await
-                                {
-                                    self.writer().rollback().await;
-                                    return Err(match e {
-                                        WriteError::Db(e) => ReplayError::Apply {
-                                            lsn,
-                                            table: dest.name(),
-                                            what: describe_change(&dest, &change),
-                                            source: e,
-                                        },
-                                        WriteError::Fatal(e) => e,
-                                    });
-                                }
-                            } else {
-                                let shape = self.rels[&relid].shape.as_ref().expect("mapped");
-                                batch
-                                    .folder
-                                    .push(shape, change)
-                                    .map_err(|e| ReplayError::Fold { lsn, source: e })?;
-                            }
-                            if let Err(p) = self.counted(config, &mut batch, report, strict).await?
-                            {
-                                return Ok(p);
-                            }
                         }
                         LogicalMessage::Truncate(t) => {
                             self.begin(&mut batch);
@@ -982,20 +963,20 @@ impl Applier {
         Ok(Ok(()))
     }
 
-    /// Takes a row change into the batch: its values copied into the folder's arena (checked
-    /// to be UTF-8, as the target's text input needs), then folded.
-    fn fold_row(
+    /// Copies a row change's values into `arena`, each checked to be UTF-8 (values travel to
+    /// the target as text), into the scratch images [`scratch_change`](Self::scratch_change)
+    /// reads. Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed values
+    /// the new image leaves out, so the update can be written (and transformed) completely.
+    fn intern_row(
         &mut self,
         row: &pgoutput::RowRef<'_>,
         lsn: Lsn,
-        folder: &mut BatchFolder,
+        arena: &mut Arena,
     ) -> Result<(), ReplayError> {
         let entry = &self.rels[&row.relid];
-        let shape = entry.shape.as_ref().expect("mapped before folding");
         let (old, new) = (&mut self.scratch.0, &mut self.scratch.1);
         old.clear();
         new.clear();
-        let arena = folder.arena();
         let mut intern = |tuple: &pgoutput::TupleRef<'_>, out: &mut Vec<Val>| {
             for (i, v) in tuple.values().enumerate() {
                 out.push(match v {
@@ -1026,31 +1007,38 @@ impl Applier {
         if let Some(t) = &row.new {
             intern(t, new)?;
         }
-        let change = match row.kind {
-            pgoutput::RowKind::Insert => RowChange::Insert { new },
-            pgoutput::RowKind::Delete => RowChange::Delete { old },
-            pgoutput::RowKind::Update => {
-                // Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed
-                // values the new image leaves out, so the update can be written (and
-                // transformed) completely.
-                if entry.rel.replica_identity == pgoutput::ReplicaIdentity::Full
-                    && old.len() == new.len()
-                {
-                    for (n, &o) in new.iter_mut().zip(old.iter()) {
-                        if !n.is_known() {
-                            *n = o;
-                        }
-                    }
-                }
-                RowChange::Update {
-                    old: row.old.is_some().then_some(old.as_slice()),
-                    new,
+        if row.kind == pgoutput::RowKind::Update
+            && entry.rel.replica_identity == pgoutput::ReplicaIdentity::Full
+            && old.len() == new.len()
+        {
+            for (n, &o) in new.iter_mut().zip(old.iter()) {
+                if !n.is_known() {
+                    *n = o;
                 }
             }
-        };
-        folder
-            .push_row(shape, change)
-            .map_err(|source| ReplayError::Fold { lsn, source })
+        }
+        Ok(())
+    }
+
+    /// The change [`intern_row`](Self::intern_row) last took in.
+    fn scratch_change(&self, row: &pgoutput::RowRef<'_>) -> RowChange<'_> {
+        let (old, new) = (&self.scratch.0, &self.scratch.1);
+        match row.kind {
+            pgoutput::RowKind::Insert => RowChange::Insert { new },
+            pgoutput::RowKind::Delete => RowChange::Delete { old },
+            pgoutput::RowKind::Update => RowChange::Update {
+                old: row.old.is_some().then_some(old.as_slice()),
+                new,
+            },
+        }
+    }
+
+    /// The fold shape of a table whose destination is known.
+    fn shape(&self, relid: u32) -> &TableShape {
+        self.rels[&relid]
+            .shape
+            .as_ref()
+            .expect("mapped before its changes are taken in")
     }
 
     /// Opens the batch (BEGIN goes out with its first write).
@@ -1075,71 +1063,6 @@ impl Applier {
             entry.dest = Some(dest);
         }
         Ok(entry.dest.as_ref().expect("just mapped"))
-    }
-
-    async fn decode_change(
-        &mut self,
-        msg: LogicalMessage,
-        lsn: Lsn,
-    ) -> Result<Change, ReplayError> {
-        let relid = match &msg {
-            LogicalMessage::Insert(i) => i.relid,
-            LogicalMessage::Update(u) => u.relid,
-            LogicalMessage::Delete(d) => d.relid,
-            _ => unreachable!("only row changes"),
-        };
-        self.dest(relid, lsn).await?;
-        let entry = &self.rels[&relid];
-        let columns = entry.shape.as_ref().map_or(1, |s| s.columns.max(1));
-        let rel = &entry.rel;
-        // Values go to the target as text in UTF-8; anything else would be silently mangled.
-        let values: Box<dyn Iterator<Item = &TupleValue>> = match &msg {
-            LogicalMessage::Insert(i) => Box::new(i.new.values.iter()),
-            LogicalMessage::Update(u) => Box::new(
-                u.new
-                    .values
-                    .iter()
-                    .chain(u.old.iter().flat_map(|o| o.tuple().values.iter())),
-            ),
-            LogicalMessage::Delete(d) => Box::new(d.old.tuple().values.iter()),
-            _ => unreachable!("only row changes"),
-        };
-        for (i, v) in values.enumerate() {
-            if let TupleValue::Text(b) | TupleValue::Binary(b) = v
-                && std::str::from_utf8(b).is_err()
-            {
-                let column = rel
-                    .columns
-                    .get(i % columns)
-                    .map(|c| c.name.clone())
-                    .unwrap_or_default();
-                return Err(ReplayError::Encoding {
-                    lsn,
-                    table: entry.dest.as_ref().map(Dest::name).unwrap_or_default(),
-                    column,
-                });
-            }
-        }
-        let full = rel.replica_identity == pgoutput::ReplicaIdentity::Full;
-        let mut change = Change::from_message(msg)
-            .expect("only row changes")
-            .map_err(|source| ReplayError::Fold { lsn, source })?;
-        // Under REPLICA IDENTITY FULL the old row is whole: it supplies the TOASTed values the
-        // new image leaves out, so the update can be written (and transformed) completely.
-        if let Change::Update {
-            old: Some(old),
-            new,
-        } = &mut change
-            && full
-            && old.len() == new.len()
-        {
-            for (n, o) in new.iter_mut().zip(old.iter()) {
-                if !n.is_known() {
-                    *n = ColumnValue::Known(o.clone());
-                }
-            }
-        }
-        Ok(change)
     }
 
     /// Ends the batch: its changes, the progress row and COMMIT go to the writer (strict
@@ -1891,8 +1814,7 @@ fn in_key_order(
     let number = |n: usize| {
         arena
             .get(key(n))
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|s| s.parse::<i64>().ok())
+            .and_then(wire::parse_int)
             .unwrap_or(i64::MAX)
     };
     let mut keyed: Vec<(i64, usize)> = rows.iter().map(|&n| (number(n), n)).collect();
@@ -1910,7 +1832,7 @@ fn types(params: &[(&'static str, EncodedArray)]) -> Vec<&'static str> {
 /// A value as the text parameter it travels as. Checked to be UTF-8 when it was decoded.
 fn text(v: &Value) -> Option<&str> {
     v.as_ref()
-        .map(|b| std::str::from_utf8(b).expect("checked in decode_change"))
+        .map(|b| std::str::from_utf8(b).expect("checked in intern_row"))
 }
 
 fn describe_change(dest: &Dest, change: &Change) -> String {

@@ -267,7 +267,7 @@ fn fixed<'a, const W: usize>(
 
 /// Accepts exactly what `str::parse::<i64>` accepts: an optional sign, then ASCII digits.
 #[inline]
-fn parse_int(b: &[u8]) -> Option<i64> {
+pub fn parse_int(b: &[u8]) -> Option<i64> {
     let (negative, digits) = match b {
         [b'-', rest @ ..] => (true, rest),
         [b'+', rest @ ..] => (false, rest),
