@@ -197,6 +197,9 @@ pub struct CaptureReport {
     pub slot_created: bool,
     /// Published tables.
     pub tables: Vec<String>,
+    /// Preflight warnings: what logical decoding does not carry (large objects, unlogged
+    /// tables, sequences).
+    pub warnings: Vec<String>,
 }
 
 mod secs {
@@ -212,6 +215,9 @@ mod secs {
 pub struct PreparedSource {
     /// Published tables.
     pub tables: Vec<TableRef>,
+    /// What the source holds that logical decoding does not carry (see
+    /// [`preflight::source_warnings`]); already logged as warnings.
+    pub warnings: Vec<String>,
     /// Source system identifier.
     pub system_id: u64,
     /// Source database name.
@@ -251,6 +257,10 @@ pub async fn prepare(
     let tables =
         preflight::ensure_publication(&client, &config.publication, config.tables.as_deref())
             .await?;
+    let warnings = preflight::source_warnings(&client).await?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
 
     let slot = client
         .query_opt(
@@ -297,6 +307,7 @@ pub async fn prepare(
     };
     Ok(PreparedSource {
         tables,
+        warnings,
         system_id: system.system_id,
         database: server.database,
         conn,
@@ -374,6 +385,7 @@ pub async fn run(
         }
     }
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
+    let warnings = prepared.warnings.clone();
     let slot_created = prepared.consistent_point.is_some();
     let resume_from = writer
         .durable_lsn()
@@ -396,6 +408,7 @@ pub async fn run(
     let mut report = stream_into(&config, stream, writer, resume_from, shutdown).await?;
     report.slot_created = slot_created;
     report.tables = tables;
+    report.warnings = warnings;
     Ok(report)
 }
 
@@ -508,6 +521,7 @@ async fn stream_into(
         elapsed: started.elapsed(),
         slot_created: false,
         tables: Vec::new(),
+        warnings: Vec::new(),
     })
 }
 

@@ -1,6 +1,13 @@
 //! Row transfer: `COPY (SELECT …) TO STDOUT (FORMAT binary)` on source sessions that imported
 //! the snapshot, streamed into `COPY … FROM STDIN (FORMAT binary)` on the target, several
 //! tables at a time, never holding more than a few rows in memory.
+//!
+//! **Contract:** every table's copy counts the rows the source sent (parsed out of the binary
+//! stream, which must end with its trailer) and compares them with the rows the target's
+//! `COPY … FROM` stored (its command tag). Any difference fails the clone naming the table and
+//! both counts: a target-side mechanism that drops or adds rows during the load (an
+//! `ENABLE ALWAYS`/`ENABLE REPLICA` trigger, which fires even with `session_replication_role =
+//! replica`) never passes as a successful clone.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -35,6 +42,8 @@ impl TablePlan {
         self.columns.join(", ")
     }
 
+    /// A table without (non-generated) columns still has rows: `SELECT FROM t` and a `COPY`
+    /// without a column list carry them as zero-field tuples.
     fn copy_out_sql(&self) -> String {
         format!(
             "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)",
@@ -45,6 +54,10 @@ impl TablePlan {
     }
 
     fn copy_in_sql(&self) -> String {
+        if self.columns.is_empty() {
+            // Without a list, COPY takes every non-generated column: none here.
+            return format!("COPY {} FROM STDIN (FORMAT binary)", self.quoted);
+        }
         format!(
             "COPY {} ({}) FROM STDIN (FORMAT binary)",
             self.quoted,
@@ -176,13 +189,6 @@ async fn copy_table(
     pb: Option<&ProgressBar>,
 ) -> Result<Copied, CloneError> {
     let ctx = |what: &str| format!("copying {} ({what})", plan.display);
-    if plan.columns.is_empty() {
-        return Ok(Copied {
-            display: plan.display.clone(),
-            rows: 0,
-            bytes: 0,
-        });
-    }
     let out = source
         .copy_out(plan.copy_out_sql().as_str())
         .await
@@ -195,10 +201,17 @@ async fn copy_table(
     pin_mut!(sink);
     let mut bytes = 0u64;
     let mut pending = 0u64;
+    let mut counter = BinaryRowCounter::default();
     // The server sends one CopyData message per row (the last one is the binary trailer).
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(sql(ctx("reading the source")))?;
         bytes += chunk.len() as u64;
+        counter
+            .feed(&chunk)
+            .map_err(|what| CloneError::CopyStream {
+                table: plan.display.clone(),
+                what,
+            })?;
         sink.as_mut()
             .feed(chunk)
             .await
@@ -211,11 +224,24 @@ async fn copy_table(
             pending = 0;
         }
     }
+    if !counter.trailer {
+        return Err(CloneError::CopyStream {
+            table: plan.display.clone(),
+            what: "the source's COPY ended without the binary trailer".into(),
+        });
+    }
     let rows = sink
         .as_mut()
         .finish()
         .await
         .map_err(sql(ctx("finishing the target COPY")))?;
+    if rows != counter.rows {
+        return Err(CloneError::RowCountMismatch {
+            table: plan.display.clone(),
+            source_rows: counter.rows,
+            target_rows: rows,
+        });
+    }
     if let Some(pb) = pb {
         pb.set_position(rows);
         pb.finish();
@@ -225,6 +251,67 @@ async fn copy_table(
         rows,
         bytes,
     })
+}
+
+/// Counts the tuples of a `COPY … (FORMAT binary)` stream fed one `CopyData` message at a
+/// time. The protocol sends each row in one message (the header rides with the first, the
+/// trailer comes last), so a tuple never spans two messages.
+#[derive(Debug, Default)]
+pub(crate) struct BinaryRowCounter {
+    header: bool,
+    /// The end-of-data marker (field count -1) was seen.
+    pub trailer: bool,
+    pub rows: u64,
+}
+
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+impl BinaryRowCounter {
+    /// Counts the tuples in `chunk`; `Err` says what is malformed.
+    pub(crate) fn feed(&mut self, mut chunk: &[u8]) -> Result<(), String> {
+        fn take<'a>(buf: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], String> {
+            if buf.len() < n {
+                return Err(format!("binary COPY data cut short in {what}"));
+            }
+            let (head, rest) = buf.split_at(n);
+            *buf = rest;
+            Ok(head)
+        }
+        fn int(buf: &mut &[u8], n: usize, what: &str) -> Result<i64, String> {
+            let b = take(buf, n, what)?;
+            Ok(match n {
+                2 => i16::from_be_bytes([b[0], b[1]]) as i64,
+                _ => i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64,
+            })
+        }
+        if !self.header {
+            if take(&mut chunk, BINARY_SIGNATURE.len(), "the header")? != BINARY_SIGNATURE {
+                return Err("binary COPY data without the PGCOPY signature".into());
+            }
+            int(&mut chunk, 4, "the header flags")?;
+            let ext = int(&mut chunk, 4, "the header extension length")?;
+            take(&mut chunk, ext.max(0) as usize, "the header extension")?;
+            self.header = true;
+        }
+        while !chunk.is_empty() {
+            if self.trailer {
+                return Err("binary COPY data after the trailer".into());
+            }
+            let fields = int(&mut chunk, 2, "a tuple's field count")?;
+            if fields == -1 {
+                self.trailer = true;
+                continue;
+            }
+            for _ in 0..fields {
+                let len = int(&mut chunk, 4, "a field length")?;
+                if len > 0 {
+                    take(&mut chunk, len as usize, "a field value")?;
+                }
+            }
+            self.rows += 1;
+        }
+        Ok(())
+    }
 }
 
 /// Copies every planned table, `parallel` at a time (largest first), each worker on its own
@@ -293,4 +380,71 @@ pub(crate) async fn copy_tables(
         .into_iter()
         .map(|c| c.expect("every table copied"))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Vec<u8> {
+        let mut v = BINARY_SIGNATURE.to_vec();
+        v.extend_from_slice(&0i32.to_be_bytes());
+        v.extend_from_slice(&0i32.to_be_bytes());
+        v
+    }
+
+    fn tuple(fields: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut v = (fields.len() as i16).to_be_bytes().to_vec();
+        for f in fields {
+            match f {
+                Some(b) => {
+                    v.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                    v.extend_from_slice(b);
+                }
+                None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn counts_tuples_of_a_binary_copy_stream() {
+        let mut c = BinaryRowCounter::default();
+        let mut first = header();
+        first.extend(tuple(&[Some(b"abc"), None]));
+        c.feed(&first).unwrap();
+        c.feed(&tuple(&[Some(b""), Some(b"\x00\x01")])).unwrap();
+        assert!(!c.trailer);
+        c.feed(&(-1i16).to_be_bytes()).unwrap();
+        assert!(c.trailer);
+        assert_eq!(c.rows, 2);
+        assert!(c.feed(&tuple(&[None])).is_err(), "data after the trailer");
+    }
+
+    #[test]
+    fn zero_column_tuples_and_empty_tables_count() {
+        let mut c = BinaryRowCounter::default();
+        let mut first = header();
+        first.extend(tuple(&[]));
+        c.feed(&first).unwrap();
+        c.feed(&tuple(&[])).unwrap();
+        c.feed(&(-1i16).to_be_bytes()).unwrap();
+        assert_eq!(c.rows, 2);
+
+        let mut empty = BinaryRowCounter::default();
+        let mut only = header();
+        only.extend((-1i16).to_be_bytes());
+        empty.feed(&only).unwrap();
+        assert!(empty.trailer);
+        assert_eq!(empty.rows, 0);
+    }
+
+    #[test]
+    fn malformed_streams_are_errors() {
+        assert!(BinaryRowCounter::default().feed(b"COPY").is_err());
+        let mut c = BinaryRowCounter::default();
+        let mut cut = header();
+        cut.extend(&tuple(&[Some(b"abcdef")])[..7]);
+        assert!(c.feed(&cut).is_err());
+    }
 }

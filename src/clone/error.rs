@@ -66,6 +66,24 @@ pub enum CloneError {
         stderr: String,
     },
 
+    /// The rows the target stored differ from the rows the source sent for a table.
+    #[error(
+        "copying {table}: the source has {source_rows} rows in the snapshot but the target stored \
+         {target_rows}; something on the target drops or adds rows during COPY (a trigger enabled \
+         ALWAYS or REPLICA fires even with session_replication_role = replica). Fix: disable it on \
+         the target (ALTER TABLE … DISABLE TRIGGER …, re-enable after the clone), then clone again \
+         with --force"
+    )]
+    RowCountMismatch {
+        table: String,
+        source_rows: u64,
+        target_rows: u64,
+    },
+
+    /// The source's binary COPY data could not be read.
+    #[error("copying {table}: {what}; the source's COPY stream is not what PostgreSQL sends")]
+    CopyStream { table: String, what: String },
+
     /// Connecting to the source or the target failed.
     #[error("{context}: {source}")]
     Connect {

@@ -13,6 +13,7 @@
 mod copy;
 mod dump;
 mod error;
+mod large_objects;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,6 +21,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
 pub use error::CloneError;
+pub use large_objects::{
+    LargeObjectCheck, LargeObjectFingerprint, check_large_objects, large_object_fingerprint,
+};
 use error::sql;
 
 use crate::conn::ConnInfo;
@@ -71,6 +75,11 @@ pub struct CloneReport {
     pub bytes: u64,
     /// Sequences set on the target.
     pub sequences: usize,
+    /// UNLOGGED tables copied as of the snapshot (also in `tables`): logical decoding does not
+    /// carry their later changes.
+    pub unlogged: Vec<String>,
+    /// Large objects copied (same OIDs); their fingerprint is in the clone state.
+    pub large_objects: u64,
     pub elapsed: Duration,
 }
 
@@ -94,6 +103,8 @@ pub struct CloneState {
     pub tables: Option<i32>,
     /// Rows copied (set when done).
     pub rows: Option<i64>,
+    /// The source's large objects as of the snapshot (set when done).
+    pub large_objects: Option<LargeObjectFingerprint>,
 }
 
 const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
@@ -104,7 +115,9 @@ const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
       started_at timestamptz NOT NULL DEFAULT now(), \
       finished_at timestamptz, \
       tables int, \
-      rows bigint)";
+      rows bigint); \
+    ALTER TABLE walshift.clone_state ADD COLUMN IF NOT EXISTS lo_count bigint, \
+      ADD COLUMN IF NOT EXISTS lo_oids_md5 text, ADD COLUMN IF NOT EXISTS lo_data_md5 text";
 
 async fn connect_target(target: &ConnInfo) -> Result<Client, CloneError> {
     target.connect().await.map_err(|e| CloneError::Connect {
@@ -128,8 +141,11 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
     }
     let row = client
         .query_opt(
-            "SELECT snapshot, state, started_at, finished_at, tables, rows \
-             FROM walshift.clone_state WHERE id = 1",
+            // Through jsonb: a record written before the large-object columns existed reads too.
+            "SELECT snapshot, state, started_at, finished_at, tables, rows, \
+               (to_jsonb(s) ->> 'lo_count')::bigint, to_jsonb(s) ->> 'lo_oids_md5', \
+               to_jsonb(s) ->> 'lo_data_md5' \
+             FROM walshift.clone_state s WHERE id = 1",
             &[],
         )
         .await
@@ -145,6 +161,13 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
         finished_at: r.get(3),
         tables: r.get(4),
         rows: r.get(5),
+        large_objects: r
+            .get::<_, Option<i64>>(6)
+            .map(|count| LargeObjectFingerprint {
+                count,
+                oids_md5: r.get::<_, Option<String>>(7).unwrap_or_default(),
+                data_md5: r.get(8),
+            }),
     }))
 }
 
@@ -243,7 +266,12 @@ pub async fn clone_database(
     let target_name = opts.target.redacted();
     let target = connect_target(&opts.target).await?;
     let state = read_state(&target).await?;
-    let existing = existing_tables(&target, tables).await?;
+    // Everything read from the source happens inside the snapshot.
+    let source = copy::snapshot_session(&opts.source, snapshot).await?;
+    let unlogged = unlogged_tables(&source, tables).await?;
+    let all: Vec<TableRef> = tables.iter().chain(&unlogged).cloned().collect();
+    check_no_double_copy(&source, &all).await?;
+    let existing = existing_tables(&target, &all).await?;
     // Tables to drop and recreate (restart) or to truncate and keep (pre-existing).
     let (drop, keep): (Vec<TableRef>, Vec<TableRef>) = match &state {
         Some(s) if !opts.force => {
@@ -268,10 +296,8 @@ pub async fn clone_database(
         None => (Vec::new(), existing),
     };
 
-    // Everything read from the source happens inside the snapshot.
-    let source = copy::snapshot_session(&opts.source, snapshot).await?;
-    let mut plans = Vec::with_capacity(tables.len());
-    for t in tables {
+    let mut plans = Vec::with_capacity(all.len());
+    for t in &all {
         plans.push(copy::plan_table(&source, &t.schema, &t.name).await?);
     }
     let programs = Programs::locate(opts.bindir.as_deref());
@@ -317,6 +343,8 @@ pub async fn clone_database(
         opts.progress,
     )
     .await?;
+    let large_objects = large_objects::copy_large_objects(&source, &target, opts.force).await?;
+    let fingerprint = large_object_fingerprint(&source).await?;
     let sequences = sync_sequences(&source, &target).await?;
     dump::apply(&programs, &opts.target, &post, "post-data", opts.force).await?;
     source
@@ -329,8 +357,14 @@ pub async fn clone_database(
     target
         .execute(
             "UPDATE walshift.clone_state SET state = 'done', finished_at = now(), \
-             tables = $1, rows = $2 WHERE id = 1",
-            &[&(copied.len() as i32), &(rows as i64)],
+             tables = $1, rows = $2, lo_count = $3, lo_oids_md5 = $4, lo_data_md5 = $5 WHERE id = 1",
+            &[
+                &(copied.len() as i32),
+                &(rows as i64),
+                &fingerprint.count,
+                &fingerprint.oids_md5,
+                &fingerprint.data_md5,
+            ],
         )
         .await
         .map_err(sql("recording the finished clone on the target"))?;
@@ -339,6 +373,60 @@ pub async fn clone_database(
         rows,
         bytes,
         sequences,
+        unlogged: unlogged.iter().map(display).collect(),
+        large_objects,
         elapsed: started.elapsed(),
     })
+}
+
+/// UNLOGGED tables of the source not in `tables`. Logical decoding never sees their changes
+/// and PostgreSQL refuses to publish them; they are copied anyway, as of the snapshot, because
+/// an empty table on the copy would be a silent divergence while a snapshot copy is what a
+/// dump-and-restore would give. Preflight warns that later changes are not replicated.
+async fn unlogged_tables(source: &Client, tables: &[TableRef]) -> Result<Vec<TableRef>, CloneError> {
+    let listed: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let rows = source
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND c.relpersistence = 'u' AND NOT (c.oid = ANY($1)) \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
+               AND n.nspname !~ '^pg_(temp|toast)' ORDER BY 2, 3",
+            &[&listed],
+        )
+        .await
+        .map_err(sql("listing the source's unlogged tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableRef {
+            oid: r.get(0),
+            schema: r.get(1),
+            name: r.get(2),
+        })
+        .collect())
+}
+
+/// Refuses a table list that holds a partitioned table and one of its partitions: the rows of
+/// that partition would be copied twice (once through the root, once on their own).
+async fn check_no_double_copy(source: &Client, tables: &[TableRef]) -> Result<(), CloneError> {
+    let quoted: Vec<String> = tables.iter().map(TableRef::quoted).collect();
+    let overlap = source
+        .query(
+            "WITH l AS (SELECT to_regclass(q) AS rel FROM unnest($1::text[]) q) \
+             SELECT r.rel::text, t.relid::regclass::text FROM l r \
+             CROSS JOIN LATERAL pg_partition_tree(r.rel) t \
+             WHERE t.relid <> r.rel AND t.relid IN (SELECT rel FROM l) ORDER BY 1, 2",
+            &[&quoted],
+        )
+        .await
+        .map_err(sql("checking the tables for partitions listed with their root"))?;
+    if let Some(r) = overlap.first() {
+        return Err(CloneError::Options(format!(
+            "the tables to clone hold the partitioned table {} and its partition {}: its rows would \
+             be copied twice. Publish either the partitioned table or its partitions, not both",
+            r.get::<_, String>(0),
+            r.get::<_, String>(1)
+        )));
+    }
+    Ok(())
 }

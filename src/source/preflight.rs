@@ -33,13 +33,13 @@ pub enum PreflightError {
     )]
     TableNotFound { name: String },
 
+    /// Source objects walshift cannot carry faithfully; nothing was created on the source.
     #[error(
-        "{} table(s) cannot be captured because UPDATE/DELETE rows would have no key:\n{}",
-        .tables.len(),
-        .tables.iter().map(|t| format!("  - {t}: add a primary key (ALTER TABLE {t} ADD PRIMARY KEY (…)) \
-            or set ALTER TABLE {t} REPLICA IDENTITY FULL")).collect::<Vec<_>>().join("\n")
+        "{} source object(s) cannot be carried faithfully (nothing was created on the source):\n{}",
+        .refusals.len(),
+        .refusals.iter().map(|r| format!("  - {r}")).collect::<Vec<_>>().join("\n")
     )]
-    NoReplicaIdentity { tables: Vec<String> },
+    Refused { refusals: Vec<Refusal> },
 
     #[error(
         "publication {name:?} already exists and publishes {existing:?}, not the requested {requested:?}. \
@@ -64,6 +64,21 @@ fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> PreflightError + 
     move |source| PreflightError::Sql {
         context: context.to_owned(),
         source,
+    }
+}
+
+/// One source object walshift cannot carry faithfully: which, why, and the fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The object, e.g. `table "public"."t"` or `publication "walshift"`.
+    pub object: String,
+    pub reason: String,
+    pub fix: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}. Fix: {}", self.object, self.reason, self.fix)
     }
 }
 
@@ -144,9 +159,12 @@ pub async fn check_server(client: &Client) -> Result<ServerInfo, PreflightError>
 /// Makes sure publication `name` exists and returns the tables it carries.
 ///
 /// `tables`: `None` publishes every user table (`FOR ALL TABLES`); `Some` publishes exactly
-/// those. Every table is checked for a usable replica identity *before* the publication is
-/// created. An existing publication is used as it is (after the same check), unless `tables`
-/// asks for a different set.
+/// those. An existing publication is used as it is unless `tables` asks for a different set.
+///
+/// Contract: every check runs *before* the publication is created, and any refusal returns
+/// [`PreflightError::Refused`] listing every offending object at once (see
+/// [`check_tables`] and [`check_publication`]); the caller creates the slot only after this
+/// returned `Ok`.
 pub async fn ensure_publication(
     client: &Client,
     name: &str,
@@ -176,14 +194,21 @@ pub async fn ensure_publication(
                 });
             }
         }
-        check_replica_identity(client, &existing).await?;
+        let mut refusals = check_publication(client, name, &existing).await?;
+        refusals.extend(check_tables(client, &existing).await?);
+        if !refusals.is_empty() {
+            return Err(PreflightError::Refused { refusals });
+        }
         return Ok(existing);
     }
     let candidates = match &requested {
         Some(r) => r.clone(),
         None => all_user_tables(client).await?,
     };
-    check_replica_identity(client, &candidates).await?;
+    let refusals = check_tables(client, &candidates).await?;
+    if !refusals.is_empty() {
+        return Err(PreflightError::Refused { refusals });
+    }
     let ddl = match &requested {
         None => format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name)),
         Some(r) => format!(
@@ -262,42 +287,247 @@ pub async fn publication_tables(
     Ok(rows.iter().map(TableRef::from_row).collect())
 }
 
-/// Every table must have a primary key, a replica identity index, or REPLICA IDENTITY FULL.
-pub async fn check_replica_identity(
+/// What an existing publication does that walshift cannot follow faithfully:
+/// - not publishing every operation (insert, update, delete, truncate): the missing ones would
+///   never reach the copy;
+/// - `publish_via_partition_root = true` with a partitioned table: pgoutput never sends a
+///   TRUNCATE of a single partition in that mode, so the copy would keep its rows;
+/// - (PostgreSQL 15+) a row filter or a column list: the clone copies whole tables, the stream
+///   would carry only part of them.
+pub async fn check_publication(
+    client: &Client,
+    name: &str,
+    tables: &[TableRef],
+) -> Result<Vec<Refusal>, PreflightError> {
+    let row = client
+        .query_one(
+            "SELECT pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, \
+               current_setting('server_version_num')::int FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(sql("reading the publication's options"))?;
+    let publication = format!("publication {}", quote_ident(name));
+    let mut refusals = Vec::new();
+    let ops: Vec<&str> = ["insert", "update", "delete", "truncate"]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, op)| op)
+        .collect();
+    if !ops.is_empty() {
+        refusals.push(Refusal {
+            object: publication.clone(),
+            reason: format!(
+                "it does not publish {}: those changes would never reach the copy",
+                ops.join(", ")
+            ),
+            fix: format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate'), or drop it \
+                 and let walshift create its own",
+                quote_ident(name)
+            ),
+        });
+    }
+    let via_root: bool = row.get(4);
+    let version: i32 = row.get(5);
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    if via_root {
+        let partitioned = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = ANY($1) AND c.relkind = 'p' ORDER BY 1, 2",
+                &[&oids],
+            )
+            .await
+            .map_err(sql("looking for partitioned tables in the publication"))?;
+        if !partitioned.is_empty() {
+            let names: Vec<String> = partitioned
+                .iter()
+                .map(|r| quote_qualified(r.get(0), r.get(1)))
+                .collect();
+            refusals.push(Refusal {
+                object: publication.clone(),
+                reason: format!(
+                    "it has publish_via_partition_root = true and publishes the partitioned table(s) {}: \
+                     in that mode pgoutput never sends a TRUNCATE of a single partition, so the copy \
+                     would silently keep that partition's rows",
+                    names.join(", ")
+                ),
+                fix: format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = false), or drop it and let \
+                     walshift create its own",
+                    quote_ident(name)
+                ),
+            });
+        }
+    }
+    if version >= 150000 {
+        let partial = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text, pr.prqual IS NOT NULL, pr.prattrs IS NOT NULL \
+                 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+                 JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE p.pubname = $1 AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL) ORDER BY 1, 2",
+                &[&name],
+            )
+            .await
+            .map_err(sql("looking for row filters and column lists in the publication"))?;
+        for r in partial {
+            let table = quote_qualified(r.get(0), r.get(1));
+            let what = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
+                (true, true) => "a row filter and a column list",
+                (true, false) => "a row filter (WHERE)",
+                _ => "a column list",
+            };
+            refusals.push(Refusal {
+                object: format!("table {table}"),
+                reason: format!(
+                    "{publication} publishes it with {what}: the clone copies whole rows of every row, \
+                     the stream would carry only part of them"
+                ),
+                fix: format!(
+                    "ALTER PUBLICATION {q} DROP TABLE {table}; ALTER PUBLICATION {q} ADD TABLE {table}; \
+                     (without WHERE or column list), or let walshift create its own publication",
+                    q = quote_ident(name)
+                ),
+            });
+        }
+    }
+    Ok(refusals)
+}
+
+/// What tables (partitioned ones through their leaf partitions, which is what pgoutput
+/// publishes by default) walshift cannot carry faithfully: every published table must let
+/// UPDATE and DELETE carry a key — a primary key, a replica identity index, or `REPLICA
+/// IDENTITY FULL`. Without one, the live site's UPDATEs and DELETEs on it would fail as soon as
+/// it is published, so this runs before the publication is created.
+pub async fn check_tables(
     client: &Client,
     tables: &[TableRef],
-) -> Result<(), PreflightError> {
+) -> Result<Vec<Refusal>, PreflightError> {
     if tables.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
     let rows = client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
+               c.relispartition, c.relpersistence::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid = ANY($1) ORDER BY 1, 2",
+             WHERE c.oid IN (SELECT t.relid FROM unnest($1::oid[]) AS r(oid), \
+                             LATERAL pg_partition_tree(r.oid) t WHERE t.isleaf) \
+               AND c.relkind = 'r' \
+             ORDER BY 1, 2",
             &[&oids],
         )
         .await
         .map_err(sql("checking replica identities"))?;
-    let bad: Vec<String> = rows
-        .iter()
-        .filter(|r| {
-            let ident: String = r.get(2);
-            let has_pk: bool = r.get(3);
-            let has_ri: bool = r.get(4);
-            !matches!(
-                (ident.as_str(), has_pk, has_ri),
-                ("f", _, _) | ("d", true, _) | ("i", _, true)
+    let mut refusals = Vec::new();
+    for r in rows {
+        let table = quote_qualified(r.get(0), r.get(1));
+        let ident: String = r.get(2);
+        let has_pk: bool = r.get(3);
+        let has_ri: bool = r.get(4);
+        let partition = if r.get::<_, bool>(5) {
+            " (a partition: REPLICA IDENTITY set on the partitioned table does not reach its partitions)"
+        } else {
+            ""
+        };
+        if r.get::<_, String>(6) == "u" {
+            refusals.push(Refusal {
+                object: format!("table {table}"),
+                reason: "it is UNLOGGED: logical decoding never sees its changes, and PostgreSQL \
+                         refuses to publish it"
+                    .into(),
+                fix: format!(
+                    "ALTER TABLE {table} SET LOGGED, or leave it out of --tables (the clone copies \
+                     unlogged tables once, as of the snapshot)"
+                ),
+            });
+            continue;
+        }
+        let reason = match (ident.as_str(), has_pk, has_ri) {
+            ("f", _, _) | ("d", true, _) | ("i", _, true) => continue,
+            ("n", _, _) => format!(
+                "REPLICA IDENTITY NOTHING{partition}: once published, UPDATE and DELETE on it fail \
+                 on the live site, and no old key would reach the copy"
+            ),
+            ("i", _, false) => format!(
+                "its replica identity index is gone{partition}: UPDATE/DELETE rows would have no key"
+            ),
+            _ => format!(
+                "no primary key and no replica identity{partition}: UPDATE/DELETE rows would have no key"
+            ),
+        };
+        let fix = if has_pk {
+            format!("ALTER TABLE {table} REPLICA IDENTITY DEFAULT (its primary key)")
+        } else {
+            format!(
+                "add a primary key (ALTER TABLE {table} ADD PRIMARY KEY (…)) or set \
+                 ALTER TABLE {table} REPLICA IDENTITY FULL"
             )
-        })
-        .map(|r| quote_qualified(&r.get::<_, String>(0), &r.get::<_, String>(1)))
-        .collect();
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(PreflightError::NoReplicaIdentity { tables: bad })
+        };
+        refusals.push(Refusal {
+            object: format!("table {table}"),
+            reason,
+            fix,
+        });
     }
+    Ok(refusals)
+}
+
+/// What the source holds that logical decoding does not carry: copied once by the clone (as of
+/// the snapshot), never replicated afterwards. Each entry is one loud warning line; none stops
+/// the capture.
+///
+/// - Large objects: the clone copies them and records a fingerprint
+///   ([`crate::clone::large_object_fingerprint`]) so a change during the release is detectable.
+/// - UNLOGGED tables: copied by the clone, their later changes are lost to the copy.
+/// - Sequences: the clone sets them, cutover sets them again from the source.
+pub async fn source_warnings(client: &Client) -> Result<Vec<String>, PreflightError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_largeobject_metadata), \
+               (SELECT array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY 1) FROM pg_class c \
+                  JOIN pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' \
+                    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift')), \
+               (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift'))",
+            &[],
+        )
+        .await
+        .map_err(sql("looking for large objects, unlogged tables and sequences"))?;
+    let large_objects: i64 = row.get(0);
+    let unlogged: Option<Vec<String>> = row.get(1);
+    let sequences: i64 = row.get(2);
+    let mut out = Vec::new();
+    if large_objects > 0 {
+        out.push(format!(
+            "the source holds {large_objects} large object(s): logical decoding does not carry them. \
+             The clone copies them as of its snapshot and records their fingerprint; any lo_* change \
+             on the source after that is NOT replicated (cutover refuses when the fingerprint moved). \
+             Freeze large objects for the release, or copy them again before cutover"
+        ));
+    }
+    if let Some(tables) = unlogged.filter(|t| !t.is_empty()) {
+        out.push(format!(
+            "UNLOGGED table(s) {}: logical decoding does not see their changes. The clone copies \
+             their rows as of its snapshot; later changes on the source are NOT replicated to the \
+             copy. Make them LOGGED (ALTER TABLE … SET LOGGED) before capture if the copy needs them",
+            tables.join(", ")
+        ));
+    }
+    if sequences > 0 {
+        out.push(format!(
+            "{sequences} sequence(s) are not carried by logical decoding: the clone sets them from \
+             the source, and cutover sets them again (a replayed copy sees their clone-time values \
+             until then)"
+        ));
+    }
+    Ok(out)
 }
