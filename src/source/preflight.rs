@@ -384,7 +384,7 @@ pub async fn check_publication(
             refusals.push(Refusal {
                 object: format!("table {table}"),
                 reason: format!(
-                    "{publication} publishes it with {what}: the clone copies whole rows of every row, \
+                    "{publication} publishes it with {what}: the clone copies every row with every column, \
                      the stream would carry only part of them"
                 ),
                 fix: format!(
@@ -418,8 +418,9 @@ pub async fn check_tables(
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
                c.relispartition, c.relpersistence::text \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.oid IN (SELECT t.relid FROM unnest($1::oid[]) AS r(oid), \
-                             LATERAL pg_partition_tree(r.oid) t WHERE t.isleaf) \
+             WHERE (c.oid = ANY($1) \
+                    OR c.oid IN (SELECT t.relid FROM unnest($1::oid[]) AS r(oid), \
+                                 LATERAL pg_partition_tree(r.oid) t WHERE t.isleaf)) \
                AND c.relkind = 'r' \
              ORDER BY 1, 2",
             &[&oids],
