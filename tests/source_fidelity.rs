@@ -181,7 +181,10 @@ async fn a_table_without_columns_keeps_its_rows_through_clone() {
         .unwrap();
     assert_eq!(
         report.tables,
-        vec![("public.nocols".to_string(), 3), ("public.allgen".to_string(), 2)]
+        vec![
+            ("public.nocols".to_string(), 3),
+            ("public.allgen".to_string(), 2)
+        ]
     );
     assert_eq!(count(&target, "SELECT count(*) FROM nocols").await, 3);
     assert_eq!(
@@ -458,14 +461,21 @@ async fn large_objects_and_unlogged_tables_are_cloned_warned_about_and_changes_d
         digests(&source, &["cache"]).await
     );
     assert_eq!(
-        count(&target, "SELECT count(*) FROM pg_class WHERE relname = 'cache' AND relpersistence = 'u'").await,
+        count(
+            &target,
+            "SELECT count(*) FROM pg_class WHERE relname = 'cache' AND relpersistence = 'u'"
+        )
+        .await,
         1
     );
 
     let state = clone::clone_state(&conn(&target)).await.unwrap().unwrap();
     let recorded = state.large_objects.expect("fingerprint recorded");
     assert_eq!(recorded.count, 3);
-    assert!(recorded.data_md5.is_some(), "a superuser reads pg_largeobject");
+    assert!(
+        recorded.data_md5.is_some(),
+        "a superuser reads pg_largeobject"
+    );
     let check = clone::check_large_objects(&conn(&source), &conn(&target))
         .await
         .unwrap();

@@ -81,7 +81,9 @@ pub(crate) async fn copy_large_objects(
                 &[&oids],
             )
             .await
-            .map_err(sql("dropping the earlier clone's large objects on the target"))?;
+            .map_err(sql(
+                "dropping the earlier clone's large objects on the target",
+            ))?;
     }
     let read = source
         .prepare("SELECT lo_get($1, $2, $3)")

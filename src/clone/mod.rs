@@ -21,10 +21,10 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
 pub use error::CloneError;
+use error::sql;
 pub use large_objects::{
     LargeObjectCheck, LargeObjectFingerprint, check_large_objects, large_object_fingerprint,
 };
-use error::sql;
 
 use crate::conn::ConnInfo;
 use crate::source::preflight::TableRef;
@@ -251,7 +251,14 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// - The pre-data of the whole source database is applied (all schemas, types, functions,
 ///   sequences and tables, including unpublished tables, which stay empty), without owners,
 ///   privileges, tablespaces, publications and subscriptions; rows are copied for `tables`
-///   only; generated columns are recomputed by the target.
+///   and for every UNLOGGED table (never published; copied as of the snapshot, reported in
+///   [`CloneReport::unlogged`]); generated columns are recomputed by the target.
+/// - Every table's rows stored on the target equal the rows the source sent in the snapshot,
+///   or the clone fails with [`CloneError::RowCountMismatch`] (see `copy`'s contract).
+/// - A list holding a partitioned table and one of its partitions is refused (double copy).
+/// - Large objects are copied under the same OIDs (with `force`, target ones of the same OID
+///   are replaced) and their fingerprint as of the snapshot is recorded in the clone state
+///   ([`check_large_objects`] compares it with the source later).
 /// - On success `walshift.clone_state` on the target says `'done'`; after any failure it says
 ///   `'copying'` (once the load started) and the next call refuses without `force`.
 pub async fn clone_database(
@@ -383,7 +390,10 @@ pub async fn clone_database(
 /// and PostgreSQL refuses to publish them; they are copied anyway, as of the snapshot, because
 /// an empty table on the copy would be a silent divergence while a snapshot copy is what a
 /// dump-and-restore would give. Preflight warns that later changes are not replicated.
-async fn unlogged_tables(source: &Client, tables: &[TableRef]) -> Result<Vec<TableRef>, CloneError> {
+async fn unlogged_tables(
+    source: &Client,
+    tables: &[TableRef],
+) -> Result<Vec<TableRef>, CloneError> {
     let listed: Vec<u32> = tables.iter().map(|t| t.oid).collect();
     let rows = source
         .query(
@@ -419,7 +429,9 @@ async fn check_no_double_copy(source: &Client, tables: &[TableRef]) -> Result<()
             &[&quoted],
         )
         .await
-        .map_err(sql("checking the tables for partitions listed with their root"))?;
+        .map_err(sql(
+            "checking the tables for partitions listed with their root",
+        ))?;
     if let Some(r) = overlap.first() {
         return Err(CloneError::Options(format!(
             "the tables to clone hold the partitioned table {} and its partition {}: its rows would \

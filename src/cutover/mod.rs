@@ -596,6 +596,22 @@ async fn run_inner(
             .warnings
             .push(format!("could not read the target's clone state: {e}")),
     }
+    // Logical decoding does not carry large objects; the clone copied them and recorded a
+    // fingerprint. A moved fingerprint means the copy's large objects are stale.
+    match crate::clone::check_large_objects(&config.source, &config.target).await {
+        Ok(c) if !c.unchanged() => report.warnings.push(format!(
+            "LARGE OBJECTS CHANGED on the source since the clone (recorded: {}, now: {} large objects{}): \
+             logical decoding does not carry them, so the copy's are stale. Copy them again before \
+             switching the application over",
+            c.at_clone.as_ref().map_or("none".to_string(), |f| f.count.to_string()),
+            c.now.count,
+            if c.now.data_md5.is_none() { "; content not checked: the role cannot read pg_largeobject" } else { "" }
+        )),
+        Ok(_) => {}
+        Err(e) => report
+            .warnings
+            .push(format!("could not check the source's large objects: {e}")),
+    }
     let tgt = config.target.connect().await?;
     prepare_session(&tgt).await?;
     target::ensure_progress_table(&tgt)

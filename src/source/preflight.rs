@@ -511,7 +511,7 @@ pub async fn source_warnings(client: &Client) -> Result<Vec<String>, PreflightEr
         out.push(format!(
             "the source holds {large_objects} large object(s): logical decoding does not carry them. \
              The clone copies them as of its snapshot and records their fingerprint; any lo_* change \
-             on the source after that is NOT replicated (cutover refuses when the fingerprint moved). \
+             on the source after that is NOT replicated (cutover warns when the fingerprint moved). \
              Freeze large objects for the release, or copy them again before cutover"
         ));
     }
