@@ -491,3 +491,60 @@ async fn large_objects_and_unlogged_tables_are_cloned_warned_about_and_changes_d
     assert!(!check.unchanged(), "{check:?}");
     assert_eq!(check.now.count, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_to_do() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source
+        .execute(
+            "postgres",
+            "CREATE TABLE early (k int PRIMARY KEY); INSERT INTO early VALUES (1);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    capture_with_clone(&source, &target, dir.path())
+        .await
+        .expect("capture with clone");
+    // FOR ALL TABLES publishes a new table at once: its rows are in the stream.
+    let late = "CREATE TABLE late (k int PRIMARY KEY, v text);";
+    source
+        .execute(
+            "postgres",
+            &format!(
+                "{late} INSERT INTO late VALUES (1, 'a'), (2, 'b'); INSERT INTO early VALUES (2);"
+            ),
+        )
+        .await
+        .unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    let err = replay::run(
+        ReplayConfig::new(dir.path(), conn(&target)),
+        std::future::pending::<()>(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("\"public\".\"late\"") || err.contains("public.late"),
+        "names the table: {err}"
+    );
+    assert!(
+        err.contains("created on the source after the clone")
+            && err.contains("pg_dump --schema-only"),
+        "says what to do: {err}"
+    );
+    // Doing what it says makes the copy whole.
+    target.execute("postgres", late).await.unwrap();
+    replay::run(
+        ReplayConfig::new(dir.path(), conn(&target)),
+        std::future::pending::<()>(),
+    )
+    .await
+    .expect("replay after creating the table on the copy");
+    assert_eq!(
+        digests(&target, &["early", "late"]).await,
+        digests(&source, &["early", "late"]).await
+    );
+}

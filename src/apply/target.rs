@@ -30,8 +30,11 @@ use crate::sql::{quote_ident, quote_literal, quote_qualified};
 #[non_exhaustive]
 pub enum TargetError {
     #[error(
-        "table {table} is in the source's changes but not on the target; create it on the target \
-         (clone copies it) or stop publishing it"
+        "table {table} is in the source's changes but not on the target. If it was created on the \
+         source after the clone (FOR ALL TABLES publishes new tables at once), create it on the copy \
+         with the same definition (pg_dump --schema-only --table='{table}' <source> | psql <target>) \
+         and run replay again: its rows arrive through the stream (if it was added to the \
+         publication with rows already in it, copy those rows too). Or stop publishing it"
     )]
     MissingTable { table: String },
 
