@@ -774,7 +774,9 @@ impl Applier {
             match ev {
                 // A hold (src/apply/hold.rs): stop before a transaction committed at or after
                 // the hold LSN, everything before it committed, until the hold moves on.
-                TxnEvent::Begin(r) if !strict && self.hold.as_ref().is_some_and(|h| h.blocks(&r.payload)) => {
+                TxnEvent::Begin(r)
+                    if !strict && self.hold.as_ref().is_some_and(|h| h.blocks(&r.payload)) =>
+                {
                     if batch.open
                         && let Err(p) = self.commit(config, &mut batch, strict, report).await?
                     {
@@ -784,7 +786,10 @@ impl Applier {
                         return Ok(p);
                     }
                     let hold = self.hold.as_mut().expect("checked");
-                    if !hold.wait_at(report.applied_lsn, &r.payload, shutdown).await? {
+                    if !hold
+                        .wait_at(report.applied_lsn, &r.payload, shutdown)
+                        .await?
+                    {
                         return Ok(Pass::Done);
                     }
                 }

@@ -41,8 +41,8 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::source::preflight::{self, PreflightError};
 use crate::lsn::Lsn;
+use crate::source::preflight::{self, PreflightError};
 use crate::sql::{quote_ident, quote_literal};
 use crate::transform::mapping::{Mapping, TableName};
 use crate::transform::plan::{
@@ -521,8 +521,7 @@ async fn build_checks(
             )
             .await
             .map_err(sql_err("looking up the key types' collations on the target"))?;
-        let collatable: HashMap<String, bool> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let collatable: HashMap<String, bool> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         for k in checks.iter_mut().flat_map(|c| c.chunk.iter_mut().flatten()) {
             k.collate = collatable.get(&k.type_sql).copied().unwrap_or(true);
         }

@@ -412,8 +412,13 @@ impl Ctx<'_> {
         let mut last = None;
         let mut since = Instant::now();
         loop {
-            if let Some((reached, lsn)) =
-                hold::poll(&self.target, &self.buffer_id, &self.holder, self.opts.hold_ttl).await?
+            if let Some((reached, lsn)) = hold::poll(
+                &self.target,
+                &self.buffer_id,
+                &self.holder,
+                self.opts.hold_ttl,
+            )
+            .await?
                 && reached == g
             {
                 return Ok(lsn);
@@ -485,7 +490,10 @@ impl Ctx<'_> {
                 t_preds.push(range(keys, false, ">", lo));
             }
             let from = c.source_from_with(&s_preds);
-            let cols: Vec<String> = keys.iter().map(|k| format!("({})::text", k.source)).collect();
+            let cols: Vec<String> = keys
+                .iter()
+                .map(|k| format!("({})::text", k.source))
+                .collect();
             let order: Vec<String> = keys.iter().map(|k| k.ordered(true)).collect();
             let sql = format!(
                 "SELECT {} {from} ORDER BY {} OFFSET {} LIMIT 1",
@@ -493,10 +501,14 @@ impl Ctx<'_> {
                 order.join(", "),
                 self.opts.chunk_rows.max(1) - 1
             );
-            let row = self.source.query_opt(&sql, &[]).await.map_err(sql_err(format!(
-                "finding the next key range of {} on the source",
-                c.what()
-            )))?;
+            let row = self
+                .source
+                .query_opt(&sql, &[])
+                .await
+                .map_err(sql_err(format!(
+                    "finding the next key range of {} on the source",
+                    c.what()
+                )))?;
             if let Some(row) = row {
                 let hi: Vec<Option<String>> = (0..keys.len()).map(|i| row.get(i)).collect();
                 s_preds.push(range(keys, true, "<=", &hi));
@@ -570,12 +582,20 @@ mod tests {
             collate,
         };
         assert_eq!(
-            range(&[k("s.\"id\"", "t.\"id\"", "bigint", false)], true, ">", &[Some("7".into())]),
+            range(
+                &[k("s.\"id\"", "t.\"id\"", "bigint", false)],
+                true,
+                ">",
+                &[Some("7".into())]
+            ),
             "s.\"id\" > '7'::bigint"
         );
         assert_eq!(
             range(
-                &[k("s.\"a\"", "t.\"a\"", "text", true), k("s.\"b\"", "t.\"b\"", "integer", false)],
+                &[
+                    k("s.\"a\"", "t.\"a\"", "text", true),
+                    k("s.\"b\"", "t.\"b\"", "integer", false)
+                ],
                 false,
                 "<=",
                 &[Some("x'y".into()), Some("2".into())]
