@@ -106,7 +106,10 @@ struct Ctx<'a> {
     source: Client,
     /// Catalog lookups, the slot's position and the point messages on the source.
     source_aux: Client,
+    /// The comparison's target session.
     target: Client,
+    /// The hold and replay's position on the target (never inside the comparison's transaction).
+    target_aux: Client,
     buffer_id: String,
     slot: String,
     holder: String,
@@ -141,9 +144,10 @@ pub async fn verify_online(
             ))
         })?;
     let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
-    let (source, source_aux, target) = (
+    let (source, source_aux, target, target_aux) = (
         source_info.connect().await?,
         source_info.connect().await?,
+        target_info.connect().await?,
         target_info.connect().await?,
     );
     let checks = build_checks(&source, &target, mapping, tables).await?;
@@ -173,6 +177,7 @@ pub async fn verify_online(
         source,
         source_aux,
         target,
+        target_aux,
         holder: format!(
             "walshift verify --online (pid {}, started {:?})",
             std::process::id(),
@@ -209,7 +214,7 @@ pub async fn verify_online(
             }
         }
     }
-    let _ = hold::release(&ctx.target, &ctx.buffer_id, &ctx.holder).await;
+    let _ = hold::release(&ctx.target_aux, &ctx.buffer_id, &ctx.holder).await;
     if let Some(own) = ctx.own.take() {
         let _ = own.stop.send(true);
         match own.task.await {
@@ -325,7 +330,7 @@ impl Ctx<'_> {
             .map_err(sql_err("reading the source's WAL position"))?
             .get(0);
         let p: Lsn = now.parse().unwrap_or_default();
-        let g = hold::set(&self.target, &source_id, &holder, p, self.opts.hold_ttl).await?;
+        let g = hold::set(&self.target_aux, &source_id, &holder, p, self.opts.hold_ttl).await?;
         self.wait_reached(g, p).await?;
         // 2. The source's point: a temporary slot's exported snapshot.
         let mut repl = ReplicationConnection::connect(self.source_info).await?;
@@ -365,7 +370,7 @@ impl Ctx<'_> {
             .map_err(sql_err("writing the verify point's message on the source"))?;
         self.wait_durable(l).await?;
         // 4. The target at L.
-        let g = hold::set(&self.target, &source_id, &holder, l, self.opts.hold_ttl).await?;
+        let g = hold::set(&self.target_aux, &source_id, &holder, l, self.opts.hold_ttl).await?;
         let reached = self.wait_reached(g, l).await?;
         if reached > l {
             return Err(VerifyError::Online(format!(
@@ -380,7 +385,7 @@ impl Ctx<'_> {
             ))
             .await
             .map_err(sql_err("starting the verify transaction on the target"))?;
-        hold::release(&self.target, &source_id, &holder).await?;
+        hold::release(&self.target_aux, &source_id, &holder).await?;
         self.summary.points += 1;
         if self.summary.first_point.is_none() {
             self.summary.first_point = Some(l.to_string());
@@ -424,7 +429,7 @@ impl Ctx<'_> {
                 return Ok(lsn);
             }
             self.check_own().await?;
-            let applied = coord::applied(&self.target, &self.buffer_id)
+            let applied = coord::applied(&self.target_aux, &self.buffer_id)
                 .await
                 .map_err(sql_err("reading walshift.applied on the target"))?;
             if applied != last {
