@@ -154,6 +154,9 @@ pub async fn verify_online(
     hold::ensure_table(&target)
         .await
         .map_err(|e| VerifyError::Online(e.to_string()))?;
+    target::ensure_progress_table(&target)
+        .await
+        .map_err(|e| VerifyError::Online(e.to_string()))?;
     let settings = session_settings(&target).await?;
     let own = match coord::ReplayGuard::try_acquire(target_info, &buffer_id).await? {
         None => None,
