@@ -28,6 +28,10 @@
 //!   itself) is compared as a multiset of whole rows: its same-named columns, and differing
 //!   rows named by their whole text.
 //!
+//! - **Online** ([`verify_online`], module `online`): the same comparison chunk by chunk, each
+//!   chunk at one source position while capture and replay keep running.
+//! - **Not checked.** Every report lists what verify did not compare ([`VerifyReport::not_checked`]).
+//!
 //! [`verify`] is the library entry point (cutover calls it); `walshift verify` is its command.
 
 mod online;
