@@ -438,7 +438,12 @@ pub async fn run(
         prepared_rolled_back: resolved.rolled_back,
         ..Default::default()
     };
+    let hold = match config.follow {
+        true => Some(super::hold::HoldWatch::start(&config.target, &buffer_id).await?),
+        false => None,
+    };
     let mut applier = Applier {
+        hold,
         connections: conns.len(),
         serial_pass: false,
         scratch: Default::default(),
@@ -634,6 +639,8 @@ struct Applier {
     scratch: (Vec<Val>, Vec<Val>),
     /// A written batch's arena, emptied and reused by a later batch.
     spare_arena: Option<Arena>,
+    /// Holds set by online verify (`--follow` only; see [`super::hold`]).
+    hold: Option<super::hold::HoldWatch>,
 }
 
 /// The `--follow` status line: rate, applied position, lag behind the buffer and the source.
@@ -743,6 +750,9 @@ impl Applier {
                 if !config.follow {
                     return Ok(Pass::Done);
                 }
+                if let Some(h) = &mut self.hold {
+                    h.at_end(report.applied_lsn).await?;
+                }
                 if let Some(p) = &mut self.progress {
                     p.maybe_print(config, report, false);
                 }
@@ -762,6 +772,27 @@ impl Applier {
             };
             let lsn = rec.lsn;
             match ev {
+                // A hold (src/apply/hold.rs): stop before a transaction committed at or after
+                // the hold LSN, everything before it committed, until the hold moves on.
+                TxnEvent::Begin(r)
+                    if !strict && self.hold.as_ref().is_some_and(|h| h.blocks(&r.payload)) =>
+                {
+                    if batch.open
+                        && let Err(p) = self.commit(config, &mut batch, strict, report).await?
+                    {
+                        return Ok(p);
+                    }
+                    if let Err(p) = self.idle(config, report).await? {
+                        return Ok(p);
+                    }
+                    let hold = self.hold.as_mut().expect("checked");
+                    if !hold
+                        .wait_at(report.applied_lsn, &r.payload, shutdown)
+                        .await?
+                    {
+                        return Ok(Pass::Done);
+                    }
+                }
                 TxnEvent::Begin(_) => {}
                 TxnEvent::Commit { commit, .. } => {
                     batch.transactions += 1;
