@@ -609,9 +609,11 @@ pub async fn run(
 /// Every target session replay writes through. Generic plans: a custom plan sees the batch's
 /// thousands of keys and picks a sequential scan plus hash join over the whole table; the
 /// generic plan looks each key up through the primary key index, which is what a batch of
-/// changes wants.
+/// changes wants. Values are parsed (and, for columns compared by text, printed) with the
+/// output settings capture reads them with.
 const SESSION_SETUP: &str = "SET session_replication_role = replica; SET synchronous_commit = on; \
-     SET plan_cache_mode = force_generic_plan";
+     SET plan_cache_mode = force_generic_plan; SET DateStyle = ISO; SET IntervalStyle = postgres; \
+     SET extra_float_digits = 3";
 
 /// How long a part of a parallel batch waits for a row lock. Parts write disjoint keys, so a
 /// wait means two parts met on something else (a secondary unique index, a key move, a
