@@ -340,7 +340,10 @@ impl WriteError {
             },
             WriteError::Mismatch(m) => ReplayError::Diverged {
                 lsn,
-                table: m.table,
+                table: match dest {
+                    Dest::Same(_) => m.table,
+                    Dest::Mapped(_) => format!("{} (mapped from {})", m.table, dest.name()),
+                },
                 what: describe_change(dest, change),
                 expected: m.expected,
                 found: m.found,

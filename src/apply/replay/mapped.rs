@@ -56,7 +56,7 @@ impl Conn {
                     groups.entry((known, moved)).or_default().push(n);
                 }
             }
-            let target = t.target.to_string();
+            let target_q = t.target.quoted();
             if !tb.deletes.is_empty() || !extra_deletes.is_empty() {
                 let stmt = self.statement(tsql::delete(plan, t)).await?;
                 let params = text_params((0..plan.key.len()).map(|j| {
@@ -66,7 +66,7 @@ impl Conn {
                 }));
                 let found = self.execute_arrays(&stmt, &params).await?;
                 if !filtered {
-                    expect_rows(&target, "set-based DELETE", tb.delete_count(), found)?;
+                    expect_rows(&target_q, "set-based DELETE", tb.delete_count(), found)?;
                 }
             }
             for ((known, moved), members) in groups {
@@ -89,7 +89,7 @@ impl Conn {
                     text_params((0..ncols).map(|c| rows.iter().map(move |r| arena.get(r[c]))));
                 let found = self.execute_arrays(&stmt, &params).await?;
                 if !filtered {
-                    expect_rows(&target, "set-based INSERT", rows.len(), found)?;
+                    expect_rows(&target_q, "set-based INSERT", rows.len(), found)?;
                 }
             }
         }
@@ -136,7 +136,7 @@ impl Conn {
         ));
         if !shape.filter {
             let found = self.execute_arrays(&stmt, &params).await?;
-            return expect_rows(&t.target.to_string(), "UPDATE", rows.len(), found);
+            return expect_rows(&t.target.quoted(), "UPDATE", rows.len(), found);
         }
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -183,13 +183,14 @@ impl Conn {
         };
         let arena = &arena;
         for (ti, t) in plan.targets.iter().enumerate() {
+            let insert = matches!(change, Change::Insert { .. });
             match (&old, &new) {
-                (None, Some(new)) => {
+                (None, Some(new)) if insert => {
                     let stmt = self.statement(tsql::insert(plan, t, false)).await?;
                     let params = text_params(new.iter().map(|&v| std::iter::once(arena.get(v))));
                     let found = self.execute_arrays(&stmt, &params).await?;
                     if t.filter.is_none() {
-                        expect_rows(&t.target.to_string(), "INSERT", 1, found)?;
+                        expect_rows(&t.target.quoted(), "INSERT", 1, found)?;
                     }
                 }
                 (Some(old), None) => {
@@ -232,7 +233,7 @@ impl Conn {
         let params = text_params(key.iter().map(|&v| std::iter::once(arena.get(v))));
         let found = self.execute_arrays(&stmt, &params).await?;
         if t.filter.is_none() {
-            expect_rows(&t.target.to_string(), "DELETE", 1, found)?;
+            expect_rows(&t.target.quoted(), "DELETE", 1, found)?;
         }
         Ok(())
     }
