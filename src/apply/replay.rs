@@ -6,9 +6,11 @@
 //! ([`super::fold`]) and flushed as a few set-based statements per table whenever the folder
 //! holds `batch_rows` changes — so a single huge source transaction streams through bounded
 //! memory while staying one target transaction. The applied end LSN is recorded in the same
-//! target transaction ([`super::target`]). If a batch fails, it is rolled back and replayed
-//! in strict source order, one statement per change; a change that still fails stops replay
-//! naming the table, the source LSN and the server's error.
+//! target transaction ([`super::target`]). Every statement is checked to affect exactly the
+//! rows it must (the affected-row guard, [`crate::apply`]). If a batch fails or misses a row,
+//! it is rolled back and replayed in strict source order, one statement per change; a change
+//! that still fails stops replay naming the table, the source LSN and the server's error, and
+//! one that still misses its row stops it with [`ReplayError::Diverged`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -218,8 +218,7 @@ impl TableSql {
     /// columns, then the `set` columns (identity columns checked, as in [`update`](Self::update)).
     pub fn update_one(&self, set: &[usize]) -> String {
         let first = self.key.len() + 1;
-        let (assignments, check) =
-            self.assign_and_check(set, "", |j, c| self.param(first + j, c));
+        let (assignments, check) = self.assign_and_check(set, "", |j, c| self.param(first + j, c));
         format!(
             "UPDATE {} SET {assignments} WHERE {}{check}",
             self.qualified,
@@ -246,8 +245,7 @@ impl TableSql {
     /// all columns of the old row, then the `set` columns.
     pub fn update_one_full_row(&self, set: &[usize]) -> String {
         let first = self.columns.len() + 1;
-        let (assignments, check) =
-            self.assign_and_check(set, "", |j, c| self.param(first + j, c));
+        let (assignments, check) = self.assign_and_check(set, "", |j, c| self.param(first + j, c));
         format!(
             "UPDATE {} SET {assignments} {}{check}",
             self.qualified,
@@ -340,7 +338,10 @@ mod tests {
             d.contains("\"owner\"::text IS NOT DISTINCT FROM ($2::text::text)::text"),
             "{d}"
         );
-        assert!(d.contains("\"id\" IS NOT DISTINCT FROM $1::text::bigint"), "{d}");
+        assert!(
+            d.contains("\"id\" IS NOT DISTINCT FROM $1::text::bigint"),
+            "{d}"
+        );
         t.columns.clear();
         assert_eq!(
             t.insert_one(),
