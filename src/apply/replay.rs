@@ -113,9 +113,10 @@ pub enum ReplayError {
     )]
     UnknownRelation { relid: u32, lsn: Lsn },
     #[error(
-        "applying the source change at LSN {lsn} failed on {table} ({what}), even in strict source order: {source}. \
+        "applying the source change at LSN {lsn} failed on {table} ({what}), even in strict source order: {}. \
          Its transaction was rolled back; the target is consistent up to the previous source transaction. \
-         Fix the target (or the transform) and run replay again: it resumes there"
+         Fix the target (or the transform) and run replay again: it resumes there",
+        crate::transform::catalog::db_message(.source)
     )]
     Apply {
         lsn: Lsn,
