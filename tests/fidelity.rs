@@ -450,3 +450,49 @@ async fn mapped_delete_of_a_row_missing_on_the_target_stops_replay() {
         .unwrap();
     expect_diverged(&s, "people", &["DELETE", "id=8"]).await;
 }
+
+/// Through a mapping, the target key is the primary key's key columns (not its INCLUDE
+/// columns), or the replica identity index of a target without a primary key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapped_target_keyed_by_include_primary_key_or_replica_identity_index() {
+    let source = "
+        CREATE TABLE a1 (id int PRIMARY KEY, name text);
+        CREATE TABLE a2 (id int PRIMARY KEY, name text);
+        INSERT INTO a1 SELECT i, 'n' || i FROM generate_series(1, 10) i;
+        INSERT INTO a2 SELECT i, 'n' || i FROM generate_series(1, 10) i;";
+    let target = "
+        CREATE TABLE p1 (pid int, name text, PRIMARY KEY (pid) INCLUDE (name));
+        CREATE TABLE p2 (pid int NOT NULL, name text);
+        CREATE UNIQUE INDEX p2_pid ON p2 (pid);
+        ALTER TABLE p2 REPLICA IDENTITY USING INDEX p2_pid;
+        INSERT INTO p1 SELECT i, 'n' || i FROM generate_series(1, 10) i;
+        INSERT INTO p2 SELECT i, 'n' || i FROM generate_series(1, 10) i;";
+    let mapping = "[[table]]\nsource = \"a1\"\ntarget = \"p1\"\n[table.columns]\npid = \"id\"\n\n\
+                   [[table]]\nsource = \"a2\"\ntarget = \"p2\"\n[table.columns]\npid = \"id\"\n";
+    let s = setup_pair(source, target, Some(mapping)).await;
+    for t in ["a1", "a2"] {
+        s.source
+            .execute(
+                "postgres",
+                &format!(
+                    "UPDATE {t} SET name = 'u' WHERE id = 2; DELETE FROM {t} WHERE id = 3;
+                     UPDATE {t} SET id = 100 WHERE id = 1; INSERT INTO {t} VALUES (50, 'new');"
+                ),
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..2 {
+        s.replay(i)
+            .await
+            .unwrap_or_else(|e| panic!("replay over {} connection(s): {e}", i + 1));
+        for (src, dst) in [("a1", "p1"), ("a2", "p2")] {
+            assert_eq!(
+                rows(&s.source, src).await,
+                rows(&s.targets[i], dst).await,
+                "{dst} over {} connection(s)",
+                i + 1
+            );
+        }
+    }
+}
