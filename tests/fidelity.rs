@@ -277,6 +277,7 @@ async fn identity_and_generated_columns() {
              UPDATE idt SET name = 'renamed' WHERE pk IN (1, 11);
              UPDATE idt SET pk = 100 WHERE pk = 2;
              DELETE FROM idt WHERE pk = 3;
+             BEGIN; DELETE FROM idt WHERE pk = 5; INSERT INTO idt (pk, name) VALUES (5, 'again'); COMMIT;
              INSERT INTO idk (name) VALUES ('new');
              UPDATE idk SET name = 'renamed' WHERE id = 4;
              DELETE FROM idk WHERE id = 5;
