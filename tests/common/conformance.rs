@@ -345,6 +345,7 @@ impl Capture {
             .map_err(|e| e.to_string())?;
         let child = Command::new(env!("CARGO_BIN_EXE_walshift"))
             .args(&args)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().map_err(|e| e.to_string())?)
             .stderr(out)
@@ -405,8 +406,22 @@ impl Drop for Capture {
     }
 }
 
+/// The last `n` lines, without terminal colour codes.
 fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
+    let mut plain = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let lines: Vec<&str> = plain.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -679,6 +694,7 @@ impl Run<'_> {
     fn walshift(&self, args: &[String]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_walshift"))
             .args(args)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()
             .expect("run walshift")
@@ -730,9 +746,11 @@ impl Run<'_> {
         .map(String::from)
         .to_vec();
 
+        let log = self.work.path().join(format!("capture{i}.log"));
+        let mut capture = Capture::start(args.clone(), log.clone())?;
+        let mut cloned = self.wait_clone(&mut capture, &copies[0].db)?;
         if !phase.expect_refusal.is_empty() {
-            let out = self.walshift(&args);
-            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let err = capture.output();
             let slots: i64 = self.sql(
                 &src,
                 "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift'",
@@ -750,53 +768,39 @@ impl Run<'_> {
                 .iter()
                 .filter(|t| !err.contains(t.as_str()))
                 .collect();
-            if out.status.success() || !missing.is_empty() || slots != 0 || tables != 0 {
-                return Err(format!(
-                    "expected capture to refuse before creating anything, with a message containing {missing:?}; \
-                     it exited with {} (slot created: {}, tables on the copy: {tables}), output:\n{}",
-                    out.status,
+            let refused = matches!(cloned, Some(st) if !st.success());
+            if !refused || !missing.is_empty() || slots != 0 || tables != 0 {
+                let how = match cloned {
+                    None => "it started and cloned".to_owned(),
+                    Some(st) => format!("it exited with {st}"),
+                };
+                self.problem(format!(
+                    "phase {i}: expected capture to refuse before creating anything, with a message \
+                     containing {missing:?}; {how} (slot created: {}, tables on the copy: {tables}), \
+                     output:\n{}",
                     slots != 0,
                     tail(&err, 25)
                 ));
-            }
-            self.log("refused as expected");
-            self.outcome.syncs.push(("expected refusal".into(), true));
-            if has_sql(&phase.fix) {
-                self.psql(&src, &phase.fix, "the plan's @fix")?;
+                self.outcome.syncs.push(("expected refusal".into(), false));
+                if cloned.is_some() {
+                    return Err("no capture to continue with".into());
+                }
             } else {
-                return Ok(());
+                self.log("refused as expected");
+                self.outcome.syncs.push(("expected refusal".into(), true));
+                if !has_sql(&phase.fix) {
+                    return Ok(());
+                }
+                self.psql(&src, &phase.fix, "the plan's @fix")?;
+                capture = Capture::start(args, log)?;
+                cloned = self.wait_clone(&mut capture, &copies[0].db)?;
             }
         }
-
-        let mut capture = Capture::start(args, self.work.path().join(format!("capture{i}.log")))?;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            if let Some(st) = capture.exited() {
-                return Err(format!(
-                    "capture exited with {st} before the clone was done:\n{}",
-                    capture.tail()
-                ));
-            }
-            let rows = self.sql(
-                &self.tgt_conn(&copies[0].db),
-                "SELECT to_regclass('walshift.clone_state') IS NOT NULL",
-            )?;
-            if rows[0].get::<_, bool>(0) {
-                let st = self.sql(
-                    &self.tgt_conn(&copies[0].db),
-                    "SELECT state FROM walshift.clone_state WHERE id = 1",
-                )?;
-                if st.first().is_some_and(|r| r.get::<_, &str>(0) == "done") {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the clone did not finish in 180 s:\n{}",
-                    capture.tail()
-                ));
-            }
-            std::thread::sleep(POLL);
+        if let Some(st) = cloned {
+            return Err(format!(
+                "capture exited with {st} before the clone was done:\n{}",
+                capture.tail()
+            ));
         }
         self.log("clone done");
         for w in &phase.expect_warning {
@@ -860,6 +864,40 @@ impl Run<'_> {
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots",
         )?;
         Ok(())
+    }
+
+    /// Waits until the clone is done (`None`) or capture exits (its status).
+    fn wait_clone(
+        &self,
+        capture: &mut Capture,
+        db: &str,
+    ) -> Result<Option<std::process::ExitStatus>, String> {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(st) = capture.exited() {
+                return Ok(Some(st));
+            }
+            let rows = self.sql(
+                &self.tgt_conn(db),
+                "SELECT to_regclass('walshift.clone_state') IS NOT NULL",
+            )?;
+            if rows[0].get::<_, bool>(0) {
+                let st = self.sql(
+                    &self.tgt_conn(db),
+                    "SELECT state FROM walshift.clone_state WHERE id = 1",
+                )?;
+                if st.first().is_some_and(|r| r.get::<_, &str>(0) == "done") {
+                    return Ok(None);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the clone did not finish in 180 s:\n{}",
+                    capture.tail()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     fn template_copy(&self, from: &str, to: &str) -> Result<(), String> {
