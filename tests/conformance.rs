@@ -9,44 +9,50 @@ mod conformance;
 
 use conformance::{Dest, RunOptions, Step, assert_conforms, parse_segments, run_workload};
 
-#[test]
-fn h1_pg_subscription_types() {
-    assert_conforms("H1-pg-subscription-types");
+macro_rules! workloads {
+    ($($test:ident => $folder:literal,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                assert_conforms($folder);
+            }
+        )*
+        const FOLDERS: &[&str] = &[$($folder),*];
+    };
+}
+
+workloads! {
+    h1_pg_subscription_types => "H1-pg-subscription-types",
+    h2_pg_subscription_partitions_truncate => "H2-pg-subscription-partitions-truncate",
+    h3_pagila_cdc => "H3-pagila-cdc",
+    h4_pg_subscription_rep_changes => "H4-pg-subscription-rep-changes",
+    x01_types_and_names => "X01-types-and-names",
+    x02_include_key => "X02-include-key",
+    x03_identity_columns => "X03-identity-columns",
+    x04_replica_identity_index => "X04-replica-identity-index",
+    x05_no_columns => "X05-no-columns",
+    x06_full_identity_json_point => "X06-full-identity-json-point",
+    x07_truncate_cascade_restart_identity => "X07-truncate-cascade-restart-identity",
+    x08_key_swaps => "X08-key-swaps",
+    x09_unlogged_table => "X09-unlogged-table",
+    x10_large_objects => "X10-large-objects",
+    x11_tables_added_mid_stream => "X11-tables-added-mid-stream",
 }
 
 #[test]
-fn h2_pg_subscription_partitions_truncate() {
-    assert_conforms("H2-pg-subscription-partitions-truncate");
-}
-
-#[test]
-fn h3_pagila_cdc() {
-    assert_conforms("H3-pagila-cdc");
-}
-
-#[test]
-fn h4_pg_subscription_rep_changes() {
-    assert_conforms("H4-pg-subscription-rep-changes");
-}
-
-#[test]
-fn x1_types_and_names() {
-    assert_conforms("X1-types-and-names");
-}
-
-#[test]
-fn x2_keys_and_identities() {
-    assert_conforms("X2-keys-and-identities");
-}
-
-#[test]
-fn x3_not_replicated_objects() {
-    assert_conforms("X3-not-replicated-objects");
-}
-
-#[test]
-fn x4_tables_added_mid_stream() {
-    assert_conforms("X4-tables-added-mid-stream");
+fn every_workload_folder_has_a_test() {
+    let mut found: Vec<String> = std::fs::read_dir(conformance::workloads_dir())
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            (e.path().is_dir() && name != "pagila").then_some(name)
+        })
+        .collect();
+    found.sort();
+    let mut listed: Vec<String> = FOLDERS.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(found, listed);
 }
 
 /// The harness itself: a copy that differs by one row value, by a missing row, or by a table

@@ -585,6 +585,7 @@ struct Run<'a> {
     opts: &'a RunOptions,
     outcome: Outcome,
     started: Instant,
+    captures: usize,
 }
 
 /// Runs a workload folder, returning everything it found.
@@ -610,6 +611,7 @@ pub fn run_workload(dir: &Path, opts: &RunOptions) -> Outcome {
         opts,
         outcome: Outcome::default(),
         started: Instant::now(),
+        captures: 0,
     };
     for (i, phase) in phases.iter().enumerate() {
         if let Err(e) = run.phase(i, phase) {
@@ -746,8 +748,7 @@ impl Run<'_> {
         .map(String::from)
         .to_vec();
 
-        let log = self.work.path().join(format!("capture{i}.log"));
-        let mut capture = Capture::start(args.clone(), log.clone())?;
+        let mut capture = Capture::start(args.clone(), self.capture_log(i))?;
         let mut cloned = self.wait_clone(&mut capture, &copies[0].db)?;
         if !phase.expect_refusal.is_empty() {
             let err = capture.output();
@@ -792,7 +793,7 @@ impl Run<'_> {
                     return Ok(());
                 }
                 self.psql(&src, &phase.fix, "the plan's @fix")?;
-                capture = Capture::start(args, log)?;
+                capture = Capture::start(args, self.capture_log(i))?;
                 cloned = self.wait_clone(&mut capture, &copies[0].db)?;
             }
         }
@@ -832,11 +833,13 @@ impl Run<'_> {
                         self.log("source restarted");
                         std::thread::sleep(Duration::from_millis(300));
                         if let Some(st) = capture.exited() {
-                            self.log(&format!("capture exited with {st} on the restart: rerun"));
+                            self.log(&format!(
+                                "capture exited with {st} on the restart, rerun; it said:\n{}",
+                                capture.tail()
+                            ));
                             let args = capture.args.clone();
-                            let log = capture.log.clone();
                             drop(capture);
-                            capture = Capture::start(args, log)?;
+                            capture = Capture::start(args, self.capture_log(i))?;
                         }
                     }
                 }
@@ -898,6 +901,14 @@ impl Run<'_> {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// A new log file for each capture started.
+    fn capture_log(&mut self, phase: usize) -> PathBuf {
+        self.captures += 1;
+        self.work
+            .path()
+            .join(format!("capture{phase}-{}.log", self.captures))
     }
 
     fn template_copy(&self, from: &str, to: &str) -> Result<(), String> {

@@ -2,6 +2,4 @@
 -- @phase
 -- @setup 00-schema.sql
 -- @stream 10-workload.sql
--- @expect-warning "public"."scratch"
 -- @expect-warning large object
--- @not-replicated "public"."scratch"
