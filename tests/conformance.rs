@@ -147,3 +147,13 @@ fn markers_split_segments_as_the_readme_says() {
     );
     assert!(parse_segments("-- @bogus\n").is_err());
 }
+
+/// Runs the workload folder named by `WALSHIFT_CONFORMANCE_DIR` (to try a workload by hand):
+/// `WALSHIFT_CONFORMANCE_DIR=/path cargo test --test conformance -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn workload_from_env() {
+    let dir = std::env::var("WALSHIFT_CONFORMANCE_DIR").expect("WALSHIFT_CONFORMANCE_DIR");
+    let out = run_workload(std::path::Path::new(&dir), &RunOptions::default());
+    assert!(out.problems.is_empty(), "{}", out.problems.join("\n"));
+}
