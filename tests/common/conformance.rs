@@ -147,7 +147,10 @@ pub struct Phase {
 pub fn plan(dir: &Path) -> Result<Vec<Phase>, String> {
     let plan_file = dir.join("walshift-plan.sql");
     if plan_file.exists() {
-        return parse_plan(dir, &fs::read_to_string(&plan_file).map_err(|e| e.to_string())?);
+        return parse_plan(
+            dir,
+            &fs::read_to_string(&plan_file).map_err(|e| e.to_string())?,
+        );
     }
     let mut files: Vec<String> = fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -217,7 +220,11 @@ fn parse_plan(dir: &Path, text: &str) -> Result<Vec<Phase>, String> {
             "fix" => in_fix = true,
             "expect-warning" => p.expect_warning.push(arg.to_owned()),
             "not-replicated" => p.not_replicated.push(arg.to_owned()),
-            other => return Err(format!("walshift-plan.sql: unknown directive `-- @{other}`")),
+            other => {
+                return Err(format!(
+                    "walshift-plan.sql: unknown directive `-- @{other}`"
+                ));
+            }
         }
     }
     Ok(phases)
@@ -273,7 +280,9 @@ impl Source {
     /// Fast shutdown, then the same server started again on the same port.
     fn restart(&mut self) -> Result<(), String> {
         let data = self.cluster.data_dir();
-        let pid = self.postmaster_pid().ok_or("no postmaster.pid to restart")?;
+        let pid = self
+            .postmaster_pid()
+            .ok_or("no postmaster.pid to restart")?;
         // SAFETY: the postmaster runs under our test's cluster directory.
         unsafe { libc::kill(pid, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -539,7 +548,9 @@ pub async fn compare(source: &str, target: &str, skip: &[String]) -> Result<Vec<
         };
         let missing: Vec<&String> = scols.iter().filter(|c| !tcols.contains(c)).collect();
         if !missing.is_empty() {
-            diffs.push(format!("table {q}: columns {missing:?} missing on the copy"));
+            diffs.push(format!(
+                "table {q}: columns {missing:?} missing on the copy"
+            ));
         }
         let cols: Vec<String> = scols
             .iter()
@@ -604,7 +615,9 @@ pub fn run_workload(dir: &Path, opts: &RunOptions) -> Outcome {
     let mut run = Run {
         name,
         rt,
-        psql: Binaries::find().expect("PostgreSQL binaries").program("psql"),
+        psql: Binaries::find()
+            .expect("PostgreSQL binaries")
+            .program("psql"),
         source,
         target,
         work: tempfile::tempdir().unwrap(),
@@ -930,13 +943,7 @@ impl Run<'_> {
     }
 
     /// A setup file: every segment on the source (markers other than `@src` are refused).
-    fn run_file(
-        &self,
-        f: &Path,
-        src_db: &str,
-        copies: &[Copy],
-        setup: bool,
-    ) -> Result<(), String> {
+    fn run_file(&self, f: &Path, src_db: &str, copies: &[Copy], setup: bool) -> Result<(), String> {
         let text = fs::read_to_string(f).map_err(|e| e.to_string())?;
         let fname = f.file_name().unwrap().to_string_lossy().into_owned();
         for step in parse_segments(&text).map_err(|e| format!("{fname}: {e}"))? {
@@ -968,7 +975,11 @@ impl Run<'_> {
             }
         }
         if matches!(dest, Dest::Source | Dest::Both) {
-            self.psql(&self.src_conn(src_db), sql, &format!("{fname} on the source"))?;
+            self.psql(
+                &self.src_conn(src_db),
+                sql,
+                &format!("{fname} on the source"),
+            )?;
         }
         Ok(())
     }
@@ -1075,11 +1086,9 @@ impl Run<'_> {
         let t0 = Instant::now();
         let mut ok = true;
         for c in copies.iter().filter(|c| !c.broken) {
-            let diffs = self.rt.block_on(compare(
-                &self.src_conn(src_db),
-                &self.tgt_conn(&c.db),
-                skip,
-            ));
+            let diffs =
+                self.rt
+                    .block_on(compare(&self.src_conn(src_db), &self.tgt_conn(&c.db), skip));
             match diffs {
                 Ok(d) if d.is_empty() => {}
                 Ok(d) => {
