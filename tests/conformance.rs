@@ -37,6 +37,8 @@ workloads! {
     x09_unlogged_table => "X09-unlogged-table",
     x10_large_objects => "X10-large-objects",
     x11_tables_added_mid_stream => "X11-tables-added-mid-stream",
+    x12_deferrable_primary_key => "X12-deferrable-primary-key",
+    x13_triggers_fks_new_enum_value => "X13-triggers-fks-new-enum-value",
 }
 
 #[test]

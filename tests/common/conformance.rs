@@ -761,6 +761,10 @@ impl Run<'_> {
         .map(String::from)
         .to_vec();
 
+        let publications = |run: &Self| -> Result<i64, String> {
+            Ok(run.sql(&src, "SELECT count(*) FROM pg_publication")?[0].get(0))
+        };
+        let pubs_before = publications(self)?;
         let mut capture = Capture::start(args.clone(), self.capture_log(i))?;
         let mut cloned = self.wait_clone(&mut capture, &copies[0].db)?;
         if !phase.expect_refusal.is_empty() {
@@ -783,15 +787,16 @@ impl Run<'_> {
                 .filter(|t| !err.contains(t.as_str()))
                 .collect();
             let refused = matches!(cloned, Some(st) if !st.success());
-            if !refused || !missing.is_empty() || slots != 0 || tables != 0 {
+            let new_pubs = publications(self)? - pubs_before;
+            if !refused || !missing.is_empty() || slots != 0 || tables != 0 || new_pubs != 0 {
                 let how = match cloned {
                     None => "it started and cloned".to_owned(),
                     Some(st) => format!("it exited with {st}"),
                 };
                 self.problem(format!(
                     "phase {i}: expected capture to refuse before creating anything, with a message \
-                     containing {missing:?}; {how} (slot created: {}, tables on the copy: {tables}), \
-                     output:\n{}",
+                     containing {missing:?}; {how} (slot created: {}, publications created: {new_pubs}, \
+                     tables on the copy: {tables}), output:\n{}",
                     slots != 0,
                     tail(&err, 25)
                 ));
