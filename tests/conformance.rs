@@ -39,6 +39,7 @@ workloads! {
     x11_tables_added_mid_stream => "X11-tables-added-mid-stream",
     x12_deferrable_primary_key => "X12-deferrable-primary-key",
     x13_triggers_fks_new_enum_value => "X13-triggers-fks-new-enum-value",
+    x14_large_transaction => "X14-large-transaction",
 }
 
 #[test]
