@@ -849,16 +849,7 @@ impl Run<'_> {
                     Step::RestartSource => {
                         self.source.restart()?;
                         self.log("source restarted");
-                        std::thread::sleep(Duration::from_millis(300));
-                        if let Some(st) = capture.exited() {
-                            self.log(&format!(
-                                "capture exited with {st} on the restart, rerun; it said:\n{}",
-                                capture.tail()
-                            ));
-                            let args = capture.args.clone();
-                            drop(capture);
-                            capture = Capture::start(args, self.capture_log(i))?;
-                        }
+                        capture = self.after_restart(i, capture, &src)?;
                     }
                 }
             }
@@ -914,6 +905,47 @@ impl Run<'_> {
             if Instant::now() > deadline {
                 return Err(format!(
                     "the clone did not finish in 180 s:\n{}",
+                    capture.tail()
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// After a source restart capture either reconnects by itself (its slot becomes active
+    /// again) or exits; then it is run again, as an operator would, and must resume.
+    fn after_restart(
+        &mut self,
+        i: usize,
+        mut capture: Capture,
+        src: &str,
+    ) -> Result<Capture, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = capture.exited() {
+                self.log(&format!(
+                    "capture exited with {st} on the restart, rerun; it said:\n{}",
+                    capture.tail()
+                ));
+                let args = capture.args.clone();
+                drop(capture);
+                return Capture::start(args, self.capture_log(i));
+            }
+            let active = self
+                .sql(
+                    src,
+                    "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots \
+                     WHERE slot_name = 'walshift'",
+                )
+                .map(|r| r[0].get::<_, bool>(0))
+                .unwrap_or(false);
+            if active {
+                self.log("capture reconnected by itself after the restart");
+                return Ok(capture);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "capture neither reconnected nor exited within 30 s of the source restart:\n{}",
                     capture.tail()
                 ));
             }
