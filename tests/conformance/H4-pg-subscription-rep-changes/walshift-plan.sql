@@ -24,5 +24,6 @@ ALTER TABLE t001.tab_nothing REPLICA IDENTITY FULL;
 ALTER TABLE t001.tab_no_replidentity_index REPLICA IDENTITY FULL;
 ALTER TABLE t001.tab_no_col REPLICA IDENTITY FULL;
 ALTER TABLE t006.test1 REPLICA IDENTITY FULL;
--- @expect-warning "t100"."tu1"
+-- @expect-warning UNLOGGED
+-- @expect-warning tu1
 -- @not-replicated "t100"."tu1"

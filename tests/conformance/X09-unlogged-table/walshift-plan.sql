@@ -2,5 +2,6 @@
 -- @phase
 -- @setup 00-schema.sql
 -- @stream 10-workload.sql
--- @expect-warning "public"."scratch"
+-- @expect-warning UNLOGGED
+-- @expect-warning scratch
 -- @not-replicated "public"."scratch"
