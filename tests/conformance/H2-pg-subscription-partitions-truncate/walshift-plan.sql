@@ -1,0 +1,21 @@
+-- walshift's conformance harness plan for this folder (not vendored; see ../README.md).
+-- Phase 1: leaf partitions (walshift's own FOR ALL TABLES publication). 010's tab5 has neither
+-- key nor replica identity: walshift refuses it by design, naming it and the fix; the fix is
+-- applied and capture runs again.
+-- @phase
+-- @setup 00-schema-leaf.sql
+-- @stream 10-leaf-truncate.sql
+-- @expect-refusal "t010"."tab5"
+-- @expect-refusal REPLICA IDENTITY FULL
+-- @fix
+ALTER TABLE t010.tab5 REPLICA IDENTITY FULL;
+-- Phase 2: the source's own publication publishes via the partition root. pgoutput never sends
+-- a TRUNCATE of a single partition in that mode, so walshift refuses the publication up front
+-- (issue 14, finding 4), naming it and the fix; the fix is applied and the workload runs.
+-- @phase
+-- @setup 20-schema-viaroot.sql
+-- @stream 30-viaroot.sql
+-- @expect-refusal publish_via_partition_root
+-- @expect-refusal "t013"."tab1"
+-- @fix
+ALTER PUBLICATION walshift SET (publish_via_partition_root = false);
