@@ -137,19 +137,9 @@ impl FenceState {
 
     fn write(&self, buffer_dir: &Path) -> Result<(), FenceError> {
         let path = Self::path(buffer_dir);
-        let tmp = path.with_extension("json.tmp");
-        let io = |source| FenceError::StateFile {
-            path: path.clone(),
-            source,
-        };
         let body = serde_json::to_vec_pretty(self).expect("serializable");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&body).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io)
+        super::journal::write_durable(&path, &body)
+            .map_err(|source| FenceError::StateFile { path, source })
     }
 
     /// Removes the state file (the fence is lifted or the cutover is complete).

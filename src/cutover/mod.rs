@@ -32,6 +32,7 @@ pub mod control;
 pub mod coord;
 pub mod fence;
 pub mod hooks;
+pub mod journal;
 pub mod live;
 pub mod report;
 pub mod sequences;
