@@ -120,6 +120,11 @@ impl Journal {
         }
     }
 
+    /// The journal's file.
+    pub fn file(&self) -> &Path {
+        &self.path
+    }
+
     pub fn has(&self, step: Step) -> bool {
         self.entries.iter().any(|e| e.step == step)
     }

