@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use walshift::capture::{self, CaptureConfig};
 use walshift::clone::CloneOptions;
 use walshift::conn::ConnInfo;
-use walshift::cutover::{CutoverConfig, CutoverError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use walshift::cutover::{self, CutoverConfig, CutoverError, Outcome};
 use walshift::testkit::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
@@ -321,6 +324,151 @@ async fn after_a_failed_after_hook_a_rerun_runs_only_that_hook() {
         std::fs::metadata(&journal).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let _ = s.config();
-    let _: Option<CutoverError> = None;
+}
+
+/// The roles' own settings, as `(role, database-specific, setconfig)`.
+async fn role_settings(c: &Cluster) -> Vec<(String, bool, Vec<String>)> {
+    c.connect("postgres")
+        .await
+        .unwrap()
+        .query(
+            "SELECT r.rolname::text, s.setdatabase <> 0, s.setconfig FROM pg_db_role_setting s \
+             JOIN pg_roles r ON r.oid = s.setrole ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn aborted(r: Result<cutover::CutoverReport, CutoverError>) -> Box<cutover::Aborted> {
+    match r {
+        Err(CutoverError::Aborted(a)) => a,
+        other => panic!("expected an abort, got {other:?}"),
+    }
+}
+
+/// Item 3: `ALTER ROLE app IN DATABASE … SET default_transaction_read_only = off` (and a
+/// role-wide one) used to let `app` keep committing on the fenced source after the switch.
+/// The fence removes them for the window (an abort restores them exactly) and a writer as
+/// `app` is refused from the fence on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_settings_cannot_defeat_the_read_only_fence() {
+    let s = setup(ClusterOptions::default()).await;
+    s.source
+        .execute(
+            "postgres",
+            "CREATE ROLE app LOGIN; CREATE ROLE app2 LOGIN; \
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO app, app2; \
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app, app2; \
+             ALTER ROLE app IN DATABASE postgres SET default_transaction_read_only = off; \
+             ALTER ROLE app2 SET default_transaction_read_only = false;",
+        )
+        .await
+        .unwrap();
+    let before = role_settings(&s.source).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // An abort puts every removed setting back exactly.
+    let mut c = s.config();
+    c.switch = Some("exit 1".into());
+    let a = aborted(cutover::run(c, std::future::pending()).await);
+    assert!(a.unfenced.is_ok(), "{a}");
+    assert_eq!(a.report.fence_role_settings_removed.len(), 2, "{a}");
+    assert_eq!(role_settings(&s.source).await, before);
+    assert_eq!(fence_entry(&s.source).await, None);
+
+    // A writer as `app` keeps committing (reconnecting when terminated) until refused.
+    let conn = format!(
+        "host=127.0.0.1 port={} user=app dbname=postgres",
+        s.source.port()
+    );
+    let switched = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let after_switch = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicBool::new(false));
+    let commits = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (switched, stop, after_switch, refused, commits) = (
+            switched.clone(),
+            stop.clone(),
+            after_switch.clone(),
+            refused.clone(),
+            commits.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((client, c)) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+                else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                tokio::spawn(c);
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    match client
+                        .execute(
+                            "INSERT INTO notes VALUES ($1, 'app')",
+                            &[&format!("app-{n}")],
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            commits.fetch_add(1, Ordering::Relaxed);
+                            if switched.load(Ordering::Relaxed) {
+                                after_switch.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            if e.code()
+                                == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+                            {
+                                refused.store(true, Ordering::Relaxed);
+                            }
+                            break; // terminated or refused: reconnect and try again
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    while commits.load(Ordering::Relaxed) < 20 {
+        assert!(started.elapsed() < Duration::from_secs(30), "the writer never wrote");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = cutover::run(s.config(), std::future::pending())
+        .await
+        .expect("cutover");
+    assert_eq!(report.outcome, Outcome::Switched);
+    switched.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_eq!(
+        after_switch.load(Ordering::Relaxed),
+        0,
+        "the writer as app committed on the source after the switch"
+    );
+    assert!(refused.load(Ordering::Relaxed), "the writer was never refused");
+    let app2 = format!(
+        "host=127.0.0.1 port={} user=app2 dbname=postgres",
+        s.source.port()
+    );
+    let (client, c) = tokio_postgres::connect(&app2, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let e = client
+        .batch_execute("INSERT INTO notes VALUES ('app2', 'x')")
+        .await
+        .expect_err("app2 writes through the fence");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+    );
 }

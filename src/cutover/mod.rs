@@ -937,7 +937,10 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             }
             ctx.record(Step::Fenced, "read-only")?;
             let timeout = config.terminate_timeout.min(ctx.remaining());
+            ctx.report.fence_role_settings_removed =
+                state.role_overrides.iter().map(|o| o.to_string()).collect();
             let n = fence::raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
+            fence::prove_new_session(&config.source, &state.database).await?;
             ctx.report.sessions_terminated = n;
             note.push_str(&format!("read-only; {n} session(s) terminated"));
         }

@@ -96,6 +96,10 @@ pub struct CutoverReport {
     /// Value of the database's `default_transaction_read_only` setting before the fence
     /// (`None`: not set for the database); what unfencing restores.
     pub fence_previous_setting: Option<String>,
+    /// Role settings of `default_transaction_read_only` the fence removed (they would have let
+    /// those roles write); restored on abort, left removed after a switch.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fence_role_settings_removed: Vec<String>,
     /// Client sessions terminated by the fence.
     pub sessions_terminated: u64,
     /// `external` (a running `walshift capture`/`walshift run`) or `in-process`.
@@ -135,6 +139,7 @@ impl CutoverReport {
             dry_run,
             fence,
             fence_previous_setting: None,
+            fence_role_settings_removed: Vec::new(),
             sessions_terminated: 0,
             capture: String::new(),
             replay: String::new(),
@@ -310,6 +315,13 @@ impl fmt::Display for CutoverReport {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "by signal/timeout".into()),
                 ms(h.duration_secs)
+            )?;
+        }
+        if !self.fence_role_settings_removed.is_empty() {
+            writeln!(
+                f,
+                "role settings removed by the fence: {}",
+                self.fence_role_settings_removed.join(", ")
             )?;
         }
         for w in &self.warnings {
