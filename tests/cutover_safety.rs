@@ -472,3 +472,69 @@ async fn role_settings_cannot_defeat_the_read_only_fence() {
         Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
     );
 }
+
+/// Item 4: a prepared transaction pending on the source used to survive the fence and be
+/// committed there after the switch. Preflight waits (bounded) and refuses without fencing;
+/// one prepared inside the window (here by the `--before` hook) aborts the cutover, unfenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_transactions_on_the_source_keep_the_cutover_from_switching() {
+    let s = setup(ClusterOptions::default().setting("max_prepared_transactions", "5")).await;
+    s.source
+        .execute(
+            "postgres",
+            "BEGIN; INSERT INTO notes VALUES ('prepared', 'p'); PREPARE TRANSACTION 'pending-1'",
+        )
+        .await
+        .unwrap();
+    let mut c = s.config();
+    c.max_prepared_wait = Duration::from_millis(500);
+    match cutover::run(c, std::future::pending()).await {
+        Err(CutoverError::PreparedTransactions { list, .. }) => {
+            assert!(list.contains("pending-1"), "{list}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(fence_entry(&s.source).await, None, "nothing was fenced");
+
+    // Prepared inside the window, after preflight's check: caught after the fence.
+    s.source
+        .execute("postgres", "COMMIT PREPARED 'pending-1'")
+        .await
+        .unwrap();
+    let psql = s.source.binaries().program("psql");
+    let mut c = s.config();
+    c.before = Some(format!(
+        "{} '{}' -c \"BEGIN; INSERT INTO notes VALUES ('late', 'l'); PREPARE TRANSACTION 'late-1';\"",
+        psql.display(),
+        s.sc
+    ));
+    let a = aborted(cutover::run(c, std::future::pending()).await);
+    assert!(
+        matches!(&a.cause, CutoverError::PreparedTransactions { list, .. } if list.contains("late-1")),
+        "{a}"
+    );
+    assert!(a.unfenced.is_ok(), "{a}");
+    assert_eq!(fence_entry(&s.source).await, None, "unfenced after the abort");
+
+    s.source
+        .execute("postgres", "COMMIT PREPARED 'late-1'")
+        .await
+        .unwrap();
+    let report = cutover::run(s.config(), std::future::pending())
+        .await
+        .expect("cutover once nothing is pending");
+    assert_eq!(report.outcome, Outcome::Switched);
+    let n: i64 = s
+        .target
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM notes WHERE k IN ('prepared', 'late')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}

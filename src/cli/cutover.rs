@@ -48,6 +48,9 @@ pub struct CutoverArgs {
     /// Abort and unfence if the switch has not started this long after the fence, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DUR")]
     max_window: Duration,
+    /// Wait this long for prepared transactions on the source to finish before refusing, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DUR")]
+    max_prepared_wait: Duration,
     /// What to compare before the switch: none, counts or checksum.
     #[arg(long, default_value = "counts", value_parser = parse_verify)]
     verify: VerifyMode,
@@ -99,6 +102,7 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
     config.verify = a.verify;
     config.dry_run = a.dry_run;
     config.resume_after_switch = a.resume_after_switch;
+    config.max_prepared_wait = a.max_prepared_wait;
     if let Some(path) = &a.transform {
         config.transform = Some(Arc::new(crate::transform::Mapping::load(path)?));
     }

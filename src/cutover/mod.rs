@@ -136,6 +136,11 @@ pub struct CutoverConfig {
     /// started but whose end was not recorded: record the switch as done, set sequences
     /// (never backwards), run `after`. Default false (such a cutover is refused).
     pub resume_after_switch: bool,
+    /// How long preflight waits for prepared transactions of the source database
+    /// (`pg_prepared_xacts`) to be committed or rolled back before refusing. Default 5 s. A
+    /// prepared transaction survives the fence and could be committed on the source after the
+    /// switch, never reaching the copy.
+    pub max_prepared_wait: Duration,
     /// Progress lines (waiting, lag). Default none.
     pub say: Option<Say>,
 }
@@ -166,6 +171,7 @@ impl CutoverConfig {
             capture_flush_interval: Duration::from_millis(10),
             replay_batch_time: Duration::from_millis(50),
             resume_after_switch: false,
+            max_prepared_wait: Duration::from_secs(5),
             say: None,
         }
     }
@@ -303,6 +309,13 @@ pub enum CutoverError {
 
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
+
+    #[error(
+        "{when}: prepared transaction(s) of the source database are pending: {list}. One could be committed on \
+         the source after the switch (COMMIT PREPARED works on a fenced database) and never reach the copy. \
+         Have their owner finish them (COMMIT PREPARED / ROLLBACK PREPARED 'gid'), then run cutover again"
+    )]
+    PreparedTransactions { when: String, list: String },
 }
 
 fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_ {
@@ -772,7 +785,10 @@ async fn run_inner(
     // The marker scan is positioned now, outside the window: finding a position in the buffer
     // reads up to a segment; following it afterwards reads only what is appended.
     let positioned = match wait_for_lag(&mut ctx).await {
-        Ok(()) => start_marker_scan(&ctx).await,
+        Ok(()) => match wait_prepared(&ctx).await {
+            Ok(()) => start_marker_scan(&ctx).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     match positioned {
@@ -848,6 +864,55 @@ async fn start_marker_scan(ctx: &Ctx<'_>) -> Result<coord::MarkerScan, CutoverEr
     let mut scan = coord::MarkerScan::new(&ctx.config.buffer_dir, applied, &ctx.report.cutover_id)?;
     scan.poll()?;
     Ok(scan)
+}
+
+/// The source database's prepared transactions, described (gid, owner, age).
+async fn prepared_xacts(src: &Client) -> Result<Vec<String>, CutoverError> {
+    Ok(src
+        .query(
+            "SELECT format('%L (owner %s, prepared %s ago)', gid, owner, \
+                    date_trunc('second', now() - prepared)) \
+             FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .await
+        .map_err(sql("listing the source's prepared transactions"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Preflight: waits up to `max_prepared_wait` for the source's prepared transactions to end.
+async fn wait_prepared(ctx: &Ctx<'_>) -> Result<(), CutoverError> {
+    if ctx.config.dry_run {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let pending = prepared_xacts(&ctx.src).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= ctx.config.max_prepared_wait {
+            return Err(CutoverError::PreparedTransactions {
+                when: format!("preflight (waited {:?}); nothing was fenced", ctx.config.max_prepared_wait),
+                list: pending.join(", "),
+            });
+        }
+        if ctx.interrupted.load(Ordering::Relaxed) {
+            return Err(CutoverError::Interrupted);
+        }
+        if !said {
+            ctx.config.say(&format!(
+                "cutover waiting up to {:?} for prepared transactions on the source: {}",
+                ctx.config.max_prepared_wait,
+                pending.join(", ")
+            ));
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Preflight's wait: lag under `max_lag` and no postpone file.
@@ -941,6 +1006,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
                 state.role_overrides.iter().map(|o| o.to_string()).collect();
             let n = fence::raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
             fence::prove_new_session(&config.source, &state.database).await?;
+            // One prepared between preflight's check and the termination survives it.
+            let pending = prepared_xacts(&ctx.src).await?;
+            if !pending.is_empty() {
+                return Err(CutoverError::PreparedTransactions {
+                    when: "after the fence".into(),
+                    list: pending.join(", "),
+                });
+            }
             ctx.report.sessions_terminated = n;
             note.push_str(&format!("read-only; {n} session(s) terminated"));
         }
