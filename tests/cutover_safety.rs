@@ -538,3 +538,34 @@ async fn prepared_transactions_on_the_source_keep_the_cutover_from_switching() {
         .get(0);
     assert_eq!(n, 2);
 }
+
+/// Item 10: impossible flags are refused before anything is touched. `--max-window 0s` used to
+/// fence the live database and terminate every session before aborting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_flags_are_refused_before_the_source_is_touched() {
+    let s = setup(ClusterOptions::default()).await;
+    let idle = s.source.connect("postgres").await.unwrap();
+    for (flags, names) in [
+        (&["--max-window", "0s"][..], "--max-window"),
+        (&["--max-lag", "0s"][..], "--max-lag"),
+        (&["--hook-timeout", "0s"][..], "--hook-timeout"),
+        (&["--slot", "Bad-Slot"][..], "--slot"),
+        (&["--verify", "everything"][..], "--verify"),
+        (&["--max-window=-5s"][..], "--max-window"),
+        (&["--fence", "hook"][..], "--before"),
+    ] {
+        let o = run(s.cutover(flags));
+        assert!(!o.status.success(), "{flags:?} accepted: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(names), "{flags:?}: {err}");
+        assert_eq!(fence_entry(&s.source).await, None, "{flags:?} fenced the source");
+        idle.batch_execute("SELECT 1")
+            .await
+            .unwrap_or_else(|e| panic!("{flags:?} terminated a session: {e}"));
+        assert!(
+            !s.dir.path().join("cutover-journal.json").exists()
+                && !s.dir.path().join("cutover-fence.json").exists(),
+            "{flags:?}"
+        );
+    }
+}

@@ -176,6 +176,39 @@ impl CutoverConfig {
         }
     }
 
+    /// Refuses impossible settings, before anything is connected to or touched.
+    pub fn validate(&self) -> Result<(), CutoverError> {
+        let bad = |flag: &str, why: &str| Err(CutoverError::InvalidConfig(format!("{flag}: {why}")));
+        let positive = [
+            ("--max-window", self.max_window, "the fence would be up with no time to drain: it would only ever fence, terminate every session and abort"),
+            ("--max-lag", self.max_lag, "preflight would wait for a lag of exactly zero, which a source taking writes never reaches"),
+            ("--hook-timeout", self.hook_timeout, "every hook would be killed at once"),
+            ("terminate timeout", self.terminate_timeout, "terminated sessions would never be waited for"),
+            ("poll interval", self.poll_interval, "the drain would poll without pause"),
+        ];
+        for (flag, d, why) in positive {
+            if d.is_zero() {
+                return bad(flag, &format!("must be more than 0 ({why})"));
+            }
+        }
+        if !valid_slot_name(&self.slot) {
+            return bad(
+                "--slot",
+                &format!("{:?} is not a replication slot name (lower-case letters, digits and underscores, at most 63)", self.slot),
+            );
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 {
+            return bad("--publication", "must be 1 to 63 bytes");
+        }
+        if self.fence == FenceMode::Hook && self.before.is_none() && !self.dry_run {
+            return Err(CutoverError::HookModeWithoutBefore);
+        }
+        if self.dry_run && self.resume_after_switch {
+            return bad("--resume-after-switch", "cannot be combined with --dry-run");
+        }
+        Ok(())
+    }
+
     fn say(&self, line: &str) {
         if let Some(s) = &self.say {
             s(line);
@@ -233,6 +266,9 @@ pub enum CutoverError {
          walshift run to finish it, then run cutover"
     )]
     CloneUnfinished,
+
+    #[error("invalid cutover setting {0}; nothing was touched")]
+    InvalidConfig(String),
 
     #[error("--fence hook needs a --before command that stops the application's writes")]
     HookModeWithoutBefore,
@@ -515,6 +551,14 @@ impl Ctx<'_> {
     }
 }
 
+/// PostgreSQL's rule for replication slot names.
+fn valid_slot_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// A fresh cutover id: `cutover-<unix seconds>-<pid>`.
 fn new_cutover_id() -> String {
     let secs = std::time::SystemTime::now()
@@ -594,9 +638,7 @@ async fn run_inner(
         config.verify.as_str().into(),
     );
     let mut tl = Timeline::new();
-    if config.fence == FenceMode::Hook && config.before.is_none() && !config.dry_run {
-        return Err(CutoverError::HookModeWithoutBefore);
-    }
+    config.validate()?;
     // What the last cutover of this buffer left: a switch is never repeated or undone.
     if let Some(previous) = Journal::read(&config.buffer_dir)? {
         match previous.state() {
