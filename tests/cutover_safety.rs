@@ -569,3 +569,84 @@ async fn impossible_flags_are_refused_before_the_source_is_touched() {
         );
     }
 }
+
+/// Item 9 (cutover half): a capture stopped with SIGSTOP keeps its slot active and the
+/// walsender's flush_lag at its last small value while the source's WAL runs ahead. Preflight
+/// must see what is not durable (bytes and age) and refuse to fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_capture_keeps_the_fence_down() {
+    let s = setup(ClusterOptions::default()).await;
+    let mut capture = Command::new(env!("CARGO_BIN_EXE_walshift"))
+        .args(["capture", "--source", &s.sc, "--buffer", s.buf()])
+        .stderr(std::fs::File::create(s.dir.path().join("capture.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let probe = s.source.connect("postgres").await.unwrap();
+    let started = Instant::now();
+    loop {
+        let active: Option<bool> = probe
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'walshift'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        if active == Some(true) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "capture never streamed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let conn = s.sc.clone();
+        tokio::spawn(async move {
+            let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if client
+                    .execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", &[&(1 + n % 500_i64)])
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: stopping our own child.
+    unsafe { libc::kill(capture.id() as i32, libc::SIGSTOP) };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let idle = s.source.connect("postgres").await.unwrap();
+    let mut c = s.config();
+    c.max_lag = Duration::from_secs(1);
+    c.preflight_timeout = Some(Duration::from_secs(5));
+    let r = cutover::run(c, std::future::pending()).await;
+    // SAFETY: resuming and stopping our own child.
+    unsafe {
+        libc::kill(capture.id() as i32, libc::SIGCONT);
+        libc::kill(capture.id() as i32, libc::SIGTERM);
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let _ = capture.wait();
+    match r {
+        Err(CutoverError::LagTimeout {
+            unconfirmed_bytes, ..
+        }) => assert!(unconfirmed_bytes > 0),
+        other => panic!("expected a refusal to fence, got {other:?}"),
+    }
+    idle.batch_execute("SELECT 1")
+        .await
+        .expect("the fence went up (the session was terminated)");
+    assert_eq!(fence_entry(&s.source).await, None);
+}

@@ -274,13 +274,17 @@ pub enum CutoverError {
     HookModeWithoutBefore,
 
     #[error(
-        "the target is still {lag_secs:.1} s behind the source after {waited:?} (--max-lag {max:?}); nothing was fenced. \
-         Let replay catch up (or raise --max-lag) and run cutover again"
+        "the target is still {lag_secs:.1} s behind the source after {waited:?} (--max-lag {max:?}): \
+         {unconfirmed_bytes} bytes of source WAL not yet durable in the buffer, capture last replied {reply_age}; \
+         nothing was fenced. If capture is stalled (stopped, hung, its walsender stuck), restart it; otherwise let \
+         replay catch up (or raise --max-lag), then run cutover again"
     )]
     LagTimeout {
         lag_secs: f64,
         max: Duration,
         waited: Duration,
+        unconfirmed_bytes: u64,
+        reply_age: String,
     },
 
     #[error("--max-window {max:?} ran out during {phase} ({elapsed:?} after the fence went up)")]
@@ -983,7 +987,7 @@ async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 ));
                 said_postpone = Some(Instant::now());
             }
-        } else if lag.streaming && lag.secs <= config.max_lag.as_secs_f64() {
+        } else if lag.streaming && lag.settled && lag.secs <= config.max_lag.as_secs_f64() {
             ctx.tl.end(
                 &mut ctx.report,
                 format!(
@@ -1000,6 +1004,11 @@ async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 lag_secs: lag.secs,
                 max: config.max_lag,
                 waited: started.elapsed(),
+                unconfirmed_bytes: lag.capture_bytes,
+                reply_age: lag
+                    .reply_age_secs
+                    .map(|a| format!("{a:.1} s ago"))
+                    .unwrap_or_else(|| "never (no walsender serves the slot)".into()),
             });
         }
         if !postponed && !lag.streaming && last_said.elapsed() >= Duration::from_secs(2) {
