@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use walshift::capture::{self, CaptureConfig};
 use walshift::clone::CloneOptions;
 use walshift::conn::ConnInfo;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use walshift::cutover::{self, CutoverConfig, CutoverError, Outcome};
 use walshift::testkit::{Cluster, ClusterOptions};
@@ -438,7 +438,10 @@ async fn role_settings_cannot_defeat_the_read_only_fence() {
     };
     let started = Instant::now();
     while commits.load(Ordering::Relaxed) < 20 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the writer never wrote");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the writer never wrote"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let report = cutover::run(s.config(), std::future::pending())
@@ -454,7 +457,10 @@ async fn role_settings_cannot_defeat_the_read_only_fence() {
         0,
         "the writer as app committed on the source after the switch"
     );
-    assert!(refused.load(Ordering::Relaxed), "the writer was never refused");
+    assert!(
+        refused.load(Ordering::Relaxed),
+        "the writer was never refused"
+    );
     let app2 = format!(
         "host=127.0.0.1 port={} user=app2 dbname=postgres",
         s.source.port()
@@ -514,7 +520,11 @@ async fn prepared_transactions_on_the_source_keep_the_cutover_from_switching() {
         "{a}"
     );
     assert!(a.unfenced.is_ok(), "{a}");
-    assert_eq!(fence_entry(&s.source).await, None, "unfenced after the abort");
+    assert_eq!(
+        fence_entry(&s.source).await,
+        None,
+        "unfenced after the abort"
+    );
 
     s.source
         .execute("postgres", "COMMIT PREPARED 'late-1'")
@@ -558,7 +568,11 @@ async fn impossible_flags_are_refused_before_the_source_is_touched() {
         assert!(!o.status.success(), "{flags:?} accepted: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(names), "{flags:?}: {err}");
-        assert_eq!(fence_entry(&s.source).await, None, "{flags:?} fenced the source");
+        assert_eq!(
+            fence_entry(&s.source).await,
+            None,
+            "{flags:?} fenced the source"
+        );
         idle.batch_execute("SELECT 1")
             .await
             .unwrap_or_else(|e| panic!("{flags:?} terminated a session: {e}"));
@@ -595,7 +609,10 @@ async fn a_stalled_capture_keeps_the_fence_down() {
         if active == Some(true) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "capture never streamed");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "capture never streamed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -611,7 +628,10 @@ async fn a_stalled_capture_keeps_the_fence_down() {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 if client
-                    .execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", &[&(1 + n % 500_i64)])
+                    .execute(
+                        "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                        &[&(1 + n % 500_i64)],
+                    )
                     .await
                     .is_err()
                 {

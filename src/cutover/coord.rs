@@ -240,7 +240,11 @@ impl LagMeter {
         // A stalled stream (capture stopped, the walsender stuck) keeps the slot active and
         // flush_lag at its last value; what is not durable keeps ageing, and that is measured.
         let first = *self.first.get_or_insert(now);
-        while self.unconfirmed.front().is_some_and(|(_, l)| *l <= confirmed) {
+        while self
+            .unconfirmed
+            .front()
+            .is_some_and(|(_, l)| *l <= confirmed)
+        {
             self.unconfirmed.pop_front();
         }
         if out.capture_bytes > 0 {

@@ -150,7 +150,11 @@ pub struct RoleOverride {
 impl RoleOverride {
     fn clause(&self, database: &str) -> String {
         if self.in_database {
-            format!("ALTER ROLE {} IN DATABASE {}", quote_ident(&self.role), quote_ident(database))
+            format!(
+                "ALTER ROLE {} IN DATABASE {}",
+                quote_ident(&self.role),
+                quote_ident(database)
+            )
         } else {
             format!("ALTER ROLE {}", quote_ident(&self.role))
         }
@@ -163,7 +167,11 @@ impl std::fmt::Display for RoleOverride {
             f,
             "role {:?}{} = {}",
             self.role,
-            if self.in_database { " in this database" } else { "" },
+            if self.in_database {
+                " in this database"
+            } else {
+                ""
+            },
             self.value
         )
     }
@@ -173,7 +181,10 @@ impl std::fmt::Display for RoleOverride {
 fn is_on(value: &str) -> bool {
     let v = value.trim().trim_matches('\'').to_ascii_lowercase();
     !v.is_empty()
-        && (v == "1" || (v.len() >= 2 && "on".starts_with(&v)) || "true".starts_with(&v) || "yes".starts_with(&v))
+        && (v == "1"
+            || (v.len() >= 2 && "on".starts_with(&v))
+            || "true".starts_with(&v)
+            || "yes".starts_with(&v))
 }
 
 /// Role settings of `default_transaction_read_only` that are not `on`, for this database or
@@ -292,7 +303,11 @@ pub async fn check_privileges(client: &Client) -> Result<(), FenceError> {
         if !may {
             return Err(FenceError::OverridePrivilege {
                 role: row.get(0),
-                overrides: overrides.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", "),
+                overrides: overrides
+                    .iter()
+                    .map(|o| o.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     }
@@ -331,7 +346,10 @@ pub async fn prepare(
         Some(l) if l.database == database => {
             // Removed by the cutover that died: the catalog no longer shows them.
             for o in l.role_overrides.into_iter().rev() {
-                if !role_overrides.iter().any(|c| c.role == o.role && c.in_database == o.in_database) {
+                if !role_overrides
+                    .iter()
+                    .any(|c| c.role == o.role && c.in_database == o.in_database)
+                {
                     role_overrides.insert(0, o);
                 }
             }
@@ -431,7 +449,11 @@ pub async fn raise(
 
 /// The catalog half of the proof: the setting a new session of each role in `connected`, and
 /// of each role that may log in to the database, starts with must be `on`.
-async fn prove(client: &Client, state: &FenceState, connected: &[String]) -> Result<(), FenceError> {
+async fn prove(
+    client: &Client,
+    state: &FenceState,
+    connected: &[String],
+) -> Result<(), FenceError> {
     let rows = client
         .query(
             "WITH d AS (SELECT oid FROM pg_database WHERE datname = current_database()), \
@@ -458,7 +480,8 @@ async fn prove(client: &Client, state: &FenceState, connected: &[String]) -> Res
             format!(
                 "{:?} ({})",
                 r.get::<_, String>(0),
-                r.get::<_, Option<String>>(1).unwrap_or_else(|| "not set".into())
+                r.get::<_, Option<String>>(1)
+                    .unwrap_or_else(|| "not set".into())
             )
         })
         .collect();
@@ -473,13 +496,22 @@ async fn prove(client: &Client, state: &FenceState, connected: &[String]) -> Res
 }
 
 /// The live half of the proof: a new session (of walshift's own role) starts read-only.
-pub async fn prove_new_session(source: &crate::conn::ConnInfo, database: &str) -> Result<(), FenceError> {
-    let client = source.connect().await.map_err(|e| FenceError::NotReadOnly {
-        database: database.to_owned(),
-        roles: format!("(could not open a new session to check: {e})"),
-    })?;
+pub async fn prove_new_session(
+    source: &crate::conn::ConnInfo,
+    database: &str,
+) -> Result<(), FenceError> {
+    let client = source
+        .connect()
+        .await
+        .map_err(|e| FenceError::NotReadOnly {
+            database: database.to_owned(),
+            roles: format!("(could not open a new session to check: {e})"),
+        })?;
     let row = client
-        .query_one("SELECT current_user::text, current_setting('transaction_read_only')", &[])
+        .query_one(
+            "SELECT current_user::text, current_setting('transaction_read_only')",
+            &[],
+        )
         .await
         .map_err(sql("checking a new session starts read-only"))?;
     if row.get::<_, String>(1) == "on" {
@@ -487,7 +519,10 @@ pub async fn prove_new_session(source: &crate::conn::ConnInfo, database: &str) -
     } else {
         Err(FenceError::NotReadOnly {
             database: database.to_owned(),
-            roles: format!("{:?} (a new session is not read-only)", row.get::<_, String>(0)),
+            roles: format!(
+                "{:?} (a new session is not read-only)",
+                row.get::<_, String>(0)
+            ),
         })
     }
 }

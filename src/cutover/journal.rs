@@ -104,14 +104,13 @@ impl Journal {
         let path = Self::path(buffer_dir);
         match std::fs::read(&path) {
             Ok(b) => {
-                let mut j: Journal =
-                    serde_json::from_slice(&b).map_err(|e| JournalError {
-                        path: path.clone(),
-                        source: std::io::Error::other(format!(
-                            "unreadable ({e}); it is the only record of whether traffic was switched: \
+                let mut j: Journal = serde_json::from_slice(&b).map_err(|e| JournalError {
+                    path: path.clone(),
+                    source: std::io::Error::other(format!(
+                        "unreadable ({e}); it is the only record of whether traffic was switched: \
                              check where traffic points, then move the file aside"
-                        )),
-                    })?;
+                    )),
+                })?;
                 j.path = path;
                 Ok(Some(j))
             }
@@ -131,9 +130,12 @@ impl Journal {
 
     pub fn state(&self) -> State {
         if self.has(Step::SwitchDone) {
-            match self.entries.iter().rev().find(|e| {
-                matches!(e.step, Step::AfterHookOk | Step::AfterHookFailed)
-            }) {
+            match self
+                .entries
+                .iter()
+                .rev()
+                .find(|e| matches!(e.step, Step::AfterHookOk | Step::AfterHookFailed))
+            {
                 Some(e) if e.step == Step::AfterHookFailed => State::SwitchedAfterHookFailed,
                 _ => State::Switched,
             }
@@ -146,7 +148,11 @@ impl Journal {
 
     /// When `step` was recorded, as seconds since the Unix epoch.
     pub fn when(&self, step: Step) -> Option<f64> {
-        self.entries.iter().rev().find(|e| e.step == step).map(|e| e.at)
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.step == step)
+            .map(|e| e.at)
     }
 
     /// Appends `step` and makes the journal durable before returning.

@@ -5,9 +5,11 @@
 //! [`run`] is the orchestrator and runs the phases in a straight line:
 //!
 //! 1. **postpone** — while `<buffer>/postpone-cutover` exists, wait (nothing is touched).
-//! 2. **preflight** — the buffer belongs to the source, the slot exists, the role may fence;
+//! 2. **preflight** — every setting is valid ([`CutoverConfig::validate`]); the journal allows
+//!    a cutover; the buffer belongs to the source, the slot exists, the role may fence;
 //!    capture and replay are running elsewhere or are started here ([`coord`]); wait until the
-//!    lag is under `max_lag`. Nothing is fenced yet.
+//!    lag (WAL not yet durable included) is under `max_lag` and no prepared transaction of
+//!    the source database is pending. Nothing is fenced yet.
 //! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
 //! 4. **marker** — `pg_logical_emit_message(true, 'walshift', <cutover id>)` on the source.
 //! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
@@ -22,8 +24,9 @@
 //! `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`] carries the
 //! cause and the report. Nothing captured is lost: capture and replay only ever move forward
 //! (the buffer, the slot and `walshift.applied` are untouched by an abort), so cutover can be
-//! run again. A failing `--switch` hook also aborts: the hook must leave traffic where it was
-//! when it fails. After the switch nothing is undone.
+//! run again. A `--switch` hook that exits non-zero also aborts: by contract it left traffic
+//! where it was. A switch hook killed (by its timeout, or with walshift) leaves the switch in
+//! doubt: nothing is undone then either (see the journal contract).
 //!
 //! **Journal contract** ([`journal`]): every step from the fence on is recorded durably in
 //! `<buffer>/cutover-journal.json`, read first by the next cutover. Once the switch has
@@ -178,13 +181,34 @@ impl CutoverConfig {
 
     /// Refuses impossible settings, before anything is connected to or touched.
     pub fn validate(&self) -> Result<(), CutoverError> {
-        let bad = |flag: &str, why: &str| Err(CutoverError::InvalidConfig(format!("{flag}: {why}")));
+        let bad =
+            |flag: &str, why: &str| Err(CutoverError::InvalidConfig(format!("{flag}: {why}")));
         let positive = [
-            ("--max-window", self.max_window, "the fence would be up with no time to drain: it would only ever fence, terminate every session and abort"),
-            ("--max-lag", self.max_lag, "preflight would wait for a lag of exactly zero, which a source taking writes never reaches"),
-            ("--hook-timeout", self.hook_timeout, "every hook would be killed at once"),
-            ("terminate timeout", self.terminate_timeout, "terminated sessions would never be waited for"),
-            ("poll interval", self.poll_interval, "the drain would poll without pause"),
+            (
+                "--max-window",
+                self.max_window,
+                "the fence would be up with no time to drain: it would only ever fence, terminate every session and abort",
+            ),
+            (
+                "--max-lag",
+                self.max_lag,
+                "preflight would wait for a lag of exactly zero, which a source taking writes never reaches",
+            ),
+            (
+                "--hook-timeout",
+                self.hook_timeout,
+                "every hook would be killed at once",
+            ),
+            (
+                "terminate timeout",
+                self.terminate_timeout,
+                "terminated sessions would never be waited for",
+            ),
+            (
+                "poll interval",
+                self.poll_interval,
+                "the drain would poll without pause",
+            ),
         ];
         for (flag, d, why) in positive {
             if d.is_zero() {
@@ -194,7 +218,10 @@ impl CutoverConfig {
         if !valid_slot_name(&self.slot) {
             return bad(
                 "--slot",
-                &format!("{:?} is not a replication slot name (lower-case letters, digits and underscores, at most 63)", self.slot),
+                &format!(
+                    "{:?} is not a replication slot name (lower-case letters, digits and underscores, at most 63)",
+                    self.slot
+                ),
             );
         }
         if self.publication.is_empty() || self.publication.len() > 63 {
@@ -648,13 +675,19 @@ async fn run_inner(
         match previous.state() {
             State::Open => {}
             State::SwitchInDoubt if !config.resume_after_switch => {
-                return Err(in_doubt(&previous, "a previous run did not finish".into(), None));
+                return Err(in_doubt(
+                    &previous,
+                    "a previous run did not finish".into(),
+                    None,
+                ));
             }
             state => return after_switch(config, previous, state, report, tl).await,
         }
     }
     if config.resume_after_switch {
-        return Err(CutoverError::NothingToResume(Journal::path(&config.buffer_dir)));
+        return Err(CutoverError::NothingToResume(Journal::path(
+            &config.buffer_dir,
+        )));
     }
 
     if config.buffer_dir.join(POSTPONE_FILE).exists() {
@@ -942,7 +975,10 @@ async fn wait_prepared(ctx: &Ctx<'_>) -> Result<(), CutoverError> {
         }
         if started.elapsed() >= ctx.config.max_prepared_wait {
             return Err(CutoverError::PreparedTransactions {
-                when: format!("preflight (waited {:?}); nothing was fenced", ctx.config.max_prepared_wait),
+                when: format!(
+                    "preflight (waited {:?}); nothing was fenced",
+                    ctx.config.max_prepared_wait
+                ),
                 list: pending.join(", "),
             });
         }
@@ -1224,7 +1260,10 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     ctx.tl.begin("switch");
     // Durable before the hook runs: from here on nothing is undone unless the hook says,
     // by failing cleanly, that it left traffic where it was.
-    ctx.record(Step::SwitchStarted, config.switch.clone().unwrap_or_default())?;
+    ctx.record(
+        Step::SwitchStarted,
+        config.switch.clone().unwrap_or_default(),
+    )?;
     ctx.switch_started = true;
     if let Some(cmd) = &config.switch {
         let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
@@ -1234,7 +1273,11 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             // Exited with a status (not killed by a signal): by the hook contract, traffic is
             // where it was.
             Err(e @ HookError::Failed { .. })
-                if ctx.report.hooks.last().is_some_and(|h| h.exit_code.is_some()) =>
+                if ctx
+                    .report
+                    .hooks
+                    .last()
+                    .is_some_and(|h| h.exit_code.is_some()) =>
             {
                 ctx.switch_started = false;
                 ctx.record(
@@ -1264,7 +1307,10 @@ async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
         ctx.report.error = Some(cause.to_string());
         let warnings = ctx.helpers.stop().await;
         ctx.report.warnings.extend(warnings);
-        let journal = ctx.journal.take().unwrap_or_else(|| Journal::new(&config.buffer_dir, ""));
+        let journal = ctx
+            .journal
+            .take()
+            .unwrap_or_else(|| Journal::new(&config.buffer_dir, ""));
         return in_doubt(&journal, cause.to_string(), Some(ctx.report));
     }
     ctx.tl.begin("unfence");

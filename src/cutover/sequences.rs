@@ -242,7 +242,10 @@ pub async fn sync(
     for r in target.query(&current_sql, &[]).await? {
         let i = r.get::<_, i32>(0) as usize;
         let (tv, tc, inc): (i64, bool, i64) = (r.get(1), r.get(2), r.get(3));
-        let e = plan.values_mut().nth(i).expect("one row per planned sequence");
+        let e = plan
+            .values_mut()
+            .nth(i)
+            .expect("one row per planned sequence");
         let next = |v: i64, c: bool| if c { v.saturating_add(inc) } else { v };
         let (src_next, tgt_next) = (next(e.0, e.1), next(tv, tc));
         if (inc > 0 && tgt_next > src_next) || (inc < 0 && tgt_next < src_next) {
@@ -251,15 +254,14 @@ pub async fn sync(
             ahead[i] = true;
         }
     }
-    let set: Vec<(&String, &(i64, bool, Vec<usize>))> = plan
-        .iter()
-        .zip(&ahead)
-        .filter(|(_, a)| !**a)
-        .map(|(p, _)| p)
-        .collect();
-    let names: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
-    let values: Vec<i64> = set.iter().map(|(_, v)| v.0).collect();
-    let called: Vec<bool> = set.iter().map(|(_, v)| v.1).collect();
+    let mut names: Vec<&str> = Vec::new();
+    let mut values: Vec<i64> = Vec::new();
+    let mut called: Vec<bool> = Vec::new();
+    for ((name, (v, c, _)), _) in plan.iter().zip(&ahead).filter(|(_, a)| !**a) {
+        names.push(name);
+        values.push(*v);
+        called.push(*c);
+    }
     if !names.is_empty() {
         target
             .execute(
