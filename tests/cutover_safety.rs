@@ -670,3 +670,23 @@ async fn a_stalled_capture_keeps_the_fence_down() {
         .expect("the fence went up (the session was terminated)");
     assert_eq!(fence_entry(&s.source).await, None);
 }
+
+/// A switch hook killed by `--hook-timeout` has not said it left traffic where it was: the
+/// switch is in doubt (exit 5), the source stays fenced, and the journal says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_hook_killed_by_its_timeout_leaves_the_source_fenced() {
+    let s = setup(ClusterOptions::default()).await;
+    let o = run(s.cutover(&["--switch", "sleep 30", "--hook-timeout", "1s", "--json"]));
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert_eq!(json(&o)["outcome"], "switch_in_doubt", "{}", text(&o));
+    assert_fenced(&s.source).await;
+    let journal = std::fs::read_to_string(s.dir.path().join("cutover-journal.json")).unwrap();
+    assert!(
+        journal.contains("switch_started") && !journal.contains("switch_done"),
+        "{journal}"
+    );
+    // And so does every rerun until the operator says where traffic points.
+    let o = run(s.cutover(&["--json"]));
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert_fenced(&s.source).await;
+}
