@@ -159,7 +159,7 @@ fn on_conflict(t: &TargetPlan) -> String {
         .join(", ");
     format!(
         " ON CONFLICT ({key}) DO UPDATE SET {set}{}",
-        where_clause(&identity_checks(t, "EXCLUDED", |i| q(i)))
+        where_clause(&identity_checks(t, "EXCLUDED", q))
     )
 }
 
