@@ -30,9 +30,9 @@ use super::wire::{self, EncodedArray, Wire};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
-use crate::source::pgoutput::{self, LogicalMessage, Relation, TypeInfo};
-use crate::source::identity::{self, IdentityError};
 pub use crate::source::identity::TargetOrigin;
+use crate::source::identity::{self, IdentityError};
+use crate::source::pgoutput::{self, LogicalMessage, Relation, TypeInfo};
 use crate::sql::quote_literal;
 use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
 

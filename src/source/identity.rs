@@ -134,7 +134,10 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn probe_err(side: &'static str, conn: &str) -> impl FnOnce(tokio_postgres::Error) -> IdentityError {
+fn probe_err(
+    side: &'static str,
+    conn: &str,
+) -> impl FnOnce(tokio_postgres::Error) -> IdentityError {
     let conn = conn.to_owned();
     move |source| IdentityError::Probe {
         side,
@@ -230,7 +233,8 @@ pub async fn check_replay_target(
     } else {
         None
     };
-    let field = |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let field =
+        |r: &serde_json::Value, k: &str| r.get(k).and_then(|v| v.as_str()).map(str::to_owned);
     if let Some(r) = &record {
         let matches = field(r, "source_system_identifier")
             == Some(meta.system_identifier.to_string())
