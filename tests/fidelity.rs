@@ -5,7 +5,7 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
+use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport, TargetOrigin};
 use walshift::conn::ConnInfo;
 use walshift::testkit::{Cluster, ClusterOptions};
 use walshift::transform::Mapping;
@@ -57,6 +57,8 @@ impl Setup {
         );
         cfg.apply_connections = i + 1;
         cfg.transform = self.mapping.clone();
+        // The targets are built by the test with the source's schema and rows.
+        cfg.target_origin = TargetOrigin::LoadedElsewhere;
         replay::run(cfg, std::future::pending::<()>()).await
     }
 
