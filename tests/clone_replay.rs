@@ -184,7 +184,7 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
         .args(["status", "--json", "--buffer"])
         .arg(dir.path())
-        .args(["--target", &conn, "--target-not-cloned-by-walshift"])
+        .args(["--target", &conn])
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
