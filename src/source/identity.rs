@@ -96,18 +96,16 @@ pub enum IdentityError {
 
     #[error(
         "refusing to {action} {target}: it has no walshift clone record (walshift.clone_state) \
-         for this buffer (source system identifier {system_identifier}, database {database:?}, \
-         slot {slot:?}){found}. Replaying a buffer into a database that does not hold the \
-         source's rows as of the slot's snapshot corrupts it silently. Clone it with `walshift \
-         capture --clone-to`; if you loaded it yourself exactly as of the slot's consistent point \
-         (and vouch for that), pass --target-not-cloned-by-walshift"
+         for this buffer ({buffer}){found}. Replaying a buffer into a database that does not hold \
+         the source's rows as of the slot's snapshot corrupts it silently. Clone it with \
+         `walshift capture --clone-to`; if you loaded it yourself exactly as of the slot's \
+         consistent point (and vouch for that), pass --target-not-cloned-by-walshift"
     )]
     NotCloned {
         action: &'static str,
         target: String,
-        system_identifier: u64,
-        database: String,
-        slot: String,
+        /// The buffer's source and slot, as text.
+        buffer: String,
         /// What the target's record says instead (empty when there is none).
         found: String,
     },
@@ -281,9 +279,10 @@ pub async fn check_replay_target(
     Err(IdentityError::NotCloned {
         action,
         target: target_name.to_owned(),
-        system_identifier: meta.system_identifier,
-        database: meta.database.clone(),
-        slot: meta.slot.clone(),
+        buffer: format!(
+            "source system identifier {}, database {:?}, slot {:?}",
+            meta.system_identifier, meta.database, meta.slot
+        ),
         found,
     })
 }
