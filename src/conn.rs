@@ -163,7 +163,10 @@ impl ConnInfo {
         self.config.get_application_name().unwrap_or("walshift")
     }
 
-    /// Connect timeout (default 30 s, or `PGCONNECT_TIMEOUT`).
+    /// Connect timeout: `connect_timeout` of the connection string, else `PGCONNECT_TIMEOUT`,
+    /// else 30 s; zero means none. It bounds the whole connection attempt — TCP connect,
+    /// startup and authentication — of every connection walshift opens ([`ConnInfo::bounded`]),
+    /// so a server that accepts the connection and never answers is an error, not a hang.
     pub fn connect_timeout(&self) -> Duration {
         self.config
             .get_connect_timeout()
@@ -192,12 +195,27 @@ impl ConnInfo {
         )
     }
 
-    /// Opens a regular SQL session. The connection task runs on the current tokio runtime.
+    /// Runs a connection attempt within [`ConnInfo::connect_timeout`]: [`Error::ConnectTimeout`]
+    /// when it runs out (the attempt is dropped, closing its socket).
+    pub async fn bounded<T>(&self, attempt: impl std::future::Future<Output = T>) -> Result<T> {
+        let timeout = self.connect_timeout();
+        if timeout.is_zero() {
+            return Ok(attempt.await);
+        }
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                target: self.redacted(),
+                timeout,
+            })
+    }
+
+    /// Opens a regular SQL session, within the connect timeout. The connection task runs on
+    /// the current tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
         let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
+            .bounded(self.config.connect(NoTls))
+            .await?
             .map_err(|e| Error::sql(format!("cannot connect to {}", self.redacted()), e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {

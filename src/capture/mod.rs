@@ -109,6 +109,9 @@ pub enum CaptureError {
     #[error(transparent)]
     Source(#[from] crate::Error),
 
+    #[error(transparent)]
+    Identity(#[from] crate::source::identity::IdentityError),
+
     #[error(
         "buffer {dir} was captured from another source (system {buffer_system}, slot {buffer_slot:?}); \
          this source is system {source_system}, slot {slot:?}. Use a new --buffer directory for a different source"
@@ -330,6 +333,8 @@ pub async fn run(
     let mut existing = BufferMeta::read(&config.buffer_dir)?;
     let mut restart_clone = false;
     if let Some(clone) = &config.clone {
+        // Before anything is created or dropped on either side, whatever `force` says.
+        crate::source::identity::check_clone_target(&config.source, &clone.target).await?;
         let done = clone::clone_state(&clone.target)
             .await?
             .is_some_and(|s| s.status == CloneStatus::Done);
@@ -368,6 +373,12 @@ pub async fn run(
             Some(snapshot) => {
                 let mut opts = clone.clone();
                 opts.force |= restart_clone;
+                opts.origin = Some(clone::CloneOrigin {
+                    system_identifier: prepared.system_id,
+                    database: prepared.database.clone(),
+                    slot: config.slot.clone(),
+                    consistent_lsn: prepared.consistent_point.unwrap_or(Lsn::ZERO),
+                });
                 // The replication connection stays idle meanwhile: the snapshot stays valid.
                 let report = clone::clone_database(&opts, snapshot, &prepared.tables).await?;
                 tracing::info!(

@@ -27,6 +27,7 @@ pub use large_objects::{
 };
 
 use crate::conn::ConnInfo;
+use crate::source::identity::{self, ServerIdentity};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_literal, quote_qualified};
 use dump::{Programs, Section};
@@ -48,6 +49,19 @@ pub struct CloneOptions {
     /// Directory of `pg_dump` and `psql`. Default: the installation `pg_config --bindir`
     /// names, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`.
     pub bindir: Option<PathBuf>,
+    /// The buffer the clone belongs to, recorded in the clone state (replay and cutover
+    /// check it). Capture sets it; `None` records no origin.
+    pub origin: Option<CloneOrigin>,
+}
+
+/// Which buffer a clone belongs to: the source and slot it was taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneOrigin {
+    pub system_identifier: u64,
+    pub database: String,
+    pub slot: String,
+    /// The slot's consistent point: the clone equals the source at this LSN.
+    pub consistent_lsn: crate::lsn::Lsn,
 }
 
 impl CloneOptions {
@@ -60,6 +74,7 @@ impl CloneOptions {
             force: false,
             progress: false,
             bindir: None,
+            origin: None,
         }
     }
 }
@@ -117,7 +132,10 @@ const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
       tables int, \
       rows bigint); \
     ALTER TABLE walshift.clone_state ADD COLUMN IF NOT EXISTS lo_count bigint, \
-      ADD COLUMN IF NOT EXISTS lo_oids_md5 text, ADD COLUMN IF NOT EXISTS lo_data_md5 text";
+      ADD COLUMN IF NOT EXISTS lo_oids_md5 text, ADD COLUMN IF NOT EXISTS lo_data_md5 text, \
+      ADD COLUMN IF NOT EXISTS source_system_identifier text, \
+      ADD COLUMN IF NOT EXISTS source_database text, ADD COLUMN IF NOT EXISTS source_slot text, \
+      ADD COLUMN IF NOT EXISTS consistent_lsn pg_lsn";
 
 async fn connect_target(target: &ConnInfo) -> Result<Client, CloneError> {
     target.connect().await.map_err(|e| CloneError::Connect {
@@ -239,6 +257,8 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// Contract:
 /// - `snapshot` was exported by the replication connection that created the slot; the caller
 ///   keeps that connection open and idle until this returns (every session here imports it).
+/// - A target that is the source database itself (same system identifier and database) is
+///   refused whatever `force` says ([`CloneError::Identity`]).
 /// - Without `force`, refuses (changing nothing) a target that has any of `tables`
 ///   ([`CloneError::TargetNotEmpty`]) or a clone record ([`CloneError::Interrupted`] for
 ///   `'copying'`, [`CloneError::AlreadyCloned`] for `'done'`); the schema is then applied in
@@ -259,6 +279,7 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// - Large objects are copied under the same OIDs (with `force`, target ones of the same OID
 ///   are replaced) and their fingerprint as of the snapshot is recorded in the clone state
 ///   ([`check_large_objects`] compares it with the source later).
+/// - The clone state records [`CloneOptions::origin`] (the buffer the clone belongs to).
 /// - On success `walshift.clone_state` on the target says `'done'`; after any failure it says
 ///   `'copying'` (once the load started) and the next call refuses without `force`.
 pub async fn clone_database(
@@ -272,9 +293,20 @@ pub async fn clone_database(
     }
     let target_name = opts.target.redacted();
     let target = connect_target(&opts.target).await?;
-    let state = read_state(&target).await?;
     // Everything read from the source happens inside the snapshot.
     let source = copy::snapshot_session(&opts.source, snapshot).await?;
+    let src = ServerIdentity::probe(&source)
+        .await
+        .map_err(sql("reading the source's system identifier"))?;
+    identity::refuse_source(
+        &target,
+        &target_name,
+        "clone into",
+        src.system_identifier,
+        &src.database,
+    )
+    .await?;
+    let state = read_state(&target).await?;
     let unlogged = unlogged_tables(&source, tables).await?;
     let all: Vec<TableRef> = tables.iter().chain(&unlogged).cloned().collect();
     check_no_double_copy(&source, &all).await?;
@@ -313,13 +345,27 @@ pub async fn clone_database(
         dump::dump(&programs, &opts.source, snapshot, Section::PostData, &keep),
     )?;
 
+    let origin = |f: fn(&CloneOrigin) -> String| {
+        opts.origin
+            .as_ref()
+            .map_or("NULL".to_owned(), |o| quote_literal(&f(o)))
+    };
     target
         .batch_execute(&format!(
-            "{STATE_DDL}; INSERT INTO walshift.clone_state (id, snapshot, state, started_at) \
-             VALUES (1, {snap}, 'copying', now()) ON CONFLICT (id) DO UPDATE SET \
+            "{STATE_DDL}; INSERT INTO walshift.clone_state (id, snapshot, state, started_at, \
+               source_system_identifier, source_database, source_slot, consistent_lsn) \
+             VALUES (1, {snap}, 'copying', now(), {sys}, {db}, {slot}, {lsn}::pg_lsn) \
+             ON CONFLICT (id) DO UPDATE SET \
              snapshot = EXCLUDED.snapshot, state = 'copying', started_at = now(), \
-             finished_at = NULL, tables = NULL, rows = NULL",
-            snap = quote_literal(snapshot)
+             finished_at = NULL, tables = NULL, rows = NULL, \
+             source_system_identifier = EXCLUDED.source_system_identifier, \
+             source_database = EXCLUDED.source_database, source_slot = EXCLUDED.source_slot, \
+             consistent_lsn = EXCLUDED.consistent_lsn",
+            snap = quote_literal(snapshot),
+            sys = origin(|o| o.system_identifier.to_string()),
+            db = origin(|o| o.database.clone()),
+            slot = origin(|o| o.slot.clone()),
+            lsn = origin(|o| o.consistent_lsn.to_string()),
         ))
         .await
         .map_err(sql("recording the clone state on the target"))?;

@@ -785,6 +785,16 @@ async fn run_inner(
     }
     let tgt = config.target.connect().await?;
     prepare_session(&tgt).await?;
+    let origin = crate::source::identity::TargetOrigin::ClonedByWalshift;
+    crate::source::identity::check_replay_target(
+        &tgt,
+        &config.target.redacted(),
+        &meta,
+        origin,
+        "cut over to",
+    )
+    .await
+    .map_err(|e| CutoverError::Replay(e.into()))?;
     target::ensure_progress_table(&tgt)
         .await
         .map_err(|e| CutoverError::Replay(ReplayError::Target(e)))?;
