@@ -548,3 +548,86 @@ async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_
         digests(&source, &["early", "late"]).await
     );
 }
+
+/// Every reg* column of `refs`, as text (names, resolved in each cluster's own catalog).
+const REFS_AS_TEXT: &str = "SELECT k, c::text, t::text, p::text, n::text, o::text, cs::text, \
+    d::text, moods::text, pr::text FROM refs ORDER BY k";
+
+async fn refs_as_text(c: &Cluster) -> Vec<Vec<Option<String>>> {
+    let client = c.connect("postgres").await.unwrap();
+    client
+        .query(REFS_AS_TEXT, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let mut v = vec![Some(r.get::<_, i32>(0).to_string())];
+            v.extend((1..r.len()).map(|i| r.get::<_, Option<String>>(i)));
+            v
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the_copy() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source
+        .execute(
+            "postgres",
+            // Objects created and dropped first: the source's OIDs run ahead of the copy's.
+            "DO $$ BEGIN FOR i IN 1..40 LOOP
+               EXECUTE format('CREATE TABLE pad%s (a int)', i);
+               EXECUTE format('DROP TABLE pad%s', i);
+             END LOOP; END $$;
+             CREATE SCHEMA app;
+             CREATE TYPE app.mood AS ENUM ('ok', 'meh');
+             CREATE TABLE app.pointed (k int PRIMARY KEY);
+             CREATE TABLE app.other (k int PRIMARY KEY);
+             CREATE FUNCTION app.fn(int) RETURNS int LANGUAGE sql AS 'SELECT 1';
+             CREATE DOMAIN app.relname AS regclass;
+             CREATE TYPE app.pair AS (m app.mood, r regclass);
+             CREATE TABLE refs (k int PRIMARY KEY, c regclass, t regtype, p regprocedure,
+               n regnamespace, o regoperator, cs regclass[], d app.relname, moods app.mood[],
+               pr app.pair);
+             INSERT INTO refs VALUES
+               (1, 'app.pointed', 'app.mood', 'app.fn(int)', 'app', '+(int4,int4)',
+                ARRAY['app.pointed'::regclass, 'app.other'], 'app.other', '{ok,meh}',
+                ROW('meh', 'app.pointed')),
+               (2, 'pg_class', 'int4', 'now()', 'public', NULL, '{}', NULL, NULL, NULL);
+             CREATE TABLE plain (k int PRIMARY KEY, moods app.mood[]);
+             INSERT INTO plain VALUES (1, '{ok}');",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    capture_with_clone(&source, &target, dir.path())
+        .await
+        .expect("capture with clone");
+    let state = clone::clone_state(&conn(&target)).await.unwrap().unwrap();
+    assert_eq!(state.rows, Some(3));
+    let target_oid = count(&target, "SELECT 'app.pointed'::regclass::oid::int8").await;
+    assert_ne!(
+        target_oid,
+        count(&source, "SELECT 'app.pointed'::regclass::oid::int8").await,
+        "the test needs the copy's OIDs to differ from the source's"
+    );
+    assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
+    assert_eq!(
+        count(&target, "SELECT c::oid::int8 FROM refs WHERE k = 1").await,
+        target_oid
+    );
+
+    source
+        .execute(
+            "postgres",
+            "UPDATE refs SET c = 'app.other', cs = cs || 'app.pointed'::regclass WHERE k = 1;
+             INSERT INTO refs VALUES (3, 'app.other', 'app.relname', 'app.fn(int)', 'app',
+               '-(int8,int8)', ARRAY['app.other'::regclass], 'app.pointed', '{meh}',
+               ROW('ok', 'app.other'));",
+        )
+        .await
+        .unwrap();
+    sync(&source, &target, dir.path()).await;
+    assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
+}

@@ -373,8 +373,16 @@ pub async fn run(
                 tracing::info!(
                     rows = report.rows,
                     tables = report.tables.len(),
+                    large_objects = report.large_objects,
                     "clone done"
                 );
+                if !report.text_format.is_empty() {
+                    tracing::info!(
+                        "copied in text format (columns holding catalog OIDs, resolved by name on \
+                         the target): {}",
+                        report.text_format.join(", ")
+                    );
+                }
             }
             None if existing.is_some() => {} // cloned earlier; resuming the stream
             None => {

@@ -78,6 +78,9 @@ pub struct CloneReport {
     /// UNLOGGED tables copied as of the snapshot (also in `tables`): logical decoding does not
     /// carry their later changes.
     pub unlogged: Vec<String>,
+    /// Tables copied in text format because a column's type holds catalog OIDs (`reg*`, user
+    /// composites): names resolved on the target instead of the source's OIDs.
+    pub text_format: Vec<String>,
     /// Large objects copied (same OIDs); their fingerprint is in the clone state.
     pub large_objects: u64,
     pub elapsed: Duration,
@@ -360,6 +363,11 @@ pub async fn clone_database(
         .map_err(sql("ending the source snapshot transaction"))?;
 
     let rows: u64 = copied.iter().map(|c| c.rows).sum();
+    let text_format: Vec<String> = copied
+        .iter()
+        .filter(|c| c.text)
+        .map(|c| c.display.clone())
+        .collect();
     let bytes: u64 = copied.iter().map(|c| c.bytes).sum();
     target
         .execute(
@@ -381,6 +389,7 @@ pub async fn clone_database(
         bytes,
         sequences,
         unlogged: unlogged.iter().map(display).collect(),
+        text_format,
         large_objects,
         elapsed: started.elapsed(),
     })
