@@ -631,3 +631,46 @@ async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the
     sync(&source, &target, dir.path()).await;
     assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_order() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source
+        .execute(
+            "postgres",
+            // a_top reads z_base: refreshed in name order it would fail on the copy.
+            "CREATE TABLE sales (k int PRIMARY KEY, amount int);
+             INSERT INTO sales SELECT g, g % 7 FROM generate_series(1, 100) g;
+             CREATE MATERIALIZED VIEW z_base AS SELECT amount, count(*) AS n FROM sales GROUP BY 1;
+             CREATE UNIQUE INDEX ON z_base (amount);
+             CREATE MATERIALIZED VIEW a_top AS SELECT sum(n) AS total FROM z_base;
+             CREATE MATERIALIZED VIEW never AS SELECT * FROM sales WITH NO DATA;",
+        )
+        .await
+        .unwrap();
+    let (repl, snapshot) = slot(&source).await;
+    let opts = CloneOptions::new(conn(&source), conn(&target));
+    let report = clone::clone_database(&opts, &snapshot, &[table("sales")])
+        .await
+        .unwrap();
+    drop(repl);
+    assert_eq!(
+        report.materialized_views,
+        vec!["public.z_base".to_string(), "public.a_top".to_string()]
+    );
+    assert_eq!(
+        digests(&target, &["z_base", "a_top"]).await,
+        digests(&source, &["z_base", "a_top"]).await
+    );
+    assert_eq!(count(&target, "SELECT total::int8 FROM a_top").await, 100);
+    assert_eq!(
+        count(
+            &target,
+            "SELECT count(*) FROM pg_class WHERE relname = 'never' AND NOT relispopulated"
+        )
+        .await,
+        1,
+        "a view unpopulated on the source stays unpopulated"
+    );
+}

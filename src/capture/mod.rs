@@ -376,6 +376,12 @@ pub async fn run(
                     large_objects = report.large_objects,
                     "clone done"
                 );
+                if !report.materialized_views.is_empty() {
+                    tracing::info!(
+                        "materialized views refreshed on the target: {}",
+                        report.materialized_views.join(", ")
+                    );
+                }
                 if !report.text_format.is_empty() {
                     tracing::info!(
                         "copied in text format (columns holding catalog OIDs, resolved by name on \

@@ -81,6 +81,9 @@ pub struct CloneReport {
     /// Tables copied in text format because a column's type holds catalog OIDs (`reg*`, user
     /// composites): names resolved on the target instead of the source's OIDs.
     pub text_format: Vec<String>,
+    /// Materialized views refreshed on the target (`schema.name`, in the order refreshed): the
+    /// ones populated on the source as of the snapshot.
+    pub materialized_views: Vec<String>,
     /// Large objects copied (same OIDs); their fingerprint is in the clone state.
     pub large_objects: u64,
     pub elapsed: Duration,
@@ -357,6 +360,7 @@ pub async fn clone_database(
     let fingerprint = large_object_fingerprint(&source).await?;
     let sequences = sync_sequences(&source, &target).await?;
     dump::apply(&programs, &opts.target, &post, "post-data", opts.force).await?;
+    let materialized_views = refresh_materialized_views(&source, &opts.target).await?;
     source
         .batch_execute("COMMIT")
         .await
@@ -390,9 +394,80 @@ pub async fn clone_database(
         sequences,
         unlogged: unlogged.iter().map(display).collect(),
         text_format,
+        materialized_views,
         large_objects,
         elapsed: started.elapsed(),
     })
+}
+
+/// Refreshes, on the target, every materialized view that is populated on the source (in the
+/// snapshot `source` holds), each after the materialized views it reads. The schema dump
+/// creates them `WITH NO DATA` (pg_dump keeps `REFRESH MATERIALIZED VIEW` in its data
+/// section); their rows are computed from the copy's own tables, after the post-data (so a
+/// unique index on a view exists), with `search_path = ''` as a restore would. Returns them in
+/// the order refreshed.
+async fn refresh_materialized_views(
+    source: &Client,
+    target: &ConnInfo,
+) -> Result<Vec<String>, CloneError> {
+    let rows = source
+        .query(
+            "SELECT m.oid, n.nspname::text, m.relname::text, \
+               coalesce(array_agg(DISTINCT d.refobjid) FILTER (WHERE d.refobjid IS NOT NULL), '{}') \
+             FROM pg_class m JOIN pg_namespace n ON n.oid = m.relnamespace \
+             LEFT JOIN pg_rewrite r ON r.ev_class = m.oid \
+             LEFT JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+               AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> m.oid \
+               AND d.refobjid IN (SELECT oid FROM pg_class WHERE relkind = 'm') \
+             WHERE m.relkind = 'm' AND m.relispopulated \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
+             GROUP BY 1, 2, 3 ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(sql("listing the source's materialized views"))?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pending: Vec<(u32, String, String, Vec<u32>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let all: Vec<u32> = pending.iter().map(|p| p.0).collect();
+    let mut done: Vec<u32> = Vec::new();
+    let mut order = Vec::new();
+    while !pending.is_empty() {
+        // Ready: every materialized view it reads is refreshed, or is not refreshed at all
+        // (unpopulated on the source).
+        let ready = pending
+            .iter()
+            .position(|(_, _, _, deps)| deps.iter().all(|d| done.contains(d) || !all.contains(d)));
+        let i = ready.unwrap_or(0);
+        let (oid, schema, name, _) = pending.remove(i);
+        done.push(oid);
+        order.push((schema, name));
+    }
+    let client = target.connect().await.map_err(|e| CloneError::Connect {
+        context: "connecting to the target".into(),
+        source: e,
+    })?;
+    client
+        .batch_execute("SET search_path = ''")
+        .await
+        .map_err(sql("setting search_path on the target"))?;
+    let mut refreshed = Vec::with_capacity(order.len());
+    for (schema, name) in order {
+        let q = quote_qualified(&schema, &name);
+        client
+            .batch_execute(&format!("REFRESH MATERIALIZED VIEW {q}"))
+            .await
+            .map_err(sql(format!(
+                "refreshing materialized view {q} on the target (its query runs on the copy's \
+                 tables; fix the error there, then clone again with --force)"
+            )))?;
+        refreshed.push(format!("{schema}.{name}"));
+    }
+    Ok(refreshed)
 }
 
 /// UNLOGGED tables of the source not in `tables`. Logical decoding never sees their changes
