@@ -283,8 +283,27 @@ async fn publications_and_slots(c: &Cluster) -> (i64, i64) {
     )
 }
 
+/// Capture (no end LSN, partition checks every 200 ms) until it stops by itself or 60 s pass.
+async fn capture_until_it_stops(
+    source: &Cluster,
+    dir: &std::path::Path,
+    accept: &[&str],
+) -> Result<CaptureReport, CaptureError> {
+    let mut cfg = CaptureConfig::new(conn(source), dir);
+    cfg.partition_check_interval = Duration::from_millis(200);
+    cfg.status_interval = Duration::from_millis(500);
+    cfg.accept_partition_rewrite = accept.iter().map(|s| s.to_string()).collect();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        capture::run(cfg, tokio::time::sleep(Duration::from_secs(6))),
+    )
+    .await
+    .expect("capture stopped in time")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_via_root_publication_with_partitioned_tables_is_refused_before_anything_is_created() {
+async fn via_root_publications_replay_through_the_root_and_a_truncated_partition_stops_capture_and_cutover()
+ {
     let source = Cluster::start(ClusterOptions::default()).unwrap();
     let target = Cluster::start(ClusterOptions::default()).unwrap();
     source.execute("postgres", PARTITIONED).await.unwrap();
@@ -296,36 +315,108 @@ async fn a_via_root_publication_with_partitioned_tables_is_refused_before_anythi
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = capture_with_clone(&source, &target, dir.path())
+    let report = capture_with_clone(&source, &target, dir.path())
         .await
-        .unwrap_err();
+        .expect("capture with clone");
+    // The publication carries the root, copied once through it.
+    assert_eq!(report.tables, vec!["\"public\".\"m\"".to_string()]);
     assert!(
-        matches!(err, CaptureError::Preflight(PreflightError::Refused { .. })),
-        "{err}"
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("publish_via_partition_root") && w.contains("public.m")),
+        "{:?}",
+        report.warnings
     );
-    let msg = err.to_string();
-    for needle in [
-        "publication \"walshift\"",
-        "\"public\".\"m\"",
-        "TRUNCATE",
-        "ALTER PUBLICATION \"walshift\" SET (publish_via_partition_root = false)",
-    ] {
-        assert!(msg.contains(needle), "{needle:?} in {msg}");
-    }
-    assert_eq!(publications_and_slots(&source).await, (1, 0), "no slot");
-    assert!(clone::clone_state(&conn(&target)).await.unwrap().is_none());
+    assert_eq!(
+        digests(&target, PARTITION_TABLES).await,
+        digests(&source, PARTITION_TABLES).await
+    );
 
-    // With the fix the message gives, the same publication works.
     source
         .execute(
             "postgres",
-            "ALTER PUBLICATION walshift SET (publish_via_partition_root = false);",
+            "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new');
+             INSERT INTO m_us_lo VALUES (4, 'us', 'through the leaf');
+             UPDATE m SET region = 'eu' WHERE k = 1;              -- us_lo -> eu
+             UPDATE m SET k = k + 6000 WHERE k = 3;               -- us_lo -> us_hi
+             UPDATE m_eu SET v = 'changed' WHERE k BETWEEN 10 AND 20;
+             DELETE FROM m WHERE k BETWEEN 100 AND 110;",
         )
         .await
         .unwrap();
-    capture_with_clone(&source, &target, dir.path())
+    sync(&source, &target, dir.path()).await;
+    assert_eq!(
+        digests(&target, PARTITION_TABLES).await,
+        digests(&source, PARTITION_TABLES).await
+    );
+
+    // A TRUNCATE of the root is in the stream: it rewrites every leaf, and capture accepts it.
+    source
+        .execute(
+            "postgres",
+            "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
+        )
         .await
-        .expect("capture after the fix");
+        .unwrap();
+    sync(&source, &target, dir.path()).await;
+    capture_until_it_stops(&source, dir.path(), &[])
+        .await
+        .expect("a root TRUNCATE does not stop capture");
+    assert_eq!(count(&target, "SELECT count(*) FROM m").await, 2);
+    assert_eq!(
+        digests(&target, PARTITION_TABLES).await,
+        digests(&source, PARTITION_TABLES).await
+    );
+
+    // A TRUNCATE of one partition is not: capture stops naming it.
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO m VALUES (7, 'us', 'x'), (8, 'eu', 'y'); TRUNCATE m_us_lo;",
+        )
+        .await
+        .unwrap();
+    let err = capture_until_it_stops(&source, dir.path(), &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CaptureError::PartitionChanged(_)), "{err}");
+    let msg = err.to_string();
+    for needle in [
+        "public.m_us_lo",
+        "TRUNCATE",
+        "walshift verify --tables public.m",
+        "--accept-partition-rewrite public.m_us_lo",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} in {msg}");
+    }
+
+    // Cutover refuses before fencing anything.
+    let mut cfg = walshift::cutover::CutoverConfig::new(conn(&source), conn(&target), dir.path());
+    cfg.dry_run = true;
+    let err = walshift::cutover::run(cfg, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("public.m_us_lo"),
+        "cutover refuses naming the partition: {err}"
+    );
+
+    // The operator makes the copy match, then accepts the partition's new state.
+    replay::run(
+        ReplayConfig::new(dir.path(), conn(&target)),
+        std::future::pending::<()>(),
+    )
+    .await
+    .expect("replay");
+    target
+        .execute("postgres", "TRUNCATE m_us_lo")
+        .await
+        .unwrap();
+    capture_until_it_stops(&source, dir.path(), &["public.m_us_lo"])
+        .await
+        .expect("capture after the partition was accepted");
+    sync(&source, &target, dir.path()).await;
     assert_eq!(
         digests(&target, PARTITION_TABLES).await,
         digests(&source, PARTITION_TABLES).await
