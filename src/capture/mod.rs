@@ -286,7 +286,9 @@ pub async fn prepare(
     let mut warnings = preflight::source_warnings(&client).await?;
     let via_root = partitions::via_root_roots(&client, &config.publication, &tables)
         .await
-        .map_err(sql("looking for partitioned tables published via their root"))?;
+        .map_err(sql(
+            "looking for partitioned tables published via their root",
+        ))?;
     if !via_root.is_empty() {
         warnings.push(format!(
             "publication {:?} has publish_via_partition_root = true: changes to {} arrive \
@@ -296,7 +298,11 @@ pub async fn prepare(
              compares every partition's relfilenode with the one recorded at the snapshot every \
              few seconds and stops naming the partition, and cutover refuses",
             config.publication,
-            via_root.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+            via_root
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     for w in &warnings {

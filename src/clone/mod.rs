@@ -4,8 +4,9 @@
 //! check the target (refuse tables that are already there, detect an earlier clone) →
 //! `pg_dump --schema-only --snapshot` of the pre-data and post-data sections → record
 //! `walshift.clone_state = 'copying'` → pre-data into the target (`psql`) → rows of every
-//! table (`COPY … (FORMAT binary)`, streamed, `parallel` tables at a time) → sequences →
-//! post-data (indexes, constraints, triggers) → `clone_state = 'done'`.
+//! table (`COPY … (FORMAT binary)`, text for columns holding catalog OIDs; streamed, `parallel`
+//! tables at a time) → large objects → sequences → post-data (indexes, constraints, triggers)
+//! → refresh of the materialized views populated on the source → `clone_state = 'done'`.
 //!
 //! Replaying the buffer captured from the slot's consistent point on top of the result gives
 //! the source. Operator documentation: `docs/clone.md`.
@@ -262,6 +263,11 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// - Every table's rows stored on the target equal the rows the source sent in the snapshot,
 ///   or the clone fails with [`CloneError::RowCountMismatch`] (see `copy`'s contract).
 /// - A list holding a partitioned table and one of its partitions is refused (double copy).
+/// - Columns whose type holds catalog OIDs (`reg*`, also nested; user composites) are copied
+///   by name (text format), so they reference the copy's own objects
+///   ([`CloneReport::text_format`]).
+/// - Materialized views populated on the source are refreshed on the target after the
+///   post-data, in dependency order ([`CloneReport::materialized_views`]).
 /// - Large objects are copied under the same OIDs (with `force`, target ones of the same OID
 ///   are replaced) and their fingerprint as of the snapshot is recorded in the clone state
 ///   ([`check_large_objects`] compares it with the source later).

@@ -290,10 +290,11 @@ pub async fn publication_tables(
 /// What an existing publication does that walshift cannot follow faithfully:
 /// - not publishing every operation (insert, update, delete, truncate): the missing ones would
 ///   never reach the copy;
-/// (`publish_via_partition_root = true` is accepted: capture watches what that mode does not
-/// carry, see [`crate::capture::partitions`].)
 /// - (PostgreSQL 15+) a row filter or a column list: the clone copies whole tables, the stream
 ///   would carry only part of them.
+///
+/// `publish_via_partition_root = true` is accepted: capture watches what that mode does not
+/// carry (see [`crate::capture::partitions`]).
 pub async fn check_publication(
     client: &Client,
     name: &str,
