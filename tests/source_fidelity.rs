@@ -421,6 +421,51 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
         digests(&target, PARTITION_TABLES).await,
         digests(&source, PARTITION_TABLES).await
     );
+
+    // A partition attached later (repeated on the copy) is recorded and reported.
+    for c in [&source, &target] {
+        c.execute(
+            "postgres",
+            "CREATE TABLE m_apac PARTITION OF m FOR VALUES IN ('apac');",
+        )
+        .await
+        .unwrap();
+    }
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO m VALUES (9000, 'apac', 'new region');",
+        )
+        .await
+        .unwrap();
+    capture_until_it_stops(&source, dir.path(), &[])
+        .await
+        .expect("a new partition does not stop capture");
+    let record = walshift::capture::partitions::PartitionRecord::read(dir.path())
+        .unwrap()
+        .unwrap();
+    assert!(
+        record
+            .leaves
+            .iter()
+            .any(|l| l.name == "public.m_apac" && l.attached_later),
+        "{record:?}"
+    );
+    let mut cfg = walshift::cutover::CutoverConfig::new(conn(&source), conn(&target), dir.path());
+    cfg.dry_run = true;
+    let report = walshift::cutover::run(cfg, std::future::pending())
+        .await
+        .expect("dry run");
+    assert!(
+        report.warnings.iter().any(|w| w.contains("public.m_apac")),
+        "{:?}",
+        report.warnings
+    );
+    let tables = ["m", "m_eu", "m_us_lo", "m_us_hi", "m_apac"];
+    assert_eq!(
+        digests(&target, &tables).await,
+        digests(&source, &tables).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
