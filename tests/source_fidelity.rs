@@ -731,8 +731,11 @@ async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the
                 ARRAY['app.pointed'::regclass, 'app.other'], 'app.other', '{ok,meh}',
                 ROW('meh', 'app.pointed')),
                (2, 'pg_class', 'int4', 'now()', 'public', NULL, '{}', NULL, NULL, NULL);
-             CREATE TABLE plain (k int PRIMARY KEY, moods app.mood[]);
-             INSERT INTO plain VALUES (1, '{ok}');",
+             CREATE TABLE plain (k int PRIMARY KEY, moods app.mood[], p app.pair);
+             INSERT INTO plain VALUES (1, '{ok}', ROW('ok', NULL));
+             -- No binary I/O at all: text format or no copy.
+             CREATE TABLE acls (k int PRIMARY KEY, a aclitem[]);
+             INSERT INTO acls VALUES (1, '{postgres=arw/postgres}');",
         )
         .await
         .unwrap();
@@ -741,7 +744,11 @@ async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the
         .await
         .expect("capture with clone");
     let state = clone::clone_state(&conn(&target)).await.unwrap().unwrap();
-    assert_eq!(state.rows, Some(3));
+    assert_eq!(state.rows, Some(4));
+    assert_eq!(
+        digests(&target, &["plain", "acls"]).await,
+        digests(&source, &["plain", "acls"]).await
+    );
     let target_oid = count(&target, "SELECT 'app.pointed'::regclass::oid::int8").await;
     assert_ne!(
         target_oid,

@@ -4,10 +4,10 @@
 //!
 //! A table whose columns hold OIDs of the source's catalog — a `reg*` type (`regclass`,
 //! `regtype`, `regproc`, …) anywhere in a column's type (also inside arrays, domains,
-//! composites and ranges) — or a user-defined composite (whose binary form carries the
-//! source's type OIDs) is copied in text format instead: the source writes names, the target
-//! resolves them in its own catalog. Both sides run with `search_path = ''` (names come out
-//! schema-qualified) and pg_dump's output settings.
+//! composites and ranges) — is copied in text format instead: the source writes names, the
+//! target resolves them in its own catalog. So is a table with a column type that has no
+//! binary I/O (e.g. `aclitem`), which binary COPY cannot carry at all. Both sides run with
+//! `search_path = ''` (names come out schema-qualified) and pg_dump's output settings.
 //!
 //! **Contract:** every table's copy counts the rows the source sent (parsed out of the binary
 //! stream, which must end with its trailer; in text format one line per row) and compares them
@@ -39,7 +39,8 @@ pub(crate) struct TablePlan {
     pub columns: Vec<String>,
     /// Partitioned tables are read through their partitions; plain tables with `ONLY`.
     pub partitioned: bool,
-    /// Copied in text format: some column's type holds catalog OIDs (see the module docs).
+    /// Copied in text format: some column's type holds catalog OIDs or has no binary I/O (see
+    /// the module docs).
     pub text: bool,
     /// `pg_class.reltuples` (negative: never analyzed).
     pub estimated_rows: f64,
@@ -141,9 +142,9 @@ pub(crate) async fn load_session(target: &ConnInfo) -> Result<Client, CloneError
     Ok(client)
 }
 
-/// Whether any copied column of table `$1` has a type whose binary form carries OIDs of the
-/// source's catalog: a `reg*` type, or a user-defined composite (its binary form names each
-/// field's type OID), looked for through domains, arrays, composites, ranges and multiranges.
+/// Whether any copied column of table `$1` has a type whose binary form is a value of the
+/// source's catalog (a `reg*` type) or that has no binary I/O, looked for through domains,
+/// arrays, composites, ranges and multiranges.
 const CATALOG_OID_TYPES: &str = "WITH RECURSIVE walk(t) AS ( \
       SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = to_regclass($1) \
         AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
@@ -157,7 +158,7 @@ const CATALOG_OID_TYPES: &str = "WITH RECURSIVE walk(t) AS ( \
         UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid \
         UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid) n(t)) \
     SELECT EXISTS (SELECT 1 FROM walk w JOIN pg_type ty ON ty.oid = w.t \
-      WHERE (ty.typtype = 'c' AND ty.oid >= 16384) OR ty.oid IN ('regclass'::regtype, \
+      WHERE ty.typsend = 0 OR ty.typreceive = 0 OR ty.oid IN ('regclass'::regtype, \
         'regtype'::regtype, 'regproc'::regtype, 'regprocedure'::regtype, 'regoper'::regtype, \
         'regoperator'::regtype, 'regconfig'::regtype, 'regdictionary'::regtype, \
         'regnamespace'::regtype, 'regrole'::regtype, 'regcollation'::regtype))";

@@ -79,8 +79,8 @@ pub struct CloneReport {
     /// UNLOGGED tables copied as of the snapshot (also in `tables`): logical decoding does not
     /// carry their later changes.
     pub unlogged: Vec<String>,
-    /// Tables copied in text format because a column's type holds catalog OIDs (`reg*`, user
-    /// composites): names resolved on the target instead of the source's OIDs.
+    /// Tables copied in text format because a column's type holds catalog OIDs (`reg*`):
+    /// names resolved on the target instead of the source's OIDs; or has no binary I/O.
     pub text_format: Vec<String>,
     /// Materialized views refreshed on the target (`schema.name`, in the order refreshed): the
     /// ones populated on the source as of the snapshot.
@@ -263,9 +263,9 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// - Every table's rows stored on the target equal the rows the source sent in the snapshot,
 ///   or the clone fails with [`CloneError::RowCountMismatch`] (see `copy`'s contract).
 /// - A list holding a partitioned table and one of its partitions is refused (double copy).
-/// - Columns whose type holds catalog OIDs (`reg*`, also nested; user composites) are copied
-///   by name (text format), so they reference the copy's own objects
-///   ([`CloneReport::text_format`]).
+/// - Tables with a column whose type holds catalog OIDs (`reg*`, also nested) are copied in
+///   text format, by name, so they reference the copy's own objects; so are tables with a
+///   column type without binary I/O ([`CloneReport::text_format`]).
 /// - Materialized views populated on the source are refreshed on the target after the
 ///   post-data, in dependency order ([`CloneReport::materialized_views`]).
 /// - Large objects are copied under the same OIDs (with `force`, target ones of the same OID
