@@ -732,9 +732,16 @@ async fn stream_into(
                         next = if handled < DRAIN_BATCH { stream.next_buffered()? } else { None };
                     }
                     // Before the slot may confirm a TRUNCATE, the record holds it: the slot
-                    // will not send it again, and it explains the partitions it rewrote.
+                    // will not send it again, and it explains the partitions it rewrote. Look
+                    // at the partitions right away, while their pg_class rows still carry the
+                    // TRUNCATE's transaction id (a later ALTER TABLE would replace it).
                     if let Some(w) = &mut watch {
                         w.save_truncates(&config.buffer_dir, &state)?;
+                        if std::mem::take(&mut state.truncate_received)
+                            && w.check(&config.buffer_dir, &mut state).await?
+                        {
+                            send_status(&mut stream, &state, true).await?;
+                        }
                     }
                     // A trickle of small reads costs a wakeup and several syscalls per message,
                     // CPU the walsender (capture's real bottleneck) then lacks on a busy host.
@@ -824,6 +831,8 @@ struct StreamState {
     xid: u32,
     /// TRUNCATEs received: transaction id → relation OIDs truncated.
     truncates: HashMap<u32, Vec<u32>>,
+    /// A TRUNCATE arrived since the partitions were last compared.
+    truncate_received: bool,
     transactions: u64,
     changes: u64,
     bytes: u64,
@@ -936,6 +945,7 @@ impl StreamState {
                     .filter_map(|i| data.get(6 + 4 * i..10 + 4 * i))
                     .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
                 self.truncates.entry(self.xid).or_default().extend(rels);
+                self.truncate_received = true;
                 if self.skipping {
                     return None;
                 }

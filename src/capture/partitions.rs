@@ -8,10 +8,11 @@
 //! leaf partition's relfilenode as of the slot's snapshot in the buffer directory
 //! ([`RECORD_FILE`]) and compares:
 //!
-//! - capture, every few seconds: a leaf whose relfilenode moved is accepted only when the
-//!   `pg_class` row's `xmin` is a transaction the stream carried a `TRUNCATE` of its root in;
-//!   any other change stops capture naming the partition, once the stream has passed the point
-//!   where the change was seen (so a root `TRUNCATE` still in flight is never mistaken);
+//! - capture, every few seconds and as soon as it receives a `TRUNCATE`: a leaf whose
+//!   relfilenode moved is accepted only when the `pg_class` row's `xmin` is a transaction the
+//!   stream carried a `TRUNCATE` of its root in; any other change stops capture naming the
+//!   partition, once the stream has passed the point where the change was seen (so a root
+//!   `TRUNCATE` still in flight is never mistaken);
 //! - cutover, before fencing: any leaf that differs from the record refuses the cutover.
 //!
 //! The record lives in the buffer directory, not on the target: capture always has the buffer
@@ -21,7 +22,10 @@
 //! stream.
 //!
 //! Known gap: a transaction that truncates the root, then writes rows into a partition and
-//! truncates that partition alone is accepted (its `xmin` is the root `TRUNCATE`'s).
+//! truncates that partition alone is accepted (its `xmin` is the root `TRUNCATE`'s). Known
+//! false alarm: DDL on a partition (e.g. `ALTER TABLE root ADD COLUMN`) committed after a root
+//! `TRUNCATE` but before capture received that `TRUNCATE` replaces the `xmin`, and capture
+//! stops although nothing was lost (verify, then accept).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
