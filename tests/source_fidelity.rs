@@ -484,6 +484,9 @@ async fn preflight_refuses_every_unfaithful_table_at_once_and_creates_nothing() 
              CREATE TABLE nothing_ri (k int PRIMARY KEY);
              ALTER TABLE nothing_ri REPLICA IDENTITY NOTHING;
              CREATE TABLE keyless (v text);
+             -- A deferrable primary key is no replica identity: publishing it would make the
+             -- live site's UPDATEs fail.
+             CREATE TABLE deferred_pk (k int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED);
              -- FULL on the partitioned table does not reach its partitions, which are what
              -- pgoutput publishes: their UPDATEs would fail on the live site.
              CREATE TABLE parted (k int, v text) PARTITION BY RANGE (k);
@@ -505,6 +508,7 @@ async fn preflight_refuses_every_unfaithful_table_at_once_and_creates_nothing() 
     assert_eq!(
         objects,
         vec![
+            "table \"public\".\"deferred_pk\"",
             "table \"public\".\"keyless\"",
             "table \"public\".\"nothing_ri\"",
             "table \"public\".\"parted_1\""
@@ -518,6 +522,7 @@ async fn preflight_refuses_every_unfaithful_table_at_once_and_creates_nothing() 
         "{msg}"
     );
     assert!(msg.contains("a partition"), "{msg}");
+    assert!(msg.contains("primary key is DEFERRABLE"), "{msg}");
     assert!(
         msg.contains("ALTER TABLE \"public\".\"keyless\" REPLICA IDENTITY FULL"),
         "{msg}"

@@ -11,16 +11,20 @@
 //! For a [`TableBatch`] with `ordered == false` the applier runs, in the same target
 //! transaction and in this order:
 //!
-//! 1. **deletes** — `DELETE … WHERE key IN (deletes)`. Afterwards no row with these keys exists
-//!    (a key absent from the target is not an error).
+//! 1. **deletes** — `DELETE … WHERE key IN (deletes)`. Every key names a row that exists on
+//!    the target at that point: the statement deletes exactly as many rows as there are keys.
 //! 2. **updates** — one `UPDATE t SET … FROM (values) WHERE t.key = v.old_key`. Each entry
 //!    names the row by its key *before the batch* and gives its new image; an
 //!    [`ColumnValue::UnchangedToast`] column keeps the target's current value, and the image's
-//!    key columns may differ from the old key (a key move).
-//! 3. **upserts** — one `INSERT … ON CONFLICT (key) DO UPDATE SET <all columns> = EXCLUDED.…`;
-//!    rows marked [`TableBatch::fresh`] (no row had their key before the batch) may go through
-//!    a plain `INSERT` instead.
+//!    key columns may differ from the old key (a key move). Every entry matches exactly one row.
+//! 3. **upserts** — a plain `INSERT` of full rows: no row has their key at that point (no row
+//!    had it before the batch, or step 1 or 2 took it away), so each row is inserted.
 //!    Afterwards the row with the image's key has exactly these values.
+//!
+//! So every statement's expected row count is exact (rows deleted, updated, inserted = entries
+//! given), which is the affected-row guard's contract ([`crate::apply`]). A row replaced in
+//! the batch (deleted, or moved away, then re-inserted at its key) is an *update* of the row
+//! still there, not an upsert: that keeps its count exact too.
 //!
 //! The updates may also be run as several UPDATE statements (e.g. grouped by which columns are
 //! known), in any order between steps 1 and 3: the argument below holds for each subset.
@@ -29,11 +33,12 @@
 //! PostgreSQL processes a statement in), with `k0` the key of a row before the batch:
 //!
 //! * Every key appears at most once per list (keys of the fold map are distinct; each row
-//!   before the batch has at most one descendant), so no `UPDATE … FROM` row is matched twice
-//!   and no `ON CONFLICT DO UPDATE` affects a row twice.
-//! * An update is emitted only for a row that descends from the row at `k0` before the batch:
-//!   either it still sits at `k0` (all values known: a plain `UPDATE`, cheaper on the target
-//!   than an upsert), or a value is unknown. The update needs that row, so `k0` is never in
+//!   before the batch has at most one descendant), so no `UPDATE … FROM` row is matched twice.
+//! * An update is emitted only for a row at `k0` before the batch that no step-1 or other
+//!   step-2 statement touches: either a descendant of it (still at `k0` with all values
+//!   known — a plain `UPDATE`, cheaper on the target than an upsert — or with a value
+//!   unknown), or a row replacing it at `k0` (all values known, the old row neither deleted
+//!   nor moved by step 2, so nobody's move source or target). The update needs that row, so `k0` is never in
 //!   `deletes`, and nothing before step 2 changes it, so "keep the current value" reads the
 //!   pre-batch value. A row that stays at `k0` is nobody's move target (that entry holds it).
 //! * A key move `k0 → k1` in step 2 needs `k1` free while the statement runs, in any row order:
@@ -41,8 +46,9 @@
 //!   cycles, chains onto a key whose row moves away — the table goes `ordered`), not the new key
 //!   of another update (map keys are distinct), and if a row might be at `k1` before the batch
 //!   `k1` is in `deletes` (step 1). Upserts, which create rows, come after.
-//! * Upserts never change a key and resolve conflicts on the key, so they cannot collide; a
-//!   key whose pre-batch row moves away in step 2 may be re-filled by an upsert in step 3.
+//! * Inserts never change a key: a key had no row before the batch (its first change was an
+//!   insert or a move onto it), or its pre-batch row left in step 1 or 2 (deleted, or moved
+//!   away by an update), so the key is free; a key is inserted at most once.
 //! * Keys untouched by the batch are touched by no statement.
 //!
 //! Only the key's uniqueness is reasoned about: another unique constraint on the target can
@@ -411,12 +417,8 @@ pub struct TableBatch {
     /// their key (an `UPDATE`, cheaper than an upsert) or have an unknown value (unchanged
     /// TOAST; such a row may also move to a new key).
     pub update_rows: Vec<Val>,
-    /// Step 3: full rows to insert or overwrite by key.
+    /// Step 3: full rows to insert; no row has their key when step 3 runs.
     pub upserts: Vec<Val>,
-    /// Parallel to `upserts`: no row had this key before the batch (its first change in the
-    /// batch was an insert or a key move onto it), and steps 1 and 2 put none there, so a
-    /// plain `INSERT` cannot conflict — cheaper on the target than `ON CONFLICT`.
-    pub fresh: Vec<bool>,
     /// The changes as pushed, only when `ordered`.
     pub original: Vec<Change>,
 }
@@ -508,7 +510,6 @@ impl TableBatch {
                 .upserts()
                 .map(|r| r.iter().map(|&v| arena.value(v)).collect())
                 .collect(),
-            fresh: self.fresh.clone(),
             original: self.original.clone(),
         }
     }
@@ -523,7 +524,6 @@ pub struct OwnedTableBatch {
     pub deletes: Vec<Key>,
     pub updates: Vec<(Key, Vec<ColumnValue>)>,
     pub upserts: Vec<Vec<Value>>,
-    pub fresh: Vec<bool>,
     pub original: Vec<Change>,
 }
 
@@ -1018,9 +1018,15 @@ impl TableState {
                     // UPDATE: cheaper on the target than an INSERT … ON CONFLICT.
                     let stayed = origin == Some(i as u32);
                     let values = image(row);
-                    if values.iter().all(|v| v.is_known()) && !stayed {
-                        batch.fresh.push(!e.pre);
+                    // A pre-batch row still sits at this key when step 2 runs unless step 2
+                    // moves it away: then the row replacing it is an UPDATE of it (so its
+                    // count is exact), else the key is free by step 3 and a plain INSERT fits.
+                    let replaces = e.pre && !update_origin[i];
+                    if values.iter().all(|v| v.is_known()) && !stayed && !replaces {
                         batch.upserts.extend_from_slice(values);
+                    } else if values.iter().all(|v| v.is_known()) && !stayed {
+                        batch.update_keys.extend_from_slice(key(i));
+                        batch.update_rows.extend_from_slice(values);
                     } else {
                         let o = origin.expect("an update descends from a pre-batch row") as usize;
                         if move_target[i] && e.pre {
@@ -1140,10 +1146,10 @@ mod tests {
     }
 
     #[test]
-    fn delete_then_insert_is_an_upsert() {
+    fn delete_then_insert_is_an_update_of_the_row_still_there() {
         let b = fold(vec![del("1"), ins("1", "a", "x")]);
-        assert_eq!(b.upserts, vec![row("1", "a", "x")]);
-        assert!(b.deletes.is_empty());
+        assert_eq!(b.updates, vec![(key("1"), vec![k("1"), k("a"), k("x")])]);
+        assert!(b.deletes.is_empty() && b.upserts.is_empty());
     }
 
     #[test]
@@ -1235,8 +1241,14 @@ mod tests {
             mv("9", [k("2"), k("a"), k("x")]),
         ]);
         assert!(!b.ordered);
-        assert_eq!(b.upserts, vec![row("1", "b", "y"), row("2", "a", "x")]);
-        assert!(b.deletes.is_empty() && b.updates.is_empty());
+        assert_eq!(
+            b.updates,
+            vec![
+                (key("1"), vec![k("1"), k("b"), k("y")]),
+                (key("2"), vec![k("2"), k("a"), k("x")])
+            ]
+        );
+        assert!(b.deletes.is_empty() && b.upserts.is_empty());
     }
 
     #[test]
@@ -1462,9 +1474,11 @@ mod tests {
             }
             return Ok(());
         }
-        // 1. DELETE … WHERE key IN (…)
+        // 1. DELETE … WHERE key IN (…): the guard wants every key to delete a row.
         for k in &b.deletes {
-            t.remove(k);
+            if t.remove(k).is_none() {
+                return Err(format!("delete: no row at {k:?} (count guard)"));
+            }
         }
         // 2. UPDATE … FROM (…) WHERE t.key = v.old_key
         let mut olds = std::collections::BTreeSet::new();
@@ -1486,7 +1500,7 @@ mod tests {
                 return Err(format!("update: two rows moved to {kn:?}"));
             }
             let Some(cur) = t.get(ko) else {
-                continue; // matches no row: PostgreSQL updates nothing
+                return Err(format!("update: no row at {ko:?} (count guard)"));
             };
             if kn != *ko && t.contains_key(&kn) {
                 return Err(format!("update: key move {ko:?} → {kn:?} may collide"));
@@ -1499,15 +1513,14 @@ mod tests {
         for (_, row) in moved {
             t.insert(key_of(shape, &row), row);
         }
-        // 3. INSERT … ON CONFLICT (key) DO UPDATE, or a plain INSERT for fresh keys.
+        // 3. A plain INSERT.
         let mut seen = std::collections::BTreeSet::new();
-        assert_eq!(b.fresh.len(), b.upserts.len());
-        for (row, fresh) in b.upserts.iter().zip(&b.fresh) {
+        for row in &b.upserts {
             let key = key_of(shape, row);
             if !seen.insert(key.clone()) {
                 return Err(format!("upsert: row {key:?} affected twice"));
             }
-            if *fresh && t.contains_key(&key) {
+            if t.contains_key(&key) {
                 return Err(format!("insert: key {key:?} already exists"));
             }
             t.insert(key, row.clone());

@@ -6,9 +6,11 @@
 //! ([`super::fold`]) and flushed as a few set-based statements per table whenever the folder
 //! holds `batch_rows` changes — so a single huge source transaction streams through bounded
 //! memory while staying one target transaction. The applied end LSN is recorded in the same
-//! target transaction ([`super::target`]). If a batch fails, it is rolled back and replayed
-//! in strict source order, one statement per change; a change that still fails stops replay
-//! naming the table, the source LSN and the server's error.
+//! target transaction ([`super::target`]). Every statement is checked to affect exactly the
+//! rows it must (the affected-row guard, [`crate::apply`]). If a batch fails or misses a row,
+//! it is rolled back and replayed in strict source order, one statement per change; a change
+//! that still fails stops replay naming the table, the source LSN and the server's error, and
+//! one that still misses its row stops it with [`ReplayError::Diverged`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -111,9 +113,10 @@ pub enum ReplayError {
     )]
     UnknownRelation { relid: u32, lsn: Lsn },
     #[error(
-        "applying the source change at LSN {lsn} failed on {table} ({what}), even in strict source order: {source}. \
+        "applying the source change at LSN {lsn} failed on {table} ({what}), even in strict source order: {}. \
          Its transaction was rolled back; the target is consistent up to the previous source transaction. \
-         Fix the target (or the transform) and run replay again: it resumes there"
+         Fix the target (or the transform) and run replay again: it resumes there",
+        crate::transform::catalog::db_message(.source)
     )]
     Apply {
         lsn: Lsn,
@@ -130,6 +133,21 @@ pub enum ReplayError {
         lsn: Lsn,
         table: String,
         column: String,
+    },
+    #[error(
+        "the target has diverged from the source at LSN {lsn}: the {what} on {table} should have \
+         affected {expected} row(s) but affected {found}. The target does not hold the row as the \
+         source had it before this change (it was changed or removed on the target outside replay, \
+         or copied wrong). The transaction was rolled back; the target is consistent up to the \
+         previous source transaction. Re-clone the target, or make the row on the target equal to \
+         the source's row before this change by hand and run replay again: it resumes here"
+    )]
+    Diverged {
+        lsn: Lsn,
+        table: String,
+        what: String,
+        expected: u64,
+        found: u64,
     },
     #[error("cannot fold the change at LSN {lsn}: {source}")]
     Fold {
@@ -271,6 +289,10 @@ impl Dest {
 enum WriteError {
     /// The server refused a statement: the batch is retried in strict source order.
     Db(tokio_postgres::Error),
+    /// A statement affected another number of rows than the batch says it must (the
+    /// affected-row guard, see [`crate::apply`]): the batch is retried in strict source order,
+    /// where a single change that still misses is [`ReplayError::Diverged`].
+    Mismatch(Mismatch),
     /// The change cannot be written through the mapping, in any order.
     Fatal(ReplayError),
 }
@@ -278,6 +300,59 @@ enum WriteError {
 impl From<tokio_postgres::Error> for WriteError {
     fn from(e: tokio_postgres::Error) -> Self {
         WriteError::Db(e)
+    }
+}
+
+/// A statement's row count that is not the one expected.
+#[derive(Debug)]
+struct Mismatch {
+    table: String,
+    /// The statement, e.g. `set-based UPDATE`.
+    statement: &'static str,
+    expected: u64,
+    found: u64,
+}
+
+/// The affected-row guard: `found` (the command tag's count) must be `expected`.
+fn expect_rows(
+    table: &str,
+    statement: &'static str,
+    expected: usize,
+    found: u64,
+) -> Result<(), WriteError> {
+    if found == expected as u64 {
+        return Ok(());
+    }
+    Err(WriteError::Mismatch(Mismatch {
+        table: table.to_owned(),
+        statement,
+        expected: expected as u64,
+        found,
+    }))
+}
+
+impl WriteError {
+    /// The error a change applied on its own (strict order) fails with.
+    fn for_change(self, dest: &Dest, change: &Change, lsn: Lsn) -> ReplayError {
+        match self {
+            WriteError::Db(e) => ReplayError::Apply {
+                lsn,
+                table: dest.name(),
+                what: describe_change(dest, change),
+                source: e,
+            },
+            WriteError::Mismatch(m) => ReplayError::Diverged {
+                lsn,
+                table: match dest {
+                    Dest::Same(_) => m.table,
+                    Dest::Mapped(_) => format!("{} (mapped from {})", m.table, dest.name()),
+                },
+                what: describe_change(dest, change),
+                expected: m.expected,
+                found: m.found,
+            },
+            WriteError::Fatal(e) => e,
+        }
     }
 }
 
@@ -438,7 +513,12 @@ pub async fn run(
         prepared_rolled_back: resolved.rolled_back,
         ..Default::default()
     };
+    let hold = match config.follow {
+        true => Some(super::hold::HoldWatch::start(&config.target, &buffer_id).await?),
+        false => None,
+    };
     let mut applier = Applier {
+        hold,
         connections: conns.len(),
         serial_pass: false,
         scratch: Default::default(),
@@ -540,9 +620,11 @@ pub async fn run(
 /// Every target session replay writes through. Generic plans: a custom plan sees the batch's
 /// thousands of keys and picks a sequential scan plus hash join over the whole table; the
 /// generic plan looks each key up through the primary key index, which is what a batch of
-/// changes wants.
+/// changes wants. Values are parsed (and, for columns compared by text, printed) with the
+/// output settings capture reads them with.
 const SESSION_SETUP: &str = "SET session_replication_role = replica; SET synchronous_commit = on; \
-     SET plan_cache_mode = force_generic_plan";
+     SET plan_cache_mode = force_generic_plan; SET DateStyle = ISO; SET IntervalStyle = postgres; \
+     SET extra_float_digits = 3";
 
 /// How long a part of a parallel batch waits for a row lock. Parts write disjoint keys, so a
 /// wait means two parts met on something else (a secondary unique index, a key move, a
@@ -634,6 +716,8 @@ struct Applier {
     scratch: (Vec<Val>, Vec<Val>),
     /// A written batch's arena, emptied and reused by a later batch.
     spare_arena: Option<Arena>,
+    /// Holds set by online verify (`--follow` only; see [`super::hold`]).
+    hold: Option<super::hold::HoldWatch>,
 }
 
 /// The `--follow` status line: rate, applied position, lag behind the buffer and the source.
@@ -743,6 +827,9 @@ impl Applier {
                 if !config.follow {
                     return Ok(Pass::Done);
                 }
+                if let Some(h) = &mut self.hold {
+                    h.at_end(report.applied_lsn).await?;
+                }
                 if let Some(p) = &mut self.progress {
                     p.maybe_print(config, report, false);
                 }
@@ -762,6 +849,27 @@ impl Applier {
             };
             let lsn = rec.lsn;
             match ev {
+                // A hold (src/apply/hold.rs): stop before a transaction committed at or after
+                // the hold LSN, everything before it committed, until the hold moves on.
+                TxnEvent::Begin(r)
+                    if !strict && self.hold.as_ref().is_some_and(|h| h.blocks(&r.payload)) =>
+                {
+                    if batch.open
+                        && let Err(p) = self.commit(config, &mut batch, strict, report).await?
+                    {
+                        return Ok(p);
+                    }
+                    if let Err(p) = self.idle(config, report).await? {
+                        return Ok(p);
+                    }
+                    let hold = self.hold.as_mut().expect("checked");
+                    if !hold
+                        .wait_at(report.applied_lsn, &r.payload, shutdown)
+                        .await?
+                    {
+                        return Ok(Pass::Done);
+                    }
+                }
                 TxnEvent::Begin(_) => {}
                 TxnEvent::Commit { commit, .. } => {
                     batch.transactions += 1;
@@ -822,15 +930,7 @@ impl Applier {
                                 self.writer().main().apply_one(&dest, &change, lsn).await
                             {
                                 self.writer().rollback().await;
-                                return Err(match e {
-                                    WriteError::Db(e) => ReplayError::Apply {
-                                        lsn,
-                                        table: dest.name(),
-                                        what: describe_change(&dest, &change),
-                                        source: e,
-                                    },
-                                    WriteError::Fatal(e) => e,
-                                });
+                                return Err(e.for_change(&dest, &change, lsn));
                             }
                         } else {
                             self.intern_row(&row, lsn, batch.folder.arena())?;
@@ -1239,6 +1339,17 @@ impl Applier {
                 tracing::warn!("set-based batch failed ({e}); replaying it in strict source order");
                 return Ok(Err(Pass::Retry { until }));
             }
+            Err((WriteError::Mismatch(m), until)) => {
+                tracing::warn!(
+                    "a {} on {} affected {} row(s), the batch expected {}; replaying the batch in \
+                     strict source order",
+                    m.statement,
+                    m.table,
+                    m.found,
+                    m.expected
+                );
+                return Ok(Err(Pass::Retry { until }));
+            }
             Err((WriteError::Fatal(e), _)) => return Err(e),
         }
         Ok(Ok(()))
@@ -1519,10 +1630,9 @@ fn partition(
             t.update_keys.extend_from_slice(k);
             t.update_rows.extend_from_slice(row);
         }
-        for (row, &fresh) in tb.upserts().zip(&tb.fresh) {
+        for row in tb.upserts() {
             let t = &mut split[part_of(arena, shape.key.iter().map(|&i| row[i]), n)];
             t.upserts.extend_from_slice(row);
-            t.fresh.push(fresh);
         }
         for (p, t) in split.into_iter().enumerate() {
             if !t.is_empty() {
@@ -1587,12 +1697,14 @@ impl Conn {
         Ok(s)
     }
 
+    /// Writes a folded table with the fold's statements, each checked to affect exactly the
+    /// rows it names (see [`crate::apply`]).
     async fn write_table(
         &mut self,
         table: &MappedTable,
         tb: &TableBatch,
         arena: &Arena,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<(), WriteError> {
         if tb.ordered {
             for c in &tb.original {
                 self.apply_one_same(table, c).await?;
@@ -1614,7 +1726,8 @@ impl Conn {
                     )
                 })
                 .collect();
-            self.write(sql.delete(&types(&params)), &params).await?;
+            let found = self.write(sql.delete(&types(&params)), &params).await?;
+            expect_rows(&table.name, "set-based DELETE", rows.len(), found)?;
         }
         // Partial updates, grouped by which columns they know.
         let mut groups: HashMap<Vec<usize>, Vec<usize>> = HashMap::new();
@@ -1638,9 +1751,7 @@ impl Conn {
             }
         }
         for (set, members) in groups {
-            if set.is_empty() {
-                continue; // nothing but an unchanged key: the row is already right
-            }
+            // An empty `set` (nothing but an unchanged key) still runs: the row must be there.
             let members = in_key_order(sql, arena, members, |n| tb.update_key(n)[0]);
             let mut params: Vec<(&str, EncodedArray)> = Vec::new();
             for (j, &c) in key_cols.iter().enumerate() {
@@ -1651,28 +1762,21 @@ impl Conn {
                 let values = members.iter().map(|&n| arena.get(tb.update_row(n)[c]));
                 params.push(param(sql, c, values));
             }
-            self.write(sql.update(&set, &types(&params)), &params)
+            let found = self
+                .write(sql.update(&set, &types(&params)), &params)
                 .await?;
+            expect_rows(&table.name, "set-based UPDATE", members.len(), found)?;
         }
-        // Rows whose key had no row before the batch: a plain INSERT (no speculative
-        // insertion); the others overwrite by key.
-        for fresh in [true, false] {
-            let rows: Vec<usize> = (0..tb.upsert_count())
-                .filter(|&n| tb.fresh[n] == fresh)
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let rows = in_key_order(sql, arena, rows, |n| tb.upsert(n)[key_cols[0]]);
+        // Rows whose key is free at this point: a plain INSERT (no speculative insertion).
+        if tb.upsert_count() > 0 {
+            let rows = in_key_order(sql, arena, (0..tb.upsert_count()).collect(), |n| {
+                tb.upsert(n)[key_cols[0]]
+            });
             let params: Vec<(&str, EncodedArray)> = (0..sql.columns.len())
                 .map(|c| param(sql, c, rows.iter().map(|&n| arena.get(tb.upsert(n)[c]))))
                 .collect();
-            let text = if fresh {
-                sql.insert(&types(&params))
-            } else {
-                sql.upsert(&types(&params))
-            };
-            self.write(text, &params).await?;
+            let found = self.write(sql.insert(&types(&params)), &params).await?;
+            expect_rows(&table.name, "set-based INSERT", rows.len(), found)?;
         }
         Ok(())
     }
@@ -1710,17 +1814,18 @@ impl Conn {
         lsn: Lsn,
     ) -> Result<(), WriteError> {
         match dest {
-            Dest::Same(t) => Ok(self.apply_one_same(t, change).await?),
+            Dest::Same(t) => self.apply_one_same(t, change).await,
             Dest::Mapped(p) => self.apply_one_mapped(p, change, lsn).await,
         }
     }
 
-    /// One change, one statement, onto the same-named table.
+    /// One change, one statement, onto the same-named table; the statement must affect
+    /// exactly one row.
     async fn apply_one_same(
         &mut self,
         table: &MappedTable,
         change: &Change,
-    ) -> Result<(), tokio_postgres::Error> {
+    ) -> Result<(), WriteError> {
         let key_of = |row: &[Value]| -> Vec<Option<String>> {
             table
                 .sql
@@ -1735,7 +1840,8 @@ impl Conn {
                 let vals: Vec<Option<&str>> = new.iter().map(text).collect();
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                self.client.execute(&stmt, &params).await?;
+                let found = self.client.execute(&stmt, &params).await?;
+                expect_rows(&table.name, "INSERT", 1, found)?;
             }
             Change::Delete { old } => {
                 let (stmt, vals): (_, Vec<Option<String>>) = if table.full_row_identity {
@@ -1748,7 +1854,8 @@ impl Conn {
                 };
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                self.client.execute(&stmt, &params).await?;
+                let found = self.client.execute(&stmt, &params).await?;
+                expect_rows(&table.name, "DELETE", 1, found)?;
             }
             Change::Update { old, new } => {
                 let set: Vec<usize> = new
@@ -1786,7 +1893,8 @@ impl Conn {
                 };
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vals.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                self.client.execute(&stmt, &params).await?;
+                let found = self.client.execute(&stmt, &params).await?;
+                expect_rows(&table.name, "UPDATE", 1, found)?;
             }
         }
         Ok(())
@@ -1846,6 +1954,13 @@ fn describe_change(dest: &Dest, change: &Change) -> String {
             &p.key,
         ),
     };
+    // A table without a key is described by its whole row.
+    let all: Vec<usize> = (0..names.len()).collect();
+    let (what, key_cols) = if key_cols.is_empty() {
+        ("row", &all[..])
+    } else {
+        ("key", key_cols)
+    };
     let key = |row: &[Value]| {
         key_cols
             .iter()
@@ -1853,11 +1968,21 @@ fn describe_change(dest: &Dest, change: &Change) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let new_key = |new: &[ColumnValue]| {
+        key_cols
+            .iter()
+            .map(|&k| match &new[k] {
+                ColumnValue::Known(v) => format!("{}={}", names[k], text(v).unwrap_or("NULL")),
+                ColumnValue::UnchangedToast => format!("{}=(unchanged)", names[k]),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match change {
-        Change::Insert { new } => format!("INSERT of key ({})", key(new)),
-        Change::Delete { old } => format!("DELETE of key ({})", key(old)),
-        Change::Update { old: Some(o), .. } => format!("UPDATE of key ({})", key(o)),
-        Change::Update { old: None, .. } => "UPDATE".into(),
+        Change::Insert { new } => format!("INSERT of {what} ({})", key(new)),
+        Change::Delete { old } => format!("DELETE of {what} ({})", key(old)),
+        Change::Update { old: Some(o), .. } => format!("UPDATE of {what} ({})", key(o)),
+        Change::Update { old: None, new } => format!("UPDATE of {what} ({})", new_key(new)),
     }
 }
 
@@ -1871,6 +1996,8 @@ mod tests {
         let col = |name: &str| TargetColumn {
             name: name.into(),
             type_sql: "text".into(),
+            always_identity: false,
+            compare_as_text: false,
         };
         Dest::Same(MappedTable {
             sql: TableSql {
@@ -1912,7 +2039,6 @@ mod tests {
             for &k in &upserts {
                 let kv = key(k);
                 tb.upserts.extend([Val::NULL, kv, key(7)]);
-                tb.fresh.push(k.is_multiple_of(2));
             }
             let parts = partition(vec![(table(), tb.clone())], n, &arena);
             prop_assert_eq!(parts.len(), n);
@@ -1921,7 +2047,6 @@ mod tests {
             let (mut d, mut u, mut i) = (0, 0, 0);
             for (p, tables) in parts.iter().enumerate() {
                 for (_, t) in tables {
-                    prop_assert_eq!(t.upsert_count(), t.fresh.len());
                     prop_assert_eq!(t.update_keys.len(), t.update_count());
                     let keys = t.deletes().map(|k| bytes(k[0]))
                         .chain(t.updates().map(|(k, r)| {
@@ -1931,10 +2056,6 @@ mod tests {
                         .chain(t.upserts().map(|r| bytes(r[1])));
                     for k in keys {
                         prop_assert_eq!(*home.entry(k).or_insert(p), p);
-                    }
-                    for (r, f) in t.upserts().zip(&t.fresh) {
-                        let k: u16 = std::str::from_utf8(&bytes(r[1])).unwrap().parse().unwrap();
-                        prop_assert_eq!(*f, k.is_multiple_of(2), "fresh flag travels with its row");
                     }
                     d += t.delete_count();
                     u += t.update_count();

@@ -14,6 +14,13 @@ use crate::sql::quote_ident;
 pub struct TargetColumn {
     pub name: String,
     pub type_sql: String,
+    /// `GENERATED ALWAYS AS IDENTITY`: inserts say `OVERRIDING SYSTEM VALUE`; an update cannot
+    /// set it, so its new value is *checked* instead (the row must already hold it), and a
+    /// changed value makes the statement miss the row, which the affected-row guard reports.
+    pub always_identity: bool,
+    /// The type has no equality operator (`json`, `point`, …): whole-row matching compares
+    /// the column's text form, both sides rendered by the target.
+    pub compare_as_text: bool,
 }
 
 /// What the statements need to know about a target table.
@@ -51,6 +58,41 @@ impl TableSql {
         format!("unnest({arrays}) AS u({names})")
     }
 
+    /// `OVERRIDING SYSTEM VALUE ` when the table has a `GENERATED ALWAYS AS IDENTITY` column.
+    fn overriding(&self) -> &'static str {
+        if self.columns.iter().any(|c| c.always_identity) {
+            "OVERRIDING SYSTEM VALUE "
+        } else {
+            ""
+        }
+    }
+
+    /// Splits the written columns `set` (with their values at `value(j)` for the `j`-th) into
+    /// assignments and, for `GENERATED ALWAYS AS IDENTITY` columns, checks (`AND t.c = …`).
+    /// With no assignment left, the first key column is set to itself, so the statement still
+    /// finds (and counts) its row.
+    fn assign_and_check(
+        &self,
+        set: &[usize],
+        target: &str,
+        value: impl Fn(usize, usize) -> String,
+    ) -> (String, String) {
+        let mut assign = Vec::new();
+        let mut check = String::new();
+        for (j, &c) in set.iter().enumerate() {
+            if self.columns[c].always_identity {
+                check.push_str(&format!(" AND {target}{} = {}", self.col(c), value(j, c)));
+            } else {
+                assign.push(format!("{} = {}", self.col(c), value(j, c)));
+            }
+        }
+        if assign.is_empty() {
+            let k = self.col(self.key.first().copied().unwrap_or(0));
+            assign.push(format!("{k} = {target}{k}"));
+        }
+        (assign.join(", "), check)
+    }
+
     fn key_match(&self, first_param: usize) -> String {
         self.key
             .iter()
@@ -83,58 +125,25 @@ impl TableSql {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "INSERT INTO {} AS t ({cols}) SELECT {vals} FROM {}",
+            "INSERT INTO {} AS t ({cols}) {}SELECT {vals} FROM {}",
             self.qualified,
-            Self::unnest(arrays)
-        )
-    }
-
-    /// `INSERT … SELECT FROM unnest(…) ON CONFLICT (key) DO UPDATE`: parameters are all columns
-    /// in order. Rows whose key exists are overwritten with the new values.
-    pub fn upsert(&self, arrays: &[&str]) -> String {
-        let n = self.columns.len();
-        debug_assert_eq!(arrays.len(), n);
-        let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
-        let vals = (0..n)
-            .map(|i| self.cast("u", i + 1, i))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let key = self
-            .key
-            .iter()
-            .map(|&i| self.col(i))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let non_key: Vec<String> = (0..n)
-            .filter(|i| !self.key.contains(i))
-            .map(|i| format!("{c} = EXCLUDED.{c}", c = self.col(i)))
-            .collect();
-        let action = if non_key.is_empty() {
-            "NOTHING".to_owned()
-        } else {
-            format!("UPDATE SET {}", non_key.join(", "))
-        };
-        format!(
-            "INSERT INTO {} AS t ({cols}) SELECT {vals} FROM {} ON CONFLICT ({key}) DO {action}",
-            self.qualified,
+            self.overriding(),
             Self::unnest(arrays)
         )
     }
 
     /// `UPDATE … FROM unnest(…)` setting only the columns in `set` (the others keep the
     /// target's value, as an unchanged TOAST value must). Parameters: the key columns that
-    /// identify the row (old key), then the `set` columns in order.
+    /// identify the row (old key), then the `set` columns in order. A `GENERATED ALWAYS AS
+    /// IDENTITY` column in `set` is checked, not set (see [`TargetColumn::always_identity`]).
+    /// Each parameter row updates at most one row: the count is the rows found.
     pub fn update(&self, set: &[usize], arrays: &[&str]) -> String {
         let k = self.key.len();
         debug_assert_eq!(arrays.len(), k + set.len());
-        let assignments = set
-            .iter()
-            .enumerate()
-            .map(|(j, &c)| format!("{} = {}", self.col(c), self.cast("u", k + j + 1, c)))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let (assignments, check) =
+            self.assign_and_check(set, "t.", |j, c| self.cast("u", k + j + 1, c));
         format!(
-            "UPDATE {} AS t SET {assignments} FROM {} WHERE {}",
+            "UPDATE {} AS t SET {assignments} FROM {} WHERE {}{check}",
             self.qualified,
             Self::unnest(arrays),
             self.key_match(1)
@@ -144,15 +153,6 @@ impl TableSql {
     /// `$n::text::type`: parameter `n` cast to column `col`'s type (row-at-a-time statements).
     fn param(&self, n: usize, col: usize) -> String {
         format!("${n}::text::{}", self.columns[col].type_sql)
-    }
-
-    /// `"c" = $n::text::type, …` for the `set` columns, parameters numbered from `first`.
-    fn assign_params(&self, set: &[usize], first: usize) -> String {
-        set.iter()
-            .enumerate()
-            .map(|(j, &c)| format!("{} = {}", self.col(c), self.param(first + j, c)))
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     /// The key columns equal to parameters `$1…`.
@@ -167,15 +167,26 @@ impl TableSql {
 
     /// `WHERE ctid = (… LIMIT 1)` picking one row equal to parameters `$1…$n` (all columns):
     /// for tables without a key, where duplicates are possible and exactly one must change.
+    /// Columns without an equality operator compare their text forms, both rendered by the
+    /// target (the parameter through the column's type first).
     fn one_full_row(&self) -> String {
         let matches = (0..self.columns.len())
             .map(|i| {
-                format!(
-                    "{} IS NOT DISTINCT FROM {}",
-                    self.col(i),
-                    self.param(i + 1, i)
-                )
+                if self.columns[i].compare_as_text {
+                    format!(
+                        "{}::text IS NOT DISTINCT FROM ({})::text",
+                        self.col(i),
+                        self.param(i + 1, i)
+                    )
+                } else {
+                    format!(
+                        "{} IS NOT DISTINCT FROM {}",
+                        self.col(i),
+                        self.param(i + 1, i)
+                    )
+                }
             })
+            .chain(self.columns.is_empty().then(|| "true".to_owned()))
             .collect::<Vec<_>>()
             .join(" AND ");
         format!(
@@ -184,23 +195,32 @@ impl TableSql {
         )
     }
 
-    /// `INSERT` of one row (ordered apply). Parameters: all columns.
+    /// `INSERT` of one row (ordered apply). Parameters: all columns. A table without columns
+    /// takes `DEFAULT VALUES`.
     pub fn insert_one(&self) -> String {
         let n = self.columns.len();
+        if n == 0 {
+            return format!("INSERT INTO {} DEFAULT VALUES", self.qualified);
+        }
         let cols = (0..n).map(|i| self.col(i)).collect::<Vec<_>>().join(", ");
         let vals = (0..n)
             .map(|i| self.param(i + 1, i))
             .collect::<Vec<_>>()
             .join(", ");
-        format!("INSERT INTO {} ({cols}) VALUES ({vals})", self.qualified)
+        format!(
+            "INSERT INTO {} ({cols}) {}VALUES ({vals})",
+            self.qualified,
+            self.overriding()
+        )
     }
 
     /// `UPDATE` of one row identified by its old key (ordered apply). Parameters: the key
-    /// columns, then the `set` columns.
+    /// columns, then the `set` columns (identity columns checked, as in [`update`](Self::update)).
     pub fn update_one(&self, set: &[usize]) -> String {
-        let assignments = self.assign_params(set, self.key.len() + 1);
+        let first = self.key.len() + 1;
+        let (assignments, check) = self.assign_and_check(set, "", |j, c| self.param(first + j, c));
         format!(
-            "UPDATE {} SET {assignments} WHERE {}",
+            "UPDATE {} SET {assignments} WHERE {}{check}",
             self.qualified,
             self.key_where_params()
         )
@@ -224,9 +244,10 @@ impl TableSql {
     /// Updates one row equal to a whole old row (REPLICA IDENTITY FULL, no key). Parameters:
     /// all columns of the old row, then the `set` columns.
     pub fn update_one_full_row(&self, set: &[usize]) -> String {
-        let assignments = self.assign_params(set, self.columns.len() + 1);
+        let first = self.columns.len() + 1;
+        let (assignments, check) = self.assign_and_check(set, "", |j, c| self.param(first + j, c));
         format!(
-            "UPDATE {} SET {assignments} {}",
+            "UPDATE {} SET {assignments} {}{check}",
             self.qualified,
             self.one_full_row()
         )
@@ -241,6 +262,8 @@ mod tests {
         let col = |n: &str, t: &str| TargetColumn {
             name: n.into(),
             type_sql: t.into(),
+            always_identity: false,
+            compare_as_text: false,
         };
         TableSql {
             qualified: "\"public\".\"accounts\"".into(),
@@ -259,12 +282,6 @@ mod tests {
         assert_eq!(
             t.delete(&["text[]"]),
             "DELETE FROM \"public\".\"accounts\" AS t USING unnest($1::text[]) AS u(p1) WHERE t.\"id\" = u.p1::bigint"
-        );
-        assert_eq!(
-            t.upsert(&["text[]"; 3]),
-            "INSERT INTO \"public\".\"accounts\" AS t (\"id\", \"owner\", \"Balance\") SELECT u.p1::bigint, u.p2::text, \
-             u.p3::numeric(12,2) FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3) ON CONFLICT (\"id\") \
-             DO UPDATE SET \"owner\" = EXCLUDED.\"owner\", \"Balance\" = EXCLUDED.\"Balance\""
         );
         assert_eq!(
             t.update(&[0, 2], &["text[]"; 3]),
@@ -291,12 +308,48 @@ mod tests {
     }
 
     #[test]
-    fn all_key_table_upsert_does_nothing_on_conflict() {
+    fn identity_columns_are_checked_not_set_and_inserts_override() {
         let mut t = accounts();
-        t.columns.truncate(1);
+        t.columns[1].always_identity = true;
         assert!(
-            t.upsert(&["text[]"])
-                .ends_with("ON CONFLICT (\"id\") DO NOTHING")
+            t.insert(&["text[]"; 3])
+                .contains("(\"id\", \"owner\", \"Balance\") OVERRIDING SYSTEM VALUE SELECT")
+        );
+        assert_eq!(
+            t.update(&[1, 2], &["text[]"; 3]),
+            "UPDATE \"public\".\"accounts\" AS t SET \"Balance\" = u.p3::numeric(12,2) FROM \
+             unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3) WHERE t.\"id\" = u.p1::bigint \
+             AND t.\"owner\" = u.p2::text"
+        );
+        assert_eq!(
+            t.update_one(&[1]),
+            "UPDATE \"public\".\"accounts\" SET \"id\" = \"id\" WHERE \"id\" = $1::text::bigint \
+             AND \"owner\" = $2::text::text"
+        );
+    }
+
+    #[test]
+    fn columns_without_equality_match_by_text_and_empty_tables_work() {
+        let mut t = accounts();
+        t.key.clear();
+        t.columns[1].compare_as_text = true;
+        let d = t.delete_one_full_row();
+        assert!(
+            d.contains("\"owner\"::text IS NOT DISTINCT FROM ($2::text::text)::text"),
+            "{d}"
+        );
+        assert!(
+            d.contains("\"id\" IS NOT DISTINCT FROM $1::text::bigint"),
+            "{d}"
+        );
+        t.columns.clear();
+        assert_eq!(
+            t.insert_one(),
+            "INSERT INTO \"public\".\"accounts\" DEFAULT VALUES"
+        );
+        assert_eq!(
+            t.delete_one_full_row(),
+            "DELETE FROM \"public\".\"accounts\" WHERE ctid = (SELECT ctid FROM \"public\".\"accounts\" WHERE true LIMIT 1)"
         );
     }
 }

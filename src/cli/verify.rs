@@ -7,7 +7,8 @@ use anyhow::Context;
 
 use crate::conn::ConnInfo;
 use crate::transform::{Mapping, TableName};
-use crate::verify::{self, VerifyOptions, VerifyReport};
+use crate::verify::{self, OnlineOptions, VerifyOptions, VerifyReport};
+use std::time::Duration;
 
 /// Exit code when verify ran and a table differs (1 is "could not verify", 2 a usage error).
 pub const EXIT_DIFFERS: u8 = 3;
@@ -36,15 +37,36 @@ pub struct VerifyArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Compare while writes continue: each chunk at one source position, the running replay
+    /// (or one verify runs itself) held there while the target side is read. Needs --buffer
+    /// and capture running.
+    #[arg(long, requires = "buffer")]
+    online: bool,
+    /// The buffer capture writes and replay applies (with --online).
+    #[arg(long, value_name = "DIR")]
+    buffer: Option<PathBuf>,
+    /// Source rows per chunk (with --online): each chunk is compared at its own point.
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    chunk_rows: usize,
+    /// Seconds a hold on replay lasts unless verify refreshes it (with --online): a killed
+    /// verify blocks replay no longer than this.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    hold_timeout: u64,
+    /// Seconds capture or replay may make no progress towards a point before verify gives up
+    /// (with --online).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    stall_timeout: u64,
 }
 
 pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let source_info = ConnInfo::parse(&a.source).context("--source")?;
     let target_info = ConnInfo::parse(&a.target).context("--target")?;
-    let mapping = match &a.transform {
-        Some(p) => Mapping::load(p)?,
-        None => Mapping::identity(),
+    let transform = match &a.transform {
+        Some(p) => Some(std::sync::Arc::new(Mapping::load(p)?)),
+        None => None,
     };
+    let identity = Mapping::identity();
+    let mapping = transform.as_deref().unwrap_or(&identity);
     let source = source_info.connect().await?;
     let target = target_info.connect().await?;
     let tables = if a.tables.is_empty() {
@@ -63,7 +85,26 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         max_keys: a.max_keys,
         ..VerifyOptions::default()
     };
-    let report = verify::verify(&source, &target, &mapping, &tables, &opts).await?;
+    let report = match (&a.buffer, a.online) {
+        (Some(buffer), true) => {
+            let online = OnlineOptions {
+                base: opts,
+                chunk_rows: a.chunk_rows.max(1),
+                hold_ttl: Duration::from_secs(a.hold_timeout.max(1)),
+                stall: Duration::from_secs(a.stall_timeout.max(1)),
+            };
+            verify::verify_online(
+                &source_info,
+                &target_info,
+                buffer,
+                transform.clone(),
+                &tables,
+                &online,
+            )
+            .await?
+        }
+        _ => verify::verify(&source, &target, mapping, &tables, &opts).await?,
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -94,7 +135,7 @@ fn print_human(report: &VerifyReport, source: &ConnInfo, target: &ConnInfo) {
     for (t, name) in report.tables.iter().zip(&names) {
         let pad = width - name.chars().count();
         println!(
-            "  {} {name}{:pad$}  source {:>10} rows  target {:>10} rows  {}",
+            "  {} {name}{:pad$}  source {:>10} rows  target {:>10} rows  {}{}",
             if t.equal { "✓" } else { "✗" },
             "",
             t.source_rows,
@@ -105,6 +146,11 @@ fn print_human(report: &VerifyReport, source: &ConnInfo, target: &ConnInfo) {
                 "counts differ"
             } else {
                 "checksums differ"
+            },
+            if t.chunks > 1 {
+                format!(" ({} chunks)", t.chunks)
+            } else {
+                String::new()
             }
         );
         if !t.differences.is_empty() {
@@ -113,6 +159,18 @@ fn print_human(report: &VerifyReport, source: &ConnInfo, target: &ConnInfo) {
                 println!("      {:<17} ({key}) = {}", d.kind.to_string(), d.key);
             }
         }
+    }
+    for n in &report.not_checked {
+        println!("  not checked: {n}");
+    }
+    if let Some(o) = &report.online {
+        println!(
+            "verify: online, {} point(s) from {} to {}, replay {}",
+            o.points,
+            o.first_point.as_deref().unwrap_or("-"),
+            o.last_point.as_deref().unwrap_or("-"),
+            o.replay
+        );
     }
     let differing = report.differing().count();
     if differing == 0 {

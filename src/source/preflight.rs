@@ -381,9 +381,12 @@ pub async fn check_tables(
     let rows = client
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relreplident::text, \
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary \
+                       AND i.indimmediate), \
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident), \
-               c.relispartition, c.relpersistence::text \
+               c.relispartition, c.relpersistence::text, \
+               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary \
+                       AND NOT i.indimmediate) \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE (c.oid = ANY($1) \
                     OR c.oid IN (SELECT t.relid FROM unnest($1::oid[]) AS r(oid), \
@@ -418,8 +421,14 @@ pub async fn check_tables(
             });
             continue;
         }
+        let deferrable_pk: bool = r.get(7);
         let reason = match (ident.as_str(), has_pk, has_ri) {
             ("f", _, _) | ("d", true, _) | ("i", _, true) => continue,
+            ("d", false, _) if deferrable_pk => format!(
+                "its primary key is DEFERRABLE{partition}: PostgreSQL cannot use a deferrable key \
+                 as the replica identity, so once published, UPDATE and DELETE on it fail on the \
+                 live site"
+            ),
             ("n", _, _) => format!(
                 "REPLICA IDENTITY NOTHING{partition}: once published, UPDATE and DELETE on it fail \
                  on the live site, and no old key would reach the copy"
@@ -431,7 +440,13 @@ pub async fn check_tables(
                 "no primary key and no replica identity{partition}: UPDATE/DELETE rows would have no key"
             ),
         };
-        let fix = if has_pk {
+        let fix = if deferrable_pk {
+            format!(
+                "make the key immediate (ALTER TABLE {table} ALTER CONSTRAINT … NOT DEFERRABLE, or a \
+                 non-deferrable unique index with ALTER TABLE {table} REPLICA IDENTITY USING INDEX …) \
+                 or set ALTER TABLE {table} REPLICA IDENTITY FULL"
+            )
+        } else if has_pk {
             format!("ALTER TABLE {table} REPLICA IDENTITY DEFAULT (its primary key)")
         } else {
             format!(

@@ -17,7 +17,8 @@ fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> 
     move |source| TransformError::Sql { context, source }
 }
 
-/// A table's shape in the target catalog, or `None` if there is no such table.
+/// A table's shape in the target catalog, or `None` if there is no such table. Its key is the
+/// primary key's key columns (not INCLUDE columns), else those of its replica identity index.
 pub async fn target_table(
     client: &Client,
     name: &TableName,
@@ -27,10 +28,14 @@ pub async fn target_table(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
                     a.atthasdef OR a.attidentity <> '', a.attgenerated <> '', \
                     coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(a, n) \
-                              WHERE k.a = a.attnum), 0)::int4 \
+                              WHERE k.a = a.attnum AND k.n <= i.indnkeyatts), 0)::int4 \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-             LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary \
+             LEFT JOIN LATERAL (SELECT x.indkey, x.indnkeyatts FROM pg_index x \
+                                WHERE x.indrelid = c.oid AND (x.indisprimary OR (x.indisreplident \
+                                  AND x.indisunique AND x.indisvalid AND x.indimmediate \
+                                  AND x.indpred IS NULL AND x.indexprs IS NULL)) \
+                                ORDER BY x.indisprimary DESC LIMIT 1) i ON true \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p') \
              ORDER BY a.attnum",
             &[&name.schema, &name.name],

@@ -119,9 +119,11 @@ fn all_columns(plan: &SourcePlan) -> Vec<usize> {
     (0..plan.source.columns.len()).collect()
 }
 
+/// `INSERT INTO … (columns) OVERRIDING SYSTEM VALUE`: a `GENERATED ALWAYS AS IDENTITY` column
+/// takes the source's value (the clause is accepted, and without effect, on other tables).
 fn insert_head(t: &TargetPlan) -> String {
     format!(
-        "INSERT INTO {} AS t ({})",
+        "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE",
         t.target.quoted(),
         t.columns
             .iter()
@@ -402,7 +404,7 @@ mod tests {
         );
         assert_eq!(
             insert(&p, t, true),
-            "INSERT INTO \"public\".\"people\" AS t (\"pid\", \"first\", \"cents\") SELECT (id)::bigint, (\"first\")::text, \
+            "INSERT INTO \"public\".\"people\" AS t (\"pid\", \"first\", \"cents\") OVERRIDING SYSTEM VALUE SELECT (id)::bigint, (\"first\")::text, \
              ((amount * 100)::bigint)::bigint FROM (SELECT u.p1::bigint AS \"id\", u.p2::text AS \"first\", \
              u.p3::numeric AS \"amount\" FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3)) AS s \
              ON CONFLICT (\"pid\") DO UPDATE SET \"first\" = EXCLUDED.\"first\", \"cents\" = EXCLUDED.\"cents\""

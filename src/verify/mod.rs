@@ -28,7 +28,15 @@
 //!   itself) is compared as a multiset of whole rows: its same-named columns, and differing
 //!   rows named by their whole text.
 //!
+//! - **Online** ([`verify_online`], module `online`): the same comparison chunk by chunk, each
+//!   chunk at one source position while capture and replay keep running.
+//! - **Not checked.** Every report lists what verify did not compare ([`VerifyReport::not_checked`]).
+//!
 //! [`verify`] is the library entry point (cutover calls it); `walshift verify` is its command.
+
+mod online;
+
+pub use online::{OnlineOptions, OnlineSummary, POINT_MESSAGE_PREFIX, verify_online};
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
@@ -37,6 +45,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::lsn::Lsn;
 use crate::source::preflight::{self, PreflightError};
 use crate::sql::{quote_ident, quote_literal};
 use crate::transform::mapping::{Mapping, TableName};
@@ -80,6 +89,10 @@ pub struct VerifyReport {
     /// source table's targets in mapping order.
     pub tables: Vec<TableReport>,
     pub elapsed_secs: f64,
+    /// What this verify did not check, one sentence each (see [`not_checked`]).
+    pub not_checked: Vec<String>,
+    /// How the points of an online verify went; `None` offline.
+    pub online: Option<OnlineSummary>,
 }
 
 impl VerifyReport {
@@ -114,8 +127,10 @@ pub struct TableReport {
     pub target_checksum: String,
     pub equal: bool,
     /// The first differing keys in key order (at most [`VerifyOptions::max_keys`]); empty
-    /// when equal.
+    /// when equal. Online, in key order within each chunk, chunks in key order.
     pub differences: Vec<KeyDifference>,
+    /// Points the table was compared at: 1 offline, one per key range online.
+    pub chunks: u64,
 }
 
 /// A row that is not the same on both sides.
@@ -184,6 +199,33 @@ pub enum VerifyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(transparent)]
+    Connect(#[from] crate::Error),
+    #[error("online verify: {0}")]
+    Online(String),
+    #[error(transparent)]
+    Hold(#[from] crate::apply::hold::HoldError),
+    #[error("online verify: creating the verify point's slot on the source: {0}")]
+    Replication(#[from] crate::source::replication::ReplicationError),
+    #[error(
+        "online verify: replay did not reach the verify point {point} (its applied position {applied} \
+         did not move for {secs:.0} s). Is `walshift replay --follow` or `walshift run` running and \
+         healthy for this buffer and target? A walshift older than online verify does not honour holds"
+    )]
+    ReplayStalled { point: Lsn, applied: Lsn, secs: f64 },
+    #[error(
+        "online verify: capture has made the buffer durable only up to {confirmed} (slot {slot:?}), \
+         not past the verify point {point}, and made no progress for {secs:.0} s: start \
+         `walshift capture --source … --buffer …` (or `walshift run`) and verify again"
+    )]
+    CaptureStalled {
+        slot: String,
+        confirmed: Lsn,
+        point: Lsn,
+        secs: f64,
+    },
+    #[error("online verify: the replay it ran itself failed: {0}")]
+    ReplayFailed(String),
 }
 
 fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
@@ -222,6 +264,10 @@ struct Check {
     key: Vec<String>,
     /// `FROM … WHERE …` over the source table, alias `s`.
     source_from: String,
+    /// `source_from` has a `WHERE` (the mapping's filter).
+    has_filter: bool,
+    /// How online verify cuts the table into key ranges (`None`: one chunk).
+    chunk: Option<Vec<ChunkKey>>,
     /// Row text and key text over `s`.
     source_row: String,
     source_key: String,
@@ -229,6 +275,29 @@ struct Check {
     target_from: String,
     target_row: String,
     target_key: String,
+}
+
+/// A target key column online verify can range over: a source column passed through unchanged.
+#[derive(Clone, Debug)]
+struct ChunkKey {
+    /// `s."col"`.
+    source: String,
+    /// `t."col"`.
+    target: String,
+    type_sql: String,
+    /// Collatable: ranges and order use `COLLATE "C"` on both sides.
+    collate: bool,
+}
+
+impl ChunkKey {
+    fn ordered(&self, source: bool) -> String {
+        let e = if source { &self.source } else { &self.target };
+        if self.collate {
+            format!("{e} COLLATE \"C\"")
+        } else {
+            e.clone()
+        }
+    }
 }
 
 /// `ROW(a, b)::text`: NULL and the empty string stay distinct, separators are quoted.
@@ -240,6 +309,22 @@ fn key_text(parts: &[String]) -> String {
     match parts {
         [one] => one.clone(),
         _ => row_text(parts),
+    }
+}
+
+fn with_preds(from: &str, has_where: bool, preds: &[String]) -> String {
+    if preds.is_empty() {
+        return from.to_owned();
+    }
+    let joined = preds
+        .iter()
+        .map(|p| format!("({p})"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    if has_where {
+        format!("{from} AND {joined}")
+    } else {
+        format!("{from} WHERE {joined}")
     }
 }
 
@@ -288,11 +373,31 @@ impl Check {
             }
             t.key.iter().map(|&k| parts[k].clone()).collect()
         };
+        let chunk = (!t.key.is_empty())
+            .then(|| {
+                t.key
+                    .iter()
+                    .map(|&k| {
+                        let c = &t.columns[k];
+                        let i = c.expr.passthrough?;
+                        let sc = plan.source.columns.get(i)?;
+                        (sc.type_sql == c.type_sql).then(|| ChunkKey {
+                            source: format!("s.{}", quote_ident(&sc.name)),
+                            target: format!("t.{}", quote_ident(&c.name)),
+                            type_sql: c.type_sql.clone(),
+                            collate: false,
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
         Check {
             source: plan.source.name.clone(),
             target: t.target.clone(),
             columns: t.columns.iter().map(|c| c.name.clone()).collect(),
             key: t.key.iter().map(|&k| t.columns[k].name.clone()).collect(),
+            has_filter: t.filter.is_some(),
+            chunk,
             source_from,
             source_row: row_text(&source_parts),
             source_key: key_text(&pick(&source_parts)),
@@ -300,6 +405,15 @@ impl Check {
             target_row: row_text(&target_parts),
             target_key: key_text(&pick(&target_parts)),
         }
+    }
+
+    /// `source_from` with further conditions.
+    fn source_from_with(&self, preds: &[String]) -> String {
+        with_preds(&self.source_from, self.has_filter, preds)
+    }
+
+    fn target_from_with(&self, preds: &[String]) -> String {
+        with_preds(&self.target_from, false, preds)
     }
 
     fn summary_sql(row: &str, from: &str, checksums: bool) -> String {
@@ -343,6 +457,37 @@ pub async fn verify(
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
+    let checks = build_checks(source, target, mapping, tables).await?;
+
+    let settings = session_settings(target).await?;
+    begin(source, "source", &settings).await?;
+    if let Err(e) = begin(target, "target", &settings).await {
+        let _ = source.batch_execute("ROLLBACK").await;
+        return Err(e);
+    }
+    let result = compare_all(source, target, &checks, opts).await;
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    let (a, b) = tokio::join!(source.batch_execute(end), target.batch_execute(end));
+    let tables = result?;
+    a.map_err(sql_err("ending the verify transaction on the source"))?;
+    b.map_err(sql_err("ending the verify transaction on the target"))?;
+    let names: Vec<TableName> = checks.iter().map(|c| c.source.clone()).collect();
+    Ok(VerifyReport {
+        tables,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        not_checked: not_checked(source, &checks, names).await?,
+        online: None,
+    })
+}
+
+/// Compiles the mapping for each source table against the target and builds the comparison
+/// of every target table it feeds.
+async fn build_checks(
+    source: &Client,
+    target: &Client,
+    mapping: &Mapping,
+    tables: &[TableName],
+) -> Result<Vec<Check>, VerifyError> {
     crate::transform::plan::check_mapping(mapping)?;
     let mut plans = Vec::with_capacity(tables.len());
     for name in tables {
@@ -361,27 +506,109 @@ pub async fn verify(
         plans.push(catalog::compile(target, mapping, &shape).await?);
     }
     let builtin = builtin_types(source, &plans).await?;
-    let checks: Vec<Check> = plans
+    let mut checks: Vec<Check> = plans
         .iter()
         .flat_map(|p| p.targets.iter().map(|t| Check::new(p, t, &builtin)))
         .collect();
-
-    let settings = session_settings(target).await?;
-    begin(source, "source", &settings).await?;
-    if let Err(e) = begin(target, "target", &settings).await {
-        let _ = source.batch_execute("ROLLBACK").await;
-        return Err(e);
+    let mut types: Vec<String> = checks
+        .iter()
+        .flat_map(|c| c.chunk.iter().flatten().map(|k| k.type_sql.clone()))
+        .collect();
+    types.sort();
+    types.dedup();
+    if !types.is_empty() {
+        let rows = target
+            .query(
+                "SELECT t, coalesce((SELECT typcollation <> 0 FROM pg_type WHERE oid = to_regtype(t)), false) \
+                 FROM unnest($1::text[]) AS t",
+                &[&types],
+            )
+            .await
+            .map_err(sql_err("looking up the key types' collations on the target"))?;
+        let collatable: HashMap<String, bool> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        for k in checks.iter_mut().flat_map(|c| c.chunk.iter_mut().flatten()) {
+            k.collate = collatable.get(&k.type_sql).copied().unwrap_or(true);
+        }
     }
-    let result = compare_all(source, target, &checks, opts).await;
-    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
-    let (a, b) = tokio::join!(source.batch_execute(end), target.batch_execute(end));
-    let tables = result?;
-    a.map_err(sql_err("ending the verify transaction on the source"))?;
-    b.map_err(sql_err("ending the verify transaction on the target"))?;
-    Ok(VerifyReport {
-        tables,
-        elapsed_secs: started.elapsed().as_secs_f64(),
-    })
+    Ok(checks)
+}
+
+/// What a verify of `checks` (source tables `verified`) leaves unchecked, one sentence each:
+/// tables compared as multisets (no key), source tables not verified, unlogged tables and
+/// large objects (logical decoding does not carry them), sequences (cutover sets them).
+async fn not_checked(
+    source: &Client,
+    checks: &[Check],
+    verified: Vec<TableName>,
+) -> Result<Vec<String>, VerifyError> {
+    let mut out = Vec::new();
+    for c in checks.iter().filter(|c| c.key.is_empty()) {
+        out.push(format!(
+            "{}: no primary key on the target, compared as a multiset of whole rows \
+             (duplicates count, no key names a row)",
+            c.what()
+        ));
+    }
+    let (schemas, names): (Vec<String>, Vec<String>) = verified
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .unzip();
+    let row = source
+        .query_one(
+            "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[]) AS v(s, n)), \
+                  t AS (SELECT c.relname, n.nspname, c.relpersistence, c.relkind \
+                          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE c.relkind IN ('r', 'p', 'S') AND NOT c.relispartition \
+                           AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
+                           AND n.nspname NOT LIKE 'pg\\_%') \
+             SELECT (SELECT array_agg(format('%I.%I', nspname, relname) ORDER BY 1) FROM t \
+                      WHERE relkind <> 'S' AND relpersistence <> 'u' \
+                        AND NOT EXISTS (SELECT 1 FROM v WHERE v.s = t.nspname AND v.n = t.relname)), \
+                    (SELECT array_agg(format('%I.%I', nspname, relname) ORDER BY 1) FROM t \
+                      WHERE relkind <> 'S' AND relpersistence = 'u'), \
+                    (SELECT count(*) FROM t WHERE relkind = 'S'), \
+                    (SELECT count(*) FROM pg_largeobject_metadata)",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(sql_err("listing what verify does not check on the source"))?;
+    let list = |v: &[String]| {
+        let mut s = v.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+        if v.len() > 10 {
+            s.push_str(&format!(" and {} more", v.len() - 10));
+        }
+        s
+    };
+    if let Some(skipped) = row.get::<_, Option<Vec<String>>>(0) {
+        out.push(format!(
+            "{} source table(s) not verified (not in the publication or --tables): {}",
+            skipped.len(),
+            list(&skipped)
+        ));
+    }
+    if let Some(unlogged) = row.get::<_, Option<Vec<String>>>(1) {
+        out.push(format!(
+            "{} unlogged table(s) on the source: {} — logical decoding does not carry their \
+             changes (replay never updates them) and verify does not compare them",
+            unlogged.len(),
+            list(&unlogged),
+        ));
+    }
+    let sequences: i64 = row.get(2);
+    if sequences > 0 {
+        out.push(format!(
+            "{sequences} sequence(s) not compared: logical decoding does not carry them; cutover \
+             sets every target sequence from the source"
+        ));
+    }
+    let large_objects: i64 = row.get(3);
+    if large_objects > 0 {
+        out.push(format!(
+            "{large_objects} large object(s) on the source not compared: logical decoding does \
+             not carry them"
+        ));
+    }
+    Ok(out)
 }
 
 /// The plan of a table without a primary key on the target that the mapping does not name:
@@ -515,7 +742,7 @@ async fn compare_all(
         let differences = if equal || opts.max_keys == 0 {
             Vec::new()
         } else {
-            first_differences(source, target, c, opts).await?
+            first_differences(source, target, c, &c.source_from, &c.target_from, opts).await?
         };
         tracing::info!(table = %c.what(), source_rows, target_rows, equal, "verified");
         out.push(TableReport {
@@ -529,6 +756,7 @@ async fn compare_all(
             target_checksum,
             equal,
             differences,
+            chunks: 1,
         });
     }
     Ok(out)
@@ -628,10 +856,12 @@ async fn first_differences(
     source: &Client,
     target: &Client,
     c: &Check,
+    source_from: &str,
+    target_from: &str,
     opts: &VerifyOptions,
 ) -> Result<Vec<KeyDifference>, VerifyError> {
-    let s_sql = Check::keys_sql(&c.source_key, &c.source_row, &c.source_from);
-    let t_sql = Check::keys_sql(&c.target_key, &c.target_row, &c.target_from);
+    let s_sql = Check::keys_sql(&c.source_key, &c.source_row, source_from);
+    let t_sql = Check::keys_sql(&c.target_key, &c.target_row, target_from);
     let mut src = KeyCursor::open(
         source,
         "source",

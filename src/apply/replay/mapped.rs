@@ -3,6 +3,13 @@
 //! statements per target table, with the mapping's expressions evaluated by the target inside
 //! them.
 //!
+//! The affected-row guard holds where the mapping lets the target's rows be known: without a
+//! filter every delete and update must find its row (one per source key: the mapped key is
+//! assumed injective, as a target key computed from the source key must be) and every insert
+//! must insert. With a filter, a source row may legitimately have no target row, so a delete
+//! (which carries only the old key) and an update that is rewritten as an upsert are not
+//! counted; an in-place update reports rows that pass the filter but were not found.
+//!
 //! Two cases differ from the same-named path. An update whose image lacks a value (unchanged
 //! TOAST) can keep a target column that is a plain copy of it, but cannot compute an
 //! expression reading it: that is a clear error, never a guessed value. With a filter, an
@@ -49,6 +56,7 @@ impl Conn {
                     groups.entry((known, moved)).or_default().push(n);
                 }
             }
+            let target_q = t.target.quoted();
             if !tb.deletes.is_empty() || !extra_deletes.is_empty() {
                 let stmt = self.statement(tsql::delete(plan, t)).await?;
                 let params = text_params((0..plan.key.len()).map(|j| {
@@ -56,7 +64,10 @@ impl Conn {
                         .chain(extra_deletes.iter().copied())
                         .map(move |k| arena.get(k[j]))
                 }));
-                self.execute_arrays(&stmt, &params).await?;
+                let found = self.execute_arrays(&stmt, &params).await?;
+                if !filtered {
+                    expect_rows(&target_q, "set-based DELETE", tb.delete_count(), found)?;
+                }
             }
             for ((known, moved), members) in groups {
                 let rows: Vec<(&[Val], &[Val])> = members
@@ -66,21 +77,9 @@ impl Conn {
                 self.update_mapped(plan, ti, &known, moved, &rows, arena, lsn)
                     .await?;
             }
-            // Fresh keys (no row before the batch) take a plain INSERT; the rest overwrite.
-            let fresh: Vec<&[Val]> = tb
-                .upserts()
-                .zip(&tb.fresh)
-                .filter(|(_, f)| **f)
-                .map(|(r, _)| r)
-                .collect();
-            let rest: Vec<&[Val]> = tb
-                .upserts()
-                .zip(&tb.fresh)
-                .filter(|(_, f)| !**f)
-                .map(|(r, _)| r)
-                .chain(extra_upserts.iter().copied())
-                .collect();
-            for (rows, upsert) in [(fresh, false), (rest, true)] {
+            // The fold's rows have free keys: a plain INSERT. Updates through a filter overwrite.
+            let fresh: Vec<&[Val]> = tb.upserts().collect();
+            for (rows, upsert) in [(fresh, false), (extra_upserts, true)] {
                 if rows.is_empty() {
                     continue;
                 }
@@ -88,7 +87,10 @@ impl Conn {
                 let rows = &rows;
                 let params =
                     text_params((0..ncols).map(|c| rows.iter().map(move |r| arena.get(r[c]))));
-                self.execute_arrays(&stmt, &params).await?;
+                let found = self.execute_arrays(&stmt, &params).await?;
+                if !filtered {
+                    expect_rows(&target_q, "set-based INSERT", rows.len(), found)?;
+                }
             }
         }
         Ok(())
@@ -108,7 +110,7 @@ impl Conn {
         lsn: Lsn,
     ) -> Result<(), WriteError> {
         let t = &plan.targets[ti];
-        let shape = tsql::update_shape(plan, t, known, moved).map_err(|m| {
+        let mut shape = tsql::update_shape(plan, t, known, moved).map_err(|m| {
             WriteError::Fatal(ReplayError::MissingValue {
                 lsn,
                 table: plan.source.name.to_string(),
@@ -117,7 +119,8 @@ impl Conn {
             })
         })?;
         if shape.set.is_empty() && !shape.filter {
-            return Ok(()); // nothing computable changed: the target row is already right
+            // Nothing computable changed, but the row must be there: set its key to itself.
+            shape.set = t.key.clone();
         }
         let stmt = self
             .statement(tsql::update(plan, t, known, &shape, moved))
@@ -132,8 +135,8 @@ impl Conn {
                 .map(|&c| rows.iter().map(move |(_, r)| arena.get(r[c]))),
         ));
         if !shape.filter {
-            self.execute_arrays(&stmt, &params).await?;
-            return Ok(());
+            let found = self.execute_arrays(&stmt, &params).await?;
+            return expect_rows(&t.target.quoted(), "UPDATE", rows.len(), found);
         }
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
@@ -180,11 +183,15 @@ impl Conn {
         };
         let arena = &arena;
         for (ti, t) in plan.targets.iter().enumerate() {
+            let insert = matches!(change, Change::Insert { .. });
             match (&old, &new) {
-                (None, Some(new)) => {
+                (None, Some(new)) if insert => {
                     let stmt = self.statement(tsql::insert(plan, t, false)).await?;
                     let params = text_params(new.iter().map(|&v| std::iter::once(arena.get(v))));
-                    self.execute_arrays(&stmt, &params).await?;
+                    let found = self.execute_arrays(&stmt, &params).await?;
+                    if t.filter.is_none() {
+                        expect_rows(&t.target.quoted(), "INSERT", 1, found)?;
+                    }
                 }
                 (Some(old), None) => {
                     let key: Vec<Val> = plan.key.iter().map(|&k| old[k]).collect();
@@ -224,7 +231,10 @@ impl Conn {
         let t = &plan.targets[ti];
         let stmt = self.statement(tsql::delete(plan, t)).await?;
         let params = text_params(key.iter().map(|&v| std::iter::once(arena.get(v))));
-        self.execute_arrays(&stmt, &params).await?;
+        let found = self.execute_arrays(&stmt, &params).await?;
+        if t.filter.is_none() {
+            expect_rows(&t.target.quoted(), "DELETE", 1, found)?;
+        }
         Ok(())
     }
 }

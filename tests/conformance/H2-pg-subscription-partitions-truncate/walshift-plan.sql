@@ -1,0 +1,30 @@
+-- walshift's conformance harness plan for this folder (not vendored; see ../README.md).
+-- Phase 1: leaf partitions (walshift's own FOR ALL TABLES publication). 010's tab5 has neither
+-- key nor replica identity: walshift refuses it by design, naming it and the fix; the fix is
+-- applied and capture runs again.
+-- @phase
+-- @setup 00-schema-leaf.sql
+-- @stream 10-leaf-truncate.sql
+-- @expect-refusal "t010"."tab5"
+-- @expect-refusal REPLICA IDENTITY FULL
+-- @fix
+ALTER TABLE t010.tab5 REPLICA IDENTITY FULL;
+-- Phase 2: the source's own publication publishes via the partition root: changes arrive
+-- addressed to the partitioned tables and replay applies them there. pgoutput never sends a
+-- TRUNCATE of a single partition in that mode (upstream asserts it is not replicated): capture
+-- sees the partitions' new relfilenodes and stops, naming each one and the fix (issue 14,
+-- finding 4). The fix is applied to the copies (truncate those partitions there too) and capture
+-- runs again, accepting them. The TRUNCATE of the partitioned tables that follows is carried.
+-- @phase
+-- @setup 20-schema-viaroot.sql
+-- @stream 30-viaroot.sql
+-- @expect-warning publish_via_partition_root
+-- @stop-at truncate of partitions
+-- @expect-stop t013.tab1_2
+-- @expect-stop t013.tab2_1
+-- @expect-stop t013.tab3_1
+-- @expect-stop --accept-partition-rewrite
+-- @restart-arg --accept-partition-rewrite
+-- @restart-arg t013.tab1_2,t013.tab2_1,t013.tab3_1
+-- @stop-fix
+TRUNCATE t013.tab1_2, t013.tab2_1, t013.tab3_1;

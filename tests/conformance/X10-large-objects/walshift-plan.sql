@@ -1,0 +1,5 @@
+-- walshift's conformance harness plan for this folder (see ../README.md).
+-- @phase
+-- @setup 00-schema.sql
+-- @stream 10-workload.sql
+-- @expect-warning large object
