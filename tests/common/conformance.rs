@@ -194,7 +194,7 @@ fn is_workload_file(name: &str) -> bool {
         && b[2] == b'-'
 }
 
-fn parse_plan(dir: &Path, text: &str) -> Result<Vec<Phase>, String> {
+pub fn parse_plan(dir: &Path, text: &str) -> Result<Vec<Phase>, String> {
     let mut phases: Vec<Phase> = Vec::new();
     let mut in_fix = false;
     let mut in_stop_fix = false;
@@ -621,6 +621,8 @@ struct Run<'a> {
     outcome: Outcome,
     started: Instant,
     captures: usize,
+    /// Expected stops handled (`@stop-at`), all phases.
+    stops: usize,
 }
 
 /// Runs a workload folder, returning everything it found.
@@ -649,6 +651,7 @@ pub fn run_workload(dir: &Path, opts: &RunOptions) -> Outcome {
         outcome: Outcome::default(),
         started: Instant::now(),
         captures: 0,
+        stops: 0,
     };
     for (i, phase) in phases.iter().enumerate() {
         if let Err(e) = run.phase(i, phase) {
@@ -859,6 +862,7 @@ impl Run<'_> {
         }
         self.compare_all(i, "after the clone", &src_db, &mut copies, &[]);
 
+        let stops_before = self.stops;
         for f in &phase.stream {
             let text = fs::read_to_string(f).map_err(|e| e.to_string())?;
             let fname = f.file_name().unwrap().to_string_lossy().into_owned();
@@ -877,6 +881,14 @@ impl Run<'_> {
                     }
                 }
             }
+        }
+
+        if let Some(at) = &phase.stop_at
+            && self.stops == stops_before
+        {
+            self.problem(format!(
+                "phase {i}: walshift-plan.sql's `-- @stop-at {at}` matched no sync label"
+            ));
         }
 
         // The end: stop capture, resume it up to the source's current LSN, replay, compare.
@@ -1122,6 +1134,7 @@ impl Run<'_> {
             }
             std::thread::sleep(POLL);
         };
+        self.stops += 1;
         let said = capture.output();
         let missing: Vec<&String> = phase
             .expect_stop
