@@ -793,12 +793,14 @@ async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_
     source
         .execute(
             "postgres",
-            // a_top reads z_base: refreshed in name order it would fail on the copy.
+            // a_top reads z_base through a view: refreshed in name order it would fail on the
+            // copy.
             "CREATE TABLE sales (k int PRIMARY KEY, amount int);
              INSERT INTO sales SELECT g, g % 7 FROM generate_series(1, 100) g;
              CREATE MATERIALIZED VIEW z_base AS SELECT amount, count(*) AS n FROM sales GROUP BY 1;
              CREATE UNIQUE INDEX ON z_base (amount);
-             CREATE MATERIALIZED VIEW a_top AS SELECT sum(n) AS total FROM z_base;
+             CREATE VIEW m_mid AS SELECT * FROM z_base;
+             CREATE MATERIALIZED VIEW a_top AS SELECT sum(n) AS total FROM m_mid;
              CREATE MATERIALIZED VIEW never AS SELECT * FROM sales WITH NO DATA;",
         )
         .await

@@ -407,7 +407,7 @@ pub async fn clone_database(
 }
 
 /// Refreshes, on the target, every materialized view that is populated on the source (in the
-/// snapshot `source` holds), each after the materialized views it reads. The schema dump
+/// snapshot `source` holds), each after the materialized views it reads (also through views). The schema dump
 /// creates them `WITH NO DATA` (pg_dump keeps `REFRESH MATERIALIZED VIEW` in its data
 /// section); their rows are computed from the copy's own tables, after the post-data (so a
 /// unique index on a view exists), with `search_path = ''` as a restore would. Returns them in
@@ -418,13 +418,23 @@ async fn refresh_materialized_views(
 ) -> Result<Vec<String>, CloneError> {
     let rows = source
         .query(
-            "SELECT m.oid, n.nspname::text, m.relname::text, \
-               coalesce(array_agg(DISTINCT d.refobjid) FILTER (WHERE d.refobjid IS NOT NULL), '{}') \
+            // deps: the relations a materialized view's query reads, through plain views.
+            "WITH RECURSIVE deps(mv, rel) AS ( \
+               SELECT r.ev_class, d.refobjid FROM pg_rewrite r \
+               JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+                 AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class \
+               WHERE r.ev_class IN (SELECT oid FROM pg_class WHERE relkind = 'm') \
+             UNION \
+               SELECT deps.mv, d.refobjid FROM deps \
+               JOIN pg_class v ON v.oid = deps.rel AND v.relkind = 'v' \
+               JOIN pg_rewrite r ON r.ev_class = v.oid \
+               JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+                 AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> v.oid) \
+             SELECT m.oid, n.nspname::text, m.relname::text, \
+               coalesce(array_agg(DISTINCT d.rel) FILTER (WHERE d.rel IS NOT NULL), '{}') \
              FROM pg_class m JOIN pg_namespace n ON n.oid = m.relnamespace \
-             LEFT JOIN pg_rewrite r ON r.ev_class = m.oid \
-             LEFT JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
-               AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> m.oid \
-               AND d.refobjid IN (SELECT oid FROM pg_class WHERE relkind = 'm') \
+             LEFT JOIN deps d ON d.mv = m.oid AND d.rel <> m.oid \
+               AND d.rel IN (SELECT oid FROM pg_class WHERE relkind = 'm') \
              WHERE m.relkind = 'm' AND m.relispopulated \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
              GROUP BY 1, 2, 3 ORDER BY 2, 3",

@@ -297,8 +297,8 @@ pub enum CutoverError {
     #[error(
         "refusing to cut over (nothing fenced): {} partition(s) of a publish_via_partition_root \
          publication changed since capture recorded them, in a way the stream cannot carry \
-         (if capture is running and this was a TRUNCATE of the partitioned table itself, capture \
-         accepts it within seconds: retry):\n{}",
+         (a TRUNCATE of the partitioned table itself is accepted by capture once it receives it: \
+         if that is what happened, let capture run — start it if it is not running — and retry):\n{}",
         .0.len(),
         .0.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n")
     )]
