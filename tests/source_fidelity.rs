@@ -830,3 +830,53 @@ async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_
         "a view unpopulated on the source stays unpopulated"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_record_left_by_an_abandoned_stream_is_replaced_when_a_new_slot_starts() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", PARTITIONED).await.unwrap();
+    source
+        .execute(
+            "postgres",
+            "CREATE PUBLICATION walshift FOR ALL TABLES WITH (publish_via_partition_root = true);",
+        )
+        .await
+        .unwrap();
+    let oid = |name: &'static str| {
+        let source = &source;
+        async move { count(source, &format!("SELECT '{name}'::regclass::oid::int8")).await as u32 }
+    };
+    // What an earlier stream (e.g. an interrupted clone) recorded: another relfilenode.
+    let dir = tempfile::tempdir().unwrap();
+    let stale = walshift::capture::partitions::PartitionRecord {
+        roots: vec![walshift::capture::partitions::Root {
+            oid: oid("m").await,
+            name: "public.m".into(),
+        }],
+        leaves: vec![walshift::capture::partitions::Leaf {
+            oid: oid("m_eu").await,
+            name: "public.m_eu".into(),
+            root: oid("m").await,
+            relfilenode: 1,
+            attached_later: false,
+        }],
+        truncates: Default::default(),
+    };
+    stale.write(dir.path()).unwrap();
+    capture_with_clone(&source, &target, dir.path())
+        .await
+        .expect("capture with clone");
+    source
+        .execute("postgres", "INSERT INTO m VALUES (9001, 'eu', 'x');")
+        .await
+        .unwrap();
+    capture_for(&source, dir.path(), &[], 6)
+        .await
+        .expect("the new slot's record is the one compared");
+    let record = walshift::capture::partitions::PartitionRecord::read(dir.path())
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.leaves.len(), 3, "{record:?}");
+    assert!(record.leaves.iter().all(|l| l.relfilenode != 1));
+}

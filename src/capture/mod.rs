@@ -475,15 +475,28 @@ pub async fn run(
     Ok(report)
 }
 
-/// The partition record to watch, if the publication publishes via the root: the buffer's
-/// record, else a new one read in the new slot's snapshot (or now, with a warning, when the
-/// slot already existed). Applies `accept_partition_rewrite`.
+/// The partition record to watch, if the publication publishes via the root: a new one read in
+/// the snapshot of a slot created now, else the buffer's record (or one read now, with a
+/// warning, when there is none). Applies `accept_partition_rewrite`.
 async fn partition_watch(
     config: &CaptureConfig,
     prepared: &PreparedSource,
 ) -> Result<Option<PartitionWatch>, CaptureError> {
     let dir = &config.buffer_dir;
-    let existing = partitions::PartitionRecord::read(dir)?;
+    // A slot created now starts a new stream: a record left by an earlier, abandoned one (an
+    // interrupted clone) does not describe it.
+    let existing = match prepared.snapshot {
+        Some(_) => {
+            let path = partitions::PartitionRecord::path(dir);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(crate::Error::io(path, e).into());
+                }
+                _ => None,
+            }
+        }
+        None => partitions::PartitionRecord::read(dir)?,
+    };
     if existing.is_none() && prepared.via_root.is_empty() {
         return Ok(None);
     }
