@@ -13,8 +13,10 @@
 //! buffer does not hold; a transaction the buffer already holds is recognised by its commit
 //! LSN and dropped. Each committed transaction is stored exactly once, in commit order.
 
+pub mod partitions;
 mod progress;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -71,6 +73,12 @@ pub struct CaptureConfig {
     pub clone: Option<CloneOptions>,
     /// Print a progress line to stderr once a second. Default false (the CLI turns it on).
     pub progress: bool,
+    /// With a `publish_via_partition_root` publication: how often the leaf partitions'
+    /// relfilenodes are compared with the record (see [`partitions`]). Default 5 s.
+    pub partition_check_interval: Duration,
+    /// Leaf partitions (`schema.table`) whose current relfilenode is accepted at start, after
+    /// the operator dealt with a change capture stopped on. Default none.
+    pub accept_partition_rewrite: Vec<String>,
 }
 
 impl CaptureConfig {
@@ -89,6 +97,8 @@ impl CaptureConfig {
             buffer: BufferConfig::default(),
             clone: None,
             progress: false,
+            partition_check_interval: Duration::from_secs(5),
+            accept_partition_rewrite: Vec::new(),
         }
     }
 }
@@ -165,6 +175,20 @@ pub enum CaptureError {
     )]
     CloneNeedsNewSlot { slot: String },
 
+    #[error(
+        "capture stopped: {} partition(s) of a publish_via_partition_root publication changed in a \
+         way the stream cannot carry (everything received before is durable in the buffer):\n{}",
+        .0.len(),
+        .0.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n")
+    )]
+    PartitionChanged(Vec<partitions::Difference>),
+
+    #[error(
+        "--accept-partition-rewrite {name}: not a leaf partition walshift records for this buffer \
+         (recorded: {known}); write schema.table as capture named it"
+    )]
+    UnknownPartition { name: String, known: String },
+
     #[error("{context}")]
     Sql {
         context: String,
@@ -232,6 +256,8 @@ pub struct PreparedSource {
     pub snapshot: Option<String>,
     /// Consistent point of a slot created now.
     pub consistent_point: Option<Lsn>,
+    /// The published partitioned tables when the publication publishes via the root.
+    pub via_root: Vec<partitions::Root>,
 }
 
 /// Preflight, publication and slot: everything before streaming. `existing` is the buffer's
@@ -260,7 +286,28 @@ pub async fn prepare(
     let tables =
         preflight::ensure_publication(&client, &config.publication, config.tables.as_deref())
             .await?;
-    let warnings = preflight::source_warnings(&client).await?;
+    let mut warnings = preflight::source_warnings(&client).await?;
+    let via_root = partitions::via_root_roots(&client, &config.publication, &tables)
+        .await
+        .map_err(sql(
+            "looking for partitioned tables published via their root",
+        ))?;
+    if !via_root.is_empty() {
+        warnings.push(format!(
+            "publication {:?} has publish_via_partition_root = true: changes to {} arrive \
+             addressed to the partitioned table and are applied to it on the copy (its own \
+             partitioning routes them). A TRUNCATE of a single partition, VACUUM FULL/CLUSTER of a \
+             partition, DETACH or DROP of a partition are not carried in this mode: capture \
+             compares every partition's relfilenode with the one recorded at the snapshot every \
+             few seconds and stops naming the partition, and cutover refuses",
+            config.publication,
+            via_root
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -316,6 +363,7 @@ pub async fn prepare(
         conn,
         snapshot,
         consistent_point,
+        via_root,
     })
 }
 
@@ -368,6 +416,7 @@ pub async fn run(
         )
         .write(&config.buffer_dir)?;
     }
+    let watch = partition_watch(&config, &prepared).await?;
     if let Some(clone) = &config.clone {
         match &prepared.snapshot {
             Some(snapshot) => {
@@ -384,8 +433,22 @@ pub async fn run(
                 tracing::info!(
                     rows = report.rows,
                     tables = report.tables.len(),
+                    large_objects = report.large_objects,
                     "clone done"
                 );
+                if !report.materialized_views.is_empty() {
+                    tracing::info!(
+                        "materialized views refreshed on the target: {}",
+                        report.materialized_views.join(", ")
+                    );
+                }
+                if !report.text_format.is_empty() {
+                    tracing::info!(
+                        "copied in text format (columns holding catalog OIDs, resolved by name on \
+                         the target): {}",
+                        report.text_format.join(", ")
+                    );
+                }
             }
             None if existing.is_some() => {} // cloned earlier; resuming the stream
             None => {
@@ -416,11 +479,188 @@ pub async fn run(
             ],
         )
         .await?;
-    let mut report = stream_into(&config, stream, writer, resume_from, shutdown).await?;
+    let mut report = stream_into(&config, stream, writer, resume_from, watch, shutdown).await?;
     report.slot_created = slot_created;
     report.tables = tables;
     report.warnings = warnings;
     Ok(report)
+}
+
+/// The partition record to watch, if the publication publishes via the root: a new one read in
+/// the snapshot of a slot created now, else the buffer's record (or one read now, with a
+/// warning, when there is none). Applies `accept_partition_rewrite`.
+async fn partition_watch(
+    config: &CaptureConfig,
+    prepared: &PreparedSource,
+) -> Result<Option<PartitionWatch>, CaptureError> {
+    let dir = &config.buffer_dir;
+    // A slot created now starts a new stream: a record left by an earlier, abandoned one (an
+    // interrupted clone) does not describe it.
+    let existing = match prepared.snapshot {
+        Some(_) => {
+            let path = partitions::PartitionRecord::path(dir);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(crate::Error::io(path, e).into());
+                }
+                _ => None,
+            }
+        }
+        None => partitions::PartitionRecord::read(dir)?,
+    };
+    if existing.is_none() && prepared.via_root.is_empty() {
+        return Ok(None);
+    }
+    let client = config.source.connect().await?;
+    let mut record = match existing {
+        Some(r) => r,
+        None => {
+            let roots = prepared.via_root.clone();
+            let record = match &prepared.snapshot {
+                Some(snapshot) => {
+                    let snap = config.source.connect().await?;
+                    snap.batch_execute(&format!(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                        crate::sql::quote_literal(snapshot)
+                    ))
+                    .await
+                    .map_err(sql("importing the slot's snapshot to record the partitions"))?;
+                    partitions::record(&snap, roots).await
+                }
+                None => {
+                    tracing::warn!(
+                        "no partition record in {}: recording the partitions as they are now, not \
+                         as of the slot's start",
+                        dir.display()
+                    );
+                    partitions::record(&client, roots).await
+                }
+            }
+            .map_err(sql("recording the leaf partitions' relfilenodes"))?;
+            record.write(dir)?;
+            record
+        }
+    };
+    if !config.accept_partition_rewrite.is_empty() {
+        let seen = partitions::observe(&client, &record)
+            .await
+            .map_err(sql("reading the leaf partitions on the source"))?;
+        for name in &config.accept_partition_rewrite {
+            let name = name.trim();
+            if !record.leaves.iter().any(|l| l.name == name) {
+                return Err(CaptureError::UnknownPartition {
+                    name: name.to_owned(),
+                    known: record
+                        .leaves
+                        .iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            match seen.differences.iter().find(|d| d.leaf.name == name) {
+                Some(d) => {
+                    tracing::warn!(partition = name, change = ?d.change, "accepted as the operator asked");
+                    record.accept(d);
+                }
+                None => tracing::info!(partition = name, "unchanged; nothing to accept"),
+            }
+        }
+        record.write(dir)?;
+    }
+    Ok(Some(PartitionWatch {
+        client,
+        record,
+        reported: Vec::new(),
+    }))
+}
+
+/// Capture's side of [`partitions`]: the record and a SQL session on the source.
+struct PartitionWatch {
+    client: tokio_postgres::Client,
+    record: partitions::PartitionRecord,
+    /// Differences waiting for the stream to pass the point they were seen at.
+    reported: Vec<u32>,
+}
+
+impl PartitionWatch {
+    /// Writes the TRUNCATEs received into the record when they changed.
+    fn save_truncates(
+        &mut self,
+        dir: &std::path::Path,
+        state: &StreamState,
+    ) -> Result<(), CaptureError> {
+        if self.record.truncates != state.truncates {
+            self.record.truncates = state.truncates.clone();
+            self.record.write(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Compares the source with the record; accepts what the stream explains, records new
+    /// leaves, and fails on what it cannot carry. Returns true when a difference waits for
+    /// the stream (the caller asks the server for its position).
+    async fn check(
+        &mut self,
+        dir: &std::path::Path,
+        state: &mut StreamState,
+    ) -> Result<bool, CaptureError> {
+        let seen = partitions::observe(&self.client, &self.record)
+            .await
+            .map_err(sql("comparing the leaf partitions with the record"))?;
+        let mut changed = false;
+        for leaf in seen.new_leaves {
+            tracing::warn!(
+                "partition {} was attached to {} after the clone: changes through the stream reach \
+                 the copy, but rows it held before ATTACH PARTITION do not. Compare it with \
+                 `walshift verify --tables {}`",
+                leaf.name,
+                self.record.root_name(leaf.root),
+                self.record.root_name(leaf.root)
+            );
+            self.record.leaves.push(leaf);
+            changed = true;
+        }
+        let decoded = state.server_wal_end.max(state.received_commit_end);
+        let mut unexplained = Vec::new();
+        let mut waiting = false;
+        // Every TRUNCATE received so far committed before this observation: with no
+        // difference left, none of them explains anything any more.
+        if seen.differences.is_empty() && !state.truncates.is_empty() {
+            state.truncates.clear();
+        }
+        if state.truncates != self.record.truncates {
+            self.record.truncates = state.truncates.clone();
+            changed = true;
+        }
+        for d in seen.differences {
+            match partitions::judge(&d, seen.lsn, &state.truncates, decoded) {
+                partitions::Verdict::Explained => {
+                    tracing::info!(partition = %d.leaf.name, "rewritten by a TRUNCATE of its root the stream carried");
+                    self.record.accept(&d);
+                    changed = true;
+                }
+                partitions::Verdict::Wait => {
+                    if !self.reported.contains(&d.leaf.oid) {
+                        tracing::debug!(partition = %d.leaf.name, "changed; waiting for the stream to pass it");
+                        self.reported.push(d.leaf.oid);
+                    }
+                    waiting = true;
+                }
+                partitions::Verdict::Unexplained => unexplained.push(d),
+            }
+        }
+        if changed {
+            self.record.write(dir)?;
+        }
+        if !unexplained.is_empty() {
+            return Err(CaptureError::PartitionChanged(unexplained));
+        }
+        if !waiting {
+            self.reported.clear();
+        }
+        Ok(waiting)
+    }
 }
 
 async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError> {
@@ -441,14 +681,22 @@ async fn stream_into(
     mut stream: ReplicationStream,
     mut writer: BufferWriter,
     resume_from: Lsn,
+    mut watch: Option<PartitionWatch>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
     let started = Instant::now();
     let mut state = StreamState {
         resume_from,
         durable: resume_from,
+        track_truncates: watch.is_some(),
+        truncates: watch
+            .as_ref()
+            .map(|w| w.record.truncates.clone())
+            .unwrap_or_default(),
         ..Default::default()
     };
+    let mut partition_tick = tokio::time::interval(config.partition_check_interval);
+    partition_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress = progress::Progress::new(config.progress, started);
 
     // Half the flush interval: a group handed over at one tick is usually seen durable at the next.
@@ -486,6 +734,13 @@ async fn stream_into(
                     }
                 }
                 _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
+                _ = partition_tick.tick(), if watch.is_some() => {
+                    let w = watch.as_mut().expect("guarded");
+                    if w.check(&config.buffer_dir, &mut state).await? {
+                        // Ask for the server's decoded position now rather than at its leisure.
+                        send_status(&mut stream, &state, true).await?;
+                    }
+                }
                 _ = progress_tick.tick() => progress.update(&state),
                 event = stream.next() => {
                     let Some(event) = event? else { return Err(CaptureError::StreamEnded) };
@@ -500,6 +755,18 @@ async fn stream_into(
                         handled += 1;
                         next = if handled < DRAIN_BATCH { stream.next_buffered()? } else { None };
                     }
+                    // Before the slot may confirm a TRUNCATE, the record holds it: the slot
+                    // will not send it again, and it explains the partitions it rewrote. Look
+                    // at the partitions right away, while their pg_class rows still carry the
+                    // TRUNCATE's transaction id (a later ALTER TABLE would replace it).
+                    if let Some(w) = &mut watch {
+                        w.save_truncates(&config.buffer_dir, &state)?;
+                        if std::mem::take(&mut state.truncate_received)
+                            && w.check(&config.buffer_dir, &mut state).await?
+                        {
+                            send_status(&mut stream, &state, true).await?;
+                        }
+                    }
                     // A trickle of small reads costs a wakeup and several syscalls per message,
                     // CPU the walsender (capture's real bottleneck) then lacks on a busy host.
                     // Letting the socket fill for a moment turns them into a few large reads.
@@ -512,6 +779,11 @@ async fn stream_into(
     }
     .await;
 
+    if let Some(w) = &mut watch
+        && let Err(e) = w.save_truncates(&config.buffer_dir, &state)
+    {
+        tracing::error!("{e}");
+    }
     // Whatever happened, make what was received durable; confirm it only on a clean stop.
     let flushed = writer.flush();
     if let Ok(durable) = &flushed {
@@ -577,6 +849,14 @@ struct StreamState {
     idle_position: Lsn,
     server_wal_end: Lsn,
     last_commit_time: Option<i64>,
+    /// Record the TRUNCATEs received (a via-root publication is watched).
+    track_truncates: bool,
+    /// Transaction id of the open transaction (from its Begin).
+    xid: u32,
+    /// TRUNCATEs received: transaction id → relation OIDs truncated.
+    truncates: HashMap<u32, Vec<u32>>,
+    /// A TRUNCATE arrived since the partitions were last compared.
+    truncate_received: bool,
     transactions: u64,
     changes: u64,
     bytes: u64,
@@ -650,6 +930,10 @@ impl StreamState {
         match tag {
             b'B' => {
                 self.in_transaction = true;
+                // Begin: final_lsn (8), commit timestamp (8), xid (4).
+                self.xid = data
+                    .get(17..21)
+                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
                 // Begin: final_lsn (the commit record's start) at bytes 1..9.
                 let final_lsn = read_lsn(&data, 1);
                 self.skipping = final_lsn.is_some_and(|f| f < self.resume_from);
@@ -674,6 +958,25 @@ impl StreamState {
                     .get(18..26)
                     .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
                 Some((end, tag, data))
+            }
+            b'T' if self.track_truncates => {
+                // Truncate: relation count (4), options (1), relation OIDs (4 each). Noted even
+                // when the buffer already holds the transaction: the rewrite it explains is real.
+                let n = data
+                    .get(1..5)
+                    .map_or(0, |b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+                let rels = (0..n.max(0) as usize)
+                    .filter_map(|i| data.get(6 + 4 * i..10 + 4 * i))
+                    .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+                self.truncates.entry(self.xid).or_default().extend(rels);
+                self.truncate_received = true;
+                if self.skipping {
+                    return None;
+                }
+                if !self.in_transaction {
+                    self.appended_since_commit += 1;
+                }
+                Some((wal_start, tag, data))
             }
             _ if self.skipping => None,
             b'I' | b'U' | b'D' => {

@@ -48,6 +48,11 @@ pub struct CaptureArgs {
     /// With --clone-to: tables copied in parallel.
     #[arg(long, default_value_t = 2)]
     clone_parallel: usize,
+    /// After capture stopped on a partition of a publish_via_partition_root publication
+    /// (TRUNCATE, VACUUM FULL/CLUSTER, DETACH or DROP of one partition) and the copy was made
+    /// to match: accept its current state (comma-separated schema.table).
+    #[arg(long, value_delimiter = ',', value_name = "TABLE")]
+    accept_partition_rewrite: Vec<String>,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -67,6 +72,7 @@ pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
     config.read_coalesce = Duration::from_micros(a.read_coalesce_us);
     config.buffer.segment_size = a.segment_mib.max(1) * 1024 * 1024;
     config.progress = !a.no_progress;
+    config.accept_partition_rewrite = a.accept_partition_rewrite;
     if let Some(target) = &a.clone_to {
         let target = ConnInfo::parse(target).context("--clone-to")?;
         let mut clone = crate::clone::CloneOptions::new(config.source.clone(), target);
