@@ -6,12 +6,20 @@
 //! sync thread; when a group is on disk the buffer's durable LSN advances, and only then is it
 //! reported to the server as the slot's flush position.
 //!
-//! **Contract (kept in [`StreamState::confirmable`]):** the flush position sent to the source
+//! **Contract (kept in [`StreamState::sendable`]):** the flush position sent to the source
 //! never passes what the buffer has fsynced — except that, while no transaction is open and
 //! every appended record is durable, the server's own keepalive position may be confirmed (no
-//! commit can lie before it unsent). So after any crash the slot resends every transaction the
+//! commit can lie before it unsent), once it is recorded in the buffer's [`SlotProgress`]. So after any crash the slot resends every transaction the
 //! buffer does not hold; a transaction the buffer already holds is recognised by its commit
 //! LSN and dropped. Each committed transaction is stored exactly once, in commit order.
+//!
+//! **One slot, one buffer.** A confirmed position is recorded in the buffer
+//! ([`SlotProgress`], fsynced) before it is sent, and every start compares the slot's
+//! `confirmed_flush_lsn` with what the buffer holds: a slot confirmed past the buffer (consumed
+//! by another buffer, dropped and re-created, or the buffer restored from an older copy or cut
+//! short) is refused, as is a new buffer on a slot that already exists (unless
+//! [`CaptureConfig::adopt_slot`]). A stream silent for longer than the stream timeout is an
+//! error, never a quiet "streaming, lag 0".
 
 mod progress;
 
@@ -20,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter};
+use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -71,6 +79,18 @@ pub struct CaptureConfig {
     pub clone: Option<CloneOptions>,
     /// Print a progress line to stderr once a second. Default false (the CLI turns it on).
     pub progress: bool,
+    /// Start a new buffer from a slot that already exists. Default false: a slot that exists
+    /// belongs to the buffer that created it, and a second buffer on it would take
+    /// transactions the first never gets (and would itself miss everything the slot confirmed
+    /// before). Only for a slot whose earlier buffer is abandoned, or one just created for
+    /// this buffer by [`prepare`]; the new buffer starts at the slot's confirmed position.
+    pub adopt_slot: bool,
+    /// Longest silence (no XLogData, no keepalive) before the stream counts as stalled and
+    /// capture fails. `None` (default): the server's `wal_sender_timeout`, at least 10 s (60 s
+    /// when the server's is 0). Capture asks the server for a keepalive with every status
+    /// update, so a live stream is never silent for longer than `status_interval`. Zero
+    /// disables the check.
+    pub stream_timeout: Option<Duration>,
 }
 
 impl CaptureConfig {
@@ -89,6 +109,8 @@ impl CaptureConfig {
             buffer: BufferConfig::default(),
             clone: None,
             progress: false,
+            adopt_slot: false,
+            stream_timeout: None,
         }
     }
 }
@@ -100,7 +122,7 @@ pub enum CaptureError {
     #[error(transparent)]
     Preflight(#[from] PreflightError),
 
-    #[error("replication connection to the source failed: {0}")]
+    #[error("replication connection to the source failed")]
     Replication(#[from] ReplicationError),
 
     #[error(transparent)]
@@ -143,9 +165,54 @@ pub enum CaptureError {
     },
 
     #[error(
-        "the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)"
+        "the source ended the replication stream ({reason}); run capture again once the source is back to resume (nothing durable is lost)"
     )]
-    StreamEnded,
+    StreamEnded { reason: &'static str },
+
+    #[error(
+        "the replication stream of slot {slot:?} went silent: nothing (no change, no keepalive) received for {silent:?}, \
+         longer than the stream timeout of {timeout:?}; the last position received was {last_lsn}. The walsender is stalled \
+         or the network is down (check pg_stat_replication on the source). Everything durable up to {durable} is kept; \
+         run capture again to resume. Tune with --stream-timeout"
+    )]
+    StreamStalled {
+        slot: String,
+        silent: Duration,
+        timeout: Duration,
+        last_lsn: Lsn,
+        durable: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} was confirmed up to {slot_confirmed}, but buffer {dir} holds only up to {buffer_end}: the changes in between \
+         went somewhere else (another buffer directory using the same slot, a slot dropped and re-created under the same name, \
+         or this buffer restored from an older copy) and the source will not send them again. Continuing would lose them silently. \
+         Start over: drop the slot, capture with --clone-to into a fresh target and a new --buffer directory"
+    )]
+    SlotAhead {
+        slot: String,
+        dir: PathBuf,
+        slot_confirmed: Lsn,
+        buffer_end: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} already exists (confirmed up to {confirmed}) but buffer {dir} is new: the slot belongs to another buffer, \
+         and a second buffer on it would take the transactions the first one needs. Run capture with the --buffer that owns the \
+         slot (a relative --buffer is resolved from the current directory), or use a new --slot (with --clone-to for a fresh target). \
+         If the slot's old buffer is abandoned, --adopt-slot starts this buffer at {confirmed}: it will lack everything before"
+    )]
+    SlotNotOwned {
+        slot: String,
+        dir: PathBuf,
+        confirmed: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} is in use by another replication connection (walsender pid {pid} on the source): another capture \
+         is streaming from it. Stop that capture first; a slot feeds one buffer only"
+    )]
+    SlotInUse { slot: String, pid: i32 },
 
     #[error(transparent)]
     Clone(#[from] crate::clone::CloneError),
@@ -229,12 +296,21 @@ pub struct PreparedSource {
     pub snapshot: Option<String>,
     /// Consistent point of a slot created now.
     pub consistent_point: Option<Lsn>,
+    /// Where the slot stood when this buffer took it: the consistent point of a slot
+    /// created now, or the confirmed position of an adopted one. `None` for a slot the buffer
+    /// already owns.
+    pub slot_start: Option<Lsn>,
+    /// The server's `wal_sender_timeout` (`None` when 0, that is disabled).
+    pub wal_sender_timeout: Option<Duration>,
 }
 
 /// Preflight, publication and slot: everything before streaming. `existing` is the buffer's
-/// metadata and durable LSN when it already belongs to a source: the source is identified and
-/// compared *before* anything is created on it, and a missing slot is then an error, never
-/// silently recreated (the changes in between would be lost).
+/// metadata and the position it covers (its durable end, or the recorded confirmed position if
+/// higher) when it already belongs to a source: the source is identified and compared *before*
+/// anything is created on it; a missing slot is then an error, never silently recreated, and
+/// so is a slot confirmed past that position (the changes in between would be lost). Without
+/// `existing`, an existing slot is refused unless `config.adopt_slot` (or `config.clone` is
+/// set, which then fails with [`CaptureError::CloneNeedsNewSlot`]).
 pub async fn prepare(
     config: &CaptureConfig,
     existing: Option<(&BufferMeta, Lsn)>,
@@ -262,27 +338,40 @@ pub async fn prepare(
         tracing::warn!("{w}");
     }
 
-    let slot = client
-        .query_opt(
-            "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
-        .await
-        .map_err(sql("looking up the replication slot"))?;
-    let (snapshot, consistent_point) = match slot {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            let database: Option<String> = row.get(1);
-            let (plugin, database) = (plugin.unwrap_or_default(), database.unwrap_or_default());
-            if plugin != "pgoutput" || database != server.database {
+    let wal_sender_timeout = wal_sender_timeout(&client).await?;
+    let (snapshot, consistent_point, slot_start) = match existing_slot(&client, config).await? {
+        Some(found) => {
+            if found.plugin != "pgoutput" || found.database != server.database {
                 return Err(CaptureError::SlotMismatch {
                     slot: config.slot.clone(),
-                    plugin,
-                    database,
+                    plugin: found.plugin,
+                    database: found.database,
                     expected_db: server.database,
                 });
             }
-            (None, None)
+            match existing {
+                Some((_, covered)) if found.confirmed > covered => {
+                    return Err(CaptureError::SlotAhead {
+                        slot: config.slot.clone(),
+                        dir: config.buffer_dir.clone(),
+                        slot_confirmed: found.confirmed,
+                        buffer_end: covered,
+                    });
+                }
+                Some(_) => (None, None, None),
+                None if config.adopt_slot => {
+                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "adopting an existing slot: this buffer starts at its confirmed position");
+                    (None, None, Some(found.confirmed))
+                }
+                None if config.clone.is_some() => (None, None, None),
+                None => {
+                    return Err(CaptureError::SlotNotOwned {
+                        slot: config.slot.clone(),
+                        dir: config.buffer_dir.clone(),
+                        confirmed: found.confirmed,
+                    });
+                }
+            }
         }
         None => {
             if let Some((_, durable)) = existing {
@@ -302,7 +391,11 @@ pub async fn prepare(
                 )
                 .await?;
             tracing::info!(slot = %config.slot, consistent_point = %created.consistent_point, "created replication slot");
-            (created.snapshot_name, Some(created.consistent_point))
+            (
+                created.snapshot_name,
+                Some(created.consistent_point),
+                Some(created.consistent_point),
+            )
         }
     };
     Ok(PreparedSource {
@@ -313,7 +406,73 @@ pub async fn prepare(
         conn,
         snapshot,
         consistent_point,
+        slot_start,
+        wal_sender_timeout,
     })
+}
+
+/// A slot found in `pg_replication_slots`, not in use.
+struct FoundSlot {
+    plugin: String,
+    database: String,
+    confirmed: Lsn,
+}
+
+/// The slot named in `config`, if it exists. A slot in use by a walsender is given a moment
+/// to be released (a capture that just stopped), then refused.
+async fn existing_slot(
+    client: &tokio_postgres::Client,
+    config: &CaptureConfig,
+) -> Result<Option<FoundSlot>, CaptureError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Some(row) = client
+            .query_opt(
+                "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(sql("looking up the replication slot"))?
+        else {
+            return Ok(None);
+        };
+        if let Some(pid) = row.get::<_, Option<i32>>(3) {
+            if Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            return Err(CaptureError::SlotInUse {
+                slot: config.slot.clone(),
+                pid,
+            });
+        }
+        return Ok(Some(FoundSlot {
+            plugin: row.get::<_, Option<String>>(0).unwrap_or_default(),
+            database: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            confirmed: row
+                .get::<_, Option<String>>(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(Lsn::ZERO),
+        }));
+    }
+}
+
+async fn wal_sender_timeout(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Duration>, CaptureError> {
+    let ms: Option<String> = client
+        .query_one(
+            "SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(sql("reading wal_sender_timeout"))?
+        .get(0);
+    Ok(ms
+        .and_then(|m| m.parse::<u64>().ok())
+        .filter(|&m| m > 0)
+        .map(Duration::from_millis))
 }
 
 /// Opens (and recovers) the buffer, checks it belongs to this source, prepares the source and
@@ -343,25 +502,63 @@ pub async fn run(
             }
             tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
             drop_slot_if_exists(&config).await?;
-            std::fs::remove_file(BufferMeta::path(&config.buffer_dir))
-                .map_err(|e| crate::Error::io(BufferMeta::path(&config.buffer_dir), e))?;
+            for path in [
+                BufferMeta::path(&config.buffer_dir),
+                SlotProgress::path(&config.buffer_dir),
+            ] {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(crate::Error::io(path, e).into());
+                    }
+                    _ => {}
+                }
+            }
             existing = None;
             restart_clone = true;
         }
     }
-    let prepared = prepare(
-        &config,
-        existing.as_ref().map(|m| (m, writer.durable_lsn())),
-    )
-    .await?;
+    // What the buffer covers: its durable end, or the confirmed position it recorded if that
+    // is higher, as long as the buffer still holds what it recorded as durable.
+    let durable = writer.durable_lsn();
+    let progress = match &existing {
+        Some(_) => SlotProgress::read(&config.buffer_dir)?,
+        None => None,
+    };
+    let behind = progress
+        .as_ref()
+        .and_then(|p| p.check_buffer_end(&config.buffer_dir, durable).err());
+    let covered = match &progress {
+        Some(p) if behind.is_none() => durable.max(p.confirmed_lsn),
+        _ => durable,
+    }
+    .max(
+        existing
+            .as_ref()
+            .and_then(|m| m.slot_start_lsn)
+            .unwrap_or(Lsn::ZERO),
+    );
+    let prepared = match prepare(&config, existing.as_ref().map(|m| (m, covered))).await {
+        Err(CaptureError::SlotAhead { .. }) if behind.is_some() => {
+            return Err(behind.expect("checked").into());
+        }
+        r => r?,
+    };
+    if let Some(e) = behind {
+        // The slot was not confirmed past what is left: the source sends the rest again.
+        tracing::warn!("{e} — but slot {:?} was not confirmed past the buffer's end, so the source still holds those transactions: resuming", config.slot);
+    }
     if existing.is_none() {
-        BufferMeta::new(
+        let mut meta = BufferMeta::new(
             prepared.system_id,
             &prepared.database,
             &config.slot,
             &config.publication,
-        )
-        .write(&config.buffer_dir)?;
+        );
+        if let Some(start) = prepared.slot_start {
+            meta = meta.with_slot_start(start);
+            record_progress(&config, start, durable)?;
+        }
+        meta.write(&config.buffer_dir)?;
     }
     if let Some(clone) = &config.clone {
         match &prepared.snapshot {
@@ -384,6 +581,12 @@ pub async fn run(
             }
         }
     }
+    let stream_timeout = config.stream_timeout.unwrap_or_else(|| {
+        prepared
+            .wal_sender_timeout
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_secs(10))
+    });
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
     let warnings = prepared.warnings.clone();
     let slot_created = prepared.consistent_point.is_some();
@@ -405,7 +608,18 @@ pub async fn run(
             ],
         )
         .await?;
-    let mut report = stream_into(&config, stream, writer, resume_from, shutdown).await?;
+    let mut report = stream_into(
+        &config,
+        stream,
+        writer,
+        Resume {
+            from: resume_from,
+            covered: covered.max(prepared.slot_start.unwrap_or(Lsn::ZERO)),
+            stream_timeout,
+        },
+        shutdown,
+    )
+    .await?;
     report.slot_created = slot_created;
     report.tables = tables;
     report.warnings = warnings;
@@ -424,18 +638,66 @@ async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError>
     Ok(())
 }
 
+/// Where streaming starts and what the buffer already covers.
+struct Resume {
+    /// Commits ending at or before this are already in the buffer (or before the slot).
+    from: Lsn,
+    /// The highest position already recorded as confirmed for this buffer.
+    covered: Lsn,
+    /// See [`CaptureConfig::stream_timeout`] (resolved; zero = off).
+    stream_timeout: Duration,
+}
+
+/// Records (fsynced) that the slot is about to be confirmed up to `confirmed`.
+fn record_progress(
+    config: &CaptureConfig,
+    confirmed: Lsn,
+    durable: Lsn,
+) -> Result<(), CaptureError> {
+    SlotProgress {
+        slot: config.slot.clone(),
+        confirmed_lsn: confirmed,
+        durable_lsn: durable,
+        updated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    }
+    .write_with(&config.buffer_dir, config.buffer.fs.as_ref())?;
+    Ok(())
+}
+
+/// Records the confirmable position when it passed the recorded one (or `always`), so the
+/// slot is never confirmed past what [`SlotProgress`] says the buffer covers.
+fn record(
+    config: &CaptureConfig,
+    state: &mut StreamState,
+    always: bool,
+) -> Result<(), CaptureError> {
+    let confirmable = state.confirmable();
+    if always || confirmable > state.recorded || state.durable > state.recorded_durable {
+        record_progress(config, confirmable, state.durable)?;
+        state.recorded = state.recorded.max(confirmable);
+        state.recorded_durable = state.durable;
+        state.recorded_at = Since(Instant::now());
+    }
+    Ok(())
+}
+
 /// The streaming loop. See the module contract.
 async fn stream_into(
     config: &CaptureConfig,
     mut stream: ReplicationStream,
     mut writer: BufferWriter,
-    resume_from: Lsn,
+    resume: Resume,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
     let started = Instant::now();
+    let resume_from = resume.from;
     let mut state = StreamState {
         resume_from,
         durable: resume_from,
+        recorded: resume.covered,
+        recorded_durable: resume_from,
+        recorded_at: Since(started),
+        last_received: Since(started),
         ..Default::default()
     };
     let mut progress = progress::Progress::new(config.progress, started);
@@ -447,6 +709,10 @@ async fn stream_into(
     let mut status_tick = tokio::time::interval(config.status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stall_tick = tokio::time::interval(
+        (resume.stream_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+    );
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_submit = Instant::now();
     let mut reported = Lsn::ZERO;
     tokio::pin!(shutdown);
@@ -469,15 +735,40 @@ async fn stream_into(
                         last_submit = Instant::now();
                     }
                     state.set_durable(writer.poll()?);
-                    if state.confirmable() > reported {
-                        reported = state.confirmable();
+                    // An idle position beyond the recorded one is recorded at most once a second.
+                    if state.confirmable() > state.recorded
+                        && state.recorded_at.0.elapsed() >= Duration::from_secs(1)
+                    {
+                        record(config, &mut state, false)?;
+                    }
+                    if state.sendable() > reported {
+                        reported = state.sendable();
                         send_status(&mut stream, &state, false).await?;
                     }
                 }
-                _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
+                _ = status_tick.tick() => {
+                    record(config, &mut state, false)?;
+                    // Asking for a reply makes a live server answer: silence means a stall.
+                    send_status(&mut stream, &state, true).await?;
+                }
                 _ = progress_tick.tick() => progress.update(&state),
+                _ = stall_tick.tick() => {
+                    let silent = state.last_received.0.elapsed();
+                    if !resume.stream_timeout.is_zero() && silent > resume.stream_timeout {
+                        return Err(CaptureError::StreamStalled {
+                            slot: config.slot.clone(),
+                            silent,
+                            timeout: resume.stream_timeout,
+                            last_lsn: state.server_wal_end,
+                            durable: state.sendable(),
+                        });
+                    }
+                }
                 event = stream.next() => {
-                    let Some(event) = event? else { return Err(CaptureError::StreamEnded) };
+                    let Some(event) = event? else {
+                        return Err(CaptureError::StreamEnded { reason: stream.end_reason() });
+                    };
+                    state.last_received = Since(Instant::now());
                     // Handle what has already arrived before the next select round (bounded,
                     // so timers and shutdown are still served under a constant stream).
                     let mut handled = 0;
@@ -510,11 +801,12 @@ async fn stream_into(
     progress.finish(&state);
     outcome?;
     flushed?;
+    record(config, &mut state, false)?;
     send_status(&mut stream, &state, false).await?;
     let _ = stream.stop().await;
     Ok(CaptureReport {
         start_lsn: resume_from,
-        durable_lsn: state.confirmable(),
+        durable_lsn: state.sendable(),
         transactions: state.transactions,
         changes: state.changes,
         bytes: state.bytes,
@@ -530,7 +822,7 @@ async fn send_status(
     state: &StreamState,
     reply: bool,
 ) -> Result<(), CaptureError> {
-    let flush = state.confirmable();
+    let flush = state.sendable();
     let write = flush.max(state.received_commit_end);
     stream
         .send_status(StandbyStatus {
@@ -543,9 +835,27 @@ async fn send_status(
         .map_err(CaptureError::from)
 }
 
+/// An instant, defaulting to now.
+#[derive(Clone, Copy)]
+struct Since(Instant);
+
+impl Default for Since {
+    fn default() -> Self {
+        Since(Instant::now())
+    }
+}
+
 /// The stream as capture sees it: transaction boundaries, duplicates, what is durable.
 #[derive(Default)]
 struct StreamState {
+    /// Confirmed position recorded in the buffer's [`SlotProgress`]; nothing beyond the
+    /// durable commit is sent to the slot unless recorded first.
+    recorded: Lsn,
+    /// Durable position recorded with it.
+    recorded_durable: Lsn,
+    recorded_at: Since,
+    /// When the last message (XLogData or keepalive) arrived.
+    last_received: Since,
     /// Commits ending at or before this are already in the buffer (or before the slot).
     resume_from: Lsn,
     /// The buffer's durable LSN (end of the last fsynced commit).
@@ -587,6 +897,16 @@ impl StreamState {
         !self.in_transaction
             && self.appended_since_commit == 0
             && self.durable >= self.last_appended_commit
+    }
+
+    /// The position sent to the slot: [`Self::confirmable`], with an idle position only as far
+    /// as it is recorded.
+    fn sendable(&self) -> Lsn {
+        if self.all_durable() {
+            self.durable.max(self.idle_position.min(self.recorded))
+        } else {
+            self.durable
+        }
     }
 
     fn set_durable(&mut self, durable: Lsn) {
