@@ -24,7 +24,9 @@ pub struct SlotProgress {
     pub confirmed_lsn: Lsn,
     /// End LSN of the buffer's last fsynced commit when this was written.
     pub durable_lsn: Lsn,
-    /// When this was written, RFC 3339 UTC.
+    /// When this was written, RFC 3339 UTC. A running capture rewrites it every status
+    /// interval (10 s) in which the source sent anything, so its age shows when the source
+    /// was last heard from.
     pub updated_at: String,
 }
 

@@ -411,6 +411,52 @@ pub async fn prepare(
     })
 }
 
+/// Checks a buffer against its slot on the source without streaming: errors with
+/// [`CaptureError::SlotAhead`] when the slot was confirmed past what the buffer covers (its
+/// last commit `buffer_end`, or the confirmed position it recorded while it still holds what
+/// it recorded as durable), and [`CaptureError::SlotLost`] when the slot is gone. Returns the
+/// slot's confirmed position.
+pub async fn check_slot(
+    source: &ConnInfo,
+    meta: &BufferMeta,
+    dir: &std::path::Path,
+    buffer_end: Lsn,
+) -> Result<Lsn, CaptureError> {
+    let client = source.connect().await?;
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&meta.slot],
+        )
+        .await
+        .map_err(sql("looking up the replication slot"))?;
+    let Some(row) = row else {
+        return Err(CaptureError::SlotLost {
+            slot: meta.slot.clone(),
+            dir: dir.to_path_buf(),
+            durable: buffer_end,
+        });
+    };
+    let confirmed: Lsn = row
+        .get::<_, Option<String>>(0)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn::ZERO);
+    let covered = match SlotProgress::read(dir)? {
+        Some(p) if p.durable_lsn <= buffer_end => buffer_end.max(p.confirmed_lsn),
+        _ => buffer_end,
+    }
+    .max(meta.slot_start_lsn.unwrap_or(Lsn::ZERO));
+    if confirmed > covered {
+        return Err(CaptureError::SlotAhead {
+            slot: meta.slot.clone(),
+            dir: dir.to_path_buf(),
+            slot_confirmed: confirmed,
+            buffer_end: covered,
+        });
+    }
+    Ok(confirmed)
+}
+
 /// A slot found in `pg_replication_slots`, not in use.
 struct FoundSlot {
     plugin: String,
@@ -747,7 +793,9 @@ async fn stream_into(
                     }
                 }
                 _ = status_tick.tick() => {
-                    record(config, &mut state, false)?;
+                    // Rewritten whenever the source was heard from: its time shows liveness.
+                    let heard = state.last_received.0 > state.recorded_at.0;
+                    record(config, &mut state, heard)?;
                     // Asking for a reply makes a live server answer: silence means a stall.
                     send_status(&mut stream, &state, true).await?;
                 }

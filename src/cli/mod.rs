@@ -102,7 +102,7 @@ pub fn main() -> ExitCode {
             Command::Verify(a) => verify::run(a).await,
             Command::Inspect(a) => buffer_cmds::inspect(a),
             Command::Status(a) => buffer_cmds::status(a).await,
-            Command::Buffer(c) => buffer_cmds::buffer(c),
+            Command::Buffer(c) => buffer_cmds::buffer(c).await,
             Command::Bench(c) => bench::run(c).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Cutover(a) => cutover::run(a).await,
