@@ -344,3 +344,30 @@ async fn buffer_files_are_private() {
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&files[0]), 0o600);
 }
+
+/// Hygiene: `status` on a regular file says so; a garbage `--log` filter is an error, a real
+/// one is accepted.
+#[test]
+fn status_on_a_file_and_garbage_log_filters_are_named() {
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("not-a-buffer");
+    std::fs::write(&file, "x").unwrap();
+    let f = file.to_str().unwrap();
+    let (ok, out) = walshift(&["status", "--buffer", f]);
+    assert!(!ok);
+    assert!(out.contains("is not a directory"), "{out}");
+    assert!(!out.contains("does not exist"), "{out}");
+
+    let missing = work.path().join("missing");
+    let m = missing.to_str().unwrap();
+    for bad in ["garbage", "walshift=lots", "info,verbose"] {
+        let (ok, out) = walshift(&["--log", bad, "status", "--buffer", m]);
+        assert!(!ok);
+        assert!(out.contains("invalid log filter"), "{bad}: {out}");
+    }
+    for good in ["debug", "walshift=debug,tokio_postgres=warn", "off"] {
+        let (_, out) = walshift(&["--log", good, "status", "--buffer", m]);
+        assert!(!out.contains("invalid log filter"), "{good}: {out}");
+        assert!(out.contains("does not exist"), "{good}: {out}");
+    }
+}
