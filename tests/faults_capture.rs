@@ -15,10 +15,7 @@ use walshift::testkit::{Cluster, ClusterOptions};
 async fn setup() -> Cluster {
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();
     cluster
-        .execute(
-            "postgres",
-            "CREATE TABLE t (id bigint PRIMARY KEY, v text)",
-        )
+        .execute("postgres", "CREATE TABLE t (id bigint PRIMARY KEY, v text)")
         .await
         .unwrap();
     cluster
@@ -61,8 +58,7 @@ fn walshift(args: &[&str]) -> (bool, String) {
         .expect("run walshift");
     (
         out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
 
@@ -70,7 +66,10 @@ fn last_segment(dir: &Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(walshift::buffer::format::SEGMENT_SUFFIX))
+        .filter(|p| {
+            p.to_string_lossy()
+                .ends_with(walshift::buffer::format::SEGMENT_SUFFIX)
+        })
         .collect();
     segs.sort();
     segs.pop().expect("a segment")
@@ -123,10 +122,7 @@ async fn a_slot_dropped_and_recreated_is_refused() {
     insert(&cluster, 1, 5).await;
     capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
     cluster
-        .execute(
-            "postgres",
-            "SELECT pg_drop_replication_slot('walshift')",
-        )
+        .execute("postgres", "SELECT pg_drop_replication_slot('walshift')")
         .await
         .unwrap();
     insert(&cluster, 100, 5).await; // the gap
@@ -141,7 +137,10 @@ async fn a_slot_dropped_and_recreated_is_refused() {
     let err = capture_now(&cluster, dir.path(), |_| {}).await.unwrap_err();
     assert!(matches!(err, CaptureError::SlotAhead { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("re-created") && msg.contains("--clone-to"), "{msg}");
+    assert!(
+        msg.contains("re-created") && msg.contains("--clone-to"),
+        "{msg}"
+    );
 }
 
 /// Item 5: a capture on a slot another capture is streaming from gets a clear refusal.
@@ -203,7 +202,10 @@ async fn a_buffer_cut_short_is_data_loss_not_a_torn_tail() {
 
     let d = dir.path().to_str().unwrap();
     let (ok, out) = walshift(&["buffer", "verify", "--buffer", d]);
-    assert!(!ok, "verify accepted a buffer missing confirmed data: {out}");
+    assert!(
+        !ok,
+        "verify accepted a buffer missing confirmed data: {out}"
+    );
     assert!(
         out.contains("data loss") && out.contains(&recorded.durable_lsn.to_string()),
         "{out}"
@@ -212,7 +214,10 @@ async fn a_buffer_cut_short_is_data_loss_not_a_torn_tail() {
 
     let err = capture_now(&cluster, dir.path(), |_| {}).await.unwrap_err();
     assert!(
-        matches!(err, CaptureError::Buffer(BufferError::BehindConfirmed { .. })),
+        matches!(
+            err,
+            CaptureError::Buffer(BufferError::BehindConfirmed { .. })
+        ),
         "{err}"
     );
 }
@@ -237,7 +242,10 @@ async fn a_buffer_restored_from_an_older_copy_is_refused() {
     let d = dir.to_str().unwrap();
     let (ok, out) = walshift(&["buffer", "verify", "--buffer", d, "--source", &conn]);
     assert!(!ok, "verify --source accepted an old copy: {out}");
-    assert!(out.contains("slot \"walshift\" was confirmed up to"), "{out}");
+    assert!(
+        out.contains("slot \"walshift\" was confirmed up to"),
+        "{out}"
+    );
 
     let err = capture_now(&cluster, &dir, |_| {}).await.unwrap_err();
     assert!(matches!(err, CaptureError::SlotAhead { .. }), "{err}");

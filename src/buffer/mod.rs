@@ -66,8 +66,7 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .collect();
     // A directory someone else just created empty is tightened without a warning.
     let tighten = |path: &Path, mode: u32, warn: bool| -> Result<()> {
-        let meta =
-            std::fs::symlink_metadata(path).map_err(|e| BufferError::io("stat", path, e))?;
+        let meta = std::fs::symlink_metadata(path).map_err(|e| BufferError::io("stat", path, e))?;
         let current = meta.permissions().mode() & 0o777;
         if current & 0o077 != 0 {
             if warn {

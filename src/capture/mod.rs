@@ -591,7 +591,10 @@ pub async fn run(
     };
     if let Some(e) = behind {
         // The slot was not confirmed past what is left: the source sends the rest again.
-        tracing::warn!("{e} — but slot {:?} was not confirmed past the buffer's end, so the source still holds those transactions: resuming", config.slot);
+        tracing::warn!(
+            "{e} — but slot {:?} was not confirmed past the buffer's end, so the source still holds those transactions: resuming",
+            config.slot
+        );
     }
     if existing.is_none() {
         let mut meta = BufferMeta::new(
