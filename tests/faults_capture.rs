@@ -379,3 +379,55 @@ fn status_on_a_file_and_garbage_log_filters_are_named() {
         assert!(out.contains("does not exist"), "{good}: {out}");
     }
 }
+
+/// A start killed between claiming a new buffer directory and creating the slot (or right
+/// after creating it) is resumed by the next start, not refused as someone else's slot.
+#[tokio::test]
+async fn a_start_interrupted_around_slot_creation_resumes() {
+    let cluster = setup().await;
+    let client = cluster.connect("postgres").await.unwrap();
+    let system: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let claimed = |dir: &Path, slot: &str| {
+        std::fs::create_dir_all(dir).unwrap();
+        walshift::buffer::BufferMeta::new(system.parse().unwrap(), "postgres", slot, "walshift")
+            .write(dir)
+            .unwrap();
+    };
+    let work = tempfile::tempdir().unwrap();
+
+    // Killed after the claim, before the slot existed.
+    let before = work.path().join("before");
+    claimed(&before, "walshift");
+    insert(&cluster, 1, 3).await;
+    capture_now(&cluster, &before, |_| {}).await.unwrap();
+    let meta = walshift::buffer::BufferMeta::read(&before)
+        .unwrap()
+        .unwrap();
+    assert!(meta.slot_start_lsn.is_some(), "{meta:?}");
+
+    // Killed after the slot was created, before its position was recorded.
+    let after = work.path().join("after");
+    claimed(&after, "second");
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('second', 'pgoutput')")
+        .await
+        .unwrap();
+    insert(&cluster, 10, 4).await;
+    let report = capture_now(&cluster, &after, |c| c.slot = "second".into())
+        .await
+        .unwrap();
+    assert_eq!(report.changes, 4);
+    // From then on the slot is this buffer's: a second buffer is refused.
+    let other = work.path().join("other");
+    let err = capture_now(&cluster, &other, |c| c.slot = "second".into())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CaptureError::SlotNotOwned { .. }), "{err}");
+}

@@ -315,6 +315,17 @@ pub async fn prepare(
     config: &CaptureConfig,
     existing: Option<(&BufferMeta, Lsn)>,
 ) -> Result<PreparedSource, CaptureError> {
+    prepare_inner(config, existing, false).await
+}
+
+/// [`prepare`]; with `claim`, a new buffer's `buffer.json` is written just before the slot is
+/// created, so a start interrupted in between finds its own slot on the next start (a buffer
+/// that names the slot but never took a position from it takes it over).
+async fn prepare_inner(
+    config: &CaptureConfig,
+    existing: Option<(&BufferMeta, Lsn)>,
+    claim: bool,
+) -> Result<PreparedSource, CaptureError> {
     let client = config.source.connect().await?;
     let server = preflight::check_server(&client).await?;
     let mut conn = ReplicationConnection::connect(&config.source).await?;
@@ -339,6 +350,10 @@ pub async fn prepare(
     }
 
     let wal_sender_timeout = wal_sender_timeout(&client).await?;
+    // A buffer that names the slot but never took a position from it (its start was
+    // interrupted between claiming the directory and creating the slot).
+    let claimed_only =
+        existing.is_some_and(|(m, covered)| m.slot_start_lsn.is_none() && covered.is_zero());
     let (snapshot, consistent_point, slot_start) = match existing_slot(&client, config).await? {
         Some(found) => {
             if found.plugin != "pgoutput" || found.database != server.database {
@@ -350,6 +365,10 @@ pub async fn prepare(
                 });
             }
             match existing {
+                Some(_) if claimed_only => {
+                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "taking over the slot an interrupted start of this buffer created");
+                    (None, None, Some(found.confirmed))
+                }
                 Some((_, covered)) if found.confirmed > covered => {
                     return Err(CaptureError::SlotAhead {
                         slot: config.slot.clone(),
@@ -374,12 +393,23 @@ pub async fn prepare(
             }
         }
         None => {
-            if let Some((_, durable)) = existing {
+            if let Some((_, durable)) = existing
+                && !claimed_only
+            {
                 return Err(CaptureError::SlotLost {
                     slot: config.slot.clone(),
                     dir: config.buffer_dir.clone(),
                     durable,
                 });
+            }
+            if claim && existing.is_none() {
+                BufferMeta::new(
+                    system.system_id,
+                    &server.database,
+                    &config.slot,
+                    &config.publication,
+                )
+                .write(&config.buffer_dir)?;
             }
             let created = conn
                 .create_logical_slot(
@@ -583,7 +613,8 @@ pub async fn run(
             .and_then(|m| m.slot_start_lsn)
             .unwrap_or(Lsn::ZERO),
     );
-    let prepared = match prepare(&config, existing.as_ref().map(|m| (m, covered))).await {
+    let prepared = match prepare_inner(&config, existing.as_ref().map(|m| (m, covered)), true).await
+    {
         Err(CaptureError::SlotAhead { .. }) if behind.is_some() => {
             return Err(behind.expect("checked").into());
         }
@@ -596,7 +627,9 @@ pub async fn run(
             config.slot
         );
     }
-    if existing.is_none() {
+    let took_slot = prepared.slot_start.is_some()
+        && existing.as_ref().is_none_or(|m| m.slot_start_lsn.is_none());
+    if existing.is_none() || took_slot {
         let mut meta = BufferMeta::new(
             prepared.system_id,
             &prepared.database,
