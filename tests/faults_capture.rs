@@ -103,6 +103,27 @@ async fn a_second_buffer_on_the_same_slot_is_refused() {
         !b.path().join(walshift::buffer::META_FILE).exists(),
         "a refused buffer is not claimed"
     );
+    // The same through the CLI: a relative --buffer resolved from another directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
+        .current_dir(elsewhere.path())
+        .args([
+            "capture",
+            "--no-progress",
+            "--buffer",
+            "buffer",
+            "--until-lsn",
+            "FFFF/0",
+        ])
+        .args(["--source", &cluster.conn_string("postgres")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("already exists") && stderr.contains("relative"),
+        "{stderr}"
+    );
 
     // Explicitly adopted: B takes the 10 rows, so A can never get them.
     let report = capture_now(&cluster, b.path(), |c| c.adopt_slot = true)
