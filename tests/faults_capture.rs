@@ -423,7 +423,8 @@ async fn a_start_interrupted_around_slot_creation_resumes() {
     };
     let work = tempfile::tempdir().unwrap();
 
-    // Killed after the claim, before the slot existed.
+    // A buffer.json that never recorded a slot position (an empty buffer from before
+    // slot_start_lsn existed) and no slot: started normally.
     let before = work.path().join("before");
     claimed(&before, "walshift");
     insert(&cluster, 1, 3).await;
@@ -433,9 +434,14 @@ async fn a_start_interrupted_around_slot_creation_resumes() {
         .unwrap();
     assert!(meta.slot_start_lsn.is_some(), "{meta:?}");
 
-    // Killed after the slot was created, before its position was recorded.
+    // Killed after the slot was created, before buffer.json recorded it: only the claim.
     let after = work.path().join("after");
-    claimed(&after, "second");
+    std::fs::create_dir_all(&after).unwrap();
+    std::fs::write(
+        after.join(capture::CLAIM_FILE),
+        format!(r#"{{"system_identifier": "{system}", "slot": "second"}}"#),
+    )
+    .unwrap();
     client
         .batch_execute("SELECT pg_create_logical_replication_slot('second', 'pgoutput')")
         .await
@@ -445,10 +451,55 @@ async fn a_start_interrupted_around_slot_creation_resumes() {
         .await
         .unwrap();
     assert_eq!(report.changes, 4);
+    assert!(!after.join(capture::CLAIM_FILE).exists());
     // From then on the slot is this buffer's: a second buffer is refused.
     let other = work.path().join("other");
     let err = capture_now(&cluster, &other, |c| c.slot = "second".into())
         .await
         .unwrap_err();
     assert!(matches!(err, CaptureError::SlotNotOwned { .. }), "{err}");
+}
+
+/// A buffer whose slot was confirmed past its consistent point while it held no commit yet
+/// (only WAL without published changes) is no data loss: it resumes.
+#[tokio::test]
+async fn an_empty_buffer_confirmed_while_idle_resumes() {
+    let cluster = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(&cluster, dir.path());
+    cfg.status_interval = Duration::from_millis(100);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(capture::run(cfg, async {
+        let _ = stop_rx.await;
+    }));
+    while !dir.path().join(walshift::buffer::META_FILE).exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start = walshift::buffer::BufferMeta::read(dir.path())
+        .unwrap()
+        .unwrap()
+        .slot_start_lsn
+        .unwrap();
+    // WAL without published changes, then wait until capture recorded an idle position.
+    cluster
+        .execute("postgres", "CREATE TABLE other (id int); DROP TABLE other")
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if SlotProgress::read(dir.path())
+            .unwrap()
+            .is_some_and(|p| p.confirmed_lsn > start)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(());
+    running.await.unwrap().unwrap();
+    let p = SlotProgress::read(dir.path()).unwrap().unwrap();
+    assert!(p.confirmed_lsn > start, "{p:?}");
+    assert!(p.durable_lsn.is_zero(), "no commit is in the buffer: {p:?}");
+    insert(&cluster, 1, 2).await;
+    let report = capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    assert_eq!(report.changes, 2);
 }

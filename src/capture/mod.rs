@@ -318,9 +318,19 @@ pub async fn prepare(
     prepare_inner(config, existing, false).await
 }
 
-/// [`prepare`]; with `claim`, a new buffer's `buffer.json` is written just before the slot is
-/// created, so a start interrupted in between finds its own slot on the next start (a buffer
-/// that names the slot but never took a position from it takes it over).
+/// File a new buffer directory gets just before capture creates its slot (`{"system_identifier",
+/// "slot"}`), removed once `buffer.json` records the slot. A start interrupted in between
+/// finds it and takes over the slot it created, instead of refusing it as another buffer's.
+pub const CLAIM_FILE: &str = "slot-claim.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlotClaim {
+    system_identifier: String,
+    slot: String,
+}
+
+/// [`prepare`]; with `claim`, a new buffer directory is claimed ([`CLAIM_FILE`]) just before
+/// the slot is created, and a claim left by an interrupted start is honoured.
 async fn prepare_inner(
     config: &CaptureConfig,
     existing: Option<(&BufferMeta, Lsn)>,
@@ -350,10 +360,21 @@ async fn prepare_inner(
     }
 
     let wal_sender_timeout = wal_sender_timeout(&client).await?;
-    // A buffer that names the slot but never took a position from it (its start was
-    // interrupted between claiming the directory and creating the slot).
-    let claimed_only =
-        existing.is_some_and(|(m, covered)| m.slot_start_lsn.is_none() && covered.is_zero());
+    // A buffer that names the slot but never took a position from it: a start interrupted
+    // around the slot's creation, or an empty buffer from before slot_start_lsn existed.
+    let claim_path = config.buffer_dir.join(CLAIM_FILE);
+    let claimed_only = match existing {
+        Some((m, covered)) => m.slot_start_lsn.is_none() && covered.is_zero(),
+        None => {
+            claim
+                && std::fs::read(&claim_path)
+                    .ok()
+                    .and_then(|d| serde_json::from_slice::<SlotClaim>(&d).ok())
+                    .is_some_and(|c| {
+                        c.slot == config.slot && c.system_identifier == system.system_id.to_string()
+                    })
+        }
+    };
     let (snapshot, consistent_point, slot_start) = match existing_slot(&client, config).await? {
         Some(found) => {
             if found.plugin != "pgoutput" || found.database != server.database {
@@ -378,7 +399,7 @@ async fn prepare_inner(
                     });
                 }
                 Some(_) => (None, None, None),
-                None if config.adopt_slot => {
+                None if config.adopt_slot || claimed_only => {
                     tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "adopting an existing slot: this buffer starts at its confirmed position");
                     (None, None, Some(found.confirmed))
                 }
@@ -403,13 +424,17 @@ async fn prepare_inner(
                 });
             }
             if claim && existing.is_none() {
-                BufferMeta::new(
-                    system.system_id,
-                    &server.database,
-                    &config.slot,
-                    &config.publication,
+                let data = serde_json::to_vec(&SlotClaim {
+                    system_identifier: system.system_id.to_string(),
+                    slot: config.slot.clone(),
+                })
+                .expect("serializable");
+                crate::buffer::fs::FileSystem::write_atomic(
+                    config.buffer.fs.as_ref(),
+                    &claim_path,
+                    &data,
                 )
-                .write(&config.buffer_dir)?;
+                .map_err(|e| crate::Error::io(&claim_path, e))?;
             }
             let created = conn
                 .create_logical_slot(
@@ -641,6 +666,12 @@ pub async fn run(
             record_progress(&config, start, durable)?;
         }
         meta.write(&config.buffer_dir)?;
+        match std::fs::remove_file(config.buffer_dir.join(CLAIM_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(crate::Error::io(config.buffer_dir.join(CLAIM_FILE), e).into());
+            }
+            _ => {}
+        }
     }
     if let Some(clone) = &config.clone {
         match &prepared.snapshot {
@@ -754,10 +785,10 @@ fn record(
     always: bool,
 ) -> Result<(), CaptureError> {
     let confirmable = state.confirmable();
-    if always || confirmable > state.recorded || state.durable > state.recorded_durable {
-        record_progress(config, confirmable, state.durable)?;
+    if always || confirmable > state.recorded || state.buffer_durable > state.recorded_durable {
+        record_progress(config, confirmable, state.buffer_durable)?;
         state.recorded = state.recorded.max(confirmable);
-        state.recorded_durable = state.durable;
+        state.recorded_durable = state.buffer_durable;
         state.recorded_at = Since(Instant::now());
     }
     Ok(())
@@ -777,7 +808,8 @@ async fn stream_into(
         resume_from,
         durable: resume_from,
         recorded: resume.covered,
-        recorded_durable: resume_from,
+        buffer_durable: writer.durable_lsn(),
+        recorded_durable: writer.durable_lsn(),
         recorded_at: Since(started),
         last_received: Since(started),
         ..Default::default()
@@ -935,7 +967,10 @@ struct StreamState {
     /// Confirmed position recorded in the buffer's [`SlotProgress`]; nothing beyond the
     /// durable commit is sent to the slot unless recorded first.
     recorded: Lsn,
-    /// Durable position recorded with it.
+    /// The buffer's own durable LSN (end of its last fsynced commit; `durable` may start
+    /// higher, at a new slot's consistent point).
+    buffer_durable: Lsn,
+    /// `buffer_durable` as recorded.
     recorded_durable: Lsn,
     recorded_at: Since,
     /// When the last message (XLogData or keepalive) arrived.
@@ -994,6 +1029,7 @@ impl StreamState {
     }
 
     fn set_durable(&mut self, durable: Lsn) {
+        self.buffer_durable = self.buffer_durable.max(durable);
         self.durable = self.durable.max(durable);
     }
 
