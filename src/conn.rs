@@ -119,6 +119,9 @@ impl ConnInfo {
             .var("PGPASSFILE")
             .map(PathBuf::from)
             .or_else(|| env.var("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+        if !pgpass_is_private(&path) {
+            return None;
+        }
         let text = std::fs::read_to_string(&path).ok()?;
         let host = match self.config.get_hosts().first()? {
             Host::Tcp(h) => h.clone(),
@@ -238,6 +241,29 @@ impl fmt::Debug for ConnInfo {
     }
 }
 
+/// As libpq: a password file that is not a regular file, or that group or others may access,
+/// is ignored with a warning.
+fn pgpass_is_private(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        tracing::warn!(path = %path.display(), "password file is not a plain file: ignored");
+        return false;
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "password file has group or world access: ignored; permissions should be u=rw (0600) or less"
+        );
+        return false;
+    }
+    true
+}
+
 /// Finds the password for (host, port, db, user) in pgpass text: the first matching line wins,
 /// `*` matches anything, `\:` and `\\` escape.
 fn pgpass_match(text: &str, host: &str, port: u16, db: &str, user: &str) -> Option<String> {
@@ -330,6 +356,7 @@ mod tests {
 
     #[test]
     fn pgpass_lookup_matches_first_line_with_wildcards_and_escapes() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pgpass");
         std::fs::write(
@@ -338,6 +365,11 @@ mod tests {
         )
         .unwrap();
         let e = env(&[("PGPASSFILE", path.to_str().unwrap())]);
+        // Readable by others: ignored, as libpq does.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = ConnInfo::parse_with("host=db1 user=app dbname=shop", &e).unwrap();
+        assert_eq!(c.password(), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = ConnInfo::parse_with("host=db1 user=app dbname=shop", &e).unwrap();
         assert_eq!(c.password(), Some(&b"pa:ss\\word"[..]));
         let c = ConnInfo::parse_with("host=db1 user=x dbname=y", &e).unwrap();

@@ -6,12 +6,20 @@
 //! sync thread; when a group is on disk the buffer's durable LSN advances, and only then is it
 //! reported to the server as the slot's flush position.
 //!
-//! **Contract (kept in [`StreamState::confirmable`]):** the flush position sent to the source
+//! **Contract (kept in [`StreamState::sendable`]):** the flush position sent to the source
 //! never passes what the buffer has fsynced — except that, while no transaction is open and
 //! every appended record is durable, the server's own keepalive position may be confirmed (no
-//! commit can lie before it unsent). So after any crash the slot resends every transaction the
+//! commit can lie before it unsent), once it is recorded in the buffer's [`SlotProgress`]. So after any crash the slot resends every transaction the
 //! buffer does not hold; a transaction the buffer already holds is recognised by its commit
 //! LSN and dropped. Each committed transaction is stored exactly once, in commit order.
+//!
+//! **One slot, one buffer.** A confirmed position is recorded in the buffer
+//! ([`SlotProgress`], fsynced) before it is sent, and every start compares the slot's
+//! `confirmed_flush_lsn` with what the buffer holds: a slot confirmed past the buffer (consumed
+//! by another buffer, dropped and re-created, or the buffer restored from an older copy or cut
+//! short) is refused, as is a new buffer on a slot that already exists (unless
+//! [`CaptureConfig::adopt_slot`]). A stream silent for longer than the stream timeout is an
+//! error, never a quiet "streaming, lag 0".
 
 pub mod partitions;
 mod progress;
@@ -22,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter};
+use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -79,6 +87,18 @@ pub struct CaptureConfig {
     /// Leaf partitions (`schema.table`) whose current relfilenode is accepted at start, after
     /// the operator dealt with a change capture stopped on. Default none.
     pub accept_partition_rewrite: Vec<String>,
+    /// Start a new buffer from a slot that already exists. Default false: a slot that exists
+    /// belongs to the buffer that created it, and a second buffer on it would take
+    /// transactions the first never gets (and would itself miss everything the slot confirmed
+    /// before). Only for a slot whose earlier buffer is abandoned, or one just created for
+    /// this buffer by [`prepare`]; the new buffer starts at the slot's confirmed position.
+    pub adopt_slot: bool,
+    /// Longest silence (no XLogData, no keepalive) before the stream counts as stalled and
+    /// capture fails. `None` (default): the server's `wal_sender_timeout`, at least 10 s (60 s
+    /// when the server's is 0). Capture asks the server for a keepalive with every status
+    /// update, so a live stream is never silent for longer than `status_interval`. Zero
+    /// disables the check.
+    pub stream_timeout: Option<Duration>,
 }
 
 impl CaptureConfig {
@@ -99,6 +119,8 @@ impl CaptureConfig {
             progress: false,
             partition_check_interval: Duration::from_secs(5),
             accept_partition_rewrite: Vec::new(),
+            adopt_slot: false,
+            stream_timeout: None,
         }
     }
 }
@@ -110,7 +132,7 @@ pub enum CaptureError {
     #[error(transparent)]
     Preflight(#[from] PreflightError),
 
-    #[error("replication connection to the source failed: {0}")]
+    #[error("replication connection to the source failed")]
     Replication(#[from] ReplicationError),
 
     #[error(transparent)]
@@ -156,9 +178,54 @@ pub enum CaptureError {
     },
 
     #[error(
-        "the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)"
+        "the source ended the replication stream ({reason}); run capture again once the source is back to resume (nothing durable is lost)"
     )]
-    StreamEnded,
+    StreamEnded { reason: &'static str },
+
+    #[error(
+        "the replication stream of slot {slot:?} went silent: nothing (no change, no keepalive) received for {silent:?}, \
+         longer than the stream timeout of {timeout:?}; the last position received was {last_lsn}. The walsender is stalled \
+         or the network is down (check pg_stat_replication on the source). Everything durable up to {durable} is kept; \
+         run capture again to resume. Tune with --stream-timeout"
+    )]
+    StreamStalled {
+        slot: String,
+        silent: Duration,
+        timeout: Duration,
+        last_lsn: Lsn,
+        durable: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} was confirmed up to {slot_confirmed}, but buffer {dir} holds only up to {buffer_end}: the changes in between \
+         went somewhere else (another buffer directory using the same slot, a slot dropped and re-created under the same name, \
+         or this buffer restored from an older copy) and the source will not send them again. Continuing would lose them silently. \
+         Start over: drop the slot, capture with --clone-to into a fresh target and a new --buffer directory"
+    )]
+    SlotAhead {
+        slot: String,
+        dir: PathBuf,
+        slot_confirmed: Lsn,
+        buffer_end: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} already exists (confirmed up to {confirmed}) but buffer {dir} is new: the slot belongs to another buffer, \
+         and a second buffer on it would take the transactions the first one needs. Run capture with the --buffer that owns the \
+         slot (a relative --buffer is resolved from the current directory), or use a new --slot (with --clone-to for a fresh target). \
+         If the slot's old buffer is abandoned, --adopt-slot starts this buffer at {confirmed}: it will lack everything before"
+    )]
+    SlotNotOwned {
+        slot: String,
+        dir: PathBuf,
+        confirmed: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} is in use by another replication connection (walsender pid {pid} on the source): another capture \
+         is streaming from it. Stop that capture first; a slot feeds one buffer only"
+    )]
+    SlotInUse { slot: String, pid: i32 },
 
     #[error(transparent)]
     Clone(#[from] crate::clone::CloneError),
@@ -258,15 +325,45 @@ pub struct PreparedSource {
     pub consistent_point: Option<Lsn>,
     /// The published partitioned tables when the publication publishes via the root.
     pub via_root: Vec<partitions::Root>,
+    /// Where the slot stood when this buffer took it: the consistent point of a slot
+    /// created now, or the confirmed position of an adopted one. `None` for a slot the buffer
+    /// already owns.
+    pub slot_start: Option<Lsn>,
+    /// The server's `wal_sender_timeout` (`None` when 0, that is disabled).
+    pub wal_sender_timeout: Option<Duration>,
 }
 
 /// Preflight, publication and slot: everything before streaming. `existing` is the buffer's
-/// metadata and durable LSN when it already belongs to a source: the source is identified and
-/// compared *before* anything is created on it, and a missing slot is then an error, never
-/// silently recreated (the changes in between would be lost).
+/// metadata and the position it covers (its durable end, or the recorded confirmed position if
+/// higher) when it already belongs to a source: the source is identified and compared *before*
+/// anything is created on it; a missing slot is then an error, never silently recreated, and
+/// so is a slot confirmed past that position (the changes in between would be lost). Without
+/// `existing`, an existing slot is refused unless `config.adopt_slot` (or `config.clone` is
+/// set, which then fails with [`CaptureError::CloneNeedsNewSlot`]).
 pub async fn prepare(
     config: &CaptureConfig,
     existing: Option<(&BufferMeta, Lsn)>,
+) -> Result<PreparedSource, CaptureError> {
+    prepare_inner(config, existing, false).await
+}
+
+/// File a new buffer directory gets just before capture creates its slot (`{"system_identifier",
+/// "slot"}`), removed once `buffer.json` records the slot. A start interrupted in between
+/// finds it and takes over the slot it created, instead of refusing it as another buffer's.
+pub const CLAIM_FILE: &str = "slot-claim.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlotClaim {
+    system_identifier: String,
+    slot: String,
+}
+
+/// [`prepare`]; with `claim`, a new buffer directory is claimed ([`CLAIM_FILE`]) just before
+/// the slot is created, and a claim left by an interrupted start is honoured.
+async fn prepare_inner(
+    config: &CaptureConfig,
+    existing: Option<(&BufferMeta, Lsn)>,
+    claim: bool,
 ) -> Result<PreparedSource, CaptureError> {
     let client = config.source.connect().await?;
     let server = preflight::check_server(&client).await?;
@@ -312,35 +409,82 @@ pub async fn prepare(
         tracing::warn!("{w}");
     }
 
-    let slot = client
-        .query_opt(
-            "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
-        .await
-        .map_err(sql("looking up the replication slot"))?;
-    let (snapshot, consistent_point) = match slot {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            let database: Option<String> = row.get(1);
-            let (plugin, database) = (plugin.unwrap_or_default(), database.unwrap_or_default());
-            if plugin != "pgoutput" || database != server.database {
+    let wal_sender_timeout = wal_sender_timeout(&client).await?;
+    // A buffer that names the slot but never took a position from it: a start interrupted
+    // around the slot's creation, or an empty buffer from before slot_start_lsn existed.
+    let claim_path = config.buffer_dir.join(CLAIM_FILE);
+    let claimed_only = match existing {
+        Some((m, covered)) => m.slot_start_lsn.is_none() && covered.is_zero(),
+        None => {
+            claim
+                && std::fs::read(&claim_path)
+                    .ok()
+                    .and_then(|d| serde_json::from_slice::<SlotClaim>(&d).ok())
+                    .is_some_and(|c| {
+                        c.slot == config.slot && c.system_identifier == system.system_id.to_string()
+                    })
+        }
+    };
+    let (snapshot, consistent_point, slot_start) = match existing_slot(&client, config).await? {
+        Some(found) => {
+            if found.plugin != "pgoutput" || found.database != server.database {
                 return Err(CaptureError::SlotMismatch {
                     slot: config.slot.clone(),
-                    plugin,
-                    database,
+                    plugin: found.plugin,
+                    database: found.database,
                     expected_db: server.database,
                 });
             }
-            (None, None)
+            match existing {
+                Some(_) if claimed_only => {
+                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "taking over the slot an interrupted start of this buffer created");
+                    (None, None, Some(found.confirmed))
+                }
+                Some((_, covered)) if found.confirmed > covered => {
+                    return Err(CaptureError::SlotAhead {
+                        slot: config.slot.clone(),
+                        dir: config.buffer_dir.clone(),
+                        slot_confirmed: found.confirmed,
+                        buffer_end: covered,
+                    });
+                }
+                Some(_) => (None, None, None),
+                None if config.adopt_slot || claimed_only => {
+                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "adopting an existing slot: this buffer starts at its confirmed position");
+                    (None, None, Some(found.confirmed))
+                }
+                None if config.clone.is_some() => (None, None, None),
+                None => {
+                    return Err(CaptureError::SlotNotOwned {
+                        slot: config.slot.clone(),
+                        dir: config.buffer_dir.clone(),
+                        confirmed: found.confirmed,
+                    });
+                }
+            }
         }
         None => {
-            if let Some((_, durable)) = existing {
+            if let Some((_, durable)) = existing
+                && !claimed_only
+            {
                 return Err(CaptureError::SlotLost {
                     slot: config.slot.clone(),
                     dir: config.buffer_dir.clone(),
                     durable,
                 });
+            }
+            if claim && existing.is_none() {
+                let data = serde_json::to_vec(&SlotClaim {
+                    system_identifier: system.system_id.to_string(),
+                    slot: config.slot.clone(),
+                })
+                .expect("serializable");
+                crate::buffer::fs::FileSystem::write_atomic(
+                    config.buffer.fs.as_ref(),
+                    &claim_path,
+                    &data,
+                )
+                .map_err(|e| crate::Error::io(&claim_path, e))?;
             }
             let created = conn
                 .create_logical_slot(
@@ -352,7 +496,11 @@ pub async fn prepare(
                 )
                 .await?;
             tracing::info!(slot = %config.slot, consistent_point = %created.consistent_point, "created replication slot");
-            (created.snapshot_name, Some(created.consistent_point))
+            (
+                created.snapshot_name,
+                Some(created.consistent_point),
+                Some(created.consistent_point),
+            )
         }
     };
     Ok(PreparedSource {
@@ -364,7 +512,119 @@ pub async fn prepare(
         snapshot,
         consistent_point,
         via_root,
+        slot_start,
+        wal_sender_timeout,
     })
+}
+
+/// Checks a buffer against its slot on the source without streaming: errors with
+/// [`CaptureError::SlotAhead`] when the slot was confirmed past what the buffer covers (its
+/// last commit `buffer_end`, or the confirmed position it recorded while it still holds what
+/// it recorded as durable), and [`CaptureError::SlotLost`] when the slot is gone. Returns the
+/// slot's confirmed position.
+pub async fn check_slot(
+    source: &ConnInfo,
+    meta: &BufferMeta,
+    dir: &std::path::Path,
+    buffer_end: Lsn,
+) -> Result<Lsn, CaptureError> {
+    let client = source.connect().await?;
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&meta.slot],
+        )
+        .await
+        .map_err(sql("looking up the replication slot"))?;
+    let Some(row) = row else {
+        return Err(CaptureError::SlotLost {
+            slot: meta.slot.clone(),
+            dir: dir.to_path_buf(),
+            durable: buffer_end,
+        });
+    };
+    let confirmed: Lsn = row
+        .get::<_, Option<String>>(0)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn::ZERO);
+    let covered = match SlotProgress::read(dir)? {
+        Some(p) if p.durable_lsn <= buffer_end => buffer_end.max(p.confirmed_lsn),
+        _ => buffer_end,
+    }
+    .max(meta.slot_start_lsn.unwrap_or(Lsn::ZERO));
+    if confirmed > covered {
+        return Err(CaptureError::SlotAhead {
+            slot: meta.slot.clone(),
+            dir: dir.to_path_buf(),
+            slot_confirmed: confirmed,
+            buffer_end: covered,
+        });
+    }
+    Ok(confirmed)
+}
+
+/// A slot found in `pg_replication_slots`, not in use.
+struct FoundSlot {
+    plugin: String,
+    database: String,
+    confirmed: Lsn,
+}
+
+/// The slot named in `config`, if it exists. A slot in use by a walsender is given a moment
+/// to be released (a capture that just stopped), then refused.
+async fn existing_slot(
+    client: &tokio_postgres::Client,
+    config: &CaptureConfig,
+) -> Result<Option<FoundSlot>, CaptureError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Some(row) = client
+            .query_opt(
+                "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(sql("looking up the replication slot"))?
+        else {
+            return Ok(None);
+        };
+        if let Some(pid) = row.get::<_, Option<i32>>(3) {
+            if Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            return Err(CaptureError::SlotInUse {
+                slot: config.slot.clone(),
+                pid,
+            });
+        }
+        return Ok(Some(FoundSlot {
+            plugin: row.get::<_, Option<String>>(0).unwrap_or_default(),
+            database: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            confirmed: row
+                .get::<_, Option<String>>(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(Lsn::ZERO),
+        }));
+    }
+}
+
+async fn wal_sender_timeout(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Duration>, CaptureError> {
+    let ms: Option<String> = client
+        .query_one(
+            "SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(sql("reading wal_sender_timeout"))?
+        .get(0);
+    Ok(ms
+        .and_then(|m| m.parse::<u64>().ok())
+        .filter(|&m| m > 0)
+        .map(Duration::from_millis))
 }
 
 /// Opens (and recovers) the buffer, checks it belongs to this source, prepares the source and
@@ -396,25 +656,75 @@ pub async fn run(
             }
             tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
             drop_slot_if_exists(&config).await?;
-            std::fs::remove_file(BufferMeta::path(&config.buffer_dir))
-                .map_err(|e| crate::Error::io(BufferMeta::path(&config.buffer_dir), e))?;
+            for path in [
+                BufferMeta::path(&config.buffer_dir),
+                SlotProgress::path(&config.buffer_dir),
+            ] {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(crate::Error::io(path, e).into());
+                    }
+                    _ => {}
+                }
+            }
             existing = None;
             restart_clone = true;
         }
     }
-    let prepared = prepare(
-        &config,
-        existing.as_ref().map(|m| (m, writer.durable_lsn())),
-    )
-    .await?;
-    if existing.is_none() {
-        BufferMeta::new(
+    // What the buffer covers: its durable end, or the confirmed position it recorded if that
+    // is higher, as long as the buffer still holds what it recorded as durable.
+    let durable = writer.durable_lsn();
+    let progress = match &existing {
+        Some(_) => SlotProgress::read(&config.buffer_dir)?,
+        None => None,
+    };
+    let behind = progress
+        .as_ref()
+        .and_then(|p| p.check_buffer_end(&config.buffer_dir, durable).err());
+    let covered = match &progress {
+        Some(p) if behind.is_none() => durable.max(p.confirmed_lsn),
+        _ => durable,
+    }
+    .max(
+        existing
+            .as_ref()
+            .and_then(|m| m.slot_start_lsn)
+            .unwrap_or(Lsn::ZERO),
+    );
+    let prepared = match prepare_inner(&config, existing.as_ref().map(|m| (m, covered)), true).await
+    {
+        Err(CaptureError::SlotAhead { .. }) if behind.is_some() => {
+            return Err(behind.expect("checked").into());
+        }
+        r => r?,
+    };
+    if let Some(e) = behind {
+        // The slot was not confirmed past what is left: the source sends the rest again.
+        tracing::warn!(
+            "{e} — but slot {:?} was not confirmed past the buffer's end, so the source still holds those transactions: resuming",
+            config.slot
+        );
+    }
+    let took_slot = prepared.slot_start.is_some()
+        && existing.as_ref().is_none_or(|m| m.slot_start_lsn.is_none());
+    if existing.is_none() || took_slot {
+        let mut meta = BufferMeta::new(
             prepared.system_id,
             &prepared.database,
             &config.slot,
             &config.publication,
-        )
-        .write(&config.buffer_dir)?;
+        );
+        if let Some(start) = prepared.slot_start {
+            meta = meta.with_slot_start(start);
+            record_progress(&config, start, durable)?;
+        }
+        meta.write(&config.buffer_dir)?;
+        match std::fs::remove_file(config.buffer_dir.join(CLAIM_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(crate::Error::io(config.buffer_dir.join(CLAIM_FILE), e).into());
+            }
+            _ => {}
+        }
     }
     let watch = partition_watch(&config, &prepared).await?;
     if let Some(clone) = &config.clone {
@@ -458,6 +768,12 @@ pub async fn run(
             }
         }
     }
+    let stream_timeout = config.stream_timeout.unwrap_or_else(|| {
+        prepared
+            .wal_sender_timeout
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_secs(10))
+    });
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
     let warnings = prepared.warnings.clone();
     let slot_created = prepared.consistent_point.is_some();
@@ -479,7 +795,19 @@ pub async fn run(
             ],
         )
         .await?;
-    let mut report = stream_into(&config, stream, writer, resume_from, watch, shutdown).await?;
+    let mut report = stream_into(
+        &config,
+        stream,
+        writer,
+        Resume {
+            from: resume_from,
+            covered: covered.max(prepared.slot_start.unwrap_or(Lsn::ZERO)),
+            stream_timeout,
+        },
+        watch,
+        shutdown,
+    )
+    .await?;
     report.slot_created = slot_created;
     report.tables = tables;
     report.warnings = warnings;
@@ -675,16 +1003,60 @@ async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError>
     Ok(())
 }
 
+/// Where streaming starts and what the buffer already covers.
+struct Resume {
+    /// Commits ending at or before this are already in the buffer (or before the slot).
+    from: Lsn,
+    /// The highest position already recorded as confirmed for this buffer.
+    covered: Lsn,
+    /// See [`CaptureConfig::stream_timeout`] (resolved; zero = off).
+    stream_timeout: Duration,
+}
+
+/// Records (fsynced) that the slot is about to be confirmed up to `confirmed`.
+fn record_progress(
+    config: &CaptureConfig,
+    confirmed: Lsn,
+    durable: Lsn,
+) -> Result<(), CaptureError> {
+    SlotProgress {
+        slot: config.slot.clone(),
+        confirmed_lsn: confirmed,
+        durable_lsn: durable,
+        updated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    }
+    .write_with(&config.buffer_dir, config.buffer.fs.as_ref())?;
+    Ok(())
+}
+
+/// Records the confirmable position when it passed the recorded one (or `always`), so the
+/// slot is never confirmed past what [`SlotProgress`] says the buffer covers.
+fn record(
+    config: &CaptureConfig,
+    state: &mut StreamState,
+    always: bool,
+) -> Result<(), CaptureError> {
+    let confirmable = state.confirmable();
+    if always || confirmable > state.recorded || state.buffer_durable > state.recorded_durable {
+        record_progress(config, confirmable, state.buffer_durable)?;
+        state.recorded = state.recorded.max(confirmable);
+        state.recorded_durable = state.buffer_durable;
+        state.recorded_at = Since(Instant::now());
+    }
+    Ok(())
+}
+
 /// The streaming loop. See the module contract.
 async fn stream_into(
     config: &CaptureConfig,
     mut stream: ReplicationStream,
     mut writer: BufferWriter,
-    resume_from: Lsn,
+    resume: Resume,
     mut watch: Option<PartitionWatch>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
     let started = Instant::now();
+    let resume_from = resume.from;
     let mut state = StreamState {
         resume_from,
         durable: resume_from,
@@ -693,6 +1065,11 @@ async fn stream_into(
             .as_ref()
             .map(|w| w.record.truncates.clone())
             .unwrap_or_default(),
+        recorded: resume.covered,
+        buffer_durable: writer.durable_lsn(),
+        recorded_durable: writer.durable_lsn(),
+        recorded_at: Since(started),
+        last_received: Since(started),
         ..Default::default()
     };
     let mut partition_tick = tokio::time::interval(config.partition_check_interval);
@@ -706,6 +1083,10 @@ async fn stream_into(
     let mut status_tick = tokio::time::interval(config.status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stall_tick = tokio::time::interval(
+        (resume.stream_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+    );
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_submit = Instant::now();
     let mut reported = Lsn::ZERO;
     tokio::pin!(shutdown);
@@ -728,12 +1109,24 @@ async fn stream_into(
                         last_submit = Instant::now();
                     }
                     state.set_durable(writer.poll()?);
-                    if state.confirmable() > reported {
-                        reported = state.confirmable();
+                    // An idle position beyond the recorded one is recorded at most once a second.
+                    if state.confirmable() > state.recorded
+                        && state.recorded_at.0.elapsed() >= Duration::from_secs(1)
+                    {
+                        record(config, &mut state, false)?;
+                    }
+                    if state.sendable() > reported {
+                        reported = state.sendable();
                         send_status(&mut stream, &state, false).await?;
                     }
                 }
-                _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
+                _ = status_tick.tick() => {
+                    // Rewritten whenever the source was heard from: its time shows liveness.
+                    let heard = state.last_received.0 > state.recorded_at.0;
+                    record(config, &mut state, heard)?;
+                    // Asking for a reply makes a live server answer: silence means a stall.
+                    send_status(&mut stream, &state, true).await?;
+                }
                 _ = partition_tick.tick(), if watch.is_some() => {
                     let w = watch.as_mut().expect("guarded");
                     if w.check(&config.buffer_dir, &mut state).await? {
@@ -742,8 +1135,23 @@ async fn stream_into(
                     }
                 }
                 _ = progress_tick.tick() => progress.update(&state),
+                _ = stall_tick.tick() => {
+                    let silent = state.last_received.0.elapsed();
+                    if !resume.stream_timeout.is_zero() && silent > resume.stream_timeout {
+                        return Err(CaptureError::StreamStalled {
+                            slot: config.slot.clone(),
+                            silent,
+                            timeout: resume.stream_timeout,
+                            last_lsn: state.server_wal_end,
+                            durable: state.sendable(),
+                        });
+                    }
+                }
                 event = stream.next() => {
-                    let Some(event) = event? else { return Err(CaptureError::StreamEnded) };
+                    let Some(event) = event? else {
+                        return Err(CaptureError::StreamEnded { reason: stream.end_reason() });
+                    };
+                    state.last_received = Since(Instant::now());
                     // Handle what has already arrived before the next select round (bounded,
                     // so timers and shutdown are still served under a constant stream).
                     let mut handled = 0;
@@ -793,11 +1201,12 @@ async fn stream_into(
     progress.finish(&state);
     outcome?;
     flushed?;
+    record(config, &mut state, false)?;
     send_status(&mut stream, &state, false).await?;
     let _ = stream.stop().await;
     Ok(CaptureReport {
         start_lsn: resume_from,
-        durable_lsn: state.confirmable(),
+        durable_lsn: state.sendable(),
         transactions: state.transactions,
         changes: state.changes,
         bytes: state.bytes,
@@ -813,7 +1222,7 @@ async fn send_status(
     state: &StreamState,
     reply: bool,
 ) -> Result<(), CaptureError> {
-    let flush = state.confirmable();
+    let flush = state.sendable();
     let write = flush.max(state.received_commit_end);
     stream
         .send_status(StandbyStatus {
@@ -826,9 +1235,30 @@ async fn send_status(
         .map_err(CaptureError::from)
 }
 
+/// An instant, defaulting to now.
+#[derive(Clone, Copy)]
+struct Since(Instant);
+
+impl Default for Since {
+    fn default() -> Self {
+        Since(Instant::now())
+    }
+}
+
 /// The stream as capture sees it: transaction boundaries, duplicates, what is durable.
 #[derive(Default)]
 struct StreamState {
+    /// Confirmed position recorded in the buffer's [`SlotProgress`]; nothing beyond the
+    /// durable commit is sent to the slot unless recorded first.
+    recorded: Lsn,
+    /// The buffer's own durable LSN (end of its last fsynced commit; `durable` may start
+    /// higher, at a new slot's consistent point).
+    buffer_durable: Lsn,
+    /// `buffer_durable` as recorded.
+    recorded_durable: Lsn,
+    recorded_at: Since,
+    /// When the last message (XLogData or keepalive) arrived.
+    last_received: Since,
     /// Commits ending at or before this are already in the buffer (or before the slot).
     resume_from: Lsn,
     /// The buffer's durable LSN (end of the last fsynced commit).
@@ -880,7 +1310,18 @@ impl StreamState {
             && self.durable >= self.last_appended_commit
     }
 
+    /// The position sent to the slot: [`Self::confirmable`], with an idle position only as far
+    /// as it is recorded.
+    fn sendable(&self) -> Lsn {
+        if self.all_durable() {
+            self.durable.max(self.idle_position.min(self.recorded))
+        } else {
+            self.durable
+        }
+    }
+
     fn set_durable(&mut self, durable: Lsn) {
+        self.buffer_durable = self.buffer_durable.max(durable);
         self.durable = self.durable.max(durable);
     }
 
