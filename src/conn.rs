@@ -184,6 +184,13 @@ impl ConnInfo {
         c
     }
 
+    /// A copy whose sessions carry `name` as their `application_name`.
+    pub fn with_application_name(&self, name: &str) -> Self {
+        let mut c = self.clone();
+        c.config.application_name(name);
+        c
+    }
+
     /// A printable description without secrets: `host=… port=… user=… dbname=…`.
     pub fn redacted(&self) -> String {
         let host = match self.host() {

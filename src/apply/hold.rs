@@ -57,20 +57,12 @@ fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Targ
     move |source| TargetError::Sql { context, source }
 }
 
-/// Creates `walshift.hold` (and its generation sequence) if needed. Two sessions creating it
-/// at once is not an error.
+/// Creates `walshift.hold` (and its generation sequence) if needed; safe against concurrent
+/// creators ([`crate::sql::create_own_objects`]).
 pub async fn ensure_table(client: &Client) -> Result<(), TargetError> {
-    match client.batch_execute(CREATE).await {
-        Ok(()) => Ok(()),
-        // A concurrent CREATE … IF NOT EXISTS lost the race on the catalog's unique index.
-        Err(e)
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
-                || e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(sql("creating walshift.hold on the target")(e)),
-    }
+    crate::sql::create_own_objects(client, CREATE)
+        .await
+        .map_err(sql("creating walshift.hold on the target"))
 }
 
 /// A live hold as replay sees it.

@@ -447,7 +447,10 @@ pub async fn run(
     let meta = BufferMeta::read(&config.buffer_dir)?
         .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
     let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
-    let client = Arc::new(config.target.connect().await?);
+    let writers = config
+        .target
+        .with_application_name(&target::replay_application_name(&buffer_id));
+    let client = Arc::new(writers.connect().await?);
     identity::check_replay_target(
         &client,
         &config.target.redacted(),
@@ -461,6 +464,12 @@ pub async fn run(
         .await
         .map_err(sql("preparing the target session"))?;
     target::ensure_progress_table(&client).await?;
+    let ended = target::wait_for_previous_replay(&client, &buffer_id).await?;
+    if ended > 0 {
+        tracing::warn!(
+            "ended {ended} session(s) an interrupted replay of this buffer left on the target"
+        );
+    }
     let resolved = target::resolve_prepared(&client, &buffer_id).await?;
     if resolved != target::Resolved::default() {
         tracing::warn!(
@@ -470,7 +479,7 @@ pub async fn run(
             resolved.rolled_back
         );
     }
-    let conns = connect_parts(&config, client.clone()).await?;
+    let conns = connect_parts(&config, &writers, client.clone()).await?;
     let start = target::applied_lsn(&client, &buffer_id)
         .await?
         .unwrap_or(Lsn::ZERO);
@@ -652,7 +661,11 @@ const PART_LOCK_TIMEOUT: &str = "SET lock_timeout = '1s'";
 
 /// The main connection plus the helpers [`ReplayConfig::apply_connections`] asks for, if the
 /// target allows prepared transactions for them.
-async fn connect_parts(config: &ReplayConfig, main: Arc<Client>) -> Result<Vec<Conn>, ReplayError> {
+async fn connect_parts(
+    config: &ReplayConfig,
+    writers: &ConnInfo,
+    main: Arc<Client>,
+) -> Result<Vec<Conn>, ReplayError> {
     let wanted = config.apply_connections.max(1);
     let mut conns = vec![Conn {
         client: main,
@@ -684,7 +697,7 @@ async fn connect_parts(config: &ReplayConfig, main: Arc<Client>) -> Result<Vec<C
         .await
         .map_err(sql("preparing the target session"))?;
     for _ in 1..wanted {
-        let client = config.target.connect().await?;
+        let client = writers.connect().await?;
         client
             .batch_execute(&format!("{SESSION_SETUP}; {PART_LOCK_TIMEOUT}"))
             .await
