@@ -243,3 +243,121 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     assert_eq!(report.changes, 110, "everything replayed: {report:?}");
     assert_eq!(fingerprint(&undecided).await, fingerprint(&source).await);
 }
+
+async fn ledger(c: &Cluster) -> (i64, String) {
+    let row = c
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY k, note)), '') FROM ledger t",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// The sessions a killed replay leaves on the target, made by hand under replay's
+/// `application_name`: one still running its batch's last statement before COMMIT (it
+/// commits 2 s later), then one idle in its batch's transaction forever (a half-open
+/// connection). The rerun must not read the applied position before the first has finished
+/// (it would apply the batch again: the keyless table would get its rows twice), and must
+/// not wait forever for the second (it can never commit: it is ended and the batch redone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let keyless = "CREATE TABLE ledger (k bigint NOT NULL, note text); \
+                   ALTER TABLE ledger REPLICA IDENTITY FULL;";
+    for c in [&source, &target] {
+        c.execute("postgres", &format!("{SCHEMA} {keyless}"))
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    common::capture_until_now(&source, dir.path()).await;
+    let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
+    let id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let info = ConnInfo::parse(&target.conn_string("postgres"))
+        .unwrap()
+        .with_application_name(&target::replay_application_name(&id));
+    let batch = |rows: &str, end: walshift::lsn::Lsn| {
+        format!(
+            "BEGIN; INSERT INTO ledger VALUES {rows}; \
+             INSERT INTO walshift.applied (buffer_id, end_lsn) VALUES ('{id}', '{end}') \
+             ON CONFLICT (buffer_id) DO UPDATE SET end_lsn = EXCLUDED.end_lsn"
+        )
+    };
+    let monitor = target.connect("postgres").await.unwrap();
+
+    source
+        .execute("postgres", "INSERT INTO ledger VALUES (1, 'one'), (2, 'two')")
+        .await
+        .unwrap();
+    let end = common::capture_until_now(&source, dir.path())
+        .await
+        .transactions
+        .last()
+        .unwrap()
+        .end_lsn;
+    let previous = info.connect().await.unwrap();
+    target::ensure_progress_table(&previous).await.unwrap();
+    let last_statement = format!(
+        "{}; SELECT pg_sleep(2); COMMIT",
+        batch("(1, 'one'), (2, 'two')", end)
+    );
+    let committing = tokio::spawn(async move { previous.batch_execute(&last_statement).await });
+    while monitor
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walshift replay %' \
+             AND query LIKE '%pg_sleep%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        replay_with(&target, dir.path(), 2),
+    )
+    .await
+    .expect("replay finished");
+    committing.await.unwrap().expect("the previous batch committed");
+    assert_eq!(report.start_lsn, end, "{report:?}");
+    assert_eq!(report.changes, 0, "{report:?}");
+    assert_eq!(ledger(&target).await, ledger(&source).await, "applied once");
+
+    source
+        .execute("postgres", "INSERT INTO ledger VALUES (3, 'three')")
+        .await
+        .unwrap();
+    let end2 = common::capture_until_now(&source, dir.path())
+        .await
+        .transactions
+        .last()
+        .unwrap()
+        .end_lsn;
+    let stuck = info.connect().await.unwrap();
+    stuck
+        .batch_execute(&batch("(3, 'three')", end2))
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        replay_with(&target, dir.path(), 2),
+    )
+    .await
+    .expect("replay did not wait forever for an idle session");
+    assert_eq!(report.start_lsn, end, "the idle batch never committed");
+    assert_eq!(report.changes, 1, "{report:?}");
+    assert_eq!(ledger(&target).await, ledger(&source).await);
+    assert!(
+        stuck.simple_query("SELECT 1").await.is_err(),
+        "the idle session was ended"
+    );
+}
