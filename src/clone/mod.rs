@@ -362,9 +362,12 @@ pub async fn clone_database(
             .as_ref()
             .map_or("NULL".to_owned(), |o| quote_literal(&f(o)))
     };
+    crate::sql::create_own_objects(&target, STATE_DDL)
+        .await
+        .map_err(sql("creating walshift.clone_state on the target"))?;
     target
         .batch_execute(&format!(
-            "{STATE_DDL}; INSERT INTO walshift.clone_state (id, snapshot, state, started_at, \
+            "INSERT INTO walshift.clone_state (id, snapshot, state, started_at, \
                source_system_identifier, source_database, source_slot, consistent_lsn) \
              VALUES (1, {snap}, 'copying', now(), {sys}, {db}, {slot}, {lsn}::pg_lsn) \
              ON CONFLICT (id) DO UPDATE SET \

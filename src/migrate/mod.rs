@@ -192,7 +192,7 @@ pub async fn migrate(
                 .await
                 .map_err(sql("waiting for the migrate lock on the target"))?;
         }
-        lock.batch_execute(RECORD_DDL)
+        crate::sql::create_own_objects(&lock, RECORD_DDL)
             .await
             .map_err(sql("creating walshift.migrations on the target"))?;
     }
