@@ -292,7 +292,10 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
     let monitor = target.connect("postgres").await.unwrap();
 
     source
-        .execute("postgres", "INSERT INTO ledger VALUES (1, 'one'), (2, 'two')")
+        .execute(
+            "postgres",
+            "INSERT INTO ledger VALUES (1, 'one'), (2, 'two')",
+        )
         .await
         .unwrap();
     let end = common::capture_until_now(&source, dir.path())
@@ -327,7 +330,10 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
     )
     .await
     .expect("replay finished");
-    committing.await.unwrap().expect("the previous batch committed");
+    committing
+        .await
+        .unwrap()
+        .expect("the previous batch committed");
     assert_eq!(report.start_lsn, end, "{report:?}");
     assert_eq!(report.changes, 0, "{report:?}");
     assert_eq!(ledger(&target).await, ledger(&source).await, "applied once");

@@ -334,12 +334,16 @@ pub async fn wait_for_previous_replay(
                 &[&name],
             )
             .await
-            .map_err(sql("looking for sessions of a previous replay on the target"))?;
+            .map_err(sql(
+                "looking for sessions of a previous replay on the target",
+            ))?;
         if rows.is_empty() {
             return Ok(terminated.len());
         }
-        let sessions: Vec<(i32, String, String)> =
-            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let sessions: Vec<(i32, String, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         if started.elapsed() >= limit {
             return Err(TargetError::PreviousReplayRunning {
                 pids: sessions.iter().map(|s| s.0).collect(),
