@@ -372,11 +372,38 @@ async fn role_settings_cannot_defeat_the_read_only_fence() {
     assert_eq!(before.len(), 2, "{before:?}");
 
     // An abort puts every removed setting back exactly.
-    let mut c = s.config();
-    c.switch = Some("exit 1".into());
-    let a = aborted(cutover::run(c, std::future::pending()).await);
+    s.target
+        .execute(
+            "postgres",
+            "INSERT INTO notes VALUES ('only-on-target', 'x')",
+        )
+        .await
+        .unwrap();
+    let a = aborted(cutover::run(s.config(), std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::VerifyFailed { .. }), "{a}");
     assert!(a.unfenced.is_ok(), "{a}");
     assert_eq!(a.report.fence_role_settings_removed.len(), 2, "{a}");
+    assert_eq!(role_settings(&s.source).await, before);
+    assert_eq!(fence_entry(&s.source).await, None);
+    s.target
+        .execute("postgres", "DELETE FROM notes WHERE k = 'only-on-target'")
+        .await
+        .unwrap();
+
+    // A failed switch hook leaves them removed (in doubt, fenced); the operator's
+    // --unfence-after-failed-switch puts every one back exactly.
+    let mut c = s.config();
+    c.switch = Some("exit 1".into());
+    let e = cutover::run(c, std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, CutoverError::SwitchInDoubt(_)), "{e}");
+    assert_fenced(&s.source).await;
+    assert!(role_settings(&s.source).await.is_empty());
+    let mut c = s.config();
+    c.unfence_after_failed_switch = true;
+    let r = cutover::run(c, std::future::pending())
+        .await
+        .expect("unfence after the failed switch");
+    assert_eq!(r.outcome, Outcome::UnfencedAfterFailedSwitch, "{r}");
     assert_eq!(role_settings(&s.source).await, before);
     assert_eq!(fence_entry(&s.source).await, None);
 
