@@ -717,3 +717,41 @@ async fn a_switch_hook_killed_by_its_timeout_leaves_the_source_fenced() {
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert_fenced(&s.source).await;
 }
+
+/// Cutover's verify evaluates the mapping on the live source: a volatile function there
+/// (`pg_terminate_backend`) is refused in preflight, naming the file line, before the fence
+/// and before anything runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volatile_mapping_expression_is_refused_before_the_fence() {
+    let s = setup(ClusterOptions::default()).await;
+    let victim = s.source.connect("postgres").await.unwrap();
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let m = walshift::transform::Mapping::parse(
+        "release.toml",
+        &format!(
+            "[[table]]\nsource = \"notes\"\ntarget = \"notes\"\n\n[table.columns]\n\
+             body = \"CASE WHEN pg_terminate_backend({pid}) THEN body ELSE body END\"\n"
+        ),
+    )
+    .unwrap();
+    let mut c = s.config();
+    c.transform = Some(Arc::new(m));
+    c.verify = cutover::VerifyMode::Checksum;
+    let e = cutover::run(c, std::future::pending()).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("release.toml:6: column \"body\" of public.notes")
+            && text.contains("pg_terminate_backend")
+            && text.contains("VOLATILE"),
+        "{text}"
+    );
+    assert_eq!(fence_entry(&s.source).await, None, "nothing fenced");
+    victim
+        .batch_execute("SELECT 1")
+        .await
+        .expect("the session on the source is alive");
+}

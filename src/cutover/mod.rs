@@ -793,6 +793,27 @@ async fn run_inner(
     if config.fence == FenceMode::ReadOnly && !config.dry_run {
         fence::check_privileges(&src).await?;
     }
+    // Verify evaluates the mapping on the live source: refuse a volatile function now, with
+    // nothing fenced, rather than inside the window.
+    if let Some(mapping) = &config.transform
+        && config.verify != VerifyMode::None
+    {
+        let tables: Vec<crate::transform::TableName> =
+            verify::published_tables(&src, &config.publication)
+                .await
+                .map_err(sql("listing the published tables"))?
+                .into_iter()
+                .map(|(s, t, _)| crate::transform::TableName::new(s, t))
+                .collect();
+        crate::verify::refuse_volatile(
+            &src,
+            mapping,
+            &tables,
+            config.verify == VerifyMode::Checksum,
+        )
+        .await
+        .map_err(|e| CutoverError::Verify(verify::CheckError::Mapped(e)))?;
+    }
     let leftover = FenceState::read_leftover(dir)?;
     if let Some(l) = &leftover {
         report.warnings.push(format!(
@@ -1244,6 +1265,17 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             .await
             .map_err(sql("listing the published tables"))?;
         let remaining = ctx.remaining();
+        // The server stops with the window too: a query left running would hold this session
+        // (and the unfence behind it).
+        ctx.src
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                remaining.as_millis().max(1)
+            ))
+            .await
+            .map_err(sql(
+                "limiting verify's statements on the source to the window",
+            ))?;
         let checks = match tokio::time::timeout(
             remaining,
             verify::verify_tables(
@@ -1257,7 +1289,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
         )
         .await
         {
-            Ok(r) => r?,
+            Ok(r) => {
+                let checks = r?;
+                ctx.src
+                    .batch_execute("SET statement_timeout = 0")
+                    .await
+                    .map_err(sql("resetting statement_timeout on the source"))?;
+                checks
+            }
             Err(_) => {
                 return Err(CutoverError::MaxWindow {
                     phase: "verify".into(),

@@ -150,6 +150,7 @@ pub async fn verify_online(
         target_info.connect().await?,
         target_info.connect().await?,
     );
+    super::refuse_volatile(&source, mapping, tables, opts.base.evaluates_columns()).await?;
     let checks = build_checks(&source, &target, mapping, tables).await?;
     hold::ensure_table(&target)
         .await
@@ -353,9 +354,10 @@ impl Ctx<'_> {
         let begun = self
             .source
             .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {} {}",
                 quote_literal(&snapshot),
-                self.settings
+                self.settings,
+                self.opts.base.source_limits()
             ))
             .await
             .map_err(sql_err(
