@@ -25,8 +25,9 @@ pub struct VerifyArgs {
     /// Without it every table maps onto itself.
     #[arg(long, value_name = "FILE")]
     transform: Option<PathBuf>,
-    /// Source tables to verify (comma-separated `schema.table`); default: the publication's.
-    #[arg(long, value_delimiter = ',', value_name = "TABLES")]
+    /// Source tables to verify (comma-separated `schema.table`, quoted like SQL identifiers:
+    /// `'"a,b",public.c'`); default: the publication's.
+    #[arg(long, value_name = "TABLES")]
     tables: Vec<String>,
     /// Publication whose tables are verified when --tables is not given.
     #[arg(long, default_value = "walshift")]
@@ -76,7 +77,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let tables = if a.tables.is_empty() {
         verify::published_tables(&source, &a.publication).await?
     } else {
-        a.tables
+        super::split_tables("--tables", &a.tables)?
             .iter()
             .map(|t| {
                 TableName::parse(t).with_context(|| {
