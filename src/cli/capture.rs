@@ -23,8 +23,9 @@ pub struct CaptureArgs {
     /// Publication (created if missing: FOR ALL TABLES, or --tables).
     #[arg(long, default_value = "walshift")]
     publication: String,
-    /// Tables to publish when the publication is created, comma-separated (schema.table).
-    #[arg(long, value_delimiter = ',')]
+    /// Tables to publish when the publication is created, comma-separated (schema.table,
+    /// quoted like SQL identifiers: `'"a,b",public.c'`).
+    #[arg(long)]
     tables: Option<Vec<String>>,
     /// Stop once everything up to this LSN is durable in the buffer.
     #[arg(long, value_parser = parse_lsn, value_name = "LSN")]
@@ -75,7 +76,10 @@ pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
     let mut config = CaptureConfig::new(source, a.buffer.buffer);
     config.slot = a.slot;
     config.publication = a.publication;
-    config.tables = a.tables;
+    config.tables = a
+        .tables
+        .map(|t| super::split_tables("--tables", &t))
+        .transpose()?;
     config.until_lsn = a.until_lsn;
     config.flush_interval = Duration::from_millis(a.flush_ms.max(1));
     config.read_coalesce = Duration::from_micros(a.read_coalesce_us);

@@ -33,8 +33,9 @@ pub struct RecordArgs {
     /// without --until-lsn: until Ctrl-C.
     #[arg(long, value_name = "N")]
     seconds: Option<f64>,
-    /// Tables to capture (comma-separated schema.table); default all.
-    #[arg(long, value_delimiter = ',', value_name = "TABLES")]
+    /// Tables to capture (comma-separated schema.table, quoted like SQL identifiers:
+    /// `'"a,b",public.c'`); default all.
+    #[arg(long, value_name = "TABLES")]
     tables: Vec<String>,
     /// The release's mapping file.
     #[arg(long, value_name = "FILE")]
@@ -80,7 +81,9 @@ pub async fn run(c: FixtureCommand) -> anyhow::Result<ExitCode> {
     opts.name = a.name;
     opts.description = a.description;
     opts.exercises = a.exercises;
-    opts.tables = (!a.tables.is_empty()).then_some(a.tables);
+    opts.tables = (!a.tables.is_empty())
+        .then(|| super::split_tables("--tables", &a.tables))
+        .transpose()?;
     opts.until_lsn = a.until_lsn;
     opts.mapping = a.mapping;
     opts.migration = a.migration;

@@ -11,6 +11,7 @@ mod migrate;
 mod rehearse;
 mod replay;
 mod run;
+mod scrub;
 mod transform;
 mod verify;
 
@@ -73,7 +74,8 @@ enum Command {
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // First, while single-threaded: passwords out of the process title (may re-exec).
+    let cli = Cli::parse_from(scrub::args());
     init_logging(&cli.log);
     // One thread: capture's hot loop then polls its socket itself instead of being woken by
     // an I/O thread for every read (the buffer's fsyncs have their own thread).
@@ -114,7 +116,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
@@ -143,6 +145,23 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// The error and its causes on one line, `: `-separated, each said once: a cause whose text an
+/// outer error already includes (`#[error("…: {0}")]` over a `#[source]`) is not repeated.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}
+
 fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -150,6 +169,38 @@ fn init_logging(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// The table names of `--tables` values: each split on commas outside double quotes, so a
+/// quoted name may hold commas (`--tables '"a,b",public.c'` → `"a,b"`, `public.c`); the flag
+/// may also be repeated. Parts keep their quotes: they are parsed as SQL identifiers later.
+fn split_tables(flag: &str, values: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for v in values {
+        let mut part = String::new();
+        let mut quoted = false;
+        for c in v.chars() {
+            match c {
+                '"' => {
+                    quoted = !quoted;
+                    part.push(c);
+                }
+                ',' if !quoted => out.push(std::mem::take(&mut part)),
+                _ => part.push(c),
+            }
+        }
+        anyhow::ensure!(
+            !quoted,
+            "{flag}: {v:?} has an unterminated double quote; quote a name as in SQL (\"a,b\", with \"\" for a quote inside)"
+        );
+        out.push(part);
+    }
+    let out: Vec<String> = out.into_iter().map(|p| p.trim().to_owned()).collect();
+    anyhow::ensure!(
+        out.iter().all(|p| !p.is_empty()),
+        "{flag}: an empty table name in {values:?}; separate names with single commas"
+    );
+    Ok(out)
 }
 
 /// Parses an `X/Y` LSN flag.
@@ -178,5 +229,45 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot connect to db1: refused")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connecting to the target: {0}")]
+    struct Middle(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("capture failed: {0}")]
+    struct Outer(#[source] Middle);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = anyhow::Error::new(Outer(Middle(Inner)));
+        assert_eq!(
+            super::render_error(&e),
+            "capture failed: connecting to the target: cannot connect to db1: refused"
+        );
+        let e = anyhow::Error::new(Inner).context("--source");
+        assert_eq!(
+            super::render_error(&e),
+            "--source: cannot connect to db1: refused"
+        );
+    }
+
+    #[test]
+    fn table_lists_split_on_commas_outside_quotes() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            super::split_tables("--tables", &v(&["\"a,b\", public.c", "\"x\"\"y,\".z"])).unwrap(),
+            v(&["\"a,b\"", "public.c", "\"x\"\"y,\".z"])
+        );
+        assert!(super::split_tables("--tables", &v(&["\"a,b"])).is_err());
+        assert!(super::split_tables("--tables", &v(&["a,,b"])).is_err());
     }
 }

@@ -25,8 +25,9 @@ pub struct VerifyArgs {
     /// Without it every table maps onto itself.
     #[arg(long, value_name = "FILE")]
     transform: Option<PathBuf>,
-    /// Source tables to verify (comma-separated `schema.table`); default: the publication's.
-    #[arg(long, value_delimiter = ',', value_name = "TABLES")]
+    /// Source tables to verify (comma-separated `schema.table`, quoted like SQL identifiers:
+    /// `'"a,b",public.c'`); default: the publication's.
+    #[arg(long, value_name = "TABLES")]
     tables: Vec<String>,
     /// Publication whose tables are verified when --tables is not given.
     #[arg(long, default_value = "walshift")]
@@ -34,6 +35,10 @@ pub struct VerifyArgs {
     /// Differing keys reported per table (0: counts and checksums only).
     #[arg(long, default_value_t = verify::DEFAULT_MAX_KEYS)]
     max_keys: usize,
+    /// Longest any one statement may run on the (live) source, e.g. 1h; 0 for no limit. The
+    /// source's reads also run read-only, and expressions calling volatile functions are refused.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, value_name = "DUR")]
+    source_statement_timeout: Duration,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -72,7 +77,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let tables = if a.tables.is_empty() {
         verify::published_tables(&source, &a.publication).await?
     } else {
-        a.tables
+        super::split_tables("--tables", &a.tables)?
             .iter()
             .map(|t| {
                 TableName::parse(t).with_context(|| {
@@ -83,6 +88,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let opts = VerifyOptions {
         max_keys: a.max_keys,
+        source_statement_timeout: Some(a.source_statement_timeout).filter(|d| !d.is_zero()),
         ..VerifyOptions::default()
     };
     let report = match (&a.buffer, a.online) {

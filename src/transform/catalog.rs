@@ -198,9 +198,86 @@ pub async fn compile(
             targets.insert(name, t);
         }
     }
-    let plan = plan::compile_source(mapping, source, &|n| targets.get(n).cloned())?;
+    let plan = match plan::compile_source(mapping, source, &|n| targets.get(n).cloned()) {
+        Ok(plan) => plan,
+        // A misspelt column makes the column it meant look unused ("goes nowhere"): name the
+        // misspelling instead, when PostgreSQL finds one.
+        Err(e) => return Err(unknown_column(client, mapping, source).await.unwrap_or(e)),
+    };
     check_plan(client, mapping, &plan).await?;
     Ok(plan)
+}
+
+/// The first expression or filter of `source`'s entries that reads a column the source table
+/// does not have, as PostgreSQL sees it (`PREPARE` on the target over the source's columns:
+/// with their types, and again as `text` when the target lacks one of those types).
+async fn unknown_column(
+    client: &Client,
+    mapping: &Mapping,
+    source: &SourceTable,
+) -> Option<TransformError> {
+    let scope = |typed: bool| {
+        let cols: Vec<String> = source
+            .columns
+            .iter()
+            .map(|c| {
+                let ty = if typed { c.type_sql.as_str() } else { "text" };
+                format!("NULL::{ty} AS {}", quote_ident(&c.name))
+            })
+            .collect();
+        format!("(SELECT {}) AS s", cols.join(", "))
+    };
+    let (typed, untyped) = (scope(true), scope(false));
+    for e in mapping.for_source(&source.name) {
+        let exprs = e
+            .columns
+            .iter()
+            .map(|(n, x)| {
+                (
+                    format!("the expression for {}.{}", e.target.value, n.value),
+                    x,
+                )
+            })
+            .chain(
+                e.filter
+                    .iter()
+                    .map(|f| (format!("the filter of {}", e.target.value), f)),
+            );
+        for (what, x) in exprs {
+            for from in [&typed, &untyped] {
+                let Err(err) = client
+                    .prepare(&format!("SELECT ({}) FROM {from}", x.value))
+                    .await
+                else {
+                    break;
+                };
+                match err.code() {
+                    Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                        return Some(TransformError::Mapping {
+                            path: mapping.path.clone(),
+                            line: x.line,
+                            message: format!(
+                                "{what} ({}) reads a column the source table {} does not have: {}. \
+                                 Its columns: {}",
+                                x.value,
+                                source.name,
+                                db_message(&err),
+                                source
+                                    .columns
+                                    .iter()
+                                    .map(|c| c.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        });
+                    }
+                    Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => continue,
+                    _ => break,
+                }
+            }
+        }
+    }
+    None
 }
 
 /// `(SELECT NULL::type AS "col", …) AS s` over some source columns.
