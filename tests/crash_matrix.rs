@@ -153,6 +153,16 @@ impl Scenario {
     }
 }
 
+impl Drop for Scenario {
+    /// A failed scenario keeps its logs and buffers.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let work = std::mem::replace(&mut self.work, tempfile::tempdir().unwrap());
+            eprintln!("[{}] logs and buffers kept in {}", self.name, work.keep().display());
+        }
+    }
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -604,8 +614,8 @@ async fn clone_killed_midway_is_detected_and_redone() {
             Duration::from_secs(120),
         )
         .await;
-        writer.resume();
         assert_same(&sc, &src, &tgt, &format!("clone round {round}")).await;
+        writer.resume();
         execute(
             &src,
             &format!("SELECT pg_drop_replication_slot('{slot}')"),
@@ -623,6 +633,111 @@ async fn clone_killed_midway_is_detected_and_redone() {
         "{commits} transactions committed by the writer; clone state at the kills: {landed:?}"
     ));
     sc.finish(CLONE_ROUNDS * CLONE_KILLS_PER_ROUND);
+}
+
+/// The kill the random clone rounds hit now and then, made deterministic: `capture --clone-to`
+/// killed right after the source created its slot and before walshift wrote `buffer.json`
+/// (walshift is stopped with SIGSTOP while slot creation waits for a transaction left open on
+/// the source, the transaction commits, the slot is made, then SIGKILL). The slot exists, no
+/// clone was made and the buffer is empty: the rerun must see an interrupted clone and redo it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_killed_right_after_the_slot_is_created_is_redone() {
+    let mut sc = Scenario::new("clone-at-slot");
+    let (source, target) = clusters();
+    setup_source(&source, 2000, 2000).await;
+    let (src, tgt) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    let buffer = sc.work.path().join("buffer");
+    let capture = args(&[
+        "capture",
+        "--source",
+        &src,
+        "--buffer",
+        buffer.to_str().unwrap(),
+        "--clone-to",
+        &tgt,
+        "--no-progress",
+    ]);
+    let open = conformance::connect(&src).await.unwrap();
+    open.batch_execute("BEGIN; INSERT INTO ledger VALUES (-1000, 1)")
+        .await
+        .unwrap();
+    let mut p = sc.spawn(&capture);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = query_one(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift'",
+        )
+        .await;
+        if n > 0 {
+            break;
+        }
+        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
+        assert!(Instant::now() < deadline, "no slot after 60 s:\n{}", p.tail());
+        tokio::time::sleep(POLL).await;
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGSTOP) };
+    open.batch_execute("COMMIT").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let made: i64 = query_one(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots \
+             WHERE slot_name = 'walshift' AND confirmed_flush_lsn IS NOT NULL",
+        )
+        .await;
+        if made > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was not made");
+        tokio::time::sleep(POLL).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!buffer.join("buffer.json").exists());
+    assert!(p.kill9());
+    sc.injections += 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active: i64 = query_one(
+            &src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift' AND active",
+        )
+        .await;
+        if active == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot stays active");
+        tokio::time::sleep(POLL).await;
+    }
+    let mut p = sc.spawn(&capture);
+    wait_clone_done(&mut p, &tgt).await;
+    p.kill9();
+    let end = current_lsn(&src).await;
+    sc.run_ok(
+        &with(&capture, &["--until-lsn", &end]),
+        Duration::from_secs(120),
+    )
+    .await;
+    sc.run_ok(
+        &args(&[
+            "replay",
+            "--buffer",
+            buffer.to_str().unwrap(),
+            "--target",
+            &tgt,
+            "--until-lsn",
+            &end,
+            "--no-progress",
+        ]),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_same(&sc, &src, &tgt, "after the redone clone").await;
+    sc.finish(1);
 }
 
 // ---------------------------------------------------------------------------------------------
