@@ -262,7 +262,7 @@ where
     let c = conformance::connect(conn).await.unwrap();
     c.query_one(sql, &[])
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)))
         .get(0)
 }
 
@@ -270,7 +270,14 @@ async fn execute(conn: &str, sql: &str) {
     let c = conformance::connect(conn).await.unwrap();
     c.batch_execute(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)));
+}
+
+fn db_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
 }
 
 async fn current_lsn(conn: &str) -> String {
@@ -1176,7 +1183,7 @@ async fn cutover_killed_in_every_phase() {
         if let Some(phase) = phase {
             let (trigger, max_delay) = match phase {
                 Phase::Before => (hooks.join("before.pid"), 300),
-                Phase::Window => (buffer.join("cutover-fence.json"), 400),
+                Phase::Window => (buffer.join("cutover-fence.json"), 200),
                 Phase::Switch => (hooks.join("switch.pid"), 300),
                 Phase::After => (hooks.join("after.pid"), 300),
             };
@@ -1301,12 +1308,16 @@ async fn cutover_killed_in_every_phase() {
         )
         .unwrap();
         let _ = fs::remove_file(buffer.join("cutover-fence.json"));
-        execute(
-            &src,
-            "SET default_transaction_read_only = off; \
-             ALTER DATABASE postgres RESET default_transaction_read_only",
-        )
-        .await;
+        let admin = conformance::connect(&src).await.unwrap();
+        for sql in [
+            "SET default_transaction_read_only = off",
+            "ALTER DATABASE postgres RESET default_transaction_read_only",
+        ] {
+            admin
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {}", db_error(&e)));
+        }
     }
     let commits = writer.stop().await;
     sc.log(&format!(
