@@ -84,9 +84,9 @@ struct Scenario {
 impl Scenario {
     fn new(name: &'static str) -> Scenario {
         let seed = seed();
-        let mixed = name
-            .bytes()
-            .fold(seed, |h, b| h.wrapping_mul(1_000_003).wrapping_add(b as u64));
+        let mixed = name.bytes().fold(seed, |h, b| {
+            h.wrapping_mul(1_000_003).wrapping_add(b as u64)
+        });
         eprintln!("[{name}] seed {seed} (repeat with WALSHIFT_CRASH_SEED={seed})");
         Scenario {
             name,
@@ -158,7 +158,11 @@ impl Drop for Scenario {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let work = std::mem::replace(&mut self.work, tempfile::tempdir().unwrap());
-            eprintln!("[{}] logs and buffers kept in {}", self.name, work.keep().display());
+            eprintln!(
+                "[{}] logs and buffers kept in {}",
+                self.name,
+                work.keep().display()
+            );
         }
     }
 }
@@ -506,7 +510,10 @@ async fn capture_killed_while_streaming_under_a_writer() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     p.kill9();
     let commits = writer.stop().await;
-    assert!(commits > 100, "the writer committed only {commits} transactions");
+    assert!(
+        commits > 100,
+        "the writer committed only {commits} transactions"
+    );
     sc.log(&format!("{commits} transactions committed by the writer"));
 
     let end = current_lsn(&src).await;
@@ -623,11 +630,7 @@ async fn clone_killed_midway_is_detected_and_redone() {
         .await;
         assert_same(&sc, &src, &tgt, &format!("clone round {round}")).await;
         writer.resume();
-        execute(
-            &src,
-            &format!("SELECT pg_drop_replication_slot('{slot}')"),
-        )
-        .await;
+        execute(&src, &format!("SELECT pg_drop_replication_slot('{slot}')")).await;
         execute(
             &target.conn_string("postgres"),
             &format!("DROP DATABASE {db} WITH (FORCE)"),
@@ -683,7 +686,11 @@ async fn clone_killed_right_after_the_slot_is_created_is_redone() {
             break;
         }
         assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(Instant::now() < deadline, "no slot after 60 s:\n{}", p.tail());
+        assert!(
+            Instant::now() < deadline,
+            "no slot after 60 s:\n{}",
+            p.tail()
+        );
         tokio::time::sleep(POLL).await;
     }
     // SAFETY: signalling our own child.
@@ -861,12 +868,24 @@ async fn replay_killed_with_one_and_two_apply_connections() {
     target.create_database("base").await.unwrap();
     let buffer = sc.work.path().join("buffer");
     let buf = buffer.to_str().unwrap().to_owned();
-    let capture = args(&["capture", "--source", &src, "--buffer", &buf, "--no-progress"]);
+    let capture = args(&[
+        "capture",
+        "--source",
+        &src,
+        "--buffer",
+        &buf,
+        "--no-progress",
+    ]);
     let start = current_lsn(&src).await;
     sc.run_ok(
         &with(
             &capture,
-            &["--clone-to", &target.conn_string("base"), "--until-lsn", &start],
+            &[
+                "--clone-to",
+                &target.conn_string("base"),
+                "--until-lsn",
+                &start,
+            ],
         ),
         Duration::from_secs(120),
     )
@@ -989,7 +1008,9 @@ enum JournalState {
     /// No journal file.
     Missing,
     /// No switch started (or it failed cleanly); `fenced`: a fence was recorded and not lifted.
-    Open { fenced: bool },
+    Open {
+        fenced: bool,
+    },
     SwitchInDoubt,
     Switched,
 }
@@ -1035,6 +1056,17 @@ async fn source_fenced(src: &str) -> bool {
         }
         Err(e) => panic!("probing the fence: {e}"),
     }
+}
+
+/// Whether the source database has a database-wide `default_transaction_read_only` entry.
+async fn fence_setting(src: &str) -> bool {
+    query_one(
+        src,
+        "SELECT count(*) > 0 FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+         WHERE d.datname = current_database() AND s.setrole = 0 \
+           AND array_to_string(s.setconfig, ',') LIKE '%default_transaction_read_only%'",
+    )
+    .await
 }
 
 /// The value `nextval` would return next, per sequence.
@@ -1199,7 +1231,9 @@ async fn cutover_killed_in_every_phase() {
             if p.kill9() {
                 sc.injections += 1;
             } else {
-                sc.log(&format!("round {round} ({phase:?}): cutover ended before the kill"));
+                sc.log(&format!(
+                    "round {round} ({phase:?}): cutover ended before the kill"
+                ));
             }
             let (state, steps) = journal(&buffer);
             *landed
@@ -1221,10 +1255,7 @@ async fn cutover_killed_in_every_phase() {
                     seed()
                 );
             }
-            if matches!(
-                state,
-                JournalState::SwitchInDoubt | JournalState::Switched
-            ) {
+            if matches!(state, JournalState::SwitchInDoubt | JournalState::Switched) {
                 assert!(
                     source_fenced(&src).await,
                     "[cutover] round {round} ({phase:?}): the journal says the switch started ({steps:?}) but the source takes writes (seed {})",
@@ -1260,6 +1291,35 @@ async fn cutover_killed_in_every_phase() {
                 )
                 .await;
             } else {
+                if phase == Phase::Window && (round / 4) % 2 == 0 {
+                    // A rerun that aborts (its switch hook fails cleanly) after the killed one
+                    // left the fence up: the source must be writable again exactly as before
+                    // the first cutover (no database-wide setting), as the journal says.
+                    let mut failing = fast(&cutover);
+                    let i = failing.iter().position(|a| a == "--switch").unwrap();
+                    failing[i + 1] = "exit 3".into();
+                    let mut again = sc.spawn(&failing);
+                    let st = again.wait(Duration::from_secs(120)).await;
+                    assert!(
+                        !st.success(),
+                        "[cutover] round {round}: a failing switch hook must abort:\n{}",
+                        again.tail()
+                    );
+                    let (state, steps) = journal(&buffer);
+                    assert_eq!(
+                        state,
+                        JournalState::Open { fenced: false },
+                        "[cutover] round {round}: after an aborted rerun the journal says {steps:?}"
+                    );
+                    assert!(
+                        !source_fenced(&src).await && !fence_setting(&src).await,
+                        "[cutover] round {round}: the aborted rerun left the source fenced (journal {steps:?}) (seed {})",
+                        seed()
+                    );
+                    sc.log(&format!(
+                        "round {round}: the aborting rerun unfenced the source"
+                    ));
+                }
                 let mut again = sc.spawn(&fast(&cutover));
                 let st = again.wait(Duration::from_secs(120)).await;
                 assert!(
@@ -1298,8 +1358,20 @@ async fn cutover_killed_in_every_phase() {
             "[cutover] round {round} ({phase:?}): switched, yet the source takes writes (seed {})",
             seed()
         );
-        assert_same(&sc, &src, &tgt, &format!("cutover round {round} ({phase:?})")).await;
-        assert_sequences(&src, &tgt, &floor, &format!("cutover round {round} ({phase:?})")).await;
+        assert_same(
+            &sc,
+            &src,
+            &tgt,
+            &format!("cutover round {round} ({phase:?})"),
+        )
+        .await;
+        assert_sequences(
+            &src,
+            &tgt,
+            &floor,
+            &format!("cutover round {round} ({phase:?})"),
+        )
+        .await;
 
         // Back to a live source for the next round.
         fs::rename(
