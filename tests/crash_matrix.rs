@@ -1263,14 +1263,18 @@ async fn cutover_killed_in_every_phase() {
                 );
             }
             floor = sequences(&tgt).await;
-            // The rerun: hooks that do not sleep.
-            let fast = |c: &[String]| -> Vec<String> {
-                c.iter()
-                    .map(|a| a.replace("sleep 5", ":").replace("sleep 0.5", ":"))
-                    .collect()
+            // The reruns' hooks neither sleep nor take sequence values, so a sequence a rerun
+            // sets backwards stays visible.
+            let rerun = |switch: &str| -> Vec<String> {
+                let mut c = cutover.clone();
+                for (flag, v) in [("--before", ":"), ("--switch", switch), ("--after", ":")] {
+                    let i = c.iter().position(|a| a == flag).unwrap();
+                    c[i + 1] = v.to_owned();
+                }
+                c
             };
             if state == JournalState::SwitchInDoubt {
-                let mut again = sc.spawn(&fast(&cutover));
+                let mut again = sc.spawn(&rerun(":"));
                 let st = again.wait(Duration::from_secs(120)).await;
                 assert_eq!(
                     st.code(),
@@ -1286,7 +1290,7 @@ async fn cutover_killed_in_every_phase() {
                 );
                 assert_sequences(&src, &tgt, &floor, "after the refused rerun").await;
                 sc.run_ok(
-                    &with(&fast(&cutover), &["--resume-after-switch"]),
+                    &with(&rerun(":"), &["--resume-after-switch"]),
                     Duration::from_secs(120),
                 )
                 .await;
@@ -1295,10 +1299,7 @@ async fn cutover_killed_in_every_phase() {
                     // A rerun that aborts (its switch hook fails cleanly) after the killed one
                     // left the fence up: the source must be writable again exactly as before
                     // the first cutover (no database-wide setting), as the journal says.
-                    let mut failing = fast(&cutover);
-                    let i = failing.iter().position(|a| a == "--switch").unwrap();
-                    failing[i + 1] = "exit 3".into();
-                    let mut again = sc.spawn(&failing);
+                    let mut again = sc.spawn(&rerun("exit 3"));
                     let st = again.wait(Duration::from_secs(120)).await;
                     assert!(
                         !st.success(),
@@ -1320,7 +1321,7 @@ async fn cutover_killed_in_every_phase() {
                         "round {round}: the aborting rerun unfenced the source"
                     ));
                 }
-                let mut again = sc.spawn(&fast(&cutover));
+                let mut again = sc.spawn(&rerun(":"));
                 let st = again.wait(Duration::from_secs(120)).await;
                 assert!(
                     st.success(),
@@ -1336,7 +1337,7 @@ async fn cutover_killed_in_every_phase() {
                 "[cutover] the uninterrupted cutover exited with {st}:\n{}",
                 p.tail()
             );
-            if journal(&buffer).0 == JournalState::Missing {
+            if false && journal(&buffer).0 == JournalState::Missing {
                 eprintln!(
                     "[cutover] SKIPPED: this walshift writes no {}/cutover-journal.json (issue 13 item 2, \
                      the durable cutover journal, is not merged yet); the cutover part of the crash \
