@@ -914,7 +914,13 @@ async fn replay_killed_with_one_and_two_apply_connections() {
     let mut left_prepared = 0;
     for n in [1usize, 2] {
         let mut replay_time = Duration::ZERO;
-        for round in 0..=REPLAY_ROUNDS {
+        // Rounds go on (up to three times the plan) until the planned kills landed: a kill
+        // drawn after replay finished is not one.
+        let goal = sc.injections + REPLAY_ROUNDS * REPLAY_KILLS_PER_ROUND;
+        for round in 0..=3 * REPLAY_ROUNDS {
+            if round > 0 && sc.injections >= goal {
+                break;
+            }
             let db = format!("r{n}_{round}");
             execute(&tgt_admin, &format!("CREATE DATABASE {db} TEMPLATE base")).await;
             let tgt = target.conn_string(&db);
@@ -937,9 +943,29 @@ async fn replay_killed_with_one_and_two_apply_connections() {
             let started = Instant::now();
             let mut p = sc.spawn(&replay);
             if round > 0 {
-                for _ in 0..REPLAY_KILLS_PER_ROUND {
-                    let d = sc.delay(replay_time.mul_f64(0.4));
-                    tokio::time::sleep(d).await;
+                for kill in 0..REPLAY_KILLS_PER_ROUND {
+                    if n == 2 && kill == 0 {
+                        // Aimed at two-phase commit: as soon as a prepared transaction of
+                        // this replay shows on the target.
+                        let c = conformance::connect(&tgt_admin).await.unwrap();
+                        let deadline = Instant::now() + replay_time * 2;
+                        while Instant::now() < deadline && p.exited().is_none() {
+                            let k: i64 = c
+                                .query_one(
+                                    "SELECT count(*) FROM pg_prepared_xacts WHERE database = $1",
+                                    &[&db],
+                                )
+                                .await
+                                .unwrap()
+                                .get(0);
+                            if k > 0 {
+                                break;
+                            }
+                        }
+                    } else {
+                        let d = sc.delay(replay_time.mul_f64(0.4));
+                        tokio::time::sleep(d).await;
+                    }
                     if let Some(st) = p.exited() {
                         assert!(st.success(), "[replay] {st}:\n{}", p.tail());
                         break; // finished before this kill: not an injection
