@@ -1012,6 +1012,113 @@ async fn replay_killed_with_one_and_two_apply_connections() {
     sc.finish(2 * REPLAY_ROUNDS * REPLAY_KILLS_PER_ROUND);
 }
 
+/// What the random replay rounds hit now and then, made deterministic: replay killed while its
+/// session is still creating `walshift.applied` / `walshift.applied_parts` (held up by an open
+/// transaction of the test that creates `applied_parts` first), then run again at once: the
+/// killed replay's server session outlives it and commits its tables while the rerun creates
+/// them too. The rerun must still replay everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rerun_while_the_killed_one_still_creates_its_tables() {
+    let mut sc = Scenario::new("replay-startup");
+    let (source, target) = clusters();
+    setup_source(&source, 200, 200).await;
+    let (src, tgt) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    let buffer = sc.work.path().join("buffer");
+    let buf = buffer.to_str().unwrap().to_owned();
+    let capture = args(&[
+        "capture",
+        "--source",
+        &src,
+        "--buffer",
+        &buf,
+        "--no-progress",
+    ]);
+    let start = current_lsn(&src).await;
+    sc.run_ok(
+        &with(&capture, &["--clone-to", &tgt, "--until-lsn", &start]),
+        Duration::from_secs(120),
+    )
+    .await;
+    execute(
+        &src,
+        "UPDATE accounts SET balance = balance + 1; INSERT INTO ledger VALUES (1, 1)",
+    )
+    .await;
+    let end = current_lsn(&src).await;
+    sc.run_ok(
+        &with(&capture, &["--until-lsn", &end]),
+        Duration::from_secs(120),
+    )
+    .await;
+
+    let blocker = conformance::connect(&tgt).await.unwrap();
+    blocker
+        .batch_execute(
+            "BEGIN; CREATE SCHEMA IF NOT EXISTS walshift; \
+             CREATE TABLE walshift.applied_parts (x int)",
+        )
+        .await
+        .unwrap();
+    let waiting = |tgt: String| async move {
+        query_one::<i64>(
+            &tgt,
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE '%walshift.applied%'",
+        )
+        .await
+    };
+    let replay = args(&[
+        "replay",
+        "--buffer",
+        &buf,
+        "--target",
+        &tgt,
+        "--until-lsn",
+        &end,
+        "--no-progress",
+    ]);
+    let mut p = sc.spawn(&replay);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while waiting(tgt.clone()).await < 1 {
+        assert!(p.exited().is_none(), "replay exited:\n{}", p.tail());
+        assert!(
+            Instant::now() < deadline,
+            "replay never waited:\n{}",
+            p.tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(p.kill9());
+    sc.injections += 1;
+    let mut again = sc.spawn(&replay);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while waiting(tgt.clone()).await < 2 {
+        assert!(
+            again.exited().is_none(),
+            "the rerun exited:\n{}",
+            again.tail()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the rerun never waited:\n{}",
+            again.tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    let st = again.wait(Duration::from_secs(120)).await;
+    assert!(
+        st.success(),
+        "[replay-startup] the rerun exited with {st}:\n{}",
+        again.tail()
+    );
+    assert_same(&sc, &src, &tgt, "after the rerun").await;
+    sc.finish(1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // cutover
 
