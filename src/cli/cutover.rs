@@ -48,6 +48,9 @@ pub struct CutoverArgs {
     /// Abort and unfence if the switch has not started this long after the fence, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DUR")]
     max_window: Duration,
+    /// Wait this long for prepared transactions on the source to finish before refusing, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DUR")]
+    max_prepared_wait: Duration,
     /// What to compare before the switch: none, counts or checksum.
     #[arg(long, default_value = "counts", value_parser = parse_verify)]
     verify: VerifyMode,
@@ -60,10 +63,20 @@ pub struct CutoverArgs {
     /// Publication (as given to capture).
     #[arg(long, default_value = "walshift")]
     publication: String,
+    /// After a cutover whose switch started but was never recorded done (walshift killed
+    /// during the --switch hook): you checked that traffic reaches the target. Records the
+    /// switch as done, sets sequences (forward only) and runs --after. Never unfences.
+    #[arg(long)]
+    resume_after_switch: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
+
+/// Exit code: switched, but the --after hook failed (rerun runs only the after hook).
+pub const EXIT_AFTER_HOOK_FAILED: u8 = 4;
+/// Exit code: the switch started and its end is unknown; the source stays fenced.
+pub const EXIT_SWITCH_IN_DOUBT: u8 = 5;
 
 fn parse_fence(s: &str) -> Result<FenceMode, String> {
     s.parse()
@@ -88,6 +101,8 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
     config.max_window = a.max_window;
     config.verify = a.verify;
     config.dry_run = a.dry_run;
+    config.resume_after_switch = a.resume_after_switch;
+    config.max_prepared_wait = a.max_prepared_wait;
     if let Some(path) = &a.transform {
         config.transform = Some(Arc::new(crate::transform::Mapping::load(path)?));
     }
@@ -105,9 +120,17 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
         Ok(report) => {
             print(&report)?;
             Ok(match report.outcome {
-                Outcome::Switched | Outcome::DryRun => ExitCode::SUCCESS,
+                Outcome::Switched | Outcome::DryRun | Outcome::AlreadySwitched => ExitCode::SUCCESS,
+                Outcome::SwitchedAfterHookFailed => ExitCode::from(EXIT_AFTER_HOOK_FAILED),
                 _ => ExitCode::FAILURE,
             })
+        }
+        Err(CutoverError::SwitchInDoubt(doubt)) => {
+            if let Some(report) = &doubt.report {
+                print(report)?;
+            }
+            eprintln!("error: {doubt}");
+            Ok(ExitCode::from(EXIT_SWITCH_IN_DOUBT))
         }
         Err(CutoverError::Aborted(aborted)) => {
             print(&aborted.report)?;

@@ -130,10 +130,19 @@ pub struct Lag {
     /// buffered transaction) to the end of the first buffered transaction it does not have yet
     /// (0: replay has everything the buffer holds).
     pub replay_bytes: u64,
-    /// How long ago the oldest change not yet durable or applied was committed (the larger of
-    /// the walsender's `flush_lag` and the age of the first unapplied transaction in the
-    /// buffer); zero when nothing is behind.
+    /// How long ago the oldest change not yet durable or applied was committed: the largest
+    /// of the walsender's `flush_lag`, how long the source's WAL has been past the slot's
+    /// confirmed position (watched across calls), how long ago capture last replied to the
+    /// walsender (while WAL is unconfirmed), and the age of the first unapplied transaction in
+    /// the buffer; zero when nothing is behind.
     pub secs: f64,
+    /// Seconds since capture last replied to the walsender (`pg_stat_replication.reply_time`);
+    /// `None` when no walsender serves the slot.
+    pub reply_age_secs: Option<f64>,
+    /// Whether `secs` can be trusted to cover what is not durable: false while WAL is
+    /// unconfirmed and the meter has not yet seen the slot confirm anything it watched (the
+    /// unconfirmed WAL may be older than the meter's first look).
+    pub settled: bool,
 }
 
 /// Measures the lag, following the buffer forward between calls (positioning once, then
@@ -144,6 +153,10 @@ pub struct LagMeter {
     /// Start of the transaction being read, and the first commit past the applied LSN seen.
     begin: Lsn,
     next_unapplied: Option<(Lsn, crate::buffer::CommitInfo)>,
+    /// The source's WAL position at each call whose WAL the slot has not confirmed yet,
+    /// oldest first, with when it was seen; `first` is the meter's first look.
+    unconfirmed: std::collections::VecDeque<(std::time::Instant, Lsn)>,
+    first: Option<std::time::Instant>,
 }
 
 impl LagMeter {
@@ -153,6 +166,8 @@ impl LagMeter {
             iter: None,
             begin: Lsn::ZERO,
             next_unapplied: None,
+            unconfirmed: std::collections::VecDeque::new(),
+            first: None,
         }
     }
 
@@ -202,7 +217,9 @@ impl LagMeter {
                         (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1), \
                         (SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r \
                            JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1), \
-                        (SELECT active_pid IS NOT NULL AND active FROM pg_replication_slots WHERE slot_name = $1)",
+                        (SELECT active_pid IS NOT NULL AND active FROM pg_replication_slots WHERE slot_name = $1), \
+                        (SELECT extract(epoch FROM now() - r.reply_time)::float8 FROM pg_stat_replication r \
+                           JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1)",
                 &[&slot],
             )
             .await?;
@@ -212,13 +229,34 @@ impl LagMeter {
             .and_then(|s| s.parse().ok())
             .unwrap_or_default();
         let flush_lag: Option<f64> = row.get(2);
+        let now = std::time::Instant::now();
         let mut out = Lag {
             streaming: row.get::<_, Option<bool>>(3).unwrap_or(false),
             capture_bytes: wal.bytes_since(confirmed),
+            reply_age_secs: row.get(4),
+            settled: true,
             ..Default::default()
         };
+        // A stalled stream (capture stopped, the walsender stuck) keeps the slot active and
+        // flush_lag at its last value; what is not durable keeps ageing, and that is measured.
+        let first = *self.first.get_or_insert(now);
+        while self
+            .unconfirmed
+            .front()
+            .is_some_and(|(_, l)| *l <= confirmed)
+        {
+            self.unconfirmed.pop_front();
+        }
         if out.capture_bytes > 0 {
-            out.secs = flush_lag.unwrap_or(0.0);
+            if self.unconfirmed.back().is_none_or(|(_, l)| *l < wal) {
+                self.unconfirmed.push_back((now, wal));
+            }
+            let (since, _) = self.unconfirmed.front().copied().expect("just pushed");
+            out.settled = since > first;
+            out.secs = flush_lag
+                .unwrap_or(0.0)
+                .max(now.duration_since(since).as_secs_f64())
+                .max(out.reply_age_secs.unwrap_or(0.0));
         }
         if let Some((begin, commit)) = self.first_unapplied(applied)? {
             // Nothing applied yet: count from the first transaction's start.

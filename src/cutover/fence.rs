@@ -14,6 +14,17 @@
 //! while fenced the next cutover (or the operator) restores the right value; the file is
 //! removed once the fence is lifted or the cutover completed.
 //!
+//! **Role settings.** A role's own setting (`ALTER ROLE app [IN DATABASE shop] SET
+//! default_transaction_read_only = off`, in `pg_db_role_setting`) takes precedence over the
+//! database's and would let that role's new sessions write. The fence removes every such
+//! override that is not `on` (for this database, or role-wide), records each in the state file
+//! and the journal, and [`lift`] puts each back exactly. After terminating the sessions it
+//! proves the fence: for every role that was connected and every role that may log in to the
+//! database, the setting a new session of that role starts with (database-and-role, then role,
+//! then database entry — PostgreSQL's order) must be `on`; and a new session of walshift's own
+//! role must start read-only. Connection-string options (`options=-c
+//! default_transaction_read_only=off`) and `PGOPTIONS` are client-side and cannot be seen.
+//!
 //! The fence is a soft one: a client that connects afterwards and runs
 //! `SET default_transaction_read_only = off` can still write. `hook` mode (the `--before`
 //! command stops the application) or stopping the application yourself (`none`) are the
@@ -82,6 +93,18 @@ pub enum FenceError {
         timeout_ms: i64,
         pids: Vec<i32>,
     },
+    #[error(
+        "the read-only fence of database {database:?} does not hold for role(s) {roles}: a new session of theirs \
+         would start writable. Remove the setting (ALTER ROLE … RESET default_transaction_read_only), or use \
+         --fence hook"
+    )]
+    NotReadOnly { database: String, roles: String },
+    #[error(
+        "role {role:?} may not lift the role settings that would defeat the read-only fence ({overrides}): \
+         the fence removes them for the window and restores them on abort, which needs superuser or CREATEROLE. \
+         Grant that, remove the settings yourself, or use --fence hook"
+    )]
+    OverridePrivilege { role: String, overrides: String },
     #[error("{path}: {source}")]
     StateFile {
         path: PathBuf,
@@ -110,6 +133,84 @@ pub struct FenceState {
     /// The database-wide `default_transaction_read_only` before the fence; `None` = not set.
     pub previous: Option<String>,
     pub cutover_id: String,
+    /// Role settings removed by the fence (restored exactly by [`lift`]).
+    #[serde(default)]
+    pub role_overrides: Vec<RoleOverride>,
+}
+
+/// A role's own `default_transaction_read_only` setting that would defeat the fence.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoleOverride {
+    pub role: String,
+    /// `true`: `ALTER ROLE … IN DATABASE <this database> SET`; `false`: role-wide.
+    pub in_database: bool,
+    pub value: String,
+}
+
+impl RoleOverride {
+    fn clause(&self, database: &str) -> String {
+        if self.in_database {
+            format!(
+                "ALTER ROLE {} IN DATABASE {}",
+                quote_ident(&self.role),
+                quote_ident(database)
+            )
+        } else {
+            format!("ALTER ROLE {}", quote_ident(&self.role))
+        }
+    }
+}
+
+impl std::fmt::Display for RoleOverride {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "role {:?}{} = {}",
+            self.role,
+            if self.in_database {
+                " in this database"
+            } else {
+                ""
+            },
+            self.value
+        )
+    }
+}
+
+/// Whether a `default_transaction_read_only` value means on (PostgreSQL's boolean spellings).
+fn is_on(value: &str) -> bool {
+    let v = value.trim().trim_matches('\'').to_ascii_lowercase();
+    !v.is_empty()
+        && (v == "1"
+            || (v.len() >= 2 && "on".starts_with(&v))
+            || "true".starts_with(&v)
+            || "yes".starts_with(&v))
+}
+
+/// Role settings of `default_transaction_read_only` that are not `on`, for this database or
+/// role-wide: what would let a role's new sessions write through the fence.
+pub async fn role_overrides(client: &Client) -> Result<Vec<RoleOverride>, FenceError> {
+    let rows = client
+        .query(
+            "SELECT r.rolname::text, s.setdatabase <> 0, substr(kv, 31) \
+             FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole, unnest(s.setconfig) kv \
+             WHERE s.setrole <> 0 \
+               AND s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database())) \
+               AND kv LIKE 'default\\_transaction\\_read\\_only=%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(sql("reading the roles' settings"))?;
+    Ok(rows
+        .iter()
+        .map(|r| RoleOverride {
+            role: r.get(0),
+            in_database: r.get(1),
+            value: r.get(2),
+        })
+        .filter(|o| !is_on(&o.value))
+        .collect())
 }
 
 /// Name of the fence state file in the buffer directory.
@@ -137,19 +238,9 @@ impl FenceState {
 
     fn write(&self, buffer_dir: &Path) -> Result<(), FenceError> {
         let path = Self::path(buffer_dir);
-        let tmp = path.with_extension("json.tmp");
-        let io = |source| FenceError::StateFile {
-            path: path.clone(),
-            source,
-        };
         let body = serde_json::to_vec_pretty(self).expect("serializable");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&body).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io)
+        super::journal::write_durable(&path, &body)
+            .map_err(|source| FenceError::StateFile { path, source })
     }
 
     /// Removes the state file (the fence is lifted or the cutover is complete).
@@ -193,14 +284,34 @@ pub async fn check_privileges(client: &Client) -> Result<(), FenceError> {
         )
         .await
         .map_err(sql("checking the privileges needed to fence"))?;
-    if row.get::<_, Option<bool>>(2) == Some(true) {
-        Ok(())
-    } else {
-        Err(FenceError::Privilege {
+    if row.get::<_, Option<bool>>(2) != Some(true) {
+        return Err(FenceError::Privilege {
             role: row.get(0),
             database: row.get(1),
-        })
+        });
     }
+    let overrides = role_overrides(client).await?;
+    if !overrides.is_empty() {
+        let may: bool = client
+            .query_one(
+                "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(sql("checking the privileges needed to fence"))?
+            .get(0);
+        if !may {
+            return Err(FenceError::OverridePrivilege {
+                role: row.get(0),
+                overrides: overrides
+                    .iter()
+                    .map(|o| o.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Client sessions of the database other than `spare`: what read-only fencing would terminate.
@@ -230,14 +341,27 @@ pub async fn prepare(
         .await
         .map_err(sql("reading the database name"))?
         .get(0);
+    let mut role_overrides = role_overrides(client).await?;
     let previous = match leftover {
-        Some(l) if l.database == database => l.previous,
+        Some(l) if l.database == database => {
+            // Removed by the cutover that died: the catalog no longer shows them.
+            for o in l.role_overrides.into_iter().rev() {
+                if !role_overrides
+                    .iter()
+                    .any(|c| c.role == o.role && c.in_database == o.in_database)
+                {
+                    role_overrides.insert(0, o);
+                }
+            }
+            l.previous
+        }
         _ => current_setting(client).await?,
     };
     let state = FenceState {
         database,
         previous,
         cutover_id: cutover_id.to_owned(),
+        role_overrides,
     };
     state.write(buffer_dir)?;
     Ok(state)
@@ -261,19 +385,33 @@ pub async fn raise(
         .map_err(sql(
             "fencing the source (ALTER DATABASE … SET default_transaction_read_only = on)",
         ))?;
+    for o in &state.role_overrides {
+        client
+            .batch_execute(&format!(
+                "{} RESET default_transaction_read_only",
+                o.clause(&state.database)
+            ))
+            .await
+            .map_err(|source| FenceError::Sql {
+                context: format!("fencing the source (removing the setting of {o})"),
+                source,
+            })?;
+    }
     // Signal every session at once, then watch them go: `pg_terminate_backend(pid, timeout)`
     // would wait for each in turn, sleeping 100 ms between its checks.
-    let pids: Vec<i32> = client
+    let terminated = client
         .query(
-            "SELECT pid FROM pg_stat_activity, pg_terminate_backend(pid) AS signalled \
+            "SELECT pid, usename::text FROM pg_stat_activity, pg_terminate_backend(pid) AS signalled \
              WHERE datname = current_database() AND backend_type = 'client backend' \
                AND pid <> pg_backend_pid() AND pid <> ALL($1)",
             &[&spare],
         )
         .await
-        .map_err(sql("terminating the source's other sessions"))?
+        .map_err(sql("terminating the source's other sessions"))?;
+    let pids: Vec<i32> = terminated.iter().map(|r| r.get(0)).collect();
+    let connected: Vec<String> = terminated
         .iter()
-        .map(|r| r.get(0))
+        .filter_map(|r| r.get::<_, Option<String>>(1))
         .collect();
     let started = std::time::Instant::now();
     let timeout = std::time::Duration::from_millis(terminate_timeout_ms.max(1) as u64);
@@ -305,7 +443,88 @@ pub async fn raise(
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+    prove(client, state, &connected).await?;
     Ok(pids.len() as u64)
+}
+
+/// The catalog half of the proof: the setting a new session of each role in `connected`, and
+/// of each role that may log in to the database, starts with must be `on`.
+async fn prove(
+    client: &Client,
+    state: &FenceState,
+    connected: &[String],
+) -> Result<(), FenceError> {
+    let rows = client
+        .query(
+            "WITH d AS (SELECT oid FROM pg_database WHERE datname = current_database()), \
+                  roles AS (SELECT oid, rolname FROM pg_roles \
+                            WHERE rolname = ANY($1) \
+                               OR (rolcanlogin AND has_database_privilege(oid, (SELECT oid FROM d), 'CONNECT'))) \
+             SELECT r.rolname::text, ( \
+                 SELECT substr(kv, 31) FROM pg_db_role_setting s, unnest(s.setconfig) kv \
+                 WHERE kv LIKE 'default\\_transaction\\_read\\_only=%' \
+                   AND ((s.setdatabase = (SELECT oid FROM d) AND s.setrole = r.oid) \
+                     OR (s.setdatabase = 0 AND s.setrole = r.oid) \
+                     OR (s.setdatabase = (SELECT oid FROM d) AND s.setrole = 0) \
+                     OR (s.setdatabase = 0 AND s.setrole = 0)) \
+                 ORDER BY (s.setrole = 0), (s.setdatabase = 0) LIMIT 1) \
+             FROM roles r ORDER BY 1",
+            &[&connected],
+        )
+        .await
+        .map_err(sql("checking the fence holds for every role"))?;
+    let open: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.get::<_, Option<String>>(1).as_deref().is_some_and(is_on))
+        .map(|r| {
+            format!(
+                "{:?} ({})",
+                r.get::<_, String>(0),
+                r.get::<_, Option<String>>(1)
+                    .unwrap_or_else(|| "not set".into())
+            )
+        })
+        .collect();
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(FenceError::NotReadOnly {
+            database: state.database.clone(),
+            roles: open.join(", "),
+        })
+    }
+}
+
+/// The live half of the proof: a new session (of walshift's own role) starts read-only.
+pub async fn prove_new_session(
+    source: &crate::conn::ConnInfo,
+    database: &str,
+) -> Result<(), FenceError> {
+    let client = source
+        .connect()
+        .await
+        .map_err(|e| FenceError::NotReadOnly {
+            database: database.to_owned(),
+            roles: format!("(could not open a new session to check: {e})"),
+        })?;
+    let row = client
+        .query_one(
+            "SELECT current_user::text, current_setting('transaction_read_only')",
+            &[],
+        )
+        .await
+        .map_err(sql("checking a new session starts read-only"))?;
+    if row.get::<_, String>(1) == "on" {
+        Ok(())
+    } else {
+        Err(FenceError::NotReadOnly {
+            database: database.to_owned(),
+            roles: format!(
+                "{:?} (a new session is not read-only)",
+                row.get::<_, String>(0)
+            ),
+        })
+    }
 }
 
 /// Restores the previous setting exactly and removes the state file. Works over any session of
@@ -333,5 +552,18 @@ pub async fn lift(
     client.batch_execute(&stmt).await.map_err(sql(
         "unfencing the source (restoring default_transaction_read_only)",
     ))?;
+    for o in &state.role_overrides {
+        client
+            .batch_execute(&format!(
+                "{} SET default_transaction_read_only = {}",
+                o.clause(&state.database),
+                quote_literal(&o.value)
+            ))
+            .await
+            .map_err(|source| FenceError::Sql {
+                context: format!("unfencing the source (restoring the setting of {o})"),
+                source,
+            })?;
+    }
     FenceState::remove(buffer_dir)
 }

@@ -16,7 +16,14 @@
 //! A hook succeeds when it exits 0 within its timeout. On timeout its whole process group is
 //! killed (a hook's children go with it). Its stdout and stderr are collected; the last lines
 //! are kept in the report and in the error.
+//!
+//! **Hooks die with walshift.** Each hook runs in the process group of a small watchdog
+//! (`sh -c 'read x; kill -9 0'`) whose stdin is a pipe only walshift holds the other end of:
+//! if walshift dies — even by `kill -9` — the pipe closes, the watchdog's `read` returns and
+//! it kills the whole group, hook and children. A hook is never left running (say, finishing
+//! a switch) with nobody to record what it did.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -85,6 +92,19 @@ pub async fn run_hook(
         duration_secs: 0.0,
         output_tail: String::new(),
     };
+    let watchdog = match Watchdog::spawn() {
+        Ok(w) => w,
+        Err(source) => {
+            return (
+                run,
+                Err(HookError::Spawn {
+                    hook: hook.into(),
+                    command: command.into(),
+                    source,
+                }),
+            );
+        }
+    };
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
         .arg(command)
@@ -100,7 +120,7 @@ pub async fn run_hook(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
+        .process_group(watchdog.pgid)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -115,7 +135,6 @@ pub async fn run_hook(
             );
         }
     };
-    let pid = child.id();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let collect = async {
@@ -140,6 +159,15 @@ pub async fn run_hook(
     })
     .await;
     run.duration_secs = started.elapsed().as_secs_f64();
+    if waited.is_ok() {
+        watchdog.dismiss().await;
+    } else {
+        // SAFETY: signalling the process group our own watchdog child leads (it is alive
+        // and not reaped, so the group id is still ours).
+        unsafe {
+            libc::kill(-watchdog.pgid, libc::SIGKILL);
+        }
+    }
     match waited {
         Ok((status, out, err)) => {
             run.output_tail = tail(&out, &err);
@@ -172,12 +200,7 @@ pub async fn run_hook(
             }
         }
         Err(_) => {
-            if let Some(pid) = pid {
-                // SAFETY: signalling the process group our own child leads.
-                unsafe {
-                    libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
-                }
-            }
+            let _ = child.wait().await;
             (
                 run,
                 Err(HookError::Timeout {
@@ -188,6 +211,52 @@ pub async fn run_hook(
                 }),
             )
         }
+    }
+}
+
+/// Leads a hook's process group and kills it when walshift's end of its stdin pipe closes,
+/// that is when walshift exits for any reason (the pipe is close-on-exec: no other child of
+/// walshift holds it).
+struct Watchdog {
+    child: tokio::process::Child,
+    pgid: libc::pid_t,
+    /// walshift's end of the pipe; closing it fires the watchdog.
+    _end: OwnedFd,
+}
+
+impl Watchdog {
+    fn spawn() -> std::io::Result<Watchdog> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 fills two descriptors we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptors from pipe2, owned once each.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg("read x; kill -9 0")
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        let pgid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("the hook watchdog exited at once"))?
+            as libc::pid_t;
+        Ok(Watchdog {
+            child,
+            pgid,
+            _end: write,
+        })
+    }
+
+    /// The hook finished: stop the watchdog alone (what the hook left in the background
+    /// stays, as it would without walshift).
+    async fn dismiss(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
     }
 }
 
@@ -256,5 +325,33 @@ mod tests {
         let (_, r) = run_hook("after", "sleep 30", &ctx(), Duration::from_millis(200)).await;
         assert!(matches!(r, Err(HookError::Timeout { .. })));
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_hook_run_takes_the_hook_and_its_children_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let cmd = format!(
+            "sleep 30 & echo $! > {p}.tmp; mv {p}.tmp {p}; wait",
+            p = pidfile.display()
+        );
+        let c = ctx();
+        let run = run_hook("switch", &cmd, &c, Duration::from_secs(60));
+        // Dropping the future is what happens to a hook when walshift goes away.
+        let _ = tokio::time::timeout(Duration::from_millis(500), run).await;
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = Instant::now();
+        // SAFETY: signal 0 only checks the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 {
+            assert!(
+                gone.elapsed() < Duration::from_secs(5),
+                "the hook's child {pid} outlived it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -5,9 +5,11 @@
 //! [`run`] is the orchestrator and runs the phases in a straight line:
 //!
 //! 1. **postpone** — while `<buffer>/postpone-cutover` exists, wait (nothing is touched).
-//! 2. **preflight** — the buffer belongs to the source, the slot exists, the role may fence;
+//! 2. **preflight** — every setting is valid ([`CutoverConfig::validate`]); the journal allows
+//!    a cutover; the buffer belongs to the source, the slot exists, the role may fence;
 //!    capture and replay are running elsewhere or are started here ([`coord`]); wait until the
-//!    lag is under `max_lag`. Nothing is fenced yet.
+//!    lag (WAL not yet durable included) is under `max_lag` and no prepared transaction of
+//!    the source database is pending. Nothing is fenced yet.
 //! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
 //! 4. **marker** — `pg_logical_emit_message(true, 'walshift', <cutover id>)` on the source.
 //! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
@@ -22,8 +24,18 @@
 //! `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`] carries the
 //! cause and the report. Nothing captured is lost: capture and replay only ever move forward
 //! (the buffer, the slot and `walshift.applied` are untouched by an abort), so cutover can be
-//! run again. A failing `--switch` hook also aborts: the hook must leave traffic where it was
-//! when it fails. After the switch nothing is undone.
+//! run again. A `--switch` hook that exits non-zero also aborts: by contract it left traffic
+//! where it was. A switch hook killed (by its timeout, or with walshift) leaves the switch in
+//! doubt: nothing is undone then either (see the journal contract).
+//!
+//! **Journal contract** ([`journal`]): every step from the fence on is recorded durably in
+//! `<buffer>/cutover-journal.json`, read first by the next cutover. Once the switch has
+//! started, nothing is undone: the fence stays, sequences only move forward (also in the
+//! normal path: a target sequence is never set below its current value), and a switch whose
+//! end was not recorded (walshift killed, the hook killed by its timeout) makes every later
+//! cutover of the buffer refuse until the operator checks where traffic points and runs
+//! `--resume-after-switch`. A switch that was recorded done is not repeated: a rerun runs only
+//! a failed `--after` hook again, or says there is nothing left to do.
 //!
 //! A dry run does everything except fencing, the hooks and the switch, and reports the
 //! projected window (fence → verify done).
@@ -32,6 +44,7 @@ pub mod control;
 pub mod coord;
 pub mod fence;
 pub mod hooks;
+pub mod journal;
 pub mod live;
 pub mod report;
 pub mod sequences;
@@ -58,6 +71,7 @@ use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use fence::{FenceError, FenceState};
 use hooks::{HookContext, HookError};
+use journal::{Journal, State, Step};
 use report::Timeline;
 
 /// Name of the file that holds a cutover back while it exists.
@@ -121,6 +135,15 @@ pub struct CutoverConfig {
     pub capture_flush_interval: Duration,
     /// Batch time of a replay cutover starts itself. Default 50 ms.
     pub replay_batch_time: Duration,
+    /// The operator checked that traffic points to the target after a cutover whose switch
+    /// started but whose end was not recorded: record the switch as done, set sequences
+    /// (never backwards), run `after`. Default false (such a cutover is refused).
+    pub resume_after_switch: bool,
+    /// How long preflight waits for prepared transactions of the source database
+    /// (`pg_prepared_xacts`) to be committed or rolled back before refusing. Default 5 s. A
+    /// prepared transaction survives the fence and could be committed on the source after the
+    /// switch, never reaching the copy.
+    pub max_prepared_wait: Duration,
     /// Progress lines (waiting, lag). Default none.
     pub say: Option<Say>,
 }
@@ -150,8 +173,67 @@ impl CutoverConfig {
             poll_interval: Duration::from_millis(2),
             capture_flush_interval: Duration::from_millis(10),
             replay_batch_time: Duration::from_millis(50),
+            resume_after_switch: false,
+            max_prepared_wait: Duration::from_secs(5),
             say: None,
         }
+    }
+
+    /// Refuses impossible settings, before anything is connected to or touched.
+    pub fn validate(&self) -> Result<(), CutoverError> {
+        let bad =
+            |flag: &str, why: &str| Err(CutoverError::InvalidConfig(format!("{flag}: {why}")));
+        let positive = [
+            (
+                "--max-window",
+                self.max_window,
+                "the fence would be up with no time to drain: it would only ever fence, terminate every session and abort",
+            ),
+            (
+                "--max-lag",
+                self.max_lag,
+                "preflight would wait for a lag of exactly zero, which a source taking writes never reaches",
+            ),
+            (
+                "--hook-timeout",
+                self.hook_timeout,
+                "every hook would be killed at once",
+            ),
+            (
+                "terminate timeout",
+                self.terminate_timeout,
+                "terminated sessions would never be waited for",
+            ),
+            (
+                "poll interval",
+                self.poll_interval,
+                "the drain would poll without pause",
+            ),
+        ];
+        for (flag, d, why) in positive {
+            if d.is_zero() {
+                return bad(flag, &format!("must be more than 0 ({why})"));
+            }
+        }
+        if !valid_slot_name(&self.slot) {
+            return bad(
+                "--slot",
+                &format!(
+                    "{:?} is not a replication slot name (lower-case letters, digits and underscores, at most 63)",
+                    self.slot
+                ),
+            );
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 {
+            return bad("--publication", "must be 1 to 63 bytes");
+        }
+        if self.fence == FenceMode::Hook && self.before.is_none() && !self.dry_run {
+            return Err(CutoverError::HookModeWithoutBefore);
+        }
+        if self.dry_run && self.resume_after_switch {
+            return bad("--resume-after-switch", "cannot be combined with --dry-run");
+        }
+        Ok(())
     }
 
     fn say(&self, line: &str) {
@@ -212,17 +294,24 @@ pub enum CutoverError {
     )]
     CloneUnfinished,
 
+    #[error("invalid cutover setting {0}; nothing was touched")]
+    InvalidConfig(String),
+
     #[error("--fence hook needs a --before command that stops the application's writes")]
     HookModeWithoutBefore,
 
     #[error(
-        "the target is still {lag_secs:.1} s behind the source after {waited:?} (--max-lag {max:?}); nothing was fenced. \
-         Let replay catch up (or raise --max-lag) and run cutover again"
+        "the target is still {lag_secs:.1} s behind the source after {waited:?} (--max-lag {max:?}): \
+         {unconfirmed_bytes} bytes of source WAL not yet durable in the buffer, capture last replied {reply_age}; \
+         nothing was fenced. If capture is stalled (stopped, hung, its walsender stuck), restart it; otherwise let \
+         replay catch up (or raise --max-lag), then run cutover again"
     )]
     LagTimeout {
         lag_secs: f64,
         max: Duration,
         waited: Duration,
+        unconfirmed_bytes: u64,
+        reply_age: String,
     },
 
     #[error("--max-window {max:?} ran out during {phase} ({elapsed:?} after the fence went up)")]
@@ -274,6 +363,26 @@ pub enum CutoverError {
 
     #[error(transparent)]
     Aborted(Box<Aborted>),
+
+    #[error(transparent)]
+    SwitchInDoubt(Box<SwitchInDoubt>),
+
+    #[error(
+        "--resume-after-switch: the journal ({}) records no switch waiting to be confirmed; nothing to resume. \
+         Run walshift cutover without it",
+        .0.display()
+    )]
+    NothingToResume(PathBuf),
+
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+
+    #[error(
+        "{when}: prepared transaction(s) of the source database are pending: {list}. One could be committed on \
+         the source after the switch (COMMIT PREPARED works on a fenced database) and never reach the copy. \
+         Have their owner finish them (COMMIT PREPARED / ROLLBACK PREPARED 'gid'), then run cutover again"
+    )]
+    PreparedTransactions { when: String, list: String },
 }
 
 fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_ {
@@ -281,6 +390,31 @@ fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_
         context: context.to_owned(),
         source,
     }
+}
+
+/// A cutover whose switch started but whose end is not known: the source stays fenced, and
+/// every later cutover of the buffer refuses until the operator confirms where traffic points.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cutover {cutover_id}: the switch started{started} but its end was not recorded ({cause}). Traffic may point \
+     to either database, so walshift leaves the source fenced and sets nothing back. Check where the \
+     application's traffic points now. If it reaches the target (or once you finish the switch by hand): \
+     walshift cutover --resume-after-switch … (records the switch as done, sets sequences forward only, runs \
+     --after). If it still reaches the source and you want to stay there: lift the fence by hand \
+     (ALTER DATABASE … RESET default_transaction_read_only, see {fence_file}) and move {journal} aside \
+     before any new cutover",
+    started = self.started_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
+    fence_file = fence::STATE_FILE,
+    journal = self.journal.display()
+)]
+pub struct SwitchInDoubt {
+    pub cutover_id: String,
+    pub cause: String,
+    /// When the switch started (UTC, RFC 3339), from the journal.
+    pub started_at: Option<String>,
+    pub journal: PathBuf,
+    /// The report, when this run is the one whose switch was interrupted.
+    pub report: Option<CutoverReport>,
 }
 
 /// A cutover that stopped after the fence went up, before the switch.
@@ -408,6 +542,10 @@ struct Ctx<'a> {
     table_map: TableMap,
     /// Follows the buffer for the marker; positioned before the fence.
     scan: Option<coord::MarkerScan>,
+    /// This cutover's journal (none in a dry run).
+    journal: Option<Journal>,
+    /// The switch hook was started and did not cleanly fail: nothing may be undone.
+    switch_started: bool,
 }
 
 impl Ctx<'_> {
@@ -429,11 +567,27 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Records a step in the journal (durable before it returns).
+    fn record(&mut self, step: Step, note: impl Into<String>) -> Result<(), CutoverError> {
+        match &mut self.journal {
+            Some(j) => Ok(j.record(step, note)?),
+            None => Ok(()),
+        }
+    }
+
     fn remaining(&self) -> Duration {
         self.window_start
             .map(|s| self.config.max_window.saturating_sub(s.elapsed()))
             .unwrap_or(self.config.max_window)
     }
+}
+
+/// PostgreSQL's rule for replication slot names.
+fn valid_slot_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A fresh cutover id: `cutover-<unix seconds>-<pid>`.
@@ -515,8 +669,25 @@ async fn run_inner(
         config.verify.as_str().into(),
     );
     let mut tl = Timeline::new();
-    if config.fence == FenceMode::Hook && config.before.is_none() && !config.dry_run {
-        return Err(CutoverError::HookModeWithoutBefore);
+    config.validate()?;
+    // What the last cutover of this buffer left: a switch is never repeated or undone.
+    if let Some(previous) = Journal::read(&config.buffer_dir)? {
+        match previous.state() {
+            State::Open => {}
+            State::SwitchInDoubt if !config.resume_after_switch => {
+                return Err(in_doubt(
+                    &previous,
+                    "a previous run did not finish".into(),
+                    None,
+                ));
+            }
+            state => return after_switch(config, previous, state, report, tl).await,
+        }
+    }
+    if config.resume_after_switch {
+        return Err(CutoverError::NothingToResume(Journal::path(
+            &config.buffer_dir,
+        )));
     }
 
     if config.buffer_dir.join(POSTPONE_FILE).exists() {
@@ -687,11 +858,16 @@ async fn run_inner(
             None => config.table_map.clone(),
         },
         scan: None,
+        journal: (!config.dry_run).then(|| Journal::new(dir, &id)),
+        switch_started: false,
     };
     // The marker scan is positioned now, outside the window: finding a position in the buffer
     // reads up to a segment; following it afterwards reads only what is appended.
     let positioned = match wait_for_lag(&mut ctx).await {
-        Ok(()) => start_marker_scan(&ctx).await,
+        Ok(()) => match wait_prepared(&ctx).await {
+            Ok(()) => start_marker_scan(&ctx).await,
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     match positioned {
@@ -727,15 +903,20 @@ async fn run_inner(
             ctx.tl.begin("after");
             let (run, r) = hooks::run_hook("after", cmd, &ctx.hook_ctx, config.hook_timeout).await;
             ctx.report.hooks.push(run);
-            match r {
+            let recorded = match r {
                 Ok(()) => {
                     ctx.tl.end(&mut ctx.report, "");
+                    ctx.record(Step::AfterHookOk, "")
                 }
                 Err(e) => {
                     ctx.tl.end(&mut ctx.report, "failed");
                     ctx.report.outcome = Outcome::SwitchedAfterHookFailed;
                     ctx.report.error = Some(e.to_string());
+                    ctx.record(Step::AfterHookFailed, e.to_string())
                 }
+            };
+            if let Err(e) = recorded {
+                ctx.report.warnings.push(e.to_string());
             }
         }
         if ctx.report.outcome == Outcome::InProgress {
@@ -764,6 +945,58 @@ async fn start_marker_scan(ctx: &Ctx<'_>) -> Result<coord::MarkerScan, CutoverEr
     Ok(scan)
 }
 
+/// The source database's prepared transactions, described (gid, owner, age).
+async fn prepared_xacts(src: &Client) -> Result<Vec<String>, CutoverError> {
+    Ok(src
+        .query(
+            "SELECT format('%L (owner %s, prepared %s ago)', gid, owner, \
+                    date_trunc('second', now() - prepared)) \
+             FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared",
+            &[],
+        )
+        .await
+        .map_err(sql("listing the source's prepared transactions"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Preflight: waits up to `max_prepared_wait` for the source's prepared transactions to end.
+async fn wait_prepared(ctx: &Ctx<'_>) -> Result<(), CutoverError> {
+    if ctx.config.dry_run {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let pending = prepared_xacts(&ctx.src).await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= ctx.config.max_prepared_wait {
+            return Err(CutoverError::PreparedTransactions {
+                when: format!(
+                    "preflight (waited {:?}); nothing was fenced",
+                    ctx.config.max_prepared_wait
+                ),
+                list: pending.join(", "),
+            });
+        }
+        if ctx.interrupted.load(Ordering::Relaxed) {
+            return Err(CutoverError::Interrupted);
+        }
+        if !said {
+            ctx.config.say(&format!(
+                "cutover waiting up to {:?} for prepared transactions on the source: {}",
+                ctx.config.max_prepared_wait,
+                pending.join(", ")
+            ));
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Preflight's wait: lag under `max_lag` and no postpone file.
 async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     let config = ctx.config;
@@ -790,7 +1023,7 @@ async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 ));
                 said_postpone = Some(Instant::now());
             }
-        } else if lag.streaming && lag.secs <= config.max_lag.as_secs_f64() {
+        } else if lag.streaming && lag.settled && lag.secs <= config.max_lag.as_secs_f64() {
             ctx.tl.end(
                 &mut ctx.report,
                 format!(
@@ -807,6 +1040,11 @@ async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 lag_secs: lag.secs,
                 max: config.max_lag,
                 waited: started.elapsed(),
+                unconfirmed_bytes: lag.capture_bytes,
+                reply_age: lag
+                    .reply_age_secs
+                    .map(|a| format!("{a:.1} s ago"))
+                    .unwrap_or_else(|| "never (no walsender serves the slot)".into()),
             });
         }
         if !postponed && !lag.streaming && last_said.elapsed() >= Duration::from_secs(2) {
@@ -846,8 +1084,23 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
                 fence::prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
             ctx.report.fence_previous_setting = state.previous.clone();
             ctx.fence_state = Some(state.clone());
+            if let Some(j) = &mut ctx.journal {
+                j.fence = Some(state.clone());
+            }
+            ctx.record(Step::Fenced, "read-only")?;
             let timeout = config.terminate_timeout.min(ctx.remaining());
+            ctx.report.fence_role_settings_removed =
+                state.role_overrides.iter().map(|o| o.to_string()).collect();
             let n = fence::raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
+            fence::prove_new_session(&config.source, &state.database).await?;
+            // One prepared between preflight's check and the termination survives it.
+            let pending = prepared_xacts(&ctx.src).await?;
+            if !pending.is_empty() {
+                return Err(CutoverError::PreparedTransactions {
+                    when: "after the fence".into(),
+                    list: pending.join(", "),
+                });
+            }
             ctx.report.sessions_terminated = n;
             note.push_str(&format!("read-only; {n} session(s) terminated"));
         }
@@ -855,8 +1108,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             let n = fence::other_sessions(&ctx.src, &[own_pid]).await?.len();
             note.push_str(&format!("dry run: would terminate {n} session(s)"));
         }
-        (FenceMode::Hook, _) => note.push_str("fenced by the before hook"),
-        (FenceMode::None, _) => note.push_str("none (writes stopped by the operator)"),
+        (FenceMode::Hook, _) => {
+            ctx.record(Step::Fenced, "by the before hook")?;
+            note.push_str("fenced by the before hook")
+        }
+        (FenceMode::None, _) => {
+            ctx.record(Step::Fenced, "none")?;
+            note.push_str("none (writes stopped by the operator)")
+        }
     }
     let applied_at_fence = coord::applied(&ctx.tgt, &ctx.buffer_id)
         .await
@@ -884,6 +1143,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
         .parse()
         .unwrap_or_default();
     ctx.report.marker_lsn = Some(marker);
+    ctx.record(Step::Marker, marker.to_string())?;
     ctx.tl.end(&mut ctx.report, format!("at {marker}"));
 
     // Drain: durable in the buffer (slot confirmed) and applied on the target.
@@ -915,6 +1175,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     };
     ctx.report.marker_commit_end = Some(end);
     ctx.hook_ctx.marker = Some(end);
+    ctx.record(Step::Drained, end.to_string())?;
     ctx.tl.end(&mut ctx.report, format!("applied past {end}"));
 
     // Sequences.
@@ -926,6 +1187,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     ctx.report.sequences = synced.set;
     ctx.report.sequences_skipped = synced.skipped;
     let note = format!("{} set", ctx.report.sequences.len());
+    ctx.record(Step::Sequences, note.clone())?;
     ctx.tl.end(&mut ctx.report, note);
 
     // Verify.
@@ -982,6 +1244,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             }
         }
         let n = ctx.report.verified.len();
+        ctx.record(Step::Verified, format!("{n} tables"))?;
         ctx.tl.end(&mut ctx.report, format!("{n} tables"));
     } else {
         ctx.tl.end(&mut ctx.report, "skipped (--verify none)");
@@ -995,12 +1258,40 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     // Switch.
     ctx.deadline_check("the switch (not started)")?;
     ctx.tl.begin("switch");
+    // Durable before the hook runs: from here on nothing is undone unless the hook says,
+    // by failing cleanly, that it left traffic where it was.
+    ctx.record(
+        Step::SwitchStarted,
+        config.switch.clone().unwrap_or_default(),
+    )?;
+    ctx.switch_started = true;
     if let Some(cmd) = &config.switch {
         let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
         ctx.report.hooks.push(run);
-        r?;
+        match r {
+            Ok(()) => {}
+            // Exited with a status (not killed by a signal): by the hook contract, traffic is
+            // where it was.
+            Err(e @ HookError::Failed { .. })
+                if ctx
+                    .report
+                    .hooks
+                    .last()
+                    .is_some_and(|h| h.exit_code.is_some()) =>
+            {
+                ctx.switch_started = false;
+                ctx.record(
+                    Step::SwitchFailed,
+                    "the switch hook exited non-zero: traffic left where it was (hook contract)",
+                )?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        ctx.record(Step::SwitchDone, "switch hook done")?;
         ctx.tl.end(&mut ctx.report, "switch hook done");
     } else {
+        ctx.record(Step::SwitchDone, "no --switch hook")?;
         ctx.tl.end(&mut ctx.report, "no --switch hook");
     }
     ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
@@ -1011,6 +1302,17 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
 async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
     let config = ctx.config;
     ctx.tl.end_open(&mut ctx.report, format!("failed: {cause}"));
+    if ctx.switch_started {
+        ctx.report.outcome = Outcome::SwitchInDoubt;
+        ctx.report.error = Some(cause.to_string());
+        let warnings = ctx.helpers.stop().await;
+        ctx.report.warnings.extend(warnings);
+        let journal = ctx
+            .journal
+            .take()
+            .unwrap_or_else(|| Journal::new(&config.buffer_dir, ""));
+        return in_doubt(&journal, cause.to_string(), Some(ctx.report));
+    }
     ctx.tl.begin("unfence");
     let mut unfenced = Ok(());
     let had_fence = ctx.fence_state.is_some();
@@ -1027,6 +1329,13 @@ async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
     ctx.tl.end(&mut ctx.report, note);
     ctx.report.outcome = Outcome::Aborted;
     ctx.report.error = Some(cause.to_string());
+    let recorded = match &unfenced {
+        Ok(()) => ctx.record(Step::Aborted, "unfenced"),
+        Err(e) => ctx.record(Step::Aborted, format!("unfencing failed: {e}")),
+    };
+    if let Err(e) = recorded {
+        ctx.report.warnings.push(e.to_string());
+    }
     let warnings = ctx.helpers.stop().await;
     ctx.report.warnings.extend(warnings);
     CutoverError::Aborted(Box::new(Aborted {
@@ -1059,4 +1368,110 @@ async fn lift_with_retry(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(last)
+}
+
+/// The refusal (or the interruption) of a switch whose end is unknown.
+fn in_doubt(journal: &Journal, cause: String, report: Option<CutoverReport>) -> CutoverError {
+    CutoverError::SwitchInDoubt(Box::new(SwitchInDoubt {
+        cutover_id: journal.cutover_id.clone(),
+        cause,
+        started_at: journal.when(Step::SwitchStarted).map(|t| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
+                .to_string()
+        }),
+        journal: journal.file().to_path_buf(),
+        report,
+    }))
+}
+
+/// A rerun after the switch: finishes what is left (the switch confirmed by the operator, a
+/// failed after hook) and never repeats or undoes the switch.
+async fn after_switch(
+    config: &CutoverConfig,
+    mut journal: Journal,
+    state: State,
+    mut report: CutoverReport,
+    mut tl: Timeline,
+) -> Result<CutoverReport, CutoverError> {
+    let dir = &config.buffer_dir;
+    report.cutover_id = journal.cutover_id.clone();
+    report.fence_previous_setting = journal.fence.as_ref().and_then(|f| f.previous.clone());
+    if state == State::Switched {
+        config.say(&format!(
+            "cutover {} already switched (recorded in {}); nothing left to do",
+            journal.cutover_id,
+            journal.file().display()
+        ));
+        report.outcome = Outcome::AlreadySwitched;
+        return Ok(report);
+    }
+    if state == State::SwitchInDoubt {
+        tl.begin("resume");
+        journal.record(
+            Step::SwitchDone,
+            "recorded by --resume-after-switch: the operator confirmed where traffic points",
+        )?;
+        let src = config.source.connect().await?;
+        prepare_session(&src).await?;
+        let tgt = config.target.connect().await?;
+        prepare_session(&tgt).await?;
+        let map = match &config.transform {
+            Some(m) => TableMap::from_mapping(m.clone()),
+            None => config.table_map.clone(),
+        };
+        let synced = sequences::sync(&src, &tgt, &map)
+            .await
+            .map_err(sql("syncing sequences (forward only)"))?;
+        report.sequences = synced.set;
+        report.sequences_skipped = synced.skipped;
+        if let Err(e) = FenceState::remove(dir) {
+            report.warnings.push(e.to_string());
+        }
+        let note = format!(
+            "switch recorded done; sequences set forward only ({} kept, target ahead)",
+            report.sequences.iter().filter(|s| s.target_ahead).count()
+        );
+        tl.end(&mut report, note);
+    }
+    match &config.after {
+        Some(cmd) => {
+            tl.begin("after");
+            let hook_ctx = HookContext {
+                cutover_id: journal.cutover_id.clone(),
+                source: config.source.clone(),
+                target: config.target.clone(),
+                buffer_dir: dir.clone(),
+                marker: journal
+                    .entries
+                    .iter()
+                    .find(|e| e.step == Step::Drained)
+                    .and_then(|e| e.note.parse().ok()),
+            };
+            let (run, r) = hooks::run_hook("after", cmd, &hook_ctx, config.hook_timeout).await;
+            report.hooks.push(run);
+            match r {
+                Ok(()) => {
+                    tl.end(&mut report, "");
+                    journal.record(Step::AfterHookOk, "")?;
+                    report.outcome = Outcome::Switched;
+                }
+                Err(e) => {
+                    tl.end(&mut report, "failed");
+                    journal.record(Step::AfterHookFailed, e.to_string())?;
+                    report.outcome = Outcome::SwitchedAfterHookFailed;
+                    report.error = Some(e.to_string());
+                }
+            }
+        }
+        None if state == State::SwitchedAfterHookFailed => {
+            report.warnings.push(format!(
+                "the --after hook of cutover {} failed and no --after was given, so nothing ran: \
+                 run the after-steps by hand, or run cutover again with --after",
+                journal.cutover_id
+            ));
+            report.outcome = Outcome::SwitchedAfterHookFailed;
+        }
+        None => report.outcome = Outcome::Switched,
+    }
+    Ok(report)
 }

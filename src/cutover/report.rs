@@ -22,6 +22,11 @@ pub enum Outcome {
     DryRun,
     /// Stopped before the switch; the source was unfenced.
     Aborted,
+    /// The switch started and its end is unknown (walshift interrupted, the hook killed): the
+    /// source stays fenced; see [`super::SwitchInDoubt`].
+    SwitchInDoubt,
+    /// A rerun found the switch recorded done and nothing left to do.
+    AlreadySwitched,
     /// Still running (only seen in a report taken mid-way).
     InProgress,
 }
@@ -48,6 +53,9 @@ pub struct SequenceSync {
     pub target: String,
     pub last_value: i64,
     pub is_called: bool,
+    /// The target was already past the source: its value was kept (never set backwards).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub target_ahead: bool,
 }
 
 /// One table's verification.
@@ -88,6 +96,10 @@ pub struct CutoverReport {
     /// Value of the database's `default_transaction_read_only` setting before the fence
     /// (`None`: not set for the database); what unfencing restores.
     pub fence_previous_setting: Option<String>,
+    /// Role settings of `default_transaction_read_only` the fence removed (they would have let
+    /// those roles write); restored on abort, left removed after a switch.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fence_role_settings_removed: Vec<String>,
     /// Client sessions terminated by the fence.
     pub sessions_terminated: u64,
     /// `external` (a running `walshift capture`/`walshift run`) or `in-process`.
@@ -127,6 +139,7 @@ impl CutoverReport {
             dry_run,
             fence,
             fence_previous_setting: None,
+            fence_role_settings_removed: Vec::new(),
             sessions_terminated: 0,
             capture: String::new(),
             replay: String::new(),
@@ -216,6 +229,8 @@ impl fmt::Display for CutoverReport {
             Outcome::SwitchedAfterHookFailed => "SWITCHED (after-hook failed)",
             Outcome::DryRun => "DRY RUN (nothing fenced, nothing switched)",
             Outcome::Aborted => "ABORTED (source unfenced)",
+            Outcome::SwitchInDoubt => "SWITCH IN DOUBT (source stays fenced)",
+            Outcome::AlreadySwitched => "ALREADY SWITCHED (nothing left to do)",
             Outcome::InProgress => "IN PROGRESS",
         };
         writeln!(f, "cutover {}: {outcome}", self.cutover_id)?;
@@ -300,6 +315,13 @@ impl fmt::Display for CutoverReport {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "by signal/timeout".into()),
                 ms(h.duration_secs)
+            )?;
+        }
+        if !self.fence_role_settings_removed.is_empty() {
+            writeln!(
+                f,
+                "role settings removed by the fence: {}",
+                self.fence_role_settings_removed.join(", ")
             )?;
         }
         for w in &self.warnings {

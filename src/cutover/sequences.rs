@@ -8,6 +8,11 @@
 //! of the same schema-qualified name. A source sequence with no counterpart on the target is
 //! reported as skipped. When several source sequences feed one target sequence, it gets the
 //! largest value.
+//!
+//! **Never backwards:** a target sequence already past its source value (the application
+//! took numbers on the target after a switch, or an earlier cutover set it) is left as it
+//! is — the target gets the greater of the two (in the sequence's direction), so a cutover run
+//! again after a switch cannot hand out numbers the new primary already used.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -220,22 +225,59 @@ pub async fn sync(
     if plan.is_empty() {
         return Ok(out);
     }
-    let names: Vec<&str> = plan.keys().map(String::as_str).collect();
-    let values: Vec<i64> = plan.values().map(|v| v.0).collect();
-    let called: Vec<bool> = plan.values().map(|v| v.1).collect();
-    target
-        .execute(
-            "SELECT setval(x.s::regclass, x.v, x.c) FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(s, v, c)",
-            &[&names, &values, &called],
-        )
-        .await?;
-    for (t, (v, c, sources)) in &plan {
+    // The target's own positions: a target already ahead keeps its value.
+    let current_sql = plan
+        .keys()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "SELECT {i}, last_value, is_called, \
+                 (SELECT seqincrement FROM pg_sequence WHERE seqrelid = {}::regclass) FROM {t}",
+                crate::sql::quote_literal(t)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let mut ahead = vec![false; plan.len()];
+    for r in target.query(&current_sql, &[]).await? {
+        let i = r.get::<_, i32>(0) as usize;
+        let (tv, tc, inc): (i64, bool, i64) = (r.get(1), r.get(2), r.get(3));
+        let e = plan
+            .values_mut()
+            .nth(i)
+            .expect("one row per planned sequence");
+        let next = |v: i64, c: bool| if c { v.saturating_add(inc) } else { v };
+        let (src_next, tgt_next) = (next(e.0, e.1), next(tv, tc));
+        if (inc > 0 && tgt_next > src_next) || (inc < 0 && tgt_next < src_next) {
+            e.0 = tv;
+            e.1 = tc;
+            ahead[i] = true;
+        }
+    }
+    let mut names: Vec<&str> = Vec::new();
+    let mut values: Vec<i64> = Vec::new();
+    let mut called: Vec<bool> = Vec::new();
+    for ((name, (v, c, _)), _) in plan.iter().zip(&ahead).filter(|(_, a)| !**a) {
+        names.push(name);
+        values.push(*v);
+        called.push(*c);
+    }
+    if !names.is_empty() {
+        target
+            .execute(
+                "SELECT setval(x.s::regclass, x.v, x.c) FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(s, v, c)",
+                &[&names, &values, &called],
+            )
+            .await?;
+    }
+    for ((t, (v, c, sources)), &target_ahead) in plan.iter().zip(&ahead) {
         for &i in sources {
             out.set.push(SequenceSync {
                 source: quote_qualified(&seqs[i].schema, &seqs[i].name),
                 target: t.clone(),
                 last_value: *v,
                 is_called: *c,
+                target_ahead,
             });
         }
     }

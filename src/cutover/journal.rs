@@ -1,0 +1,229 @@
+//! The cutover journal: `<buffer>/cutover-journal.json`, the durable record of how far a
+//! cutover got, read first by every cutover of the buffer.
+//!
+//! Each step is appended as it happens and the file rewritten with fsync + rename (mode 0600):
+//! fenced (with what unfencing restores), marker, drained, sequences, verified, **switch
+//! started**, **switch done** (or switch failed: the hook exited non-zero, which by the hook
+//! contract left traffic where it was), the after hook's result, aborted.
+//!
+//! **Contract:** once `switch started` is recorded, walshift never lifts the fence of that
+//! source and never moves a target sequence backwards; a later cutover of the buffer reads
+//! the journal and either finishes what was left (the after hook), says nothing is left, or
+//! refuses until the operator says where traffic points (`--resume-after-switch`).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::fence::FenceState;
+
+/// Name of the journal file in the buffer directory.
+pub const JOURNAL_FILE: &str = "cutover-journal.json";
+
+/// One step of a cutover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Fenced,
+    Marker,
+    Drained,
+    Sequences,
+    Verified,
+    SwitchStarted,
+    SwitchDone,
+    /// The switch hook exited non-zero: traffic was left where it was (the hook contract).
+    SwitchFailed,
+    AfterHookOk,
+    AfterHookFailed,
+    /// Stopped before the switch started; the fence was lifted (or there was none).
+    Aborted,
+}
+
+/// A recorded step.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    pub step: Step,
+    /// Seconds since the Unix epoch.
+    pub at: f64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// Where the journal says the last cutover of this buffer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No cutover got as far as the switch (none ran, it aborted, or it died before the
+    /// switch): a new cutover may run.
+    Open,
+    /// The switch started and its end was never recorded: traffic may point anywhere.
+    SwitchInDoubt,
+    /// Switched; the after hook failed.
+    SwitchedAfterHookFailed,
+    /// Switched; nothing left to do.
+    Switched,
+}
+
+/// The journal of one cutover.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Journal {
+    pub cutover_id: String,
+    /// What lifting the fence restores (read-only fence only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceState>,
+    pub entries: Vec<Entry>,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+/// Journal failures.
+#[derive(Debug, thiserror::Error)]
+#[error("cutover journal {path}: {source}")]
+pub struct JournalError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Journal {
+    pub fn path(buffer_dir: &Path) -> PathBuf {
+        buffer_dir.join(JOURNAL_FILE)
+    }
+
+    /// A fresh journal for `cutover_id` (not written until the first [`Journal::record`]).
+    pub fn new(buffer_dir: &Path, cutover_id: &str) -> Self {
+        Journal {
+            cutover_id: cutover_id.to_owned(),
+            fence: None,
+            entries: Vec::new(),
+            path: Self::path(buffer_dir),
+        }
+    }
+
+    /// The journal of the buffer's last cutover, if any.
+    pub fn read(buffer_dir: &Path) -> Result<Option<Journal>, JournalError> {
+        let path = Self::path(buffer_dir);
+        match std::fs::read(&path) {
+            Ok(b) => {
+                let mut j: Journal = serde_json::from_slice(&b).map_err(|e| JournalError {
+                    path: path.clone(),
+                    source: std::io::Error::other(format!(
+                        "unreadable ({e}); it is the only record of whether traffic was switched: \
+                             check where traffic points, then move the file aside"
+                    )),
+                })?;
+                j.path = path;
+                Ok(Some(j))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(JournalError { path, source }),
+        }
+    }
+
+    /// The journal's file.
+    pub fn file(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn has(&self, step: Step) -> bool {
+        self.entries.iter().any(|e| e.step == step)
+    }
+
+    pub fn state(&self) -> State {
+        if self.has(Step::SwitchDone) {
+            match self
+                .entries
+                .iter()
+                .rev()
+                .find(|e| matches!(e.step, Step::AfterHookOk | Step::AfterHookFailed))
+            {
+                Some(e) if e.step == Step::AfterHookFailed => State::SwitchedAfterHookFailed,
+                _ => State::Switched,
+            }
+        } else if self.has(Step::SwitchStarted) && !self.has(Step::SwitchFailed) {
+            State::SwitchInDoubt
+        } else {
+            State::Open
+        }
+    }
+
+    /// When `step` was recorded, as seconds since the Unix epoch.
+    pub fn when(&self, step: Step) -> Option<f64> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.step == step)
+            .map(|e| e.at)
+    }
+
+    /// Appends `step` and makes the journal durable before returning.
+    pub fn record(&mut self, step: Step, note: impl Into<String>) -> Result<(), JournalError> {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.entries.push(Entry {
+            step,
+            at,
+            note: note.into(),
+        });
+        let body = serde_json::to_vec_pretty(self).expect("serializable");
+        write_durable(&self.path, &body).map_err(|source| JournalError {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Writes `data` to `path` atomically and durably: a 0600 temporary file, fsynced, renamed
+/// over `path`, and the directory fsynced.
+pub(crate) fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn states_follow_the_recorded_steps_and_the_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new(dir.path(), "c1");
+        assert_eq!(j.state(), State::Open);
+        j.record(Step::Fenced, "").unwrap();
+        j.record(Step::SwitchStarted, "").unwrap();
+        assert_eq!(j.state(), State::SwitchInDoubt);
+        let back = Journal::read(dir.path()).unwrap().unwrap();
+        assert_eq!(back.state(), State::SwitchInDoubt);
+        assert_eq!(back.cutover_id, "c1");
+        let mode = std::fs::metadata(Journal::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        j.record(Step::SwitchDone, "").unwrap();
+        j.record(Step::AfterHookFailed, "").unwrap();
+        assert_eq!(j.state(), State::SwitchedAfterHookFailed);
+        j.record(Step::AfterHookOk, "").unwrap();
+        assert_eq!(j.state(), State::Switched);
+        let mut k = Journal::new(dir.path(), "c2");
+        k.record(Step::SwitchStarted, "").unwrap();
+        k.record(Step::SwitchFailed, "exit 1").unwrap();
+        assert_eq!(k.state(), State::Open);
+    }
+}
