@@ -556,7 +556,11 @@ async fn interrupted_clones_are_redone_and_only_this_buffers() {
         let cluster = &cluster;
         async move {
             let c = cluster.connect(db).await.unwrap();
-            let n: i64 = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM t", &[])
+                .await
+                .unwrap()
+                .get(0);
             n
         }
     };

@@ -396,7 +396,9 @@ fn read_clone_attempts(dir: &std::path::Path) -> Result<CloneAttempts, CaptureEr
                 &path,
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("not a walshift clone list ({e}); restore it or remove the buffer directory"),
+                    format!(
+                        "not a walshift clone list ({e}); restore it or remove the buffer directory"
+                    ),
                 ),
             )
             .into()
@@ -425,10 +427,7 @@ fn record_clone_attempt(
 }
 
 /// Whether `state` is an unfinished clone this buffer started (see [`CLONES_FILE`]).
-fn own_unfinished_clone(
-    state: Option<&clone::CloneState>,
-    attempts: &CloneAttempts,
-) -> bool {
+fn own_unfinished_clone(state: Option<&clone::CloneState>, attempts: &CloneAttempts) -> bool {
     state.is_some_and(|s| {
         s.status == CloneStatus::Copying
             && s.origin
