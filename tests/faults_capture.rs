@@ -374,6 +374,22 @@ async fn buffer_files_are_private() {
     assert_eq!(mode(&files[0]), 0o600);
 }
 
+/// Hygiene: `run` creates its buffer directory 0700 itself, before anything else touches it
+/// (here the control socket cannot be bound, a path too long for a Unix socket, so `run`
+/// stops before capture opens the buffer).
+#[tokio::test]
+async fn live_run_creates_its_buffer_directory_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("b".repeat(120));
+    let conn = walshift::conn::ConnInfo::parse("host=127.0.0.1 port=1 dbname=x user=x").unwrap();
+    let config = walshift::cutover::live::LiveConfig::new(conn.clone(), conn, &dir);
+    let result = walshift::cutover::live::run(config, std::future::pending()).await;
+    assert!(result.is_err(), "the control socket cannot be bound");
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{result:?}");
+}
+
 /// Hygiene: `status` on a regular file says so; a garbage `--log` filter is an error, a real
 /// one is accepted.
 #[test]
@@ -502,4 +518,115 @@ async fn an_empty_buffer_confirmed_while_idle_resumes() {
     insert(&cluster, 1, 2).await;
     let report = capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
     assert_eq!(report.changes, 2);
+}
+
+/// Interrupted clones are redone by a plain rerun, never needing `--force`, and never at the
+/// cost of a target that is not this buffer's clone: (1) a start killed right after its slot
+/// was created (only the claim file) clones from a new slot; (2) a redo killed after it
+/// removed `buffer.json`, before its new slot existed, still knows its target's unfinished
+/// clone; (3) another buffer's unfinished clone is refused, its rows untouched.
+#[tokio::test]
+async fn interrupted_clones_are_redone_and_only_this_buffers() {
+    use walshift::clone::{self, CloneError, CloneOptions, CloneStatus};
+    use walshift::conn::ConnInfo;
+    let cluster = setup().await;
+    insert(&cluster, 1, 3).await;
+    for db in ["a", "c", "d"] {
+        cluster.create_database(db).await.unwrap();
+    }
+    let client = cluster.connect("postgres").await.unwrap();
+    let system: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let conn = |db: &str| ConnInfo::parse(&cluster.conn_string(db)).unwrap();
+    let source = conn("postgres");
+    let cloning = |slot: &'static str, target: &str| {
+        let opts = CloneOptions::new(source.clone(), conn(target));
+        move |c: &mut CaptureConfig| {
+            c.slot = slot.into();
+            c.clone = Some(opts);
+        }
+    };
+    let rows = |db: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let c = cluster.connect(db).await.unwrap();
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM t", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+    let interrupt = |db: &'static str| {
+        let cluster = &cluster;
+        async move {
+            cluster
+                .execute(db, "UPDATE walshift.clone_state SET state = 'copying'")
+                .await
+                .unwrap();
+        }
+    };
+    let claim = |dir: &Path, slot: &str| {
+        std::fs::write(
+            dir.join(capture::CLAIM_FILE),
+            format!(r#"{{"system_identifier": "{system}", "slot": "{slot}"}}"#),
+        )
+        .unwrap();
+    };
+    let work = tempfile::tempdir().unwrap();
+
+    // (1) Killed right after the slot was created: the claim and the slot, nothing else.
+    let a = work.path().join("a");
+    std::fs::create_dir_all(&a).unwrap();
+    claim(&a, "a");
+    client
+        .batch_execute("SELECT pg_create_logical_replication_slot('a', 'pgoutput')")
+        .await
+        .unwrap();
+    capture_now(&cluster, &a, cloning("a", "a")).await.unwrap();
+    assert_eq!(rows("a").await, 3);
+
+    // Buffer d cloned into d, the clone then "interrupted"; c's clone into c likewise.
+    let (c, d) = (work.path().join("c"), work.path().join("d"));
+    capture_now(&cluster, &c, cloning("c", "c")).await.unwrap();
+    capture_now(&cluster, &d, cloning("d", "d")).await.unwrap();
+    interrupt("c").await;
+    interrupt("d").await;
+    cluster
+        .execute("c", "INSERT INTO t VALUES (100, 'only in c')")
+        .await
+        .unwrap();
+
+    // (3) Buffer d pointed at c by mistake: c holds another buffer's clone, refused untouched.
+    let err = capture_now(&cluster, &d, cloning("d", "c"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CaptureError::Clone(CloneError::Interrupted { .. })),
+        "{err}"
+    );
+    assert_eq!(rows("c").await, 4);
+
+    // (2) A redo of d killed after it removed buffer.json, while its new slot was being
+    // created (the slot dies with the connection that was creating it): the claim only.
+    client
+        .batch_execute("SELECT pg_drop_replication_slot('d')")
+        .await
+        .unwrap();
+    for f in [walshift::buffer::META_FILE, walshift::buffer::PROGRESS_FILE] {
+        let _ = std::fs::remove_file(d.join(f));
+    }
+    claim(&d, "d");
+    insert(&cluster, 4, 2).await;
+    capture_now(&cluster, &d, cloning("d", "d")).await.unwrap();
+    assert_eq!(rows("d").await, 5);
+    let state = clone::clone_state(&conn("d")).await.unwrap().unwrap();
+    assert_eq!(state.status, CloneStatus::Done);
 }

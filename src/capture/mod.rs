@@ -358,6 +358,84 @@ struct SlotClaim {
     slot: String,
 }
 
+/// File listing every clone this buffer started (`{"clones": [{"system_identifier",
+/// "database", "slot", "consistent_lsn"}]}`), each entry written before its clone records
+/// itself on the target. A target whose unfinished (`copying`) clone record names one of them
+/// is this buffer's own interrupted clone, redone without `--force`; any other is refused.
+pub const CLONES_FILE: &str = "clones.json";
+
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct CloneAttempts {
+    clones: Vec<CloneAttempt>,
+}
+
+#[derive(PartialEq, serde::Serialize, serde::Deserialize)]
+struct CloneAttempt {
+    system_identifier: String,
+    database: String,
+    slot: String,
+    consistent_lsn: Lsn,
+}
+
+impl From<&clone::CloneOrigin> for CloneAttempt {
+    fn from(o: &clone::CloneOrigin) -> Self {
+        CloneAttempt {
+            system_identifier: o.system_identifier.to_string(),
+            database: o.database.clone(),
+            slot: o.slot.clone(),
+            consistent_lsn: o.consistent_lsn,
+        }
+    }
+}
+
+fn read_clone_attempts(dir: &std::path::Path) -> Result<CloneAttempts, CaptureError> {
+    let path = dir.join(CLONES_FILE);
+    match std::fs::read(&path) {
+        Ok(data) => serde_json::from_slice(&data).map_err(|e| {
+            crate::Error::io(
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "not a walshift clone list ({e}); restore it or remove the buffer directory"
+                    ),
+                ),
+            )
+            .into()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CloneAttempts::default()),
+        Err(e) => Err(crate::Error::io(&path, e).into()),
+    }
+}
+
+/// Adds `origin` to [`CLONES_FILE`] (fsynced) unless it is there.
+fn record_clone_attempt(
+    config: &CaptureConfig,
+    origin: &clone::CloneOrigin,
+) -> Result<(), CaptureError> {
+    let mut attempts = read_clone_attempts(&config.buffer_dir)?;
+    let attempt = CloneAttempt::from(origin);
+    if attempts.clones.contains(&attempt) {
+        return Ok(());
+    }
+    attempts.clones.push(attempt);
+    let path = config.buffer_dir.join(CLONES_FILE);
+    let data = serde_json::to_vec_pretty(&attempts).expect("serializable");
+    crate::buffer::fs::FileSystem::write_atomic(config.buffer.fs.as_ref(), &path, &data)
+        .map_err(|e| crate::Error::io(&path, e))?;
+    Ok(())
+}
+
+/// Whether `state` is an unfinished clone this buffer started (see [`CLONES_FILE`]).
+fn own_unfinished_clone(state: Option<&clone::CloneState>, attempts: &CloneAttempts) -> bool {
+    state.is_some_and(|s| {
+        s.status == CloneStatus::Copying
+            && s.origin
+                .as_ref()
+                .is_some_and(|o| attempts.clones.contains(&CloneAttempt::from(o)))
+    })
+}
+
 /// [`prepare`]; with `claim`, a new buffer directory is claimed ([`CLAIM_FILE`]) just before
 /// the slot is created, and a claim left by an interrupted start is honoured.
 async fn prepare_inner(
@@ -425,7 +503,15 @@ async fn prepare_inner(
                     })
         }
     };
-    let (snapshot, consistent_point, slot_start) = match existing_slot(&client, config).await? {
+    let mut found = existing_slot(&client, config).await?;
+    if found.is_some() && existing.is_none() && claimed_only && config.clone.is_some() {
+        // Created by an interrupted start of this buffer, before any clone began (buffer.json
+        // is written first): its snapshot died with that start, so a clone needs a new slot.
+        tracing::warn!(slot = %config.slot, "dropping the slot an interrupted start of this buffer created, to clone from a new one");
+        drop_slot_if_exists(config).await?;
+        found = None;
+    }
+    let (snapshot, consistent_point, slot_start) = match found {
         Some(found) => {
             if found.plugin != "pgoutput" || found.database != server.database {
                 return Err(CaptureError::SlotMismatch {
@@ -639,20 +725,34 @@ pub async fn run(
         tracing::warn!("buffer recovery: {recovery:?}");
     }
     let mut existing = BufferMeta::read(&config.buffer_dir)?;
-    let mut restart_clone = false;
+    let mut target_state = None;
     if let Some(clone) = &config.clone {
         // Before anything is created or dropped on either side, whatever `force` says.
         crate::source::identity::check_clone_target(&config.source, &clone.target).await?;
-        let done = clone::clone_state(&clone.target)
-            .await?
+        target_state = clone::clone_state(&clone.target).await?;
+        let done = target_state
+            .as_ref()
             .is_some_and(|s| s.status == CloneStatus::Done);
-        if !done && existing.is_some() {
+        if !done && let Some(meta) = &existing {
             // Streaming starts only after a clone is done, so an unfinished clone means the
             // buffer holds nothing yet: start over with a new slot and a new snapshot.
             if !writer.durable_lsn().is_zero() {
                 return Err(CaptureError::CloneAfterStreaming {
                     dir: config.buffer_dir.clone(),
                 });
+            }
+            // A buffer from before clones.json: its slot start is its clone's consistent
+            // point. Kept there once buffer.json is gone, so the clone stays this buffer's.
+            if let Some(start) = meta.slot_start_lsn {
+                record_clone_attempt(
+                    &config,
+                    &clone::CloneOrigin {
+                        system_identifier: meta.system_identifier,
+                        database: meta.database.clone(),
+                        slot: meta.slot.clone(),
+                        consistent_lsn: start,
+                    },
+                )?;
             }
             tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
             drop_slot_if_exists(&config).await?;
@@ -668,7 +768,6 @@ pub async fn run(
                 }
             }
             existing = None;
-            restart_clone = true;
         }
     }
     // What the buffer covers: its durable end, or the confirmed position it recorded if that
@@ -731,13 +830,19 @@ pub async fn run(
         match &prepared.snapshot {
             Some(snapshot) => {
                 let mut opts = clone.clone();
-                opts.force |= restart_clone;
-                opts.origin = Some(clone::CloneOrigin {
+                // Only this buffer's own interrupted clone is redone without --force.
+                opts.force |= own_unfinished_clone(
+                    target_state.as_ref(),
+                    &read_clone_attempts(&config.buffer_dir)?,
+                );
+                let origin = clone::CloneOrigin {
                     system_identifier: prepared.system_id,
                     database: prepared.database.clone(),
                     slot: config.slot.clone(),
                     consistent_lsn: prepared.consistent_point.unwrap_or(Lsn::ZERO),
-                });
+                };
+                record_clone_attempt(&config, &origin)?;
+                opts.origin = Some(origin);
                 // The replication connection stays idle meanwhile: the snapshot stays valid.
                 let report = clone::clone_database(&opts, snapshot, &prepared.tables).await?;
                 tracing::info!(

@@ -127,6 +127,9 @@ pub struct CloneState {
     pub rows: Option<i64>,
     /// The source's large objects as of the snapshot (set when done).
     pub large_objects: Option<LargeObjectFingerprint>,
+    /// The buffer the clone belongs to ([`CloneOptions::origin`]); `None` when the record does
+    /// not name one (cloned without an origin, or by a walshift that did not record it).
+    pub origin: Option<CloneOrigin>,
 }
 
 const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
@@ -169,7 +172,9 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
             // Through jsonb: a record written before the large-object columns existed reads too.
             "SELECT snapshot, state, started_at, finished_at, tables, rows, \
                (to_jsonb(s) ->> 'lo_count')::bigint, to_jsonb(s) ->> 'lo_oids_md5', \
-               to_jsonb(s) ->> 'lo_data_md5' \
+               to_jsonb(s) ->> 'lo_data_md5', to_jsonb(s) ->> 'source_system_identifier', \
+               to_jsonb(s) ->> 'source_database', to_jsonb(s) ->> 'source_slot', \
+               to_jsonb(s) ->> 'consistent_lsn' \
              FROM walshift.clone_state s WHERE id = 1",
             &[],
         )
@@ -193,6 +198,14 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
                 oids_md5: r.get::<_, Option<String>>(7).unwrap_or_default(),
                 data_md5: r.get(8),
             }),
+        origin: (|| {
+            Some(CloneOrigin {
+                system_identifier: r.get::<_, Option<String>>(9)?.parse().ok()?,
+                database: r.get::<_, Option<String>>(10)?,
+                slot: r.get::<_, Option<String>>(11)?,
+                consistent_lsn: r.get::<_, Option<String>>(12)?.parse().ok()?,
+            })
+        })(),
     }))
 }
 

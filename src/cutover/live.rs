@@ -112,8 +112,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<LiveReport, LiveError> {
     let started = Instant::now();
-    std::fs::create_dir_all(&config.buffer_dir)
-        .map_err(|e| crate::Error::io(&config.buffer_dir, e))?;
+    crate::buffer::create_private_dir(&config.buffer_dir)?;
     let status = Arc::new(Mutex::new(serde_json::json!({
         "pid": std::process::id(),
         "phase": "starting",

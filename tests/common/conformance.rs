@@ -440,7 +440,7 @@ impl Drop for Capture {
 }
 
 /// The last `n` lines, without terminal colour codes.
-fn tail(s: &str, n: usize) -> String {
+pub fn tail(s: &str, n: usize) -> String {
     let mut plain = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
@@ -518,7 +518,8 @@ async fn lo_digest(client: &tokio_postgres::Client) -> Result<(i64, String), Str
     Ok((row.get(0), row.get(1)))
 }
 
-async fn connect(conn: &str) -> Result<tokio_postgres::Client, String> {
+/// A session with the comparison's settings (UTC, ISO dates, every float digit, hex bytea).
+pub async fn connect(conn: &str) -> Result<tokio_postgres::Client, String> {
     let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
         .await
         .map_err(|e| format!("connecting to {conn}: {e}"))?;
