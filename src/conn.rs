@@ -119,6 +119,9 @@ impl ConnInfo {
             .var("PGPASSFILE")
             .map(PathBuf::from)
             .or_else(|| env.var("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+        if !pgpass_is_private(&path) {
+            return None;
+        }
         let text = std::fs::read_to_string(&path).ok()?;
         let host = match self.config.get_hosts().first()? {
             Host::Tcp(h) => h.clone(),
@@ -163,7 +166,10 @@ impl ConnInfo {
         self.config.get_application_name().unwrap_or("walshift")
     }
 
-    /// Connect timeout (default 30 s, or `PGCONNECT_TIMEOUT`).
+    /// Connect timeout: `connect_timeout` of the connection string, else `PGCONNECT_TIMEOUT`,
+    /// else 30 s; zero means none. It bounds the whole connection attempt — TCP connect,
+    /// startup and authentication — of every connection walshift opens ([`ConnInfo::bounded`]),
+    /// so a server that accepts the connection and never answers is an error, not a hang.
     pub fn connect_timeout(&self) -> Duration {
         self.config
             .get_connect_timeout()
@@ -192,12 +198,27 @@ impl ConnInfo {
         )
     }
 
-    /// Opens a regular SQL session. The connection task runs on the current tokio runtime.
+    /// Runs a connection attempt within [`ConnInfo::connect_timeout`]: [`Error::ConnectTimeout`]
+    /// when it runs out (the attempt is dropped, closing its socket).
+    pub async fn bounded<T>(&self, attempt: impl std::future::Future<Output = T>) -> Result<T> {
+        let timeout = self.connect_timeout();
+        if timeout.is_zero() {
+            return Ok(attempt.await);
+        }
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| Error::ConnectTimeout {
+                target: self.redacted(),
+                timeout,
+            })
+    }
+
+    /// Opens a regular SQL session, within the connect timeout. The connection task runs on
+    /// the current tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
         let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
+            .bounded(self.config.connect(NoTls))
+            .await?
             .map_err(|e| Error::sql(format!("cannot connect to {}", self.redacted()), e))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -218,6 +239,29 @@ impl fmt::Debug for ConnInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ConnInfo({})", self.redacted())
     }
+}
+
+/// As libpq: a password file that is not a regular file, or that group or others may access,
+/// is ignored with a warning.
+fn pgpass_is_private(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        tracing::warn!(path = %path.display(), "password file is not a plain file: ignored");
+        return false;
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{mode:o}"),
+            "password file has group or world access: ignored; permissions should be u=rw (0600) or less"
+        );
+        return false;
+    }
+    true
 }
 
 /// Finds the password for (host, port, db, user) in pgpass text: the first matching line wins,
@@ -312,6 +356,7 @@ mod tests {
 
     #[test]
     fn pgpass_lookup_matches_first_line_with_wildcards_and_escapes() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pgpass");
         std::fs::write(
@@ -320,6 +365,11 @@ mod tests {
         )
         .unwrap();
         let e = env(&[("PGPASSFILE", path.to_str().unwrap())]);
+        // Readable by others: ignored, as libpq does.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = ConnInfo::parse_with("host=db1 user=app dbname=shop", &e).unwrap();
+        assert_eq!(c.password(), None);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = ConnInfo::parse_with("host=db1 user=app dbname=shop", &e).unwrap();
         assert_eq!(c.password(), Some(&b"pa:ss\\word"[..]));
         let c = ConnInfo::parse_with("host=db1 user=x dbname=y", &e).unwrap();

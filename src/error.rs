@@ -20,6 +20,19 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A connection attempt (TCP connect, startup, authentication) did not finish in time.
+    #[error(
+        "connecting to {target} timed out after {} s: the server did not complete the connection \
+         startup (a wrong host or port, a server that accepts connections but does not answer, or \
+         a hung proxy). Check the address; the limit is connect_timeout in the connection string \
+         or PGCONNECT_TIMEOUT (default 30 s)",
+        timeout.as_secs_f64()
+    )]
+    ConnectTimeout {
+        target: String,
+        timeout: std::time::Duration,
+    },
+
     /// File system I/O outside the buffer (which has its own error type).
     #[error("{path}: {source}")]
     Io {

@@ -150,6 +150,7 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
             .args(["replay", "--buffer"])
             .arg(dir.path())
             .args(["--target", &conn, "--batch-rows", "300", "--batch-ms", "5"])
+            .arg("--target-not-cloned-by-walshift")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -172,7 +173,7 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
         .args(["replay", "--buffer"])
         .arg(dir.path())
-        .args(["--target", &conn])
+        .args(["--target", &conn, "--target-not-cloned-by-walshift"])
         .output()
         .unwrap();
     assert!(

@@ -151,6 +151,24 @@ fn markers_split_segments_as_the_readme_says() {
     assert!(parse_segments("-- @bogus\n").is_err());
 }
 
+#[test]
+fn plans_read_expected_stops_their_fix_and_restart_arguments() {
+    let phases = conformance::parse_plan(
+        std::path::Path::new("."),
+        "-- @phase\n-- @stop-at truncate of partitions\n-- @expect-stop s.p1\n\
+         -- @expect-stop --accept-partition-rewrite\n-- @restart-arg --accept-partition-rewrite\n\
+         -- @restart-arg s.p1\n-- @stop-fix\nTRUNCATE s.p1;\n-- @expect-warning w\n",
+    )
+    .unwrap();
+    let p = &phases[0];
+    assert_eq!(p.stop_at.as_deref(), Some("truncate of partitions"));
+    assert_eq!(p.expect_stop, ["s.p1", "--accept-partition-rewrite"]);
+    assert_eq!(p.restart_args, ["--accept-partition-rewrite", "s.p1"]);
+    assert_eq!(p.stop_fix, "TRUNCATE s.p1;\n");
+    assert_eq!(p.expect_warning, ["w"]);
+    assert!(p.fix.is_empty());
+}
+
 /// Runs the workload folder named by `WALSHIFT_CONFORMANCE_DIR` (to try a workload by hand):
 /// `WALSHIFT_CONFORMANCE_DIR=/path cargo test --test conformance -- --ignored --nocapture`.
 #[test]

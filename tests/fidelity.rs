@@ -5,7 +5,7 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
+use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport, TargetOrigin};
 use walshift::conn::ConnInfo;
 use walshift::testkit::{Cluster, ClusterOptions};
 use walshift::transform::Mapping;
@@ -57,6 +57,8 @@ impl Setup {
         );
         cfg.apply_connections = i + 1;
         cfg.transform = self.mapping.clone();
+        // The targets are built by the test with the source's schema and rows.
+        cfg.target_origin = TargetOrigin::LoadedElsewhere;
         replay::run(cfg, std::future::pending::<()>()).await
     }
 
@@ -495,5 +497,92 @@ async fn mapped_target_keyed_by_include_primary_key_or_replica_identity_index() 
                 i + 1
             );
         }
+    }
+}
+
+const ALWAYS_SOURCE: &str = "
+    CREATE TABLE acct (id int PRIMARY KEY, name text, seq int);
+    INSERT INTO acct SELECT i, 'n' || i, i FROM generate_series(1, 20) i;";
+const ALWAYS_TARGET: &str = "
+    CREATE TABLE people (pid int PRIMARY KEY, name text, seq int GENERATED ALWAYS AS IDENTITY, note text);
+    INSERT INTO people (pid, name, seq) OVERRIDING SYSTEM VALUE
+        SELECT i, 'n' || i, i FROM generate_series(1, 20) i;";
+const ALWAYS_FILTERED: &str = "[[table]]\nsource = \"acct\"\ntarget = \"people\"\n\
+    filter = \"name <> 'hidden'\"\n[table.columns]\npid = \"id\"\n";
+
+async fn mapped_people(c: &Cluster) -> Vec<String> {
+    rows_of(c, "SELECT format('%s|%s|%s', pid, name, seq) FROM people").await
+}
+
+async fn mapped_acct(c: &Cluster, filter: &str) -> Vec<String> {
+    rows_of(
+        c,
+        &format!("SELECT format('%s|%s|%s', id, name, seq) FROM acct WHERE {filter}"),
+    )
+    .await
+}
+
+async fn rows_of(c: &Cluster, sql: &str) -> Vec<String> {
+    let mut v: Vec<String> = c
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 14 finding 2 through a mapping: a mapped update onto a `GENERATED ALWAYS AS
+/// IDENTITY` target column does not set it (PostgreSQL refuses) but checks it; with and
+/// without a filter (a filtered update is written as an upsert), in place and moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapped_update_onto_an_always_identity_column() {
+    for (mapping, filter) in [(MAPPING, "true"), (ALWAYS_FILTERED, "name <> 'hidden'")] {
+        let s = setup_pair(ALWAYS_SOURCE, ALWAYS_TARGET, Some(mapping)).await;
+        s.source
+            .execute(
+                "postgres",
+                "UPDATE acct SET name = 'renamed' WHERE id IN (1, 2, 3);
+                 UPDATE acct SET id = 100 WHERE id = 4;
+                 UPDATE acct SET name = 'hidden' WHERE id = 5;
+                 BEGIN; UPDATE acct SET name = 'x' WHERE id = 6; UPDATE acct SET name = 'y' WHERE id = 6; COMMIT;
+                 INSERT INTO acct VALUES (50, 'new', 50);
+                 UPDATE acct SET name = 'again' WHERE id = 50;",
+            )
+            .await
+            .unwrap();
+        for i in 0..2 {
+            s.replay(i)
+                .await
+                .unwrap_or_else(|e| panic!("{filter}, over {} connection(s): {e}", i + 1));
+            assert_eq!(
+                mapped_acct(&s.source, filter).await,
+                mapped_people(&s.targets[i]).await,
+                "{filter}, over {} connection(s)",
+                i + 1
+            );
+        }
+    }
+}
+
+/// A mapped update that changes the value of an ALWAYS identity target column cannot be
+/// written: replay stops, naming the table and the key, with or without a filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapped_change_of_an_always_identity_value_stops_replay() {
+    for mapping in [MAPPING, ALWAYS_FILTERED] {
+        let s = setup_pair(ALWAYS_SOURCE, ALWAYS_TARGET, Some(mapping)).await;
+        s.source
+            .execute(
+                "postgres",
+                "UPDATE acct SET name = 'ok' WHERE id = 2; UPDATE acct SET seq = 99 WHERE id = 7",
+            )
+            .await
+            .unwrap();
+        expect_diverged(&s, "people", &["\"public\".\"people\"", "id=7"]).await;
     }
 }

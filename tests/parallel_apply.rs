@@ -5,7 +5,7 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayReport};
+use walshift::apply::replay::{self, ReplayConfig, ReplayReport, TargetOrigin};
 use walshift::apply::target;
 use walshift::buffer::BufferMeta;
 use walshift::conn::ConnInfo;
@@ -72,6 +72,7 @@ async fn replay_with(target: &Cluster, dir: &std::path::Path, connections: usize
     );
     cfg.batch_rows = 700;
     cfg.apply_connections = connections;
+    cfg.target_origin = TargetOrigin::LoadedElsewhere;
     replay::run(cfg, std::future::pending::<()>())
         .await
         .expect("replay")

@@ -3,7 +3,7 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig};
+use walshift::apply::replay::{self, ReplayConfig, TargetOrigin};
 use walshift::conn::ConnInfo;
 use walshift::testkit::{Cluster, ClusterOptions};
 
@@ -35,6 +35,7 @@ async fn replay_all(
         ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
     );
     cfg.batch_rows = batch_rows;
+    cfg.target_origin = TargetOrigin::LoadedElsewhere;
     replay::run(cfg, std::future::pending::<()>())
         .await
         .expect("replay")
@@ -152,10 +153,11 @@ async fn schema_drift_is_a_clear_error_and_applies_nothing() {
         .await
         .unwrap();
     common::capture_until_now(&source, dir.path()).await;
-    let cfg = ReplayConfig::new(
+    let mut cfg = ReplayConfig::new(
         dir.path(),
         ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
     );
+    cfg.target_origin = TargetOrigin::LoadedElsewhere;
     let err = replay::run(cfg, std::future::pending::<()>())
         .await
         .unwrap_err()
@@ -229,10 +231,11 @@ async fn a_change_the_target_rejects_stops_replay_with_table_key_and_lsn() {
         .await
         .unwrap();
     common::capture_until_now(&source, dir.path()).await;
-    let cfg = ReplayConfig::new(
+    let mut cfg = ReplayConfig::new(
         dir.path(),
         ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
     );
+    cfg.target_origin = TargetOrigin::LoadedElsewhere;
     let err = replay::run(cfg, std::future::pending::<()>())
         .await
         .unwrap_err()

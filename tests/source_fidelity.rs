@@ -283,8 +283,28 @@ async fn publications_and_slots(c: &Cluster) -> (i64, i64) {
     )
 }
 
+/// Capture (no end LSN, partition checks every 200 ms) until it stops by itself or `secs` pass.
+async fn capture_for(
+    source: &Cluster,
+    dir: &std::path::Path,
+    accept: &[&str],
+    secs: u64,
+) -> Result<CaptureReport, CaptureError> {
+    let mut cfg = CaptureConfig::new(conn(source), dir);
+    cfg.partition_check_interval = Duration::from_millis(200);
+    cfg.status_interval = Duration::from_millis(500);
+    cfg.accept_partition_rewrite = accept.iter().map(|s| s.to_string()).collect();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        capture::run(cfg, tokio::time::sleep(Duration::from_secs(secs))),
+    )
+    .await
+    .expect("capture stopped in time")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_via_root_publication_with_partitioned_tables_is_refused_before_anything_is_created() {
+async fn via_root_publications_replay_through_the_root_and_a_truncated_partition_stops_capture_and_cutover()
+ {
     let source = Cluster::start(ClusterOptions::default()).unwrap();
     let target = Cluster::start(ClusterOptions::default()).unwrap();
     source.execute("postgres", PARTITIONED).await.unwrap();
@@ -296,39 +316,161 @@ async fn a_via_root_publication_with_partitioned_tables_is_refused_before_anythi
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = capture_with_clone(&source, &target, dir.path())
+    let report = capture_with_clone(&source, &target, dir.path())
         .await
-        .unwrap_err();
+        .expect("capture with clone");
+    // The publication carries the root, copied once through it.
+    assert_eq!(report.tables, vec!["\"public\".\"m\"".to_string()]);
     assert!(
-        matches!(err, CaptureError::Preflight(PreflightError::Refused { .. })),
-        "{err}"
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("publish_via_partition_root") && w.contains("public.m")),
+        "{:?}",
+        report.warnings
     );
-    let msg = err.to_string();
-    for needle in [
-        "publication \"walshift\"",
-        "\"public\".\"m\"",
-        "TRUNCATE",
-        "ALTER PUBLICATION \"walshift\" SET (publish_via_partition_root = false)",
-    ] {
-        assert!(msg.contains(needle), "{needle:?} in {msg}");
-    }
-    assert_eq!(publications_and_slots(&source).await, (1, 0), "no slot");
-    assert!(clone::clone_state(&conn(&target)).await.unwrap().is_none());
-
-    // With the fix the message gives, the same publication works.
-    source
-        .execute(
-            "postgres",
-            "ALTER PUBLICATION walshift SET (publish_via_partition_root = false);",
-        )
-        .await
-        .unwrap();
-    capture_with_clone(&source, &target, dir.path())
-        .await
-        .expect("capture after the fix");
     assert_eq!(
         digests(&target, PARTITION_TABLES).await,
         digests(&source, PARTITION_TABLES).await
+    );
+
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new');
+             INSERT INTO m_us_lo VALUES (4, 'us', 'through the leaf');
+             UPDATE m SET region = 'eu' WHERE k = 1;              -- us_lo -> eu
+             UPDATE m SET k = k + 6000 WHERE k = 3;               -- us_lo -> us_hi
+             UPDATE m_eu SET v = 'changed' WHERE k BETWEEN 10 AND 20;
+             DELETE FROM m WHERE k BETWEEN 100 AND 110;",
+        )
+        .await
+        .unwrap();
+    sync(&source, &target, dir.path()).await;
+    assert_eq!(
+        digests(&target, PARTITION_TABLES).await,
+        digests(&source, PARTITION_TABLES).await
+    );
+
+    // A TRUNCATE of the root is in the stream: it rewrites every leaf, and capture accepts it.
+    source
+        .execute(
+            "postgres",
+            "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
+        )
+        .await
+        .unwrap();
+    sync(&source, &target, dir.path()).await;
+    // DDL after it replaces the partitions' pg_class xmin (the TRUNCATE's transaction):
+    // capture must have accepted the rewrite when it received the TRUNCATE.
+    for c in [&source, &target] {
+        c.execute("postgres", "ALTER TABLE m ADD COLUMN note text;")
+            .await
+            .unwrap();
+    }
+    capture_for(&source, dir.path(), &[], 6)
+        .await
+        .expect("a root TRUNCATE does not stop capture");
+    assert_eq!(count(&target, "SELECT count(*) FROM m").await, 2);
+    assert_eq!(
+        digests(&target, PARTITION_TABLES).await,
+        digests(&source, PARTITION_TABLES).await
+    );
+
+    // A TRUNCATE of one partition is not: capture stops naming it.
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO m VALUES (7, 'us', 'x'), (8, 'eu', 'y'); TRUNCATE m_us_lo;",
+        )
+        .await
+        .unwrap();
+    let err = capture_for(&source, dir.path(), &[], 30).await.unwrap_err();
+    assert!(matches!(err, CaptureError::PartitionChanged(_)), "{err}");
+    let msg = err.to_string();
+    for needle in [
+        "public.m_us_lo",
+        "TRUNCATE",
+        "walshift verify --tables public.m",
+        "--accept-partition-rewrite public.m_us_lo",
+    ] {
+        assert!(msg.contains(needle), "{needle:?} in {msg}");
+    }
+
+    // Cutover refuses before fencing anything.
+    let mut cfg = walshift::cutover::CutoverConfig::new(conn(&source), conn(&target), dir.path());
+    cfg.dry_run = true;
+    let err = walshift::cutover::run(cfg, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("public.m_us_lo"),
+        "cutover refuses naming the partition: {err}"
+    );
+
+    // The operator makes the copy match, then accepts the partition's new state.
+    replay::run(
+        ReplayConfig::new(dir.path(), conn(&target)),
+        std::future::pending::<()>(),
+    )
+    .await
+    .expect("replay");
+    target
+        .execute("postgres", "TRUNCATE m_us_lo")
+        .await
+        .unwrap();
+    capture_for(&source, dir.path(), &["public.m_us_lo"], 6)
+        .await
+        .expect("capture after the partition was accepted");
+    sync(&source, &target, dir.path()).await;
+    assert_eq!(
+        digests(&target, PARTITION_TABLES).await,
+        digests(&source, PARTITION_TABLES).await
+    );
+
+    // A partition attached later (repeated on the copy) is recorded and reported.
+    for c in [&source, &target] {
+        c.execute(
+            "postgres",
+            "CREATE TABLE m_apac PARTITION OF m FOR VALUES IN ('apac');",
+        )
+        .await
+        .unwrap();
+    }
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO m VALUES (9000, 'apac', 'new region');",
+        )
+        .await
+        .unwrap();
+    capture_for(&source, dir.path(), &[], 6)
+        .await
+        .expect("a new partition does not stop capture");
+    let record = walshift::capture::partitions::PartitionRecord::read(dir.path())
+        .unwrap()
+        .unwrap();
+    assert!(
+        record
+            .leaves
+            .iter()
+            .any(|l| l.name == "public.m_apac" && l.attached_later),
+        "{record:?}"
+    );
+    let mut cfg = walshift::cutover::CutoverConfig::new(conn(&source), conn(&target), dir.path());
+    cfg.dry_run = true;
+    let report = walshift::cutover::run(cfg, std::future::pending())
+        .await
+        .expect("dry run");
+    assert!(
+        report.warnings.iter().any(|w| w.contains("public.m_apac")),
+        "{:?}",
+        report.warnings
+    );
+    let tables = ["m", "m_eu", "m_us_lo", "m_us_hi", "m_apac"];
+    assert_eq!(
+        digests(&target, &tables).await,
+        digests(&source, &tables).await
     );
 }
 
@@ -552,4 +694,189 @@ async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_
         digests(&target, &["early", "late"]).await,
         digests(&source, &["early", "late"]).await
     );
+}
+
+/// Every reg* column of `refs`, as text (names, resolved in each cluster's own catalog).
+const REFS_AS_TEXT: &str = "SELECT k, c::text, t::text, p::text, n::text, o::text, cs::text, \
+    d::text, moods::text, pr::text FROM refs ORDER BY k";
+
+async fn refs_as_text(c: &Cluster) -> Vec<Vec<Option<String>>> {
+    let client = c.connect("postgres").await.unwrap();
+    client
+        .query(REFS_AS_TEXT, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let mut v = vec![Some(r.get::<_, i32>(0).to_string())];
+            v.extend((1..r.len()).map(|i| r.get::<_, Option<String>>(i)));
+            v
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the_copy() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source
+        .execute(
+            "postgres",
+            // Objects created and dropped first: the source's OIDs run ahead of the copy's.
+            "DO $$ BEGIN FOR i IN 1..40 LOOP
+               EXECUTE format('CREATE TABLE pad%s (a int)', i);
+               EXECUTE format('DROP TABLE pad%s', i);
+             END LOOP; END $$;
+             CREATE SCHEMA app;
+             CREATE TYPE app.mood AS ENUM ('ok', 'meh');
+             CREATE TABLE app.pointed (k int PRIMARY KEY);
+             CREATE TABLE app.other (k int PRIMARY KEY);
+             CREATE FUNCTION app.fn(int) RETURNS int LANGUAGE sql AS 'SELECT 1';
+             CREATE DOMAIN app.relname AS regclass;
+             CREATE TYPE app.pair AS (m app.mood, r regclass);
+             CREATE TABLE refs (k int PRIMARY KEY, c regclass, t regtype, p regprocedure,
+               n regnamespace, o regoperator, cs regclass[], d app.relname, moods app.mood[],
+               pr app.pair);
+             INSERT INTO refs VALUES
+               (1, 'app.pointed', 'app.mood', 'app.fn(int)', 'app', '+(int4,int4)',
+                ARRAY['app.pointed'::regclass, 'app.other'], 'app.other', '{ok,meh}',
+                ROW('meh', 'app.pointed')),
+               (2, 'pg_class', 'int4', 'now()', 'public', NULL, '{}', NULL, NULL, NULL);
+             CREATE TABLE plain (k int PRIMARY KEY, moods app.mood[], p app.pair);
+             INSERT INTO plain VALUES (1, '{ok}', ROW('ok', NULL));
+             -- No binary I/O at all: text format or no copy.
+             CREATE TABLE acls (k int PRIMARY KEY, a aclitem[]);
+             INSERT INTO acls VALUES (1, '{postgres=arw/postgres}');",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    capture_with_clone(&source, &target, dir.path())
+        .await
+        .expect("capture with clone");
+    let state = clone::clone_state(&conn(&target)).await.unwrap().unwrap();
+    assert_eq!(state.rows, Some(4));
+    assert_eq!(
+        digests(&target, &["plain", "acls"]).await,
+        digests(&source, &["plain", "acls"]).await
+    );
+    let target_oid = count(&target, "SELECT 'app.pointed'::regclass::oid::int8").await;
+    assert_ne!(
+        target_oid,
+        count(&source, "SELECT 'app.pointed'::regclass::oid::int8").await,
+        "the test needs the copy's OIDs to differ from the source's"
+    );
+    assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
+    assert_eq!(
+        count(&target, "SELECT c::oid::int8 FROM refs WHERE k = 1").await,
+        target_oid
+    );
+
+    source
+        .execute(
+            "postgres",
+            "UPDATE refs SET c = 'app.other', cs = cs || 'app.pointed'::regclass WHERE k = 1;
+             INSERT INTO refs VALUES (3, 'app.other', 'app.relname', 'app.fn(int)', 'app',
+               '-(int8,int8)', ARRAY['app.other'::regclass], 'app.pointed', '{meh}',
+               ROW('ok', 'app.other'));",
+        )
+        .await
+        .unwrap();
+    sync(&source, &target, dir.path()).await;
+    assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_order() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source
+        .execute(
+            "postgres",
+            // a_top reads z_base through a view: refreshed in name order it would fail on the
+            // copy.
+            "CREATE TABLE sales (k int PRIMARY KEY, amount int);
+             INSERT INTO sales SELECT g, g % 7 FROM generate_series(1, 100) g;
+             CREATE MATERIALIZED VIEW z_base AS SELECT amount, count(*) AS n FROM sales GROUP BY 1;
+             CREATE UNIQUE INDEX ON z_base (amount);
+             CREATE VIEW m_mid AS SELECT * FROM z_base;
+             CREATE MATERIALIZED VIEW a_top AS SELECT sum(n) AS total FROM m_mid;
+             CREATE MATERIALIZED VIEW never AS SELECT * FROM sales WITH NO DATA;",
+        )
+        .await
+        .unwrap();
+    let (repl, snapshot) = slot(&source).await;
+    let opts = CloneOptions::new(conn(&source), conn(&target));
+    let report = clone::clone_database(&opts, &snapshot, &[table("sales")])
+        .await
+        .unwrap();
+    drop(repl);
+    assert_eq!(
+        report.materialized_views,
+        vec!["public.z_base".to_string(), "public.a_top".to_string()]
+    );
+    assert_eq!(
+        digests(&target, &["z_base", "a_top"]).await,
+        digests(&source, &["z_base", "a_top"]).await
+    );
+    assert_eq!(count(&target, "SELECT total::int8 FROM a_top").await, 100);
+    assert_eq!(
+        count(
+            &target,
+            "SELECT count(*) FROM pg_class WHERE relname = 'never' AND NOT relispopulated"
+        )
+        .await,
+        1,
+        "a view unpopulated on the source stays unpopulated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_record_left_by_an_abandoned_stream_is_replaced_when_a_new_slot_starts() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", PARTITIONED).await.unwrap();
+    source
+        .execute(
+            "postgres",
+            "CREATE PUBLICATION walshift FOR ALL TABLES WITH (publish_via_partition_root = true);",
+        )
+        .await
+        .unwrap();
+    let oid = |name: &'static str| {
+        let source = &source;
+        async move { count(source, &format!("SELECT '{name}'::regclass::oid::int8")).await as u32 }
+    };
+    // What an earlier stream (e.g. an interrupted clone) recorded: another relfilenode.
+    let dir = tempfile::tempdir().unwrap();
+    let stale = walshift::capture::partitions::PartitionRecord {
+        roots: vec![walshift::capture::partitions::Root {
+            oid: oid("m").await,
+            name: "public.m".into(),
+        }],
+        leaves: vec![walshift::capture::partitions::Leaf {
+            oid: oid("m_eu").await,
+            name: "public.m_eu".into(),
+            root: oid("m").await,
+            relfilenode: 1,
+            attached_later: false,
+        }],
+        truncates: Default::default(),
+    };
+    stale.write(dir.path()).unwrap();
+    capture_with_clone(&source, &target, dir.path())
+        .await
+        .expect("capture with clone");
+    source
+        .execute("postgres", "INSERT INTO m VALUES (9001, 'eu', 'x');")
+        .await
+        .unwrap();
+    capture_for(&source, dir.path(), &[], 6)
+        .await
+        .expect("the new slot's record is the one compared");
+    let record = walshift::capture::partitions::PartitionRecord::read(dir.path())
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.leaves.len(), 3, "{record:?}");
+    assert!(record.leaves.iter().all(|l| l.relfilenode != 1));
 }

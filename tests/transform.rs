@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayError};
+use walshift::apply::replay::{self, ReplayConfig, ReplayError, TargetOrigin};
 use walshift::conn::ConnInfo;
 use walshift::testkit::{Cluster, ClusterOptions};
 use walshift::transform::Mapping;
@@ -100,6 +100,7 @@ fn config(
     );
     cfg.batch_rows = batch_rows;
     cfg.transform = Some(Arc::new(Mapping::parse("release.toml", mapping).unwrap()));
+    cfg.target_origin = TargetOrigin::LoadedElsewhere;
     cfg
 }
 
@@ -296,6 +297,7 @@ async fn bad_mappings_are_refused_before_anything_is_applied() {
             ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
         );
         cfg.transform = Some(Arc::new(mapping));
+        cfg.target_origin = TargetOrigin::LoadedElsewhere;
         let err = replay::run(cfg, std::future::pending::<()>())
             .await
             .expect_err(toml);

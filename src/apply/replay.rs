@@ -30,6 +30,8 @@ use super::wire::{self, EncodedArray, Wire};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
+pub use crate::source::identity::TargetOrigin;
+use crate::source::identity::{self, IdentityError};
 use crate::source::pgoutput::{self, LogicalMessage, Relation, TypeInfo};
 use crate::sql::quote_literal;
 use crate::transform::{self, Mapping, SourcePlan, TableName, TransformError};
@@ -71,6 +73,10 @@ pub struct ReplayConfig {
     /// the progress row before the rows it covers), and a replay killed between prepare and
     /// commit leaves prepared transactions (holding locks) until replay starts again.
     pub apply_connections: usize,
+    /// How the target got its rows. Default [`TargetOrigin::ClonedByWalshift`]: replay
+    /// refuses a target without a clone record of this buffer's source and slot (unless this
+    /// buffer was replayed into it before). Never relaxed: a target that is the source itself.
+    pub target_origin: TargetOrigin,
 }
 
 impl ReplayConfig {
@@ -86,6 +92,7 @@ impl ReplayConfig {
             progress: false,
             transform: None,
             apply_connections: 2,
+            target_origin: TargetOrigin::default(),
         }
     }
 }
@@ -100,6 +107,8 @@ pub enum ReplayError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Connect(#[from] crate::Error),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("buffer {0} has no buffer.json: it was not written by walshift capture")]
     NotABuffer(PathBuf),
     #[error("undecodable message in the buffer at LSN {lsn}: {source}")]
@@ -439,6 +448,14 @@ pub async fn run(
         .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
     let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
     let client = Arc::new(config.target.connect().await?);
+    identity::check_replay_target(
+        &client,
+        &config.target.redacted(),
+        &meta,
+        config.target_origin,
+        "replay into",
+    )
+    .await?;
     client
         .batch_execute(SESSION_SETUP)
         .await

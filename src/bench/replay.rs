@@ -459,6 +459,8 @@ impl ReplayBench {
                 .arg(&buffer)
                 .arg("--target")
                 .arg(target_cluster.conn_string(db))
+                // The bench loads its targets itself, at the slot's snapshot.
+                .arg("--target-not-cloned-by-walshift")
                 .arg("--json");
             if let Some(n) = self.batch_rows {
                 replay.arg(format!("--batch-rows={n}"));

@@ -34,7 +34,7 @@ pub enum BufferError {
 
     /// A segment between the first and the last one is missing.
     #[error(
-        "buffer {} is missing segment {name} (segments must be contiguous); restore it from a copy of the buffer or capture again",
+        "buffer {} is missing segment {name} (segments must be contiguous): the transactions in it are lost. Start over: a fresh clone (capture --clone-to) into a new --buffer directory",
         dir.display()
     )]
     MissingSegment { dir: PathBuf, name: String },
@@ -100,6 +100,22 @@ pub enum BufferError {
         found: String,
     },
 
+    /// The buffer ends before what it had made durable and confirmed to the slot: the
+    /// transactions in between were lost (cut off, or an older copy of the directory was put
+    /// back) and the slot will not send them again.
+    #[error(
+        "buffer {} ends at {buffer_end}, but it had made everything up to {durable} durable (and confirmed up to {confirmed} to the slot): \
+         the transactions in between are gone from the buffer and the source will not send them again. This is data loss, not a torn tail: \
+         do not replay or cut over from this buffer. Start over: drop the slot, capture with --clone-to into a fresh target and a new --buffer directory",
+        dir.display()
+    )]
+    BehindConfirmed {
+        dir: PathBuf,
+        buffer_end: Lsn,
+        durable: Lsn,
+        confirmed: Lsn,
+    },
+
     /// A configuration value is unusable.
     #[error("invalid buffer configuration: {0}")]
     Config(String),
@@ -108,8 +124,8 @@ pub enum BufferError {
 /// Result alias for the buffer.
 pub type Result<T, E = BufferError> = std::result::Result<T, E>;
 
-pub(crate) const HINT_RESTORE: &str = "The data from here on cannot be trusted: restore the buffer directory from a copy, or capture again into a new buffer";
-pub(crate) const HINT_TAIL: &str = "Valid records follow the damage, so this is not a torn write. Restore the buffer from a copy; or, if losing everything from this offset on is acceptable (the source must still hold it: capture resumes from the durable LSN), reopen the writer with RecoveryMode::TruncateCorruptTail";
+pub(crate) const HINT_RESTORE: &str = "The data from here on cannot be trusted. Start over: a fresh clone (capture --clone-to) into a new --buffer directory. An older copy of this directory is no way out: it lacks what was confirmed to the slot since, and capture refuses it";
+pub(crate) const HINT_TAIL: &str = "Valid records follow the damage, so this is not a torn write. Start over with a fresh clone into a new --buffer directory; or reopen the writer with RecoveryMode::TruncateCorruptTail, which drops everything from this offset on: capture then accepts the buffer only if the slot was not confirmed past what is left (checked against the source)";
 
 impl BufferError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {

@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,7 +50,11 @@ impl WritableFile for StdFile {
 
 impl FileSystem for StdFs {
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
-        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(super::FILE_MODE)
+            .open(path)?;
         Ok(Box::new(StdFile(f)))
     }
 
@@ -184,7 +189,11 @@ impl FileSystem for FailpointFs {
         if self.state.fail_create.load(Ordering::SeqCst) {
             return Err(injected("create"));
         }
-        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(super::FILE_MODE)
+            .open(path)?;
         Ok(Box::new(FailFile {
             inner: StdFile(f),
             fs: self.clone(),

@@ -29,6 +29,11 @@ pub struct BufferMeta {
     pub publication: String,
     /// When the buffer was started, RFC 3339 UTC.
     pub created_at: String,
+    /// Where the slot stood when this buffer took it: the consistent point of a slot this
+    /// buffer created, or the confirmed position of a slot it adopted (`--adopt-slot`).
+    /// Absent in buffers written before walshift recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_start_lsn: Option<crate::lsn::Lsn>,
 }
 
 impl BufferMeta {
@@ -46,7 +51,14 @@ impl BufferMeta {
             slot: slot.into(),
             publication: publication.into(),
             created_at: rfc3339_utc(std::time::SystemTime::now()),
+            slot_start_lsn: None,
         }
+    }
+
+    /// Records where the slot stood when this buffer took it.
+    pub fn with_slot_start(mut self, lsn: crate::lsn::Lsn) -> BufferMeta {
+        self.slot_start_lsn = Some(lsn);
+        self
     }
 
     pub fn path(dir: &Path) -> PathBuf {
@@ -145,7 +157,7 @@ mod u64_as_string {
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for a time after 1970.
-fn rfc3339_utc(t: std::time::SystemTime) -> String {
+pub(crate) fn rfc3339_utc(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -9,12 +9,14 @@
 //! - `recovery`: what opening a writer repairs (torn tail, incomplete trailing transaction).
 //! - `reader`: [`BufferReader`], reading from an LSN (also while a writer appends), status.
 //! - `meta`: `buffer.json`, the source a buffer belongs to.
+//! - `progress`: `confirmed.json`, how far the slot was confirmed for this buffer.
 //! - [`prune`]: retention by whole segments.
 
 mod error;
 pub mod format;
 pub mod fs;
 mod meta;
+mod progress;
 mod reader;
 mod recovery;
 mod segment;
@@ -26,6 +28,7 @@ use std::sync::Arc;
 pub use error::{BufferError, Result};
 pub use format::Pos;
 pub use meta::{BufferMeta, META_FILE};
+pub use progress::{PROGRESS_FILE, SlotProgress};
 pub use reader::{BufferReader, BufferStatus, RecordIter, Transaction, TxnEvent, TxnItem, TxnIter};
 pub use recovery::{CutTransaction, RecoveryReport, TornTail};
 pub use segment::{CommitInfo, Record, pg_time_to_system_time};
@@ -35,6 +38,55 @@ use crate::lsn::Lsn;
 
 /// Lock file a writer holds (`flock`) while it has the buffer open.
 pub const LOCK_FILE: &str = "writer.lock";
+
+/// Mode of a buffer directory: it holds every captured row, so only its owner may read it.
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file in a buffer directory (segments, metadata, lock, fence and journal files).
+pub const FILE_MODE: u32 = 0o600;
+
+/// Creates `dir` (mode [`DIR_MODE`]; missing parents get the default mode) or, if it exists,
+/// tightens it and the files in it to [`DIR_MODE`]/[`FILE_MODE`], warning about each one that
+/// was readable by others.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| BufferError::io("create directory", parent, e))?;
+    }
+    match std::fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(BufferError::io("create directory", dir, e)),
+    }
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| BufferError::io("list", dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .map(|e| e.path())
+        .collect();
+    // A directory someone else just created empty is tightened without a warning.
+    let tighten = |path: &Path, mode: u32, warn: bool| -> Result<()> {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| BufferError::io("stat", path, e))?;
+        let current = meta.permissions().mode() & 0o777;
+        if current & 0o077 != 0 {
+            if warn {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{current:o}"),
+                    "buffer file was accessible to others (it holds captured rows): tightening to {mode:o}"
+                );
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| BufferError::io("change the mode of", path, e))?;
+        }
+        Ok(())
+    };
+    tighten(dir, DIR_MODE, !files.is_empty())?;
+    for f in &files {
+        tighten(f, FILE_MODE, true)?;
+    }
+    Ok(())
+}
 
 /// Default maximum segment size: 64 MiB.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;

@@ -164,6 +164,7 @@ impl BufferReader {
         let mut status = BufferStatus {
             dir: self.dir.clone(),
             meta: self.meta()?,
+            confirmed: super::SlotProgress::read(&self.dir)?,
             ..BufferStatus::default()
         };
         let (Some(first), Some(last)) = (segs.first(), segs.last()) else {
@@ -253,6 +254,8 @@ pub struct BufferStatus {
     pub transactions: u64,
     /// The smallest LSN `records_from` / `transactions_from` accept (retention).
     pub earliest_start: Lsn,
+    /// What capture recorded as confirmed to the slot (`confirmed.json`), if anything.
+    pub confirmed: Option<super::SlotProgress>,
 }
 
 fn normalize(p: Pos) -> Pos {

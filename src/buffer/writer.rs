@@ -108,7 +108,7 @@ impl BufferWriter {
     ) -> Result<(BufferWriter, RecoveryReport)> {
         let dir = dir.as_ref().to_path_buf();
         config.validate()?;
-        std::fs::create_dir_all(&dir).map_err(|e| BufferError::io("create directory", &dir, e))?;
+        super::create_private_dir(&dir)?;
         let lock = lock_dir(&dir)?;
         let mut report = RecoveryReport::default();
         let recovered = recovery::recover(&dir, &config, &mut report)?;
@@ -466,8 +466,10 @@ impl Drop for BufferWriter {
 
 fn lock_dir(dir: &Path) -> Result<File> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(LOCK_FILE);
     let f = std::fs::OpenOptions::new()
+        .mode(super::FILE_MODE)
         .create(true)
         .truncate(false)
         .write(true)

@@ -6,21 +6,31 @@
 //! sync thread; when a group is on disk the buffer's durable LSN advances, and only then is it
 //! reported to the server as the slot's flush position.
 //!
-//! **Contract (kept in [`StreamState::confirmable`]):** the flush position sent to the source
+//! **Contract (kept in [`StreamState::sendable`]):** the flush position sent to the source
 //! never passes what the buffer has fsynced — except that, while no transaction is open and
 //! every appended record is durable, the server's own keepalive position may be confirmed (no
-//! commit can lie before it unsent). So after any crash the slot resends every transaction the
+//! commit can lie before it unsent), once it is recorded in the buffer's [`SlotProgress`]. So after any crash the slot resends every transaction the
 //! buffer does not hold; a transaction the buffer already holds is recognised by its commit
 //! LSN and dropped. Each committed transaction is stored exactly once, in commit order.
+//!
+//! **One slot, one buffer.** A confirmed position is recorded in the buffer
+//! ([`SlotProgress`], fsynced) before it is sent, and every start compares the slot's
+//! `confirmed_flush_lsn` with what the buffer holds: a slot confirmed past the buffer (consumed
+//! by another buffer, dropped and re-created, or the buffer restored from an older copy or cut
+//! short) is refused, as is a new buffer on a slot that already exists (unless
+//! [`CaptureConfig::adopt_slot`]). A stream silent for longer than the stream timeout is an
+//! error, never a quiet "streaming, lag 0".
 
+pub mod partitions;
 mod progress;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter};
+use crate::buffer::{BufferConfig, BufferError, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -71,6 +81,24 @@ pub struct CaptureConfig {
     pub clone: Option<CloneOptions>,
     /// Print a progress line to stderr once a second. Default false (the CLI turns it on).
     pub progress: bool,
+    /// With a `publish_via_partition_root` publication: how often the leaf partitions'
+    /// relfilenodes are compared with the record (see [`partitions`]). Default 5 s.
+    pub partition_check_interval: Duration,
+    /// Leaf partitions (`schema.table`) whose current relfilenode is accepted at start, after
+    /// the operator dealt with a change capture stopped on. Default none.
+    pub accept_partition_rewrite: Vec<String>,
+    /// Start a new buffer from a slot that already exists. Default false: a slot that exists
+    /// belongs to the buffer that created it, and a second buffer on it would take
+    /// transactions the first never gets (and would itself miss everything the slot confirmed
+    /// before). Only for a slot whose earlier buffer is abandoned, or one just created for
+    /// this buffer by [`prepare`]; the new buffer starts at the slot's confirmed position.
+    pub adopt_slot: bool,
+    /// Longest silence (no XLogData, no keepalive) before the stream counts as stalled and
+    /// capture fails. `None` (default): the server's `wal_sender_timeout`, at least 10 s (60 s
+    /// when the server's is 0). Capture asks the server for a keepalive with every status
+    /// update, so a live stream is never silent for longer than `status_interval`. Zero
+    /// disables the check.
+    pub stream_timeout: Option<Duration>,
 }
 
 impl CaptureConfig {
@@ -89,6 +117,10 @@ impl CaptureConfig {
             buffer: BufferConfig::default(),
             clone: None,
             progress: false,
+            partition_check_interval: Duration::from_secs(5),
+            accept_partition_rewrite: Vec::new(),
+            adopt_slot: false,
+            stream_timeout: None,
         }
     }
 }
@@ -100,7 +132,7 @@ pub enum CaptureError {
     #[error(transparent)]
     Preflight(#[from] PreflightError),
 
-    #[error("replication connection to the source failed: {0}")]
+    #[error("replication connection to the source failed")]
     Replication(#[from] ReplicationError),
 
     #[error(transparent)]
@@ -108,6 +140,9 @@ pub enum CaptureError {
 
     #[error(transparent)]
     Source(#[from] crate::Error),
+
+    #[error(transparent)]
+    Identity(#[from] crate::source::identity::IdentityError),
 
     #[error(
         "buffer {dir} was captured from another source (system {buffer_system}, slot {buffer_slot:?}); \
@@ -143,9 +178,54 @@ pub enum CaptureError {
     },
 
     #[error(
-        "the source ended the replication stream unexpectedly; run capture again to resume (nothing durable is lost)"
+        "the source ended the replication stream ({reason}); run capture again once the source is back to resume (nothing durable is lost)"
     )]
-    StreamEnded,
+    StreamEnded { reason: &'static str },
+
+    #[error(
+        "the replication stream of slot {slot:?} went silent: nothing (no change, no keepalive) received for {silent:?}, \
+         longer than the stream timeout of {timeout:?}; the last position received was {last_lsn}. The walsender is stalled \
+         or the network is down (check pg_stat_replication on the source). Everything durable up to {durable} is kept; \
+         run capture again to resume. Tune with --stream-timeout"
+    )]
+    StreamStalled {
+        slot: String,
+        silent: Duration,
+        timeout: Duration,
+        last_lsn: Lsn,
+        durable: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} was confirmed up to {slot_confirmed}, but buffer {dir} holds only up to {buffer_end}: the changes in between \
+         went somewhere else (another buffer directory using the same slot, a slot dropped and re-created under the same name, \
+         or this buffer restored from an older copy) and the source will not send them again. Continuing would lose them silently. \
+         Start over: drop the slot, capture with --clone-to into a fresh target and a new --buffer directory"
+    )]
+    SlotAhead {
+        slot: String,
+        dir: PathBuf,
+        slot_confirmed: Lsn,
+        buffer_end: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} already exists (confirmed up to {confirmed}) but buffer {dir} is new: the slot belongs to another buffer, \
+         and a second buffer on it would take the transactions the first one needs. Run capture with the --buffer that owns the \
+         slot (a relative --buffer is resolved from the current directory), or use a new --slot (with --clone-to for a fresh target). \
+         If the slot's old buffer is abandoned, --adopt-slot starts this buffer at {confirmed}: it will lack everything before"
+    )]
+    SlotNotOwned {
+        slot: String,
+        dir: PathBuf,
+        confirmed: Lsn,
+    },
+
+    #[error(
+        "slot {slot:?} is in use by another replication connection (walsender pid {pid} on the source): another capture \
+         is streaming from it. Stop that capture first; a slot feeds one buffer only"
+    )]
+    SlotInUse { slot: String, pid: i32 },
 
     #[error(transparent)]
     Clone(#[from] crate::clone::CloneError),
@@ -161,6 +241,20 @@ pub enum CaptureError {
          Drop it (SELECT pg_drop_replication_slot('{slot}')) and run again with a new --buffer, or capture without --clone-to"
     )]
     CloneNeedsNewSlot { slot: String },
+
+    #[error(
+        "capture stopped: {} partition(s) of a publish_via_partition_root publication changed in a \
+         way the stream cannot carry (everything received before is durable in the buffer):\n{}",
+        .0.len(),
+        .0.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n")
+    )]
+    PartitionChanged(Vec<partitions::Difference>),
+
+    #[error(
+        "--accept-partition-rewrite {name}: not a leaf partition walshift records for this buffer \
+         (recorded: {known}); write schema.table as capture named it"
+    )]
+    UnknownPartition { name: String, known: String },
 
     #[error("{context}")]
     Sql {
@@ -229,15 +323,47 @@ pub struct PreparedSource {
     pub snapshot: Option<String>,
     /// Consistent point of a slot created now.
     pub consistent_point: Option<Lsn>,
+    /// The published partitioned tables when the publication publishes via the root.
+    pub via_root: Vec<partitions::Root>,
+    /// Where the slot stood when this buffer took it: the consistent point of a slot
+    /// created now, or the confirmed position of an adopted one. `None` for a slot the buffer
+    /// already owns.
+    pub slot_start: Option<Lsn>,
+    /// The server's `wal_sender_timeout` (`None` when 0, that is disabled).
+    pub wal_sender_timeout: Option<Duration>,
 }
 
 /// Preflight, publication and slot: everything before streaming. `existing` is the buffer's
-/// metadata and durable LSN when it already belongs to a source: the source is identified and
-/// compared *before* anything is created on it, and a missing slot is then an error, never
-/// silently recreated (the changes in between would be lost).
+/// metadata and the position it covers (its durable end, or the recorded confirmed position if
+/// higher) when it already belongs to a source: the source is identified and compared *before*
+/// anything is created on it; a missing slot is then an error, never silently recreated, and
+/// so is a slot confirmed past that position (the changes in between would be lost). Without
+/// `existing`, an existing slot is refused unless `config.adopt_slot` (or `config.clone` is
+/// set, which then fails with [`CaptureError::CloneNeedsNewSlot`]).
 pub async fn prepare(
     config: &CaptureConfig,
     existing: Option<(&BufferMeta, Lsn)>,
+) -> Result<PreparedSource, CaptureError> {
+    prepare_inner(config, existing, false).await
+}
+
+/// File a new buffer directory gets just before capture creates its slot (`{"system_identifier",
+/// "slot"}`), removed once `buffer.json` records the slot. A start interrupted in between
+/// finds it and takes over the slot it created, instead of refusing it as another buffer's.
+pub const CLAIM_FILE: &str = "slot-claim.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SlotClaim {
+    system_identifier: String,
+    slot: String,
+}
+
+/// [`prepare`]; with `claim`, a new buffer directory is claimed ([`CLAIM_FILE`]) just before
+/// the slot is created, and a claim left by an interrupted start is honoured.
+async fn prepare_inner(
+    config: &CaptureConfig,
+    existing: Option<(&BufferMeta, Lsn)>,
+    claim: bool,
 ) -> Result<PreparedSource, CaptureError> {
     let client = config.source.connect().await?;
     let server = preflight::check_server(&client).await?;
@@ -257,40 +383,108 @@ pub async fn prepare(
     let tables =
         preflight::ensure_publication(&client, &config.publication, config.tables.as_deref())
             .await?;
-    let warnings = preflight::source_warnings(&client).await?;
+    let mut warnings = preflight::source_warnings(&client).await?;
+    let via_root = partitions::via_root_roots(&client, &config.publication, &tables)
+        .await
+        .map_err(sql(
+            "looking for partitioned tables published via their root",
+        ))?;
+    if !via_root.is_empty() {
+        warnings.push(format!(
+            "publication {:?} has publish_via_partition_root = true: changes to {} arrive \
+             addressed to the partitioned table and are applied to it on the copy (its own \
+             partitioning routes them). A TRUNCATE of a single partition, VACUUM FULL/CLUSTER of a \
+             partition, DETACH or DROP of a partition are not carried in this mode: capture \
+             compares every partition's relfilenode with the one recorded at the snapshot every \
+             few seconds and stops naming the partition, and cutover refuses",
+            config.publication,
+            via_root
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     for w in &warnings {
         tracing::warn!("{w}");
     }
 
-    let slot = client
-        .query_opt(
-            "SELECT plugin::text, database::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
-        .await
-        .map_err(sql("looking up the replication slot"))?;
-    let (snapshot, consistent_point) = match slot {
-        Some(row) => {
-            let plugin: Option<String> = row.get(0);
-            let database: Option<String> = row.get(1);
-            let (plugin, database) = (plugin.unwrap_or_default(), database.unwrap_or_default());
-            if plugin != "pgoutput" || database != server.database {
+    let wal_sender_timeout = wal_sender_timeout(&client).await?;
+    // A buffer that names the slot but never took a position from it: a start interrupted
+    // around the slot's creation, or an empty buffer from before slot_start_lsn existed.
+    let claim_path = config.buffer_dir.join(CLAIM_FILE);
+    let claimed_only = match existing {
+        Some((m, covered)) => m.slot_start_lsn.is_none() && covered.is_zero(),
+        None => {
+            claim
+                && std::fs::read(&claim_path)
+                    .ok()
+                    .and_then(|d| serde_json::from_slice::<SlotClaim>(&d).ok())
+                    .is_some_and(|c| {
+                        c.slot == config.slot && c.system_identifier == system.system_id.to_string()
+                    })
+        }
+    };
+    let (snapshot, consistent_point, slot_start) = match existing_slot(&client, config).await? {
+        Some(found) => {
+            if found.plugin != "pgoutput" || found.database != server.database {
                 return Err(CaptureError::SlotMismatch {
                     slot: config.slot.clone(),
-                    plugin,
-                    database,
+                    plugin: found.plugin,
+                    database: found.database,
                     expected_db: server.database,
                 });
             }
-            (None, None)
+            match existing {
+                Some(_) if claimed_only => {
+                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "taking over the slot an interrupted start of this buffer created");
+                    (None, None, Some(found.confirmed))
+                }
+                Some((_, covered)) if found.confirmed > covered => {
+                    return Err(CaptureError::SlotAhead {
+                        slot: config.slot.clone(),
+                        dir: config.buffer_dir.clone(),
+                        slot_confirmed: found.confirmed,
+                        buffer_end: covered,
+                    });
+                }
+                Some(_) => (None, None, None),
+                None if config.adopt_slot || claimed_only => {
+                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "adopting an existing slot: this buffer starts at its confirmed position");
+                    (None, None, Some(found.confirmed))
+                }
+                None if config.clone.is_some() => (None, None, None),
+                None => {
+                    return Err(CaptureError::SlotNotOwned {
+                        slot: config.slot.clone(),
+                        dir: config.buffer_dir.clone(),
+                        confirmed: found.confirmed,
+                    });
+                }
+            }
         }
         None => {
-            if let Some((_, durable)) = existing {
+            if let Some((_, durable)) = existing
+                && !claimed_only
+            {
                 return Err(CaptureError::SlotLost {
                     slot: config.slot.clone(),
                     dir: config.buffer_dir.clone(),
                     durable,
                 });
+            }
+            if claim && existing.is_none() {
+                let data = serde_json::to_vec(&SlotClaim {
+                    system_identifier: system.system_id.to_string(),
+                    slot: config.slot.clone(),
+                })
+                .expect("serializable");
+                crate::buffer::fs::FileSystem::write_atomic(
+                    config.buffer.fs.as_ref(),
+                    &claim_path,
+                    &data,
+                )
+                .map_err(|e| crate::Error::io(&claim_path, e))?;
             }
             let created = conn
                 .create_logical_slot(
@@ -302,7 +496,11 @@ pub async fn prepare(
                 )
                 .await?;
             tracing::info!(slot = %config.slot, consistent_point = %created.consistent_point, "created replication slot");
-            (created.snapshot_name, Some(created.consistent_point))
+            (
+                created.snapshot_name,
+                Some(created.consistent_point),
+                Some(created.consistent_point),
+            )
         }
     };
     Ok(PreparedSource {
@@ -313,7 +511,120 @@ pub async fn prepare(
         conn,
         snapshot,
         consistent_point,
+        via_root,
+        slot_start,
+        wal_sender_timeout,
     })
+}
+
+/// Checks a buffer against its slot on the source without streaming: errors with
+/// [`CaptureError::SlotAhead`] when the slot was confirmed past what the buffer covers (its
+/// last commit `buffer_end`, or the confirmed position it recorded while it still holds what
+/// it recorded as durable), and [`CaptureError::SlotLost`] when the slot is gone. Returns the
+/// slot's confirmed position.
+pub async fn check_slot(
+    source: &ConnInfo,
+    meta: &BufferMeta,
+    dir: &std::path::Path,
+    buffer_end: Lsn,
+) -> Result<Lsn, CaptureError> {
+    let client = source.connect().await?;
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&meta.slot],
+        )
+        .await
+        .map_err(sql("looking up the replication slot"))?;
+    let Some(row) = row else {
+        return Err(CaptureError::SlotLost {
+            slot: meta.slot.clone(),
+            dir: dir.to_path_buf(),
+            durable: buffer_end,
+        });
+    };
+    let confirmed: Lsn = row
+        .get::<_, Option<String>>(0)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn::ZERO);
+    let covered = match SlotProgress::read(dir)? {
+        Some(p) if p.durable_lsn <= buffer_end => buffer_end.max(p.confirmed_lsn),
+        _ => buffer_end,
+    }
+    .max(meta.slot_start_lsn.unwrap_or(Lsn::ZERO));
+    if confirmed > covered {
+        return Err(CaptureError::SlotAhead {
+            slot: meta.slot.clone(),
+            dir: dir.to_path_buf(),
+            slot_confirmed: confirmed,
+            buffer_end: covered,
+        });
+    }
+    Ok(confirmed)
+}
+
+/// A slot found in `pg_replication_slots`, not in use.
+struct FoundSlot {
+    plugin: String,
+    database: String,
+    confirmed: Lsn,
+}
+
+/// The slot named in `config`, if it exists. A slot in use by a walsender is given a moment
+/// to be released (a capture that just stopped), then refused.
+async fn existing_slot(
+    client: &tokio_postgres::Client,
+    config: &CaptureConfig,
+) -> Result<Option<FoundSlot>, CaptureError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Some(row) = client
+            .query_opt(
+                "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&config.slot],
+            )
+            .await
+            .map_err(sql("looking up the replication slot"))?
+        else {
+            return Ok(None);
+        };
+        if let Some(pid) = row.get::<_, Option<i32>>(3) {
+            if Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            return Err(CaptureError::SlotInUse {
+                slot: config.slot.clone(),
+                pid,
+            });
+        }
+        return Ok(Some(FoundSlot {
+            plugin: row.get::<_, Option<String>>(0).unwrap_or_default(),
+            database: row.get::<_, Option<String>>(1).unwrap_or_default(),
+            confirmed: row
+                .get::<_, Option<String>>(2)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(Lsn::ZERO),
+        }));
+    }
+}
+
+async fn wal_sender_timeout(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Duration>, CaptureError> {
+    let ms: Option<String> = client
+        .query_one(
+            "SELECT setting FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(sql("reading wal_sender_timeout"))?
+        .get(0);
+    Ok(ms
+        .and_then(|m| m.parse::<u64>().ok())
+        .filter(|&m| m > 0)
+        .map(Duration::from_millis))
 }
 
 /// Opens (and recovers) the buffer, checks it belongs to this source, prepares the source and
@@ -330,6 +641,8 @@ pub async fn run(
     let mut existing = BufferMeta::read(&config.buffer_dir)?;
     let mut restart_clone = false;
     if let Some(clone) = &config.clone {
+        // Before anything is created or dropped on either side, whatever `force` says.
+        crate::source::identity::check_clone_target(&config.source, &clone.target).await?;
         let done = clone::clone_state(&clone.target)
             .await?
             .is_some_and(|s| s.status == CloneStatus::Done);
@@ -343,38 +656,109 @@ pub async fn run(
             }
             tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
             drop_slot_if_exists(&config).await?;
-            std::fs::remove_file(BufferMeta::path(&config.buffer_dir))
-                .map_err(|e| crate::Error::io(BufferMeta::path(&config.buffer_dir), e))?;
+            for path in [
+                BufferMeta::path(&config.buffer_dir),
+                SlotProgress::path(&config.buffer_dir),
+            ] {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(crate::Error::io(path, e).into());
+                    }
+                    _ => {}
+                }
+            }
             existing = None;
             restart_clone = true;
         }
     }
-    let prepared = prepare(
-        &config,
-        existing.as_ref().map(|m| (m, writer.durable_lsn())),
-    )
-    .await?;
-    if existing.is_none() {
-        BufferMeta::new(
+    // What the buffer covers: its durable end, or the confirmed position it recorded if that
+    // is higher, as long as the buffer still holds what it recorded as durable.
+    let durable = writer.durable_lsn();
+    let progress = match &existing {
+        Some(_) => SlotProgress::read(&config.buffer_dir)?,
+        None => None,
+    };
+    let behind = progress
+        .as_ref()
+        .and_then(|p| p.check_buffer_end(&config.buffer_dir, durable).err());
+    let covered = match &progress {
+        Some(p) if behind.is_none() => durable.max(p.confirmed_lsn),
+        _ => durable,
+    }
+    .max(
+        existing
+            .as_ref()
+            .and_then(|m| m.slot_start_lsn)
+            .unwrap_or(Lsn::ZERO),
+    );
+    let prepared = match prepare_inner(&config, existing.as_ref().map(|m| (m, covered)), true).await
+    {
+        Err(CaptureError::SlotAhead { .. }) if behind.is_some() => {
+            return Err(behind.expect("checked").into());
+        }
+        r => r?,
+    };
+    if let Some(e) = behind {
+        // The slot was not confirmed past what is left: the source sends the rest again.
+        tracing::warn!(
+            "{e} — but slot {:?} was not confirmed past the buffer's end, so the source still holds those transactions: resuming",
+            config.slot
+        );
+    }
+    let took_slot = prepared.slot_start.is_some()
+        && existing.as_ref().is_none_or(|m| m.slot_start_lsn.is_none());
+    if existing.is_none() || took_slot {
+        let mut meta = BufferMeta::new(
             prepared.system_id,
             &prepared.database,
             &config.slot,
             &config.publication,
-        )
-        .write(&config.buffer_dir)?;
+        );
+        if let Some(start) = prepared.slot_start {
+            meta = meta.with_slot_start(start);
+            record_progress(&config, start, durable)?;
+        }
+        meta.write(&config.buffer_dir)?;
+        match std::fs::remove_file(config.buffer_dir.join(CLAIM_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(crate::Error::io(config.buffer_dir.join(CLAIM_FILE), e).into());
+            }
+            _ => {}
+        }
     }
+    let watch = partition_watch(&config, &prepared).await?;
     if let Some(clone) = &config.clone {
         match &prepared.snapshot {
             Some(snapshot) => {
                 let mut opts = clone.clone();
                 opts.force |= restart_clone;
+                opts.origin = Some(clone::CloneOrigin {
+                    system_identifier: prepared.system_id,
+                    database: prepared.database.clone(),
+                    slot: config.slot.clone(),
+                    consistent_lsn: prepared.consistent_point.unwrap_or(Lsn::ZERO),
+                });
                 // The replication connection stays idle meanwhile: the snapshot stays valid.
                 let report = clone::clone_database(&opts, snapshot, &prepared.tables).await?;
                 tracing::info!(
                     rows = report.rows,
                     tables = report.tables.len(),
+                    large_objects = report.large_objects,
                     "clone done"
                 );
+                if !report.materialized_views.is_empty() {
+                    tracing::info!(
+                        "materialized views refreshed on the target: {}",
+                        report.materialized_views.join(", ")
+                    );
+                }
+                if !report.text_format.is_empty() {
+                    tracing::info!(
+                        "copied in text format (columns holding catalog OIDs, resolved by name on \
+                         the target): {}",
+                        report.text_format.join(", ")
+                    );
+                }
             }
             None if existing.is_some() => {} // cloned earlier; resuming the stream
             None => {
@@ -384,6 +768,12 @@ pub async fn run(
             }
         }
     }
+    let stream_timeout = config.stream_timeout.unwrap_or_else(|| {
+        prepared
+            .wal_sender_timeout
+            .unwrap_or(Duration::from_secs(60))
+            .max(Duration::from_secs(10))
+    });
     let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
     let warnings = prepared.warnings.clone();
     let slot_created = prepared.consistent_point.is_some();
@@ -405,11 +795,200 @@ pub async fn run(
             ],
         )
         .await?;
-    let mut report = stream_into(&config, stream, writer, resume_from, shutdown).await?;
+    let mut report = stream_into(
+        &config,
+        stream,
+        writer,
+        Resume {
+            from: resume_from,
+            covered: covered.max(prepared.slot_start.unwrap_or(Lsn::ZERO)),
+            stream_timeout,
+        },
+        watch,
+        shutdown,
+    )
+    .await?;
     report.slot_created = slot_created;
     report.tables = tables;
     report.warnings = warnings;
     Ok(report)
+}
+
+/// The partition record to watch, if the publication publishes via the root: a new one read in
+/// the snapshot of a slot created now, else the buffer's record (or one read now, with a
+/// warning, when there is none). Applies `accept_partition_rewrite`.
+async fn partition_watch(
+    config: &CaptureConfig,
+    prepared: &PreparedSource,
+) -> Result<Option<PartitionWatch>, CaptureError> {
+    let dir = &config.buffer_dir;
+    // A slot created now starts a new stream: a record left by an earlier, abandoned one (an
+    // interrupted clone) does not describe it.
+    let existing = match prepared.snapshot {
+        Some(_) => {
+            let path = partitions::PartitionRecord::path(dir);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(crate::Error::io(path, e).into());
+                }
+                _ => None,
+            }
+        }
+        None => partitions::PartitionRecord::read(dir)?,
+    };
+    if existing.is_none() && prepared.via_root.is_empty() {
+        return Ok(None);
+    }
+    let client = config.source.connect().await?;
+    let mut record = match existing {
+        Some(r) => r,
+        None => {
+            let roots = prepared.via_root.clone();
+            let record = match &prepared.snapshot {
+                Some(snapshot) => {
+                    let snap = config.source.connect().await?;
+                    snap.batch_execute(&format!(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                        crate::sql::quote_literal(snapshot)
+                    ))
+                    .await
+                    .map_err(sql("importing the slot's snapshot to record the partitions"))?;
+                    partitions::record(&snap, roots).await
+                }
+                None => {
+                    tracing::warn!(
+                        "no partition record in {}: recording the partitions as they are now, not \
+                         as of the slot's start",
+                        dir.display()
+                    );
+                    partitions::record(&client, roots).await
+                }
+            }
+            .map_err(sql("recording the leaf partitions' relfilenodes"))?;
+            record.write(dir)?;
+            record
+        }
+    };
+    if !config.accept_partition_rewrite.is_empty() {
+        let seen = partitions::observe(&client, &record)
+            .await
+            .map_err(sql("reading the leaf partitions on the source"))?;
+        for name in &config.accept_partition_rewrite {
+            let name = name.trim();
+            if !record.leaves.iter().any(|l| l.name == name) {
+                return Err(CaptureError::UnknownPartition {
+                    name: name.to_owned(),
+                    known: record
+                        .leaves
+                        .iter()
+                        .map(|l| l.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+            match seen.differences.iter().find(|d| d.leaf.name == name) {
+                Some(d) => {
+                    tracing::warn!(partition = name, change = ?d.change, "accepted as the operator asked");
+                    record.accept(d);
+                }
+                None => tracing::info!(partition = name, "unchanged; nothing to accept"),
+            }
+        }
+        record.write(dir)?;
+    }
+    Ok(Some(PartitionWatch {
+        client,
+        record,
+        reported: Vec::new(),
+    }))
+}
+
+/// Capture's side of [`partitions`]: the record and a SQL session on the source.
+struct PartitionWatch {
+    client: tokio_postgres::Client,
+    record: partitions::PartitionRecord,
+    /// Differences waiting for the stream to pass the point they were seen at.
+    reported: Vec<u32>,
+}
+
+impl PartitionWatch {
+    /// Writes the TRUNCATEs received into the record when they changed.
+    fn save_truncates(
+        &mut self,
+        dir: &std::path::Path,
+        state: &StreamState,
+    ) -> Result<(), CaptureError> {
+        if self.record.truncates != state.truncates {
+            self.record.truncates = state.truncates.clone();
+            self.record.write(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Compares the source with the record; accepts what the stream explains, records new
+    /// leaves, and fails on what it cannot carry. Returns true when a difference waits for
+    /// the stream (the caller asks the server for its position).
+    async fn check(
+        &mut self,
+        dir: &std::path::Path,
+        state: &mut StreamState,
+    ) -> Result<bool, CaptureError> {
+        let seen = partitions::observe(&self.client, &self.record)
+            .await
+            .map_err(sql("comparing the leaf partitions with the record"))?;
+        let mut changed = false;
+        for leaf in seen.new_leaves {
+            tracing::warn!(
+                "partition {} was attached to {} after the clone: changes through the stream reach \
+                 the copy, but rows it held before ATTACH PARTITION do not. Compare it with \
+                 `walshift verify --tables {}`",
+                leaf.name,
+                self.record.root_name(leaf.root),
+                self.record.root_name(leaf.root)
+            );
+            self.record.leaves.push(leaf);
+            changed = true;
+        }
+        let decoded = state.server_wal_end.max(state.received_commit_end);
+        let mut unexplained = Vec::new();
+        let mut waiting = false;
+        // Every TRUNCATE received so far committed before this observation: with no
+        // difference left, none of them explains anything any more.
+        if seen.differences.is_empty() && !state.truncates.is_empty() {
+            state.truncates.clear();
+        }
+        if state.truncates != self.record.truncates {
+            self.record.truncates = state.truncates.clone();
+            changed = true;
+        }
+        for d in seen.differences {
+            match partitions::judge(&d, seen.lsn, &state.truncates, decoded) {
+                partitions::Verdict::Explained => {
+                    tracing::info!(partition = %d.leaf.name, "rewritten by a TRUNCATE of its root the stream carried");
+                    self.record.accept(&d);
+                    changed = true;
+                }
+                partitions::Verdict::Wait => {
+                    if !self.reported.contains(&d.leaf.oid) {
+                        tracing::debug!(partition = %d.leaf.name, "changed; waiting for the stream to pass it");
+                        self.reported.push(d.leaf.oid);
+                    }
+                    waiting = true;
+                }
+                partitions::Verdict::Unexplained => unexplained.push(d),
+            }
+        }
+        if changed {
+            self.record.write(dir)?;
+        }
+        if !unexplained.is_empty() {
+            return Err(CaptureError::PartitionChanged(unexplained));
+        }
+        if !waiting {
+            self.reported.clear();
+        }
+        Ok(waiting)
+    }
 }
 
 async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError> {
@@ -424,20 +1003,77 @@ async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError>
     Ok(())
 }
 
+/// Where streaming starts and what the buffer already covers.
+struct Resume {
+    /// Commits ending at or before this are already in the buffer (or before the slot).
+    from: Lsn,
+    /// The highest position already recorded as confirmed for this buffer.
+    covered: Lsn,
+    /// See [`CaptureConfig::stream_timeout`] (resolved; zero = off).
+    stream_timeout: Duration,
+}
+
+/// Records (fsynced) that the slot is about to be confirmed up to `confirmed`.
+fn record_progress(
+    config: &CaptureConfig,
+    confirmed: Lsn,
+    durable: Lsn,
+) -> Result<(), CaptureError> {
+    SlotProgress {
+        slot: config.slot.clone(),
+        confirmed_lsn: confirmed,
+        durable_lsn: durable,
+        updated_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    }
+    .write_with(&config.buffer_dir, config.buffer.fs.as_ref())?;
+    Ok(())
+}
+
+/// Records the confirmable position when it passed the recorded one (or `always`), so the
+/// slot is never confirmed past what [`SlotProgress`] says the buffer covers.
+fn record(
+    config: &CaptureConfig,
+    state: &mut StreamState,
+    always: bool,
+) -> Result<(), CaptureError> {
+    let confirmable = state.confirmable();
+    if always || confirmable > state.recorded || state.buffer_durable > state.recorded_durable {
+        record_progress(config, confirmable, state.buffer_durable)?;
+        state.recorded = state.recorded.max(confirmable);
+        state.recorded_durable = state.buffer_durable;
+        state.recorded_at = Since(Instant::now());
+    }
+    Ok(())
+}
+
 /// The streaming loop. See the module contract.
 async fn stream_into(
     config: &CaptureConfig,
     mut stream: ReplicationStream,
     mut writer: BufferWriter,
-    resume_from: Lsn,
+    resume: Resume,
+    mut watch: Option<PartitionWatch>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
     let started = Instant::now();
+    let resume_from = resume.from;
     let mut state = StreamState {
         resume_from,
         durable: resume_from,
+        track_truncates: watch.is_some(),
+        truncates: watch
+            .as_ref()
+            .map(|w| w.record.truncates.clone())
+            .unwrap_or_default(),
+        recorded: resume.covered,
+        buffer_durable: writer.durable_lsn(),
+        recorded_durable: writer.durable_lsn(),
+        recorded_at: Since(started),
+        last_received: Since(started),
         ..Default::default()
     };
+    let mut partition_tick = tokio::time::interval(config.partition_check_interval);
+    partition_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress = progress::Progress::new(config.progress, started);
 
     // Half the flush interval: a group handed over at one tick is usually seen durable at the next.
@@ -447,6 +1083,10 @@ async fn stream_into(
     let mut status_tick = tokio::time::interval(config.status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut progress_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut stall_tick = tokio::time::interval(
+        (resume.stream_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
+    );
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_submit = Instant::now();
     let mut reported = Lsn::ZERO;
     tokio::pin!(shutdown);
@@ -469,15 +1109,49 @@ async fn stream_into(
                         last_submit = Instant::now();
                     }
                     state.set_durable(writer.poll()?);
-                    if state.confirmable() > reported {
-                        reported = state.confirmable();
+                    // An idle position beyond the recorded one is recorded at most once a second.
+                    if state.confirmable() > state.recorded
+                        && state.recorded_at.0.elapsed() >= Duration::from_secs(1)
+                    {
+                        record(config, &mut state, false)?;
+                    }
+                    if state.sendable() > reported {
+                        reported = state.sendable();
                         send_status(&mut stream, &state, false).await?;
                     }
                 }
-                _ = status_tick.tick() => send_status(&mut stream, &state, false).await?,
+                _ = status_tick.tick() => {
+                    // Rewritten whenever the source was heard from: its time shows liveness.
+                    let heard = state.last_received.0 > state.recorded_at.0;
+                    record(config, &mut state, heard)?;
+                    // Asking for a reply makes a live server answer: silence means a stall.
+                    send_status(&mut stream, &state, true).await?;
+                }
+                _ = partition_tick.tick(), if watch.is_some() => {
+                    let w = watch.as_mut().expect("guarded");
+                    if w.check(&config.buffer_dir, &mut state).await? {
+                        // Ask for the server's decoded position now rather than at its leisure.
+                        send_status(&mut stream, &state, true).await?;
+                    }
+                }
                 _ = progress_tick.tick() => progress.update(&state),
+                _ = stall_tick.tick() => {
+                    let silent = state.last_received.0.elapsed();
+                    if !resume.stream_timeout.is_zero() && silent > resume.stream_timeout {
+                        return Err(CaptureError::StreamStalled {
+                            slot: config.slot.clone(),
+                            silent,
+                            timeout: resume.stream_timeout,
+                            last_lsn: state.server_wal_end,
+                            durable: state.sendable(),
+                        });
+                    }
+                }
                 event = stream.next() => {
-                    let Some(event) = event? else { return Err(CaptureError::StreamEnded) };
+                    let Some(event) = event? else {
+                        return Err(CaptureError::StreamEnded { reason: stream.end_reason() });
+                    };
+                    state.last_received = Since(Instant::now());
                     // Handle what has already arrived before the next select round (bounded,
                     // so timers and shutdown are still served under a constant stream).
                     let mut handled = 0;
@@ -488,6 +1162,18 @@ async fn stream_into(
                         }
                         handled += 1;
                         next = if handled < DRAIN_BATCH { stream.next_buffered()? } else { None };
+                    }
+                    // Before the slot may confirm a TRUNCATE, the record holds it: the slot
+                    // will not send it again, and it explains the partitions it rewrote. Look
+                    // at the partitions right away, while their pg_class rows still carry the
+                    // TRUNCATE's transaction id (a later ALTER TABLE would replace it).
+                    if let Some(w) = &mut watch {
+                        w.save_truncates(&config.buffer_dir, &state)?;
+                        if std::mem::take(&mut state.truncate_received)
+                            && w.check(&config.buffer_dir, &mut state).await?
+                        {
+                            send_status(&mut stream, &state, true).await?;
+                        }
                     }
                     // A trickle of small reads costs a wakeup and several syscalls per message,
                     // CPU the walsender (capture's real bottleneck) then lacks on a busy host.
@@ -501,6 +1187,11 @@ async fn stream_into(
     }
     .await;
 
+    if let Some(w) = &mut watch
+        && let Err(e) = w.save_truncates(&config.buffer_dir, &state)
+    {
+        tracing::error!("{e}");
+    }
     // Whatever happened, make what was received durable; confirm it only on a clean stop.
     let flushed = writer.flush();
     if let Ok(durable) = &flushed {
@@ -510,11 +1201,12 @@ async fn stream_into(
     progress.finish(&state);
     outcome?;
     flushed?;
+    record(config, &mut state, false)?;
     send_status(&mut stream, &state, false).await?;
     let _ = stream.stop().await;
     Ok(CaptureReport {
         start_lsn: resume_from,
-        durable_lsn: state.confirmable(),
+        durable_lsn: state.sendable(),
         transactions: state.transactions,
         changes: state.changes,
         bytes: state.bytes,
@@ -530,7 +1222,7 @@ async fn send_status(
     state: &StreamState,
     reply: bool,
 ) -> Result<(), CaptureError> {
-    let flush = state.confirmable();
+    let flush = state.sendable();
     let write = flush.max(state.received_commit_end);
     stream
         .send_status(StandbyStatus {
@@ -543,9 +1235,30 @@ async fn send_status(
         .map_err(CaptureError::from)
 }
 
+/// An instant, defaulting to now.
+#[derive(Clone, Copy)]
+struct Since(Instant);
+
+impl Default for Since {
+    fn default() -> Self {
+        Since(Instant::now())
+    }
+}
+
 /// The stream as capture sees it: transaction boundaries, duplicates, what is durable.
 #[derive(Default)]
 struct StreamState {
+    /// Confirmed position recorded in the buffer's [`SlotProgress`]; nothing beyond the
+    /// durable commit is sent to the slot unless recorded first.
+    recorded: Lsn,
+    /// The buffer's own durable LSN (end of its last fsynced commit; `durable` may start
+    /// higher, at a new slot's consistent point).
+    buffer_durable: Lsn,
+    /// `buffer_durable` as recorded.
+    recorded_durable: Lsn,
+    recorded_at: Since,
+    /// When the last message (XLogData or keepalive) arrived.
+    last_received: Since,
     /// Commits ending at or before this are already in the buffer (or before the slot).
     resume_from: Lsn,
     /// The buffer's durable LSN (end of the last fsynced commit).
@@ -566,6 +1279,14 @@ struct StreamState {
     idle_position: Lsn,
     server_wal_end: Lsn,
     last_commit_time: Option<i64>,
+    /// Record the TRUNCATEs received (a via-root publication is watched).
+    track_truncates: bool,
+    /// Transaction id of the open transaction (from its Begin).
+    xid: u32,
+    /// TRUNCATEs received: transaction id → relation OIDs truncated.
+    truncates: HashMap<u32, Vec<u32>>,
+    /// A TRUNCATE arrived since the partitions were last compared.
+    truncate_received: bool,
     transactions: u64,
     changes: u64,
     bytes: u64,
@@ -589,7 +1310,18 @@ impl StreamState {
             && self.durable >= self.last_appended_commit
     }
 
+    /// The position sent to the slot: [`Self::confirmable`], with an idle position only as far
+    /// as it is recorded.
+    fn sendable(&self) -> Lsn {
+        if self.all_durable() {
+            self.durable.max(self.idle_position.min(self.recorded))
+        } else {
+            self.durable
+        }
+    }
+
     fn set_durable(&mut self, durable: Lsn) {
+        self.buffer_durable = self.buffer_durable.max(durable);
         self.durable = self.durable.max(durable);
     }
 
@@ -639,6 +1371,10 @@ impl StreamState {
         match tag {
             b'B' => {
                 self.in_transaction = true;
+                // Begin: final_lsn (8), commit timestamp (8), xid (4).
+                self.xid = data
+                    .get(17..21)
+                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
                 // Begin: final_lsn (the commit record's start) at bytes 1..9.
                 let final_lsn = read_lsn(&data, 1);
                 self.skipping = final_lsn.is_some_and(|f| f < self.resume_from);
@@ -663,6 +1399,25 @@ impl StreamState {
                     .get(18..26)
                     .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
                 Some((end, tag, data))
+            }
+            b'T' if self.track_truncates => {
+                // Truncate: relation count (4), options (1), relation OIDs (4 each). Noted even
+                // when the buffer already holds the transaction: the rewrite it explains is real.
+                let n = data
+                    .get(1..5)
+                    .map_or(0, |b| i32::from_be_bytes(b.try_into().expect("4 bytes")));
+                let rels = (0..n.max(0) as usize)
+                    .filter_map(|i| data.get(6 + 4 * i..10 + 4 * i))
+                    .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+                self.truncates.entry(self.xid).or_default().extend(rels);
+                self.truncate_received = true;
+                if self.skipping {
+                    return None;
+                }
+                if !self.in_transaction {
+                    self.appended_since_commit += 1;
+                }
+                Some((wal_start, tag, data))
             }
             _ if self.skipping => None,
             b'I' | b'U' | b'D' => {

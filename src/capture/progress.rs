@@ -24,7 +24,8 @@ impl Progress {
     }
 
     fn line(&self, state: &StreamState, rate: f64) -> String {
-        let confirmed = state.confirmable();
+        let confirmed = state.sendable();
+        let silent = state.last_received.0.elapsed().as_secs_f64();
         let lag_bytes = state.server_wal_end.bytes_since(confirmed);
         let lag_time = state
             .last_commit_time
@@ -33,14 +34,15 @@ impl Progress {
             .map(|d| format!("{:.1}s", d.as_secs_f64()))
             .unwrap_or_else(|| "-".into());
         format!(
-            "capture: {} txns, {} changes, {:.0} changes/s, {:.1} MiB | durable {} | lag {} bytes, last commit {} ago",
+            "capture: {} txns, {} changes, {:.0} changes/s, {:.1} MiB | durable {} | lag {} bytes, last commit {} ago, last message from the source {:.1}s ago",
             state.transactions,
             state.changes,
             rate,
             state.bytes as f64 / 1048576.0,
             confirmed,
             lag_bytes,
-            lag_time
+            lag_time,
+            silent
         )
     }
 

@@ -50,13 +50,24 @@ pub enum BufferCommand {
         before: Lsn,
     },
     /// Read every record and check every checksum; report the first damage with its location.
+    /// Also fails when the buffer ends before what capture recorded as durable (data loss),
+    /// and, with --source, when the slot was confirmed past what the buffer holds.
     Verify {
         #[command(flatten)]
         buffer: BufferDir,
+        /// Also check the buffer against its slot on this source.
+        #[arg(long, value_name = "CONN")]
+        source: Option<String>,
     },
 }
 
 fn open(dir: &std::path::Path) -> anyhow::Result<BufferReader> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "{} is not a directory: --buffer takes the buffer directory `walshift capture --buffer …` created",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         anyhow::bail!(
             "buffer directory {} does not exist (create one with `walshift capture --buffer …`)",
@@ -109,6 +120,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let mut damaged = false;
     println!("buffer        {}", st.dir.display());
     match &run {
         Some(r) => println!(
@@ -132,6 +144,16 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         st.total_bytes as f64 / 1048576.0
     );
     println!("transactions  {}", st.transactions);
+    if let Some(p) = &st.confirmed {
+        println!(
+            "confirmed     {} to slot {:?} (last heard from the source {})",
+            p.confirmed_lsn, p.slot, p.updated_at
+        );
+        if let Err(e) = p.check_buffer_end(&st.dir, last.unwrap_or_default()) {
+            eprintln!("error: {e}");
+            damaged = true;
+        }
+    }
     let lsn = |l: Option<Lsn>| l.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
     println!("first commit  {}", lsn(st.first_commit_lsn));
     println!("last commit   {}", lsn(last));
@@ -153,10 +175,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if damaged {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
-pub fn buffer(c: BufferCommand) -> anyhow::Result<ExitCode> {
+pub async fn buffer(c: BufferCommand) -> anyhow::Result<ExitCode> {
     match c {
         BufferCommand::Prune { buffer, before } => {
             let _ = open(&buffer.buffer)?;
@@ -169,15 +195,17 @@ pub fn buffer(c: BufferCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        BufferCommand::Verify { buffer } => {
+        BufferCommand::Verify { buffer, source } => {
             let reader = open(&buffer.buffer)?;
             let (mut records, mut txns, mut bytes) = (0u64, 0u64, 0u64);
+            let mut end = Lsn::ZERO;
             for ev in reader.transactions_from(Lsn::ZERO)? {
                 let ev = ev?;
                 let rec = match &ev {
                     TxnEvent::Begin(r) | TxnEvent::Change(r) | TxnEvent::Standalone(r) => r,
-                    TxnEvent::Commit { record, .. } => {
+                    TxnEvent::Commit { record, commit } => {
                         txns += 1;
+                        end = commit.end_lsn;
                         record
                     }
                 };
@@ -185,6 +213,32 @@ pub fn buffer(c: BufferCommand) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("record at {:?} (LSN {})", rec.pos, rec.lsn))?;
                 records += 1;
                 bytes += rec.payload.len() as u64;
+            }
+            if end.is_zero() {
+                // Everything may have been pruned: the last segment header still knows.
+                end = reader
+                    .status()?
+                    .last_commit
+                    .map(|c| c.end_lsn)
+                    .unwrap_or_default();
+            }
+            if let Some(p) = buffer::SlotProgress::read(&buffer.buffer)? {
+                p.check_buffer_end(&buffer.buffer, end)?;
+            }
+            if let Some(source) = source {
+                let meta = buffer::BufferMeta::read(&buffer.buffer)?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} has no buffer.json: not a walshift buffer",
+                        buffer.buffer.display()
+                    )
+                })?;
+                let source = crate::conn::ConnInfo::parse(&source).context("--source")?;
+                let confirmed =
+                    crate::capture::check_slot(&source, &meta, &buffer.buffer, end).await?;
+                println!(
+                    "slot {:?}: confirmed up to {confirmed}, the buffer holds up to {end}: nothing confirmed is missing",
+                    meta.slot
+                );
             }
             println!(
                 "ok: {records} records, {txns} transactions, {:.1} MiB of pgoutput, every checksum and message valid",

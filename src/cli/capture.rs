@@ -48,6 +48,20 @@ pub struct CaptureArgs {
     /// With --clone-to: tables copied in parallel.
     #[arg(long, default_value_t = 2)]
     clone_parallel: usize,
+    /// After capture stopped on a partition of a publish_via_partition_root publication
+    /// (TRUNCATE, VACUUM FULL/CLUSTER, DETACH or DROP of one partition) and the copy was made
+    /// to match: accept its current state (comma-separated schema.table).
+    #[arg(long, value_delimiter = ',', value_name = "TABLE")]
+    accept_partition_rewrite: Vec<String>,
+    /// Start this new buffer from a slot that already exists, at the slot's confirmed position.
+    /// Only for a slot whose earlier buffer is abandoned: this buffer lacks everything the slot
+    /// confirmed before, so replay it only into a target cloned at that position.
+    #[arg(long)]
+    adopt_slot: bool,
+    /// Fail when the stream is silent (no change, no keepalive) this long, e.g. `30s`
+    /// (`0s` = never). Default: the source's wal_sender_timeout, at least 10 s.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    stream_timeout: Option<Duration>,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -67,6 +81,9 @@ pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
     config.read_coalesce = Duration::from_micros(a.read_coalesce_us);
     config.buffer.segment_size = a.segment_mib.max(1) * 1024 * 1024;
     config.progress = !a.no_progress;
+    config.accept_partition_rewrite = a.accept_partition_rewrite;
+    config.adopt_slot = a.adopt_slot;
+    config.stream_timeout = a.stream_timeout;
     if let Some(target) = &a.clone_to {
         let target = ConnInfo::parse(target).context("--clone-to")?;
         let mut clone = crate::clone::CloneOptions::new(config.source.clone(), target);

@@ -27,7 +27,7 @@ use crate::lsn::Lsn;
 #[command(name = "walshift", version, about, propagate_version = true)]
 pub struct Cli {
     /// Log filter (tracing syntax), e.g. `info`, `walshift=debug`. Also `WALSHIFT_LOG`.
-    #[arg(long, global = true, env = "WALSHIFT_LOG", default_value = "warn")]
+    #[arg(long, global = true, env = "WALSHIFT_LOG", default_value = "warn", value_parser = parse_log_filter)]
     log: String,
 
     #[command(subcommand)]
@@ -102,7 +102,7 @@ pub fn main() -> ExitCode {
             Command::Verify(a) => verify::run(a).await,
             Command::Inspect(a) => buffer_cmds::inspect(a),
             Command::Status(a) => buffer_cmds::status(a).await,
-            Command::Buffer(c) => buffer_cmds::buffer(c),
+            Command::Buffer(c) => buffer_cmds::buffer(c).await,
             Command::Bench(c) => bench::run(c).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Cutover(a) => cutover::run(a).await,
@@ -118,6 +118,29 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A `--log` filter: valid tracing syntax whose bare words are levels or targets walshift logs
+/// under (a misspelt level would otherwise silently select a target that never logs).
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    const TARGETS: [&str; 3] = ["walshift", "tokio_postgres", "postgres"];
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map_err(|e| format!("invalid log filter {s:?}: {e}"))?;
+    for d in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let target = d.split(['=', '[']).next().unwrap_or(d);
+        let is_level = d.eq_ignore_ascii_case("off") || d.parse::<tracing::Level>().is_ok();
+        let known = TARGETS
+            .iter()
+            .any(|t| target == *t || target.starts_with(&format!("{t}::")));
+        if !is_level && !known && !target.is_empty() {
+            return Err(format!(
+                "invalid log filter {s:?}: {d:?} is neither a level (off, error, warn, info, debug, trace) \
+                 nor a walshift target (e.g. walshift=debug, walshift::capture=trace)"
+            ));
+        }
+    }
+    Ok(s.to_owned())
 }
 
 fn init_logging(filter: &str) {

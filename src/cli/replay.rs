@@ -37,6 +37,13 @@ pub struct ReplayArgs {
     /// table onto the same-named target table.
     #[arg(long, value_name = "FILE")]
     transform: Option<std::path::PathBuf>,
+    /// The target was not cloned by `walshift capture --clone-to` but loaded another way (a
+    /// restore, a snapshot copy). You guarantee it holds the source's rows exactly as of the
+    /// slot's consistent point (where the buffer starts); without this flag replay refuses a
+    /// target that has no clone record of this buffer's source and slot. A target that is the
+    /// source itself is refused regardless.
+    #[arg(long)]
+    target_not_cloned_by_walshift: bool,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -54,6 +61,9 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     config.batch_time = Duration::from_millis(a.batch_ms);
     config.apply_connections = a.apply_connections.max(1);
     config.progress = !a.no_progress;
+    if a.target_not_cloned_by_walshift {
+        config.target_origin = replay::TargetOrigin::LoadedElsewhere;
+    }
     if let Some(path) = &a.transform {
         config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));
     }

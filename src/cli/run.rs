@@ -43,6 +43,10 @@ pub struct RunArgs {
     /// max_prepared_transactions >= N on the target, else one is used).
     #[arg(long, default_value_t = 2, value_name = "N")]
     apply_connections: usize,
+    /// After capture stopped on a partition of a publish_via_partition_root publication and the
+    /// copy was made to match: accept its current state (comma-separated schema.table).
+    #[arg(long, value_delimiter = ',', value_name = "TABLE")]
+    accept_partition_rewrite: Vec<String>,
     /// No status line.
     #[arg(long)]
     no_progress: bool,
@@ -62,6 +66,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     config.batch_time = Duration::from_millis(a.batch_ms);
     config.apply_connections = a.apply_connections.max(1);
     config.status_line = !a.no_progress;
+    config.accept_partition_rewrite = a.accept_partition_rewrite;
     if let Some(path) = &a.transform {
         config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));
     }

@@ -149,7 +149,10 @@ fn print_plan(plan: &SourcePlan) {
             println!("--   filter: {}", f.sql);
         }
         let every: Vec<usize> = (0..plan.source.columns.len()).collect();
-        println!("{};", tsql::insert(plan, t, true));
+        println!("{};", tsql::insert(plan, t));
+        if t.filter.is_some() {
+            println!("{};", tsql::upsert(plan, t));
+        }
         println!("{};", tsql::delete(plan, t));
         if let Ok(shape) = tsql::update_shape(plan, t, &every, false) {
             println!("{};", tsql::update(plan, t, &every, &shape, false));

@@ -2,9 +2,16 @@
 //! the snapshot, streamed into `COPY … FROM STDIN (FORMAT binary)` on the target, several
 //! tables at a time, never holding more than a few rows in memory.
 //!
+//! A table whose columns hold OIDs of the source's catalog — a `reg*` type (`regclass`,
+//! `regtype`, `regproc`, …) anywhere in a column's type (also inside arrays, domains,
+//! composites and ranges) — is copied in text format instead: the source writes names, the
+//! target resolves them in its own catalog. So is a table with a column type that has no
+//! binary I/O (e.g. `aclitem`), which binary COPY cannot carry at all. Both sides run with
+//! `search_path = ''` (names come out schema-qualified) and pg_dump's output settings.
+//!
 //! **Contract:** every table's copy counts the rows the source sent (parsed out of the binary
-//! stream, which must end with its trailer) and compares them with the rows the target's
-//! `COPY … FROM` stored (its command tag). Any difference fails the clone naming the table and
+//! stream, which must end with its trailer; in text format one line per row) and compares them
+//! with the rows the target's `COPY … FROM` stored (its command tag). Any difference fails the clone naming the table and
 //! both counts: a target-side mechanism that drops or adds rows during the load (an
 //! `ENABLE ALWAYS`/`ENABLE REPLICA` trigger, which fires even with `session_replication_role =
 //! replica`) never passes as a successful clone.
@@ -32,6 +39,9 @@ pub(crate) struct TablePlan {
     pub columns: Vec<String>,
     /// Partitioned tables are read through their partitions; plain tables with `ONLY`.
     pub partitioned: bool,
+    /// Copied in text format: some column's type holds catalog OIDs or has no binary I/O (see
+    /// the module docs).
+    pub text: bool,
     /// `pg_class.reltuples` (negative: never analyzed).
     pub estimated_rows: f64,
     pub pages: i64,
@@ -42,26 +52,32 @@ impl TablePlan {
         self.columns.join(", ")
     }
 
+    fn format(&self) -> &'static str {
+        if self.text { "text" } else { "binary" }
+    }
+
     /// A table without (non-generated) columns still has rows: `SELECT FROM t` and a `COPY`
     /// without a column list carry them as zero-field tuples.
     fn copy_out_sql(&self) -> String {
         format!(
-            "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)",
+            "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT {})",
             self.column_list(),
             if self.partitioned { "" } else { "ONLY " },
-            self.quoted
+            self.quoted,
+            self.format()
         )
     }
 
     fn copy_in_sql(&self) -> String {
         if self.columns.is_empty() {
             // Without a list, COPY takes every non-generated column: none here.
-            return format!("COPY {} FROM STDIN (FORMAT binary)", self.quoted);
+            return format!("COPY {} FROM STDIN (FORMAT {})", self.quoted, self.format());
         }
         format!(
-            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            "COPY {} ({}) FROM STDIN (FORMAT {})",
             self.quoted,
-            self.column_list()
+            self.column_list(),
+            self.format()
         )
     }
 }
@@ -70,9 +86,17 @@ impl TablePlan {
 #[derive(Debug, Clone)]
 pub(crate) struct Copied {
     pub display: String,
+    /// Copied in text format.
+    pub text: bool,
     pub rows: u64,
     pub bytes: u64,
 }
+
+/// Settings of every copy session, source and target: names written and read by text-format
+/// copies are schema-qualified and resolved the same way on both sides, dates and numbers
+/// round-trip exactly (pg_dump's settings).
+const SESSION_SETTINGS: &str = "SET search_path = ''; SET DateStyle = ISO; \
+    SET IntervalStyle = postgres; SET extra_float_digits = 3";
 
 /// Opens a source session whose transaction sees exactly the exported snapshot.
 pub(crate) async fn snapshot_session(
@@ -85,7 +109,8 @@ pub(crate) async fn snapshot_session(
     })?;
     client
         .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+             {SESSION_SETTINGS}",
             quote_literal(snapshot)
         ))
         .await
@@ -106,7 +131,9 @@ pub(crate) async fn load_session(target: &ConnInfo) -> Result<Client, CloneError
         source: e,
     })?;
     client
-        .batch_execute("SET session_replication_role = replica")
+        .batch_execute(&format!(
+            "SET session_replication_role = replica; {SESSION_SETTINGS}"
+        ))
         .await
         .map_err(sql(
             "setting session_replication_role = replica on the target (needs a superuser, or on \
@@ -114,6 +141,27 @@ pub(crate) async fn load_session(target: &ConnInfo) -> Result<Client, CloneError
         ))?;
     Ok(client)
 }
+
+/// Whether any copied column of table `$1` has a type whose binary form is a value of the
+/// source's catalog (a `reg*` type) or that has no binary I/O, looked for through domains,
+/// arrays, composites, ranges and multiranges.
+const CATALOG_OID_TYPES: &str = "WITH RECURSIVE walk(t) AS ( \
+      SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = to_regclass($1) \
+        AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+    UNION \
+      SELECT n.t FROM walk w JOIN pg_type ty ON ty.oid = w.t CROSS JOIN LATERAL ( \
+        SELECT ty.typbasetype WHERE ty.typbasetype <> 0 \
+        UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0 \
+          AND ty.typsubscript = 'pg_catalog.array_subscript_handler'::pg_catalog.regproc \
+        UNION ALL SELECT f.atttypid FROM pg_attribute f WHERE ty.typrelid <> 0 \
+          AND f.attrelid = ty.typrelid AND f.attnum > 0 AND NOT f.attisdropped \
+        UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid \
+        UNION ALL SELECT r.rngtypid FROM pg_range r WHERE r.rngmultitypid = ty.oid) n(t)) \
+    SELECT EXISTS (SELECT 1 FROM walk w JOIN pg_type ty ON ty.oid = w.t \
+      WHERE ty.typsend = 0 OR ty.typreceive = 0 OR ty.oid IN ('regclass'::regtype, \
+        'regtype'::regtype, 'regproc'::regtype, 'regprocedure'::regtype, 'regoper'::regtype, \
+        'regoperator'::regtype, 'regconfig'::regtype, 'regdictionary'::regtype, \
+        'regnamespace'::regtype, 'regrole'::regtype, 'regcollation'::regtype))";
 
 /// Reads a table's copy plan in the snapshot.
 pub(crate) async fn plan_table(
@@ -148,11 +196,17 @@ pub(crate) async fn plan_table(
         .iter()
         .map(|r| quote_ident(r.get::<_, &str>(0)))
         .collect();
+    let text = source
+        .query_one(CATALOG_OID_TYPES, &[&quoted])
+        .await
+        .map_err(sql(format!("reading the column types of {display}")))?
+        .get(0);
     Ok(TablePlan {
         display,
         quoted,
         columns,
         partitioned: relkind == "p",
+        text,
         estimated_rows: row.get(1),
         pages: row.get(2),
     })
@@ -202,16 +256,22 @@ async fn copy_table(
     let mut bytes = 0u64;
     let mut pending = 0u64;
     let mut counter = BinaryRowCounter::default();
+    // Text format: every row ends with one newline (newlines inside values are escaped).
+    let mut text_rows = 0u64;
     // The server sends one CopyData message per row (the last one is the binary trailer).
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(sql(ctx("reading the source")))?;
         bytes += chunk.len() as u64;
-        counter
-            .feed(&chunk)
-            .map_err(|what| CloneError::CopyStream {
-                table: plan.display.clone(),
-                what,
-            })?;
+        if plan.text {
+            text_rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+        } else {
+            counter
+                .feed(&chunk)
+                .map_err(|what| CloneError::CopyStream {
+                    table: plan.display.clone(),
+                    what,
+                })?;
+        }
         sink.as_mut()
             .feed(chunk)
             .await
@@ -224,7 +284,9 @@ async fn copy_table(
             pending = 0;
         }
     }
-    if !counter.trailer {
+    if plan.text {
+        counter.rows = text_rows;
+    } else if !counter.trailer {
         return Err(CloneError::CopyStream {
             table: plan.display.clone(),
             what: "the source's COPY ended without the binary trailer".into(),
@@ -248,6 +310,7 @@ async fn copy_table(
     }
     Ok(Copied {
         display: plan.display.clone(),
+        text: plan.text,
         rows,
         bytes,
     })

@@ -91,6 +91,9 @@ fn command(programs: &Programs, name: &str, info: &ConnInfo) -> Command {
     if let Some(pw) = info.password() {
         cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).as_ref());
     }
+    // The same bound on connecting as walshift's own connections (libpq: whole seconds, ≥ 2).
+    let timeout = info.connect_timeout().as_secs_f64().ceil() as u64;
+    cmd.env("PGCONNECT_TIMEOUT", timeout.to_string());
     cmd.kill_on_drop(true);
     cmd
 }

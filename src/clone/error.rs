@@ -12,8 +12,10 @@ pub enum CloneError {
 
     /// The target already holds some of the tables to clone, and no clone state says why.
     #[error(
-        "target {target} already has {} of the tables to clone ({}); clone into an empty database, \
-         or pass --force to truncate those tables and load into their existing definitions",
+        "target {target} already has {} of the tables to clone ({}); clone into an empty database. \
+         --force would TRUNCATE those tables on the target (every row they hold there is deleted) \
+         and load the source's rows into their existing definitions: use it only if that data is \
+         disposable",
         tables.len(),
         tables.join(", ")
     )]
@@ -22,14 +24,16 @@ pub enum CloneError {
     /// A previous clone into this target started but never finished.
     #[error(
         "target {target} holds an interrupted clone (snapshot {snapshot}, state 'copying'): its tables \
-         are incomplete; pass --force to drop the cloned tables and start over"
+         are incomplete. --force drops the tables that clone created (DROP TABLE … CASCADE: their \
+         rows and the views and foreign keys depending on them) and clones again"
     )]
     Interrupted { target: String, snapshot: String },
 
     /// This target was already cloned.
     #[error(
-        "target {target} was already cloned (snapshot {snapshot}, state 'done'); replay into it instead, \
-         or pass --force to drop the cloned tables and clone again"
+        "target {target} was already cloned (snapshot {snapshot}, state 'done'); replay into it instead. \
+         --force would drop its cloned tables (DROP TABLE … CASCADE: every row replayed into them \
+         and whatever the release changed there is lost) and clone again"
     )]
     AlreadyCloned { target: String, snapshot: String },
 
@@ -72,7 +76,7 @@ pub enum CloneError {
          {target_rows}; something on the target drops or adds rows during COPY (a trigger enabled \
          ALWAYS or REPLICA fires even with session_replication_role = replica). Fix: disable it on \
          the target (ALTER TABLE … DISABLE TRIGGER …, re-enable after the clone), then clone again \
-         with --force"
+         with --force (which drops the tables of this clone on the target and copies them anew)"
     )]
     RowCountMismatch {
         table: String,
@@ -83,6 +87,10 @@ pub enum CloneError {
     /// The source's binary COPY data could not be read.
     #[error("copying {table}: {what}; the source's COPY stream is not what PostgreSQL sends")]
     CopyStream { table: String, what: String },
+
+    /// The target is the source itself (never overridden), or cannot be identified.
+    #[error(transparent)]
+    Identity(#[from] crate::source::identity::IdentityError),
 
     /// Connecting to the source or the target failed.
     #[error("{context}: {source}")]

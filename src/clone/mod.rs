@@ -4,8 +4,9 @@
 //! check the target (refuse tables that are already there, detect an earlier clone) →
 //! `pg_dump --schema-only --snapshot` of the pre-data and post-data sections → record
 //! `walshift.clone_state = 'copying'` → pre-data into the target (`psql`) → rows of every
-//! table (`COPY … (FORMAT binary)`, streamed, `parallel` tables at a time) → sequences →
-//! post-data (indexes, constraints, triggers) → `clone_state = 'done'`.
+//! table (`COPY … (FORMAT binary)`, text for columns holding catalog OIDs; streamed, `parallel`
+//! tables at a time) → large objects → sequences → post-data (indexes, constraints, triggers)
+//! → refresh of the materialized views populated on the source → `clone_state = 'done'`.
 //!
 //! Replaying the buffer captured from the slot's consistent point on top of the result gives
 //! the source. Operator documentation: `docs/clone.md`.
@@ -27,6 +28,7 @@ pub use large_objects::{
 };
 
 use crate::conn::ConnInfo;
+use crate::source::identity::{self, ServerIdentity};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_literal, quote_qualified};
 use dump::{Programs, Section};
@@ -48,6 +50,19 @@ pub struct CloneOptions {
     /// Directory of `pg_dump` and `psql`. Default: the installation `pg_config --bindir`
     /// names, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`.
     pub bindir: Option<PathBuf>,
+    /// The buffer the clone belongs to, recorded in the clone state (replay and cutover
+    /// check it). Capture sets it; `None` records no origin.
+    pub origin: Option<CloneOrigin>,
+}
+
+/// Which buffer a clone belongs to: the source and slot it was taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneOrigin {
+    pub system_identifier: u64,
+    pub database: String,
+    pub slot: String,
+    /// The slot's consistent point: the clone equals the source at this LSN.
+    pub consistent_lsn: crate::lsn::Lsn,
 }
 
 impl CloneOptions {
@@ -60,6 +75,7 @@ impl CloneOptions {
             force: false,
             progress: false,
             bindir: None,
+            origin: None,
         }
     }
 }
@@ -78,6 +94,12 @@ pub struct CloneReport {
     /// UNLOGGED tables copied as of the snapshot (also in `tables`): logical decoding does not
     /// carry their later changes.
     pub unlogged: Vec<String>,
+    /// Tables copied in text format because a column's type holds catalog OIDs (`reg*`):
+    /// names resolved on the target instead of the source's OIDs; or has no binary I/O.
+    pub text_format: Vec<String>,
+    /// Materialized views refreshed on the target (`schema.name`, in the order refreshed): the
+    /// ones populated on the source as of the snapshot.
+    pub materialized_views: Vec<String>,
     /// Large objects copied (same OIDs); their fingerprint is in the clone state.
     pub large_objects: u64,
     pub elapsed: Duration,
@@ -117,7 +139,10 @@ const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
       tables int, \
       rows bigint); \
     ALTER TABLE walshift.clone_state ADD COLUMN IF NOT EXISTS lo_count bigint, \
-      ADD COLUMN IF NOT EXISTS lo_oids_md5 text, ADD COLUMN IF NOT EXISTS lo_data_md5 text";
+      ADD COLUMN IF NOT EXISTS lo_oids_md5 text, ADD COLUMN IF NOT EXISTS lo_data_md5 text, \
+      ADD COLUMN IF NOT EXISTS source_system_identifier text, \
+      ADD COLUMN IF NOT EXISTS source_database text, ADD COLUMN IF NOT EXISTS source_slot text, \
+      ADD COLUMN IF NOT EXISTS consistent_lsn pg_lsn";
 
 async fn connect_target(target: &ConnInfo) -> Result<Client, CloneError> {
     target.connect().await.map_err(|e| CloneError::Connect {
@@ -239,6 +264,8 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// Contract:
 /// - `snapshot` was exported by the replication connection that created the slot; the caller
 ///   keeps that connection open and idle until this returns (every session here imports it).
+/// - A target that is the source database itself (same system identifier and database) is
+///   refused whatever `force` says ([`CloneError::Identity`]).
 /// - Without `force`, refuses (changing nothing) a target that has any of `tables`
 ///   ([`CloneError::TargetNotEmpty`]) or a clone record ([`CloneError::Interrupted`] for
 ///   `'copying'`, [`CloneError::AlreadyCloned`] for `'done'`); the schema is then applied in
@@ -256,9 +283,15 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
 /// - Every table's rows stored on the target equal the rows the source sent in the snapshot,
 ///   or the clone fails with [`CloneError::RowCountMismatch`] (see `copy`'s contract).
 /// - A list holding a partitioned table and one of its partitions is refused (double copy).
+/// - Tables with a column whose type holds catalog OIDs (`reg*`, also nested) are copied in
+///   text format, by name, so they reference the copy's own objects; so are tables with a
+///   column type without binary I/O ([`CloneReport::text_format`]).
+/// - Materialized views populated on the source are refreshed on the target after the
+///   post-data, in dependency order ([`CloneReport::materialized_views`]).
 /// - Large objects are copied under the same OIDs (with `force`, target ones of the same OID
 ///   are replaced) and their fingerprint as of the snapshot is recorded in the clone state
 ///   ([`check_large_objects`] compares it with the source later).
+/// - The clone state records [`CloneOptions::origin`] (the buffer the clone belongs to).
 /// - On success `walshift.clone_state` on the target says `'done'`; after any failure it says
 ///   `'copying'` (once the load started) and the next call refuses without `force`.
 pub async fn clone_database(
@@ -272,9 +305,20 @@ pub async fn clone_database(
     }
     let target_name = opts.target.redacted();
     let target = connect_target(&opts.target).await?;
-    let state = read_state(&target).await?;
     // Everything read from the source happens inside the snapshot.
     let source = copy::snapshot_session(&opts.source, snapshot).await?;
+    let src = ServerIdentity::probe(&source)
+        .await
+        .map_err(sql("reading the source's system identifier"))?;
+    identity::refuse_source(
+        &target,
+        &target_name,
+        "clone into",
+        src.system_identifier,
+        &src.database,
+    )
+    .await?;
+    let state = read_state(&target).await?;
     let unlogged = unlogged_tables(&source, tables).await?;
     let all: Vec<TableRef> = tables.iter().chain(&unlogged).cloned().collect();
     check_no_double_copy(&source, &all).await?;
@@ -313,13 +357,27 @@ pub async fn clone_database(
         dump::dump(&programs, &opts.source, snapshot, Section::PostData, &keep),
     )?;
 
+    let origin = |f: fn(&CloneOrigin) -> String| {
+        opts.origin
+            .as_ref()
+            .map_or("NULL".to_owned(), |o| quote_literal(&f(o)))
+    };
     target
         .batch_execute(&format!(
-            "{STATE_DDL}; INSERT INTO walshift.clone_state (id, snapshot, state, started_at) \
-             VALUES (1, {snap}, 'copying', now()) ON CONFLICT (id) DO UPDATE SET \
+            "{STATE_DDL}; INSERT INTO walshift.clone_state (id, snapshot, state, started_at, \
+               source_system_identifier, source_database, source_slot, consistent_lsn) \
+             VALUES (1, {snap}, 'copying', now(), {sys}, {db}, {slot}, {lsn}::pg_lsn) \
+             ON CONFLICT (id) DO UPDATE SET \
              snapshot = EXCLUDED.snapshot, state = 'copying', started_at = now(), \
-             finished_at = NULL, tables = NULL, rows = NULL",
-            snap = quote_literal(snapshot)
+             finished_at = NULL, tables = NULL, rows = NULL, \
+             source_system_identifier = EXCLUDED.source_system_identifier, \
+             source_database = EXCLUDED.source_database, source_slot = EXCLUDED.source_slot, \
+             consistent_lsn = EXCLUDED.consistent_lsn",
+            snap = quote_literal(snapshot),
+            sys = origin(|o| o.system_identifier.to_string()),
+            db = origin(|o| o.database.clone()),
+            slot = origin(|o| o.slot.clone()),
+            lsn = origin(|o| o.consistent_lsn.to_string()),
         ))
         .await
         .map_err(sql("recording the clone state on the target"))?;
@@ -354,12 +412,18 @@ pub async fn clone_database(
     let fingerprint = large_object_fingerprint(&source).await?;
     let sequences = sync_sequences(&source, &target).await?;
     dump::apply(&programs, &opts.target, &post, "post-data", opts.force).await?;
+    let materialized_views = refresh_materialized_views(&source, &opts.target).await?;
     source
         .batch_execute("COMMIT")
         .await
         .map_err(sql("ending the source snapshot transaction"))?;
 
     let rows: u64 = copied.iter().map(|c| c.rows).sum();
+    let text_format: Vec<String> = copied
+        .iter()
+        .filter(|c| c.text)
+        .map(|c| c.display.clone())
+        .collect();
     let bytes: u64 = copied.iter().map(|c| c.bytes).sum();
     target
         .execute(
@@ -381,9 +445,91 @@ pub async fn clone_database(
         bytes,
         sequences,
         unlogged: unlogged.iter().map(display).collect(),
+        text_format,
+        materialized_views,
         large_objects,
         elapsed: started.elapsed(),
     })
+}
+
+/// Refreshes, on the target, every materialized view that is populated on the source (in the
+/// snapshot `source` holds), each after the materialized views it reads (also through views). The schema dump
+/// creates them `WITH NO DATA` (pg_dump keeps `REFRESH MATERIALIZED VIEW` in its data
+/// section); their rows are computed from the copy's own tables, after the post-data (so a
+/// unique index on a view exists), with `search_path = ''` as a restore would. Returns them in
+/// the order refreshed.
+async fn refresh_materialized_views(
+    source: &Client,
+    target: &ConnInfo,
+) -> Result<Vec<String>, CloneError> {
+    let rows = source
+        .query(
+            // deps: the relations a materialized view's query reads, through plain views.
+            "WITH RECURSIVE deps(mv, rel) AS ( \
+               SELECT r.ev_class, d.refobjid FROM pg_rewrite r \
+               JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+                 AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class \
+               WHERE r.ev_class IN (SELECT oid FROM pg_class WHERE relkind = 'm') \
+             UNION \
+               SELECT deps.mv, d.refobjid FROM deps \
+               JOIN pg_class v ON v.oid = deps.rel AND v.relkind = 'v' \
+               JOIN pg_rewrite r ON r.ev_class = v.oid \
+               JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid \
+                 AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> v.oid) \
+             SELECT m.oid, n.nspname::text, m.relname::text, \
+               coalesce(array_agg(DISTINCT d.rel) FILTER (WHERE d.rel IS NOT NULL), '{}') \
+             FROM pg_class m JOIN pg_namespace n ON n.oid = m.relnamespace \
+             LEFT JOIN deps d ON d.mv = m.oid AND d.rel <> m.oid \
+               AND d.rel IN (SELECT oid FROM pg_class WHERE relkind = 'm') \
+             WHERE m.relkind = 'm' AND m.relispopulated \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
+             GROUP BY 1, 2, 3 ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(sql("listing the source's materialized views"))?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pending: Vec<(u32, String, String, Vec<u32>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    let all: Vec<u32> = pending.iter().map(|p| p.0).collect();
+    let mut done: Vec<u32> = Vec::new();
+    let mut order = Vec::new();
+    while !pending.is_empty() {
+        // Ready: every materialized view it reads is refreshed, or is not refreshed at all
+        // (unpopulated on the source).
+        let ready = pending
+            .iter()
+            .position(|(_, _, _, deps)| deps.iter().all(|d| done.contains(d) || !all.contains(d)));
+        let i = ready.unwrap_or(0);
+        let (oid, schema, name, _) = pending.remove(i);
+        done.push(oid);
+        order.push((schema, name));
+    }
+    let client = target.connect().await.map_err(|e| CloneError::Connect {
+        context: "connecting to the target".into(),
+        source: e,
+    })?;
+    client
+        .batch_execute("SET search_path = ''")
+        .await
+        .map_err(sql("setting search_path on the target"))?;
+    let mut refreshed = Vec::with_capacity(order.len());
+    for (schema, name) in order {
+        let q = quote_qualified(&schema, &name);
+        client
+            .batch_execute(&format!("REFRESH MATERIALIZED VIEW {q}"))
+            .await
+            .map_err(sql(format!(
+                "refreshing materialized view {q} on the target (its query runs on the copy's \
+                 tables; fix the error there, then clone again with --force)"
+            )))?;
+        refreshed.push(format!("{schema}.{name}"));
+    }
+    Ok(refreshed)
 }
 
 /// UNLOGGED tables of the source not in `tables`. Logical decoding never sees their changes

@@ -48,6 +48,8 @@ pub struct LiveConfig {
     pub status_line: bool,
     /// Migration mapping replay applies through. Default none (identity).
     pub transform: Option<Arc<crate::transform::Mapping>>,
+    /// Capture's [`CaptureConfig::accept_partition_rewrite`]. Default none.
+    pub accept_partition_rewrite: Vec<String>,
 }
 
 impl LiveConfig {
@@ -64,6 +66,7 @@ impl LiveConfig {
             apply_connections: 2,
             status_line: false,
             transform: None,
+            accept_partition_rewrite: Vec::new(),
         }
     }
 }
@@ -122,6 +125,7 @@ pub async fn run(
     cap_cfg.slot = config.slot.clone();
     cap_cfg.publication = config.publication.clone();
     cap_cfg.flush_interval = config.flush_interval;
+    cap_cfg.accept_partition_rewrite = config.accept_partition_rewrite.clone();
     let mut clone_opts = CloneOptions::new(config.source.clone(), config.target.clone());
     clone_opts.parallel = config.clone_parallel.max(1);
     clone_opts.progress = config.status_line;

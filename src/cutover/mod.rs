@@ -294,6 +294,16 @@ pub enum CutoverError {
     )]
     CloneUnfinished,
 
+    #[error(
+        "refusing to cut over (nothing fenced): {} partition(s) of a publish_via_partition_root \
+         publication changed since capture recorded them, in a way the stream cannot carry \
+         (a TRUNCATE of the partitioned table itself is accepted by capture once it receives it: \
+         if that is what happened, let capture run — start it if it is not running — and retry):\n{}",
+        .0.len(),
+        .0.iter().map(|d| format!("  - {d}")).collect::<Vec<_>>().join("\n")
+    )]
+    PartitionChanged(Vec<crate::capture::partitions::Difference>),
+
     #[error("invalid cutover setting {0}; nothing was touched")]
     InvalidConfig(String),
 
@@ -642,6 +652,55 @@ async fn prepare_session(client: &Client) -> Result<i32, CutoverError> {
 
 /// Runs a cutover. `interrupt` resolving (Ctrl-C) stops it: before the fence with
 /// [`CutoverError::Interrupted`], after it with an abort (unfenced). See the module docs.
+/// With a `publish_via_partition_root` publication (a partition record in the buffer):
+/// refuses when a leaf partition was truncated, rewritten, detached or dropped on its own since
+/// capture last accepted it (see [`crate::capture::partitions`]); warns about leaves attached
+/// after the clone.
+async fn check_partitions(
+    src: &tokio_postgres::Client,
+    dir: &std::path::Path,
+    warnings: &mut Vec<String>,
+) -> Result<(), CutoverError> {
+    use crate::capture::partitions::{self, PartitionRecord, Verdict};
+    let record = match PartitionRecord::read(dir) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            warnings.push(format!("could not read the partition record: {e}"));
+            return Ok(());
+        }
+    };
+    let seen = partitions::observe(src, &record)
+        .await
+        .map_err(sql("comparing the leaf partitions with capture's record"))?;
+    let changed: Vec<_> = seen
+        .differences
+        .into_iter()
+        .filter(|d| {
+            partitions::judge(d, seen.lsn, &record.truncates, crate::lsn::Lsn(u64::MAX))
+                != Verdict::Explained
+        })
+        .collect();
+    if !changed.is_empty() {
+        return Err(CutoverError::PartitionChanged(changed));
+    }
+    let later: Vec<String> = record
+        .leaves
+        .iter()
+        .filter(|l| l.attached_later)
+        .chain(&seen.new_leaves)
+        .map(|l| l.name.clone())
+        .collect();
+    if !later.is_empty() {
+        warnings.push(format!(
+            "partition(s) {} were attached after the clone: rows they held before ATTACH PARTITION \
+             never passed through the stream; compare their partitioned tables with walshift verify",
+            later.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 pub async fn run(
     config: CutoverConfig,
     interrupt: impl std::future::Future<Output = ()> + Send + 'static,
@@ -783,8 +842,19 @@ async fn run_inner(
             .warnings
             .push(format!("could not check the source's large objects: {e}")),
     }
+    check_partitions(&src, dir, &mut report.warnings).await?;
     let tgt = config.target.connect().await?;
     prepare_session(&tgt).await?;
+    let origin = crate::source::identity::TargetOrigin::ClonedByWalshift;
+    crate::source::identity::check_replay_target(
+        &tgt,
+        &config.target.redacted(),
+        &meta,
+        origin,
+        "cut over to",
+    )
+    .await
+    .map_err(|e| CutoverError::Replay(e.into()))?;
     target::ensure_progress_table(&tgt)
         .await
         .map_err(|e| CutoverError::Replay(ReplayError::Target(e)))?;

@@ -78,6 +78,10 @@ pub enum MigrateError {
     )]
     TransactionLeftOpen { name: String, line: u32 },
 
+    /// The connection to the target did not complete within the connect timeout.
+    #[error(transparent)]
+    ConnectTimeout(#[from] crate::Error),
+
     /// Connecting to the target failed.
     #[error("cannot connect to the target {target}: {message}")]
     Connect {

@@ -316,6 +316,8 @@ pub async fn rehearse(
     let mut cfg = ReplayConfig::new(fixture.buffer_dir(), target.clone());
     cfg.transform = Some(mapping.clone());
     cfg.batch_rows = opts.batch_rows;
+    // Loaded just above from the fixture's dump, taken at the slot's snapshot.
+    cfg.target_origin = replay::TargetOrigin::LoadedElsewhere;
     let mut secs = 0.0;
     let (mut transactions, mut changes, mut batches) = (0, 0, 0);
     if !split.is_zero() {

@@ -370,6 +370,8 @@ async fn record_inner(
     // Stream: until the LSN, or until `stop` and then to the end of WAL at that moment.
     let mut run_cfg = cfg.clone();
     run_cfg.until_lsn = opts.until_lsn;
+    // The slot was created just above for this buffer.
+    run_cfg.adopt_slot = true;
     let mut durable = match opts.until_lsn {
         Some(_) => capture::run(run_cfg, std::future::pending::<()>()).await?,
         None => capture::run(run_cfg, stop).await?,

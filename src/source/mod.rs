@@ -2,6 +2,7 @@
 //! that turns the stream into typed messages, and the preflight and slot / publication
 //! management that prepare it.
 
+pub mod identity;
 pub mod pgoutput;
 pub mod preflight;
 pub mod protocol;

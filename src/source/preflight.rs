@@ -194,7 +194,7 @@ pub async fn ensure_publication(
                 });
             }
         }
-        let mut refusals = check_publication(client, name, &existing).await?;
+        let mut refusals = check_publication(client, name).await?;
         refusals.extend(check_tables(client, &existing).await?);
         if !refusals.is_empty() {
             return Err(PreflightError::Refused { refusals });
@@ -290,14 +290,14 @@ pub async fn publication_tables(
 /// What an existing publication does that walshift cannot follow faithfully:
 /// - not publishing every operation (insert, update, delete, truncate): the missing ones would
 ///   never reach the copy;
-/// - `publish_via_partition_root = true` with a partitioned table: pgoutput never sends a
-///   TRUNCATE of a single partition in that mode, so the copy would keep its rows;
 /// - (PostgreSQL 15+) a row filter or a column list: the clone copies whole tables, the stream
 ///   would carry only part of them.
+///
+/// `publish_via_partition_root = true` is accepted: capture watches what that mode does not
+/// carry (see [`crate::capture::partitions`]).
 pub async fn check_publication(
     client: &Client,
     name: &str,
-    tables: &[TableRef],
 ) -> Result<Vec<Refusal>, PreflightError> {
     let row = client
         .query_one(
@@ -329,40 +329,7 @@ pub async fn check_publication(
             ),
         });
     }
-    let via_root: bool = row.get(4);
     let version: i32 = row.get(5);
-    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
-    if via_root {
-        let partitioned = client
-            .query(
-                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.oid = ANY($1) AND c.relkind = 'p' ORDER BY 1, 2",
-                &[&oids],
-            )
-            .await
-            .map_err(sql("looking for partitioned tables in the publication"))?;
-        if !partitioned.is_empty() {
-            let names: Vec<String> = partitioned
-                .iter()
-                .map(|r| quote_qualified(r.get(0), r.get(1)))
-                .collect();
-            refusals.push(Refusal {
-                object: publication.clone(),
-                reason: format!(
-                    "it has publish_via_partition_root = true and publishes the partitioned table(s) {}: \
-                     in that mode pgoutput never sends a TRUNCATE of a single partition, so the copy \
-                     would silently keep that partition's rows",
-                    names.join(", ")
-                ),
-                fix: format!(
-                    "ALTER PUBLICATION {} SET (publish_via_partition_root = false), or drop it and let \
-                     walshift create its own",
-                    quote_ident(name)
-                ),
-            });
-        }
-    }
     if version >= 150000 {
         let partial = client
             .query(

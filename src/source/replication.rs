@@ -576,6 +576,7 @@ impl ReplicationConnection {
                     return Ok(ReplicationStream {
                         conn: self,
                         server_done: false,
+                        end: None,
                         last_wal_end: start,
                     });
                 }
@@ -676,6 +677,8 @@ impl ReplicationEvent {
 pub struct ReplicationStream {
     conn: ReplicationConnection,
     server_done: bool,
+    /// How the server ended the stream, once it has (see [`Self::end_reason`]).
+    end: Option<&'static str>,
     last_wal_end: Lsn,
 }
 
@@ -733,6 +736,16 @@ impl ReplicationStream {
                 }
                 BackendMessage::CopyDone => {
                     self.server_done = true;
+                    self.end = Some("it sent CopyDone: the walsender is stopping");
+                    return Ok(None);
+                }
+                // A walsender told to shut down (server fast/smart shutdown) ends the command
+                // without a CopyDone.
+                BackendMessage::CommandComplete { .. } => {
+                    self.server_done = true;
+                    self.end = Some(
+                        "it completed the command mid-stream: the server is shutting down or the walsender was told to stop",
+                    );
                     return Ok(None);
                 }
                 BackendMessage::ErrorResponse(e) => return Err(e.into()),
@@ -755,6 +768,11 @@ impl ReplicationStream {
         }
         .write_message(&mut self.conn.write_buf);
         self.conn.flush().await
+    }
+
+    /// Why the stream ended, once [`Self::next`] returned `None`; a generic reason before.
+    pub fn end_reason(&self) -> &'static str {
+        self.end.unwrap_or("the stream ended without a reason")
     }
 
     /// The highest server end-of-WAL seen in XLogData or keepalives.

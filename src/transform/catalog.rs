@@ -28,7 +28,8 @@ pub async fn target_table(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
                     a.atthasdef OR a.attidentity <> '', a.attgenerated <> '', \
                     coalesce((SELECT k.n FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(a, n) \
-                              WHERE k.a = a.attnum AND k.n <= i.indnkeyatts), 0)::int4 \
+                              WHERE k.a = a.attnum AND k.n <= i.indnkeyatts), 0)::int4, \
+                    a.attidentity = 'a' \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              LEFT JOIN LATERAL (SELECT x.indkey, x.indnkeyatts FROM pg_index x \
@@ -62,6 +63,7 @@ pub async fn target_table(
                 not_null: r.get(2),
                 has_default: r.get(3),
                 generated: r.get(4),
+                always_identity: r.get(6),
                 primary_key: pk_pos > 0,
             }
         })
@@ -291,8 +293,8 @@ pub async fn check_plan(
         })?;
         for q in [
             tsql::delete(plan, t),
-            tsql::insert(plan, t, true),
-            tsql::insert(plan, t, false),
+            tsql::upsert(plan, t),
+            tsql::insert(plan, t),
             tsql::update(plan, t, &every, &shape, true),
         ] {
             if let Err(e) = client.prepare(&q).await {

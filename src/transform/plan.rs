@@ -35,6 +35,9 @@ pub struct TargetColumnInfo {
     pub has_default: bool,
     /// `GENERATED ALWAYS AS (…) STORED`: cannot be written.
     pub generated: bool,
+    /// `GENERATED ALWAYS AS IDENTITY`: an INSERT writes it only with `OVERRIDING SYSTEM
+    /// VALUE`, an UPDATE cannot set it at all.
+    pub always_identity: bool,
     pub primary_key: bool,
 }
 
@@ -66,6 +69,10 @@ pub struct PlanColumn {
     pub name: String,
     pub type_sql: String,
     pub expr: PlanExpr,
+    /// `GENERATED ALWAYS AS IDENTITY` on the target: updates check its value instead of
+    /// setting it (a row whose value would change is not found, which the affected-row guard
+    /// reports).
+    pub always_identity: bool,
 }
 
 /// How one source table lands on one target table.
@@ -407,6 +414,7 @@ fn compile_entry(
             name: tc.name.clone(),
             type_sql: tc.type_sql.clone(),
             expr: pe,
+            always_identity: tc.always_identity,
         });
     }
     let key = target
@@ -479,6 +487,7 @@ mod tests {
                     not_null: nn || pk,
                     has_default: false,
                     generated: false,
+                    always_identity: false,
                     primary_key: pk,
                 })
                 .collect(),

@@ -133,38 +133,66 @@ fn insert_head(t: &TargetPlan) -> String {
     )
 }
 
+/// `ON CONFLICT (key) DO UPDATE SET …`: every written column but the key and the `GENERATED
+/// ALWAYS AS IDENTITY` ones (which cannot be updated) takes the new value; identity columns
+/// must already hold it (`WHERE t.c = EXCLUDED.c`), or the row is left alone and not counted.
+/// With nothing else to set, a key column is set to itself (the conflict found it equal), so
+/// an existing row still counts.
 fn on_conflict(t: &TargetPlan) -> String {
-    let key = t
-        .key
-        .iter()
-        .map(|&c| quote_ident(&t.columns[c].name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let set: Vec<String> = (0..t.columns.len())
+    let q = |i: usize| quote_ident(&t.columns[i].name);
+    let key = t.key.iter().map(|&c| q(c)).collect::<Vec<_>>().join(", ");
+    let assignable = |i: &usize| !t.columns[*i].always_identity;
+    let mut set: Vec<usize> = (0..t.columns.len())
         .filter(|i| !t.key.contains(i))
-        .map(|i| format!("{c} = EXCLUDED.{c}", c = quote_ident(&t.columns[i].name)))
+        .filter(assignable)
         .collect();
     if set.is_empty() {
-        format!(" ON CONFLICT ({key}) DO NOTHING")
+        set.extend(t.key.iter().copied().find(assignable));
+    }
+    if set.is_empty() {
+        return format!(" ON CONFLICT ({key}) DO NOTHING");
+    }
+    let set = set
+        .iter()
+        .map(|&i| format!("{c} = EXCLUDED.{c}", c = q(i)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        " ON CONFLICT ({key}) DO UPDATE SET {set}{}",
+        where_clause(&identity_checks(t, "EXCLUDED", q))
+    )
+}
+
+/// `t.c = <alias>.<name(c)>` for each written non-key `GENERATED ALWAYS AS IDENTITY` column.
+fn identity_checks(t: &TargetPlan, alias: &str, name: impl Fn(usize) -> String) -> Vec<String> {
+    (0..t.columns.len())
+        .filter(|i| t.columns[*i].always_identity && !t.key.contains(i))
+        .map(|i| {
+            format!(
+                "t.{} = {alias}.{}",
+                quote_ident(&t.columns[i].name),
+                name(i)
+            )
+        })
+        .collect()
+}
+
+fn where_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
+        String::new()
     } else {
-        format!(" ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
+        format!(" WHERE {}", conditions.join(" AND "))
     }
 }
 
-/// Inserts full source rows (all source columns as parameters). `upsert`: a row whose target
-/// key exists is overwritten in the mapped columns (unmapped target columns keep their value).
-/// With a filter, rows that do not pass are not written, and with `upsert` their target key
-/// is deleted (a row that stops passing leaves the target).
-pub fn insert(plan: &SourcePlan, t: &TargetPlan, upsert: bool) -> String {
+/// Inserts full source rows (all source columns as parameters); for keys known to be free.
+/// With a filter, rows that do not pass are not written. The statement's row count is the
+/// rows inserted.
+pub fn insert(plan: &SourcePlan, t: &TargetPlan) -> String {
     let rows = source_rows(plan, &all_columns(plan), 1, false);
-    let conflict = if upsert {
-        on_conflict(t)
-    } else {
-        String::new()
-    };
     match &t.filter {
         None => format!(
-            "{} SELECT {} FROM {rows}{conflict}",
+            "{} SELECT {} FROM {rows}",
             insert_head(t),
             t.columns
                 .iter()
@@ -172,39 +200,86 @@ pub fn insert(plan: &SourcePlan, t: &TargetPlan, upsert: bool) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        Some(f) => {
-            let outputs = t
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("{} AS {P}c{i}", cast(&c.expr, &c.type_sql)))
-                .chain(std::iter::once(pass(f)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let values = (0..t.columns.len())
-                .map(|i| format!("v.{P}c{i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let delete_failing = if upsert {
-                let m = t
-                    .key
-                    .iter()
-                    .map(|&c| format!("t.{} = v.{P}c{c}", quote_ident(&t.columns[c].name)))
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
-                format!(
-                    ", {P}gone AS (DELETE FROM {} AS t USING v WHERE NOT v.{P}pass AND {m})",
-                    t.target.quoted()
-                )
-            } else {
-                String::new()
-            };
-            format!(
-                "WITH v AS (SELECT {outputs} FROM {rows}){delete_failing} {} SELECT {values} FROM v WHERE v.{P}pass{conflict}",
-                insert_head(t)
-            )
-        }
+        Some(_) => format!(
+            "WITH v AS ({}) {} SELECT {} FROM v WHERE v.{P}pass",
+            values_of(t, &rows),
+            insert_head(t),
+            value_columns(t)
+        ),
     }
+}
+
+/// `SELECT <every written column as walshift_cI>, <walshift_pass> FROM <rows>`.
+fn values_of(t: &TargetPlan, rows: &str) -> String {
+    let pass_sql = t
+        .filter
+        .as_ref()
+        .map(pass)
+        .unwrap_or_else(|| format!("true AS {P}pass"));
+    let outputs = t
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} AS {P}c{i}", cast(&c.expr, &c.type_sql)))
+        .chain(std::iter::once(pass_sql))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("SELECT {outputs} FROM {rows}")
+}
+
+fn value_columns(t: &TargetPlan) -> String {
+    (0..t.columns.len())
+        .map(|i| format!("v.{P}c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes full source rows whether or not their target key exists (all source columns as
+/// parameters): a row whose key exists is overwritten in the mapped columns (unmapped target
+/// columns keep their value). With a filter, a row that does not pass is not written and its
+/// target key is deleted (a row that stops passing leaves the target). Returns one row of two
+/// counts: the rows that had to be written (those passing the filter) and the rows written;
+/// they differ only when an existing row was not overwritten (a `GENERATED ALWAYS AS
+/// IDENTITY` column whose value would change), which the caller reports.
+pub fn upsert(plan: &SourcePlan, t: &TargetPlan) -> String {
+    let rows = source_rows(plan, &all_columns(plan), 1, false);
+    let vcol = |i: usize| format!("{P}c{i}");
+    let key_match = t
+        .key
+        .iter()
+        .map(|&c| format!("t.{} = v.{}", quote_ident(&t.columns[c].name), vcol(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let gone = if t.filter.is_some() {
+        format!(
+            ", {P}gone AS (DELETE FROM {} AS t USING v WHERE NOT v.{P}pass AND {key_match})",
+            t.target.quoted()
+        )
+    } else {
+        String::new()
+    };
+    let conflict = on_conflict(t);
+    // DO NOTHING (every written column is an ALWAYS identity column): an existing row
+    // holding the same values counts as written.
+    let kept = if conflict.ends_with("DO NOTHING") {
+        let checks = identity_checks(t, "v", vcol)
+            .into_iter()
+            .map(|c| format!(" AND {c}"))
+            .collect::<String>();
+        format!(
+            " + (SELECT count(*) FROM {} AS t, v WHERE v.{P}pass AND {key_match}{checks})",
+            t.target.quoted()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH v AS ({}){gone}, {P}ins AS ({} SELECT {} FROM v WHERE v.{P}pass{conflict} RETURNING 1) \
+         SELECT (SELECT count(*) FROM v WHERE v.{P}pass), (SELECT count(*) FROM {P}ins){kept}",
+        values_of(t, &rows),
+        insert_head(t),
+        value_columns(t)
+    )
 }
 
 /// Which target columns an update sets when only the `known` source columns are available.
@@ -280,7 +355,10 @@ pub fn update_shape(
 /// `UPDATE` of existing target rows from the `known` source columns. Parameters: with `moved`,
 /// the old source key ([`SourcePlan::key`] order) first; then the `known` columns in order.
 /// The row is found by the target key computed from the old key (`moved`) or from the new
-/// values (in place). Without `shape.filter` the statement returns nothing. With it, rows that
+/// values (in place). A `GENERATED ALWAYS AS IDENTITY` column in `shape.set` is checked, not
+/// set (PostgreSQL refuses to update it), so a row whose value would change is not found.
+/// Without `shape.filter` the statement's row count is the rows found (with nothing left to
+/// set it is a `SELECT` of them). With `shape.filter`, rows that
 /// do not pass are deleted, and the statement returns one number: rows that pass but were not
 /// on the target (they would need the whole row to be inserted; the caller reports them).
 pub fn update(
@@ -308,20 +386,30 @@ pub fn update(
         })
         .chain(t.filter.iter().filter(|_| shape.filter).map(pass))
         .fold(keys, |acc, x| format!("{acc}, {x}"));
-    let assignments = shape
+    let (assign, check): (Vec<usize>, Vec<usize>) = shape
         .set
+        .iter()
+        .partition(|&&i| !t.columns[i].always_identity);
+    let assignments = assign
         .iter()
         .map(|&i| format!("{} = v.{P}c{i}", quote_ident(&t.columns[i].name)))
         .collect::<Vec<_>>()
         .join(", ");
-    let m = key_match(t, "v");
+    let m = key_match(t, "v")
+        + &check
+            .iter()
+            .map(|&i| format!(" AND t.{} = v.{P}c{i}", quote_ident(&t.columns[i].name)))
+            .collect::<String>();
     let table = t.target.quoted();
     match shape.filter {
+        false if assign.is_empty() => {
+            format!("SELECT 1 FROM {table} AS t, (SELECT {outputs} FROM {rows}) AS v WHERE {m}")
+        }
         false => format!(
             "UPDATE {table} AS t SET {assignments} FROM (SELECT {outputs} FROM {rows}) AS v WHERE {m}"
         ),
         true => {
-            let update = if shape.set.is_empty() {
+            let update = if assign.is_empty() {
                 format!("SELECT 1 FROM {table} AS t, v WHERE v.{P}pass AND {m}")
             } else {
                 format!(
@@ -366,6 +454,7 @@ mod tests {
                     not_null: true,
                     has_default: false,
                     generated: false,
+                    always_identity: false,
                     primary_key: true,
                 },
                 TargetColumnInfo {
@@ -374,6 +463,7 @@ mod tests {
                     not_null: false,
                     has_default: false,
                     generated: false,
+                    always_identity: false,
                     primary_key: false,
                 },
                 TargetColumnInfo {
@@ -382,6 +472,7 @@ mod tests {
                     not_null: false,
                     has_default: false,
                     generated: false,
+                    always_identity: false,
                     primary_key: false,
                 },
             ],
@@ -403,11 +494,18 @@ mod tests {
              (SELECT u.p1::bigint AS \"id\" FROM unnest($1::text[]) AS u(p1)) AS s) AS v WHERE t.\"pid\" = v.walshift_k0"
         );
         assert_eq!(
-            insert(&p, t, true),
+            insert(&p, t),
             "INSERT INTO \"public\".\"people\" AS t (\"pid\", \"first\", \"cents\") OVERRIDING SYSTEM VALUE SELECT (id)::bigint, (\"first\")::text, \
              ((amount * 100)::bigint)::bigint FROM (SELECT u.p1::bigint AS \"id\", u.p2::text AS \"first\", \
-             u.p3::numeric AS \"amount\" FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3)) AS s \
-             ON CONFLICT (\"pid\") DO UPDATE SET \"first\" = EXCLUDED.\"first\", \"cents\" = EXCLUDED.\"cents\""
+             u.p3::numeric AS \"amount\" FROM unnest($1::text[], $2::text[], $3::text[]) AS u(p1, p2, p3)) AS s"
+        );
+        assert!(
+            upsert(&p, t).contains(
+                " ON CONFLICT (\"pid\") DO UPDATE SET \"first\" = EXCLUDED.\"first\", \"cents\" = EXCLUDED.\"cents\" RETURNING 1) \
+                 SELECT (SELECT count(*) FROM v WHERE v.walshift_pass), (SELECT count(*) FROM walshift_ins)"
+            ),
+            "{}",
+            upsert(&p, t)
         );
     }
 
@@ -445,11 +543,40 @@ mod tests {
         let p = plan_for(MAP_FILTERED);
         let t = &p.targets[0];
         assert!(t.filter.is_some());
-        let sql = insert(&p, t, true);
+        let sql = upsert(&p, t);
         assert!(sql.contains("walshift_gone AS (DELETE FROM \"public\".\"people\" AS t USING v WHERE NOT v.walshift_pass"), "{sql}");
         assert!(sql.contains("WHERE v.walshift_pass ON CONFLICT"), "{sql}");
         let s = update_shape(&p, t, &[0, 1, 2], false).unwrap();
         let sql = update(&p, t, &[0, 1, 2], &s, false);
         assert!(sql.ends_with("SELECT (SELECT count(*) FROM v WHERE v.walshift_pass) - (SELECT count(*) FROM walshift_up)"), "{sql}");
+    }
+
+    #[test]
+    fn always_identity_columns_are_checked_not_set() {
+        let mut p = plan_for(MAP);
+        p.targets[0].columns[2].always_identity = true;
+        let t = &p.targets[0];
+        let s = update_shape(&p, t, &[0, 1, 2], false).unwrap();
+        let sql = update(&p, t, &[0, 1, 2], &s, false);
+        assert!(
+            sql.starts_with("UPDATE \"public\".\"people\" AS t SET \"first\" = v.walshift_c1 FROM"),
+            "{sql}"
+        );
+        assert!(
+            sql.ends_with("WHERE t.\"pid\" = v.walshift_k0 AND t.\"cents\" = v.walshift_c2"),
+            "{sql}"
+        );
+        // Only the identity column changed: the rows are found, nothing is written.
+        let s = update_shape(&p, t, &[0, 2], false).unwrap();
+        let sql = update(&p, t, &[0, 2], &s, false);
+        assert!(
+            sql.starts_with("SELECT 1 FROM \"public\".\"people\" AS t, (SELECT"),
+            "{sql}"
+        );
+        let sql = upsert(&p, t);
+        assert!(
+            sql.contains("DO UPDATE SET \"first\" = EXCLUDED.\"first\" WHERE t.\"cents\" = EXCLUDED.\"cents\" RETURNING 1"),
+            "{sql}"
+        );
     }
 }

@@ -639,6 +639,7 @@ fn keyless_identity(
                     passthrough: Some(i),
                     line: None,
                 },
+                always_identity: tc.always_identity,
             })
         })
         .collect::<Result<Vec<_>, VerifyError>>()?;

@@ -150,6 +150,15 @@ pub async fn verify_online(
         target_info.connect().await?,
         target_info.connect().await?,
     );
+    crate::source::identity::refuse_source(
+        &target,
+        &target_info.redacted(),
+        "verify --online (it writes a hold row) on",
+        meta.system_identifier,
+        &meta.database,
+    )
+    .await
+    .map_err(|e| VerifyError::Online(e.to_string()))?;
     let checks = build_checks(&source, &target, mapping, tables).await?;
     hold::ensure_table(&target)
         .await

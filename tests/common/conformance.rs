@@ -26,6 +26,11 @@
 //! - `-- @expect-warning <text>`: capture's output must contain `<text>`.
 //! - `-- @not-replicated <"schema"."table">`: compared right after the clone only (walshift says
 //!   it copies the table once and does not carry its later changes; use with `@expect-warning`).
+//! - `-- @stop-at <text>`: at the sync point whose label contains `<text>`, capture must have
+//!   stopped by itself (within 60 s), on a change it cannot carry, with a message containing
+//!   every `-- @expect-stop <text>`. Then every copy replays what the buffer holds, the SQL lines
+//!   after `-- @stop-fix` run on every copy (the fix the message names), capture runs again with
+//!   the extra arguments of `-- @restart-arg <arg>` (one per line), and the sync goes on.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -141,6 +146,10 @@ pub struct Phase {
     pub fix: String,
     pub expect_warning: Vec<String>,
     pub not_replicated: Vec<String>,
+    pub stop_at: Option<String>,
+    pub expect_stop: Vec<String>,
+    pub stop_fix: String,
+    pub restart_args: Vec<String>,
 }
 
 /// Reads a folder's phases: from `walshift-plan.sql` if present, else from the file names.
@@ -185,18 +194,29 @@ fn is_workload_file(name: &str) -> bool {
         && b[2] == b'-'
 }
 
-fn parse_plan(dir: &Path, text: &str) -> Result<Vec<Phase>, String> {
+pub fn parse_plan(dir: &Path, text: &str) -> Result<Vec<Phase>, String> {
     let mut phases: Vec<Phase> = Vec::new();
     let mut in_fix = false;
+    let mut in_stop_fix = false;
     for line in text.lines() {
         let Some((word, arg)) = marker(line) else {
-            if in_fix && let Some(p) = phases.last_mut() {
-                p.fix.push_str(line);
-                p.fix.push('\n');
+            if let Some(p) = phases.last_mut() {
+                let into = if in_fix {
+                    Some(&mut p.fix)
+                } else if in_stop_fix {
+                    Some(&mut p.stop_fix)
+                } else {
+                    None
+                };
+                if let Some(sql) = into {
+                    sql.push_str(line);
+                    sql.push('\n');
+                }
             }
             continue;
         };
         in_fix = false;
+        in_stop_fix = false;
         if word == "phase" {
             phases.push(Phase::default());
             continue;
@@ -220,6 +240,10 @@ fn parse_plan(dir: &Path, text: &str) -> Result<Vec<Phase>, String> {
             "fix" => in_fix = true,
             "expect-warning" => p.expect_warning.push(arg.to_owned()),
             "not-replicated" => p.not_replicated.push(arg.to_owned()),
+            "stop-at" => p.stop_at = Some(arg.to_owned()),
+            "expect-stop" => p.expect_stop.push(arg.to_owned()),
+            "stop-fix" => in_stop_fix = true,
+            "restart-arg" => p.restart_args.push(arg.to_owned()),
             other => {
                 return Err(format!(
                     "walshift-plan.sql: unknown directive `-- @{other}`"
@@ -598,6 +622,8 @@ struct Run<'a> {
     outcome: Outcome,
     started: Instant,
     captures: usize,
+    /// Expected stops handled (`@stop-at`), all phases.
+    stops: usize,
 }
 
 /// Runs a workload folder, returning everything it found.
@@ -626,6 +652,7 @@ pub fn run_workload(dir: &Path, opts: &RunOptions) -> Outcome {
         outcome: Outcome::default(),
         started: Instant::now(),
         captures: 0,
+        stops: 0,
     };
     for (i, phase) in phases.iter().enumerate() {
         if let Err(e) = run.phase(i, phase) {
@@ -836,6 +863,7 @@ impl Run<'_> {
         }
         self.compare_all(i, "after the clone", &src_db, &mut copies, &[]);
 
+        let stops_before = self.stops;
         for f in &phase.stream {
             let text = fs::read_to_string(f).map_err(|e| e.to_string())?;
             let fname = f.file_name().unwrap().to_string_lossy().into_owned();
@@ -854,6 +882,14 @@ impl Run<'_> {
                     }
                 }
             }
+        }
+
+        if let Some(at) = &phase.stop_at
+            && self.stops == stops_before
+        {
+            self.problem(format!(
+                "phase {i}: walshift-plan.sql's `-- @stop-at {at}` matched no sync label"
+            ));
         }
 
         // The end: stop capture, resume it up to the source's current LSN, replay, compare.
@@ -1033,6 +1069,13 @@ impl Run<'_> {
         capture: &mut Capture,
         phase: &Phase,
     ) -> Result<(), String> {
+        if phase
+            .stop_at
+            .as_deref()
+            .is_some_and(|at| label.contains(at))
+        {
+            self.expected_stop(i, label, copies, capture, phase)?;
+        }
         let lsn = self.current_lsn(src_db)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let check = format!(
@@ -1062,6 +1105,87 @@ impl Run<'_> {
             std::thread::sleep(POLL);
         }
         self.replay_and_compare(i, label, &lsn, src_db, copies, phase);
+        Ok(())
+    }
+
+    /// The plan's `@stop-at` sync: capture must stop by itself saying every `@expect-stop`;
+    /// then the copies replay the buffer, get the `@stop-fix`, and capture starts again with
+    /// the `@restart-arg`s.
+    fn expected_stop(
+        &mut self,
+        i: usize,
+        label: &str,
+        copies: &mut [Copy],
+        capture: &mut Capture,
+        phase: &Phase,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = capture.exited() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                self.problem(format!(
+                    "phase {i}, sync {label:?}: expected capture to stop by itself within 60 s, \
+                     it is still running:\n{}",
+                    capture.tail()
+                ));
+                self.outcome.syncs.push(("expected stop".into(), false));
+                return Ok(());
+            }
+            std::thread::sleep(POLL);
+        };
+        self.stops += 1;
+        let said = capture.output();
+        let missing: Vec<&String> = phase
+            .expect_stop
+            .iter()
+            .filter(|t| !said.contains(t.as_str()))
+            .collect();
+        let ok = !status.success() && missing.is_empty();
+        if !ok {
+            self.problem(format!(
+                "phase {i}, sync {label:?}: capture exited with {status}; expected a failure whose \
+                 message contains {missing:?}:\n{}",
+                capture.tail()
+            ));
+        } else {
+            self.log("capture stopped as expected");
+        }
+        self.outcome.syncs.push(("expected stop".into(), ok));
+        let buffer = self.work.path().join(format!("buffer{i}"));
+        for c in copies.iter_mut().filter(|c| !c.broken) {
+            let args: Vec<String> = [
+                "replay",
+                "--buffer",
+                buffer.to_str().unwrap(),
+                "--target",
+                &self.tgt_conn(&c.db),
+                "--apply-connections",
+                &c.apply_connections.to_string(),
+                "--no-progress",
+            ]
+            .map(String::from)
+            .to_vec();
+            let out = self.walshift(&args);
+            if !out.status.success() {
+                c.broken = true;
+                self.problem(format!(
+                    "phase {i}, sync {label:?}, copy {}: replay before the stop's fix failed: {}",
+                    c.db,
+                    tail(&String::from_utf8_lossy(&out.stderr), 15)
+                ));
+            } else if has_sql(&phase.stop_fix) {
+                self.psql(
+                    &self.tgt_conn(&c.db),
+                    &phase.stop_fix,
+                    "the plan's @stop-fix",
+                )?;
+            }
+        }
+        let mut args = capture.args.clone();
+        args.extend(phase.restart_args.iter().cloned());
+        *capture = Capture::start(args, self.capture_log(i))?;
         Ok(())
     }
 

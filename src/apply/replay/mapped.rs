@@ -7,8 +7,10 @@
 //! filter every delete and update must find its row (one per source key: the mapped key is
 //! assumed injective, as a target key computed from the source key must be) and every insert
 //! must insert. With a filter, a source row may legitimately have no target row, so a delete
-//! (which carries only the old key) and an update that is rewritten as an upsert are not
-//! counted; an in-place update reports rows that pass the filter but were not found.
+//! (which carries only the old key) is not counted; an update rewritten as an upsert must write
+//! every row that passes, and an in-place update reports rows that pass the filter but were not
+//! found. A `GENERATED ALWAYS AS IDENTITY` target column is never set by an update or upsert
+//! (PostgreSQL refuses); its value is checked instead, so a change to it is a guard mismatch.
 //!
 //! Two cases differ from the same-named path. An update whose image lacks a value (unchanged
 //! TOAST) can keep a target column that is a plain copy of it, but cannot compute an
@@ -79,18 +81,24 @@ impl Conn {
             }
             // The fold's rows have free keys: a plain INSERT. Updates through a filter overwrite.
             let fresh: Vec<&[Val]> = tb.upserts().collect();
-            for (rows, upsert) in [(fresh, false), (extra_upserts, true)] {
-                if rows.is_empty() {
-                    continue;
-                }
-                let stmt = self.statement(tsql::insert(plan, t, upsert)).await?;
-                let rows = &rows;
+            if !fresh.is_empty() {
+                let stmt = self.statement(tsql::insert(plan, t)).await?;
+                let rows = &fresh;
                 let params =
                     text_params((0..ncols).map(|c| rows.iter().map(move |r| arena.get(r[c]))));
                 let found = self.execute_arrays(&stmt, &params).await?;
                 if !filtered {
                     expect_rows(&target_q, "set-based INSERT", rows.len(), found)?;
                 }
+            }
+            if !extra_upserts.is_empty() {
+                let rows = &extra_upserts;
+                self.upsert_mapped(
+                    plan,
+                    ti,
+                    text_params((0..ncols).map(|c| rows.iter().map(move |r| arena.get(r[c])))),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -186,7 +194,7 @@ impl Conn {
             let insert = matches!(change, Change::Insert { .. });
             match (&old, &new) {
                 (None, Some(new)) if insert => {
-                    let stmt = self.statement(tsql::insert(plan, t, false)).await?;
+                    let stmt = self.statement(tsql::insert(plan, t)).await?;
                     let params = text_params(new.iter().map(|&v| std::iter::once(arena.get(v))));
                     let found = self.execute_arrays(&stmt, &params).await?;
                     if t.filter.is_none() {
@@ -206,10 +214,9 @@ impl Conn {
                         if moved {
                             self.delete_key_mapped(plan, ti, &old_key, arena).await?;
                         }
-                        let stmt = self.statement(tsql::insert(plan, t, true)).await?;
                         let params =
                             text_params(new.iter().map(|&v| std::iter::once(arena.get(v))));
-                        self.execute_arrays(&stmt, &params).await?;
+                        self.upsert_mapped(plan, ti, params).await?;
                     } else {
                         self.update_mapped(plan, ti, &known, moved, &[(&old_key, new)], arena, lsn)
                             .await?;
@@ -219,6 +226,28 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Writes whole rows through [`tsql::upsert`]; every row passing the filter must be
+    /// written (see there).
+    async fn upsert_mapped(
+        &mut self,
+        plan: &Arc<SourcePlan>,
+        ti: usize,
+        params: Vec<EncodedArray>,
+    ) -> Result<(), WriteError> {
+        let t = &plan.targets[ti];
+        let stmt = self.statement(tsql::upsert(plan, t)).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+        let row = self.client.query_one(&stmt, &refs).await?;
+        let (expected, written): (i64, i64) = (row.get(0), row.get(1));
+        expect_rows(
+            &t.target.quoted(),
+            "upsert",
+            expected as usize,
+            written as u64,
+        )
     }
 
     async fn delete_key_mapped(
