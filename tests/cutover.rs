@@ -1,7 +1,8 @@
 //! Cutover against real throwaway clusters: under concurrent writes (everything committed
 //! before the fence reaches the target, the source refuses writes afterwards), the abort paths
-//! (failing verify, failing switch hook, a backlog larger than --max-window — each leaves the
-//! source writable exactly as before, with nothing lost), a dry run that fences nothing, and
+//! (failing verify, a backlog larger than --max-window — each leaves the source writable
+//! exactly as before, with nothing lost), a failing switch hook (in doubt: fenced until the
+//! operator unfences), a dry run that fences nothing, and
 //! `walshift run` + `walshift cutover` as separate processes.
 
 mod common;
@@ -362,8 +363,12 @@ async fn failing_verify_aborts_unfenced_and_a_rerun_after_the_fix_succeeds() {
     assert_eq!(sums(&s.source).await, sums(&s.target).await);
 }
 
+/// A switch hook that exits non-zero may have moved part of the traffic before failing: the
+/// switch is in doubt, the source stays fenced (every rerun refuses), and only the operator's
+/// `unfence_after_failed_switch` lifts the fence — exactly as it was — after which a new
+/// cutover runs normally.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_switch_hook_aborts_and_leaves_the_source_as_it_was() {
+async fn failing_switch_hook_leaves_the_switch_in_doubt_until_the_operator_unfences() {
     let s = setup().await;
     let mut cfg = s.config();
     cfg.switch = Some("echo repointing failed >&2; exit 1".into());
@@ -383,13 +388,68 @@ async fn failing_switch_hook_aborts_and_leaves_the_source_as_it_was() {
         .execute("postgres", "UPDATE walshift.clone_state SET state = 'done'")
         .await
         .unwrap();
-    let a = aborted(cutover::run(cfg, std::future::pending()).await);
-    assert!(matches!(a.cause, CutoverError::Hook(_)), "{a}");
-    assert!(a.to_string().contains("repointing failed"), "{a}");
-    assert_eq!(a.report.hooks.len(), 1);
-    assert_eq!(a.report.hooks[0].exit_code, Some(1));
+    let doubt = match cutover::run(cfg.clone(), std::future::pending()).await {
+        Err(CutoverError::SwitchInDoubt(d)) => d,
+        other => panic!("expected a switch in doubt, got {other:?}"),
+    };
+    let text = doubt.to_string();
+    assert!(text.contains("repointing failed"), "{text}");
+    assert!(
+        text.contains("--unfence-after-failed-switch") && text.contains("--resume-after-switch"),
+        "{text}"
+    );
+    let report = doubt.report.as_ref().expect("this run's report");
+    assert_eq!(report.outcome, Outcome::SwitchInDoubt);
+    assert_eq!(report.hooks.len(), 1);
+    assert_eq!(report.hooks[0].exit_code, Some(1));
+    let (entry, _) = read_only_state(&s.source).await;
+    assert_eq!(
+        entry,
+        Some(vec!["default_transaction_read_only=on".to_string()])
+    );
+    source_write(&s.source)
+        .await
+        .expect_err("the source stays fenced");
+    let journal = std::fs::read_to_string(s.dir.path().join("cutover-journal.json")).unwrap();
+    assert!(journal.contains("switch_failed"), "{journal}");
+
+    // A plain rerun refuses; so does a fresh cutover with a working hook.
+    let mut fixed = s.config();
+    fixed.switch = Some("true".into());
+    let e = cutover::run(fixed.clone(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CutoverError::SwitchInDoubt(_)), "{e}");
+    source_write(&s.source).await.expect_err("still fenced");
+
+    let mut unfence = s.config();
+    unfence.unfence_after_failed_switch = true;
+    let report = cutover::run(unfence.clone(), std::future::pending())
+        .await
+        .expect("unfence on the operator's word");
+    assert_eq!(
+        report.outcome,
+        Outcome::UnfencedAfterFailedSwitch,
+        "{report}"
+    );
+    assert_eq!(report.cutover_id, doubt.cutover_id);
     assert_unfenced(&s, None).await;
-    assert_eq!(sums(&s.source).await[0], sums(&s.target).await[0]);
+    let journal = std::fs::read_to_string(s.dir.path().join("cutover-journal.json")).unwrap();
+    assert!(
+        journal.contains("unfenced_after_failed_switch"),
+        "{journal}"
+    );
+    // Nothing left to unfence now.
+    let e = cutover::run(unfence, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CutoverError::NothingToUnfence { .. }), "{e}");
+
+    let report = cutover::run(fixed, std::future::pending())
+        .await
+        .expect("a new cutover once the switch is fixed");
+    assert_eq!(report.outcome, Outcome::Switched, "{report}");
+    assert_eq!(sums(&s.source).await, sums(&s.target).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,25 +574,46 @@ async fn cutover_against_a_running_walshift_run() {
         )
         .await
         .unwrap();
-    // An abort through the CLI: non-zero exit, the report (outcome aborted) on stdout, the
-    // reason and the unfencing on stderr.
+    // A failing switch hook through the CLI: exit 5, the report (outcome switch_in_doubt) on
+    // stdout, the instructions on stderr, the source still fenced.
     let out = walshift(&[
         "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--switch",
         "exit 1",
     ])
     .output()
     .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["outcome"], "aborted", "{v}");
+    assert_eq!(v["outcome"], "switch_in_doubt", "{v}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("aborted before the switch") && err.contains("writable again"),
-        "{err}"
-    );
+    assert!(err.contains("--unfence-after-failed-switch"), "{err}");
     source_write(&source)
         .await
-        .expect("writable after the abort");
+        .expect_err("fenced while the switch is in doubt");
+    // The operator checked: traffic never left the source.
+    let out = walshift(&[
+        "cutover",
+        "--source",
+        &sc,
+        "--target",
+        &tc,
+        "--buffer",
+        &buf,
+        "--json",
+        "--unfence-after-failed-switch",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outcome"], "unfenced_after_failed_switch", "{v}");
+    source_write(&source)
+        .await
+        .expect("writable after the operator's unfence");
 
     let out = walshift(&[
         "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--verify",

@@ -372,11 +372,38 @@ async fn role_settings_cannot_defeat_the_read_only_fence() {
     assert_eq!(before.len(), 2, "{before:?}");
 
     // An abort puts every removed setting back exactly.
-    let mut c = s.config();
-    c.switch = Some("exit 1".into());
-    let a = aborted(cutover::run(c, std::future::pending()).await);
+    s.target
+        .execute(
+            "postgres",
+            "INSERT INTO notes VALUES ('only-on-target', 'x')",
+        )
+        .await
+        .unwrap();
+    let a = aborted(cutover::run(s.config(), std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::VerifyFailed { .. }), "{a}");
     assert!(a.unfenced.is_ok(), "{a}");
     assert_eq!(a.report.fence_role_settings_removed.len(), 2, "{a}");
+    assert_eq!(role_settings(&s.source).await, before);
+    assert_eq!(fence_entry(&s.source).await, None);
+    s.target
+        .execute("postgres", "DELETE FROM notes WHERE k = 'only-on-target'")
+        .await
+        .unwrap();
+
+    // A failed switch hook leaves them removed (in doubt, fenced); the operator's
+    // --unfence-after-failed-switch puts every one back exactly.
+    let mut c = s.config();
+    c.switch = Some("exit 1".into());
+    let e = cutover::run(c, std::future::pending()).await.unwrap_err();
+    assert!(matches!(e, CutoverError::SwitchInDoubt(_)), "{e}");
+    assert_fenced(&s.source).await;
+    assert!(role_settings(&s.source).await.is_empty());
+    let mut c = s.config();
+    c.unfence_after_failed_switch = true;
+    let r = cutover::run(c, std::future::pending())
+        .await
+        .expect("unfence after the failed switch");
+    assert_eq!(r.outcome, Outcome::UnfencedAfterFailedSwitch, "{r}");
     assert_eq!(role_settings(&s.source).await, before);
     assert_eq!(fence_entry(&s.source).await, None);
 
@@ -689,4 +716,42 @@ async fn a_switch_hook_killed_by_its_timeout_leaves_the_source_fenced() {
     let o = run(s.cutover(&["--json"]));
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert_fenced(&s.source).await;
+}
+
+/// Cutover's verify evaluates the mapping on the live source: a volatile function there
+/// (`pg_terminate_backend`) is refused in preflight, naming the file line, before the fence
+/// and before anything runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volatile_mapping_expression_is_refused_before_the_fence() {
+    let s = setup(ClusterOptions::default()).await;
+    let victim = s.source.connect("postgres").await.unwrap();
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let m = walshift::transform::Mapping::parse(
+        "release.toml",
+        &format!(
+            "[[table]]\nsource = \"notes\"\ntarget = \"notes\"\n\n[table.columns]\n\
+             body = \"CASE WHEN pg_terminate_backend({pid}) THEN body ELSE body END\"\n"
+        ),
+    )
+    .unwrap();
+    let mut c = s.config();
+    c.transform = Some(Arc::new(m));
+    c.verify = cutover::VerifyMode::Checksum;
+    let e = cutover::run(c, std::future::pending()).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("release.toml:6: column \"body\" of public.notes")
+            && text.contains("pg_terminate_backend")
+            && text.contains("VOLATILE"),
+        "{text}"
+    );
+    assert_eq!(fence_entry(&s.source).await, None, "nothing fenced");
+    victim
+        .batch_execute("SELECT 1")
+        .await
+        .expect("the session on the source is alive");
 }

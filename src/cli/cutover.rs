@@ -68,6 +68,12 @@ pub struct CutoverArgs {
     /// switch as done, sets sequences (forward only) and runs --after. Never unfences.
     #[arg(long)]
     resume_after_switch: bool,
+    /// After a cutover whose switch started but did not complete (exit 5: the --switch hook
+    /// failed or was killed, walshift died): you checked that none of the application's
+    /// traffic ever left the source. Lifts the fence exactly as it was before the cutover
+    /// (role settings included) and records that in the journal; then cutover can run again.
+    #[arg(long, conflicts_with = "resume_after_switch")]
+    unfence_after_failed_switch: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -102,6 +108,7 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
     config.verify = a.verify;
     config.dry_run = a.dry_run;
     config.resume_after_switch = a.resume_after_switch;
+    config.unfence_after_failed_switch = a.unfence_after_failed_switch;
     config.max_prepared_wait = a.max_prepared_wait;
     if let Some(path) = &a.transform {
         config.transform = Some(Arc::new(crate::transform::Mapping::load(path)?));
@@ -120,7 +127,10 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
         Ok(report) => {
             print(&report)?;
             Ok(match report.outcome {
-                Outcome::Switched | Outcome::DryRun | Outcome::AlreadySwitched => ExitCode::SUCCESS,
+                Outcome::Switched
+                | Outcome::DryRun
+                | Outcome::AlreadySwitched
+                | Outcome::UnfencedAfterFailedSwitch => ExitCode::SUCCESS,
                 Outcome::SwitchedAfterHookFailed => ExitCode::from(EXIT_AFTER_HOOK_FAILED),
                 _ => ExitCode::FAILURE,
             })

@@ -11,6 +11,7 @@ mod migrate;
 mod rehearse;
 mod replay;
 mod run;
+mod scrub;
 mod transform;
 mod verify;
 
@@ -73,7 +74,8 @@ enum Command {
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // First, while single-threaded: passwords out of the process title (may re-exec).
+    let cli = Cli::parse_from(scrub::args());
     init_logging(&cli.log);
     // One thread: capture's hot loop then polls its socket itself instead of being woken by
     // an I/O thread for every read (the buffer's fsyncs have their own thread).

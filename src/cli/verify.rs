@@ -34,6 +34,10 @@ pub struct VerifyArgs {
     /// Differing keys reported per table (0: counts and checksums only).
     #[arg(long, default_value_t = verify::DEFAULT_MAX_KEYS)]
     max_keys: usize,
+    /// Longest any one statement may run on the (live) source, e.g. 1h; 0 for no limit. The
+    /// source's reads also run read-only, and expressions calling volatile functions are refused.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration, value_name = "DUR")]
+    source_statement_timeout: Duration,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -83,6 +87,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let opts = VerifyOptions {
         max_keys: a.max_keys,
+        source_statement_timeout: Some(a.source_statement_timeout).filter(|d| !d.is_zero()),
         ..VerifyOptions::default()
     };
     let report = match (&a.buffer, a.online) {

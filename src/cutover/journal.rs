@@ -3,13 +3,16 @@
 //!
 //! Each step is appended as it happens and the file rewritten with fsync + rename (mode 0600):
 //! fenced (with what unfencing restores), marker, drained, sequences, verified, **switch
-//! started**, **switch done** (or switch failed: the hook exited non-zero, which by the hook
-//! contract left traffic where it was), the after hook's result, aborted.
+//! started**, **switch done** (or switch failed: the hook exited non-zero, and may have moved
+//! part of the traffic before failing), the after hook's result, aborted, and — only on the
+//! operator's word — unfenced after a failed switch.
 //!
 //! **Contract:** once `switch started` is recorded, walshift never lifts the fence of that
-//! source and never moves a target sequence backwards; a later cutover of the buffer reads
-//! the journal and either finishes what was left (the after hook), says nothing is left, or
-//! refuses until the operator says where traffic points (`--resume-after-switch`).
+//! source on its own and never moves a target sequence backwards; a later cutover of the
+//! buffer reads the journal and either finishes what was left (the after hook), says nothing
+//! is left, or refuses until the operator says where traffic points: `--resume-after-switch`
+//! (it reached the target) or `--unfence-after-failed-switch` (none of it ever left the
+//! source: the fence is lifted exactly and that is recorded).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -31,12 +34,16 @@ pub enum Step {
     Verified,
     SwitchStarted,
     SwitchDone,
-    /// The switch hook exited non-zero: traffic was left where it was (the hook contract).
+    /// The switch hook failed (exited non-zero, or was killed): part of the traffic may have
+    /// moved before it failed, so the switch stays in doubt.
     SwitchFailed,
     AfterHookOk,
     AfterHookFailed,
     /// Stopped before the switch started; the fence was lifted (or there was none).
     Aborted,
+    /// After a switch in doubt, the operator confirmed that traffic never left the source
+    /// (`--unfence-after-failed-switch`); the fence was lifted as recorded.
+    UnfencedAfterFailedSwitch,
 }
 
 /// A recorded step.
@@ -139,8 +146,12 @@ impl Journal {
                 Some(e) if e.step == Step::AfterHookFailed => State::SwitchedAfterHookFailed,
                 _ => State::Switched,
             }
-        } else if self.has(Step::SwitchStarted) && !self.has(Step::SwitchFailed) {
-            State::SwitchInDoubt
+        } else if self.has(Step::SwitchStarted) {
+            // Journals of earlier versions record a cleanly failed switch as aborted.
+            match self.entries.last().map(|e| e.step) {
+                Some(Step::Aborted | Step::UnfencedAfterFailedSwitch) => State::Open,
+                _ => State::SwitchInDoubt,
+            }
         } else {
             State::Open
         }
@@ -224,6 +235,12 @@ mod tests {
         let mut k = Journal::new(dir.path(), "c2");
         k.record(Step::SwitchStarted, "").unwrap();
         k.record(Step::SwitchFailed, "exit 1").unwrap();
+        assert_eq!(
+            k.state(),
+            State::SwitchInDoubt,
+            "a failed hook may have moved traffic"
+        );
+        k.record(Step::UnfencedAfterFailedSwitch, "").unwrap();
         assert_eq!(k.state(), State::Open);
     }
 }

@@ -24,9 +24,13 @@
 //! `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`] carries the
 //! cause and the report. Nothing captured is lost: capture and replay only ever move forward
 //! (the buffer, the slot and `walshift.applied` are untouched by an abort), so cutover can be
-//! run again. A `--switch` hook that exits non-zero also aborts: by contract it left traffic
-//! where it was. A switch hook killed (by its timeout, or with walshift) leaves the switch in
-//! doubt: nothing is undone then either (see the journal contract).
+//! run again.
+//!
+//! **Switch contract:** once the switch has started, walshift never unfences the source on its
+//! own. A `--switch` hook that fails — exits non-zero, is killed by its timeout, or dies with
+//! walshift — may have moved part of the traffic (DNS changed, then a later step failed), so
+//! the switch is in doubt: the source stays fenced, the journal says so, and the operator
+//! decides (see the journal contract).
 //!
 //! **Journal contract** ([`journal`]): every step from the fence on is recorded durably in
 //! `<buffer>/cutover-journal.json`, read first by the next cutover. Once the switch has
@@ -34,7 +38,9 @@
 //! normal path: a target sequence is never set below its current value), and a switch whose
 //! end was not recorded (walshift killed, the hook killed by its timeout) makes every later
 //! cutover of the buffer refuse until the operator checks where traffic points and runs
-//! `--resume-after-switch`. A switch that was recorded done is not repeated: a rerun runs only
+//! `--resume-after-switch` (it reached the target) or `--unfence-after-failed-switch` (none of
+//! it ever left the source: the fence is lifted exactly as recorded, role settings included,
+//! and that is journaled). A switch that was recorded done is not repeated: a rerun runs only
 //! a failed `--after` hook again, or says there is nothing left to do.
 //!
 //! A dry run does everything except fencing, the hooks and the switch, and reports the
@@ -139,6 +145,12 @@ pub struct CutoverConfig {
     /// started but whose end was not recorded: record the switch as done, set sequences
     /// (never backwards), run `after`. Default false (such a cutover is refused).
     pub resume_after_switch: bool,
+    /// The operator checked that none of the application's traffic left the source after a
+    /// cutover whose switch started but did not complete (the hook failed or was killed,
+    /// walshift died): lift the fence exactly as the journal recorded it (the database's
+    /// setting and the role settings the fence removed) and record that in the journal, so a
+    /// new cutover may run. Default false. Refused when the journal records the switch done.
+    pub unfence_after_failed_switch: bool,
     /// How long preflight waits for prepared transactions of the source database
     /// (`pg_prepared_xacts`) to be committed or rolled back before refusing. Default 5 s. A
     /// prepared transaction survives the fence and could be committed on the source after the
@@ -174,6 +186,7 @@ impl CutoverConfig {
             capture_flush_interval: Duration::from_millis(10),
             replay_batch_time: Duration::from_millis(50),
             resume_after_switch: false,
+            unfence_after_failed_switch: false,
             max_prepared_wait: Duration::from_secs(5),
             say: None,
         }
@@ -232,6 +245,12 @@ impl CutoverConfig {
         }
         if self.dry_run && self.resume_after_switch {
             return bad("--resume-after-switch", "cannot be combined with --dry-run");
+        }
+        if self.unfence_after_failed_switch && (self.dry_run || self.resume_after_switch) {
+            return bad(
+                "--unfence-after-failed-switch",
+                "cannot be combined with --dry-run or --resume-after-switch (traffic either reached the target or it did not)",
+            );
         }
         Ok(())
     }
@@ -384,6 +403,19 @@ pub enum CutoverError {
     )]
     NothingToResume(PathBuf),
 
+    #[error(
+        "--unfence-after-failed-switch: the journal ({}) records no switch left in doubt; nothing to unfence{}",
+        .journal.display(),
+        if *.switched {
+            ". It records the switch DONE: traffic moved to the target, and walshift will not reopen the old \
+             database for writes (if you really move back, lift the fence by hand, knowing the target has \
+             taken writes the source does not have)"
+        } else {
+            ". Run walshift cutover without it"
+        }
+    )]
+    NothingToUnfence { journal: PathBuf, switched: bool },
+
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
 
@@ -406,15 +438,14 @@ fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_
 /// every later cutover of the buffer refuses until the operator confirms where traffic points.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cutover {cutover_id}: the switch started{started} but its end was not recorded ({cause}). Traffic may point \
-     to either database, so walshift leaves the source fenced and sets nothing back. Check where the \
-     application's traffic points now. If it reaches the target (or once you finish the switch by hand): \
-     walshift cutover --resume-after-switch … (records the switch as done, sets sequences forward only, runs \
-     --after). If it still reaches the source and you want to stay there: lift the fence by hand \
-     (ALTER DATABASE … RESET default_transaction_read_only, see {fence_file}) and move {journal} aside \
-     before any new cutover",
+    "cutover {cutover_id}: the switch started{started} but did not complete ({cause}). Traffic may point to either \
+     database (a switch that failed part-way may have moved some of it), so walshift leaves the source fenced \
+     and sets nothing back. Check where the application's traffic points now. If it reaches the target (or \
+     once you finish the switch by hand): walshift cutover --resume-after-switch … (records the switch as \
+     done, sets sequences forward only, runs --after). If none of it ever left the source: walshift cutover \
+     --unfence-after-failed-switch … (lifts the fence exactly as it was before the cutover, role settings \
+     included, and records that in {journal}); then fix the switch and run cutover again",
     started = self.started_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
-    fence_file = fence::STATE_FILE,
     journal = self.journal.display()
 )]
 pub struct SwitchInDoubt {
@@ -554,7 +585,7 @@ struct Ctx<'a> {
     scan: Option<coord::MarkerScan>,
     /// This cutover's journal (none in a dry run).
     journal: Option<Journal>,
-    /// The switch hook was started and did not cleanly fail: nothing may be undone.
+    /// The switch started: nothing may be undone.
     switch_started: bool,
 }
 
@@ -733,6 +764,15 @@ async fn run_inner(
     if let Some(previous) = Journal::read(&config.buffer_dir)? {
         match previous.state() {
             State::Open => {}
+            State::SwitchInDoubt if config.unfence_after_failed_switch => {
+                return unfence_after_failed_switch(config, previous, report, tl).await;
+            }
+            state if config.unfence_after_failed_switch => {
+                return Err(CutoverError::NothingToUnfence {
+                    journal: previous.file().to_path_buf(),
+                    switched: state != State::Open,
+                });
+            }
             State::SwitchInDoubt if !config.resume_after_switch => {
                 return Err(in_doubt(
                     &previous,
@@ -747,6 +787,12 @@ async fn run_inner(
         return Err(CutoverError::NothingToResume(Journal::path(
             &config.buffer_dir,
         )));
+    }
+    if config.unfence_after_failed_switch {
+        return Err(CutoverError::NothingToUnfence {
+            journal: Journal::path(&config.buffer_dir),
+            switched: false,
+        });
     }
 
     if config.buffer_dir.join(POSTPONE_FILE).exists() {
@@ -805,6 +851,27 @@ async fn run_inner(
     }
     if config.fence == FenceMode::ReadOnly && !config.dry_run {
         fence::check_privileges(&src).await?;
+    }
+    // Verify evaluates the mapping on the live source: refuse a volatile function now, with
+    // nothing fenced, rather than inside the window.
+    if let Some(mapping) = &config.transform
+        && config.verify != VerifyMode::None
+    {
+        let tables: Vec<crate::transform::TableName> =
+            verify::published_tables(&src, &config.publication)
+                .await
+                .map_err(sql("listing the published tables"))?
+                .into_iter()
+                .map(|(s, t, _)| crate::transform::TableName::new(s, t))
+                .collect();
+        crate::verify::refuse_volatile(
+            &src,
+            mapping,
+            &tables,
+            config.verify == VerifyMode::Checksum,
+        )
+        .await
+        .map_err(|e| CutoverError::Verify(verify::CheckError::Mapped(e)))?;
     }
     let leftover = FenceState::read_leftover(dir)?;
     if let Some(l) = &leftover {
@@ -1268,6 +1335,17 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
             .await
             .map_err(sql("listing the published tables"))?;
         let remaining = ctx.remaining();
+        // The server stops with the window too: a query left running would hold this session
+        // (and the unfence behind it).
+        ctx.src
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                remaining.as_millis().max(1)
+            ))
+            .await
+            .map_err(sql(
+                "limiting verify's statements on the source to the window",
+            ))?;
         let checks = match tokio::time::timeout(
             remaining,
             verify::verify_tables(
@@ -1281,7 +1359,14 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
         )
         .await
         {
-            Ok(r) => r?,
+            Ok(r) => {
+                let checks = r?;
+                ctx.src
+                    .batch_execute("SET statement_timeout = 0")
+                    .await
+                    .map_err(sql("resetting statement_timeout on the source"))?;
+                checks
+            }
             Err(_) => {
                 return Err(CutoverError::MaxWindow {
                     phase: "verify".into(),
@@ -1328,8 +1413,7 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     // Switch.
     ctx.deadline_check("the switch (not started)")?;
     ctx.tl.begin("switch");
-    // Durable before the hook runs: from here on nothing is undone unless the hook says,
-    // by failing cleanly, that it left traffic where it was.
+    // Durable before the hook runs: from here on walshift undoes nothing on its own.
     ctx.record(
         Step::SwitchStarted,
         config.switch.clone().unwrap_or_default(),
@@ -1338,25 +1422,10 @@ async fn fenced(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     if let Some(cmd) = &config.switch {
         let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
         ctx.report.hooks.push(run);
-        match r {
-            Ok(()) => {}
-            // Exited with a status (not killed by a signal): by the hook contract, traffic is
-            // where it was.
-            Err(e @ HookError::Failed { .. })
-                if ctx
-                    .report
-                    .hooks
-                    .last()
-                    .is_some_and(|h| h.exit_code.is_some()) =>
-            {
-                ctx.switch_started = false;
-                ctx.record(
-                    Step::SwitchFailed,
-                    "the switch hook exited non-zero: traffic left where it was (hook contract)",
-                )?;
-                return Err(e.into());
-            }
-            Err(e) => return Err(e.into()),
+        if let Err(e) = r {
+            // A hook that failed part-way may have moved some of the traffic: in doubt.
+            ctx.record(Step::SwitchFailed, e.to_string())?;
+            return Err(e.into());
         }
         ctx.record(Step::SwitchDone, "switch hook done")?;
         ctx.tl.end(&mut ctx.report, "switch hook done");
@@ -1543,5 +1612,58 @@ async fn after_switch(
         }
         None => report.outcome = Outcome::Switched,
     }
+    Ok(report)
+}
+
+/// The operator's way out of a switch in doubt when traffic never left the source: lifts the
+/// fence exactly as the journal (or `cutover-fence.json`) recorded it and journals that, so a
+/// new cutover may run. Touches nothing else: the buffer, the slot, the target and its
+/// sequences stay as they are.
+async fn unfence_after_failed_switch(
+    config: &CutoverConfig,
+    mut journal: Journal,
+    mut report: CutoverReport,
+    mut tl: Timeline,
+) -> Result<CutoverReport, CutoverError> {
+    let dir = &config.buffer_dir;
+    report.cutover_id = journal.cutover_id.clone();
+    tl.begin("unfence");
+    let recorded = match journal.fence.clone() {
+        Some(state) => Some(state),
+        None => FenceState::read_leftover(dir)?.filter(|l| l.cutover_id == journal.cutover_id),
+    };
+    let note = match &recorded {
+        Some(state) => {
+            let src = config.source.connect().await?;
+            fence::lift(&src, dir, state).await?;
+            report.fence_previous_setting = state.previous.clone();
+            report.fence_role_settings_removed =
+                state.role_overrides.iter().map(|o| o.to_string()).collect();
+            format!(
+                "default_transaction_read_only {}; {} role setting(s) put back",
+                match &state.previous {
+                    Some(v) => format!("restored to {v:?}"),
+                    None => "reset".into(),
+                },
+                state.role_overrides.len()
+            )
+        }
+        None => {
+            "no read-only fence recorded (--fence hook or none): nothing for walshift to lift; \
+                 undo what --before did by hand"
+                .into()
+        }
+    };
+    journal.record(
+        Step::UnfencedAfterFailedSwitch,
+        format!("the operator confirmed traffic never left the source; {note}"),
+    )?;
+    tl.end(&mut report, note);
+    report.warnings.push(format!(
+        "cutover {}: the source takes writes again. Anything the application wrote to the target after the \
+         switch started is not on the source; the next cutover's verify finds such differences",
+        journal.cutover_id
+    ));
+    report.outcome = Outcome::UnfencedAfterFailedSwitch;
     Ok(report)
 }

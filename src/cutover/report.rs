@@ -22,9 +22,12 @@ pub enum Outcome {
     DryRun,
     /// Stopped before the switch; the source was unfenced.
     Aborted,
-    /// The switch started and its end is unknown (walshift interrupted, the hook killed): the
-    /// source stays fenced; see [`super::SwitchInDoubt`].
+    /// The switch started and did not complete (the hook failed or was killed, walshift was
+    /// interrupted): the source stays fenced; see [`super::SwitchInDoubt`].
     SwitchInDoubt,
+    /// After a switch in doubt, the operator confirmed traffic never left the source: the
+    /// fence was lifted exactly as recorded (`--unfence-after-failed-switch`).
+    UnfencedAfterFailedSwitch,
     /// A rerun found the switch recorded done and nothing left to do.
     AlreadySwitched,
     /// Still running (only seen in a report taken mid-way).
@@ -230,6 +233,9 @@ impl fmt::Display for CutoverReport {
             Outcome::DryRun => "DRY RUN (nothing fenced, nothing switched)",
             Outcome::Aborted => "ABORTED (source unfenced)",
             Outcome::SwitchInDoubt => "SWITCH IN DOUBT (source stays fenced)",
+            Outcome::UnfencedAfterFailedSwitch => {
+                "UNFENCED AFTER A FAILED SWITCH (on the operator's word; the source takes writes again)"
+            }
             Outcome::AlreadySwitched => "ALREADY SWITCHED (nothing left to do)",
             Outcome::InProgress => "IN PROGRESS",
         };

@@ -120,8 +120,9 @@ pub enum CheckError {
 }
 
 /// Compares every published table of the source with its target table(s): through `mapping`
-/// when there is one, else through `map`. Both sessions must have run [`SESSION_SETTINGS`]
-/// and be outside a transaction. Returns one check per target table; the caller decides what
+/// when there is one (its expressions evaluated on the source read-only, volatile functions
+/// refused: [`crate::verify::refuse_volatile`]), else through `map`. Both sessions must have
+/// run [`SESSION_SETTINGS`] and be outside a transaction. Returns one check per target table; the caller decides what
 /// a difference means.
 pub async fn verify_tables(
     source: &Client,
@@ -143,6 +144,8 @@ pub async fn verify_tables(
         let opts = crate::verify::VerifyOptions {
             max_keys: 0,
             checksums: mode == VerifyMode::Checksum,
+            // The caller's session-level statement_timeout (what is left of the window) applies.
+            source_statement_timeout: None,
             ..Default::default()
         };
         let report = crate::verify::verify(source, target, mapping, &names, &opts).await?;

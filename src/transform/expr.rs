@@ -1,5 +1,6 @@
-//! What a mapping expression reads (pure, no I/O): the identifiers it mentions, found by a small
-//! SQL lexer that skips string literals, dollar quotes, comments and numbers.
+//! What a mapping expression reads (pure, no I/O): the identifiers it mentions and the
+//! functions it names, found by a small SQL lexer that skips string literals, dollar quotes,
+//! comments and numbers.
 //!
 //! PostgreSQL itself type-checks the expressions (the compiler prepares them on the target);
 //! this module only answers "which source columns could this expression read?", which replay
@@ -10,15 +11,74 @@
 /// The identifiers in `expr`, unquoted ones folded to lower case, in order of appearance
 /// (duplicates kept).
 pub fn identifiers(expr: &str) -> Vec<String> {
+    tokens(expr)
+        .into_iter()
+        .filter_map(|t| match t {
+            Token::Ident(name) => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A function named in an expression: `name(` or `schema.name(`, names as PostgreSQL folds
+/// them (unquoted lower-cased).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionCall {
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+/// Every identifier directly followed by `(` (comments and whitespace between allowed), with
+/// its schema when qualified. Conservative: SQL keywords with parentheses (`in (`, `any (`)
+/// and type modifiers (`numeric(10, 2)`) come out too; resolving the names against `pg_proc`
+/// sorts them out (a keyword is no function). Calls made through operators, casts or inside
+/// other functions are not visible here.
+pub fn function_calls(expr: &str) -> Vec<FunctionCall> {
+    let t = tokens(expr);
+    let mut out = Vec::new();
+    for i in 0..t.len() {
+        let (Token::Ident(name), Some(Token::Open)) = (&t[i], t.get(i + 1)) else {
+            continue;
+        };
+        let schema = match (
+            i.checked_sub(2).map(|j| &t[j]),
+            i.checked_sub(1).map(|j| &t[j]),
+        ) {
+            (Some(Token::Ident(schema)), Some(Token::Dot)) => Some(schema.clone()),
+            _ => None,
+        };
+        out.push(FunctionCall {
+            schema,
+            name: name.clone(),
+        });
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Token {
+    Ident(String),
+    Dot,
+    Open,
+    Other,
+}
+
+/// `expr` as tokens: identifiers (unquoted folded to lower case), `.`, `(`, and everything else
+/// (literals, numbers, operators) as [`Token::Other`]; whitespace and comments dropped.
+fn tokens(expr: &str) -> Vec<Token> {
     let b = expr.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
         match c {
-            b'\'' => i = skip_string(b, i + 1, false),
+            b'\'' => {
+                i = skip_string(b, i + 1, false);
+                out.push(Token::Other);
+            }
             b'E' | b'e' if b.get(i + 1) == Some(&b'\'') && !prev_is_word(b, i) => {
-                i = skip_string(b, i + 2, true)
+                i = skip_string(b, i + 2, true);
+                out.push(Token::Other);
             }
             b'"' => {
                 let mut j = i + 1;
@@ -35,10 +95,13 @@ pub fn identifiers(expr: &str) -> Vec<String> {
                     name.push(b[j]);
                     j += 1;
                 }
-                out.push(String::from_utf8_lossy(&name).into_owned());
+                out.push(Token::Ident(String::from_utf8_lossy(&name).into_owned()));
                 i = j + 1;
             }
-            b'$' if !prev_is_word(b, i) => i = skip_dollar(b, i),
+            b'$' if !prev_is_word(b, i) => {
+                i = skip_dollar(b, i);
+                out.push(Token::Other);
+            }
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 while i < b.len() && b[i] != b'\n' {
                     i += 1;
@@ -66,6 +129,7 @@ pub fn identifiers(expr: &str) -> Vec<String> {
                 {
                     i += 1;
                 }
+                out.push(Token::Other);
             }
             _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
@@ -77,9 +141,21 @@ pub fn identifiers(expr: &str) -> Vec<String> {
                 {
                     i += 1;
                 }
-                out.push(expr[start..i].to_lowercase());
+                out.push(Token::Ident(expr[start..i].to_lowercase()));
             }
-            _ => i += 1,
+            b'.' => {
+                out.push(Token::Dot);
+                i += 1;
+            }
+            b'(' => {
+                out.push(Token::Open);
+                i += 1;
+            }
+            _ if c.is_ascii_whitespace() => i += 1,
+            _ => {
+                out.push(Token::Other);
+                i += 1;
+            }
         }
     }
     out
@@ -164,6 +240,28 @@ mod tests {
     }
 
     #[test]
+    fn finds_function_calls() {
+        let call = |schema: Option<&str>, name: &str| FunctionCall {
+            schema: schema.map(str::to_owned),
+            name: name.into(),
+        };
+        assert_eq!(
+            function_calls(
+                "pg_catalog.pg_terminate_backend (id) + Random() * \"My Fn\"(x)::numeric(10, 2) \
+                 || 'f(x)' || s.col /* g( */ || public . h ( 1 ) || 1.5"
+            ),
+            vec![
+                call(Some("pg_catalog"), "pg_terminate_backend"),
+                call(None, "random"),
+                call(None, "My Fn"),
+                call(None, "numeric"),
+                call(Some("public"), "h"),
+            ]
+        );
+        assert_eq!(function_calls("amount * 2"), vec![]);
+    }
+
+    #[test]
     fn bare_columns() {
         assert_eq!(bare_column(" Amount "), Some("amount".into()));
         assert_eq!(bare_column("\"Amount\""), Some("Amount".into()));
@@ -175,6 +273,7 @@ mod tests {
         #[test]
         fn never_panics(s in ".{0,64}") {
             let _ = identifiers(&s);
+            let _ = function_calls(&s);
             let _ = bare_column(&s);
         }
     }

@@ -15,6 +15,9 @@
 //!   that receive an expression) are compared; columns left to their defaults are not.
 //! - **Checksum** = `sum` over rows of the first 64 bits of `md5(row text)`, as `numeric`, with
 //!   the row count. Order-independent, exact (no overflow), the same on any server version.
+//! - **The live source is only read.** Expressions and filters that name a volatile function
+//!   are refused before anything is read; the source's reads run `READ ONLY` under a
+//!   `statement_timeout` (module `safety`: the method and its limits).
 //! - **Consistency.** Each side runs in one `REPEATABLE READ READ ONLY` transaction for all
 //!   tables, so every table is compared at one snapshot per side. The two snapshots are only
 //!   comparable when nothing is being applied: run verify once replay has caught up, or (as
@@ -35,8 +38,10 @@
 //! [`verify`] is the library entry point (cutover calls it); `walshift verify` is its command.
 
 mod online;
+mod safety;
 
 pub use online::{OnlineOptions, OnlineSummary, POINT_MESSAGE_PREFIX, verify_online};
+pub use safety::refuse_volatile;
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
@@ -70,6 +75,10 @@ pub struct VerifyOptions {
     /// applies the mapping's filter): much cheaper, as it evaluates no expression and hashes no
     /// row, for a time-boxed check such as the cutover window.
     pub checksums: bool,
+    /// `statement_timeout` of each statement on the source (the source is live: a runaway
+    /// expression must not run forever there). Default 1 hour; `None`: no limit. One
+    /// statement reads a whole table (offline) or a chunk (online).
+    pub source_statement_timeout: Option<std::time::Duration>,
 }
 
 impl Default for VerifyOptions {
@@ -78,6 +87,25 @@ impl Default for VerifyOptions {
             max_keys: DEFAULT_MAX_KEYS,
             fetch_rows: 5_000,
             checksums: true,
+            source_statement_timeout: Some(std::time::Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl VerifyOptions {
+    /// Whether the mapping's column expressions are evaluated on the source (filters always
+    /// are): for checksums, and for the key comparison of a differing table.
+    pub fn evaluates_columns(&self) -> bool {
+        self.checksums || self.max_keys > 0
+    }
+
+    /// `SET LOCAL` of the source's statement timeout (empty without one).
+    fn source_limits(&self) -> String {
+        match self.source_statement_timeout {
+            Some(d) if !d.is_zero() => {
+                format!("SET LOCAL statement_timeout = {}; ", d.as_millis().max(1))
+            }
+            _ => String::new(),
         }
     }
 }
@@ -199,6 +227,14 @@ pub enum VerifyError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(
+        "verify evaluates the mapping's expressions and filters on the live source, once per row, and these call \
+         VOLATILE functions there, which could change or disturb it (terminate sessions, advance sequences) and \
+         cannot reproduce the values replay wrote: {found}. Nothing was read. Use stable or immutable functions \
+         in them (if a function is in fact stable, ALTER FUNCTION … STABLE on the source), or compare row counts \
+         only (cutover --verify counts evaluates the filters only)"
+    )]
+    VolatileExpression { found: String },
     #[error(transparent)]
     Connect(#[from] crate::Error),
     #[error("online verify: {0}")]
@@ -445,8 +481,9 @@ impl Check {
 /// Compares every target table fed by `tables` (source table names) with what the source and
 /// `mapping` say it should hold. Use [`Mapping::identity`] for a release without a mapping.
 ///
-/// Compiles the mapping for each source table against the target first (an error there is
-/// [`VerifyError::Transform`], nothing compared), then runs one `REPEATABLE READ READ ONLY`
+/// Refuses expressions and filters that call a volatile function on the source
+/// ([`refuse_volatile`]), compiles the mapping for each source table against the target (an
+/// error there is [`VerifyError::Transform`], nothing compared), then runs one `REPEATABLE READ READ ONLY`
 /// transaction on each client, ended before returning. The clients must not be inside a
 /// transaction. Differences are in the report, not errors: check [`VerifyReport::equal`].
 pub async fn verify(
@@ -457,10 +494,16 @@ pub async fn verify(
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
     let started = Instant::now();
+    refuse_volatile(source, mapping, tables, opts.evaluates_columns()).await?;
     let checks = build_checks(source, target, mapping, tables).await?;
 
     let settings = session_settings(target).await?;
-    begin(source, "source", &settings).await?;
+    begin(
+        source,
+        "source",
+        &format!("{settings} {}", opts.source_limits()),
+    )
+    .await?;
     if let Err(e) = begin(target, "target", &settings).await {
         let _ = source.batch_execute("ROLLBACK").await;
         return Err(e);
@@ -733,8 +776,12 @@ async fn compare_all(
         let (s, t) = tokio::join!(source.query_one(&s_sql, &[]), target.query_one(&t_sql, &[]));
         let s = s.map_err(sql_err(format!(
             "computing {} on the source (the mapping's expressions and filter run on the source \
-             to verify; an expression using a function or type only the target has cannot be verified)",
-            c.what()
+             to verify, read-only{}; an expression using a function or type only the target has cannot be verified)",
+            c.what(),
+            opts.source_statement_timeout
+                .filter(|d| !d.is_zero())
+                .map(|d| format!(", each statement limited to {}", humantime::format_duration(d)))
+                .unwrap_or_default()
         )))?;
         let t = t.map_err(sql_err(format!("computing {} on the target", c.what())))?;
         let (source_rows, source_checksum): (i64, String) = (s.get(0), s.get(1));

@@ -159,6 +159,7 @@ pub async fn verify_online(
     )
     .await
     .map_err(|e| VerifyError::Online(e.to_string()))?;
+    super::refuse_volatile(&source, mapping, tables, opts.base.evaluates_columns()).await?;
     let checks = build_checks(&source, &target, mapping, tables).await?;
     hold::ensure_table(&target)
         .await
@@ -362,9 +363,10 @@ impl Ctx<'_> {
         let begun = self
             .source
             .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {}",
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; {} {}",
                 quote_literal(&snapshot),
-                self.settings
+                self.settings,
+                self.opts.base.source_limits()
             ))
             .await
             .map_err(sql_err(
