@@ -1140,12 +1140,17 @@ enum Phase {
 enum JournalState {
     /// No journal file.
     Missing,
-    /// No switch started (or it failed cleanly); `fenced`: a fence was recorded and not lifted.
-    Open {
-        fenced: bool,
-    },
+    /// No switch in progress: none started, or the cutover aborted before it, or the operator
+    /// lifted the fence of a failed switch (`--unfence-after-failed-switch`); `fenced`: a fence
+    /// was recorded and not lifted.
+    Open { fenced: bool },
+    /// The switch started and did not complete: killed, or its hook failed (it may have moved
+    /// part of the traffic). The source stays fenced until the operator decides.
     SwitchInDoubt,
-    Switched,
+    Switched {
+        /// The after hook's result is recorded (ok or failed); false: it never finished.
+        after_recorded: bool,
+    },
 }
 
 fn journal(buffer: &Path) -> (JournalState, Vec<String>) {
@@ -1162,15 +1167,18 @@ fn journal(buffer: &Path) -> (JournalState, Vec<String>) {
         .map(|e| e["step"].as_str().unwrap_or_default().to_owned())
         .collect();
     let has = |s: &str| steps.iter().any(|x| x == s);
+    let lifted = |s: &String| s == "aborted" || s == "unfenced_after_failed_switch";
     let state = if has("switch_done") {
-        JournalState::Switched
-    } else if has("switch_started") && !has("switch_failed") {
+        JournalState::Switched {
+            after_recorded: has("after_hook_ok") || has("after_hook_failed"),
+        }
+    } else if has("switch_started") && !steps.last().is_some_and(lifted) {
         JournalState::SwitchInDoubt
     } else {
         let fenced = steps
             .iter()
             .rposition(|s| s == "fenced")
-            .is_some_and(|i| !steps[i..].iter().any(|s| s == "aborted"));
+            .is_some_and(|i| !steps[i..].iter().any(lifted));
         JournalState::Open { fenced }
     };
     (state, steps)
@@ -1236,6 +1244,65 @@ async fn assert_sequences(src: &str, tgt: &str, floor: &BTreeMap<String, i64>, w
             seed()
         );
     }
+}
+
+/// A plain rerun after a switch in doubt refuses (exit 5) with both ways out, and leaves the
+/// source fenced and the target's sequences where they were.
+async fn refused_in_doubt(
+    sc: &mut Scenario,
+    rerun: &[String],
+    src: &str,
+    tgt: &str,
+    floor: &BTreeMap<String, i64>,
+    round: usize,
+) {
+    let mut again = sc.spawn(rerun);
+    let st = again.wait(Duration::from_secs(120)).await;
+    let tail = again.tail();
+    assert!(
+        st.code() == Some(5)
+            && tail.contains("--resume-after-switch")
+            && tail.contains("--unfence-after-failed-switch"),
+        "[cutover] round {round}: a rerun after a switch in doubt must refuse (exit 5) and name both ways \
+         out; got {st} (seed {}):\n{tail}",
+        seed()
+    );
+    assert!(
+        source_fenced(src).await,
+        "[cutover] round {round}: the refused rerun unfenced the source (seed {})",
+        seed()
+    );
+    assert_sequences(src, tgt, floor, "after the refused rerun").await;
+}
+
+/// `--unfence-after-failed-switch`: the source takes writes again with no database-wide
+/// setting left, and the journal records it (a new cutover may run).
+async fn unfence_after_failed_switch(
+    sc: &mut Scenario,
+    rerun: &[String],
+    buffer: &Path,
+    src: &str,
+    round: usize,
+) {
+    sc.run_ok(
+        &with(rerun, &["--unfence-after-failed-switch"]),
+        Duration::from_secs(120),
+    )
+    .await;
+    let (state, steps) = journal(buffer);
+    assert_eq!(
+        state,
+        JournalState::Open { fenced: false },
+        "[cutover] round {round}: after --unfence-after-failed-switch the journal says {steps:?}"
+    );
+    assert!(
+        !source_fenced(src).await && !fence_setting(src).await,
+        "[cutover] round {round}: --unfence-after-failed-switch left the source fenced (journal {steps:?}) (seed {})",
+        seed()
+    );
+    sc.log(&format!(
+        "round {round}: --unfence-after-failed-switch lifted the fence"
+    ));
 }
 
 fn alive(pid: i32) -> bool {
@@ -1388,7 +1455,10 @@ async fn cutover_killed_in_every_phase() {
                     seed()
                 );
             }
-            if matches!(state, JournalState::SwitchInDoubt | JournalState::Switched) {
+            if matches!(
+                state,
+                JournalState::SwitchInDoubt | JournalState::Switched { .. }
+            ) {
                 assert!(
                     source_fenced(&src).await,
                     "[cutover] round {round} ({phase:?}): the journal says the switch started ({steps:?}) but the source takes writes (seed {})",
@@ -1397,62 +1467,67 @@ async fn cutover_killed_in_every_phase() {
             }
             floor = sequences(&tgt).await;
             // The reruns' hooks neither sleep nor take sequence values, so a sequence a rerun
-            // sets backwards stays visible.
+            // sets backwards stays visible; their after hook leaves a mark.
+            let after_rerun = hooks.join("after.rerun");
+            let rerun_after = format!("touch {}", after_rerun.display());
             let rerun = |switch: &str| -> Vec<String> {
                 let mut c = cutover.clone();
-                for (flag, v) in [("--before", ":"), ("--switch", switch), ("--after", ":")] {
+                for (flag, v) in [
+                    ("--before", ":"),
+                    ("--switch", switch),
+                    ("--after", rerun_after.as_str()),
+                ] {
                     let i = c.iter().position(|a| a == flag).unwrap();
                     c[i + 1] = v.to_owned();
                 }
                 c
             };
+            // Alternate rounds take the other way out of a switch in doubt.
+            let unfence_way = (round / 4) % 2 == 1;
             if state == JournalState::SwitchInDoubt {
-                let mut again = sc.spawn(&rerun(":"));
-                let st = again.wait(Duration::from_secs(120)).await;
-                assert_eq!(
-                    st.code(),
-                    Some(5),
-                    "[cutover] round {round}: a rerun after a switch in doubt must refuse (exit 5) (seed {}):\n{}",
-                    seed(),
-                    again.tail()
-                );
-                assert!(
-                    source_fenced(&src).await,
-                    "[cutover] round {round}: the refused rerun unfenced the source (seed {})",
-                    seed()
-                );
-                assert_sequences(&src, &tgt, &floor, "after the refused rerun").await;
-                sc.run_ok(
-                    &with(&rerun(":"), &["--resume-after-switch"]),
-                    Duration::from_secs(120),
-                )
-                .await;
-            } else {
-                if phase == Phase::Window && (round / 4) % 2 == 0 {
-                    // A rerun that aborts (its switch hook fails cleanly) after the killed one
-                    // left the fence up: the source must be writable again exactly as before
-                    // the first cutover (no database-wide setting), as the journal says.
-                    let mut again = sc.spawn(&rerun("exit 3"));
+                refused_in_doubt(&mut sc, &rerun(":"), &src, &tgt, &floor, round).await;
+                if unfence_way {
+                    unfence_after_failed_switch(&mut sc, &rerun(":"), &buffer, &src, round).await;
+                    let mut again = sc.spawn(&rerun(":"));
                     let st = again.wait(Duration::from_secs(120)).await;
                     assert!(
-                        !st.success(),
-                        "[cutover] round {round}: a failing switch hook must abort:\n{}",
+                        st.success(),
+                        "[cutover] round {round}: the cutover after --unfence-after-failed-switch exited with {st} (seed {}):\n{}",
+                        seed(),
                         again.tail()
                     );
+                } else {
+                    sc.run_ok(
+                        &with(&rerun(":"), &["--resume-after-switch"]),
+                        Duration::from_secs(120),
+                    )
+                    .await;
+                }
+            } else {
+                if phase == Phase::Window && !unfence_way {
+                    // A rerun whose switch hook fails after the killed one left the fence up:
+                    // the switch is in doubt (the hook may have moved part of the traffic), so
+                    // the source stays fenced, exit 5; the operator's
+                    // --unfence-after-failed-switch then makes it writable exactly as before
+                    // the first cutover (no database-wide setting left), as the journal says.
+                    let mut again = sc.spawn(&rerun("exit 3"));
+                    let st = again.wait(Duration::from_secs(120)).await;
                     let (state, steps) = journal(&buffer);
-                    assert_eq!(
-                        state,
-                        JournalState::Open { fenced: false },
-                        "[cutover] round {round}: after an aborted rerun the journal says {steps:?}"
+                    assert!(
+                        st.code() == Some(5) && state == JournalState::SwitchInDoubt,
+                        "[cutover] round {round}: a failing switch hook must leave the switch in doubt \
+                         (exit 5, fenced); got {st}, journal {steps:?} (seed {}):\n{}",
+                        seed(),
+                        again.tail()
                     );
                     assert!(
-                        !source_fenced(&src).await && !fence_setting(&src).await,
-                        "[cutover] round {round}: the aborted rerun left the source fenced (journal {steps:?}) (seed {})",
+                        source_fenced(&src).await,
+                        "[cutover] round {round}: a failed switch unfenced the source (journal {steps:?}) (seed {})",
                         seed()
                     );
-                    sc.log(&format!(
-                        "round {round}: the aborting rerun unfenced the source"
-                    ));
+                    assert_sequences(&src, &tgt, &floor, "after the failed switch").await;
+                    refused_in_doubt(&mut sc, &rerun(":"), &src, &tgt, &floor, round).await;
+                    unfence_after_failed_switch(&mut sc, &rerun(":"), &buffer, &src, round).await;
                 }
                 let mut again = sc.spawn(&rerun(":"));
                 let st = again.wait(Duration::from_secs(120)).await;
@@ -1462,6 +1537,23 @@ async fn cutover_killed_in_every_phase() {
                     seed(),
                     again.tail()
                 );
+                if state
+                    == (JournalState::Switched {
+                        after_recorded: false,
+                    })
+                {
+                    // Killed while the after hook ran: the hook died with walshift, so what
+                    // is left is the after hook; "nothing left to do" would skip it silently.
+                    let (_, now) = journal(&buffer);
+                    assert!(
+                        after_rerun.exists(),
+                        "[cutover] round {round} ({phase:?}): walshift was killed during the --after hook \
+                         (journal {steps:?}, no after-hook result), and the rerun did not run --after again \
+                         (journal now {now:?}) (seed {}):\n{}",
+                        seed(),
+                        again.tail()
+                    );
+                }
             }
         } else {
             let st = p.wait(Duration::from_secs(120)).await;
@@ -1484,7 +1576,9 @@ async fn cutover_killed_in_every_phase() {
         let (state, steps) = journal(&buffer);
         assert_eq!(
             state,
-            JournalState::Switched,
+            JournalState::Switched {
+                after_recorded: true
+            },
             "[cutover] round {round} ({phase:?}): after the rerun the journal says {steps:?}"
         );
         assert!(
