@@ -1367,6 +1367,7 @@ async fn cutover_killed_in_every_phase() {
         plan.extend(phases.iter().map(|p| Some(*p)));
     }
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut after_hook_skipped: Vec<String> = Vec::new();
     for (round, phase) in plan.into_iter().enumerate() {
         let hooks = sc.work.path().join(format!("hooks{round}"));
         fs::create_dir(&hooks).unwrap();
@@ -1541,18 +1542,17 @@ async fn cutover_killed_in_every_phase() {
                     == (JournalState::Switched {
                         after_recorded: false,
                     })
+                    && !after_rerun.exists()
                 {
                     // Killed while the after hook ran: the hook died with walshift, so what
-                    // is left is the after hook; "nothing left to do" would skip it silently.
+                    // is left is the after hook; "nothing left to do" skips it silently. Noted,
+                    // and the rounds go on (reported at the end).
                     let (_, now) = journal(&buffer);
-                    assert!(
-                        after_rerun.exists(),
-                        "[cutover] round {round} ({phase:?}): walshift was killed during the --after hook \
-                         (journal {steps:?}, no after-hook result), and the rerun did not run --after again \
-                         (journal now {now:?}) (seed {}):\n{}",
-                        seed(),
+                    after_hook_skipped.push(format!(
+                        "round {round} ({phase:?}): walshift was killed during the --after hook (journal {steps:?}, \
+                         no after-hook result), and the rerun did not run --after again (journal now {now:?}):\n{}",
                         again.tail()
-                    );
+                    ));
                 }
             }
         } else {
@@ -1574,11 +1574,9 @@ async fn cutover_killed_in_every_phase() {
             }
         }
         let (state, steps) = journal(&buffer);
-        assert_eq!(
-            state,
-            JournalState::Switched {
-                after_recorded: true
-            },
+        // (An after hook a rerun skipped is collected in `after_hook_skipped`.)
+        assert!(
+            matches!(state, JournalState::Switched { .. }),
             "[cutover] round {round} ({phase:?}): after the rerun the journal says {steps:?}"
         );
         assert!(
@@ -1624,4 +1622,11 @@ async fn cutover_killed_in_every_phase() {
         "{commits} transactions committed by the writer; kills landed: {landed:?}"
     ));
     sc.finish(4 * CUTOVER_ROUNDS_PER_PHASE);
+    assert!(
+        after_hook_skipped.is_empty(),
+        "[cutover] a rerun after a kill during the --after hook must run it again (or refuse with \
+         instructions), never report nothing left to do (seed {}):\n{}",
+        seed(),
+        after_hook_skipped.join("\n")
+    );
 }
