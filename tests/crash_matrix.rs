@@ -6,8 +6,11 @@
 //! harness's own comparison (row counts and md5 of the sorted rows, never walshift's verify):
 //! nothing lost, nothing doubled (a keyless `REPLICA IDENTITY FULL` table shows a doubled
 //! insert). Cutover rounds also check that the source is fenced exactly as
-//! `<buffer>/cutover-journal.json` says and that no target sequence falls behind the source or
-//! moves backwards.
+//! `<buffer>/cutover-journal.json` says, that no target sequence falls behind the source or
+//! moves backwards, that a switch in doubt (killed in the switch hook, or a switch hook that
+//! failed) refuses reruns with exit 5 until `--resume-after-switch` or
+//! `--unfence-after-failed-switch` (alternate rounds take each), and that a rerun after a kill in
+//! the `--after` hook runs it again.
 //!
 //! The kill delays come from a seeded RNG; the seed is printed and `WALSHIFT_CRASH_SEED=<n>`
 //! repeats it (the delays, not the exact instruction walshift was at on a loaded machine).
