@@ -6,8 +6,11 @@
 //! harness's own comparison (row counts and md5 of the sorted rows, never walshift's verify):
 //! nothing lost, nothing doubled (a keyless `REPLICA IDENTITY FULL` table shows a doubled
 //! insert). Cutover rounds also check that the source is fenced exactly as
-//! `<buffer>/cutover-journal.json` says and that no target sequence falls behind the source or
-//! moves backwards.
+//! `<buffer>/cutover-journal.json` says, that no target sequence falls behind the source or
+//! moves backwards, that a switch in doubt (killed in the switch hook, or a switch hook that
+//! failed) refuses reruns with exit 5 until `--resume-after-switch` or
+//! `--unfence-after-failed-switch` (alternate rounds take each), and that a rerun after a kill in
+//! the `--after` hook runs it again.
 //!
 //! The kill delays come from a seeded RNG; the seed is printed and `WALSHIFT_CRASH_SEED=<n>`
 //! repeats it (the delays, not the exact instruction walshift was at on a loaded machine).
@@ -1140,12 +1143,17 @@ enum Phase {
 enum JournalState {
     /// No journal file.
     Missing,
-    /// No switch started (or it failed cleanly); `fenced`: a fence was recorded and not lifted.
-    Open {
-        fenced: bool,
-    },
+    /// No switch in progress: none started, or the cutover aborted before it, or the operator
+    /// lifted the fence of a failed switch (`--unfence-after-failed-switch`); `fenced`: a fence
+    /// was recorded and not lifted.
+    Open { fenced: bool },
+    /// The switch started and did not complete: killed, or its hook failed (it may have moved
+    /// part of the traffic). The source stays fenced until the operator decides.
     SwitchInDoubt,
-    Switched,
+    Switched {
+        /// The after hook's result is recorded (ok or failed); false: it never finished.
+        after_recorded: bool,
+    },
 }
 
 fn journal(buffer: &Path) -> (JournalState, Vec<String>) {
@@ -1162,15 +1170,18 @@ fn journal(buffer: &Path) -> (JournalState, Vec<String>) {
         .map(|e| e["step"].as_str().unwrap_or_default().to_owned())
         .collect();
     let has = |s: &str| steps.iter().any(|x| x == s);
+    let lifted = |s: &String| s == "aborted" || s == "unfenced_after_failed_switch";
     let state = if has("switch_done") {
-        JournalState::Switched
-    } else if has("switch_started") && !has("switch_failed") {
+        JournalState::Switched {
+            after_recorded: has("after_hook_ok") || has("after_hook_failed"),
+        }
+    } else if has("switch_started") && !steps.last().is_some_and(lifted) {
         JournalState::SwitchInDoubt
     } else {
         let fenced = steps
             .iter()
             .rposition(|s| s == "fenced")
-            .is_some_and(|i| !steps[i..].iter().any(|s| s == "aborted"));
+            .is_some_and(|i| !steps[i..].iter().any(lifted));
         JournalState::Open { fenced }
     };
     (state, steps)
@@ -1238,6 +1249,65 @@ async fn assert_sequences(src: &str, tgt: &str, floor: &BTreeMap<String, i64>, w
     }
 }
 
+/// A plain rerun after a switch in doubt refuses (exit 5) with both ways out, and leaves the
+/// source fenced and the target's sequences where they were.
+async fn refused_in_doubt(
+    sc: &mut Scenario,
+    rerun: &[String],
+    src: &str,
+    tgt: &str,
+    floor: &BTreeMap<String, i64>,
+    round: usize,
+) {
+    let mut again = sc.spawn(rerun);
+    let st = again.wait(Duration::from_secs(120)).await;
+    let tail = again.tail();
+    assert!(
+        st.code() == Some(5)
+            && tail.contains("--resume-after-switch")
+            && tail.contains("--unfence-after-failed-switch"),
+        "[cutover] round {round}: a rerun after a switch in doubt must refuse (exit 5) and name both ways \
+         out; got {st} (seed {}):\n{tail}",
+        seed()
+    );
+    assert!(
+        source_fenced(src).await,
+        "[cutover] round {round}: the refused rerun unfenced the source (seed {})",
+        seed()
+    );
+    assert_sequences(src, tgt, floor, "after the refused rerun").await;
+}
+
+/// `--unfence-after-failed-switch`: the source takes writes again with no database-wide
+/// setting left, and the journal records it (a new cutover may run).
+async fn unfence_after_failed_switch(
+    sc: &mut Scenario,
+    rerun: &[String],
+    buffer: &Path,
+    src: &str,
+    round: usize,
+) {
+    sc.run_ok(
+        &with(rerun, &["--unfence-after-failed-switch"]),
+        Duration::from_secs(120),
+    )
+    .await;
+    let (state, steps) = journal(buffer);
+    assert_eq!(
+        state,
+        JournalState::Open { fenced: false },
+        "[cutover] round {round}: after --unfence-after-failed-switch the journal says {steps:?}"
+    );
+    assert!(
+        !source_fenced(src).await && !fence_setting(src).await,
+        "[cutover] round {round}: --unfence-after-failed-switch left the source fenced (journal {steps:?}) (seed {})",
+        seed()
+    );
+    sc.log(&format!(
+        "round {round}: --unfence-after-failed-switch lifted the fence"
+    ));
+}
+
 fn alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit(')')
@@ -1300,6 +1370,7 @@ async fn cutover_killed_in_every_phase() {
         plan.extend(phases.iter().map(|p| Some(*p)));
     }
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    let mut after_hook_skipped: Vec<String> = Vec::new();
     for (round, phase) in plan.into_iter().enumerate() {
         let hooks = sc.work.path().join(format!("hooks{round}"));
         fs::create_dir(&hooks).unwrap();
@@ -1388,7 +1459,10 @@ async fn cutover_killed_in_every_phase() {
                     seed()
                 );
             }
-            if matches!(state, JournalState::SwitchInDoubt | JournalState::Switched) {
+            if matches!(
+                state,
+                JournalState::SwitchInDoubt | JournalState::Switched { .. }
+            ) {
                 assert!(
                     source_fenced(&src).await,
                     "[cutover] round {round} ({phase:?}): the journal says the switch started ({steps:?}) but the source takes writes (seed {})",
@@ -1397,62 +1471,67 @@ async fn cutover_killed_in_every_phase() {
             }
             floor = sequences(&tgt).await;
             // The reruns' hooks neither sleep nor take sequence values, so a sequence a rerun
-            // sets backwards stays visible.
+            // sets backwards stays visible; their after hook leaves a mark.
+            let after_rerun = hooks.join("after.rerun");
+            let rerun_after = format!("touch {}", after_rerun.display());
             let rerun = |switch: &str| -> Vec<String> {
                 let mut c = cutover.clone();
-                for (flag, v) in [("--before", ":"), ("--switch", switch), ("--after", ":")] {
+                for (flag, v) in [
+                    ("--before", ":"),
+                    ("--switch", switch),
+                    ("--after", rerun_after.as_str()),
+                ] {
                     let i = c.iter().position(|a| a == flag).unwrap();
                     c[i + 1] = v.to_owned();
                 }
                 c
             };
+            // Alternate rounds take the other way out of a switch in doubt.
+            let unfence_way = (round / 4) % 2 == 1;
             if state == JournalState::SwitchInDoubt {
-                let mut again = sc.spawn(&rerun(":"));
-                let st = again.wait(Duration::from_secs(120)).await;
-                assert_eq!(
-                    st.code(),
-                    Some(5),
-                    "[cutover] round {round}: a rerun after a switch in doubt must refuse (exit 5) (seed {}):\n{}",
-                    seed(),
-                    again.tail()
-                );
-                assert!(
-                    source_fenced(&src).await,
-                    "[cutover] round {round}: the refused rerun unfenced the source (seed {})",
-                    seed()
-                );
-                assert_sequences(&src, &tgt, &floor, "after the refused rerun").await;
-                sc.run_ok(
-                    &with(&rerun(":"), &["--resume-after-switch"]),
-                    Duration::from_secs(120),
-                )
-                .await;
-            } else {
-                if phase == Phase::Window && (round / 4) % 2 == 0 {
-                    // A rerun that aborts (its switch hook fails cleanly) after the killed one
-                    // left the fence up: the source must be writable again exactly as before
-                    // the first cutover (no database-wide setting), as the journal says.
-                    let mut again = sc.spawn(&rerun("exit 3"));
+                refused_in_doubt(&mut sc, &rerun(":"), &src, &tgt, &floor, round).await;
+                if unfence_way {
+                    unfence_after_failed_switch(&mut sc, &rerun(":"), &buffer, &src, round).await;
+                    let mut again = sc.spawn(&rerun(":"));
                     let st = again.wait(Duration::from_secs(120)).await;
                     assert!(
-                        !st.success(),
-                        "[cutover] round {round}: a failing switch hook must abort:\n{}",
+                        st.success(),
+                        "[cutover] round {round}: the cutover after --unfence-after-failed-switch exited with {st} (seed {}):\n{}",
+                        seed(),
                         again.tail()
                     );
+                } else {
+                    sc.run_ok(
+                        &with(&rerun(":"), &["--resume-after-switch"]),
+                        Duration::from_secs(120),
+                    )
+                    .await;
+                }
+            } else {
+                if phase == Phase::Window && !unfence_way {
+                    // A rerun whose switch hook fails after the killed one left the fence up:
+                    // the switch is in doubt (the hook may have moved part of the traffic), so
+                    // the source stays fenced, exit 5; the operator's
+                    // --unfence-after-failed-switch then makes it writable exactly as before
+                    // the first cutover (no database-wide setting left), as the journal says.
+                    let mut again = sc.spawn(&rerun("exit 3"));
+                    let st = again.wait(Duration::from_secs(120)).await;
                     let (state, steps) = journal(&buffer);
-                    assert_eq!(
-                        state,
-                        JournalState::Open { fenced: false },
-                        "[cutover] round {round}: after an aborted rerun the journal says {steps:?}"
+                    assert!(
+                        st.code() == Some(5) && state == JournalState::SwitchInDoubt,
+                        "[cutover] round {round}: a failing switch hook must leave the switch in doubt \
+                         (exit 5, fenced); got {st}, journal {steps:?} (seed {}):\n{}",
+                        seed(),
+                        again.tail()
                     );
                     assert!(
-                        !source_fenced(&src).await && !fence_setting(&src).await,
-                        "[cutover] round {round}: the aborted rerun left the source fenced (journal {steps:?}) (seed {})",
+                        source_fenced(&src).await,
+                        "[cutover] round {round}: a failed switch unfenced the source (journal {steps:?}) (seed {})",
                         seed()
                     );
-                    sc.log(&format!(
-                        "round {round}: the aborting rerun unfenced the source"
-                    ));
+                    assert_sequences(&src, &tgt, &floor, "after the failed switch").await;
+                    refused_in_doubt(&mut sc, &rerun(":"), &src, &tgt, &floor, round).await;
+                    unfence_after_failed_switch(&mut sc, &rerun(":"), &buffer, &src, round).await;
                 }
                 let mut again = sc.spawn(&rerun(":"));
                 let st = again.wait(Duration::from_secs(120)).await;
@@ -1462,6 +1541,22 @@ async fn cutover_killed_in_every_phase() {
                     seed(),
                     again.tail()
                 );
+                if state
+                    == (JournalState::Switched {
+                        after_recorded: false,
+                    })
+                    && !after_rerun.exists()
+                {
+                    // Killed while the after hook ran: the hook died with walshift, so what
+                    // is left is the after hook; "nothing left to do" skips it silently. Noted,
+                    // and the rounds go on (reported at the end).
+                    let (_, now) = journal(&buffer);
+                    after_hook_skipped.push(format!(
+                        "round {round} ({phase:?}): walshift was killed during the --after hook (journal {steps:?}, \
+                         no after-hook result), and the rerun did not run --after again (journal now {now:?}):\n{}",
+                        again.tail()
+                    ));
+                }
             }
         } else {
             let st = p.wait(Duration::from_secs(120)).await;
@@ -1482,9 +1577,9 @@ async fn cutover_killed_in_every_phase() {
             }
         }
         let (state, steps) = journal(&buffer);
-        assert_eq!(
-            state,
-            JournalState::Switched,
+        // (An after hook a rerun skipped is collected in `after_hook_skipped`.)
+        assert!(
+            matches!(state, JournalState::Switched { .. }),
             "[cutover] round {round} ({phase:?}): after the rerun the journal says {steps:?}"
         );
         assert!(
@@ -1530,4 +1625,11 @@ async fn cutover_killed_in_every_phase() {
         "{commits} transactions committed by the writer; kills landed: {landed:?}"
     ));
     sc.finish(4 * CUTOVER_ROUNDS_PER_PHASE);
+    assert!(
+        after_hook_skipped.is_empty(),
+        "[cutover] a rerun after a kill during the --after hook must run it again (or refuse with \
+         instructions), never report nothing left to do (seed {}):\n{}",
+        seed(),
+        after_hook_skipped.join("\n")
+    );
 }
