@@ -368,8 +368,14 @@ async fn killed_during_the_after_hook_a_rerun_finishes_it() {
     assert!(o.status.success(), "{}", text(&o));
     let v = json(&o);
     assert_eq!(v["outcome"], "switched", "{v}");
-    assert!(marks.join("after.rerun").exists(), "the after hook ran again");
-    assert!(!marks.join("after.done").exists(), "the first hook died with walshift");
+    assert!(
+        marks.join("after.rerun").exists(),
+        "the after hook ran again"
+    );
+    assert!(
+        !marks.join("after.done").exists(),
+        "the first hook died with walshift"
+    );
     assert_eq!(seq_values(&s.target).await, target_seqs);
     assert_fenced(&s.source).await;
 

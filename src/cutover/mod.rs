@@ -1647,7 +1647,9 @@ async fn after_switch(
                  by hand and run cutover again with --after true",
                 journal.cutover_id,
                 match started.map(rfc3339) {
-                    Some(at) => format!("started at {at} and never recorded a result (walshift died while it ran)"),
+                    Some(at) => format!(
+                        "started at {at} and never recorded a result (walshift died while it ran)"
+                    ),
                     None => "was due and never started (walshift died after the switch)".into(),
                 }
             );
