@@ -46,6 +46,45 @@ fn an_error_chain_says_each_cause_once() {
     }
 }
 
+/// A refused connection to `walshift run`'s target is labelled as what failed — the clone
+/// target — not as a capture failure (the source was fine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_names_the_clone_target_when_it_cannot_connect() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let buf = dir.path().join("buf");
+    let o = walshift(&[
+        "run",
+        "--source",
+        &source.conn_string("postgres"),
+        "--target",
+        "postgresql://nobody@127.0.0.1:1/y?connect_timeout=2",
+        "--buffer",
+        buf.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains("clone target") && line.contains("port=1"),
+        "{line}"
+    );
+    assert!(!line.contains("capture failed"), "{line}");
+    let slots: i64 = source
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "nothing created on the source");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misspelt_mapping_columns_and_quoted_table_names() {
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();

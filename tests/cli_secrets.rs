@@ -1,7 +1,8 @@
 //! A password given in a connection argument is not on show in the process title
 //! (`/proc/<pid>/cmdline`, what `ps` prints) while walshift runs — and still reaches the
 //! server. A fake server asks for a cleartext password, records it, and then never answers, so
-//! walshift stays running while its command line is read.
+//! walshift stays running while its command line is read. And the originals handed over by
+//! the scrubber never reach the cutover hooks or the clone's `pg_dump`/`psql`.
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -106,5 +107,150 @@ fn passwords_in_arguments_are_scrubbed_from_the_process_title() {
     assert!(
         args.contains(&format!("host=127.0.0.1 port={port} user=app dbname=shop")),
         "{args:?}"
+    );
+}
+
+/// `KEY=value` lines of an `env` dump that mention `needle` or the scrubber's hand-over
+/// variables.
+fn leaks(dump: &str, needle: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|l| {
+            l.contains(needle)
+                || l.starts_with("WALSHIFT_SCRUBBED_ARG_")
+                || l.starts_with("WALSHIFT_ARGS_SCRUBBED")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The originals the scrubber hands to the re-executed image are removed from its environment
+/// before anything runs: the cutover hooks never see the password, and `pg_dump`/`psql` of the
+/// clone get it only as their own `PGPASSWORD`. Started with password URLs; each hook and
+/// each child (through a wrapper found via a `pg_config` earlier in `PATH`) dumps its
+/// environment to a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_and_clone_programs_do_not_inherit_the_handed_over_arguments() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    use walshift::testkit::{Binaries, Cluster, ClusterOptions};
+
+    const PW: &str = "Pw-s3cret-42";
+    let (a, b) = (
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
+    );
+    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+    source
+        .execute(
+            "postgres",
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'v' FROM generate_series(1, 20) g;",
+        )
+        .await
+        .unwrap();
+    let url = |c: &Cluster| format!("postgresql://postgres:{PW}@127.0.0.1:{}/postgres", c.port());
+    let (su, tu) = (url(&source), url(&target));
+
+    let work = tempfile::tempdir().unwrap();
+    let dumps = work.path().join("dumps");
+    let wrappers = work.path().join("wrappers");
+    let fake_path = work.path().join("path");
+    for d in [&dumps, &wrappers, &fake_path] {
+        std::fs::create_dir(d).unwrap();
+    }
+    let real = Binaries::find().unwrap().bindir;
+    let exec = |p: &std::path::Path, body: String| {
+        std::fs::write(p, body).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    for name in ["initdb", "postgres"] {
+        symlink(real.join(name), wrappers.join(name)).unwrap();
+    }
+    for name in ["pg_dump", "psql"] {
+        exec(
+            &wrappers.join(name),
+            format!(
+                "#!/bin/sh\nenv > {d}/{name}.$$.env\nexec {r} \"$@\"\n",
+                d = dumps.display(),
+                r = real.join(name).display()
+            ),
+        );
+    }
+    exec(
+        &fake_path.join("pg_config"),
+        format!("#!/bin/sh\necho {}\n", wrappers.display()),
+    );
+    let path = format!(
+        "{}:{}",
+        fake_path.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let buffer = work.path().join("buffer");
+    let walshift = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_walshift"))
+            .args(args)
+            .env("PATH", &path)
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "walshift {}: {}\n{}",
+            args[0],
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+
+    let lsn: String = source
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let buf = buffer.to_str().unwrap();
+    walshift(&[
+        "capture",
+        "--source",
+        &su,
+        "--buffer",
+        buf,
+        "--clone-to",
+        &tu,
+        "--until-lsn",
+        &lsn,
+        "--no-progress",
+    ]);
+    let hook = |name: &str| format!("env > {}/hook-{name}.env", dumps.display());
+    let (before, switch, after) = (hook("before"), hook("switch"), hook("after"));
+    walshift(&[
+        "cutover", "--source", &su, "--target", &tu, "--buffer", buf, "--before", &before,
+        "--switch", &switch, "--after", &after,
+    ]);
+
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&dumps).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dump = std::fs::read_to_string(e.path()).unwrap();
+        let found = leaks(&dump, PW);
+        if name.starts_with("hook-") {
+            assert!(found.is_empty(), "{name} inherited {found:?}");
+        } else {
+            assert_eq!(found, [format!("PGPASSWORD={PW}")], "{name}");
+        }
+        seen.push(name.split('.').next().unwrap().to_owned());
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        [
+            "hook-after",
+            "hook-before",
+            "hook-switch",
+            "pg_dump",
+            "psql"
+        ],
+        "every hook and clone program ran through its wrapper"
     );
 }

@@ -326,6 +326,64 @@ async fn after_a_failed_after_hook_a_rerun_runs_only_that_hook() {
     );
 }
 
+/// `kill -9` of walshift while the after hook runs: the switch stands, but the after hook's
+/// result is unknown, so a rerun without `--after` exits 4 and says so (it used to say
+/// "already switched, nothing left to do"), and a rerun with `--after` runs only that hook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_the_after_hook_a_rerun_finishes_it() {
+    let s = setup(ClusterOptions::default()).await;
+    let marks = s.dir.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    let hook = format!(
+        "echo $$ > {m}/after.pid.tmp && mv {m}/after.pid.tmp {m}/after.pid; sleep 30; touch {m}/after.done",
+        m = marks.display()
+    );
+    let mut walshift = s
+        .cutover(&["--after", &hook, "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(s.dir.path().join("cutover1.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_file(&marks.join("after.pid"), "the after hook").await;
+    walshift.kill().unwrap(); // SIGKILL
+    walshift.wait().unwrap();
+    assert_fenced(&s.source).await;
+    let target_seqs = app_uses_the_target(&s.target).await;
+
+    let o = run(s.cutover(&["--json"]));
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["outcome"], "switched_after_hook_unfinished", "{v}");
+    let err = v["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("never recorded a result") && err.contains("--after"),
+        "{v}"
+    );
+    assert!(v["phases"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(seq_values(&s.target).await, target_seqs);
+    assert_fenced(&s.source).await;
+
+    let again = format!("touch {}/after.rerun", marks.display());
+    let o = run(s.cutover(&["--after", &again, "--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let v = json(&o);
+    assert_eq!(v["outcome"], "switched", "{v}");
+    assert!(
+        marks.join("after.rerun").exists(),
+        "the after hook ran again"
+    );
+    assert!(
+        !marks.join("after.done").exists(),
+        "the first hook died with walshift"
+    );
+    assert_eq!(seq_values(&s.target).await, target_seqs);
+    assert_fenced(&s.source).await;
+
+    let o = run(s.cutover(&["--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(json(&o)["outcome"], "already_switched", "{}", text(&o));
+}
+
 /// The roles' own settings, as `(role, database-specific, setconfig)`.
 async fn role_settings(c: &Cluster) -> Vec<(String, bool, Vec<String>)> {
     c.connect("postgres")

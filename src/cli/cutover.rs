@@ -79,7 +79,8 @@ pub struct CutoverArgs {
     json: bool,
 }
 
-/// Exit code: switched, but the --after hook failed (rerun runs only the after hook).
+/// Exit code: switched, but the --after hook failed or never finished (walshift died while it
+/// ran); a rerun with --after runs only the after hook.
 pub const EXIT_AFTER_HOOK_FAILED: u8 = 4;
 /// Exit code: the switch started and its end is unknown; the source stays fenced.
 pub const EXIT_SWITCH_IN_DOUBT: u8 = 5;
@@ -131,7 +132,9 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
                 | Outcome::DryRun
                 | Outcome::AlreadySwitched
                 | Outcome::UnfencedAfterFailedSwitch => ExitCode::SUCCESS,
-                Outcome::SwitchedAfterHookFailed => ExitCode::from(EXIT_AFTER_HOOK_FAILED),
+                Outcome::SwitchedAfterHookFailed | Outcome::SwitchedAfterHookUnfinished => {
+                    ExitCode::from(EXIT_AFTER_HOOK_FAILED)
+                }
                 _ => ExitCode::FAILURE,
             })
         }

@@ -127,7 +127,7 @@ pub(crate) async fn snapshot_session(
 /// and foreign-key checks do not fire during the load (rows are consistent at the snapshot).
 pub(crate) async fn load_session(target: &ConnInfo) -> Result<Client, CloneError> {
     let client = target.connect().await.map_err(|e| CloneError::Connect {
-        context: "connecting to the target".into(),
+        context: "connecting to the clone target".into(),
         source: e,
     })?;
     client

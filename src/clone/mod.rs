@@ -149,7 +149,7 @@ const STATE_DDL: &str = "CREATE SCHEMA IF NOT EXISTS walshift; \
 
 async fn connect_target(target: &ConnInfo) -> Result<Client, CloneError> {
     target.connect().await.map_err(|e| CloneError::Connect {
-        context: "connecting to the target".into(),
+        context: "connecting to the clone target".into(),
         source: e,
     })
 }
@@ -526,7 +526,7 @@ async fn refresh_materialized_views(
         order.push((schema, name));
     }
     let client = target.connect().await.map_err(|e| CloneError::Connect {
-        context: "connecting to the target".into(),
+        context: "connecting to the clone target".into(),
         source: e,
     })?;
     client

@@ -4,13 +4,16 @@
 //! Each step is appended as it happens and the file rewritten with fsync + rename (mode 0600):
 //! fenced (with what unfencing restores), marker, drained, sequences, verified, **switch
 //! started**, **switch done** (or switch failed: the hook exited non-zero, and may have moved
-//! part of the traffic before failing), the after hook's result, aborted, and — only on the
-//! operator's word — unfenced after a failed switch.
+//! part of the traffic before failing), **after started** and the after hook's result, aborted,
+//! and — only on the operator's word — unfenced after a failed switch. Whether an `--after`
+//! hook is due is recorded with the journal before the fence, so a cutover killed between the
+//! switch and the after hook is not taken for finished either.
 //!
 //! **Contract:** once `switch started` is recorded, walshift never lifts the fence of that
 //! source on its own and never moves a target sequence backwards; a later cutover of the
-//! buffer reads the journal and either finishes what was left (the after hook), says nothing
-//! is left, or refuses until the operator says where traffic points: `--resume-after-switch`
+//! buffer reads the journal and either finishes what was left (the after hook: a failed one,
+//! or one that was due or started and never recorded a result — it is run again, so an after
+//! hook must be safe to run twice), says nothing is left, or refuses until the operator says where traffic points: `--resume-after-switch`
 //! (it reached the target) or `--unfence-after-failed-switch` (none of it ever left the
 //! source: the fence is lifted exactly and that is recorded).
 
@@ -37,6 +40,9 @@ pub enum Step {
     /// The switch hook failed (exited non-zero, or was killed): part of the traffic may have
     /// moved before it failed, so the switch stays in doubt.
     SwitchFailed,
+    /// Recorded before the after hook runs: without a result after it, walshift died while
+    /// the hook ran and what the hook did is unknown.
+    AfterHookStarted,
     AfterHookOk,
     AfterHookFailed,
     /// Stopped before the switch started; the fence was lifted (or there was none).
@@ -66,6 +72,9 @@ pub enum State {
     SwitchInDoubt,
     /// Switched; the after hook failed.
     SwitchedAfterHookFailed,
+    /// Switched; the after hook was due or started and never recorded a result (walshift
+    /// died before or while it ran): whether it did anything is unknown.
+    SwitchedAfterHookUnfinished,
     /// Switched; nothing left to do.
     Switched,
 }
@@ -77,6 +86,10 @@ pub struct Journal {
     /// What lifting the fence restores (read-only fence only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<FenceState>,
+    /// An `--after` hook is due after the switch (journals of earlier versions: unknown, taken
+    /// as none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_hook: bool,
     pub entries: Vec<Entry>,
     #[serde(skip)]
     path: PathBuf,
@@ -101,6 +114,7 @@ impl Journal {
         Journal {
             cutover_id: cutover_id.to_owned(),
             fence: None,
+            after_hook: false,
             entries: Vec::new(),
             path: Self::path(buffer_dir),
         }
@@ -137,14 +151,12 @@ impl Journal {
 
     pub fn state(&self) -> State {
         if self.has(Step::SwitchDone) {
-            match self
-                .entries
-                .iter()
-                .rev()
-                .find(|e| matches!(e.step, Step::AfterHookOk | Step::AfterHookFailed))
-            {
-                Some(e) if e.step == Step::AfterHookFailed => State::SwitchedAfterHookFailed,
-                _ => State::Switched,
+            match self.last_after_hook_step() {
+                Some(Step::AfterHookFailed) => State::SwitchedAfterHookFailed,
+                Some(Step::AfterHookStarted) => State::SwitchedAfterHookUnfinished,
+                Some(_) => State::Switched,
+                None if self.after_hook => State::SwitchedAfterHookUnfinished,
+                None => State::Switched,
             }
         } else if self.has(Step::SwitchStarted) {
             // Journals of earlier versions record a cleanly failed switch as aborted.
@@ -155,6 +167,16 @@ impl Journal {
         } else {
             State::Open
         }
+    }
+
+    /// The after hook's last recorded step: started, ok or failed.
+    pub fn last_after_hook_step(&self) -> Option<Step> {
+        self.entries.iter().rev().map(|e| e.step).find(|s| {
+            matches!(
+                s,
+                Step::AfterHookStarted | Step::AfterHookOk | Step::AfterHookFailed
+            )
+        })
     }
 
     /// When `step` was recorded, as seconds since the Unix epoch.
@@ -228,10 +250,27 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         j.record(Step::SwitchDone, "").unwrap();
+        assert_eq!(j.state(), State::Switched, "no after hook due");
+        j.record(Step::AfterHookStarted, "").unwrap();
+        assert_eq!(j.state(), State::SwitchedAfterHookUnfinished);
         j.record(Step::AfterHookFailed, "").unwrap();
         assert_eq!(j.state(), State::SwitchedAfterHookFailed);
+        j.record(Step::AfterHookStarted, "").unwrap();
+        assert_eq!(
+            Journal::read(dir.path()).unwrap().unwrap().state(),
+            State::SwitchedAfterHookUnfinished,
+            "killed during the rerun of a failed after hook"
+        );
         j.record(Step::AfterHookOk, "").unwrap();
         assert_eq!(j.state(), State::Switched);
+        let mut due = Journal::new(dir.path(), "c3");
+        due.after_hook = true;
+        due.record(Step::SwitchDone, "").unwrap();
+        assert_eq!(
+            Journal::read(dir.path()).unwrap().unwrap().state(),
+            State::SwitchedAfterHookUnfinished,
+            "killed between the switch and the after hook"
+        );
         let mut k = Journal::new(dir.path(), "c2");
         k.record(Step::SwitchStarted, "").unwrap();
         k.record(Step::SwitchFailed, "exit 1").unwrap();

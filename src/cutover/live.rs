@@ -83,6 +83,9 @@ pub enum LiveError {
     Replay(#[source] ReplayError),
     #[error("the clone failed: {0}")]
     Clone(#[source] crate::clone::CloneError),
+    /// The clone target was refused (unreachable, or the source itself) before anything ran.
+    #[error(transparent)]
+    CloneTarget(crate::source::identity::IdentityError),
     #[error(
         "another walshift replay (a `walshift replay`, `walshift run` or cutover) is applying this buffer to this target; stop it first"
     )]
@@ -93,6 +96,16 @@ pub enum LiveError {
     Lib(#[from] crate::Error),
     #[error(transparent)]
     Buffer(#[from] crate::buffer::BufferError),
+}
+
+/// A failure of the capture task, labelled by what failed: the clone (and its target) are
+/// not the capture.
+fn capture_failed(e: CaptureError) -> LiveError {
+    match e {
+        CaptureError::Clone(e) => LiveError::Clone(e),
+        CaptureError::Identity(e) => LiveError::CloneTarget(e),
+        e => LiveError::Capture(e),
+    }
 }
 
 /// What a run did.
@@ -145,7 +158,7 @@ pub async fn run(
     loop {
         if capture.is_finished() {
             return Err(match capture.await {
-                Ok(Err(e)) => LiveError::Capture(e),
+                Ok(Err(e)) => capture_failed(e),
                 _ => LiveError::CaptureEnded,
             });
         }
@@ -276,7 +289,7 @@ pub async fn run(
             report.durable_lsn = r.durable_lsn;
             report.captured_changes = r.changes;
         }
-        Ok(Err(e)) => failure = failure.or(Some(LiveError::Capture(e))),
+        Ok(Err(e)) => failure = failure.or(Some(capture_failed(e))),
         Err(_) => failure = failure.or(Some(LiveError::CaptureEnded)),
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();

@@ -41,7 +41,9 @@
 //! `--resume-after-switch` (it reached the target) or `--unfence-after-failed-switch` (none of
 //! it ever left the source: the fence is lifted exactly as recorded, role settings included,
 //! and that is journaled). A switch that was recorded done is not repeated: a rerun runs only
-//! a failed `--after` hook again, or says there is nothing left to do.
+//! the `--after` hook again when it failed or never recorded a result (walshift died before or
+//! while it ran — after hooks must be safe to run twice; without `--after` such a rerun exits
+//! 4 and says so), or says there is nothing left to do.
 //!
 //! A dry run does everything except fencing, the hooks and the switch, and reports the
 //! projected window (fence → verify done).
@@ -995,7 +997,11 @@ async fn run_inner(
             None => config.table_map.clone(),
         },
         scan: None,
-        journal: (!config.dry_run).then(|| Journal::new(dir, &id)),
+        journal: (!config.dry_run).then(|| {
+            let mut j = Journal::new(dir, &id);
+            j.after_hook = config.after.is_some();
+            j
+        }),
         switch_started: false,
     };
     // The marker scan is positioned now, outside the window: finding a position in the buffer
@@ -1038,6 +1044,9 @@ async fn run_inner(
     if !config.dry_run {
         if let Some(cmd) = &config.after {
             ctx.tl.begin("after");
+            if let Err(e) = ctx.record(Step::AfterHookStarted, cmd.clone()) {
+                ctx.report.warnings.push(e.to_string());
+            }
             let (run, r) = hooks::run_hook("after", cmd, &ctx.hook_ctx, config.hook_timeout).await;
             ctx.report.hooks.push(run);
             let recorded = match r {
@@ -1509,22 +1518,27 @@ async fn lift_with_retry(
     Err(last)
 }
 
+/// A journal time (seconds since the Unix epoch) in UTC, RFC 3339.
+fn rfc3339(secs: f64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs_f64(secs))
+        .to_string()
+}
+
 /// The refusal (or the interruption) of a switch whose end is unknown.
 fn in_doubt(journal: &Journal, cause: String, report: Option<CutoverReport>) -> CutoverError {
     CutoverError::SwitchInDoubt(Box::new(SwitchInDoubt {
         cutover_id: journal.cutover_id.clone(),
         cause,
-        started_at: journal.when(Step::SwitchStarted).map(|t| {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs_f64(t))
-                .to_string()
-        }),
+        started_at: journal.when(Step::SwitchStarted).map(rfc3339),
         journal: journal.file().to_path_buf(),
         report,
     }))
 }
 
 /// A rerun after the switch: finishes what is left (the switch confirmed by the operator, a
-/// failed after hook) and never repeats or undoes the switch.
+/// failed after hook, an after hook that was due or started and never recorded a result — run
+/// again, so after hooks must be safe to run twice) and never repeats or undoes the switch.
+/// Without `--after`, an after hook left failed or unfinished keeps the outcome (exit 4).
 async fn after_switch(
     config: &CutoverConfig,
     mut journal: Journal,
@@ -1537,15 +1551,21 @@ async fn after_switch(
     report.fence_previous_setting = journal.fence.as_ref().and_then(|f| f.previous.clone());
     if state == State::Switched {
         config.say(&format!(
-            "cutover {} already switched (recorded in {}); nothing left to do",
+            "cutover {} already switched (recorded in {}); nothing left to do{}",
             journal.cutover_id,
-            journal.file().display()
+            journal.file().display(),
+            if config.after.is_some() {
+                " (--after not run: its hook succeeded or none was due)"
+            } else {
+                ""
+            }
         ));
         report.outcome = Outcome::AlreadySwitched;
         return Ok(report);
     }
     if state == State::SwitchInDoubt {
         tl.begin("resume");
+        journal.after_hook = config.after.is_some();
         journal.record(
             Step::SwitchDone,
             "recorded by --resume-after-switch: the operator confirmed where traffic points",
@@ -1586,6 +1606,12 @@ async fn after_switch(
                     .find(|e| e.step == Step::Drained)
                     .and_then(|e| e.note.parse().ok()),
             };
+            let note = if state == State::SwitchedAfterHookUnfinished {
+                format!("{cmd} (again: the last one never recorded a result)")
+            } else {
+                cmd.clone()
+            };
+            journal.record(Step::AfterHookStarted, note)?;
             let (run, r) = hooks::run_hook("after", cmd, &hook_ctx, config.hook_timeout).await;
             report.hooks.push(run);
             match r {
@@ -1609,6 +1635,27 @@ async fn after_switch(
                 journal.cutover_id
             ));
             report.outcome = Outcome::SwitchedAfterHookFailed;
+        }
+        None if state == State::SwitchedAfterHookUnfinished => {
+            let started = journal
+                .when(Step::AfterHookStarted)
+                .filter(|_| journal.last_after_hook_step() == Some(Step::AfterHookStarted));
+            let msg = format!(
+                "the --after hook of cutover {} {}, and no --after was given, so nothing ran: \
+                 whether it did its work is unknown. Check, then run cutover again with the same \
+                 --after (it runs again, so it must be safe to run twice) or do the after-steps \
+                 by hand and run cutover again with --after true",
+                journal.cutover_id,
+                match started.map(rfc3339) {
+                    Some(at) => format!(
+                        "started at {at} and never recorded a result (walshift died while it ran)"
+                    ),
+                    None => "was due and never started (walshift died after the switch)".into(),
+                }
+            );
+            report.error = Some(msg.clone());
+            report.warnings.push(msg);
+            report.outcome = Outcome::SwitchedAfterHookUnfinished;
         }
         None => report.outcome = Outcome::Switched,
     }

@@ -18,6 +18,9 @@ pub enum Outcome {
     /// Switched, but the `--after` hook failed (the switch itself stands; the source stays
     /// fenced). Run the after-steps by hand.
     SwitchedAfterHookFailed,
+    /// A rerun found the `--after` hook due or started and never finished (walshift died),
+    /// and was given no `--after` to run again: whether it did its work is unknown.
+    SwitchedAfterHookUnfinished,
     /// A rehearsal: nothing was fenced or switched.
     DryRun,
     /// Stopped before the switch; the source was unfenced.
@@ -230,6 +233,7 @@ impl fmt::Display for CutoverReport {
         let outcome = match self.outcome {
             Outcome::Switched => "SWITCHED",
             Outcome::SwitchedAfterHookFailed => "SWITCHED (after-hook failed)",
+            Outcome::SwitchedAfterHookUnfinished => "SWITCHED (after-hook unfinished, unknown)",
             Outcome::DryRun => "DRY RUN (nothing fenced, nothing switched)",
             Outcome::Aborted => "ABORTED (source unfenced)",
             Outcome::SwitchInDoubt => "SWITCH IN DOUBT (source stays fenced)",

@@ -69,6 +69,13 @@ pub enum IdentityError {
     #[error(transparent)]
     Connect(#[from] crate::Error),
 
+    #[error("connecting to the {side}: {source}")]
+    ConnectTo {
+        side: &'static str,
+        #[source]
+        source: crate::Error,
+    },
+
     #[error(
         "cannot read the identity of the {side} ({conn}): {message}; the role needs to run \
          pg_control_system() (allowed to every role by default) and read pg_database"
@@ -170,8 +177,9 @@ pub async fn refuse_source(
 /// Refuses a clone target that is the source: probes both, before anything is created on
 /// either.
 pub async fn check_clone_target(source: &ConnInfo, target: &ConnInfo) -> Result<(), IdentityError> {
-    let s = source.connect().await?;
-    let t = target.connect().await?;
+    let connect_to = |side| move |source| IdentityError::ConnectTo { side, source };
+    let s = source.connect().await.map_err(connect_to("source"))?;
+    let t = target.connect().await.map_err(connect_to("clone target"))?;
     let src = ServerIdentity::probe(&s)
         .await
         .map_err(probe_err("source", &source.redacted()))?;
