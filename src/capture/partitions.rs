@@ -143,20 +143,15 @@ impl PartitionRecord {
         })
     }
 
-    /// Writes the record atomically (temporary file, fsync, rename).
+    /// Writes the record atomically and durably (0600 temporary file, fsync, rename, directory
+    /// fsync).
     pub fn write(&self, dir: &Path) -> Result<(), crate::Error> {
-        use std::io::Write;
+        use crate::buffer::fs::FileSystem;
         let path = Self::path(dir);
-        let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
         let data = serde_json::to_vec_pretty(self).expect("serializable");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| crate::Error::io(path, e))
+        crate::buffer::fs::StdFs
+            .write_atomic(&path, &data)
+            .map_err(|e| crate::Error::io(path, e))
     }
 
     /// `schema.name` of the recorded root `oid`.

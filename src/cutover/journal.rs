@@ -17,8 +17,7 @@
 //! (it reached the target) or `--unfence-after-failed-switch` (none of it ever left the
 //! source: the fence is lifted exactly and that is recorded).
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use crate::buffer::fs::FileSystem;
 use std::path::{Path, PathBuf};
 
 use super::fence::FenceState;
@@ -208,24 +207,9 @@ impl Journal {
 }
 
 /// Writes `data` to `path` atomically and durably: a 0600 temporary file, fsynced, renamed
-/// over `path`, and the directory fsynced.
+/// over `path`, and the directory fsynced (the buffer's own [`FileSystem::write_atomic`]).
 pub(crate) fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::buffer::fs::StdFs.write_atomic(path, data)
 }
 
 #[cfg(test)]
