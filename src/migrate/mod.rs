@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_postgres::error::{ErrorPosition, SqlState};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 pub use error::{ChangedScript, MigrateError};
 pub use script::{NO_TRANSACTION_DIRECTIVE, Script, Statement, TxnControl};
@@ -411,7 +411,7 @@ async fn connect(
     MigrateError,
 > {
     let (client, mut connection) = target
-        .bounded(target.config().connect(NoTls))
+        .connect_raw()
         .await?
         .map_err(|e| MigrateError::Connect {
             target: target.redacted(),
