@@ -256,12 +256,14 @@ async fn client_certificate_authentication() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_clone_and_replay_over_tls_only() {
     let ca = Ca::new("walshift test CA");
-    let source = tls_cluster(&ca, None);
-    let target = tls_cluster(&ca, None);
-    // The role walshift uses may connect over TLS only (pg_dump and psql children included).
+    let clients = Ca::new("client CA");
+    let source = tls_cluster(&ca, Some(&clients));
+    let target = tls_cluster(&ca, Some(&clients));
+    // The role walshift uses may connect over TLS with its client certificate only (pg_dump
+    // and psql children included).
     let hba = "local all all trust\n\
                host all postgres 127.0.0.1/32 trust\n\
-               hostssl all app 127.0.0.1/32 trust\n";
+               hostssl all app 127.0.0.1/32 cert\n";
     for c in [&source, &target] {
         c.execute("postgres", "CREATE ROLE app LOGIN SUPERUSER REPLICATION")
             .await
@@ -279,7 +281,13 @@ async fn capture_clone_and_replay_over_tls_only() {
     let dir = tempfile::tempdir().unwrap();
     let ca_file = write(dir.path(), "ca.pem", &ca.cert.pem(), 0o644);
     let buffer = dir.path().join("buffer");
-    let tls = format!("sslmode=verify-full sslrootcert={}", ca_file.display());
+    let (cert, key) = clients.issue("app", &[]);
+    let tls = format!(
+        "sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+        ca_file.display(),
+        write(dir.path(), "app.crt", &cert, 0o644).display(),
+        write(dir.path(), "app.key", &key, 0o600).display(),
+    );
     let src = conn("127.0.0.1", source.port(), "app", &tls);
     let tgt = conn("localhost", target.port(), "app", &tls);
     // Plain text is refused for app, so everything below proves TLS end to end.
