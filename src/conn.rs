@@ -9,8 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio_postgres::config::Host;
 use tokio_postgres::Client;
+use tokio_postgres::config::Host;
 use tokio_postgres::config::SslMode as PgSslMode;
 
 use crate::error::{Error, Result};
@@ -24,8 +24,10 @@ pub struct ConnInfo {
 }
 
 /// The connection half of a SQL session ([`ConnInfo::connect_raw`]); poll or spawn it.
-pub type PgConnection =
-    tokio_postgres::Connection<tokio_postgres::Socket, crate::tls::TlsStream<tokio_postgres::Socket>>;
+pub type PgConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    crate::tls::TlsStream<tokio_postgres::Socket>,
+>;
 
 /// The environment lookups `ConnInfo::parse` uses; injectable for tests.
 pub trait Env {

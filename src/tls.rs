@@ -215,9 +215,7 @@ impl TlsSettings {
             None | Some("1") => true,
             Some("0") => false,
             Some(v) => {
-                return Err(Error::Config(format!(
-                    "sslsni={v:?} must be 0 or 1"
-                )));
+                return Err(Error::Config(format!("sslsni={v:?} must be 0 or 1")));
             }
         };
         if mode == SslMode::Disable {
@@ -401,15 +399,13 @@ fn build_config(
                     key.display()
                 ))
             })?;
-            builder
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "sslcert {} and sslkey {} do not make a usable client identity ({e})",
-                        cert.display(),
-                        key.display()
-                    ))
-                })?
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| {
+                Error::Config(format!(
+                    "sslcert {} and sslkey {} do not make a usable client identity ({e})",
+                    cert.display(),
+                    key.display()
+                ))
+            })?
         }
     };
     config.enable_sni = sni;
@@ -437,9 +433,8 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
 /// group-readable (0640).
 fn check_key_permissions(path: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
-        Error::Config(format!("sslkey {}: cannot read it ({e})", path.display()))
-    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::Config(format!("sslkey {}: cannot read it ({e})", path.display())))?;
     let mode = meta.mode() & 0o777;
     let ok = if meta.uid() == 0 {
         mode & 0o037 == 0
@@ -591,7 +586,11 @@ pub struct MakeTls {
 
 impl MakeTls {
     /// Runs the TLS handshake on `stream` (after the server accepted an SSLRequest).
-    pub async fn handshake<S>(&self, host: &str, stream: S) -> std::result::Result<TlsStream<S>, TlsError>
+    pub async fn handshake<S>(
+        &self,
+        host: &str,
+        stream: S,
+    ) -> std::result::Result<TlsStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -826,7 +825,10 @@ mod tests {
         let (rest, opts) = split_options(
             "host=db1 sslmode = verify-full sslrootcert='/a b/ca.pem' user=app sslkey=k\\ x",
         );
-        assert_eq!(rest.split_whitespace().collect::<Vec<_>>(), ["host=db1", "user=app"]);
+        assert_eq!(
+            rest.split_whitespace().collect::<Vec<_>>(),
+            ["host=db1", "user=app"]
+        );
         assert_eq!(
             opts,
             [

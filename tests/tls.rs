@@ -32,8 +32,7 @@ impl Ca {
     /// (certificate PEM, key PEM) for `cn` with subject alternative names `sans`.
     fn issue(&self, cn: &str, sans: &[&str]) -> (String, String) {
         let mut p =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
@@ -85,7 +84,10 @@ fn conn(host: &str, port: u16, user: &str, extra: &str) -> ConnInfo {
 async fn sessions_use_tls(info: &ConnInfo) -> Result<(bool, bool), String> {
     let client = info.connect().await.map_err(|e| chain(&e))?;
     let sql: bool = client
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -150,7 +152,11 @@ async fn verify_full_checks_the_ca_and_the_host_name() {
     let wrong_host = conn("127.0.0.2", port, "postgres", &full);
     let err = sessions_use_tls(&wrong_host).await.unwrap_err();
     assert!(err.contains("does not name 127.0.0.2"), "{err}");
-    let err = chain(&ReplicationConnection::connect(&wrong_host).await.unwrap_err());
+    let err = chain(
+        &ReplicationConnection::connect(&wrong_host)
+            .await
+            .unwrap_err(),
+    );
     assert!(err.contains("does not name 127.0.0.2"), "{err}");
     assert_clean(&err, &[]);
     // verify-ca checks the CA only.
@@ -333,7 +339,21 @@ async fn capture_clone_and_replay_over_tls_only() {
     .expect("replay over TLS");
     assert!(report.changes > 0);
     let sum = "SELECT count(*)::text || ':' || sum(hashtextextended(t::text, 0))::text FROM t";
-    let s: String = source.connect("postgres").await.unwrap().query_one(sum, &[]).await.unwrap().get(0);
-    let t: String = target.connect("postgres").await.unwrap().query_one(sum, &[]).await.unwrap().get(0);
+    let s: String = source
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one(sum, &[])
+        .await
+        .unwrap()
+        .get(0);
+    let t: String = target
+        .connect("postgres")
+        .await
+        .unwrap()
+        .query_one(sum, &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(s, t);
 }

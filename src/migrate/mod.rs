@@ -410,14 +410,15 @@ async fn connect(
     ),
     MigrateError,
 > {
-    let (client, mut connection) = target
-        .connect_raw()
-        .await?
-        .map_err(|e| MigrateError::Connect {
-            target: target.redacted(),
-            message: pg_message(&e),
-            source: e,
-        })?;
+    let (client, mut connection) =
+        target
+            .connect_raw()
+            .await?
+            .map_err(|e| MigrateError::Connect {
+                target: target.redacted(),
+                message: pg_message(&e),
+                source: e,
+            })?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -359,7 +359,12 @@ impl ReplicationConnection {
     }
 
     /// SSLRequest, then the handshake if the server agrees.
-    async fn negotiate_tls(info: &ConnInfo, host: &str, mut s: TcpStream, tls: Tls) -> Result<Socket> {
+    async fn negotiate_tls(
+        info: &ConnInfo,
+        host: &str,
+        mut s: TcpStream,
+        tls: Tls,
+    ) -> Result<Socket> {
         if tls == Tls::Off {
             return Ok(Socket::Tcp(s));
         }
