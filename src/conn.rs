@@ -9,16 +9,25 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio_postgres::Client;
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::SslMode as PgSslMode;
 
 use crate::error::{Error, Result};
+use crate::tls::{SslMode, TlsError, TlsSettings};
 
-/// Where and as whom to connect. Cheap to clone.
+/// Where and as whom to connect, and with which TLS settings. Cheap to clone.
 #[derive(Clone)]
 pub struct ConnInfo {
     config: tokio_postgres::Config,
+    tls: TlsSettings,
 }
+
+/// The connection half of a SQL session ([`ConnInfo::connect_raw`]); poll or spawn it.
+pub type PgConnection = tokio_postgres::Connection<
+    tokio_postgres::Socket,
+    crate::tls::TlsStream<tokio_postgres::Socket>,
+>;
 
 /// The environment lookups `ConnInfo::parse` uses; injectable for tests.
 pub trait Env {
@@ -43,7 +52,8 @@ impl ConnInfo {
 
     /// As [`ConnInfo::parse`], reading the environment from `env`.
     pub fn parse_with(s: &str, env: &dyn Env) -> Result<Self> {
-        let mut config: tokio_postgres::Config = s.parse().map_err(|e| {
+        let (rest, tls_options) = crate::tls::split_options(s);
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e| {
             Error::Config(format!(
                 "cannot parse connection string ({e}); use a URL like postgresql://user@host:5432/dbname \
                  or key=value pairs like \"host=db1 port=5432 user=app dbname=shop\""
@@ -103,7 +113,8 @@ impl ConnInfo {
                 .unwrap_or(30);
             config.connect_timeout(Duration::from_secs(secs));
         }
-        let mut info = ConnInfo { config };
+        let tls = TlsSettings::resolve(&tls_options, env)?;
+        let mut info = ConnInfo { config, tls };
         if info.config.get_password().is_none() {
             if let Some(pw) = env.var("PGPASSWORD") {
                 info.config.password(pw);
@@ -134,6 +145,17 @@ impl ConnInfo {
     /// The underlying `tokio_postgres` configuration.
     pub fn config(&self) -> &tokio_postgres::Config {
         &self.config
+    }
+
+    /// The TLS settings (`sslmode` and friends).
+    pub fn tls(&self) -> &TlsSettings {
+        &self.tls
+    }
+
+    /// Whether connections go over TCP (TLS applies) rather than a Unix socket (never TLS,
+    /// as with libpq).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.host(), Host::Tcp(_))
     }
 
     /// First host: a TCP host name or a Unix socket directory.
@@ -224,7 +246,7 @@ impl ConnInfo {
     /// the current tokio runtime.
     pub async fn connect(&self) -> Result<Client> {
         let (client, connection) = self
-            .bounded(self.config.connect(NoTls))
+            .connect_raw()
             .await?
             .map_err(|e| Error::sql(format!("cannot connect to {}", self.redacted()), e))?;
         tokio::spawn(async move {
@@ -234,6 +256,54 @@ impl ConnInfo {
         });
         Ok(client)
     }
+}
+
+impl ConnInfo {
+    /// Opens a SQL session honouring `sslmode` as libpq does, each attempt within the connect
+    /// timeout: the outer error is a timeout, the inner one the server's or TLS's answer.
+    /// `allow` tries plain text, then TLS if the server refuses; `prefer` tries TLS, then
+    /// plain text if the server has no TLS or the handshake fails; `require` and stricter
+    /// never send a query in plain text.
+    pub async fn connect_raw(
+        &self,
+    ) -> Result<std::result::Result<(Client, PgConnection), tokio_postgres::Error>> {
+        if !self.is_tcp() {
+            return self.attempt(PgSslMode::Disable).await;
+        }
+        match self.tls.mode() {
+            SslMode::Disable => self.attempt(PgSslMode::Disable).await,
+            SslMode::Allow => match self.attempt(PgSslMode::Disable).await? {
+                Err(e) if e.as_db_error().is_some() => {
+                    tracing::debug!(target = %self, "plain-text connection refused ({e}); trying TLS (sslmode=allow)");
+                    self.attempt(PgSslMode::Require).await
+                }
+                r => Ok(r),
+            },
+            SslMode::Prefer => match self.attempt(PgSslMode::Prefer).await? {
+                Err(e) if tls_failed(&e) => {
+                    tracing::debug!(target = %self, "TLS failed ({e}); trying plain text (sslmode=prefer)");
+                    self.attempt(PgSslMode::Disable).await
+                }
+                r => Ok(r),
+            },
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                self.attempt(PgSslMode::Require).await
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        mode: PgSslMode,
+    ) -> Result<std::result::Result<(Client, PgConnection), tokio_postgres::Error>> {
+        let mut config = self.config.clone();
+        config.ssl_mode(mode);
+        self.bounded(config.connect(self.tls.connector())).await
+    }
+}
+
+fn tls_failed(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.is::<TlsError>())
 }
 
 impl fmt::Display for ConnInfo {

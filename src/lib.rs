@@ -22,6 +22,7 @@ pub mod rehearse;
 pub mod source;
 pub mod sql;
 pub mod testkit;
+pub mod tls;
 pub mod transform;
 pub mod verify;
 

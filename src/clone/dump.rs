@@ -88,6 +88,10 @@ pub(crate) fn conninfo_string(info: &ConnInfo) -> String {
 
 fn command(programs: &Programs, name: &str, info: &ConnInfo) -> Command {
     let mut cmd = Command::new(programs.program(name));
+    // The same TLS settings as walshift's own connections (libpq reads them from PGSSL*).
+    for (k, v) in info.tls().child_env() {
+        cmd.env(k, v);
+    }
     if let Some(pw) = info.password() {
         cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).as_ref());
     }

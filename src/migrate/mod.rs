@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_postgres::error::{ErrorPosition, SqlState};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 pub use error::{ChangedScript, MigrateError};
 pub use script::{NO_TRANSACTION_DIRECTIVE, Script, Statement, TxnControl};
@@ -410,14 +410,15 @@ async fn connect(
     ),
     MigrateError,
 > {
-    let (client, mut connection) = target
-        .bounded(target.config().connect(NoTls))
-        .await?
-        .map_err(|e| MigrateError::Connect {
-            target: target.redacted(),
-            message: pg_message(&e),
-            source: e,
-        })?;
+    let (client, mut connection) =
+        target
+            .connect_raw()
+            .await?
+            .map_err(|e| MigrateError::Connect {
+                target: target.redacted(),
+                message: pg_message(&e),
+                source: e,
+            })?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -48,6 +48,10 @@ pub(crate) fn conninfo(info: &ConnInfo) -> String {
 
 fn command(name: &str, info: &ConnInfo) -> Command {
     let mut cmd = Command::new(program(name));
+    // The same TLS settings as walshift's own connections (libpq reads them from PGSSL*).
+    for (k, v) in info.tls().child_env() {
+        cmd.env(k, v);
+    }
     cmd.env_remove("PGOPTIONS");
     if let Some(pw) = info.password() {
         cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).as_ref());

@@ -5,7 +5,8 @@
 //! binding), the simple-query commands of a walsender session (`IDENTIFY_SYSTEM`,
 //! `CREATE_REPLICATION_SLOT`, `DROP_REPLICATION_SLOT`, plain SQL) and the replication stream
 //! (XLogData, keepalives, standby status updates). All other SQL goes through `tokio-postgres`.
-//! TLS is not supported yet: connect over a Unix socket, loopback or a trusted network.
+//! TLS follows the connection string's `sslmode` (see [`crate::tls`]): an SSLRequest on the
+//! TCP socket, then the handshake on the same rustls stack as the SQL sessions.
 //!
 //! The stream is built to keep up with a walsender: reads land in one large buffer and every
 //! `CopyData` payload is handed out as a zero-copy [`Bytes`] slice of it.
@@ -47,6 +48,21 @@ pub enum ReplicationError {
         #[source]
         source: io::Error,
     },
+
+    /// The TLS handshake failed (certificate not trusted, wrong host name, …).
+    #[error("cannot connect to {target} over TLS")]
+    Tls {
+        target: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
+
+    /// The server answered the SSLRequest with "no TLS" and sslmode demands it.
+    #[error(
+        "{target} does not accept TLS connections (ssl = off), and sslmode={mode} demands TLS; \
+         enable ssl on the server, or lower sslmode only if the network is trusted"
+    )]
+    TlsRefused { target: String, mode: &'static str },
 
     /// Connecting and authenticating took longer than the connect timeout.
     #[error("connecting to {target} timed out after {timeout:?}")]
@@ -106,6 +122,7 @@ type Result<T, E = ReplicationError> = std::result::Result<T, E>;
 enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(crate::tls::TlsStream<TcpStream>),
 }
 
 impl Socket {
@@ -113,6 +130,7 @@ impl Socket {
         match self {
             Socket::Tcp(s) => s.read_buf(buf).await,
             Socket::Unix(s) => s.read_buf(buf).await,
+            Socket::Tls(s) => s.read_buf(buf).await,
         }
     }
 
@@ -120,6 +138,10 @@ impl Socket {
         match self {
             Socket::Tcp(s) => s.write_all(data).await,
             Socket::Unix(s) => s.write_all(data).await,
+            Socket::Tls(s) => {
+                s.write_all(data).await?;
+                s.flush().await
+            }
         }
     }
 
@@ -127,8 +149,19 @@ impl Socket {
         match self {
             Socket::Tcp(s) => s.try_write(data),
             Socket::Unix(s) => s.try_write(data),
+            // The session ends with the socket; the server sees the connection close.
+            Socket::Tls(_) => Ok(0),
         }
     }
+}
+
+/// Whether a connection attempt uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    Off,
+    /// Plain text if the server has no TLS.
+    Try,
+    Must,
 }
 
 /// One result row of a simple query: text values by column.
@@ -239,13 +272,35 @@ impl std::fmt::Debug for ReplicationConnection {
 
 impl ReplicationConnection {
     /// Connects, starts a logical walsender session (`replication=database`) and
-    /// authenticates, all within the connect timeout (zero means none).
+    /// authenticates, each attempt within the connect timeout (zero means none). TLS follows
+    /// `sslmode` as [`ConnInfo::connect_raw`] describes.
     pub async fn connect(info: &ConnInfo) -> Result<Self> {
+        use crate::tls::SslMode;
+        if !info.is_tcp() {
+            return Self::connect_bounded(info, Tls::Off).await;
+        }
+        match info.tls().mode() {
+            SslMode::Disable => Self::connect_bounded(info, Tls::Off).await,
+            SslMode::Allow => match Self::connect_bounded(info, Tls::Off).await {
+                Err(ReplicationError::Server(_)) => Self::connect_bounded(info, Tls::Must).await,
+                r => r,
+            },
+            SslMode::Prefer => match Self::connect_bounded(info, Tls::Try).await {
+                Err(ReplicationError::Tls { .. }) => Self::connect_bounded(info, Tls::Off).await,
+                r => r,
+            },
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                Self::connect_bounded(info, Tls::Must).await
+            }
+        }
+    }
+
+    async fn connect_bounded(info: &ConnInfo, tls: Tls) -> Result<Self> {
         let timeout = info.connect_timeout();
         if timeout.is_zero() {
-            return Self::connect_inner(info).await;
+            return Self::connect_inner(info, tls).await;
         }
-        match tokio::time::timeout(timeout, Self::connect_inner(info)).await {
+        match tokio::time::timeout(timeout, Self::connect_inner(info, tls)).await {
             Ok(r) => r,
             Err(_) => Err(ReplicationError::Timeout {
                 target: info.redacted(),
@@ -254,7 +309,7 @@ impl ReplicationConnection {
         }
     }
 
-    async fn connect_inner(info: &ConnInfo) -> Result<Self> {
+    async fn connect_inner(info: &ConnInfo, tls: Tls) -> Result<Self> {
         let target = info.redacted();
         let connect_err = |source| ReplicationError::Connect {
             target: target.clone(),
@@ -266,7 +321,7 @@ impl ReplicationConnection {
                     .await
                     .map_err(connect_err)?;
                 s.set_nodelay(true).map_err(connect_err)?;
-                Socket::Tcp(s)
+                Self::negotiate_tls(info, host, s, tls).await?
             }
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", info.port()));
@@ -301,6 +356,49 @@ impl ReplicationConnection {
         conn.authenticate(info).await?;
         conn.wait_ready("during startup").await?;
         Ok(conn)
+    }
+
+    /// SSLRequest, then the handshake if the server agrees.
+    async fn negotiate_tls(
+        info: &ConnInfo,
+        host: &str,
+        mut s: TcpStream,
+        tls: Tls,
+    ) -> Result<Socket> {
+        if tls == Tls::Off {
+            return Ok(Socket::Tcp(s));
+        }
+        let mut req = BytesMut::with_capacity(8);
+        frontend::ssl_request(&mut req);
+        s.write_all(&req).await?;
+        let mut answer = [0u8];
+        s.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {}
+            b'N' if tls == Tls::Try => return Ok(Socket::Tcp(s)),
+            b'N' => {
+                return Err(ReplicationError::TlsRefused {
+                    target: info.redacted(),
+                    mode: info.tls().mode().as_str(),
+                });
+            }
+            other => {
+                return Err(ReplicationError::UnexpectedResult {
+                    command: "SSLRequest",
+                    detail: format!("answer byte {other:#04x}, expected 'S' or 'N'"),
+                });
+            }
+        }
+        let stream = info
+            .tls()
+            .connector()
+            .handshake(host, s)
+            .await
+            .map_err(|source| ReplicationError::Tls {
+                target: info.redacted(),
+                source,
+            })?;
+        Ok(Socket::Tls(stream))
     }
 
     async fn authenticate(&mut self, info: &ConnInfo) -> Result<()> {

@@ -75,6 +75,23 @@ pub struct ClusterOptions {
     pub settings: Vec<(String, String)>,
     /// Seconds to wait for the server to accept connections. Default: 60.
     pub start_timeout_secs: u64,
+    /// Serve TLS (`ssl = on`) with these PEM files. Default: none (plain text only).
+    pub tls: Option<ServerTls>,
+}
+
+/// A server certificate and key, and optionally the CA that client certificates must be
+/// signed by (`ssl_ca_file`, for `hostssl … cert` lines), all PEM. Tests generate them.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerTls(..)")
+    }
 }
 
 impl Default for ClusterOptions {
@@ -82,6 +99,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             settings: Vec::new(),
             start_timeout_secs: 60,
+            tls: None,
         }
     }
 }
@@ -90,6 +108,12 @@ impl ClusterOptions {
     /// Adds one `postgresql.conf` setting.
     pub fn setting(mut self, name: &str, value: &str) -> Self {
         self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Serves TLS with `tls`.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -342,6 +366,26 @@ impl Cluster {
         ];
         for (k, v) in defaults.iter() {
             conf.push_str(&format!("{k} = {v}\n"));
+        }
+        if let Some(tls) = &opts.tls {
+            let mut files = vec![
+                ("ssl_cert_file", "server.crt", &tls.cert_pem),
+                ("ssl_key_file", "server.key", &tls.key_pem),
+            ];
+            if let Some(ca) = &tls.client_ca_pem {
+                files.push(("ssl_ca_file", "client-ca.crt", ca));
+            }
+            conf.push_str("ssl = on\n");
+            for (setting, name, pem) in files {
+                let path = data.join(name);
+                fs::write(&path, pem).map_err(io_err(&path))?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(io_err(&path))?;
+                if let Some(who) = run_as {
+                    chown_recursive(&path, who)?;
+                }
+                conf.push_str(&format!("{setting} = '{name}'\n"));
+            }
         }
         for (k, v) in &opts.settings {
             conf.push_str(&format!("{k} = {v}\n"));
