@@ -19,7 +19,9 @@ async fn both_transports_measure_both_tools_with_walshift_receive_figures() {
         transports: Transport::parse_list("both").expect("valid"),
     };
     let report = bench
-        .run(Path::new(env!("CARGO_BIN_EXE_walshift")), |l| eprintln!("{l}"))
+        .run(Path::new(env!("CARGO_BIN_EXE_walshift")), |l| {
+            eprintln!("{l}")
+        })
         .await
         .expect("bench ran");
     assert_eq!(report.transports.len(), 2);
@@ -30,8 +32,14 @@ async fn both_transports_measure_both_tools_with_walshift_receive_figures() {
             .filter(|t| t.transport == transport)
             .collect();
         assert_eq!(runs.len(), 2, "{transport}: one run per tool");
-        let ours = runs.iter().find(|t| t.tool == "walshift").expect("walshift");
-        let theirs = runs.iter().find(|t| t.tool == "pg_recvlogical").expect("recv");
+        let ours = runs
+            .iter()
+            .find(|t| t.tool == "walshift")
+            .expect("walshift");
+        let theirs = runs
+            .iter()
+            .find(|t| t.tool == "pg_recvlogical")
+            .expect("recv");
         assert!(ours.reads_per_sec.is_some_and(|r| r > 0.0), "{ours:?}");
         assert!(ours.bytes_per_read.is_some_and(|b| b > 0.0), "{ours:?}");
         assert!(ours.fsyncs_per_sec.is_some_and(|f| f > 0.0), "{ours:?}");
@@ -47,5 +55,8 @@ async fn both_transports_measure_both_tools_with_walshift_receive_figures() {
         assert!(summary.ratio_median > 0.0);
     }
     let text = report.to_string();
-    assert!(text.contains("| unix |") && text.contains("| tcp |"), "{text}");
+    assert!(
+        text.contains("| unix |") && text.contains("| tcp |"),
+        "{text}"
+    );
 }

@@ -294,9 +294,7 @@ impl Timing {
         if let (Some(r), Some(b), Some(f)) =
             (self.reads_per_sec, self.bytes_per_read, self.fsyncs_per_sec)
         {
-            line.push_str(&format!(
-                "  {r:.0} reads/s, {b:.0} B/read, {f:.1} fsyncs/s"
-            ));
+            line.push_str(&format!("  {r:.0} reads/s, {b:.0} B/read, {f:.1} fsyncs/s"));
         }
         line
     }
