@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Captured, capture_until_now};
+use common::{Captured, capture_until_now, capture_until_now_report};
 use walshift::source::pgoutput::{LogicalMessage, OldTuple, TupleValue};
 use walshift::testkit::{Cluster, ClusterOptions};
 
@@ -233,4 +233,33 @@ async fn a_200k_row_transaction_is_captured_whole() {
         })
         .collect();
     assert_eq!(ids, (1..=200_000).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_counts_socket_reads_and_fsyncs() {
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    cluster
+        .execute("postgres", "CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    capture_until_now_report(&cluster, dir.path()).await;
+    cluster
+        .execute(
+            "postgres",
+            "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+    let report = capture_until_now_report(&cluster, dir.path()).await;
+    assert_eq!(report.changes, 20_000);
+    // Wire framing comes on top of the pgoutput bytes.
+    assert!(
+        report.socket_read_bytes > report.bytes,
+        "{} socket bytes for {} pgoutput bytes",
+        report.socket_read_bytes,
+        report.bytes
+    );
+    assert!(report.socket_reads >= 1 && report.socket_reads <= report.socket_read_bytes);
+    assert!(report.fsyncs >= 1, "the transaction was fsynced");
 }

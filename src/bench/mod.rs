@@ -35,6 +35,8 @@ pub enum BenchError {
 pub(crate) struct ChildRun {
     pub wall: Duration,
     pub cpu: Duration,
+    pub user: Duration,
+    pub system: Duration,
     pub max_rss_bytes: u64,
     pub stdout: String,
 }
@@ -78,6 +80,8 @@ pub(crate) fn timed(tool: &str, mut cmd: Command) -> Result<ChildRun, BenchError
     Ok(ChildRun {
         wall,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        user: tv(usage.ru_utime),
+        system: tv(usage.ru_stime),
         // Linux reports kilobytes.
         max_rss_bytes: usage.ru_maxrss.max(0) as u64 * 1024,
         stdout,

@@ -428,6 +428,8 @@ impl ReplayBench {
             .arg("--buffer")
             .arg(&buffer)
             .arg("--slot=walshift")
+            // Created above, before the workload, so the buffer takes it over.
+            .arg("--adopt-slot")
             .arg("--publication=walshift")
             .arg(format!("--until-lsn={end_lsn}"))
             .arg("--no-progress")

@@ -62,6 +62,8 @@ pub struct BufferWriter {
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     inflight: usize,
+    /// fdatasync/fsync calls the sync thread completed.
+    syncs: u64,
     spare: Vec<Vec<u8>>,
     failed: Option<Arc<BufferError>>,
     thread: Option<JoinHandle<()>>,
@@ -82,6 +84,7 @@ enum Done {
     Synced {
         commit: Option<CommitInfo>,
         bufs: Vec<Vec<u8>>,
+        syncs: u64,
     },
     Failed(BufferError),
 }
@@ -139,6 +142,7 @@ impl BufferWriter {
             jobs: Some(jobs_tx),
             done: done_rx,
             inflight: 0,
+            syncs: 0,
             spare: Vec::new(),
             failed: None,
             thread: Some(thread),
@@ -317,6 +321,12 @@ impl BufferWriter {
         self.durable.map(|c| c.end_lsn).unwrap_or(Lsn::ZERO)
     }
 
+    /// fdatasync and directory fsync calls completed since the writer opened (as of the last
+    /// `flush` / `poll` / `submit`).
+    pub fn syncs(&self) -> u64 {
+        self.syncs
+    }
+
     /// The last commit known to be fsynced.
     pub fn durable_commit(&self) -> Option<CommitInfo> {
         self.durable
@@ -379,7 +389,12 @@ impl BufferWriter {
     fn handle_done(&mut self, d: Done) -> Result<()> {
         self.inflight -= 1;
         match d {
-            Done::Synced { commit, bufs } => {
+            Done::Synced {
+                commit,
+                bufs,
+                syncs,
+            } => {
+                self.syncs += syncs;
                 if commit.is_some() {
                     self.durable = commit;
                 }
@@ -500,9 +515,10 @@ fn sync_thread(fs: Arc<dyn FileSystem>, dir: PathBuf, jobs: Receiver<Job>, done:
         }
         let result = write_job(fs.as_ref(), &dir, &mut file, &job);
         let msg = match result {
-            Ok(()) => Done::Synced {
+            Ok(syncs) => Done::Synced {
                 commit: job.commit,
                 bufs: job.chunks.into_iter().map(|c| c.data).collect(),
+                syncs,
             },
             Err(e) => {
                 failed = true;
@@ -521,8 +537,9 @@ fn write_job(
     dir: &Path,
     file: &mut Option<(u64, Box<dyn WritableFile>)>,
     job: &Job,
-) -> Result<()> {
+) -> Result<u64> {
     let mut created = false;
+    let mut syncs = 0;
     for chunk in &job.chunks {
         let path = segment_path(dir, chunk.seq);
         if file.as_ref().map(|(s, _)| *s) != Some(chunk.seq) {
@@ -530,6 +547,7 @@ fn write_job(
                 // A segment is complete on disk before its successor exists.
                 f.sync_data()
                     .map_err(|e| BufferError::io("fdatasync", segment_path(dir, seq), e))?;
+                syncs += 1;
             }
             let f = if chunk.create {
                 created = true;
@@ -548,10 +566,12 @@ fn write_job(
     if let Some((seq, f)) = file.as_mut() {
         f.sync_data()
             .map_err(|e| BufferError::io("fdatasync", segment_path(dir, *seq), e))?;
+        syncs += 1;
     }
     if created {
         fs.sync_dir(dir)
             .map_err(|e| BufferError::io("fsync directory", dir, e))?;
+        syncs += 1;
     }
-    Ok(())
+    Ok(syncs)
 }

@@ -111,14 +111,21 @@ pub enum BenchSub {
     Capture {
         #[command(flatten)]
         workload: WorkloadArgs,
-        /// Measured runs per tool.
+        /// Measured runs per tool and transport.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// How both tools reach the server: unix (its socket), tcp (127.0.0.1) or both.
+        #[arg(long, default_value = "both", value_parser = |s: &str| crate::bench::capture::Transport::parse_list(s).map(Transports))]
+        transport: Transports,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
 }
+
+/// `--transport`: one transport, or both.
+#[derive(Clone, Debug)]
+pub struct Transports(Vec<crate::bench::capture::Transport>);
 
 impl FromArgMatches for BenchCommand {
     fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
@@ -177,11 +184,13 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
         Some(BenchSub::Capture {
             workload,
             runs,
+            transport,
             json,
         }) => {
             let bench = CaptureBench {
                 workload: workload.workload(),
                 runs: runs.max(1),
+                transports: transport.0,
             };
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if json {

@@ -34,8 +34,9 @@ pub struct CaptureArgs {
     #[arg(long, default_value_t = 20)]
     flush_ms: u64,
     /// After a read that brought only a few messages, pause this many microseconds so the
-    /// socket fills (fewer, larger reads; 0 = off).
-    #[arg(long, default_value_t = 1000)]
+    /// socket fills (fewer, larger reads; 0 = off). Keep it under a millisecond: a Unix
+    /// socket fills in well under that and a full socket stalls the source's walsender.
+    #[arg(long, default_value_t = 200)]
     read_coalesce_us: u64,
     /// Segment size in MiB for a new buffer.
     #[arg(long, default_value_t = 64)]

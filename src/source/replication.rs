@@ -256,6 +256,9 @@ pub struct ReplicationConnection {
     socket: Socket,
     read_buf: BytesMut,
     write_buf: BytesMut,
+    /// Socket reads that returned data, and the bytes they brought.
+    reads: u64,
+    read_bytes: u64,
     parameters: HashMap<String, String>,
     process_id: i32,
     target: String,
@@ -332,6 +335,8 @@ impl ReplicationConnection {
             socket,
             read_buf: BytesMut::with_capacity(READ_BUFFER_RESERVE),
             write_buf: BytesMut::with_capacity(1024),
+            reads: 0,
+            read_bytes: 0,
             parameters: HashMap::new(),
             process_id: 0,
             target,
@@ -553,9 +558,12 @@ impl ReplicationConnection {
         if self.read_buf.capacity() - self.read_buf.len() < MIN_READ {
             self.read_buf.reserve(READ_BUFFER_RESERVE);
         }
-        if self.socket.read_buf(&mut self.read_buf).await? == 0 {
+        let n = self.socket.read_buf(&mut self.read_buf).await?;
+        if n == 0 {
             return Err(ReplicationError::Closed);
         }
+        self.reads += 1;
+        self.read_bytes += n as u64;
         Ok(())
     }
 
@@ -871,6 +879,11 @@ impl ReplicationStream {
     /// Why the stream ended, once [`Self::next`] returned `None`; a generic reason before.
     pub fn end_reason(&self) -> &'static str {
         self.end.unwrap_or("the stream ended without a reason")
+    }
+
+    /// Socket reads that brought data since the connection opened, and their bytes in total.
+    pub fn read_stats(&self) -> (u64, u64) {
+        (self.conn.reads, self.conn.read_bytes)
     }
 
     /// The highest server end-of-WAL seen in XLogData or keepalives.
