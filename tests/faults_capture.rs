@@ -630,3 +630,32 @@ async fn interrupted_clones_are_redone_and_only_this_buffers() {
     let state = clone::clone_state(&conn("d")).await.unwrap().unwrap();
     assert_eq!(state.status, CloneStatus::Done);
 }
+
+/// Issue 13, item 10: an invalid `--slot` name is refused before anything is created (it used
+/// to leave the publication behind on the source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_slot_name_creates_nothing() {
+    let cluster = setup().await;
+    let dir = tempfile::tempdir().unwrap();
+    let err = capture_now(&cluster, &dir.path().join("buf"), |c| {
+        c.slot = "Bad-Name".into()
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, CaptureError::InvalidSlotName { .. }), "{err}");
+    assert!(err.to_string().contains("nothing was created"), "{err}");
+    let client = cluster.connect("postgres").await.unwrap();
+    let created: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_replication_slots)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 0, "a publication or slot was left behind");
+    assert!(
+        !dir.path().join("buf").exists(),
+        "the buffer directory was created"
+    );
+}

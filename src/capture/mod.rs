@@ -137,6 +137,12 @@ pub enum CaptureError {
     #[error(transparent)]
     Preflight(#[from] PreflightError),
 
+    #[error(
+        "{slot:?} is not a replication slot name: use 1–63 lower-case letters, digits and \
+         underscores (--slot); nothing was created"
+    )]
+    InvalidSlotName { slot: String },
+
     #[error("replication connection to the source failed")]
     Replication(#[from] ReplicationError),
 
@@ -355,7 +361,18 @@ pub async fn prepare(
     config: &CaptureConfig,
     existing: Option<(&BufferMeta, Lsn)>,
 ) -> Result<PreparedSource, CaptureError> {
+    check_slot_name(config)?;
     prepare_inner(config, existing, false).await
+}
+
+fn check_slot_name(config: &CaptureConfig) -> Result<(), CaptureError> {
+    if crate::source::valid_slot_name(&config.slot) {
+        Ok(())
+    } else {
+        Err(CaptureError::InvalidSlotName {
+            slot: config.slot.clone(),
+        })
+    }
 }
 
 /// File a new buffer directory gets just before capture creates its slot (`{"system_identifier",
@@ -731,6 +748,7 @@ pub async fn run(
     config: CaptureConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
+    check_slot_name(&config)?;
     let (writer, recovery) = BufferWriter::open(&config.buffer_dir, config.buffer.clone())?;
     if !recovery.is_clean() {
         tracing::warn!("buffer recovery: {recovery:?}");

@@ -230,7 +230,7 @@ impl CutoverConfig {
                 return bad(flag, &format!("must be more than 0 ({why})"));
             }
         }
-        if !valid_slot_name(&self.slot) {
+        if !crate::source::valid_slot_name(&self.slot) {
             return bad(
                 "--slot",
                 &format!(
@@ -623,14 +623,6 @@ impl Ctx<'_> {
             .map(|s| self.config.max_window.saturating_sub(s.elapsed()))
             .unwrap_or(self.config.max_window)
     }
-}
-
-/// PostgreSQL's rule for replication slot names.
-fn valid_slot_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A fresh cutover id: `cutover-<unix seconds>-<pid>`.

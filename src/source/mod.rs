@@ -7,3 +7,13 @@ pub mod pgoutput;
 pub mod preflight;
 pub mod protocol;
 pub mod replication;
+
+/// PostgreSQL's rule for replication slot names: 1–63 lower-case letters, digits and
+/// underscores. Checked before anything is created, so a bad name never leaves a publication
+/// behind.
+pub fn valid_slot_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
