@@ -608,10 +608,11 @@ where
     type TlsConnect = Connector;
     type Error = TlsError;
 
+    /// tokio-postgres asks for a connector for every host before it looks at `sslmode`,
+    /// Unix sockets (host `""`) included: an unusable name is an error only if a handshake is
+    /// actually attempted.
     fn make_tls_connect(&mut self, domain: &str) -> std::result::Result<Connector, TlsError> {
-        let name = ServerName::try_from(domain.to_owned()).map_err(|_| TlsError::ServerName {
-            host: domain.to_owned(),
-        })?;
+        let name = ServerName::try_from(domain.to_owned()).ok();
         Ok(Connector {
             config: self.config.clone(),
             roots: self.roots.clone(),
@@ -626,7 +627,8 @@ pub struct Connector {
     config: Arc<ClientConfig>,
     roots: Option<RootCert>,
     host: String,
-    name: ServerName<'static>,
+    /// `None` when the host is no usable TLS name (refused at the handshake).
+    name: Option<ServerName<'static>>,
 }
 
 impl<S> TlsConnect<S> for Connector
@@ -639,8 +641,11 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            let name = self.name.ok_or_else(|| TlsError::ServerName {
+                host: self.host.clone(),
+            })?;
             tokio_rustls::TlsConnector::from(self.config)
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await
                 .map(|s| TlsStream(Box::new(s)))
                 .map_err(|e| TlsError::handshake(&self.host, self.roots.as_ref(), e))
