@@ -67,15 +67,7 @@ impl BufferMeta {
 
     /// Reads `dir/buffer.json`; `None` if there is none.
     pub fn read(dir: &Path) -> Result<Option<BufferMeta>> {
-        let path = Self::path(dir);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(BufferError::io("read", &path, e)),
-        };
-        serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|source| BufferError::Meta { path, source })
+        read_json(&Self::path(dir))
     }
 
     /// Writes `dir/buffer.json` atomically (temp file, fsync, rename, directory fsync).
@@ -84,14 +76,7 @@ impl BufferMeta {
     }
 
     pub fn write_with(&self, dir: &Path, fs: &dyn FileSystem) -> Result<()> {
-        let path = Self::path(dir);
-        let mut data = serde_json::to_vec_pretty(self).map_err(|source| BufferError::Meta {
-            path: path.clone(),
-            source,
-        })?;
-        data.push(b'\n');
-        fs.write_atomic(&path, &data)
-            .map_err(|e| BufferError::io("write", &path, e))
+        write_json(&Self::path(dir), self, fs)
     }
 
     /// Errors unless `found` describes the same source (system identifier, database, slot,
@@ -179,6 +164,33 @@ pub(crate) fn rfc3339_utc(t: std::time::SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Reads one of the buffer's JSON records; `None` if the file does not exist.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(BufferError::io("read", path, e)),
+    };
+    serde_json::from_slice(&data)
+        .map(Some)
+        .map_err(|source| BufferError::Meta {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Writes one of the buffer's JSON records atomically and durably (temp file, fsync, rename,
+/// directory fsync).
+pub(super) fn write_json<T: Serialize>(path: &Path, value: &T, fs: &dyn FileSystem) -> Result<()> {
+    let mut data = serde_json::to_vec_pretty(value).map_err(|source| BufferError::Meta {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    data.push(b'\n');
+    fs.write_atomic(path, &data)
+        .map_err(|e| BufferError::io("write", path, e))
 }
 
 #[cfg(test)]

@@ -38,15 +38,7 @@ impl SlotProgress {
     /// Reads `dir/confirmed.json`; `None` if there is none (a buffer from before it existed,
     /// or one that never confirmed anything).
     pub fn read(dir: &Path) -> Result<Option<SlotProgress>> {
-        let path = Self::path(dir);
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(BufferError::io("read", &path, e)),
-        };
-        serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|source| BufferError::Meta { path, source })
+        super::meta::read_json(&Self::path(dir))
     }
 
     /// Writes it atomically and durably (temp file, fsync, rename, directory fsync).
@@ -55,14 +47,7 @@ impl SlotProgress {
     }
 
     pub fn write_with(&self, dir: &Path, fs: &dyn FileSystem) -> Result<()> {
-        let path = Self::path(dir);
-        let mut data = serde_json::to_vec_pretty(self).map_err(|source| BufferError::Meta {
-            path: path.clone(),
-            source,
-        })?;
-        data.push(b'\n');
-        fs.write_atomic(&path, &data)
-            .map_err(|e| BufferError::io("write", &path, e))
+        super::meta::write_json(&Self::path(dir), self, fs)
     }
 
     /// Errors with [`BufferError::BehindConfirmed`] when the buffer, ending at `buffer_end`
