@@ -106,7 +106,8 @@ pub enum IdentityError {
          for this buffer ({buffer}){found}. Replaying a buffer into a database that does not hold \
          the source's rows as of the slot's snapshot corrupts it silently. Clone it with \
          `walshift capture --clone-to`; if you loaded it yourself exactly as of the slot's \
-         consistent point (and vouch for that), pass --target-not-cloned-by-walshift"
+         consistent point (and vouch for that), pass --target-not-cloned-by-walshift to `walshift \
+         replay` (cutover accepts a target replay has already written to)"
     )]
     NotCloned {
         action: &'static str,
