@@ -1,6 +1,14 @@
-//! The library's error type. Each module owns a typed error for its own failures; this enum
-//! carries them (as sources, not flattened into strings) to the command line, which adds the
-//! operator-facing context.
+//! The crate-wide error pieces.
+//!
+//! Each module owns a typed error enum for its own failures (what went wrong there, in the
+//! operator's terms, with the fix). Two things are shared instead of restated per module:
+//! - [`SqlError`]: one of walshift's own SQL statements failed. It carries what walshift was
+//!   doing (`context`) and the driver's error as its `source`, never formatted into the
+//!   message: the command line prints the chain once (`cli::render_error`), and callers can
+//!   still ask for the SQLSTATE ([`SqlError::code`]). A module's enum holds it as
+//!   `#[error(transparent)] Sql(#[from] SqlError)`, and call sites write
+//!   `.sql_context("reading the slot")?` ([`SqlContext`]).
+//! - [`Error`]: what the library's cross-module entry points return.
 
 use std::path::PathBuf;
 
@@ -13,12 +21,8 @@ pub enum Error {
     Config(String),
 
     /// A regular (non-replication) SQL session failed.
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 
     /// A connection attempt (TCP connect, startup, authentication) did not finish in time.
     #[error(
@@ -43,7 +47,63 @@ pub enum Error {
 
     /// Throwaway test clusters.
     #[error(transparent)]
-    Testkit(#[from] crate::testkit::TestkitError),
+    LocalPg(#[from] crate::localpg::LocalPgError),
+}
+
+/// One of walshift's own SQL statements failed: what walshift was doing, and the driver's
+/// error (with the server's message, detail and hint) as the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}")]
+pub struct SqlError {
+    /// What walshift was doing, in the operator's terms ("reading the slot's position").
+    pub context: String,
+    /// The driver's error; for a server error its source is the `DbError`.
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl SqlError {
+    /// Wraps a driver error with what walshift was doing.
+    pub fn new(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
+        SqlError {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The server's SQLSTATE, when the server reported the error.
+    pub fn code(&self) -> Option<&tokio_postgres::error::SqlState> {
+        self.source.code()
+    }
+
+    /// The server's error, when the server reported one.
+    pub fn as_db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        self.source.as_db_error()
+    }
+}
+
+/// `.sql_context("…")` on a driver result: the one way a SQL failure gets its context.
+pub trait SqlContext<T> {
+    /// Wraps the error with what walshift was doing.
+    fn sql_context(self, context: impl Into<String>) -> std::result::Result<T, SqlError>;
+    /// As [`SqlContext::sql_context`], the context built only on failure.
+    fn with_sql_context<C: Into<String>>(
+        self,
+        context: impl FnOnce() -> C,
+    ) -> std::result::Result<T, SqlError>;
+}
+
+impl<T> SqlContext<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn sql_context(self, context: impl Into<String>) -> std::result::Result<T, SqlError> {
+        self.map_err(|e| SqlError::new(context, e))
+    }
+
+    fn with_sql_context<C: Into<String>>(
+        self,
+        context: impl FnOnce() -> C,
+    ) -> std::result::Result<T, SqlError> {
+        self.map_err(|e| SqlError::new(context(), e))
+    }
 }
 
 /// Result alias for the library.
@@ -52,10 +112,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wraps a `tokio_postgres` error with what walshift was doing.
     pub fn sql(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
-        Error::Sql {
-            context: context.into(),
-            source,
-        }
+        Error::Sql(SqlError::new(context, source))
     }
 
     /// Wraps an I/O error with the path it concerned.

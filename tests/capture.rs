@@ -4,8 +4,8 @@
 mod common;
 
 use common::{Captured, capture_until_now, capture_until_now_report};
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::source::pgoutput::{LogicalMessage, OldTuple, TupleValue};
-use walshift::testkit::{Cluster, ClusterOptions};
 
 fn text(v: &TupleValue) -> Option<String> {
     match v {

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::source::pgoutput::{LogicalMessage, TupleValue};
-use walshift::testkit::{Cluster, ClusterOptions};
 
 const ROWS_PER_TXN: i64 = 3;
 

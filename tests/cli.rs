@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 fn walshift(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_walshift"))

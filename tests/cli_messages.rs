@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 fn walshift(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_walshift"))

@@ -131,7 +131,7 @@ fn leaks(dump: &str, needle: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_and_clone_programs_do_not_inherit_the_handed_over_arguments() {
     use std::os::unix::fs::{PermissionsExt, symlink};
-    use walshift::testkit::{Binaries, Cluster, ClusterOptions};
+    use walshift::localpg::{Binaries, Cluster, ClusterOptions};
 
     const PW: &str = "Pw-s3cret-42";
     let (a, b) = (

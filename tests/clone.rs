@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use walshift::clone::{self, CloneError, CloneOptions, CloneStatus};
 use walshift::conn::ConnInfo;
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::source::preflight::TableRef;
 use walshift::source::replication::{ReplicationConnection, SlotOptions, SnapshotAction};
-use walshift::testkit::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

@@ -13,7 +13,7 @@ use walshift::apply::replay::{self, ReplayConfig};
 use walshift::capture::{self, CaptureConfig};
 use walshift::clone::CloneOptions;
 use walshift::conn::ConnInfo;
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
     CREATE TYPE status AS ENUM ('new', 'paid', 'shipped');

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use walshift::testkit::{Binaries, Cluster, ClusterOptions};
+use walshift::localpg::{Binaries, Cluster, ClusterOptions};
 
 /// Kills of a streaming capture.
 const CAPTURE_KILLS: usize = 36;

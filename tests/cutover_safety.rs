@@ -18,7 +18,7 @@ use walshift::clone::CloneOptions;
 use walshift::conn::ConnInfo;
 
 use walshift::cutover::{self, CutoverConfig, CutoverError, Outcome};
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigserial PRIMARY KEY, owner text NOT NULL, balance bigint NOT NULL DEFAULT 0);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use walshift::buffer::{BufferError, SlotProgress};
 use walshift::capture::{self, CaptureConfig, CaptureError, CaptureReport};
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 async fn setup() -> Cluster {
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();

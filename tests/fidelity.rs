@@ -7,7 +7,7 @@ mod common;
 
 use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport, TargetOrigin};
 use walshift::conn::ConnInfo;
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::transform::Mapping;
 
 use std::sync::Arc;

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use walshift::conn::ConnInfo;
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::rehearse::record::{ExpectMode, RecordOptions};
 use walshift::rehearse::{
     self, ExpectFrom, Fixture, RehearseError, RehearseOptions, RehearseReport, Scratch,
 };
-use walshift::testkit::{Cluster, ClusterOptions};
 
 const SHIPPED: [&str; 3] = ["shop-release", "pgbench", "toast-bigtxn"];
 

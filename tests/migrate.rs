@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use walshift::conn::ConnInfo;
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::migrate::{self, MigrateError, MigrateOptions, MigrateReport, ScriptStatus};
-use walshift::testkit::{Cluster, ClusterOptions};
 
 fn write(dir: &Path, name: &str, sql: &str) -> PathBuf {
     let p = dir.join(name);

@@ -9,7 +9,7 @@ use walshift::apply::replay::{self, ReplayConfig, ReplayReport, TargetOrigin};
 use walshift::apply::target;
 use walshift::buffer::BufferMeta;
 use walshift::conn::ConnInfo;
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint, email text UNIQUE);

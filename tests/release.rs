@@ -16,9 +16,9 @@ use walshift::buffer::BufferReader;
 use walshift::capture::{self, CaptureConfig};
 use walshift::clone::{self, CloneOptions, CloneStatus};
 use walshift::conn::ConnInfo;
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::lsn::Lsn;
 use walshift::migrate::{self, MigrateOptions};
-use walshift::testkit::{Cluster, ClusterOptions};
 use walshift::transform::Mapping;
 use walshift::verify::{self, VerifyOptions};
 

@@ -5,7 +5,7 @@ mod common;
 
 use walshift::apply::replay::{self, ReplayConfig, TargetOrigin};
 use walshift::conn::ConnInfo;
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint, note text, tags text[]);

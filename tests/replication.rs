@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use walshift::Lsn;
 use walshift::conn::{ConnInfo, Env};
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::source::replication::{
     ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream, SlotOptions,
     SnapshotAction, StandbyStatus, publication_names,
 };
-use walshift::testkit::{Cluster, ClusterOptions};
 
 /// No `PG*` variables, no pgpass: what the test's connection string says is all there is.
 struct NoEnv;

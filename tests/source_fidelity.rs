@@ -10,9 +10,9 @@ use walshift::apply::replay::{self, ReplayConfig};
 use walshift::capture::{self, CaptureConfig, CaptureError, CaptureReport};
 use walshift::clone::{self, CloneError, CloneOptions, CloneStatus};
 use walshift::conn::ConnInfo;
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::source::preflight::{PreflightError, TableRef};
 use walshift::source::replication::{ReplicationConnection, SlotOptions, SnapshotAction};
-use walshift::testkit::{Cluster, ClusterOptions};
 
 fn conn(c: &Cluster) -> ConnInfo {
     ConnInfo::parse(&c.conn_string("postgres")).unwrap()

@@ -11,8 +11,8 @@ use walshift::apply::replay::{self, ReplayConfig};
 use walshift::capture::{self, CaptureConfig};
 use walshift::clone::CloneOptions;
 use walshift::conn::ConnInfo;
+use walshift::localpg::{Cluster, ClusterOptions, ServerTls};
 use walshift::source::replication::ReplicationConnection;
-use walshift::testkit::{Cluster, ClusterOptions, ServerTls};
 
 struct Ca {
     cert: rcgen::Certificate,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use walshift::apply::replay::{self, ReplayConfig, ReplayError, TargetOrigin};
 use walshift::conn::ConnInfo;
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::transform::Mapping;
 
 const SOURCE: &str = "

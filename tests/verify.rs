@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, DifferenceKind, KeyDifference, VerifyOptions};
 

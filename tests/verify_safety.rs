@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, VerifyError, VerifyOptions};
 

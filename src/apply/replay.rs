@@ -79,6 +79,13 @@ pub struct ReplayConfig {
     pub target_origin: TargetOrigin,
 }
 
+/// [`ReplayConfig::batch_rows`]'s default.
+pub const DEFAULT_BATCH_ROWS: usize = 50_000;
+/// [`ReplayConfig::batch_time`]'s default.
+pub const DEFAULT_BATCH_TIME: Duration = Duration::from_millis(200);
+/// [`ReplayConfig::apply_connections`]'s default.
+pub const DEFAULT_APPLY_CONNECTIONS: usize = 2;
+
 impl ReplayConfig {
     /// Defaults for everything but the buffer and the target.
     pub fn new(buffer_dir: impl Into<PathBuf>, target: ConnInfo) -> Self {
@@ -87,11 +94,11 @@ impl ReplayConfig {
             target,
             follow: false,
             until_lsn: None,
-            batch_rows: 50_000,
-            batch_time: Duration::from_millis(200),
+            batch_rows: DEFAULT_BATCH_ROWS,
+            batch_time: DEFAULT_BATCH_TIME,
             progress: false,
             transform: None,
-            apply_connections: 2,
+            apply_connections: DEFAULT_APPLY_CONNECTIONS,
             target_origin: TargetOrigin::default(),
         }
     }

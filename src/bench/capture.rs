@@ -11,8 +11,8 @@ use std::process::Command;
 
 use super::workload::{self, Workload};
 use super::{BenchError, dir_size, timed};
+use crate::localpg::{Cluster, ClusterOptions};
 use crate::lsn::Lsn;
-use crate::testkit::{Cluster, ClusterOptions};
 
 /// How both tools reach the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

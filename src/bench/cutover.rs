@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::BenchError;
 use crate::conn::ConnInfo;
 use crate::cutover::{self, CutoverConfig, Outcome, VerifyMode};
-use crate::testkit::{Cluster, ClusterOptions};
+use crate::localpg::{Cluster, ClusterOptions};
 
 /// What to measure.
 #[derive(Clone, Debug)]

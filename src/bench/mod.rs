@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
-    Testkit(#[from] crate::testkit::TestkitError),
+    LocalPg(#[from] crate::localpg::LocalPgError),
     #[error("SQL failed during the bench: {0}")]
     Sql(#[from] tokio_postgres::Error),
     #[error("{tool} failed ({status}): {stderr}")]

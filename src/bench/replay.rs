@@ -3,7 +3,7 @@
 //!
 //! Procedure (every step is deterministic except the timings):
 //!
-//! 1. Two throwaway clusters from [`crate::testkit`], same settings: a *source* and a *target*,
+//! 1. Two throwaway clusters from [`crate::localpg`], same settings: a *source* and a *target*,
 //!    fsync on, `max_wal_size` 16 GB and `checkpoint_timeout` 1 h so that no checkpoint starts
 //!    on its own during the run, enough WAL senders and slots, `wal_retrieve_retry_interval`
 //!    50 ms (the launcher otherwise waits up to 5 s before starting the second subscription's
@@ -61,8 +61,8 @@ use tokio_postgres::Client;
 
 use super::workload::{self, Workload};
 use super::{BenchError, dir_size, timed};
+use crate::localpg::{Cluster, ClusterOptions};
 use crate::lsn::Lsn;
-use crate::testkit::{Cluster, ClusterOptions};
 
 /// What to measure.
 #[derive(Clone, Debug, Default)]

@@ -106,23 +106,32 @@ pub struct CaptureConfig {
     pub stream_timeout: Option<Duration>,
 }
 
+/// [`CaptureConfig::flush_interval`]'s default.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(20);
+/// [`CaptureConfig::read_coalesce`]'s default.
+pub const DEFAULT_READ_COALESCE: Duration = Duration::from_micros(200);
+/// [`CaptureConfig::status_interval`]'s default.
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// [`CaptureConfig::partition_check_interval`]'s default.
+pub const DEFAULT_PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
 impl CaptureConfig {
     /// Defaults for everything but the source and the buffer directory.
     pub fn new(source: ConnInfo, buffer_dir: impl Into<PathBuf>) -> Self {
         CaptureConfig {
             source,
             buffer_dir: buffer_dir.into(),
-            slot: "walshift".into(),
-            publication: "walshift".into(),
+            slot: crate::source::DEFAULT_SLOT.into(),
+            publication: crate::source::DEFAULT_PUBLICATION.into(),
             tables: None,
             until_lsn: None,
-            flush_interval: Duration::from_millis(20),
-            read_coalesce: Duration::from_micros(200),
-            status_interval: Duration::from_secs(10),
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            read_coalesce: DEFAULT_READ_COALESCE,
+            status_interval: DEFAULT_STATUS_INTERVAL,
             buffer: BufferConfig::default(),
             clone: None,
             progress: false,
-            partition_check_interval: Duration::from_secs(5),
+            partition_check_interval: DEFAULT_PARTITION_CHECK_INTERVAL,
             accept_partition_rewrite: Vec::new(),
             adopt_slot: false,
             stream_timeout: None,

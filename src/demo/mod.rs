@@ -17,8 +17,8 @@ use crate::buffer::BufferReader;
 use crate::capture::{self, CaptureConfig};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
+use crate::localpg::{Cluster, ClusterOptions};
 use crate::lsn::Lsn;
-use crate::testkit::{Cluster, ClusterOptions};
 
 /// Demo settings.
 #[derive(Clone, Debug)]
@@ -54,7 +54,7 @@ pub struct DemoReport {
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(transparent)]
-    Testkit(#[from] crate::testkit::TestkitError),
+    LocalPg(#[from] crate::localpg::LocalPgError),
     #[error(transparent)]
     Capture(#[from] capture::CaptureError),
     #[error(transparent)]

@@ -104,7 +104,7 @@ pub enum RehearseError {
     #[error("checking the target failed")]
     Verify(#[from] VerifyError),
     #[error("cannot start a throwaway PostgreSQL cluster for the scratch target")]
-    Testkit(#[from] crate::testkit::TestkitError),
+    LocalPg(#[from] crate::localpg::LocalPgError),
     #[error(
         "the first replay stopped at {applied} instead of {expected}: the buffer does not line up with \
          the commit list read from it"
@@ -210,18 +210,18 @@ pub struct TableOutcome {
     pub equal: bool,
 }
 
-/// A scratch target: a throwaway testkit cluster or a given database.
+/// A scratch target: a throwaway localpg cluster or a given database.
 pub struct Scratch {
     pub conn: ConnInfo,
-    cluster: Option<crate::testkit::Cluster>,
+    cluster: Option<crate::localpg::Cluster>,
 }
 
 impl Scratch {
     /// A new throwaway cluster (deleted when dropped) with an empty database `dbname`.
     pub async fn throwaway(dbname: &str) -> Result<Scratch, RehearseError> {
         let cluster = tokio::task::spawn_blocking(|| {
-            crate::testkit::Cluster::start(
-                crate::testkit::ClusterOptions::default()
+            crate::localpg::Cluster::start(
+                crate::localpg::ClusterOptions::default()
                     .setting("fsync", "off")
                     .setting("timezone", "UTC"),
             )

@@ -8,6 +8,12 @@ pub mod preflight;
 pub mod protocol;
 pub mod replication;
 
+/// The replication slot walshift creates and reads when none is named (`--slot`).
+pub const DEFAULT_SLOT: &str = "walshift";
+
+/// The publication walshift creates and streams when none is named (`--publication`).
+pub const DEFAULT_PUBLICATION: &str = "walshift";
+
 /// PostgreSQL's rule for replication slot names: 1–63 lower-case letters, digits and
 /// underscores. Checked before anything is created, so a bad name never leaves a publication
 /// behind.

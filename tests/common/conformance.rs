@@ -41,8 +41,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use walshift::localpg::{Binaries, Cluster, ClusterOptions};
 use walshift::sql::{quote_ident, quote_qualified};
-use walshift::testkit::{Binaries, Cluster, ClusterOptions};
 
 const POLL: Duration = Duration::from_millis(50);
 const SLOT: &str = "walshift";
@@ -273,7 +273,7 @@ impl Default for RunOptions {
     }
 }
 
-/// The source server: the testkit cluster, or after `@restart-source` the postmaster this
+/// The source server: the localpg cluster, or after `@restart-source` the postmaster this
 /// harness started on its data directory (stopped first on drop, before the cluster deletes it).
 struct Source {
     cluster: Cluster,

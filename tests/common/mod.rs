@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests: run capture against a testkit cluster and read a
+//! Helpers shared by the integration tests: run capture against a localpg cluster and read a
 //! buffer back as decoded transactions.
 #![allow(dead_code)]
 
@@ -7,9 +7,9 @@ use std::path::Path;
 use walshift::buffer::{BufferReader, TxnEvent};
 use walshift::capture::{self, CaptureConfig, CaptureReport};
 use walshift::conn::ConnInfo;
+use walshift::localpg::Cluster;
 use walshift::lsn::Lsn;
 use walshift::source::pgoutput::{self, LogicalMessage, Relation};
-use walshift::testkit::Cluster;
 
 /// One complete transaction from the buffer, decoded.
 #[derive(Debug)]

@@ -1,4 +1,6 @@
-//! Throwaway local PostgreSQL clusters for tests, the demo and benches.
+//! Throwaway local PostgreSQL clusters for tests, the demo, benches and rehearsals (`rehearse`
+//! loads a fixture into one). Product code, not a test helper: the same harness runs `walshift
+//! demo` on an operator's machine.
 //!
 //! A [`Cluster`] is a fresh `initdb` in a temporary directory, started with
 //! `wal_level=logical`, listening on a free port of 127.0.0.1 and on a socket directory inside
@@ -22,10 +24,10 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Testkit failures. Each says what to do about it.
+/// Failures starting or driving a local throwaway cluster. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TestkitError {
+pub enum LocalPgError {
     /// No PostgreSQL server binaries on this machine.
     #[error(
         "no PostgreSQL server binaries found (looked at `pg_config --bindir` and /usr/lib/postgresql/*/bin); \
@@ -49,7 +51,7 @@ pub enum TestkitError {
         source: std::io::Error,
     },
 
-    /// A SQL statement issued by the testkit failed.
+    /// A SQL statement issued by the localpg failed.
     #[error("{context}: {source}")]
     Sql {
         context: String,
@@ -58,10 +60,10 @@ pub enum TestkitError {
     },
 }
 
-type Result<T> = std::result::Result<T, TestkitError>;
+type Result<T> = std::result::Result<T, LocalPgError>;
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestkitError + '_ {
-    move |source| TestkitError::Io {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {
+    move |source| LocalPgError::Io {
         path: path.to_owned(),
         source,
     }
@@ -151,7 +153,7 @@ impl Binaries {
         candidates
             .pop()
             .map(|(_, bindir)| Binaries { bindir })
-            .ok_or(TestkitError::NoServerBinaries)
+            .ok_or(LocalPgError::NoServerBinaries)
     }
 
     /// Path of one program in the installation.
@@ -185,14 +187,14 @@ fn run_as() -> Result<Option<RunAs>> {
             "postgres",
         ])
         .output()
-        .map_err(|e| TestkitError::Command {
+        .map_err(|e| LocalPgError::Command {
             what: "useradd postgres".into(),
             detail: e.to_string(),
         })?;
     // A concurrent test may have created it first; only the lookup decides.
     lookup_user("postgres")
         .map(Some)
-        .ok_or_else(|| TestkitError::Command {
+        .ok_or_else(|| LocalPgError::Command {
             what: "useradd postgres".into(),
             detail: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
@@ -238,13 +240,13 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
         std::thread::Builder::new()
-            .name("walshift-testkit-spawner".into())
+            .name("walshift-localpg-spawner".into())
             .spawn(move || {
                 for (mut cmd, reply) in rx {
                     let _ = reply.send(cmd.spawn());
                 }
             })
-            .expect("spawn testkit thread");
+            .expect("spawn localpg thread");
         Mutex::new(tx)
     })
 }
@@ -336,12 +338,12 @@ impl Cluster {
         if let Some(who) = run_as {
             initdb.uid(who.uid).gid(who.gid);
         }
-        let out = initdb.output().map_err(|e| TestkitError::Command {
+        let out = initdb.output().map_err(|e| LocalPgError::Command {
             what: "initdb".into(),
             detail: e.to_string(),
         })?;
         if !out.status.success() {
-            return Err(TestkitError::Command {
+            return Err(LocalPgError::Command {
                 what: "initdb".into(),
                 detail: format!(
                     "{}{}",
@@ -351,7 +353,7 @@ impl Cluster {
             });
         }
 
-        let mut conf = String::from("\n# walshift testkit\n");
+        let mut conf = String::from("\n# walshift localpg\n");
         let defaults = [
             ("listen_addresses", "'127.0.0.1'".to_owned()),
             ("unix_socket_directories", format!("'{}'", sock.display())),
@@ -437,7 +439,7 @@ impl Cluster {
         if let Some(who) = self.run_as {
             cmd.uid(who.uid).gid(who.gid);
         }
-        let child = spawn_tied_to_process(cmd).map_err(|e| TestkitError::Command {
+        let child = spawn_tied_to_process(cmd).map_err(|e| LocalPgError::Command {
             what: "starting postgres".into(),
             detail: e.to_string(),
         })?;
@@ -450,7 +452,7 @@ impl Cluster {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                return Err(TestkitError::Command {
+                return Err(LocalPgError::Command {
                     what: "postgres".into(),
                     detail: format!(
                         "exited with {status}; server log:\n{}",
@@ -463,7 +465,7 @@ impl Cluster {
             }
             if Instant::now() > deadline {
                 self.stop();
-                return Err(TestkitError::StartTimeout {
+                return Err(LocalPgError::StartTimeout {
                     port: self.port,
                     secs: opts.start_timeout_secs,
                     log: tail_from(&log_path, log_start),
@@ -545,7 +547,7 @@ impl Cluster {
         let (client, conn) =
             tokio_postgres::connect(&self.conn_string(dbname), tokio_postgres::NoTls)
                 .await
-                .map_err(|source| TestkitError::Sql {
+                .map_err(|source| LocalPgError::Sql {
                     context: format!("connecting to test cluster on port {}", self.port),
                     source,
                 })?;
@@ -561,7 +563,7 @@ impl Cluster {
         client
             .batch_execute(sql)
             .await
-            .map_err(|source| TestkitError::Sql {
+            .map_err(|source| LocalPgError::Sql {
                 context: format!("running {sql:?}"),
                 source,
             })

@@ -1,7 +1,7 @@
 //! The throwaway cluster harness itself: it must start a logical-replication-ready server on
 //! loopback and leave nothing behind.
 
-use walshift::testkit::{Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_starts_ready_for_logical_replication_and_cleans_up() {
