@@ -3,7 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Instant, SystemTime};
 
-use super::StreamState;
+use super::stream::StreamState;
 use crate::source::pgoutput::PgTimestamp;
 
 pub(super) struct Progress {
