@@ -122,8 +122,8 @@ impl CaptureConfig {
         CaptureConfig {
             source,
             buffer_dir: buffer_dir.into(),
-            slot: crate::source::DEFAULT_SLOT.into(),
-            publication: crate::source::DEFAULT_PUBLICATION.into(),
+            slot: crate::source::slot::DEFAULT_SLOT.into(),
+            publication: crate::source::slot::DEFAULT_PUBLICATION.into(),
             tables: None,
             until_lsn: None,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
@@ -224,7 +224,7 @@ pub async fn prepare(
 }
 
 fn check_slot_name(config: &CaptureConfig) -> Result<(), CaptureError> {
-    if crate::source::valid_slot_name(&config.slot) {
+    if crate::source::slot::valid_slot_name(&config.slot) {
         Ok(())
     } else {
         Err(CaptureError::InvalidSlotName {

@@ -230,7 +230,7 @@ impl CutoverConfig {
                 return bad(flag, &format!("must be more than 0 ({why})"));
             }
         }
-        if !crate::source::valid_slot_name(&self.slot) {
+        if !crate::source::slot::valid_slot_name(&self.slot) {
             return bad(
                 "--slot",
                 &format!(
