@@ -251,16 +251,14 @@ async fn wait_native(
                 progress = (remote, Instant::now());
             }
         }
-        let confirmed: Option<String> = source
-            .query_one(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
+        let confirmed = crate::source::slot::read(source, slot)
             .await?
-            .get(0);
-        if let Some(c) = confirmed
-            && parse_lsn(method, &c)? >= end
-        {
+            .ok_or_else(|| BenchError::Check {
+                method: method.into(),
+                detail: format!("slot {slot:?} is gone from the source"),
+            })?
+            .confirmed_flush_lsn;
+        if confirmed.is_some_and(|c| c >= end) {
             return Ok(());
         }
         if progress.1.elapsed() > STALL {

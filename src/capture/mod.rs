@@ -39,6 +39,7 @@ use crate::source::preflight::{self, TableRef};
 use crate::source::replication::{
     ReplicationConnection, SlotOptions, SnapshotAction, publication_names,
 };
+use crate::source::slot::{self, SlotRow};
 
 pub use claims::{CLAIM_FILE, CLONES_FILE};
 use claims::{SlotClaim, own_unfinished_clone, read_clone_attempts, record_clone_attempt};
@@ -122,8 +123,8 @@ impl CaptureConfig {
         CaptureConfig {
             source,
             buffer_dir: buffer_dir.into(),
-            slot: crate::source::slot::DEFAULT_SLOT.into(),
-            publication: crate::source::slot::DEFAULT_PUBLICATION.into(),
+            slot: slot::DEFAULT_SLOT.into(),
+            publication: slot::DEFAULT_PUBLICATION.into(),
             tables: None,
             until_lsn: None,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
@@ -224,7 +225,7 @@ pub async fn prepare(
 }
 
 fn check_slot_name(config: &CaptureConfig) -> Result<(), CaptureError> {
-    if crate::source::slot::valid_slot_name(&config.slot) {
+    if slot::valid_slot_name(&config.slot) {
         Ok(())
     } else {
         Err(CaptureError::InvalidSlotName {
@@ -310,6 +311,7 @@ async fn prepare_inner(
     }
     let (snapshot, consistent_point, slot_start) = match found {
         Some(found) => {
+            let confirmed = found.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
             if found.plugin != "pgoutput" || found.database != server.database {
                 return Err(CaptureError::SlotMismatch {
                     slot: config.slot.clone(),
@@ -320,28 +322,28 @@ async fn prepare_inner(
             }
             match existing {
                 Some(_) if claimed_only => {
-                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "taking over the slot an interrupted start of this buffer created");
-                    (None, None, Some(found.confirmed))
+                    tracing::warn!(slot = %config.slot, confirmed = %confirmed, "taking over the slot an interrupted start of this buffer created");
+                    (None, None, Some(confirmed))
                 }
-                Some((_, covered)) if found.confirmed > covered => {
+                Some((_, covered)) if confirmed > covered => {
                     return Err(CaptureError::SlotAhead {
                         slot: config.slot.clone(),
                         dir: config.buffer_dir.clone(),
-                        slot_confirmed: found.confirmed,
+                        slot_confirmed: confirmed,
                         buffer_end: covered,
                     });
                 }
                 Some(_) => (None, None, None),
                 None if config.adopt_slot || claimed_only => {
-                    tracing::warn!(slot = %config.slot, confirmed = %found.confirmed, "adopting an existing slot: this buffer starts at its confirmed position");
-                    (None, None, Some(found.confirmed))
+                    tracing::warn!(slot = %config.slot, confirmed = %confirmed, "adopting an existing slot: this buffer starts at its confirmed position");
+                    (None, None, Some(confirmed))
                 }
                 None if config.clone.is_some() => (None, None, None),
                 None => {
                     return Err(CaptureError::SlotNotOwned {
                         slot: config.slot.clone(),
                         dir: config.buffer_dir.clone(),
-                        confirmed: found.confirmed,
+                        confirmed,
                     });
                 }
             }
@@ -412,11 +414,7 @@ pub async fn check_slot(
     buffer_end: Lsn,
 ) -> Result<Lsn, CaptureError> {
     let client = source.connect().await?;
-    let row = client
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&meta.slot],
-        )
+    let row = slot::read(&client, &meta.slot)
         .await
         .map_err(sql("looking up the replication slot"))?;
     let Some(row) = row else {
@@ -426,10 +424,7 @@ pub async fn check_slot(
             durable: buffer_end,
         });
     };
-    let confirmed: Lsn = row
-        .get::<_, Option<String>>(0)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(Lsn::ZERO);
+    let confirmed = row.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
     let covered = match SlotProgress::read(dir)? {
         Some(p) if p.durable_lsn <= buffer_end => buffer_end.max(p.confirmed_lsn),
         _ => buffer_end,
@@ -446,33 +441,21 @@ pub async fn check_slot(
     Ok(confirmed)
 }
 
-/// A slot found in `pg_replication_slots`, not in use.
-struct FoundSlot {
-    plugin: String,
-    database: String,
-    confirmed: Lsn,
-}
-
-/// The slot named in `config`, if it exists. A slot in use by a walsender is given a moment
+/// The slot named in `config`, if it exists and is not in use. A slot in use by a walsender is given a moment
 /// to be released (a capture that just stopped), then refused.
 async fn existing_slot(
     client: &tokio_postgres::Client,
     config: &CaptureConfig,
-) -> Result<Option<FoundSlot>, CaptureError> {
+) -> Result<Option<SlotRow>, CaptureError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let Some(row) = client
-            .query_opt(
-                "SELECT plugin::text, database::text, confirmed_flush_lsn::text, active_pid \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&config.slot],
-            )
+        let Some(row) = slot::read(client, &config.slot)
             .await
             .map_err(sql("looking up the replication slot"))?
         else {
             return Ok(None);
         };
-        if let Some(pid) = row.get::<_, Option<i32>>(3) {
+        if let Some(pid) = row.active_pid {
             if Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -482,14 +465,7 @@ async fn existing_slot(
                 pid,
             });
         }
-        return Ok(Some(FoundSlot {
-            plugin: row.get::<_, Option<String>>(0).unwrap_or_default(),
-            database: row.get::<_, Option<String>>(1).unwrap_or_default(),
-            confirmed: row
-                .get::<_, Option<String>>(2)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(Lsn::ZERO),
-        }));
+        return Ok(Some(row));
     }
 }
 
@@ -719,11 +695,7 @@ pub async fn run(
 
 async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError> {
     let client = config.source.connect().await?;
-    client
-        .execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
+    slot::drop_if_exists(&client, &config.slot)
         .await
         .map_err(sql("dropping the slot of an unfinished clone"))?;
     Ok(())

@@ -30,7 +30,8 @@ use crate::capture::{self, CaptureConfig};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::source::replication::ReplicationConnection;
-use crate::sql::{quote_ident, quote_qualified};
+use crate::source::slot;
+use crate::sql::quote_qualified;
 use crate::transform::{Mapping, TableName};
 use crate::verify::{self, VerifyOptions};
 
@@ -185,14 +186,9 @@ pub async fn record(
         .collect::<Result<_, _>>()?;
 
     let client = opts.source.connect().await?;
-    let slot_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&opts.slot],
-        )
+    let slot_exists = slot::exists(&client, &opts.slot)
         .await
-        .map_err(sql_err("looking up the slot"))?
-        .is_some();
+        .map_err(sql_err("looking up the slot"))?;
     if slot_exists {
         return Err(RehearseError::Record(format!(
             "slot {:?} already exists on the source: another recording runs, or one was interrupted \
@@ -200,14 +196,9 @@ pub async fn record(
             opts.slot, opts.slot
         )));
     }
-    let publication_created = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&opts.publication],
-        )
+    let publication_created = !slot::publication_exists(&client, &opts.publication)
         .await
-        .map_err(sql_err("looking up the publication"))?
-        .is_none();
+        .map_err(sql_err("looking up the publication"))?;
     let server_version: String = client
         .query_one("SELECT current_setting('server_version')", &[])
         .await
@@ -497,14 +488,9 @@ async fn cleanup(
     client: &tokio_postgres::Client,
     publication_created: bool,
 ) -> Result<(), RehearseError> {
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&opts.slot],
-        )
+    let exists = slot::exists(client, &opts.slot)
         .await
-        .map_err(sql_err("looking up the slot"))?
-        .is_some();
+        .map_err(sql_err("looking up the slot"))?;
     if exists {
         let mut conn = ReplicationConnection::connect(&opts.source)
             .await
@@ -515,11 +501,7 @@ async fn cleanup(
         let _ = conn.close().await;
     }
     if publication_created {
-        client
-            .batch_execute(&format!(
-                "DROP PUBLICATION IF EXISTS {}",
-                quote_ident(&opts.publication)
-            ))
+        slot::drop_publication_if_exists(client, &opts.publication)
             .await
             .map_err(sql_err("dropping the recording's publication"))?;
     }

@@ -4,6 +4,7 @@
 
 use tokio_postgres::Client;
 
+use super::slot;
 use crate::sql::{quote_ident, quote_qualified};
 
 /// Why the source cannot be captured as asked. Each message names the fix.
@@ -174,11 +175,9 @@ pub async fn ensure_publication(
         Some(list) => Some(resolve_tables(client, list).await?),
         None => None,
     };
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+    let exists = slot::publication_exists(client, name)
         .await
-        .map_err(sql("looking up the publication"))?
-        .is_some();
+        .map_err(sql("looking up the publication"))?;
     if exists {
         let existing = publication_tables(client, name).await?;
         if let Some(req) = &requested {
@@ -209,16 +208,10 @@ pub async fn ensure_publication(
     if !refusals.is_empty() {
         return Err(PreflightError::Refused { refusals });
     }
-    let ddl = match &requested {
-        None => format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name)),
-        Some(r) => format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(name),
-            r.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ")
-        ),
-    };
-    client
-        .batch_execute(&ddl)
+    let quoted: Option<Vec<String>> = requested
+        .as_ref()
+        .map(|r| r.iter().map(|t| t.quoted()).collect());
+    slot::create_publication(client, name, quoted.as_deref())
         .await
         .map_err(sql("creating the publication"))?;
     tracing::info!(
