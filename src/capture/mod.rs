@@ -35,6 +35,7 @@ use crate::buffer::{BufferConfig, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
+use crate::source::identity;
 use crate::source::preflight::{self, TableRef};
 use crate::source::replication::{
     ReplicationConnection, SlotOptions, SnapshotAction, publication_names,
@@ -246,7 +247,7 @@ async fn prepare_inner(
     let mut conn = ReplicationConnection::connect(&config.source).await?;
     let system = conn.identify_system().await?;
     if let Some((meta, _)) = existing
-        && (meta.system_identifier != system.system_id || meta.slot != config.slot)
+        && identity::check_buffer_source(meta, &config.slot, Some(system.system_id)).is_err()
     {
         return Err(CaptureError::ForeignBuffer {
             dir: config.buffer_dir.clone(),
@@ -502,7 +503,7 @@ pub async fn run(
     let mut target_state = None;
     if let Some(clone) = &config.clone {
         // Before anything is created or dropped on either side, whatever `force` says.
-        crate::source::identity::check_clone_target(&config.source, &clone.target).await?;
+        identity::check_clone_target(&config.source, &clone.target).await?;
         target_state = clone::clone_state(&clone.target).await?;
         let done = target_state
             .as_ref()

@@ -7,6 +7,9 @@
 //!   `walshift.clone_state` record), one replay already accepted for this buffer (its
 //!   `walshift.applied` row), or one the operator vouches for ([`TargetOrigin::LoadedElsewhere`],
 //!   the CLI's `--target-not-cloned-by-walshift`).
+//!
+//! It also holds the check that a buffer belongs to the source it is pointed at
+//! ([`check_buffer_source`]): capture makes it before streaming, cutover before fencing.
 
 use tokio_postgres::Client;
 
@@ -47,6 +50,38 @@ impl ServerIdentity {
     /// The same database of the same cluster (or of one of its physical standbys).
     pub fn is_database(&self, system_identifier: u64, database: &str) -> bool {
         self.system_identifier == system_identifier && self.database == database
+    }
+}
+
+/// How a buffer's record (`buffer.json`) differs from the source a command was pointed at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BufferMismatch {
+    /// The buffer was captured from another slot than the one named.
+    Slot { buffer: String, named: String },
+    /// The buffer was captured from another cluster (system identifier).
+    System { buffer: u64, source: u64 },
+}
+
+/// The check that buffer `meta` belongs to this source: captured from slot `slot` of the
+/// cluster `system_identifier`. With `None` (the source not reached yet) only the slot is
+/// compared; the slot is compared first.
+pub fn check_buffer_source(
+    meta: &BufferMeta,
+    slot: &str,
+    system_identifier: Option<u64>,
+) -> Result<(), BufferMismatch> {
+    if meta.slot != slot {
+        return Err(BufferMismatch::Slot {
+            buffer: meta.slot.clone(),
+            named: slot.to_owned(),
+        });
+    }
+    match system_identifier {
+        Some(source) if source != meta.system_identifier => Err(BufferMismatch::System {
+            buffer: meta.system_identifier,
+            source,
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -294,4 +329,30 @@ pub async fn check_replay_target(
         ),
         found,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_source() {
+        let meta = BufferMeta::new(7, "app", "walshift", "walshift");
+        assert_eq!(check_buffer_source(&meta, "walshift", Some(7)), Ok(()));
+        assert_eq!(check_buffer_source(&meta, "walshift", None), Ok(()));
+        assert_eq!(
+            check_buffer_source(&meta, "walshift", Some(8)),
+            Err(BufferMismatch::System {
+                buffer: 7,
+                source: 8
+            })
+        );
+        assert_eq!(
+            check_buffer_source(&meta, "other", Some(8)),
+            Err(BufferMismatch::Slot {
+                buffer: "walshift".into(),
+                named: "other".into()
+            })
+        );
+    }
 }
