@@ -1,6 +1,7 @@
 //! The on-disk format, as pure functions: segment file names, the segment header, record frames
-//! and the few pgoutput fields the buffer itself reads. No I/O here; `docs/buffer-format.md`
-//! describes the same bytes for people.
+//! and the few pgoutput tags and fields the buffer itself reads (a Commit's fields come from
+//! [`crate::source::pgoutput::peek_commit`], which owns that layout). No I/O here;
+//! `docs/buffer-format.md` describes the same bytes for people.
 
 use crate::lsn::Lsn;
 
@@ -176,10 +177,6 @@ fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
 }
 
-fn be_u64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
 /// Checksum of a record: crc32c over `len | lsn | kind | payload` (everything but itself).
 pub fn record_crc(len: u32, lsn: u64, kind: u8, payload: &[u8]) -> u32 {
     let mut head = [0u8; 13];
@@ -341,28 +338,6 @@ pub fn object_id(payload: &[u8]) -> Option<u32> {
     (payload.len() >= 5).then(|| be_u32(&payload[1..5]))
 }
 
-/// Fields of a pgoutput Commit message the buffer reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CommitFields {
-    pub commit_lsn: Lsn,
-    pub end_lsn: Lsn,
-    /// Microseconds since 2000-01-01 00:00:00 UTC.
-    pub timestamp_us: i64,
-}
-
-/// Parses a Commit payload: `'C' | flags u8 | commit_lsn u64 | end_lsn u64 | timestamp i64`,
-/// big-endian. `None` when too short.
-pub fn parse_commit(payload: &[u8]) -> Option<CommitFields> {
-    if payload.len() < 26 || payload[0] != tag::COMMIT {
-        return None;
-    }
-    Some(CommitFields {
-        commit_lsn: Lsn(be_u64(&payload[2..10])),
-        end_lsn: Lsn(be_u64(&payload[10..18])),
-        timestamp_us: be_u64(&payload[18..26]) as i64,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,17 +458,8 @@ mod tests {
     }
 
     #[test]
-    fn commit_fields() {
-        let mut p = vec![b'C', 0];
-        p.extend_from_slice(&10u64.to_be_bytes());
-        p.extend_from_slice(&20u64.to_be_bytes());
-        p.extend_from_slice(&(-5i64).to_be_bytes());
-        let c = parse_commit(&p).unwrap();
-        assert_eq!(
-            (c.commit_lsn, c.end_lsn, c.timestamp_us),
-            (Lsn(10), Lsn(20), -5)
-        );
-        assert_eq!(parse_commit(&p[..20]), None);
+    fn object_ids() {
         assert_eq!(object_id(b"R\0\0\x01\x02rest"), Some(0x102));
+        assert_eq!(object_id(b"R\0\0\x01"), None);
     }
 }

@@ -13,6 +13,7 @@ use super::format::{
     segment_file_name,
 };
 use crate::lsn::Lsn;
+use crate::source::pgoutput;
 
 const READ_CHUNK: usize = 1 << 20;
 
@@ -263,7 +264,7 @@ impl CommitInfo {
     pub(crate) fn from_record(lsn: Lsn, payload: &[u8]) -> CommitInfo {
         CommitInfo {
             end_lsn: lsn,
-            commit_time_us: format::parse_commit(payload).map(|c| c.timestamp_us),
+            commit_time_us: pgoutput::peek_commit(payload).map(|c| c.commit_time.micros()),
         }
     }
 

@@ -22,6 +22,7 @@ use super::partition_watch::PartitionWatch;
 use super::{CaptureConfig, CaptureError, CaptureReport, progress};
 use crate::buffer::{BufferWriter, SlotProgress};
 use crate::lsn::Lsn;
+use crate::source::pgoutput;
 use crate::source::replication::{ReplicationEvent, ReplicationStream, StandbyStatus};
 
 /// Events handled per `select!` round before timers and shutdown are checked again.
@@ -406,12 +407,10 @@ impl StreamState {
         match tag {
             b'B' => {
                 self.in_transaction = true;
-                // Begin: final_lsn (8), commit timestamp (8), xid (4).
-                self.xid = data
-                    .get(17..21)
-                    .map_or(0, |b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
-                // Begin: final_lsn (the commit record's start) at bytes 1..9.
-                let final_lsn = read_lsn(&data, 1);
+                let begin = pgoutput::peek_begin(&data);
+                self.xid = begin.as_ref().map_or(0, |b| b.xid);
+                // final_lsn: the commit record's start.
+                let final_lsn = begin.map(|b| b.final_lsn);
                 self.skipping = final_lsn.is_some_and(|f| f < self.resume_from);
                 if self.skipping {
                     tracing::debug!(?final_lsn, resume_from = %self.resume_from, "dropping a transaction the buffer already holds");
@@ -421,8 +420,8 @@ impl StreamState {
             }
             b'C' => {
                 self.in_transaction = false;
-                // Commit: flags (1), commit_lsn (8), end_lsn (8), timestamp (8).
-                let end = read_lsn(&data, 10).unwrap_or(wal_start);
+                let commit = pgoutput::peek_commit(&data);
+                let end = commit.as_ref().map_or(wal_start, |c| c.end_lsn);
                 self.received_commit_end = self.received_commit_end.max(end);
                 if std::mem::take(&mut self.skipping) {
                     return None;
@@ -430,9 +429,7 @@ impl StreamState {
                 self.transactions += 1;
                 self.last_appended_commit = end;
                 self.appended_since_commit = 0;
-                self.last_commit_time = data
-                    .get(18..26)
-                    .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
+                self.last_commit_time = commit.map(|c| c.commit_time.micros());
                 Some((end, tag, data))
             }
             b'T' if self.track_truncates => {
@@ -467,9 +464,4 @@ impl StreamState {
             }
         }
     }
-}
-
-fn read_lsn(data: &[u8], at: usize) -> Option<Lsn> {
-    data.get(at..at + 8)
-        .map(|b| Lsn(u64::from_be_bytes(b.try_into().expect("8 bytes"))))
 }

@@ -108,6 +108,25 @@ pub fn decode_row(payload: &[u8]) -> Result<Option<RowRef<'_>>, DecodeError> {
     Ok(Some(row))
 }
 
+/// The fields of a Begin payload (`'B' | final_lsn u64 | commit time i64 | xid u32`), read
+/// without a full decode; `None` when it is not a whole Begin. Bytes after the fields are not
+/// looked at ([`decode`] refuses them).
+pub fn peek_begin(payload: &[u8]) -> Option<Begin> {
+    (payload.first() == Some(&b'B'))
+        .then(|| Reader::new(payload, b'B').begin().ok())
+        .flatten()
+}
+
+/// The fields of a Commit payload (`'C' | flags u8 | commit_lsn u64 | end_lsn u64 | commit
+/// time i64`), read without a full decode: capture takes the end LSN to append and confirm,
+/// the buffer the commit time. `None` when it is not a whole Commit. Bytes after the fields
+/// are not looked at ([`decode`] refuses them).
+pub fn peek_commit(payload: &[u8]) -> Option<Commit> {
+    (payload.first() == Some(&b'C'))
+        .then(|| Reader::new(payload, b'C').commit().ok())
+        .flatten()
+}
+
 /// Why a payload is not a valid pgoutput message. Offsets count from the tag byte (offset 0).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -225,17 +244,8 @@ fn decode_with(
     let mut r = Reader::new(payload, tag);
     let streamed = version >= ProtocolVersion::V2 && in_stream;
     let msg = match tag {
-        b'B' => LogicalMessage::Begin(Begin {
-            final_lsn: r.lsn("8-byte final LSN")?,
-            commit_time: r.timestamp("8-byte commit timestamp")?,
-            xid: r.u32("4-byte xid")?,
-        }),
-        b'C' => LogicalMessage::Commit(Commit {
-            flags: r.u8("1-byte flags")?,
-            commit_lsn: r.lsn("8-byte commit LSN")?,
-            end_lsn: r.lsn("8-byte end LSN")?,
-            commit_time: r.timestamp("8-byte commit timestamp")?,
-        }),
+        b'B' => LogicalMessage::Begin(r.begin()?),
+        b'C' => LogicalMessage::Commit(r.commit()?),
         b'O' => LogicalMessage::Origin(Origin {
             commit_lsn: r.lsn("8-byte origin commit LSN")?,
             name: r.cstring("origin name")?,
@@ -431,6 +441,25 @@ impl<'a> Reader<'a> {
     fn timestamp(&mut self, expected: &'static str) -> Result<PgTimestamp, DecodeError> {
         self.array(expected)
             .map(|b| PgTimestamp(i64::from_be_bytes(b)))
+    }
+
+    /// A Begin's fields: the one place their layout is written ([`peek_begin`], [`decode`]).
+    fn begin(&mut self) -> Result<Begin, DecodeError> {
+        Ok(Begin {
+            final_lsn: self.lsn("8-byte final LSN")?,
+            commit_time: self.timestamp("8-byte commit timestamp")?,
+            xid: self.u32("4-byte xid")?,
+        })
+    }
+
+    /// A Commit's fields: the one place their layout is written ([`peek_commit`], [`decode`]).
+    fn commit(&mut self) -> Result<Commit, DecodeError> {
+        Ok(Commit {
+            flags: self.u8("1-byte flags")?,
+            commit_lsn: self.lsn("8-byte commit LSN")?,
+            end_lsn: self.lsn("8-byte end LSN")?,
+            commit_time: self.timestamp("8-byte commit timestamp")?,
+        })
     }
 
     fn stream_xid(&mut self, streamed: bool) -> Result<Option<u32>, DecodeError> {

@@ -9,6 +9,12 @@
 //! [`decode_row`] is the hot-path alternative for Insert, Update and Delete: it validates the
 //! message and returns a [`RowRef`] whose values borrow the payload, allocating nothing.
 //!
+//! [`peek_begin`] and [`peek_commit`] read a Begin's or Commit's fixed fields without a full
+//! decode: capture classifies the stream with them and the buffer reads commit times. The
+//! layout of each message is written once, in `decode`'s reader, which both decoders and the
+//! peeks share. This module depends on nothing else in walshift but [`crate::lsn`], so the
+//! buffer, which stores these messages, can read them from here without an import cycle.
+//!
 //! [`decode`] speaks protocol version 1. [`Decoder`] carries the protocol version and, for
 //! version 2, whether the stream is inside a Stream Start / Stream Stop block (where change
 //! messages carry the xid of the in-progress transaction). The [`encode`] module is the
@@ -26,7 +32,9 @@ use bytes::Bytes;
 
 use crate::lsn::Lsn;
 
-pub use decode::{DecodeError, Decoder, ProtocolVersion, decode, decode_row};
+pub use decode::{
+    DecodeError, Decoder, ProtocolVersion, decode, decode_row, peek_begin, peek_commit,
+};
 pub use row::{OldKind, RowKind, RowRef, TupleRef, TupleValues, ValueRef};
 
 /// The tag byte of a payload, without decoding it.

@@ -891,6 +891,22 @@ proptest! {
     }
 
     #[test]
+    fn peeks_agree_with_decode(msg in message(false).prop_filter("v1 only", is_v1)) {
+        let full = encode(&msg);
+        let (begin, commit) = match &msg {
+            LogicalMessage::Begin(b) => (Some(b.clone()), None),
+            LogicalMessage::Commit(c) => (None, Some(c.clone())),
+            _ => (None, None),
+        };
+        prop_assert_eq!(peek_begin(&full), begin);
+        prop_assert_eq!(peek_commit(&full), commit);
+        for len in 0..full.len() {
+            prop_assert_eq!(peek_begin(&full[..len]), None);
+            prop_assert_eq!(peek_commit(&full[..len]), None);
+        }
+    }
+
+    #[test]
     fn roundtrip_v2(
         (streaming, msg) in any::<bool>().prop_flat_map(|s| (Just(s), message(s)))
     ) {
