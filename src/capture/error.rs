@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::partitions;
 use crate::buffer::BufferError;
+use crate::error::SqlError;
 use crate::lsn::Lsn;
 use crate::source::preflight::PreflightError;
 use crate::source::replication::ReplicationError;
@@ -146,17 +147,6 @@ pub enum CaptureError {
     )]
     UnknownPartition { name: String, known: String },
 
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-pub(super) fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CaptureError + '_ {
-    move |source| CaptureError::Sql {
-        context: context.to_owned(),
-        source,
-    }
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }

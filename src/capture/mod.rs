@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use crate::buffer::{BufferConfig, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::lsn::Lsn;
 use crate::source::identity;
 use crate::source::preflight::{self, TableRef};
@@ -45,7 +46,6 @@ use crate::source::slot::{self, SlotRow};
 pub use claims::{CLAIM_FILE, CLONES_FILE};
 use claims::{SlotClaim, own_unfinished_clone, read_clone_attempts, record_clone_attempt};
 pub use error::CaptureError;
-use error::sql;
 use partition_watch::partition_watch;
 use stream::{Resume, record_progress, stream_into};
 
@@ -263,9 +263,7 @@ async fn prepare_inner(
     let mut warnings = preflight::source_warnings(&client).await?;
     let via_root = partitions::via_root_roots(&client, &config.publication, &tables)
         .await
-        .map_err(sql(
-            "looking for partitioned tables published via their root",
-        ))?;
+        .sql_context("looking for partitioned tables published via their root")?;
     if !via_root.is_empty() {
         warnings.push(format!(
             "publication {:?} has publish_via_partition_root = true: changes to {} arrive \
@@ -417,7 +415,7 @@ pub async fn check_slot(
     let client = source.connect().await?;
     let row = slot::read(&client, &meta.slot)
         .await
-        .map_err(sql("looking up the replication slot"))?;
+        .sql_context("looking up the replication slot")?;
     let Some(row) = row else {
         return Err(CaptureError::SlotLost {
             slot: meta.slot.clone(),
@@ -452,7 +450,7 @@ async fn existing_slot(
     loop {
         let Some(row) = slot::read(client, &config.slot)
             .await
-            .map_err(sql("looking up the replication slot"))?
+            .sql_context("looking up the replication slot")?
         else {
             return Ok(None);
         };
@@ -479,7 +477,7 @@ async fn wal_sender_timeout(
             &[],
         )
         .await
-        .map_err(sql("reading wal_sender_timeout"))?
+        .sql_context("reading wal_sender_timeout")?
         .get(0);
     Ok(ms
         .and_then(|m| m.parse::<u64>().ok())
@@ -698,6 +696,6 @@ async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError>
     let client = config.source.connect().await?;
     slot::drop_if_exists(&client, &config.slot)
         .await
-        .map_err(sql("dropping the slot of an unfinished clone"))?;
+        .sql_context("dropping the slot of an unfinished clone")?;
     Ok(())
 }

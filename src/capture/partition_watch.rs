@@ -1,9 +1,9 @@
 //! Capture's side of [`partitions`]: the record read (or written) at start, and the comparison
 //! with the source while streaming.
 
-use super::error::sql;
 use super::stream::StreamState;
 use super::{CaptureConfig, CaptureError, PreparedSource, partitions};
+use crate::error::SqlContext;
 
 /// The partition record to watch, if the publication publishes via the root: a new one read in
 /// the snapshot of a slot created now, else the buffer's record (or one read now, with a
@@ -43,7 +43,7 @@ pub(super) async fn partition_watch(
                         crate::sql::quote_literal(snapshot)
                     ))
                     .await
-                    .map_err(sql("importing the slot's snapshot to record the partitions"))?;
+                    .sql_context("importing the slot's snapshot to record the partitions")?;
                     partitions::record(&snap, roots).await
                 }
                 None => {
@@ -55,7 +55,7 @@ pub(super) async fn partition_watch(
                     partitions::record(&client, roots).await
                 }
             }
-            .map_err(sql("recording the leaf partitions' relfilenodes"))?;
+            .sql_context("recording the leaf partitions' relfilenodes")?;
             record.write(dir)?;
             record
         }
@@ -63,7 +63,7 @@ pub(super) async fn partition_watch(
     if !config.accept_partition_rewrite.is_empty() {
         let seen = partitions::observe(&client, &record)
             .await
-            .map_err(sql("reading the leaf partitions on the source"))?;
+            .sql_context("reading the leaf partitions on the source")?;
         for name in &config.accept_partition_rewrite {
             let name = name.trim();
             if !record.leaves.iter().any(|l| l.name == name) {
@@ -126,7 +126,7 @@ impl PartitionWatch {
     ) -> Result<bool, CaptureError> {
         let seen = partitions::observe(&self.client, &self.record)
             .await
-            .map_err(sql("comparing the leaf partitions with the record"))?;
+            .sql_context("comparing the leaf partitions with the record")?;
         let mut changed = false;
         for leaf in seen.new_leaves {
             tracing::warn!(

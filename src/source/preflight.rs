@@ -5,6 +5,7 @@
 use tokio_postgres::Client;
 
 use super::slot;
+use crate::error::{SqlContext, SqlError};
 use crate::sql::{quote_ident, quote_qualified};
 
 /// Why the source cannot be captured as asked. Each message names the fix.
@@ -53,19 +54,8 @@ pub enum PreflightError {
         requested: Vec<String>,
     },
 
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> PreflightError + '_ {
-    move |source| PreflightError::Sql {
-        context: context.to_owned(),
-        source,
-    }
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }
 
 /// One source object walshift cannot carry faithfully: which, why, and the fix.
@@ -134,7 +124,7 @@ pub async fn check_server(client: &Client) -> Result<ServerInfo, PreflightError>
             &[],
         )
         .await
-        .map_err(sql("reading source settings"))?;
+        .sql_context("reading source settings")?;
     let wal_level: String = row.get(0);
     let version_num: i32 = row.get(1);
     let version: String = row.get(2);
@@ -177,7 +167,7 @@ pub async fn ensure_publication(
     };
     let exists = slot::publication_exists(client, name)
         .await
-        .map_err(sql("looking up the publication"))?;
+        .sql_context("looking up the publication")?;
     if exists {
         let existing = publication_tables(client, name).await?;
         if let Some(req) = &requested {
@@ -213,7 +203,7 @@ pub async fn ensure_publication(
         .map(|r| r.iter().map(|t| t.quoted()).collect());
     slot::create_publication(client, name, quoted.as_deref())
         .await
-        .map_err(sql("creating the publication"))?;
+        .sql_context("creating the publication")?;
     tracing::info!(
         publication = name,
         tables = candidates.len(),
@@ -241,7 +231,7 @@ async fn resolve_tables(
             Err(e) if e.as_db_error().is_none() => {
                 return Err(PreflightError::TableNotFound { name: n.clone() });
             }
-            Err(e) => return Err(sql("resolving --tables")(e)),
+            Err(e) => return Err(SqlError::new("resolving --tables", e).into()),
         }
     }
     Ok(out)
@@ -258,7 +248,7 @@ async fn all_user_tables(client: &Client) -> Result<Vec<TableRef>, PreflightErro
             &[],
         )
         .await
-        .map_err(sql("listing user tables"))?;
+        .sql_context("listing user tables")?;
     Ok(rows.iter().map(TableRef::from_row).collect())
 }
 
@@ -276,7 +266,7 @@ pub async fn publication_tables(
             &[&publication],
         )
         .await
-        .map_err(sql("listing the publication's tables"))?;
+        .sql_context("listing the publication's tables")?;
     Ok(rows.iter().map(TableRef::from_row).collect())
 }
 
@@ -299,7 +289,7 @@ pub async fn check_publication(
             &[&name],
         )
         .await
-        .map_err(sql("reading the publication's options"))?;
+        .sql_context("reading the publication's options")?;
     let publication = format!("publication {}", quote_ident(name));
     let mut refusals = Vec::new();
     let ops: Vec<&str> = ["insert", "update", "delete", "truncate"]
@@ -333,7 +323,7 @@ pub async fn check_publication(
                 &[&name],
             )
             .await
-            .map_err(sql("looking for row filters and column lists in the publication"))?;
+            .sql_context("looking for row filters and column lists in the publication")?;
         for r in partial {
             let table = quote_qualified(r.get(0), r.get(1));
             let what = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
@@ -389,7 +379,7 @@ pub async fn check_tables(
             &[&oids],
         )
         .await
-        .map_err(sql("checking replica identities"))?;
+        .sql_context("checking replica identities")?;
     let mut refusals = Vec::new();
     for r in rows {
         let table = quote_qualified(r.get(0), r.get(1));
@@ -477,7 +467,7 @@ pub async fn source_warnings(client: &Client) -> Result<Vec<String>, PreflightEr
             &[],
         )
         .await
-        .map_err(sql("looking for large objects, unlogged tables and sequences"))?;
+        .sql_context("looking for large objects, unlogged tables and sequences")?;
     let large_objects: i64 = row.get(0);
     let unlogged: Option<Vec<String>> = row.get(1);
     let sequences: i64 = row.get(2);
