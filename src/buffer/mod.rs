@@ -4,7 +4,9 @@
 //! `docs/buffer-format.md` describes the bytes, the durability contract and the recovery rules.
 //!
 //! - `format`: segment names, header and record frames, as pure encode/decode functions.
+//! - `error`: [`BufferError`], naming the directory, file and offset, and what to do.
 //! - `fs`: the file-system seam the writer mutates through, with failpoints for tests.
+//! - `segment`: segment files on disk: listing, headers, a record cursor, commit bookkeeping.
 //! - `writer`: [`BufferWriter`], group commit on a sync thread, the durability contract.
 //! - `recovery`: what opening a writer repairs (torn tail, incomplete trailing transaction).
 //! - `reader`: [`BufferReader`], reading from an LSN (also while a writer appends), status.
