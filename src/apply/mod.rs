@@ -34,7 +34,7 @@
 
 pub mod fold;
 pub mod hold;
+pub mod params;
 pub mod replay;
 pub mod sql;
 pub mod target;
-pub mod wire;

@@ -25,8 +25,8 @@ mod mapped;
 use super::fold::{
     Arena, BatchFolder, Change, ColumnValue, RowChange, TableBatch, TableShape, Val, Value,
 };
+use super::params::{self, EncodedArray, Wire};
 use super::target::{self, MappedTable, TargetError};
-use super::wire::{self, EncodedArray, Wire};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -1699,7 +1699,7 @@ fn part_of(arena: &Arena, key: impl Iterator<Item = Val>, n: usize) -> usize {
 }
 
 /// One statement parameter: column `col` of `sql`'s table holding `values`, in its binary
-/// form ([`super::wire`]) when every value has one, else as text. Returns the array type the
+/// form ([`super::params`]) when every value has one, else as text. Returns the array type the
 /// statement declares for it, and the array.
 fn param<'a>(
     sql: &super::sql::TableSql,
@@ -1707,9 +1707,9 @@ fn param<'a>(
     values: impl Iterator<Item = Option<&'a [u8]>> + Clone,
 ) -> (&'static str, EncodedArray) {
     let wire = Wire::for_type(&sql.columns[col].type_sql);
-    match wire::encode_array(wire, values.clone()) {
+    match params::encode_array(wire, values.clone()) {
         Some(a) => (wire.array_type(), a),
-        None => (Wire::Text.array_type(), wire::encode_text(values)),
+        None => (Wire::Text.array_type(), params::encode_text(values)),
     }
 }
 
@@ -1718,7 +1718,7 @@ fn text_params<'a, I>(columns: impl Iterator<Item = I>) -> Vec<EncodedArray>
 where
     I: Iterator<Item = Option<&'a [u8]>> + Clone,
 {
-    columns.map(wire::encode_text).collect()
+    columns.map(params::encode_text).collect()
 }
 
 impl Conn {
@@ -1959,7 +1959,7 @@ fn in_key_order(
     let number = |n: usize| {
         arena
             .get(key(n))
-            .and_then(wire::parse_int)
+            .and_then(params::parse_int)
             .unwrap_or(i64::MAX)
     };
     let mut keyed: Vec<(i64, usize)> = rows.iter().map(|&n| (number(n), n)).collect();

@@ -4,7 +4,7 @@
 //! with `unnest`; each value is cast to the target column's type. Most columns travel as
 //! `text[]`, parsed by PostgreSQL's own input function (the inverse of the text output
 //! pgoutput sends); integers, booleans and timestamps may travel as typed binary arrays
-//! ([`super::wire`]), the cast then a no-op. So a batch of any size is a fixed handful of
+//! ([`super::params`]), the cast then a no-op. So a batch of any size is a fixed handful of
 //! statements per table.
 
 use crate::sql::quote_ident;
@@ -103,7 +103,7 @@ impl TableSql {
     }
 
     /// `DELETE … USING unnest(keys)`: parameters are the key columns, in `key` order, as
-    /// arrays of the types in `arrays` (`text[]` unless [`super::wire`] says otherwise).
+    /// arrays of the types in `arrays` (`text[]` unless [`super::params`] says otherwise).
     pub fn delete(&self, arrays: &[&str]) -> String {
         debug_assert_eq!(arrays.len(), self.key.len());
         format!(
