@@ -36,5 +36,6 @@ pub mod fold;
 pub mod hold;
 pub mod params;
 pub mod replay;
+pub mod row;
 pub mod sql;
 pub mod target;

@@ -22,10 +22,9 @@ use tokio_postgres::types::ToSql;
 
 mod mapped;
 
-use super::fold::{
-    Arena, BatchFolder, Change, ColumnValue, RowChange, TableBatch, TableShape, Val, Value,
-};
+use super::fold::{BatchFolder, TableBatch};
 use super::params::{self, EncodedArray, Wire};
+use super::row::{Arena, Change, ColumnValue, RowChange, TableShape, Val, Value};
 use super::target::{self, MappedTable, TargetError};
 use crate::buffer::{BufferError, BufferMeta, BufferReader, TxnEvent};
 use crate::conn::ConnInfo;
