@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::target::TargetError;
+use super::catalog::TargetError;
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 

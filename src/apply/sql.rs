@@ -1,4 +1,5 @@
-//! The set-based statements replay sends to the target, as text (no I/O).
+//! The statements replay sends to the target, as text (no I/O): set-based writes, the
+//! one-row writes of strict order, and `TRUNCATE`.
 //!
 //! Every statement takes one array parameter per column and turns the arrays back into rows
 //! with `unnest`; each value is cast to the target column's type. Most columns travel as
@@ -252,6 +253,20 @@ impl TableSql {
             self.one_full_row()
         )
     }
+}
+
+/// `TRUNCATE` of target tables (already quoted).
+pub fn truncate_sql(tables: &[String], cascade: bool, restart_identity: bool) -> String {
+    format!(
+        "TRUNCATE {}{}{}",
+        tables.join(", "),
+        if restart_identity {
+            " RESTART IDENTITY"
+        } else {
+            ""
+        },
+        if cascade { " CASCADE" } else { "" }
+    )
 }
 
 #[cfg(test)]

@@ -259,7 +259,7 @@ pub async fn check_replay_target(
         }
     }
     if has_applied {
-        let buffer_id = crate::apply::target::buffer_id(meta.system_identifier, &meta.slot);
+        let buffer_id = crate::apply::progress::buffer_id(meta.system_identifier, &meta.slot);
         let replayed = client
             .query_opt(
                 "SELECT 1 FROM walshift.applied WHERE buffer_id = $1",

@@ -20,7 +20,7 @@ use super::writer::{Committed, Job, Slot, Writer, partition};
 use super::{MARKER_PREFIX, Pass, ReplayConfig, ReplayReport};
 use crate::apply::fold::{BatchFolder, TableBatch};
 use crate::apply::row::{Arena, RowChange, TableShape, Val};
-use crate::apply::target;
+use crate::apply::{catalog, progress, sql};
 use crate::buffer::{BufferReader, TxnEvent};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, LogicalMessage, TypeInfo};
@@ -330,7 +330,7 @@ impl Applier {
                                 tables.extend(self.dest(*relid, lsn).await?.targets());
                             }
                             let mut stmt =
-                                target::truncate_sql(&tables, t.cascade(), t.restart_identity());
+                                sql::truncate_sql(&tables, t.cascade(), t.restart_identity());
                             if self.connections > 1 {
                                 // Only the main connection writes from here to the commit: wait
                                 // for other sessions' locks as long as it takes.
@@ -491,7 +491,7 @@ impl Applier {
         if entry.dest.is_none() {
             let dest = match &self.transform {
                 Some(m) => dest_for(&self.client, m, &entry.rel, &self.types).await?,
-                None => Dest::Same(target::map_relation(&self.client, &entry.rel).await?),
+                None => Dest::Same(catalog::map_relation(&self.client, &entry.rel).await?),
             };
             entry.shape = Some(dest.shape(relid));
             entry.dest = Some(dest);
@@ -540,7 +540,7 @@ impl Applier {
         let recorded = w
             .main()
             .client
-            .execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
+            .execute(progress::RECORD_PROGRESS, &[&buffer_id, &end])
             .await;
         let committed = match recorded {
             Ok(_) => w.main().client.batch_execute("COMMIT").await,

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use super::error::ReplayError;
+use crate::apply::catalog::{self, MappedTable};
 use crate::apply::row::TableShape;
-use crate::apply::target::{self, MappedTable};
 use crate::buffer::BufferReader;
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, LogicalMessage, Relation, TypeInfo};
@@ -88,7 +88,7 @@ pub(super) async fn dest_for(
         let plan = transform::catalog::compile(client, mapping, &source).await?;
         Ok(Dest::Mapped(Arc::new(plan)))
     } else {
-        Ok(Dest::Same(target::map_relation(client, rel).await?))
+        Ok(Dest::Same(catalog::map_relation(client, rel).await?))
     }
 }
 

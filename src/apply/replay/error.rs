@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::apply::target::TargetError;
+use crate::apply::catalog::TargetError;
 use crate::buffer::BufferError;
 use crate::lsn::Lsn;
 use crate::source::identity::IdentityError;

@@ -6,7 +6,7 @@
 //! ([`super::fold`]) and flushed as a few set-based statements per table whenever the folder
 //! holds `batch_rows` changes — so a single huge source transaction streams through bounded
 //! memory while staying one target transaction. The applied end LSN is recorded in the same
-//! target transaction ([`super::target`]). Every statement is checked to affect exactly the
+//! target transaction ([`super::progress`]). Every statement is checked to affect exactly the
 //! rows it must (the affected-row guard, [`crate::apply`]). If a batch fails or misses a row,
 //! it is rolled back and replayed in strict source order, one statement per change; a change
 //! that still fails stops replay naming the table, the source LSN and the server's error, and
@@ -21,6 +21,7 @@ mod applier;
 mod dest;
 mod error;
 mod mapped;
+pub mod sessions;
 mod statements;
 mod writer;
 
@@ -31,7 +32,7 @@ pub use error::ReplayError;
 use error::sql;
 use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
 
-use super::target;
+use super::progress;
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -152,10 +153,10 @@ pub async fn run(
 ) -> Result<ReplayReport, ReplayError> {
     let meta = BufferMeta::read(&config.buffer_dir)?
         .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
-    let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
     let writers = config
         .target
-        .with_application_name(&target::replay_application_name(&buffer_id));
+        .with_application_name(&sessions::replay_application_name(&buffer_id));
     let client = Arc::new(writers.connect().await?);
     identity::check_replay_target(
         &client,
@@ -169,15 +170,15 @@ pub async fn run(
         .batch_execute(SESSION_SETUP)
         .await
         .map_err(sql("preparing the target session"))?;
-    target::ensure_progress_table(&client).await?;
-    let ended = target::wait_for_previous_replay(&client, &buffer_id).await?;
+    progress::ensure_progress_table(&client).await?;
+    let ended = sessions::wait_for_previous_replay(&client, &buffer_id).await?;
     if ended > 0 {
         tracing::warn!(
             "ended {ended} session(s) an interrupted replay of this buffer left on the target"
         );
     }
-    let resolved = target::resolve_prepared(&client, &buffer_id).await?;
-    if resolved != target::Resolved::default() {
+    let resolved = progress::resolve_prepared(&client, &buffer_id).await?;
+    if resolved != progress::Resolved::default() {
         tracing::warn!(
             "settled the prepared transactions an interrupted replay left on the target: \
              {} committed, {} rolled back (replayed again)",
@@ -186,7 +187,7 @@ pub async fn run(
         );
     }
     let conns = connect_parts(&config, &writers, client.clone()).await?;
-    let start = target::applied_lsn(&client, &buffer_id)
+    let start = progress::applied_lsn(&client, &buffer_id)
         .await?
         .unwrap_or(Lsn::ZERO);
     let mut types = HashMap::new();

@@ -14,10 +14,10 @@ use tokio_postgres::types::ToSql;
 
 use super::dest::Dest;
 use super::error::ReplayError;
+use crate::apply::catalog::MappedTable;
 use crate::apply::fold::TableBatch;
 use crate::apply::params::{self, EncodedArray, Wire};
 use crate::apply::row::{Arena, Change, ColumnValue, Val, Value};
-use crate::apply::target::MappedTable;
 use crate::lsn::Lsn;
 
 /// A set-based write that failed.

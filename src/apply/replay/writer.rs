@@ -1,6 +1,6 @@
 //! The writer: batches written in the background over one or several target connections,
 //! the rows split by a hash of their key ([`partition`]), committed with two-phase commit when
-//! more than one connection took part (the progress row's contract: [`crate::apply::target`]).
+//! more than one connection took part (the progress row's contract: [`crate::apply::progress`]).
 //!
 //! Invariant: one job at a time, in submission order (see [`Job`]); no two connections write
 //! the same key; the main connection's part, which carries `walshift.applied`, commits last.
@@ -16,8 +16,8 @@ use super::dest::Dest;
 use super::error::{ReplayError, sql};
 use super::statements::{Conn, WriteError};
 use crate::apply::fold::TableBatch;
+use crate::apply::progress;
 use crate::apply::row::{Arena, Val};
-use crate::apply::target;
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::sql::quote_literal;
@@ -197,7 +197,7 @@ impl Writer {
         let end = c.end.to_string();
         if !self.helpers_open() {
             let main = &self.conns[0].client;
-            main.execute(target::RECORD_PROGRESS, &[&buffer_id, &end])
+            main.execute(progress::RECORD_PROGRESS, &[&buffer_id, &end])
                 .await?;
             main.batch_execute("COMMIT").await?;
             return Ok(());
@@ -210,7 +210,7 @@ impl Writer {
             .collect();
         let gids: Vec<String> = parts
             .iter()
-            .map(|&k| target::prepared_gid(buffer_id, c.end, k, parts.len()))
+            .map(|&k| progress::prepared_gid(buffer_id, c.end, k, parts.len()))
             .collect();
         let prepares = parts.iter().zip(&gids).map(|(&k, gid)| {
             let client = &self.conns[k].client;
@@ -218,12 +218,12 @@ impl Writer {
             async move {
                 if k == 0 {
                     client
-                        .execute(target::RECORD_PROGRESS, &[&buffer_id, end])
+                        .execute(progress::RECORD_PROGRESS, &[&buffer_id, end])
                         .await?;
                 } else {
                     let part = k as i32;
                     client
-                        .execute(target::RECORD_PART, &[&buffer_id, &part, end])
+                        .execute(progress::RECORD_PART, &[&buffer_id, &part, end])
                         .await?;
                 }
                 client
@@ -360,8 +360,8 @@ fn part_of(arena: &Arena, key: impl Iterator<Item = Val>, n: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::catalog::MappedTable;
     use crate::apply::sql::{TableSql, TargetColumn};
-    use crate::apply::target::MappedTable;
     use proptest::prelude::*;
 
     fn table() -> Dest {
