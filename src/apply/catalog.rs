@@ -8,11 +8,12 @@ use tokio_postgres::Client;
 use super::sql::{TableSql, TargetColumn};
 use crate::source::pgoutput::Relation;
 use crate::sql::quote_qualified;
+use crate::{SqlContext, SqlError};
 
-/// Target-side failures.
+/// The target's tables do not fit the source's relations.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum TargetError {
+pub enum CatalogError {
     #[error(
         "table {table} is in the source's changes but not on the target. If it was created on the \
          source after the clone (FOR ALL TABLES publishes new tables at once), create it on the copy \
@@ -39,32 +40,8 @@ pub enum TargetError {
     )]
     NoKey { table: String, key: Vec<String> },
 
-    #[error(
-        "{count} session(s) of a previous replay of this buffer are still on the target after \
-         {secs} s (pids {pids:?}; running: {running}); one of them could still commit a batch \
-         this replay would then apply again. End them as a superuser or the replay role \
-         (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = \
-         '{application_name}') and run replay again",
-        count = pids.len()
-    )]
-    PreviousReplayRunning {
-        pids: Vec<i32>,
-        application_name: String,
-        secs: u64,
-        running: String,
-    },
-
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-pub(super) fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> TargetError {
-    let context = context.into();
-    move |source| TargetError::Sql { context, source }
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }
 
 /// How a source relation lands on the target (identity mapping: same schema, table and column
@@ -105,7 +82,7 @@ const HAS_EQUALITY: &str = "EXISTS (SELECT 1 FROM pg_type t \
 /// key columns (INCLUDE columns are not part of it) are exactly the source's key columns, the
 /// primary key preferred. For `REPLICA IDENTITY FULL`, the target's primary key, else such a
 /// unique index on NOT NULL columns, else none (rows are matched by their whole old image).
-pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable, TargetError> {
+pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable, CatalogError> {
     let schema = if rel.namespace.is_empty() {
         "pg_catalog"
     } else {
@@ -119,9 +96,9 @@ pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable
             &[&schema, &rel.name],
         )
         .await
-        .map_err(sql(format!("looking up {name} on the target")))?;
+        .with_sql_context(|| format!("looking up {name} on the target"))?;
     if exists.is_none() {
-        return Err(TargetError::MissingTable { table: name });
+        return Err(CatalogError::MissingTable { table: name });
     }
     let rows = client
         .query(
@@ -136,7 +113,7 @@ pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable
             &[&schema, &rel.name],
         )
         .await
-        .map_err(sql(format!("reading the shape of {name} on the target")))?;
+        .with_sql_context(|| format!("reading the shape of {name} on the target"))?;
     let target: Vec<(String, String, bool, bool)> = rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
@@ -144,7 +121,7 @@ pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable
     let mut columns = Vec::with_capacity(rel.columns.len());
     for c in &rel.columns {
         let Some((_, ty, always, eq)) = target.iter().find(|t| t.0 == c.name) else {
-            return Err(TargetError::MissingColumn {
+            return Err(CatalogError::MissingColumn {
                 table: name,
                 column: c.name.clone(),
                 target: target.iter().map(|t| t.0.clone()).collect(),
@@ -174,7 +151,7 @@ pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable
             &[&schema, &rel.name],
         )
         .await
-        .map_err(sql(format!("reading the unique indexes of {name} on the target")))?
+        .with_sql_context(|| format!("reading the unique indexes of {name} on the target"))?
         .iter()
         .map(|r| KeyIndex {
             primary: r.get(0),
@@ -211,7 +188,7 @@ pub async fn map_relation(client: &Client, rel: &Relation) -> Result<MappedTable
                 full_row_identity: true,
             });
         }
-        return Err(TargetError::NoKey {
+        return Err(CatalogError::NoKey {
             table: name,
             key: source_key.iter().map(|s| s.to_string()).collect(),
         });

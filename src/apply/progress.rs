@@ -23,14 +23,14 @@
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::catalog::{TargetError, sql};
 use crate::lsn::Lsn;
 use crate::sql::{quote_ident, quote_literal};
+use crate::{SqlContext, SqlError};
 
 /// Creates `walshift.applied` and `walshift.applied_parts` if needed; safe against
 /// concurrent creators, a killed replay's session among them
 /// ([`crate::sql::create_own_objects`]).
-pub async fn ensure_progress_table(client: &Client) -> Result<(), TargetError> {
+pub async fn ensure_progress_table(client: &Client) -> Result<(), SqlError> {
     crate::sql::create_own_objects(
         client,
         "CREATE SCHEMA IF NOT EXISTS walshift;
@@ -47,7 +47,7 @@ pub async fn ensure_progress_table(client: &Client) -> Result<(), TargetError> {
              );",
     )
     .await
-    .map_err(sql("creating walshift.applied on the target"))
+    .sql_context("creating walshift.applied on the target")
 }
 
 /// The statement a helper connection records its part of a batch with, inside that part's
@@ -97,7 +97,7 @@ pub struct Resolved {
 
 /// The prepared transactions of replays of `buffer_id` on the target. Normally none, or one
 /// batch between its two commit phases while replay runs.
-pub async fn prepared(client: &Client, buffer_id: &str) -> Result<Vec<PreparedPart>, TargetError> {
+pub async fn prepared(client: &Client, buffer_id: &str) -> Result<Vec<PreparedPart>, SqlError> {
     let rows = client
         .query(
             "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() \
@@ -105,7 +105,7 @@ pub async fn prepared(client: &Client, buffer_id: &str) -> Result<Vec<PreparedPa
             &[],
         )
         .await
-        .map_err(sql("listing prepared transactions on the target"))?;
+        .sql_context("listing prepared transactions on the target")?;
     Ok(rows
         .iter()
         .filter_map(|r| {
@@ -128,7 +128,7 @@ pub async fn prepared(client: &Client, buffer_id: &str) -> Result<Vec<PreparedPa
 /// A killed replay's backends may still be finishing a `PREPARE TRANSACTION` or `COMMIT
 /// PREPARED` (the server notices the lost client only afterwards): the state is read only once
 /// no such statement is running, and read again if a transaction turns out busy or gone.
-pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolved, TargetError> {
+pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolved, SqlError> {
     let mut done = Resolved::default();
     let mut attempts = 0;
     'settle: loop {
@@ -146,7 +146,7 @@ pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolv
                 &[&buffer_id],
             )
             .await
-            .map_err(sql("reading walshift.applied_parts"))?;
+            .sql_context("reading walshift.applied_parts")?;
         let part_ends: Vec<Lsn> = parts
             .iter()
             .filter_map(|r| r.get::<_, String>(0).parse().ok())
@@ -183,10 +183,13 @@ pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolv
                     continue 'settle;
                 }
                 Err(e) => {
-                    return Err(sql(format!(
-                        "settling the prepared transaction {gid:?} a previous replay left on the target \
-                         ({verb} PREPARED); run it by hand as a superuser or the replay role, then start replay again"
-                    ))(e));
+                    return Err(SqlError::new(
+                        format!(
+                            "settling the prepared transaction {gid:?} a previous replay left on the target \
+                             ({verb} PREPARED); run it by hand as a superuser or the replay role, then start replay again"
+                        ),
+                        e,
+                    ));
                 }
             }
         }
@@ -197,7 +200,7 @@ pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolv
 
 /// Waits (up to 30 s) until no other session of this database is running one of walshift's
 /// `PREPARE TRANSACTION` / `COMMIT PREPARED` / `ROLLBACK PREPARED` statements.
-async fn wait_for_two_phase_statements(client: &Client) -> Result<(), TargetError> {
+async fn wait_for_two_phase_statements(client: &Client) -> Result<(), SqlError> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let running: i64 = client
@@ -210,7 +213,7 @@ async fn wait_for_two_phase_statements(client: &Client) -> Result<(), TargetErro
                 &[],
             )
             .await
-            .map_err(sql("looking for replay sessions still finishing a batch"))?
+            .sql_context("looking for replay sessions still finishing a batch")?
             .get(0);
         if running == 0 || std::time::Instant::now() >= deadline {
             return Ok(());
@@ -220,14 +223,14 @@ async fn wait_for_two_phase_statements(client: &Client) -> Result<(), TargetErro
 }
 
 /// The end LSN of the last transaction applied from `buffer_id`, if any.
-pub async fn applied_lsn(client: &Client, buffer_id: &str) -> Result<Option<Lsn>, TargetError> {
+pub async fn applied_lsn(client: &Client, buffer_id: &str) -> Result<Option<Lsn>, SqlError> {
     let row = client
         .query_opt(
             "SELECT end_lsn::text FROM walshift.applied WHERE buffer_id = $1",
             &[&buffer_id],
         )
         .await
-        .map_err(sql("reading walshift.applied"))?;
+        .sql_context("reading walshift.applied")?;
     Ok(row.map(|r| r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO)))
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::dest::{Dest, RelEntry, dest_for};
-use super::error::{ReplayError, sql};
+use super::error::ReplayError;
 use super::statements::WriteError;
 use super::writer::{Committed, Job, Slot, Writer, partition};
 use super::{MARKER_PREFIX, Pass, ReplayConfig, ReplayReport};
@@ -25,6 +25,7 @@ use crate::buffer::{BufferReader, TxnEvent};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, LogicalMessage, TypeInfo};
 use crate::transform::Mapping;
+use crate::{SqlContext, SqlError};
 
 /// A batch holding this many bytes of values is written as a slice of the open target
 /// transaction even before `batch_rows` changes: memory stays bounded when rows are large
@@ -548,7 +549,7 @@ impl Applier {
         };
         if let Err(e) = committed {
             w.rollback().await;
-            return Err(sql("committing a batch on the target")(e));
+            return Err(SqlError::new("committing a batch on the target", e).into());
         }
         self.committed(config, report, done);
         Ok(Ok(()))
@@ -618,7 +619,7 @@ impl Applier {
                 .client
                 .batch_execute(begin)
                 .await
-                .map_err(sql("BEGIN on the target"))?;
+                .sql_context("BEGIN on the target")?;
             batch.begun = true;
         }
         Ok(Ok(()))

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use crate::apply::catalog::TargetError;
+use crate::SqlError;
+use crate::apply::catalog::CatalogError;
 use crate::buffer::BufferError;
 use crate::lsn::Lsn;
 use crate::source::identity::IdentityError;
@@ -16,8 +17,9 @@ use crate::transform::TransformError;
 pub enum ReplayError {
     #[error(transparent)]
     Buffer(#[from] BufferError),
+    /// The target's tables do not fit the source's (a missing table, column or key).
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Target(#[from] CatalogError),
     #[error(transparent)]
     Connect(#[from] crate::Error),
     #[error(transparent)]
@@ -105,17 +107,20 @@ pub enum ReplayError {
         target: String,
         rows: i64,
     },
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
+    #[error(
+        "{count} session(s) of a previous replay of this buffer are still on the target after \
+         {secs} s (pids {pids:?}; running: {running}); one of them could still commit a batch \
+         this replay would then apply again. End them as a superuser or the replay role \
+         (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = \
+         '{application_name}') and run replay again",
+        count = pids.len()
+    )]
+    PreviousReplayRunning {
+        pids: Vec<i32>,
+        application_name: String,
+        secs: u64,
+        running: String,
     },
-}
-
-pub(super) fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> ReplayError + '_ {
-    move |source| ReplayError::Sql {
-        context: context.to_owned(),
-        source,
-    }
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }

@@ -25,11 +25,11 @@ pub mod sessions;
 mod statements;
 mod writer;
 
+use crate::SqlContext;
 use applier::{Applier, Progress};
 pub use dest::scan_relations;
 use dest::{RelEntry, dest_for};
 pub use error::ReplayError;
-use error::sql;
 use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
 
 use super::progress;
@@ -169,7 +169,7 @@ pub async fn run(
     client
         .batch_execute(SESSION_SETUP)
         .await
-        .map_err(sql("preparing the target session"))?;
+        .sql_context("preparing the target session")?;
     progress::ensure_progress_table(&client).await?;
     let ended = sessions::wait_for_previous_replay(&client, &buffer_id).await?;
     if ended > 0 {

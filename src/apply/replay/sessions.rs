@@ -12,11 +12,12 @@
 //! waits until no other session with that name is left on the target database
 //! ([`wait_for_previous_replay`]): idle ones (they can no longer commit anything) are
 //! terminated at once, running ones after a grace period, and if any is still there after
-//! [`PREVIOUS_REPLAY_WAIT`] replay stops with [`TargetError::PreviousReplayRunning`].
+//! [`PREVIOUS_REPLAY_WAIT`] replay stops with [`ReplayError::PreviousReplayRunning`].
 
 use tokio_postgres::Client;
 
-use crate::apply::catalog::{TargetError, sql};
+use super::ReplayError;
+use crate::SqlContext;
 
 /// The `application_name` of every session replay of `buffer_id` writes through (it replaces
 /// one the connection string sets): `walshift replay <slot, up to 28 characters> <16 hex
@@ -51,7 +52,7 @@ const PREVIOUS_REPLAY_GRACE: std::time::Duration = std::time::Duration::from_sec
 pub async fn wait_for_previous_replay(
     client: &Client,
     buffer_id: &str,
-) -> Result<usize, TargetError> {
+) -> Result<usize, ReplayError> {
     let (grace, limit) = (PREVIOUS_REPLAY_GRACE, PREVIOUS_REPLAY_WAIT);
     let name = replay_application_name(buffer_id);
     let started = std::time::Instant::now();
@@ -66,9 +67,7 @@ pub async fn wait_for_previous_replay(
                 &[&name],
             )
             .await
-            .map_err(sql(
-                "looking for sessions of a previous replay on the target",
-            ))?;
+            .sql_context("looking for sessions of a previous replay on the target")?;
         if rows.is_empty() {
             return Ok(terminated.len());
         }
@@ -77,7 +76,7 @@ pub async fn wait_for_previous_replay(
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect();
         if started.elapsed() >= limit {
-            return Err(TargetError::PreviousReplayRunning {
+            return Err(ReplayError::PreviousReplayRunning {
                 pids: sessions.iter().map(|s| s.0).collect(),
                 application_name: name,
                 secs: limit.as_secs(),

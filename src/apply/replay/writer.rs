@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use super::ReplayConfig;
 use super::dest::Dest;
-use super::error::{ReplayError, sql};
+use super::error::ReplayError;
 use super::statements::{Conn, WriteError};
 use crate::apply::fold::TableBatch;
 use crate::apply::progress;
@@ -21,6 +21,7 @@ use crate::apply::row::{Arena, Val};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::sql::quote_literal;
+use crate::{SqlContext, SqlError};
 
 /// Every target session replay writes through. Generic plans: a custom plan sees the batch's
 /// thousands of keys and picks a sequential scan plus hash join over the whole table; the
@@ -60,7 +61,7 @@ pub(super) async fn connect_parts(
             &[],
         )
         .await
-        .map_err(sql("reading max_prepared_transactions on the target"))?
+        .sql_context("reading max_prepared_transactions on the target")?
         .get(0);
     if allowed < wanted as i64 {
         tracing::warn!(
@@ -74,13 +75,13 @@ pub(super) async fn connect_parts(
         .client
         .batch_execute(PART_LOCK_TIMEOUT)
         .await
-        .map_err(sql("preparing the target session"))?;
+        .sql_context("preparing the target session")?;
     for _ in 1..wanted {
         let client = writers.connect().await?;
         client
             .batch_execute(&format!("{SESSION_SETUP}; {PART_LOCK_TIMEOUT}"))
             .await
-            .map_err(sql("preparing a target session"))?;
+            .sql_context("preparing a target session")?;
         conns.push(Conn {
             client: Arc::new(client),
             statements: HashMap::new(),
@@ -273,15 +274,18 @@ impl Writer {
                 .await,
         );
         if let Some(e) = outcomes.into_iter().find_map(Result::err) {
-            return Err(WriteError::Fatal(ReplayError::Sql {
-                context: format!(
-                    "COMMIT PREPARED of the batch ending at {} failed after every part was \
-                     prepared; the batch is decided: start replay again and it commits what is \
-                     left (prepared transactions \"walshift … {}\" on the target)",
-                    c.end, buffer_id
-                ),
-                source: e,
-            }));
+            return Err(WriteError::Fatal(
+                SqlError::new(
+                    format!(
+                        "COMMIT PREPARED of the batch ending at {} failed after every part was \
+                         prepared; the batch is decided: start replay again and it commits what is \
+                         left (prepared transactions \"walshift … {}\" on the target)",
+                        c.end, buffer_id
+                    ),
+                    e,
+                )
+                .into(),
+            ));
         }
         Ok(())
     }
