@@ -19,9 +19,15 @@
 //! the rest are committed. Otherwise the crash came before the last PREPARE, no COMMIT PREPARED
 //! was ever sent, and the prepared parts are rolled back; replay redoes the batch.
 //!
+//! **Reading it back** goes through [`read_applied`] (or [`find_applied`], where the table may
+//! not exist yet), for replay and for everyone watching it. A recorded position is read as the
+//! `pg_lsn` it is stored as; one that does not read as an LSN is an error naming the row, never
+//! a guess (read as zero, replay would apply the whole buffer again; read as absent, a cutover
+//! would wait for a position it already has).
 
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::{Client, Row};
 
 use crate::lsn::Lsn;
 use crate::sql::{quote_ident, quote_literal};
@@ -139,18 +145,26 @@ pub async fn resolve_prepared(client: &Client, buffer_id: &str) -> Result<Resolv
             return Ok(done);
         }
         ours.sort_by_key(|p| (p.end, std::cmp::Reverse(p.part)));
-        let applied = applied_lsn(client, buffer_id).await?.unwrap_or(Lsn::ZERO);
+        let applied = read_applied(client, buffer_id).await?.unwrap_or(Lsn::ZERO);
         let parts = client
             .query(
-                "SELECT end_lsn::text FROM walshift.applied_parts WHERE buffer_id = $1",
+                "SELECT part, end_lsn FROM walshift.applied_parts WHERE buffer_id = $1",
                 &[&buffer_id],
             )
             .await
             .sql_context("reading walshift.applied_parts")?;
         let part_ends: Vec<Lsn> = parts
             .iter()
-            .filter_map(|r| r.get::<_, String>(0).parse().ok())
-            .collect();
+            .map(|r| {
+                position(r, 1, || {
+                    format!(
+                        "reading walshift.applied_parts: the row of buffer {buffer_id} part {} \
+                         holds no LSN",
+                        r.get::<_, i32>(0)
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let all_prepared =
             |end: Lsn, parts: usize| ours.iter().filter(|p| p.end == end).count() == parts;
         let decisions: Vec<(bool, String)> = ours
@@ -222,16 +236,48 @@ async fn wait_for_two_phase_statements(client: &Client) -> Result<(), SqlError> 
     }
 }
 
-/// The end LSN of the last transaction applied from `buffer_id`, if any.
-pub async fn applied_lsn(client: &Client, buffer_id: &str) -> Result<Option<Lsn>, SqlError> {
+/// The end LSN of the last transaction applied from `buffer_id`, if any. `walshift.applied`
+/// must exist ([`ensure_progress_table`]); [`find_applied`] where it may not.
+pub async fn read_applied(client: &Client, buffer_id: &str) -> Result<Option<Lsn>, SqlError> {
     let row = client
         .query_opt(
-            "SELECT end_lsn::text FROM walshift.applied WHERE buffer_id = $1",
+            "SELECT end_lsn FROM walshift.applied WHERE buffer_id = $1",
             &[&buffer_id],
         )
         .await
         .sql_context("reading walshift.applied")?;
-    Ok(row.map(|r| r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO)))
+    row.map(|r| {
+        position(&r, 0, || {
+            format!("reading walshift.applied: the row of buffer {buffer_id} holds no LSN")
+        })
+    })
+    .transpose()
+}
+
+/// As [`read_applied`], on a target that may have no `walshift.applied` (nothing was ever
+/// replayed into it): `None` then.
+pub async fn find_applied(client: &Client, buffer_id: &str) -> Result<Option<Lsn>, SqlError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('walshift.applied') IS NOT NULL", &[])
+        .await
+        .sql_context("looking for walshift.applied on the target")?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    read_applied(client, buffer_id).await
+}
+
+/// Column `col` of a progress row as the LSN it records; an error naming the row (`what`)
+/// otherwise.
+fn position<C: Into<String>>(
+    row: &Row,
+    col: usize,
+    what: impl FnOnce() -> C,
+) -> Result<Lsn, SqlError> {
+    row.try_get::<_, PgLsn>(col)
+        .map(|l| Lsn(u64::from(l)))
+        .with_sql_context(what)
 }
 
 /// The statement recording progress; run inside the batch's transaction. Parameters:

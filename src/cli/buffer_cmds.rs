@@ -91,17 +91,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             let target = crate::conn::ConnInfo::parse(t).context("--target")?;
             let client = target.connect().await?;
             let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
-            let exists: bool = client
-                .query_one("SELECT to_regclass('walshift.applied') IS NOT NULL", &[])
-                .await
-                .context("reading the target")?
-                .get(0);
             prepared = crate::apply::progress::prepared(&client, &id).await?.len();
-            Some(if exists {
-                crate::apply::progress::applied_lsn(&client, &id).await?
-            } else {
-                None
-            })
+            Some(crate::apply::progress::find_applied(&client, &id).await?)
         }
         (Some(_), None) => anyhow::bail!(
             "{} has no buffer.json: not a walshift buffer",

@@ -198,12 +198,10 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
             .ok()
             .and_then(|s| s.last_commit.map(|c| c.end_lsn))
             .unwrap_or_default();
-        let applied: Lsn = progress
-            .query_opt("SELECT end_lsn::text FROM walshift.applied", &[])
+        let applied: Lsn = crate::apply::progress::read_applied(&progress, &buffer_id)
             .await
             .ok()
             .flatten()
-            .and_then(|r| r.get::<_, String>(0).parse().ok())
             .unwrap_or_default();
         say(&format!(
             "  {s:>2}s  site committed {:>5} txns | buffer durable to {buffered} | copy applied to {applied} (lag {} bytes)",

@@ -443,9 +443,9 @@ impl Ctx<'_> {
                 return Ok(lsn);
             }
             self.check_own().await?;
-            let applied = coord::applied(&self.target_aux, &self.buffer_id)
+            let applied = progress::read_applied(&self.target_aux, &self.buffer_id)
                 .await
-                .map_err(sql_err("reading walshift.applied on the target"))?;
+                .map_err(|e| sql_err("reading walshift.applied on the target")(e.source))?;
             if applied != last {
                 last = applied;
                 since = Instant::now();

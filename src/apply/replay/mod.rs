@@ -187,7 +187,7 @@ pub async fn run(
         );
     }
     let conns = connect_parts(&config, &writers, client.clone()).await?;
-    let start = progress::applied_lsn(&client, &buffer_id)
+    let start = progress::read_applied(&client, &buffer_id)
         .await?
         .unwrap_or(Lsn::ZERO);
     let mut types = HashMap::new();

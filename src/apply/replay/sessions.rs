@@ -47,7 +47,7 @@ const PREVIOUS_REPLAY_GRACE: std::time::Duration = std::time::Duration::from_sec
 /// left on the target database; see the module docs. Call with the replay lock held and only
 /// `client` of this replay connected, before
 /// [`resolve_prepared`](crate::apply::progress::resolve_prepared) and
-/// [`applied_lsn`](crate::apply::progress::applied_lsn). Returns how many sessions it
+/// [`read_applied`](crate::apply::progress::read_applied). Returns how many sessions it
 /// terminated.
 pub async fn wait_for_previous_replay(
     client: &Client,
