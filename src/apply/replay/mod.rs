@@ -54,7 +54,8 @@ pub struct ReplayConfig {
     /// Changes folded before they are written (and, at a transaction boundary, committed).
     /// Default 50 000. Larger batches fold more and commit less often; they hold more memory
     /// (at most twice this many changes: a huge transaction is written in slices of this
-    /// size inside one target transaction) and make a retry in strict order longer.
+    /// size inside one target transaction) and make a retry in strict order longer. 0 behaves
+    /// as 1.
     pub batch_rows: usize,
     /// Longest a batch stays open before it is committed at the next transaction boundary.
     /// Default 200 ms. Bounds how far the target lags under light load.
@@ -70,7 +71,8 @@ pub struct ReplayConfig {
     /// otherwise). Trade-off: the target's work on a batch runs on several backends (and
     /// cores) at once; the parts of a batch become visible a few milliseconds apart (never
     /// the progress row before the rows it covers), and a replay killed between prepare and
-    /// commit leaves prepared transactions (holding locks) until replay starts again.
+    /// commit leaves prepared transactions (holding locks) until replay starts again. 0
+    /// behaves as 1.
     pub apply_connections: usize,
     /// How the target got its rows. Default [`TargetOrigin::ClonedByWalshift`]: replay
     /// refuses a target without a clone record of this buffer's source and slot (unless this
@@ -102,6 +104,14 @@ impl ReplayConfig {
             apply_connections: DEFAULT_APPLY_CONNECTIONS,
             target_origin: TargetOrigin::default(),
         }
+    }
+
+    /// The settings as replay runs with them: the one place they are checked, so callers
+    /// pass what the operator gave. A batch of 0 rows and 0 connections behave as 1.
+    fn normalised(mut self) -> Self {
+        self.batch_rows = self.batch_rows.max(1);
+        self.apply_connections = self.apply_connections.max(1);
+        self
     }
 }
 
@@ -151,6 +161,7 @@ pub async fn run(
     config: ReplayConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<ReplayReport, ReplayError> {
+    let config = config.normalised();
     let meta = BufferMeta::read(&config.buffer_dir)?
         .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
     let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);

@@ -46,7 +46,7 @@ pub(super) async fn connect_parts(
     writers: &ConnInfo,
     main: Arc<Client>,
 ) -> Result<Vec<Conn>, ReplayError> {
-    let wanted = config.apply_connections.max(1);
+    let wanted = config.apply_connections;
     let mut conns = vec![Conn {
         client: main,
         statements: HashMap::new(),
