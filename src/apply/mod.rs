@@ -1,5 +1,17 @@
 //! Replay's apply path: turning buffered row changes into set-based statements on the target.
 //!
+//! - [`replay`]: the run — read the buffer, fold batches, write them exactly once (its files:
+//!   `error`, `dest` where rows go, `applier`, `writer` the pipelined two-phase writer,
+//!   `statements` the set-based and strict-order statements, `mapped` through a transform,
+//!   [`replay::sessions`] replay's sessions on the target).
+//! - [`row`]: the row model — values, the batch arena, changes, table shapes.
+//! - [`fold`]: a batch's net effect per key and the statement order that makes it safe.
+//! - [`sql`]: the statements' text; [`params`]: their array parameters, binary where it pays.
+//! - [`catalog`]: target table shapes matched against the source's Relation messages.
+//! - [`progress`]: `walshift.applied` — the exactly-once record, two-phase gids, settling
+//!   prepared transactions; the only reader of the applied position.
+//! - [`hold`]: holds — a following replay told to stop at a position (online verify).
+//!
 //! # The affected-row guard
 //!
 //! Replay never lets a change go missing silently. Every statement it runs is checked against
