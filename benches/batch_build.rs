@@ -8,7 +8,8 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use walshift::apply::fold::{BatchFolder, Change, ColumnValue, TableShape, Value};
+use walshift::apply::fold::BatchFolder;
+use walshift::apply::row::{Change, ColumnValue, TableShape, Value};
 
 const CHANGES: usize = 10_000;
 const INITIAL_ROWS: i64 = 200_000;

@@ -1,4 +1,4 @@
-//! Encoding one batch column of 10,000 values into its statement parameter (`apply::wire`):
+//! Encoding one batch column of 10,000 values into its statement parameter (`apply::params`):
 //! the binary array built straight from the values' bytes (`encode_array`), for a bigint, a
 //! timestamptz and a text column with a few NULLs.
 //!
@@ -9,7 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::types::{ToSql, Type};
-use walshift::apply::wire::{self, Wire};
+use walshift::apply::params::{self, Wire};
 
 const VALUES: usize = 10_000;
 
@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("{name}/encoded_array"), |b| {
             b.iter(|| {
                 out.clear();
-                wire::encode_array(*wire, raw())
+                params::encode_array(*wire, raw())
                     .unwrap()
                     .to_sql_checked(ty, &mut out)
                     .unwrap();

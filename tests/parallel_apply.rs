@@ -1,12 +1,12 @@
 //! Replay over several target connections: the same result as one connection, a fallback
 //! when the target allows no prepared transactions, and the prepared transactions an
-//! interrupted replay leaves settled by the rule in `apply::target` (commit when any part of
+//! interrupted replay leaves settled by the rule in `apply::progress` (commit when any part of
 //! the batch committed, else roll back and replay).
 
 mod common;
 
+use walshift::apply::progress;
 use walshift::apply::replay::{self, ReplayConfig, ReplayReport, TargetOrigin};
-use walshift::apply::target;
 use walshift::buffer::BufferMeta;
 use walshift::conn::ConnInfo;
 use walshift::localpg::{Cluster, ClusterOptions};
@@ -50,15 +50,15 @@ async fn prepare_part(
     .unwrap();
     let end_text = end.to_string();
     if part == 0 {
-        c.execute(target::RECORD_PROGRESS, &[&id, &end_text])
+        c.execute(progress::RECORD_PROGRESS, &[&id, &end_text])
             .await
             .unwrap();
     } else {
-        c.execute(target::RECORD_PART, &[&id, &(part as i32), &end_text])
+        c.execute(progress::RECORD_PART, &[&id, &(part as i32), &end_text])
             .await
             .unwrap();
     }
-    let gid = target::prepared_gid(id, end, part, 2);
+    let gid = progress::prepared_gid(id, end, part, 2);
     c.batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
         .await
         .unwrap();
@@ -184,12 +184,12 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
         .unwrap();
     common::capture_until_now(&source, dir.path()).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
-    let id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let id = progress::buffer_id(meta.system_identifier, &meta.slot);
 
     // Decided: part 1 (ids 51..100) committed, part 0 (ids 1..50 + progress) prepared.
     let c0 = decided.connect("postgres").await.unwrap();
     let c1 = decided.connect("postgres").await.unwrap();
-    target::ensure_progress_table(&c0).await.unwrap();
+    progress::ensure_progress_table(&c0).await.unwrap();
     let gid1 = prepare_part(&c1, &id, end, 1, "generate_series(51, 100) g").await;
     c1.batch_execute(&format!("COMMIT PREPARED '{gid1}'"))
         .await
@@ -216,7 +216,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     // both are committed.
     let c0 = all_prepared.connect("postgres").await.unwrap();
     let c1 = all_prepared.connect("postgres").await.unwrap();
-    target::ensure_progress_table(&c0).await.unwrap();
+    progress::ensure_progress_table(&c0).await.unwrap();
     prepare_part(&c0, &id, end, 0, "generate_series(1, 50) g").await;
     prepare_part(&c1, &id, end, 1, "generate_series(51, 100) g").await;
     drop((c0, c1));
@@ -231,7 +231,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     // and the whole buffer is replayed.
     let c0 = undecided.connect("postgres").await.unwrap();
     let c1 = undecided.connect("postgres").await.unwrap();
-    target::ensure_progress_table(&c0).await.unwrap();
+    progress::ensure_progress_table(&c0).await.unwrap();
     prepare_part(&c0, &id, end, 0, "(VALUES (900)) v(g)").await;
     c1.batch_execute("BEGIN; INSERT INTO accounts VALUES (901, 'never', 0, NULL)")
         .await
@@ -278,10 +278,10 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
     let dir = tempfile::tempdir().unwrap();
     common::capture_until_now(&source, dir.path()).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
-    let id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let id = progress::buffer_id(meta.system_identifier, &meta.slot);
     let info = ConnInfo::parse(&target.conn_string("postgres"))
         .unwrap()
-        .with_application_name(&target::replay_application_name(&id));
+        .with_application_name(&replay::sessions::replay_application_name(&id));
     let batch = |rows: &str, end: walshift::lsn::Lsn| {
         format!(
             "BEGIN; INSERT INTO ledger VALUES {rows}; \
@@ -305,7 +305,7 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
         .unwrap()
         .end_lsn;
     let previous = info.connect().await.unwrap();
-    target::ensure_progress_table(&previous).await.unwrap();
+    progress::ensure_progress_table(&previous).await.unwrap();
     let last_statement = format!(
         "{}; SELECT pg_sleep(2); COMMIT",
         batch("(1, 'one'), (2, 'two')", end)

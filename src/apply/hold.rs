@@ -32,9 +32,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::target::TargetError;
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
+use crate::{SqlContext, SqlError};
 
 /// How often replay reads the hold row.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -52,17 +52,12 @@ const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS walshift;
        reached_at         timestamptz
      );";
 
-fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> TargetError {
-    let context = context.into();
-    move |source| TargetError::Sql { context, source }
-}
-
 /// Creates `walshift.hold` (and its generation sequence) if needed; safe against concurrent
 /// creators ([`crate::sql::create_own_objects`]).
-pub async fn ensure_table(client: &Client) -> Result<(), TargetError> {
+pub async fn ensure_table(client: &Client) -> Result<(), SqlError> {
     crate::sql::create_own_objects(client, CREATE)
         .await
-        .map_err(sql("creating walshift.hold on the target"))
+        .sql_context("creating walshift.hold on the target")
 }
 
 /// A live hold as replay sees it.
@@ -104,7 +99,7 @@ impl Drop for HoldWatch {
     }
 }
 
-async fn read_hold(client: &Client, buffer_id: &str) -> Result<Option<HoldState>, TargetError> {
+async fn read_hold(client: &Client, buffer_id: &str) -> Result<Option<HoldState>, SqlError> {
     let row = client
         .query_opt(
             "SELECT generation, hold_lsn::text FROM walshift.hold \
@@ -112,7 +107,7 @@ async fn read_hold(client: &Client, buffer_id: &str) -> Result<Option<HoldState>
             &[&buffer_id],
         )
         .await
-        .map_err(sql("reading walshift.hold on the target"))?;
+        .sql_context("reading walshift.hold on the target")?;
     Ok(row.and_then(|r| {
         Some(HoldState {
             generation: r.get(0),
@@ -172,7 +167,7 @@ impl HoldWatch {
         }
     }
 
-    async fn report(&mut self, generation: i64, applied: Lsn) -> Result<(), TargetError> {
+    async fn report(&mut self, generation: i64, applied: Lsn) -> Result<(), SqlError> {
         if self.reported == Some(generation) {
             return Ok(());
         }
@@ -184,7 +179,7 @@ impl HoldWatch {
                 &[&self.buffer_id, &generation, &applied.to_string()],
             )
             .await
-            .map_err(sql("recording the hold reached in walshift.hold"))?;
+            .sql_context("recording the hold reached in walshift.hold")?;
         tracing::info!(generation, applied = %applied, "replay holding");
         self.reported = Some(generation);
         Ok(())
@@ -198,7 +193,7 @@ impl HoldWatch {
         applied: Lsn,
         begin_payload: &[u8],
         shutdown: &mut std::pin::Pin<&mut F>,
-    ) -> Result<bool, TargetError> {
+    ) -> Result<bool, SqlError> {
         let Some(commit) = begin_commit_lsn(begin_payload) else {
             return Ok(true);
         };
@@ -225,7 +220,7 @@ impl HoldWatch {
     /// Replay has applied and committed everything the buffer holds (`applied`) and is about
     /// to read it again: records a hold whose generation was already known at the previous
     /// such visit (a read of the buffer lies in between).
-    pub async fn at_end(&mut self, applied: Lsn) -> Result<(), TargetError> {
+    pub async fn at_end(&mut self, applied: Lsn) -> Result<(), SqlError> {
         let state = *self.rx.borrow();
         match state {
             Some(h) => {
@@ -255,7 +250,7 @@ pub enum HoldError {
     )]
     Lost,
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Sql(#[from] SqlError),
 }
 
 /// Sets (or moves) the hold of `buffer_id` to `lsn` for `holder`, live for `ttl`; returns its
@@ -281,7 +276,7 @@ pub async fn set(
             &[&buffer_id, &holder, &lsn.to_string(), &ttl.as_secs_f64()],
         )
         .await
-        .map_err(sql("setting the hold in walshift.hold on the target"))?;
+        .sql_context("setting the hold in walshift.hold on the target")?;
     if let Some(r) = row {
         return Ok(r.get(0));
     }
@@ -291,7 +286,7 @@ pub async fn set(
             &[&buffer_id],
         )
         .await
-        .map_err(sql("reading walshift.hold on the target"))?;
+        .sql_context("reading walshift.hold on the target")?;
     Err(match other {
         Some(r) => HoldError::HeldByOther {
             holder: r.get(0),
@@ -317,7 +312,7 @@ pub async fn poll(
             &[&buffer_id, &holder, &ttl.as_secs_f64()],
         )
         .await
-        .map_err(sql("refreshing the hold in walshift.hold on the target"))?
+        .sql_context("refreshing the hold in walshift.hold on the target")?
         .ok_or(HoldError::Lost)?;
     let generation: Option<i64> = row.get(0);
     let lsn = row
@@ -334,7 +329,7 @@ pub async fn release(client: &Client, buffer_id: &str, holder: &str) -> Result<(
             &[&buffer_id, &holder],
         )
         .await
-        .map_err(sql("releasing the hold in walshift.hold on the target"))?;
+        .sql_context("releasing the hold in walshift.hold on the target")?;
     Ok(())
 }
 

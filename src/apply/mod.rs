@@ -1,5 +1,17 @@
 //! Replay's apply path: turning buffered row changes into set-based statements on the target.
 //!
+//! - [`replay`]: the run — read the buffer, fold batches, write them exactly once (its files:
+//!   `error`, `dest` where rows go, `applier`, `writer` the pipelined two-phase writer,
+//!   `statements` the set-based and strict-order statements, `mapped` through a transform,
+//!   [`replay::sessions`] replay's sessions on the target).
+//! - [`row`]: the row model — values, the batch arena, changes, table shapes.
+//! - [`fold`]: a batch's net effect per key and the statement order that makes it safe.
+//! - [`sql`]: the statements' text; [`params`]: their array parameters, binary where it pays.
+//! - [`catalog`]: target table shapes matched against the source's Relation messages.
+//! - [`progress`]: `walshift.applied` — the exactly-once record, two-phase gids, settling
+//!   prepared transactions; the only reader of the applied position.
+//! - [`hold`]: holds — a following replay told to stop at a position (online verify).
+//!
 //! # The affected-row guard
 //!
 //! Replay never lets a change go missing silently. Every statement it runs is checked against
@@ -32,9 +44,26 @@
 //! * Under `REPLICA IDENTITY FULL` without a target key, one of several identical rows is
 //!   changed (they are indistinguishable).
 
+pub mod catalog;
 pub mod fold;
 pub mod hold;
+pub mod params;
+pub mod progress;
 pub mod replay;
+pub mod row;
 pub mod sql;
-pub mod target;
-pub mod wire;
+
+/// Temporary (issue 12): the two paths `src/cutover/` still names (`cutover/mod.rs`,
+/// `cutover/live.rs`), kept only until the cutover split switches them to [`progress`] (and
+/// maps a [`crate::SqlError`] into `ReplayError::Sql`); then this module goes.
+#[doc(hidden)]
+pub mod target {
+    pub use super::progress::buffer_id;
+
+    /// [`super::progress::ensure_progress_table`], its error as cutover still expects it.
+    pub async fn ensure_progress_table(
+        client: &tokio_postgres::Client,
+    ) -> Result<(), super::catalog::CatalogError> {
+        Ok(super::progress::ensure_progress_table(client).await?)
+    }
+}

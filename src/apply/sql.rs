@@ -1,10 +1,11 @@
-//! The set-based statements replay sends to the target, as text (no I/O).
+//! The statements replay sends to the target, as text (no I/O): set-based writes, the
+//! one-row writes of strict order, and `TRUNCATE`.
 //!
 //! Every statement takes one array parameter per column and turns the arrays back into rows
 //! with `unnest`; each value is cast to the target column's type. Most columns travel as
 //! `text[]`, parsed by PostgreSQL's own input function (the inverse of the text output
 //! pgoutput sends); integers, booleans and timestamps may travel as typed binary arrays
-//! ([`super::wire`]), the cast then a no-op. So a batch of any size is a fixed handful of
+//! ([`super::params`]), the cast then a no-op. So a batch of any size is a fixed handful of
 //! statements per table.
 
 use crate::sql::quote_ident;
@@ -103,7 +104,7 @@ impl TableSql {
     }
 
     /// `DELETE … USING unnest(keys)`: parameters are the key columns, in `key` order, as
-    /// arrays of the types in `arrays` (`text[]` unless [`super::wire`] says otherwise).
+    /// arrays of the types in `arrays` (`text[]` unless [`super::params`] says otherwise).
     pub fn delete(&self, arrays: &[&str]) -> String {
         debug_assert_eq!(arrays.len(), self.key.len());
         format!(
@@ -252,6 +253,20 @@ impl TableSql {
             self.one_full_row()
         )
     }
+}
+
+/// `TRUNCATE` of target tables (already quoted).
+pub fn truncate_sql(tables: &[String], cascade: bool, restart_identity: bool) -> String {
+    format!(
+        "TRUNCATE {}{}{}",
+        tables.join(", "),
+        if restart_identity {
+            " RESTART IDENTITY"
+        } else {
+            ""
+        },
+        if cascade { " CASCADE" } else { "" }
+    )
 }
 
 #[cfg(test)]

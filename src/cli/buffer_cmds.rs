@@ -90,18 +90,9 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         (Some(t), Some(m)) => {
             let target = crate::conn::ConnInfo::parse(t).context("--target")?;
             let client = target.connect().await?;
-            let id = crate::apply::target::buffer_id(m.system_identifier, &m.slot);
-            let exists: bool = client
-                .query_one("SELECT to_regclass('walshift.applied') IS NOT NULL", &[])
-                .await
-                .context("reading the target")?
-                .get(0);
-            prepared = crate::apply::target::prepared(&client, &id).await?.len();
-            Some(if exists {
-                crate::apply::target::applied_lsn(&client, &id).await?
-            } else {
-                None
-            })
+            let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
+            prepared = crate::apply::progress::prepared(&client, &id).await?.len();
+            Some(crate::apply::progress::find_applied(&client, &id).await?)
         }
         (Some(_), None) => anyhow::bail!(
             "{} has no buffer.json: not a walshift buffer",

@@ -71,7 +71,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     // sees that a replay is already running.
     let _guard = match crate::buffer::BufferMeta::read(&config.buffer_dir)? {
         Some(m) => {
-            let id = crate::apply::target::buffer_id(m.system_identifier, &m.slot);
+            let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
             let wait = Duration::from_secs(10);
             Some(
                 crate::cutover::coord::ReplayGuard::acquire_within(&config.target, &id, wait)

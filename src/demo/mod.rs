@@ -175,7 +175,7 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
     // leaves the draining to this follower instead of starting a replay of its own.
     let meta = crate::buffer::BufferMeta::read(&buffer_dir)?
         .ok_or_else(|| DemoError::Mismatch("capture wrote no buffer.json".into()))?;
-    let buffer_id = crate::apply::target::buffer_id(meta.system_identifier, &meta.slot);
+    let buffer_id = crate::apply::progress::buffer_id(meta.system_identifier, &meta.slot);
     let replay_lock = crate::cutover::coord::ReplayGuard::try_acquire(&target_conn, &buffer_id)
         .await?
         .ok_or_else(|| DemoError::Mismatch("another replay holds the target".into()))?;
@@ -198,12 +198,10 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
             .ok()
             .and_then(|s| s.last_commit.map(|c| c.end_lsn))
             .unwrap_or_default();
-        let applied: Lsn = progress
-            .query_opt("SELECT end_lsn::text FROM walshift.applied", &[])
+        let applied: Lsn = crate::apply::progress::read_applied(&progress, &buffer_id)
             .await
             .ok()
             .flatten()
-            .and_then(|r| r.get::<_, String>(0).parse().ok())
             .unwrap_or_default();
         say(&format!(
             "  {s:>2}s  site committed {:>5} txns | buffer durable to {buffered} | copy applied to {applied} (lag {} bytes)",

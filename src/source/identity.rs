@@ -253,14 +253,13 @@ pub async fn check_replay_target(
         return Ok(());
     }
     let read = |e| probe_err("target", target_name)(e);
-    let (has_state, has_applied): (bool, bool) = client
+    let has_state: bool = client
         .query_one(
-            "SELECT to_regclass('walshift.clone_state') IS NOT NULL, \
-                    to_regclass('walshift.applied') IS NOT NULL",
+            "SELECT to_regclass('walshift.clone_state') IS NOT NULL",
             &[],
         )
         .await
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| r.get(0))
         .map_err(read)?;
     // Through jsonb: records written before the origin columns existed read too.
     let record: Option<serde_json::Value> = if has_state {
@@ -293,19 +292,13 @@ pub async fn check_replay_target(
             return Ok(());
         }
     }
-    if has_applied {
-        let buffer_id = crate::apply::target::buffer_id(meta.system_identifier, &meta.slot);
-        let replayed = client
-            .query_opt(
-                "SELECT 1 FROM walshift.applied WHERE buffer_id = $1",
-                &[&buffer_id],
-            )
-            .await
-            .map_err(read)?
-            .is_some();
-        if replayed {
-            return Ok(());
-        }
+    let buffer_id = crate::apply::progress::buffer_id(meta.system_identifier, &meta.slot);
+    let replayed = crate::apply::progress::find_applied(client, &buffer_id)
+        .await
+        .map_err(|e| read(e.source))?
+        .is_some();
+    if replayed {
+        return Ok(());
     }
     let found = match &record {
         None => String::new(),

@@ -42,7 +42,7 @@ use super::{
     build_checks, first_differences, not_checked, session_settings, sql_err,
 };
 use crate::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
-use crate::apply::{hold, target};
+use crate::apply::{hold, progress};
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
 use crate::cutover::coord;
@@ -143,7 +143,7 @@ pub async fn verify_online(
                 buffer_dir.display()
             ))
         })?;
-    let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
+    let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
     let (source, source_aux, target, target_aux) = (
         source_info.connect().await?,
         source_info.connect().await?,
@@ -164,7 +164,7 @@ pub async fn verify_online(
     hold::ensure_table(&target)
         .await
         .map_err(|e| VerifyError::Online(e.to_string()))?;
-    target::ensure_progress_table(&target)
+    progress::ensure_progress_table(&target)
         .await
         .map_err(|e| VerifyError::Online(e.to_string()))?;
     let settings = session_settings(&target).await?;
@@ -443,9 +443,9 @@ impl Ctx<'_> {
                 return Ok(lsn);
             }
             self.check_own().await?;
-            let applied = coord::applied(&self.target_aux, &self.buffer_id)
+            let applied = progress::read_applied(&self.target_aux, &self.buffer_id)
                 .await
-                .map_err(sql_err("reading walshift.applied on the target"))?;
+                .map_err(|e| sql_err("reading walshift.applied on the target")(e.source))?;
             if applied != last {
                 last = applied;
                 since = Instant::now();

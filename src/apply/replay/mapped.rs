@@ -19,8 +19,18 @@
 //! its old key if it moved), so a row that starts passing the filter is inserted and one that
 //! stops passing is deleted.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::error::ReplayError;
+use super::statements::{Conn, WriteError, expect_rows, text_params};
+use crate::apply::fold::TableBatch;
+use crate::apply::params::EncodedArray;
+use crate::apply::row::{Arena, Change, ColumnValue, Val};
+use crate::lsn::Lsn;
+use crate::transform::SourcePlan;
 use crate::transform::sql as tsql;
+use tokio_postgres::types::ToSql;
 
 impl Conn {
     /// The folded batch of one source table, through its plan.
@@ -107,7 +117,7 @@ impl Conn {
     /// Updates of existing rows that know the same source columns: (key before the batch,
     /// image) pairs.
     #[allow(clippy::too_many_arguments)]
-    async fn update_mapped(
+    pub(super) async fn update_mapped(
         &mut self,
         plan: &Arc<SourcePlan>,
         ti: usize,

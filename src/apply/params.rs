@@ -1,4 +1,5 @@
-//! Binary wire forms for the column types whose text input costs the target most (no I/O).
+//! Statement parameters: one array per batch column, in binary wire form for the column types
+//! whose text input costs the target most (no I/O).
 //!
 //! pgoutput sends values as text; replay used to ship every column as a `text[]` and let the
 //! target parse each value with the column type's input function. For integers, booleans and

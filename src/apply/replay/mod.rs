@@ -1,0 +1,379 @@
+//! Replay: buffered source transactions, in commit order, into the target — batched, folded
+//! to their net effect, written set-based, exactly once.
+//!
+//! Consecutive source transactions form one target transaction (never splitting a source
+//! transaction across two target commits). Inside it, changes are folded per key
+//! ([`super::fold`]) and flushed as a few set-based statements per table whenever the folder
+//! holds `batch_rows` changes — so a single huge source transaction streams through bounded
+//! memory while staying one target transaction. The applied end LSN is recorded in the same
+//! target transaction ([`super::progress`]). Every statement is checked to affect exactly the
+//! rows it must (the affected-row guard, [`crate::apply`]). If a batch fails or misses a row,
+//! it is rolled back and replayed in strict source order, one statement per change; a change
+//! that still fails stops replay naming the table, the source LSN and the server's error, and
+//! one that still misses its row stops it with [`ReplayError::Diverged`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod applier;
+mod dest;
+mod error;
+mod mapped;
+pub mod sessions;
+mod statements;
+mod writer;
+
+use crate::SqlContext;
+use applier::{Applier, Progress};
+pub use dest::scan_relations;
+use dest::{RelEntry, dest_for};
+pub use error::ReplayError;
+use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
+
+use super::progress;
+use crate::buffer::BufferMeta;
+use crate::conn::ConnInfo;
+use crate::lsn::Lsn;
+use crate::source::identity;
+pub use crate::source::identity::TargetOrigin;
+use crate::transform::{self, Mapping, TableName, TransformError};
+
+/// What to replay and how. Every field documents its default and trade-off.
+#[derive(Clone, Debug)]
+pub struct ReplayConfig {
+    /// Buffer written by capture.
+    pub buffer_dir: PathBuf,
+    /// The target database (the copy).
+    pub target: ConnInfo,
+    /// Keep applying as capture appends. Default false: stop at the end of the buffer.
+    pub follow: bool,
+    /// Stop after the transaction ending at or after this LSN. Default: none.
+    pub until_lsn: Option<Lsn>,
+    /// Changes folded before they are written (and, at a transaction boundary, committed).
+    /// Default 50 000. Larger batches fold more and commit less often; they hold more memory
+    /// (at most twice this many changes: a huge transaction is written in slices of this
+    /// size inside one target transaction) and make a retry in strict order longer. 0 behaves
+    /// as 1.
+    pub batch_rows: usize,
+    /// Longest a batch stays open before it is committed at the next transaction boundary.
+    /// Default 200 ms. Bounds how far the target lags under light load.
+    pub batch_time: Duration,
+    /// Print a progress line once a second. Default false (the CLI turns it on).
+    pub progress: bool,
+    /// The migration mapping rows go through. Default none: every table onto the same-named
+    /// target table and columns. Tables the mapping does not name map onto themselves.
+    pub transform: Option<Arc<Mapping>>,
+    /// Target connections a batch is written over, split by a hash of each row's key.
+    /// Default 2. More than one uses two-phase commit and needs `max_prepared_transactions`
+    /// of at least this on the target (replay falls back to one connection, saying so,
+    /// otherwise). Trade-off: the target's work on a batch runs on several backends (and
+    /// cores) at once; the parts of a batch become visible a few milliseconds apart (never
+    /// the progress row before the rows it covers), and a replay killed between prepare and
+    /// commit leaves prepared transactions (holding locks) until replay starts again. 0
+    /// behaves as 1.
+    pub apply_connections: usize,
+    /// How the target got its rows. Default [`TargetOrigin::ClonedByWalshift`]: replay
+    /// refuses a target without a clone record of this buffer's source and slot (unless this
+    /// buffer was replayed into it before). Never relaxed: a target that is the source itself.
+    pub target_origin: TargetOrigin,
+}
+
+/// [`ReplayConfig::batch_rows`]'s default.
+pub const DEFAULT_BATCH_ROWS: usize = 50_000;
+
+/// [`ReplayConfig::batch_time`]'s default.
+pub const DEFAULT_BATCH_TIME: Duration = Duration::from_millis(200);
+
+/// [`ReplayConfig::apply_connections`]'s default.
+pub const DEFAULT_APPLY_CONNECTIONS: usize = 2;
+
+impl ReplayConfig {
+    /// Defaults for everything but the buffer and the target.
+    pub fn new(buffer_dir: impl Into<PathBuf>, target: ConnInfo) -> Self {
+        ReplayConfig {
+            buffer_dir: buffer_dir.into(),
+            target,
+            follow: false,
+            until_lsn: None,
+            batch_rows: DEFAULT_BATCH_ROWS,
+            batch_time: DEFAULT_BATCH_TIME,
+            progress: false,
+            transform: None,
+            apply_connections: DEFAULT_APPLY_CONNECTIONS,
+            target_origin: TargetOrigin::default(),
+        }
+    }
+
+    /// The settings as replay runs with them: the one place they are checked, so callers
+    /// pass what the operator gave. A batch of 0 rows and 0 connections behave as 1.
+    fn normalised(mut self) -> Self {
+        self.batch_rows = self.batch_rows.max(1);
+        self.apply_connections = self.apply_connections.max(1);
+        self
+    }
+}
+
+/// What a replay run did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReplayReport {
+    /// The target's applied position when replay started.
+    pub start_lsn: Lsn,
+    /// The target's applied position now.
+    pub applied_lsn: Lsn,
+    pub transactions: u64,
+    pub changes: u64,
+    /// Target transactions committed.
+    pub batches: u64,
+    /// Batches that failed set-based and were applied in strict source order.
+    pub retried_in_order: u64,
+    /// Batches redone over one connection (a TRUNCATE met rows the other connections wrote).
+    pub serial_batches: u64,
+    pub elapsed_secs: f64,
+    /// Content of the last cutover marker (a `walshift`-prefixed logical message) seen.
+    pub last_marker: Option<String>,
+    /// Time the target connection spent executing batches (the writer busy).
+    pub writer_busy_secs: f64,
+    /// Time the applier waited for the writer before it could hand over the next batch: high
+    /// means the target is the bottleneck, low means reading and folding is.
+    pub applier_wait_secs: f64,
+    /// Target connections batches were written over ([`ReplayConfig::apply_connections`],
+    /// or 1 when the target does not allow prepared transactions).
+    pub apply_connections: usize,
+    /// Prepared transactions a previous, interrupted replay left: committed (their batch had
+    /// been decided) and rolled back (replayed again).
+    pub prepared_committed: usize,
+    pub prepared_rolled_back: usize,
+}
+
+/// Prefix of the logical messages (`pg_logical_emit_message`) that mark a cutover. A
+/// transaction holding one is recorded in `walshift.applied` like any applied transaction.
+pub const MARKER_PREFIX: &str = "walshift";
+
+/// Applies the buffer to the target until its end (or `until_lsn`, or forever with `follow`,
+/// until `shutdown`).
+///
+/// One replay of a buffer into a target at a time: callers hold
+/// [`crate::cutover::coord::ReplayGuard`] for the buffer while this runs (the `replay`, `run`
+/// and `cutover` commands and the demo do), which is also how cutover sees a replay running.
+pub async fn run(
+    config: ReplayConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<ReplayReport, ReplayError> {
+    let config = config.normalised();
+    let meta = BufferMeta::read(&config.buffer_dir)?
+        .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
+    let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
+    let writers = config
+        .target
+        .with_application_name(&sessions::replay_application_name(&buffer_id));
+    let client = Arc::new(writers.connect().await?);
+    identity::check_replay_target(
+        &client,
+        &config.target.redacted(),
+        &meta,
+        config.target_origin,
+        "replay into",
+    )
+    .await?;
+    client
+        .batch_execute(SESSION_SETUP)
+        .await
+        .sql_context("preparing the target session")?;
+    progress::ensure_progress_table(&client).await?;
+    let ended = sessions::wait_for_previous_replay(&client, &buffer_id).await?;
+    if ended > 0 {
+        tracing::warn!(
+            "ended {ended} session(s) an interrupted replay of this buffer left on the target"
+        );
+    }
+    let resolved = progress::resolve_prepared(&client, &buffer_id).await?;
+    if resolved != progress::Resolved::default() {
+        tracing::warn!(
+            "settled the prepared transactions an interrupted replay left on the target: \
+             {} committed, {} rolled back (replayed again)",
+            resolved.committed,
+            resolved.rolled_back
+        );
+    }
+    let conns = connect_parts(&config, &writers, client.clone()).await?;
+    let start = progress::read_applied(&client, &buffer_id)
+        .await?
+        .unwrap_or(Lsn::ZERO);
+    let mut types = HashMap::new();
+    let mut rels = HashMap::new();
+    if let Some(mapping) = &config.transform {
+        // Compile up front: a mapping that does not fit the target stops replay before any
+        // batch is written.
+        transform::plan::check_mapping(mapping)?;
+        let (mut seen, t) = scan_relations(&config.buffer_dir, start, mapping)?;
+        types = t;
+        // Mapped tables first: a mistake in the mapping is reported before identity drift.
+        seen.sort_by_key(|r| {
+            !mapping.names(&TableName::new(
+                if r.namespace.is_empty() {
+                    "pg_catalog"
+                } else {
+                    &r.namespace
+                },
+                r.name.clone(),
+            ))
+        });
+        for rel in seen {
+            let dest = dest_for(&client, mapping, &rel, &types).await?;
+            rels.insert(
+                rel.relid,
+                RelEntry {
+                    shape: Some(dest.shape(rel.relid)),
+                    rel,
+                    dest: Some(dest),
+                },
+            );
+        }
+        for entry in &mapping.tables {
+            if transform::catalog::target_table(&client, &entry.target.value)
+                .await?
+                .is_none()
+            {
+                return Err(TransformError::Mapping {
+                    path: mapping.path.clone(),
+                    line: entry.target.line,
+                    message: format!(
+                        "target table {} does not exist on the target: create it in the migration, or fix the name",
+                        entry.target.value
+                    ),
+                }
+                .into());
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut report = ReplayReport {
+        start_lsn: start,
+        applied_lsn: start,
+        apply_connections: conns.len(),
+        prepared_committed: resolved.committed,
+        prepared_rolled_back: resolved.rolled_back,
+        ..Default::default()
+    };
+    let hold = match config.follow {
+        true => Some(super::hold::HoldWatch::start(&config.target, &buffer_id).await?),
+        false => None,
+    };
+    let mut applier = Applier {
+        hold,
+        connections: conns.len(),
+        serial_pass: false,
+        scratch: Default::default(),
+        spare_arena: None,
+        slot: Slot::Idle(Writer {
+            open: vec![false; conns.len()],
+            conns,
+        }),
+        client,
+        buffer_id,
+        rels,
+        types,
+        transform: config.transform.clone(),
+        progress: config.progress.then(|| Progress {
+            started,
+            last_print: Instant::now(),
+            last_changes: 0,
+            last_commit_us: None,
+            buffered: None,
+            tail: None,
+        }),
+    };
+    tokio::pin!(shutdown);
+    let mut pending: Option<Pass> = None;
+    loop {
+        // A pass that redoes one batch stops after it (or at the caller's own limit).
+        let redo = |until: Lsn, applied: Lsn| {
+            let mut c = config.clone();
+            let end = until.max(applied + 1);
+            c.until_lsn = Some(config.until_lsn.map_or(end, |u| u.min(end)));
+            c.follow = false;
+            c
+        };
+        let outcome = match pending.take() {
+            None => {
+                applier
+                    .apply_from(
+                        &config,
+                        report.applied_lsn,
+                        false,
+                        &mut report,
+                        &mut shutdown,
+                    )
+                    .await
+            }
+            Some(Pass::Retry { until }) => {
+                // Strict source order for the failed batch only, then set-based again.
+                report.retried_in_order += 1;
+                let strict = redo(until, report.applied_lsn);
+                applier
+                    .apply_from(
+                        &strict,
+                        report.applied_lsn,
+                        true,
+                        &mut report,
+                        &mut shutdown,
+                    )
+                    .await
+                    .map(|_| Pass::Again)
+            }
+            Some(Pass::Serial { until }) => {
+                // Set-based, but over the main connection only, for the batch that needs it.
+                report.serial_batches += 1;
+                let serial = redo(until, report.applied_lsn);
+                applier.serial_pass = true;
+                let outcome = applier
+                    .apply_from(
+                        &serial,
+                        report.applied_lsn,
+                        false,
+                        &mut report,
+                        &mut shutdown,
+                    )
+                    .await;
+                applier.serial_pass = false;
+                outcome.map(|p| match p {
+                    Pass::Done => Pass::Again,
+                    other => other,
+                })
+            }
+            Some(Pass::Again | Pass::Done) => unreachable!("never pending"),
+        };
+        match outcome {
+            Ok(Pass::Done) => break,
+            Ok(Pass::Again) => {}
+            Ok(p) => pending = Some(p),
+            Err(e) => return Err(e),
+        }
+    }
+    if let Err(Pass::Retry { until }) = applier.idle(&config, &mut report).await? {
+        return Err(ReplayError::Writer(format!(
+            "a batch ending at {until} failed after replay stopped; run replay again"
+        )));
+    }
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+pub(super) enum Pass {
+    Done,
+    /// The pass that redid a batch finished it: continue normally.
+    Again,
+    /// The batch after the applied position needs one connection (a TRUNCATE after other
+    /// connections wrote part of it): redo it set-based over the main connection, up to (at
+    /// least) this LSN.
+    Serial {
+        until: Lsn,
+    },
+    /// The batch after the applied position failed set-based: replay it in strict order up
+    /// to (at least) this end LSN.
+    Retry {
+        until: Lsn,
+    },
+}
