@@ -39,12 +39,12 @@ pub(crate) struct Programs {
 }
 
 impl Programs {
-    /// `bindir` if given, else the installation the localpg would use (`pg_config --bindir`,
+    /// `bindir` if given, else the installation [`crate::pgtools::PgBinaries::find`] picks (`pg_config --bindir`,
     /// newest `/usr/lib/postgresql/*/bin`), else `PATH`.
     pub(crate) fn locate(bindir: Option<&Path>) -> Programs {
         let bindir = bindir
             .map(Path::to_owned)
-            .or_else(|| crate::localpg::Binaries::find().ok().map(|b| b.bindir));
+            .or_else(|| crate::pgtools::PgBinaries::find().ok().map(|b| b.bindir));
         Programs { bindir }
     }
 

@@ -10,10 +10,10 @@ use tokio_postgres::config::Host;
 use super::RehearseError;
 use crate::conn::ConnInfo;
 
-/// Where `psql` and `pg_dump` are: the installation the localpg uses (`pg_config --bindir`,
+/// Where `psql` and `pg_dump` are: the installation [`crate::pgtools::PgBinaries::find`] picks (`pg_config --bindir`,
 /// the newest `/usr/lib/postgresql/*/bin`), else `PATH`.
 pub(crate) fn program(name: &str) -> PathBuf {
-    match crate::localpg::Binaries::find() {
+    match crate::pgtools::PgBinaries::find() {
         Ok(b) => b.program(name),
         Err(_) => PathBuf::from(name),
     }
