@@ -28,10 +28,11 @@ pub use large_objects::{
 };
 
 use crate::conn::ConnInfo;
+use crate::pgtools::ClientTools;
 use crate::source::identity::{self, ServerIdentity};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_literal, quote_qualified};
-use dump::{Programs, Section};
+use dump::Section;
 
 /// How to clone.
 #[derive(Debug, Clone)]
@@ -364,10 +365,10 @@ pub async fn clone_database(
     for t in &all {
         plans.push(copy::plan_table(&source, &t.schema, &t.name).await?);
     }
-    let programs = Programs::locate(opts.bindir.as_deref());
+    let tools = ClientTools::locate(opts.bindir.as_deref(), dump::INSTALL_HINT);
     let (pre, post) = tokio::try_join!(
-        dump::dump(&programs, &opts.source, snapshot, Section::PreData, &keep),
-        dump::dump(&programs, &opts.source, snapshot, Section::PostData, &keep),
+        dump::dump(&tools, &opts.source, snapshot, Section::PreData, &keep),
+        dump::dump(&tools, &opts.source, snapshot, Section::PostData, &keep),
     )?;
 
     let origin = |f: fn(&CloneOrigin) -> String| {
@@ -414,7 +415,7 @@ pub async fn clone_database(
             .map_err(sql("truncating the existing tables on the target"))?;
     }
 
-    dump::apply(&programs, &opts.target, &pre, "pre-data", opts.force).await?;
+    dump::apply(&tools, &opts.target, &pre, "pre-data", opts.force).await?;
     let copied = copy::copy_tables(
         &opts.source,
         &opts.target,
@@ -427,7 +428,7 @@ pub async fn clone_database(
     let large_objects = large_objects::copy_large_objects(&source, &target, opts.force).await?;
     let fingerprint = large_object_fingerprint(&source).await?;
     let sequences = sync_sequences(&source, &target).await?;
-    dump::apply(&programs, &opts.target, &post, "post-data", opts.force).await?;
+    dump::apply(&tools, &opts.target, &post, "post-data", opts.force).await?;
     let materialized_views = refresh_materialized_views(&source, &opts.target).await?;
     source
         .batch_execute("COMMIT")

@@ -72,21 +72,8 @@ pub enum RehearseError {
          the first rehearsal's result as the expectation"
     )]
     NoExpect,
-    #[error(
-        "cannot run {}: {source}; install the PostgreSQL client programs (psql, pg_dump)",
-        program.display()
-    )]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what} failed ({status}):\n{stderr}")]
-    Command {
-        what: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] crate::pgtools::PgToolError),
     #[error(transparent)]
     Connect(#[from] crate::Error),
     #[error("{context}")]
