@@ -436,6 +436,33 @@ mod tests {
         assert_eq!(split(sql).unwrap()[1].line, 2);
     }
 
+    /// Corner cases of the lexer, pinned as they behave (they follow PostgreSQL 15's lexer:
+    /// a number ends where a letter starts, `1e'…'` is 1 followed by an E'…' string).
+    #[test]
+    fn lexer_corners() {
+        assert_eq!(texts("SELECT 1e'\\';' ; x"), ["SELECT 1e'\\';' ;", "x"]);
+        assert_eq!(texts("SELECT 1$a$;$a$; x"), ["SELECT 1$a$;$a$;", "x"]);
+        assert_eq!(texts("SELECT $é$;$é$; x"), ["SELECT $é$;$é$;", "x"]);
+        assert_eq!(texts("SELECT a$b; $1;"), ["SELECT a$b;", "$1;"]);
+        assert_eq!(texts("SELECT $_1$;$_1$, $1$;"), ["SELECT $_1$;$_1$, $1$;"]);
+        assert_eq!(texts("SELECT \"a\"\";\"; x"), ["SELECT \"a\"\";\";", "x"]);
+        assert_eq!(texts("SELECT 'a''; '; x"), ["SELECT 'a''; ';", "x"]);
+        assert_eq!(texts("SELECT e'\\\\'; x"), ["SELECT e'\\\\';", "x"]);
+        assert_eq!(texts("SELECT é; -- ;\n/* ; */ x"), ["SELECT é;", "x"]);
+        assert_eq!(texts("SELECT 'open; x"), ["SELECT 'open; x"]);
+        assert_eq!(texts("SELECT /* open; x"), ["SELECT /* open; x"]);
+        assert_eq!(texts("SELECT $t$ open; x"), ["SELECT $t$ open; x"]);
+        assert_eq!(texts("SELECT e'\\"), ["SELECT e'\\"]);
+        assert_eq!(texts(";;\x0b;"), ["\x0b;"]);
+        assert_eq!(
+            split("1 commit; 2begin;").unwrap()[0].txn,
+            Some(TxnControl::End)
+        );
+        assert_eq!(split("2begin;").unwrap()[0].txn, Some(TxnControl::Begin));
+        assert_eq!(split("SELECT 1; x\\y").unwrap_err(), 1);
+        assert_eq!(split("'\\' \"\\\" $$\\$$ -- \\\n/*\\*/").unwrap().len(), 1);
+    }
+
     #[test]
     fn transaction_control_is_refused_in_a_transactional_script() {
         for (sql, line) in [

@@ -239,6 +239,46 @@ mod tests {
         assert_eq!(identifiers("e'x' || e"), vec!["e"]);
     }
 
+    /// Corner cases of the lexer, pinned as they behave.
+    #[test]
+    fn lexer_corners() {
+        // A number runs on through letters, digits, `.` and `_`; a `$` right after it is an
+        // operator, not a dollar quote.
+        assert_eq!(identifiers("1abc + x"), ["x"]);
+        assert_eq!(identifiers("1e'a\\' || z"), ["z"]);
+        assert_eq!(identifiers("1_000.5e3x y"), ["y"]);
+        assert_eq!(identifiers("1$a$ b $a$"), ["a$", "b"]);
+        assert_eq!(identifiers("1.$a$ b $a$ c"), ["c"]);
+        // Dollar-quote tags are ASCII letters, digits and `_`, not starting with a digit.
+        assert_eq!(identifiers("$é$ x $é$"), ["é$", "x", "é$"]);
+        assert_eq!(identifiers("$_1$ x $_1$ y $1 z"), ["y", "z"]);
+        assert_eq!(identifiers("$$ x"), Vec::<String>::new());
+        assert_eq!(identifiers("\"a\"\"b\" + \"open"), ["a\"b", "open"]);
+        assert_eq!(identifiers("\"a\"\""), ["a\""]);
+        assert_eq!(identifiers("Ä + ÉCOLE_x$1"), ["ä", "école_x$1"]);
+        assert_eq!(
+            identifiers("x -- y\n z /* a /* b */ c */ d"),
+            ["x", "z", "d"]
+        );
+        assert_eq!(identifiers("e'\\' x' y E'' z"), ["y", "z"]);
+        assert_eq!(identifiers("'open x"), Vec::<String>::new());
+        assert_eq!(identifiers("e'\\"), Vec::<String>::new());
+        assert_eq!(identifiers("a\x0bb"), ["a", "b"]);
+        assert_eq!(
+            function_calls("f /* ( */ -- (\n (1) + \"G\" . h(2) + 3(4) + $$ x $$ (5)"),
+            vec![
+                FunctionCall {
+                    schema: None,
+                    name: "f".into()
+                },
+                FunctionCall {
+                    schema: Some("G".into()),
+                    name: "h".into()
+                },
+            ]
+        );
+    }
+
     #[test]
     fn finds_function_calls() {
         let call = |schema: Option<&str>, name: &str| FunctionCall {
