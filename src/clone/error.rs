@@ -82,14 +82,9 @@ pub enum CloneError {
         source: crate::error::Error,
     },
 
-    /// A SQL statement failed (`message` carries the server's message, detail and hint).
-    #[error("{context}: {message}")]
-    Sql {
-        context: String,
-        message: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// One of walshift's own SQL statements failed.
+    #[error(transparent)]
+    Sql(#[from] crate::error::SqlError),
 }
 
 /// Renders a `tokio_postgres` error with the server's message, detail and hint.
@@ -106,15 +101,5 @@ pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
             s
         }
         None => e.to_string(),
-    }
-}
-
-/// `map_err` helper: wraps a SQL error with what was being done.
-pub(crate) fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CloneError {
-    let context = context.into();
-    move |source| CloneError::Sql {
-        context,
-        message: pg_message(&source),
-        source,
     }
 }

@@ -22,12 +22,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
 pub use error::CloneError;
-use error::sql;
 pub use large_objects::{
     LargeObjectCheck, LargeObjectFingerprint, check_large_objects, large_object_fingerprint,
 };
 
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::pgtools::ClientTools;
 use crate::source::identity::{self, ServerIdentity};
 use crate::source::preflight::TableRef;
@@ -163,7 +163,7 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
             &[],
         )
         .await
-        .map_err(sql(ctx))?
+        .sql_context(ctx)?
         .get(0);
     if !exists {
         return Ok(None);
@@ -180,7 +180,7 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
             &[],
         )
         .await
-        .map_err(sql(ctx))?;
+        .sql_context(ctx)?;
     Ok(row.map(|r| CloneState {
         snapshot: r.get(0),
         status: if r.get::<_, &str>(1) == "done" {
@@ -225,7 +225,7 @@ async fn existing_tables(
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
             .await
-            .map_err(sql("looking for the tables on the target"))?
+            .sql_context("looking for the tables on the target")?
             .get(0);
         if exists {
             found.push(t.clone());
@@ -252,14 +252,14 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
             &[],
         )
         .await
-        .map_err(sql("listing the source's sequences"))?;
+        .sql_context("listing the source's sequences")?;
     let mut set = 0;
     for s in seqs {
         let q = quote_qualified(s.get(0), s.get(1));
         let row = source
             .query_one(&format!("SELECT last_value, is_called FROM {q}"), &[])
             .await
-            .map_err(sql(format!("reading sequence {q} on the source")))?;
+            .with_sql_context(|| format!("reading sequence {q} on the source"))?;
         let (value, called): (i64, bool) = (row.get(0), row.get(1));
         let n = target
             .execute(
@@ -267,7 +267,7 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
                 &[&q, &value, &called],
             )
             .await
-            .map_err(sql(format!("setting sequence {q} on the target")))?;
+            .with_sql_context(|| format!("setting sequence {q} on the target"))?;
         set += n as usize;
     }
     Ok(set)
@@ -323,7 +323,7 @@ pub async fn clone_database(
     let source = copy::snapshot_session(&opts.source, snapshot).await?;
     let src = ServerIdentity::probe(&source)
         .await
-        .map_err(sql("reading the source's system identifier"))?;
+        .sql_context("reading the source's system identifier")?;
     identity::refuse_source(
         &target,
         &target_name,
@@ -378,7 +378,7 @@ pub async fn clone_database(
     };
     crate::sql::create_own_objects(&target, STATE_DDL)
         .await
-        .map_err(sql("creating walshift.clone_state on the target"))?;
+        .sql_context("creating walshift.clone_state on the target")?;
     target
         .batch_execute(&format!(
             "INSERT INTO walshift.clone_state (id, snapshot, state, started_at, \
@@ -397,14 +397,14 @@ pub async fn clone_database(
             lsn = origin(|o| o.consistent_lsn.to_string()),
         ))
         .await
-        .map_err(sql("recording the clone state on the target"))?;
+        .sql_context("recording the clone state on the target")?;
     if !drop.is_empty() {
         let list: Vec<String> = drop.iter().map(TableRef::quoted).collect();
         tracing::info!("dropping {} tables of the earlier clone", list.len());
         target
             .batch_execute(&format!("DROP TABLE IF EXISTS {} CASCADE", list.join(", ")))
             .await
-            .map_err(sql("dropping the tables of the earlier clone"))?;
+            .sql_context("dropping the tables of the earlier clone")?;
     }
     if !keep.is_empty() {
         let list: Vec<String> = keep.iter().map(TableRef::quoted).collect();
@@ -412,7 +412,7 @@ pub async fn clone_database(
         target
             .batch_execute(&format!("TRUNCATE {}", list.join(", ")))
             .await
-            .map_err(sql("truncating the existing tables on the target"))?;
+            .sql_context("truncating the existing tables on the target")?;
     }
 
     dump::apply(&tools, &opts.target, &pre, "pre-data", opts.force).await?;
@@ -433,7 +433,7 @@ pub async fn clone_database(
     source
         .batch_execute("COMMIT")
         .await
-        .map_err(sql("ending the source snapshot transaction"))?;
+        .sql_context("ending the source snapshot transaction")?;
 
     let rows: u64 = copied.iter().map(|c| c.rows).sum();
     let text_format: Vec<String> = copied
@@ -455,7 +455,7 @@ pub async fn clone_database(
             ],
         )
         .await
-        .map_err(sql("recording the finished clone on the target"))?;
+        .sql_context("recording the finished clone on the target")?;
     Ok(CloneReport {
         tables: copied.into_iter().map(|c| (c.display, c.rows)).collect(),
         rows,
@@ -504,7 +504,7 @@ async fn refresh_materialized_views(
             &[],
         )
         .await
-        .map_err(sql("listing the source's materialized views"))?;
+        .sql_context("listing the source's materialized views")?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -533,17 +533,19 @@ async fn refresh_materialized_views(
     client
         .batch_execute("SET search_path = ''")
         .await
-        .map_err(sql("setting search_path on the target"))?;
+        .sql_context("setting search_path on the target")?;
     let mut refreshed = Vec::with_capacity(order.len());
     for (schema, name) in order {
         let q = quote_qualified(&schema, &name);
         client
             .batch_execute(&format!("REFRESH MATERIALIZED VIEW {q}"))
             .await
-            .map_err(sql(format!(
-                "refreshing materialized view {q} on the target (its query runs on the copy's \
+            .with_sql_context(|| {
+                format!(
+                    "refreshing materialized view {q} on the target (its query runs on the copy's \
                  tables; fix the error there, then clone again with --force)"
-            )))?;
+                )
+            })?;
         refreshed.push(format!("{schema}.{name}"));
     }
     Ok(refreshed)
@@ -568,7 +570,7 @@ async fn unlogged_tables(
             &[&listed],
         )
         .await
-        .map_err(sql("listing the source's unlogged tables"))?;
+        .sql_context("listing the source's unlogged tables")?;
     Ok(rows
         .iter()
         .map(|r| TableRef {
@@ -592,9 +594,7 @@ async fn check_no_double_copy(source: &Client, tables: &[TableRef]) -> Result<()
             &[&quoted],
         )
         .await
-        .map_err(sql(
-            "checking the tables for partitions listed with their root",
-        ))?;
+        .sql_context("checking the tables for partitions listed with their root")?;
     if let Some(r) = overlap.first() {
         return Err(CloneError::Options(format!(
             "the tables to clone hold the partitioned table {} and its partition {}: its rows would \

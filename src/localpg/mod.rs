@@ -24,6 +24,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::error::{SqlContext, SqlError};
 use crate::pgtools::{PgBinaries, PgToolError};
 
 /// Failures starting or driving a local throwaway cluster. Each says what to do about it.
@@ -51,12 +52,8 @@ pub enum LocalPgError {
     },
 
     /// A SQL statement issued by the localpg failed.
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }
 
 type Result<T> = std::result::Result<T, LocalPgError>;
@@ -504,10 +501,7 @@ impl Cluster {
         let (client, conn) =
             tokio_postgres::connect(&self.conn_string(dbname), tokio_postgres::NoTls)
                 .await
-                .map_err(|source| LocalPgError::Sql {
-                    context: format!("connecting to test cluster on port {}", self.port),
-                    source,
-                })?;
+                .with_sql_context(|| format!("connecting to test cluster on port {}", self.port))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -520,10 +514,8 @@ impl Cluster {
         client
             .batch_execute(sql)
             .await
-            .map_err(|source| LocalPgError::Sql {
-                context: format!("running {sql:?}"),
-                source,
-            })
+            .with_sql_context(|| format!("running {sql:?}"))?;
+        Ok(())
     }
 
     /// Creates a database.

@@ -33,6 +33,7 @@ use serde::Serialize;
 use crate::apply::replay::{self, ReplayConfig, ReplayError};
 use crate::buffer::BufferError;
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::lsn::Lsn;
 use crate::migrate::{self, MigrateError, MigrateOptions};
 use crate::sql::quote_ident;
@@ -76,12 +77,8 @@ pub enum RehearseError {
     Tool(#[from] crate::pgtools::PgToolError),
     #[error(transparent)]
     Connect(#[from] crate::Error),
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::error::SqlError),
     #[error("the fixture's migration failed")]
     Migrate(#[from] MigrateError),
     #[error(transparent)]
@@ -101,13 +98,6 @@ pub enum RehearseError {
     Capture(#[from] crate::capture::CaptureError),
     #[error("{0}")]
     Record(String),
-}
-
-pub(crate) fn sql_err(
-    context: impl Into<String>,
-) -> impl FnOnce(tokio_postgres::Error) -> RehearseError {
-    let context = context.into();
-    move |source| RehearseError::Sql { context, source }
 }
 
 /// How to rehearse.
@@ -257,7 +247,7 @@ pub async fn load_and_migrate(
     client
         .batch_execute("ANALYZE")
         .await
-        .map_err(sql_err("analyzing the loaded target"))?;
+        .sql_context("analyzing the loaded target")?;
     let load = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let paths = fixture.migration_paths();
@@ -267,7 +257,7 @@ pub async fn load_and_migrate(
         client
             .batch_execute("ANALYZE")
             .await
-            .map_err(sql_err("analyzing the migrated target"))?;
+            .sql_context("analyzing the migrated target")?;
     }
     Ok((load, t.elapsed().as_secs_f64()))
 }
@@ -433,7 +423,8 @@ pub(crate) async fn fixed_settings(client: &tokio_postgres::Client) -> Result<()
              SET extra_float_digits = 1",
         )
         .await
-        .map_err(sql_err("setting the verify session's formatting"))
+        .sql_context("setting the verify session's formatting")?;
+    Ok(())
 }
 
 /// (source, target, columns, rows, checksum) per target table, as verify computes the target
@@ -453,9 +444,7 @@ async fn measure(
             client
                 .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
                 .await
-                .map_err(sql_err(
-                    "creating a scratch database for the source schema next to the target (needs CREATEDB)",
-                ))?;
+                .sql_context("creating a scratch database for the source schema next to the target (needs CREATEDB)",)?;
             (scratch.conn.with_dbname(&name), true)
         }
     };

@@ -24,10 +24,11 @@ use serde::Serialize;
 use super::fixture::{
     self, Expect, ExpectFrom, ExpectTable, Fixture, Manifest, Recorded, RowsFile,
 };
-use super::{RehearseError, RehearseOptions, RehearseReport, Scratch, pg, sql_err};
+use super::{RehearseError, RehearseOptions, RehearseReport, Scratch, pg};
 use crate::buffer::BufferConfig;
 use crate::capture::{self, CaptureConfig};
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::lsn::Lsn;
 use crate::source::replication::ReplicationConnection;
 use crate::sql::{quote_ident, quote_qualified};
@@ -130,7 +131,7 @@ async fn current_lsn(client: &tokio_postgres::Client) -> Result<Lsn, RehearseErr
     let s: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(sql_err("reading the source's end of WAL"))?
+        .sql_context("reading the source's end of WAL")?
         .get(0);
     s.parse()
         .map_err(|e| RehearseError::Record(format!("bad LSN {s:?} from the source: {e}")))
@@ -191,7 +192,7 @@ pub async fn record(
             &[&opts.slot],
         )
         .await
-        .map_err(sql_err("looking up the slot"))?
+        .sql_context("looking up the slot")?
         .is_some();
     if slot_exists {
         return Err(RehearseError::Record(format!(
@@ -206,12 +207,12 @@ pub async fn record(
             &[&opts.publication],
         )
         .await
-        .map_err(sql_err("looking up the publication"))?
+        .sql_context("looking up the publication")?
         .is_none();
     let server_version: String = client
         .query_one("SELECT current_setting('server_version')", &[])
         .await
-        .map_err(sql_err("reading the source's version"))?
+        .sql_context("reading the source's version")?
         .get(0);
 
     let mut cfg = CaptureConfig::new(opts.source.clone(), out.join("buffer"));
@@ -503,7 +504,7 @@ async fn cleanup(
             &[&opts.slot],
         )
         .await
-        .map_err(sql_err("looking up the slot"))?
+        .sql_context("looking up the slot")?
         .is_some();
     if exists {
         let mut conn = ReplicationConnection::connect(&opts.source)
@@ -521,7 +522,7 @@ async fn cleanup(
                 quote_ident(&opts.publication)
             ))
             .await
-            .map_err(sql_err("dropping the recording's publication"))?;
+            .sql_context("dropping the recording's publication")?;
     }
     Ok(())
 }
