@@ -106,7 +106,7 @@ pub struct RehearseOptions {
     /// Length of the captured tail whose drain is timed as the projected cutover window.
     /// Default 10 s ([`DEFAULT_WINDOW_OF`]). A fixture spanning less than this drains whole.
     pub window_of: Duration,
-    /// Replay batch size (changes). Default 50 000, replay's own default.
+    /// Replay batch size (changes). Default replay's own, [`replay::DEFAULT_BATCH_ROWS`].
     pub batch_rows: usize,
     /// Write `expect.json` from this rehearsal's result instead of comparing with it. Default
     /// false.
@@ -117,7 +117,7 @@ impl Default for RehearseOptions {
     fn default() -> Self {
         RehearseOptions {
             window_of: DEFAULT_WINDOW_OF,
-            batch_rows: 50_000,
+            batch_rows: replay::DEFAULT_BATCH_ROWS,
             write_expect: false,
         }
     }
