@@ -10,6 +10,10 @@
 //!
 //! Replaying the buffer captured from the slot's consistent point on top of the result gives
 //! the source. Operator documentation: `docs/clone.md`.
+//!
+//! Files: `mod.rs` (options, the clone state on the target, the steps in order, sequences and
+//! materialized views), `dump.rs` (the schema through `pg_dump` and `psql`, run by
+//! [`crate::pgtools`]), `copy.rs` (the rows), `large_objects.rs`, `error.rs`.
 
 mod copy;
 mod dump;

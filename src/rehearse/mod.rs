@@ -8,7 +8,7 @@
 //! ([`crate::apply::replay`]) — everything before the last `window_of` seconds of captured
 //! traffic first, then that tail, timed: the projected cutover drain — and compares every
 //! target table with the expectation (verify's count and checksum, `docs/verify.md`).
-//! [`record`] makes a fixture from a live source.
+//! [`record()`] makes a fixture from a live source.
 //!
 //! Contracts:
 //! - **Deterministic.** The same fixture gives the same final target state: the buffer is a
@@ -19,6 +19,10 @@
 //!   before anything is written to the target.
 //! - **The fixture is read-only.** Rehearsal writes nothing into the fixture directory unless
 //!   asked to write `expect.json`.
+//!
+//! Files: `mod.rs` (options, the scratch target, loading, the timed replay, the comparison),
+//! `fixture.rs` (the fixture directory and its integrity check), `record.rs` (a fixture from a
+//! live source), `pg.rs` (its `psql` and `pg_dump` runs, through [`crate::pgtools`]).
 
 pub mod fixture;
 mod pg;
