@@ -110,6 +110,17 @@ fn major_of(bindir: &Path) -> Option<u32> {
     bindir.parent()?.file_name()?.to_str()?.parse().ok()
 }
 
+/// `pg_dump` arguments for a dump loaded into another server: owners, privileges,
+/// tablespaces, security labels, publications and subscriptions are left out.
+pub const PORTABLE_DUMP_ARGS: [&str; 6] = [
+    "--no-owner",
+    "--no-privileges",
+    "--no-tablespaces",
+    "--no-security-labels",
+    "--no-publications",
+    "--no-subscriptions",
+];
+
 /// Where the client programs are, and what to tell the operator when one cannot be started.
 #[derive(Clone, Debug)]
 pub struct ClientTools {

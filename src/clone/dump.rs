@@ -5,7 +5,7 @@
 
 use super::CloneError;
 use crate::conn::ConnInfo;
-use crate::pgtools::{ClientTools, PgToolError, ToolCommand, conninfo};
+use crate::pgtools::{ClientTools, PORTABLE_DUMP_ARGS, PgToolError, ToolCommand, conninfo};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_ident, quote_qualified};
 
@@ -52,18 +52,10 @@ pub(crate) async fn dump(
     exclude: &[TableRef],
 ) -> Result<String, CloneError> {
     let mut cmd = command(tools, "pg_dump", source);
-    cmd.args([
-        "--schema-only",
-        section.arg(),
-        "--no-owner",
-        "--no-privileges",
-        "--no-tablespaces",
-        "--no-security-labels",
-        "--no-publications",
-        "--no-subscriptions",
-    ])
-    .arg(format!("--snapshot={snapshot}"))
-    .arg(format!("--exclude-schema={}", quote_ident("walshift")));
+    cmd.args(["--schema-only", section.arg()])
+        .args(PORTABLE_DUMP_ARGS)
+        .arg(format!("--snapshot={snapshot}"))
+        .arg(format!("--exclude-schema={}", quote_ident("walshift")));
     for t in exclude {
         // Inside double quotes, pattern characters are literal: the quoted name is the pattern.
         cmd.arg(format!(

@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use super::RehearseError;
 use crate::conn::ConnInfo;
-use crate::pgtools::{ClientTools, ToolCommand, conninfo};
+use crate::pgtools::{ClientTools, PORTABLE_DUMP_ARGS, ToolCommand, conninfo};
 
 /// How to install the client programs, for the message when one cannot be started.
 const INSTALL_HINT: &str = "install the PostgreSQL client programs (psql, pg_dump)";
@@ -65,19 +65,11 @@ pub(crate) async fn pg_dump(
     tables: &[String],
 ) -> Result<(), RehearseError> {
     let mut cmd = command("pg_dump", source);
-    cmd.args([
-        "--no-owner",
-        "--no-privileges",
-        "--no-tablespaces",
-        "--no-security-labels",
-        "--no-publications",
-        "--no-subscriptions",
-        "--no-comments",
-        "--exclude-schema=walshift",
-    ])
-    .arg(format!("--snapshot={snapshot}"))
-    .arg("--file")
-    .arg(out);
+    cmd.args(PORTABLE_DUMP_ARGS)
+        .args(["--no-comments", "--exclude-schema=walshift"])
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("--file")
+        .arg(out);
     if schema_only {
         cmd.arg("--schema-only");
     } else {
