@@ -18,7 +18,7 @@ use tokio_postgres::config::Host;
 
 use crate::conn::ConnInfo;
 
-/// Failures finding PostgreSQL's programs. Each says what to do about it.
+/// Failures finding or running PostgreSQL's programs. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PgToolError {
