@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 use tokio_postgres::config::Host;
 use tokio_postgres::config::SslMode as PgSslMode;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SqlContext};
 use crate::tls::{SslMode, TlsError, TlsSettings};
 
 /// Where and as whom to connect, and with which TLS settings. Cheap to clone.
@@ -248,7 +248,7 @@ impl ConnInfo {
         let (client, connection) = self
             .connect_raw()
             .await?
-            .map_err(|e| Error::sql(format!("cannot connect to {}", self.redacted()), e))?;
+            .with_sql_context(|| format!("cannot connect to {}", self.redacted()))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection closed: {e}");

@@ -44,10 +44,6 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-
-    /// Throwaway test clusters.
-    #[error(transparent)]
-    LocalPg(#[from] crate::localpg::LocalPgError),
 }
 
 /// One of walshift's own SQL statements failed: what walshift was doing, and the driver's

@@ -19,6 +19,7 @@ pub mod error;
 pub mod localpg;
 pub mod lsn;
 pub mod migrate;
+pub mod pgtools;
 pub mod rehearse;
 pub mod source;
 pub mod sql;

@@ -131,7 +131,8 @@ fn leaks(dump: &str, needle: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_and_clone_programs_do_not_inherit_the_handed_over_arguments() {
     use std::os::unix::fs::{PermissionsExt, symlink};
-    use walshift::localpg::{Binaries, Cluster, ClusterOptions};
+    use walshift::localpg::{Cluster, ClusterOptions};
+    use walshift::pgtools::PgBinaries;
 
     const PW: &str = "Pw-s3cret-42";
     let (a, b) = (
@@ -156,7 +157,7 @@ async fn hooks_and_clone_programs_do_not_inherit_the_handed_over_arguments() {
     for d in [&dumps, &wrappers, &fake_path] {
         std::fs::create_dir(d).unwrap();
     }
-    let real = Binaries::find().unwrap().bindir;
+    let real = PgBinaries::find().unwrap().bindir;
     let exec = |p: &std::path::Path, body: String| {
         std::fs::write(p, body).unwrap();
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use walshift::localpg::{Binaries, Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::pgtools::PgBinaries;
 
 /// Kills of a streaming capture.
 const CAPTURE_KILLS: usize = 36;
@@ -1362,7 +1363,7 @@ async fn cutover_killed_in_every_phase() {
         Duration::from_secs(120),
     )
     .await;
-    let psql = Binaries::find().unwrap().program("psql");
+    let psql = PgBinaries::find().unwrap().program("psql");
     let writer = Writer::start(src.clone(), 2000);
     let phases = [Phase::Before, Phase::Window, Phase::Switch, Phase::After];
     let mut plan = vec![None];

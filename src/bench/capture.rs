@@ -13,6 +13,7 @@ use super::workload::{self, Workload};
 use super::{BenchError, dir_size, timed};
 use crate::localpg::{Cluster, ClusterOptions};
 use crate::lsn::Lsn;
+use crate::source::slot::DEFAULT_PUBLICATION;
 
 /// How both tools reach the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -138,7 +139,9 @@ impl CaptureBench {
         log(&format!("loading {} accounts", self.workload.initial_rows));
         workload::load(&client, &self.workload).await?;
         client
-            .batch_execute("CREATE PUBLICATION walshift FOR TABLE accounts")
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {DEFAULT_PUBLICATION} FOR TABLE accounts"
+            ))
             .await?;
         for transport in &self.transports {
             for i in 0..self.runs {
@@ -179,7 +182,7 @@ impl CaptureBench {
                     .arg("-o")
                     .arg("proto_version=1")
                     .arg("-o")
-                    .arg("publication_names=walshift")
+                    .arg(format!("publication_names={DEFAULT_PUBLICATION}"))
                     .arg("-f")
                     .arg(&out_file);
                 let mut ours = Command::new(walshift);
@@ -192,7 +195,7 @@ impl CaptureBench {
                     .arg(format!("--slot=walshift_{transport}_{i}"))
                     // Created before the workload, like pg_recvlogical's: the buffer takes it.
                     .arg("--adopt-slot")
-                    .arg("--publication=walshift")
+                    .arg(format!("--publication={DEFAULT_PUBLICATION}"))
                     .arg(format!("--until-lsn={end_lsn}"))
                     .arg("--no-progress")
                     .arg("--json");

@@ -63,6 +63,7 @@ use super::workload::{self, Workload};
 use super::{BenchError, dir_size, timed};
 use crate::localpg::{Cluster, ClusterOptions};
 use crate::lsn::Lsn;
+use crate::source::slot::{DEFAULT_PUBLICATION, DEFAULT_SLOT};
 
 /// What to measure.
 #[derive(Clone, Debug, Default)]
@@ -331,7 +332,9 @@ impl ReplayBench {
         ));
         workload::load(&source, w).await?;
         source
-            .batch_execute("CREATE PUBLICATION walshift FOR TABLE accounts")
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {DEFAULT_PUBLICATION} FOR TABLE accounts"
+            ))
             .await?;
 
         let natives = [
@@ -339,11 +342,11 @@ impl ReplayBench {
             (NATIVE_ASYNC, "native_async", "off"),
         ];
         source
-            .batch_execute(
-                "SELECT pg_create_logical_replication_slot('walshift', 'pgoutput');
+            .batch_execute(&format!(
+                "SELECT pg_create_logical_replication_slot('{DEFAULT_SLOT}', 'pgoutput');
                  SELECT pg_create_logical_replication_slot('native_sync', 'pgoutput');
                  SELECT pg_create_logical_replication_slot('native_async', 'pgoutput');",
-            )
+            ))
             .await?;
 
         let mapping = match &self.transform {
@@ -384,7 +387,7 @@ impl ReplayBench {
             let client = &targets[i + 1];
             client
                 .batch_execute(&format!(
-                    "CREATE SUBSCRIPTION {name} CONNECTION '{}' PUBLICATION walshift
+                    "CREATE SUBSCRIPTION {name} CONNECTION '{}' PUBLICATION {DEFAULT_PUBLICATION}
                      WITH (create_slot = false, slot_name = '{name}', copy_data = false,
                            enabled = false, synchronous_commit = '{sync}')",
                     source_conn.replace('\'', "''")
@@ -425,10 +428,10 @@ impl ReplayBench {
             .arg(&source_conn)
             .arg("--buffer")
             .arg(&buffer)
-            .arg("--slot=walshift")
+            .arg(format!("--slot={DEFAULT_SLOT}"))
             // Created above, before the workload, so the buffer takes it over.
             .arg("--adopt-slot")
-            .arg("--publication=walshift")
+            .arg(format!("--publication={DEFAULT_PUBLICATION}"))
             .arg(format!("--until-lsn={end_lsn}"))
             .arg("--no-progress")
             .arg("--json");

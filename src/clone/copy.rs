@@ -24,8 +24,9 @@ use futures_util::{SinkExt, StreamExt, pin_mut};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_postgres::Client;
 
-use super::error::{CloneError, sql};
+use super::error::CloneError;
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::sql::{quote_ident, quote_literal};
 
 /// One table to copy, as seen in the snapshot.
@@ -135,10 +136,10 @@ pub(crate) async fn load_session(target: &ConnInfo) -> Result<Client, CloneError
             "SET session_replication_role = replica; {SESSION_SETTINGS}"
         ))
         .await
-        .map_err(sql(
+        .sql_context(
             "setting session_replication_role = replica on the target (needs a superuser, or on \
              PostgreSQL 15+ GRANT SET ON PARAMETER session_replication_role)",
-        ))?;
+        )?;
     Ok(client)
 }
 
@@ -178,7 +179,7 @@ pub(crate) async fn plan_table(
             &[&quoted],
         )
         .await
-        .map_err(sql(format!("reading {display} in the snapshot")))?;
+        .with_sql_context(|| format!("reading {display} in the snapshot"))?;
     let Some(row) = row else {
         return Err(CloneError::Options(format!(
             "table {display} does not exist in the source snapshot"
@@ -192,14 +193,14 @@ pub(crate) async fn plan_table(
             &[&quoted],
         )
         .await
-        .map_err(sql(format!("reading the columns of {display}")))?
+        .with_sql_context(|| format!("reading the columns of {display}"))?
         .iter()
         .map(|r| quote_ident(r.get::<_, &str>(0)))
         .collect();
     let text = source
         .query_one(CATALOG_OID_TYPES, &[&quoted])
         .await
-        .map_err(sql(format!("reading the column types of {display}")))?
+        .with_sql_context(|| format!("reading the column types of {display}"))?
         .get(0);
     Ok(TablePlan {
         display,
@@ -246,11 +247,11 @@ async fn copy_table(
     let out = source
         .copy_out(plan.copy_out_sql().as_str())
         .await
-        .map_err(sql(ctx("reading the source")))?;
+        .with_sql_context(|| ctx("reading the source"))?;
     let sink = target
         .copy_in::<_, Bytes>(plan.copy_in_sql().as_str())
         .await
-        .map_err(sql(ctx("writing the target")))?;
+        .with_sql_context(|| ctx("writing the target"))?;
     pin_mut!(out);
     pin_mut!(sink);
     let mut bytes = 0u64;
@@ -260,7 +261,7 @@ async fn copy_table(
     let mut text_rows = 0u64;
     // The server sends one CopyData message per row (the last one is the binary trailer).
     while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(sql(ctx("reading the source")))?;
+        let chunk = chunk.with_sql_context(|| ctx("reading the source"))?;
         bytes += chunk.len() as u64;
         if plan.text {
             text_rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
@@ -275,7 +276,7 @@ async fn copy_table(
         sink.as_mut()
             .feed(chunk)
             .await
-            .map_err(sql(ctx("writing the target")))?;
+            .with_sql_context(|| ctx("writing the target"))?;
         pending += 1;
         if pending == 1024 {
             if let Some(pb) = pb {
@@ -296,7 +297,7 @@ async fn copy_table(
         .as_mut()
         .finish()
         .await
-        .map_err(sql(ctx("finishing the target COPY")))?;
+        .with_sql_context(|| ctx("finishing the target COPY"))?;
     if rows != counter.rows {
         return Err(CloneError::RowCountMismatch {
             table: plan.display.clone(),
@@ -424,7 +425,7 @@ pub(crate) async fn copy_tables(
             }
             src.batch_execute("COMMIT")
                 .await
-                .map_err(sql("ending the source snapshot transaction"))?;
+                .sql_context("ending the source snapshot transaction")?;
             Ok::<_, CloneError>(done)
         });
     }

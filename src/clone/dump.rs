@@ -1,17 +1,11 @@
 //! Schema transfer: `pg_dump --schema-only --snapshot=…` from the source, `psql` into the target.
 //!
-//! Passwords reach the child programs only through their own `PGPASSWORD` environment
-//! variable: never on a command line, never in a log line.
-
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
-use tokio_postgres::config::Host;
+//! The children run through [`crate::pgtools`] (password in their environment only), bounded
+//! by the connection's connect timeout like walshift's own sessions.
 
 use super::CloneError;
 use crate::conn::ConnInfo;
+use crate::pgtools::{ClientTools, PORTABLE_DUMP_ARGS, PgToolError, ToolCommand, conninfo};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_ident, quote_qualified};
 
@@ -32,73 +26,16 @@ impl Section {
     }
 }
 
-/// Where the PostgreSQL client programs are.
-#[derive(Debug, Clone)]
-pub(crate) struct Programs {
-    bindir: Option<PathBuf>,
-}
+/// How to install the client programs, for the message when one cannot be started.
+pub(crate) const INSTALL_HINT: &str = "install the PostgreSQL client programs (pg_dump, psql) of at least \
+     the source's major version, or pass their directory as bindir";
 
-impl Programs {
-    /// `bindir` if given, else the installation the localpg would use (`pg_config --bindir`,
-    /// newest `/usr/lib/postgresql/*/bin`), else `PATH`.
-    pub(crate) fn locate(bindir: Option<&Path>) -> Programs {
-        let bindir = bindir
-            .map(Path::to_owned)
-            .or_else(|| crate::localpg::Binaries::find().ok().map(|b| b.bindir));
-        Programs { bindir }
-    }
+/// The application name the children connect with.
+const APPLICATION_NAME: &str = "walshift-clone";
 
-    fn program(&self, name: &str) -> PathBuf {
-        match &self.bindir {
-            Some(d) => d.join(name),
-            None => PathBuf::from(name),
-        }
-    }
-}
-
-/// A libpq conninfo value, quoted: `'it\'s'`.
-fn conninfo_value(v: &str) -> String {
-    let mut s = String::with_capacity(v.len() + 2);
-    s.push('\'');
-    for c in v.chars() {
-        if c == '\'' || c == '\\' {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s.push('\'');
-    s
-}
-
-/// `host=… port=… user=… dbname=…` for a child program; never contains the password.
-pub(crate) fn conninfo_string(info: &ConnInfo) -> String {
-    let host = match info.host() {
-        Host::Tcp(h) => h.clone(),
-        Host::Unix(p) => p.display().to_string(),
-    };
-    format!(
-        "host={} port={} user={} dbname={} application_name={}",
-        conninfo_value(&host),
-        info.port(),
-        conninfo_value(info.user()),
-        conninfo_value(info.dbname()),
-        conninfo_value("walshift-clone"),
-    )
-}
-
-fn command(programs: &Programs, name: &str, info: &ConnInfo) -> Command {
-    let mut cmd = Command::new(programs.program(name));
-    // The same TLS settings as walshift's own connections (libpq reads them from PGSSL*).
-    for (k, v) in info.tls().child_env() {
-        cmd.env(k, v);
-    }
-    if let Some(pw) = info.password() {
-        cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).as_ref());
-    }
-    // The same bound on connecting as walshift's own connections (libpq: whole seconds, ≥ 2).
-    let timeout = info.connect_timeout().as_secs_f64().ceil() as u64;
-    cmd.env("PGCONNECT_TIMEOUT", timeout.to_string());
-    cmd.kill_on_drop(true);
+fn command(tools: &ClientTools, name: &str, info: &ConnInfo) -> ToolCommand {
+    let mut cmd = tools.command(name, info);
+    cmd.connect_timeout(info);
     cmd
 }
 
@@ -108,25 +45,17 @@ fn command(programs: &Programs, name: &str, info: &ConnInfo) -> Command {
 /// out, and so is walshift's own `walshift` schema; tables in `exclude` (kept as they are on
 /// the target) are left out with everything attached to them.
 pub(crate) async fn dump(
-    programs: &Programs,
+    tools: &ClientTools,
     source: &ConnInfo,
     snapshot: &str,
     section: Section,
     exclude: &[TableRef],
 ) -> Result<String, CloneError> {
-    let mut cmd = command(programs, "pg_dump", source);
-    cmd.args([
-        "--schema-only",
-        section.arg(),
-        "--no-owner",
-        "--no-privileges",
-        "--no-tablespaces",
-        "--no-security-labels",
-        "--no-publications",
-        "--no-subscriptions",
-    ])
-    .arg(format!("--snapshot={snapshot}"))
-    .arg(format!("--exclude-schema={}", quote_ident("walshift")));
+    let mut cmd = command(tools, "pg_dump", source);
+    cmd.args(["--schema-only", section.arg()])
+        .args(PORTABLE_DUMP_ARGS)
+        .arg(format!("--snapshot={snapshot}"))
+        .arg(format!("--exclude-schema={}", quote_ident("walshift")));
     for t in exclude {
         // Inside double quotes, pattern characters are literal: the quoted name is the pattern.
         cmd.arg(format!(
@@ -134,28 +63,23 @@ pub(crate) async fn dump(
             quote_qualified(&t.schema, &t.name)
         ));
     }
-    cmd.arg("--dbname").arg(conninfo_string(source));
-    cmd.stdin(Stdio::null());
+    cmd.arg("--dbname").arg(conninfo(source, APPLICATION_NAME));
     let what = format!(
         "pg_dump {} of {}",
         section.arg().trim_start_matches("--section="),
         source.redacted()
     );
-    let out = cmd.output().await.map_err(|e| CloneError::Spawn {
-        program: programs.program("pg_dump"),
-        source: e,
-    })?;
-    if !out.status.success() {
-        return Err(CloneError::Command {
-            what,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+    let out = cmd.output().await?;
+    if !out.success() {
+        return Err(out.failed(what).into());
     }
-    String::from_utf8(out.stdout).map_err(|_| CloneError::Command {
-        what,
-        status: "invalid output".into(),
-        stderr: "pg_dump wrote SQL that is not UTF-8".into(),
+    String::from_utf8(out.stdout).map_err(|_| {
+        PgToolError::Failed {
+            what,
+            status: "invalid output".into(),
+            stderr: "pg_dump wrote SQL that is not UTF-8".into(),
+        }
+        .into()
     })
 }
 
@@ -170,13 +94,13 @@ fn tolerated(line: &str) -> bool {
 /// is applied. Tolerant (forced clones): statement by statement; errors saying the object
 /// already exists are accepted, any other error fails (after the script ran).
 pub(crate) async fn apply(
-    programs: &Programs,
+    tools: &ClientTools,
     target: &ConnInfo,
     sql: &str,
     what: &str,
     tolerant: bool,
 ) -> Result<(), CloneError> {
-    let mut cmd = command(programs, "psql", target);
+    let mut cmd = command(tools, "psql", target);
     cmd.args(["-X", "-q", "-v"]);
     if tolerant {
         cmd.arg("ON_ERROR_STOP=0");
@@ -184,70 +108,24 @@ pub(crate) async fn apply(
         cmd.arg("ON_ERROR_STOP=1").arg("--single-transaction");
     }
     cmd.arg("--dbname")
-        .arg(conninfo_string(target))
-        .arg("--file=-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| CloneError::Spawn {
-        program: programs.program("psql"),
-        source: e,
-    })?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let write = async move {
-        let r = stdin.write_all(sql.as_bytes()).await;
-        drop(stdin);
-        r
-    };
-    let (written, out) = tokio::join!(write, child.wait_with_output());
-    let out = out.map_err(|e| CloneError::Spawn {
-        program: programs.program("psql"),
-        source: e,
-    })?;
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        .arg(conninfo(target, APPLICATION_NAME))
+        .arg("--file=-");
+    let out = cmd.output_with_input(sql.as_bytes()).await?;
     let what = format!(
         "applying the {what} schema to {} with psql",
         target.redacted()
     );
-    if !out.status.success() || written.is_err() {
-        return Err(CloneError::Command {
-            what,
-            status: out.status.to_string(),
-            stderr,
-        });
+    if !out.success() || out.input.is_err() {
+        return Err(out.failed(what).into());
     }
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains("ERROR:") && !tolerated(l))
-        .collect();
-    if !errors.is_empty() {
-        return Err(CloneError::Command {
-            what,
-            status: format!("{} statements failed", errors.len()),
-            stderr,
-        });
+    let errors = out.error_lines().filter(|l| !tolerated(l)).count();
+    if errors > 0 {
+        return Err(out
+            .failed_with(what, format!("{errors} statements failed"))
+            .into());
     }
-    if !stderr.is_empty() {
-        tracing::debug!("{what}: {stderr}");
+    if !out.stderr.is_empty() {
+        tracing::debug!("{what}: {}", out.stderr);
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conninfo_quotes_values_and_never_holds_the_password() {
-        let info = ConnInfo::parse(
-            r"host='/tmp/so\'ck' port=5433 user='a\\b' password=s3cret dbname=shop",
-        )
-        .unwrap();
-        let s = conninfo_string(&info);
-        assert_eq!(
-            s,
-            "host='/tmp/so\\'ck' port=5433 user='a\\\\b' dbname='shop' application_name='walshift-clone'"
-        );
-        assert!(!s.contains("s3cret"));
-    }
 }

@@ -1,7 +1,5 @@
 //! What can go wrong while cloning, each with what to do about it.
 
-use std::path::PathBuf;
-
 /// Clone failures. Messages name the object and say how to proceed; sources are kept.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -50,25 +48,9 @@ pub enum CloneError {
         source: tokio_postgres::Error,
     },
 
-    /// `pg_dump` / `psql` could not be started.
-    #[error(
-        "cannot run {}: {source}; install the PostgreSQL client programs (pg_dump, psql) of at least \
-         the source's major version, or pass their directory as bindir",
-        program.display()
-    )]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// `pg_dump` or `psql` ran and failed.
-    #[error("{what} failed ({status}):\n{stderr}")]
-    Command {
-        what: String,
-        status: String,
-        stderr: String,
-    },
+    /// `pg_dump` / `psql` could not be started, or ran and failed.
+    #[error(transparent)]
+    Tool(#[from] crate::pgtools::PgToolError),
 
     /// The rows the target stored differ from the rows the source sent for a table.
     #[error(
@@ -100,14 +82,9 @@ pub enum CloneError {
         source: crate::error::Error,
     },
 
-    /// A SQL statement failed (`message` carries the server's message, detail and hint).
-    #[error("{context}: {message}")]
-    Sql {
-        context: String,
-        message: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// One of walshift's own SQL statements failed.
+    #[error(transparent)]
+    Sql(#[from] crate::error::SqlError),
 }
 
 /// Renders a `tokio_postgres` error with the server's message, detail and hint.
@@ -124,15 +101,5 @@ pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
             s
         }
         None => e.to_string(),
-    }
-}
-
-/// `map_err` helper: wraps a SQL error with what was being done.
-pub(crate) fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CloneError {
-    let context = context.into();
-    move |source| CloneError::Sql {
-        context,
-        message: pg_message(&source),
-        source,
     }
 }

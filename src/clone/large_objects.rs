@@ -5,8 +5,9 @@
 
 use tokio_postgres::Client;
 
-use super::error::{CloneError, sql};
+use super::error::CloneError;
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 
 /// Bytes read and written per round trip.
 const CHUNK: i32 = 1 << 20;
@@ -35,7 +36,7 @@ pub async fn large_object_fingerprint(
             &[],
         )
         .await
-        .map_err(sql("counting the source's large objects"))?;
+        .sql_context("counting the source's large objects")?;
     let data_md5 = if row.get::<_, bool>(2) {
         let r = client
             .query_one(
@@ -44,7 +45,7 @@ pub async fn large_object_fingerprint(
                 &[],
             )
             .await
-            .map_err(sql("checksumming the source's large objects"))?;
+            .sql_context("checksumming the source's large objects")?;
         Some(r.get(0))
     } else {
         None
@@ -67,7 +68,7 @@ pub(crate) async fn copy_large_objects(
     let oids: Vec<u32> = source
         .query("SELECT oid FROM pg_largeobject_metadata ORDER BY oid", &[])
         .await
-        .map_err(sql("listing the source's large objects"))?
+        .sql_context("listing the source's large objects")?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -81,34 +82,34 @@ pub(crate) async fn copy_large_objects(
                 &[&oids],
             )
             .await
-            .map_err(sql(
-                "dropping the earlier clone's large objects on the target",
-            ))?;
+            .sql_context("dropping the earlier clone's large objects on the target")?;
     }
     let read = source
         .prepare("SELECT lo_get($1, $2, $3)")
         .await
-        .map_err(sql("preparing the large object read"))?;
+        .sql_context("preparing the large object read")?;
     let write = target
         .prepare("SELECT lo_put($1, $2, $3)")
         .await
-        .map_err(sql("preparing the large object write"))?;
+        .sql_context("preparing the large object write")?;
     for &oid in &oids {
         target
             .execute("SELECT lo_create($1)", &[&oid])
             .await
-            .map_err(sql(format!(
-                "creating large object {oid} on the target (pass --force to replace it)"
-            )))?;
+            .with_sql_context(|| {
+                format!("creating large object {oid} on the target (pass --force to replace it)")
+            })?;
         let mut offset: i64 = 0;
         loop {
             let data: Vec<u8> = source
                 .query_one(&read, &[&oid, &offset, &CHUNK])
                 .await
-                .map_err(sql(format!(
-                    "reading large object {oid} on the source (the role needs SELECT on it: \
+                .with_sql_context(|| {
+                    format!(
+                        "reading large object {oid} on the source (the role needs SELECT on it: \
                      GRANT SELECT ON LARGE OBJECT {oid} TO …, or a superuser)"
-                )))?
+                    )
+                })?
                 .get(0);
             if data.is_empty() {
                 break;
@@ -116,7 +117,7 @@ pub(crate) async fn copy_large_objects(
             target
                 .execute(&write, &[&oid, &offset, &data])
                 .await
-                .map_err(sql(format!("writing large object {oid} on the target")))?;
+                .with_sql_context(|| format!("writing large object {oid} on the target"))?;
             offset += data.len() as i64;
             if data.len() < CHUNK as usize {
                 break;

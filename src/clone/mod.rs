@@ -10,6 +10,10 @@
 //!
 //! Replaying the buffer captured from the slot's consistent point on top of the result gives
 //! the source. Operator documentation: `docs/clone.md`.
+//!
+//! Files: `mod.rs` (options, the clone state on the target, the steps in order, sequences and
+//! materialized views), `dump.rs` (the schema through `pg_dump` and `psql`, run by
+//! [`crate::pgtools`]), `copy.rs` (the rows), `large_objects.rs`, `error.rs`.
 
 mod copy;
 mod dump;
@@ -22,16 +26,17 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio_postgres::Client;
 
 pub use error::CloneError;
-use error::sql;
 pub use large_objects::{
     LargeObjectCheck, LargeObjectFingerprint, check_large_objects, large_object_fingerprint,
 };
 
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
+use crate::pgtools::ClientTools;
 use crate::source::identity::{self, ServerIdentity};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_literal, quote_qualified};
-use dump::{Programs, Section};
+use dump::Section;
 
 /// How to clone.
 #[derive(Debug, Clone)]
@@ -162,7 +167,7 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
             &[],
         )
         .await
-        .map_err(sql(ctx))?
+        .sql_context(ctx)?
         .get(0);
     if !exists {
         return Ok(None);
@@ -179,7 +184,7 @@ async fn read_state(client: &Client) -> Result<Option<CloneState>, CloneError> {
             &[],
         )
         .await
-        .map_err(sql(ctx))?;
+        .sql_context(ctx)?;
     Ok(row.map(|r| CloneState {
         snapshot: r.get(0),
         status: if r.get::<_, &str>(1) == "done" {
@@ -224,7 +229,7 @@ async fn existing_tables(
         let exists: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
             .await
-            .map_err(sql("looking for the tables on the target"))?
+            .sql_context("looking for the tables on the target")?
             .get(0);
         if exists {
             found.push(t.clone());
@@ -251,14 +256,14 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
             &[],
         )
         .await
-        .map_err(sql("listing the source's sequences"))?;
+        .sql_context("listing the source's sequences")?;
     let mut set = 0;
     for s in seqs {
         let q = quote_qualified(s.get(0), s.get(1));
         let row = source
             .query_one(&format!("SELECT last_value, is_called FROM {q}"), &[])
             .await
-            .map_err(sql(format!("reading sequence {q} on the source")))?;
+            .with_sql_context(|| format!("reading sequence {q} on the source"))?;
         let (value, called): (i64, bool) = (row.get(0), row.get(1));
         let n = target
             .execute(
@@ -266,7 +271,7 @@ async fn sync_sequences(source: &Client, target: &Client) -> Result<usize, Clone
                 &[&q, &value, &called],
             )
             .await
-            .map_err(sql(format!("setting sequence {q} on the target")))?;
+            .with_sql_context(|| format!("setting sequence {q} on the target"))?;
         set += n as usize;
     }
     Ok(set)
@@ -322,7 +327,7 @@ pub async fn clone_database(
     let source = copy::snapshot_session(&opts.source, snapshot).await?;
     let src = ServerIdentity::probe(&source)
         .await
-        .map_err(sql("reading the source's system identifier"))?;
+        .sql_context("reading the source's system identifier")?;
     identity::refuse_source(
         &target,
         &target_name,
@@ -364,10 +369,10 @@ pub async fn clone_database(
     for t in &all {
         plans.push(copy::plan_table(&source, &t.schema, &t.name).await?);
     }
-    let programs = Programs::locate(opts.bindir.as_deref());
+    let tools = ClientTools::locate(opts.bindir.as_deref(), dump::INSTALL_HINT);
     let (pre, post) = tokio::try_join!(
-        dump::dump(&programs, &opts.source, snapshot, Section::PreData, &keep),
-        dump::dump(&programs, &opts.source, snapshot, Section::PostData, &keep),
+        dump::dump(&tools, &opts.source, snapshot, Section::PreData, &keep),
+        dump::dump(&tools, &opts.source, snapshot, Section::PostData, &keep),
     )?;
 
     let origin = |f: fn(&CloneOrigin) -> String| {
@@ -377,7 +382,7 @@ pub async fn clone_database(
     };
     crate::sql::create_own_objects(&target, STATE_DDL)
         .await
-        .map_err(sql("creating walshift.clone_state on the target"))?;
+        .sql_context("creating walshift.clone_state on the target")?;
     target
         .batch_execute(&format!(
             "INSERT INTO walshift.clone_state (id, snapshot, state, started_at, \
@@ -396,14 +401,14 @@ pub async fn clone_database(
             lsn = origin(|o| o.consistent_lsn.to_string()),
         ))
         .await
-        .map_err(sql("recording the clone state on the target"))?;
+        .sql_context("recording the clone state on the target")?;
     if !drop.is_empty() {
         let list: Vec<String> = drop.iter().map(TableRef::quoted).collect();
         tracing::info!("dropping {} tables of the earlier clone", list.len());
         target
             .batch_execute(&format!("DROP TABLE IF EXISTS {} CASCADE", list.join(", ")))
             .await
-            .map_err(sql("dropping the tables of the earlier clone"))?;
+            .sql_context("dropping the tables of the earlier clone")?;
     }
     if !keep.is_empty() {
         let list: Vec<String> = keep.iter().map(TableRef::quoted).collect();
@@ -411,10 +416,10 @@ pub async fn clone_database(
         target
             .batch_execute(&format!("TRUNCATE {}", list.join(", ")))
             .await
-            .map_err(sql("truncating the existing tables on the target"))?;
+            .sql_context("truncating the existing tables on the target")?;
     }
 
-    dump::apply(&programs, &opts.target, &pre, "pre-data", opts.force).await?;
+    dump::apply(&tools, &opts.target, &pre, "pre-data", opts.force).await?;
     let copied = copy::copy_tables(
         &opts.source,
         &opts.target,
@@ -427,12 +432,12 @@ pub async fn clone_database(
     let large_objects = large_objects::copy_large_objects(&source, &target, opts.force).await?;
     let fingerprint = large_object_fingerprint(&source).await?;
     let sequences = sync_sequences(&source, &target).await?;
-    dump::apply(&programs, &opts.target, &post, "post-data", opts.force).await?;
+    dump::apply(&tools, &opts.target, &post, "post-data", opts.force).await?;
     let materialized_views = refresh_materialized_views(&source, &opts.target).await?;
     source
         .batch_execute("COMMIT")
         .await
-        .map_err(sql("ending the source snapshot transaction"))?;
+        .sql_context("ending the source snapshot transaction")?;
 
     let rows: u64 = copied.iter().map(|c| c.rows).sum();
     let text_format: Vec<String> = copied
@@ -454,7 +459,7 @@ pub async fn clone_database(
             ],
         )
         .await
-        .map_err(sql("recording the finished clone on the target"))?;
+        .sql_context("recording the finished clone on the target")?;
     Ok(CloneReport {
         tables: copied.into_iter().map(|c| (c.display, c.rows)).collect(),
         rows,
@@ -503,7 +508,7 @@ async fn refresh_materialized_views(
             &[],
         )
         .await
-        .map_err(sql("listing the source's materialized views"))?;
+        .sql_context("listing the source's materialized views")?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -532,17 +537,19 @@ async fn refresh_materialized_views(
     client
         .batch_execute("SET search_path = ''")
         .await
-        .map_err(sql("setting search_path on the target"))?;
+        .sql_context("setting search_path on the target")?;
     let mut refreshed = Vec::with_capacity(order.len());
     for (schema, name) in order {
         let q = quote_qualified(&schema, &name);
         client
             .batch_execute(&format!("REFRESH MATERIALIZED VIEW {q}"))
             .await
-            .map_err(sql(format!(
-                "refreshing materialized view {q} on the target (its query runs on the copy's \
+            .with_sql_context(|| {
+                format!(
+                    "refreshing materialized view {q} on the target (its query runs on the copy's \
                  tables; fix the error there, then clone again with --force)"
-            )))?;
+                )
+            })?;
         refreshed.push(format!("{schema}.{name}"));
     }
     Ok(refreshed)
@@ -567,7 +574,7 @@ async fn unlogged_tables(
             &[&listed],
         )
         .await
-        .map_err(sql("listing the source's unlogged tables"))?;
+        .sql_context("listing the source's unlogged tables")?;
     Ok(rows
         .iter()
         .map(|r| TableRef {
@@ -591,9 +598,7 @@ async fn check_no_double_copy(source: &Client, tables: &[TableRef]) -> Result<()
             &[&quoted],
         )
         .await
-        .map_err(sql(
-            "checking the tables for partitions listed with their root",
-        ))?;
+        .sql_context("checking the tables for partitions listed with their root")?;
     if let Some(r) = overlap.first() {
         return Err(CloneError::Options(format!(
             "the tables to clone hold the partitioned table {} and its partition {}: its rows would \

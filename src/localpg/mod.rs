@@ -24,16 +24,16 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::error::{SqlContext, SqlError};
+use crate::pgtools::{PgBinaries, PgToolError};
+
 /// Failures starting or driving a local throwaway cluster. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LocalPgError {
     /// No PostgreSQL server binaries on this machine.
-    #[error(
-        "no PostgreSQL server binaries found (looked at `pg_config --bindir` and /usr/lib/postgresql/*/bin); \
-         install PostgreSQL server packages: apt-get install postgresql"
-    )]
-    NoServerBinaries,
+    #[error(transparent)]
+    Binaries(#[from] PgToolError),
 
     /// A helper program failed.
     #[error("{what} failed: {detail}")]
@@ -52,12 +52,8 @@ pub enum LocalPgError {
     },
 
     /// A SQL statement issued by the localpg failed.
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }
 
 type Result<T> = std::result::Result<T, LocalPgError>;
@@ -117,48 +113,6 @@ impl ClusterOptions {
     pub fn tls(mut self, tls: ServerTls) -> Self {
         self.tls = Some(tls);
         self
-    }
-}
-
-/// The PostgreSQL installation a cluster runs from.
-#[derive(Clone, Debug)]
-pub struct Binaries {
-    /// Directory holding `initdb`, `postgres`, `pg_dump`, `pg_recvlogical`, ….
-    pub bindir: PathBuf,
-}
-
-impl Binaries {
-    /// Finds server binaries: `pg_config --bindir` if it has `initdb`, else the newest
-    /// `/usr/lib/postgresql/<major>/bin`.
-    pub fn find() -> Result<Self> {
-        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-            && out.status.success()
-        {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if dir.join("initdb").is_file() && dir.join("postgres").is_file() {
-                return Ok(Binaries { bindir: dir });
-            }
-        }
-        let mut candidates: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let major: u32 = e.file_name().to_str()?.parse().ok()?;
-                let bin = e.path().join("bin");
-                bin.join("initdb").is_file().then_some((major, bin))
-            })
-            .collect();
-        candidates.sort();
-        candidates
-            .pop()
-            .map(|(_, bindir)| Binaries { bindir })
-            .ok_or(LocalPgError::NoServerBinaries)
-    }
-
-    /// Path of one program in the installation.
-    pub fn program(&self, name: &str) -> PathBuf {
-        self.bindir.join(name)
     }
 }
 
@@ -281,7 +235,7 @@ fn free_port() -> Result<u16> {
 
 /// A running throwaway PostgreSQL server. Dropping it stops the server and deletes its files.
 pub struct Cluster {
-    bins: Binaries,
+    bins: PgBinaries,
     run_as: Option<RunAs>,
     // Declared before `dir` so the server stops before its directory is removed.
     child: Option<Child>,
@@ -303,7 +257,7 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Creates and starts a cluster; blocks until it accepts connections.
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
-        let bins = Binaries::find()?;
+        let bins = PgBinaries::find()?;
         let run_as = run_as()?;
         let dir = tempfile::Builder::new()
             .prefix("walshift-pg-")
@@ -530,7 +484,7 @@ impl Cluster {
     }
 
     /// The installation this cluster runs from (for `pg_dump`, `pg_recvlogical`, `pgbench`).
-    pub fn binaries(&self) -> &Binaries {
+    pub fn binaries(&self) -> &PgBinaries {
         &self.bins
     }
 
@@ -547,10 +501,7 @@ impl Cluster {
         let (client, conn) =
             tokio_postgres::connect(&self.conn_string(dbname), tokio_postgres::NoTls)
                 .await
-                .map_err(|source| LocalPgError::Sql {
-                    context: format!("connecting to test cluster on port {}", self.port),
-                    source,
-                })?;
+                .with_sql_context(|| format!("connecting to test cluster on port {}", self.port))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -563,10 +514,8 @@ impl Cluster {
         client
             .batch_execute(sql)
             .await
-            .map_err(|source| LocalPgError::Sql {
-                context: format!("running {sql:?}"),
-                source,
-            })
+            .with_sql_context(|| format!("running {sql:?}"))?;
+        Ok(())
     }
 
     /// Creates a database.

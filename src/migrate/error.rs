@@ -91,14 +91,9 @@ pub enum MigrateError {
         source: tokio_postgres::Error,
     },
 
-    /// One of walshift's own statements failed (`message` has the server's message and hint).
-    #[error("{context}: {message}")]
-    Sql {
-        context: String,
-        message: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// One of walshift's own statements failed.
+    #[error(transparent)]
+    Sql(#[from] crate::error::SqlError),
 
     /// Scripts already applied to the target have changed since.
     #[error(
@@ -227,17 +222,5 @@ pub(crate) fn pg_message(e: &tokio_postgres::Error) -> String {
             s
         }
         None => e.to_string(),
-    }
-}
-
-/// `map_err` helper for walshift's own statements.
-pub(crate) fn sql(
-    context: impl Into<String>,
-) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
-    let context = context.into();
-    move |source| MigrateError::Sql {
-        context,
-        message: pg_message(&source),
-        source,
     }
 }

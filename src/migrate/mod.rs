@@ -44,7 +44,8 @@ pub use error::{ChangedScript, MigrateError};
 pub use script::{NO_TRANSACTION_DIRECTIVE, Script, Statement, TxnControl};
 
 use crate::conn::ConnInfo;
-use error::{pg_message, sql};
+use crate::error::{SqlContext, SqlError};
+use error::pg_message;
 
 /// Session advisory lock key held by a migrate run (`pg_advisory_lock(8607785412446838132)`;
 /// the bytes spell `wsmigrat`).
@@ -184,17 +185,17 @@ pub async fn migrate(
         let got: bool = lock
             .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
             .await
-            .map_err(sql("taking the migrate lock on the target"))?
+            .sql_context("taking the migrate lock on the target")?
             .get(0);
         if !got {
             progress(Progress::WaitingForLock);
             lock.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
                 .await
-                .map_err(sql("waiting for the migrate lock on the target"))?;
+                .sql_context("waiting for the migrate lock on the target")?;
         }
         crate::sql::create_own_objects(&lock, RECORD_DDL)
             .await
-            .map_err(sql("creating walshift.migrations on the target"))?;
+            .sql_context("creating walshift.migrations on the target")?;
     }
     let recorded = read_record(&lock, scripts).await?;
     let changed: Vec<ChangedScript> = scripts
@@ -240,7 +241,7 @@ pub async fn migrate(
         // Closing the session would release it too; unlock now so a waiting run starts at once.
         lock.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
             .await
-            .map_err(sql("releasing the migrate lock on the target"))?;
+            .sql_context("releasing the migrate lock on the target")?;
     }
     Ok(MigrateReport {
         target,
@@ -267,7 +268,7 @@ async fn read_record(
     let exists: bool = client
         .query_one("SELECT to_regclass('walshift.migrations') IS NOT NULL", &[])
         .await
-        .map_err(sql(ctx))?
+        .sql_context(ctx)?
         .get(0);
     if !exists {
         return Ok(HashMap::new());
@@ -279,7 +280,7 @@ async fn read_record(
             &[&names],
         )
         .await
-        .map_err(sql(ctx))?;
+        .sql_context(ctx)?;
     Ok(rows
         .into_iter()
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
@@ -305,7 +306,7 @@ async fn run_script(
     };
     let ctx = format!("running \"{}\"", s.name);
     if !s.no_transaction {
-        client.batch_execute("BEGIN").await.map_err(sql(&ctx))?;
+        client.batch_execute("BEGIN").await.sql_context(&ctx)?;
     }
     let t0 = Instant::now();
     for (k, st) in s.statements.iter().enumerate() {
@@ -327,24 +328,18 @@ async fn run_script(
                     name: s.name.clone(),
                 });
             }
-            return Err(sql(&ctx)(e));
+            return Err(SqlError::new(ctx, e).into());
         }
     }
     // The record is walshift's, whatever role the script switched to.
-    client
-        .batch_execute("RESET ROLE")
-        .await
-        .map_err(sql(&ctx))?;
+    client.batch_execute("RESET ROLE").await.sql_context(&ctx)?;
     client
         .execute(
             RECORD,
             &[&s.name, &s.sha256, &took.as_secs_f64(), &s.no_transaction],
         )
         .await
-        .map_err(sql(format!(
-            "recording \"{}\" in walshift.migrations",
-            s.name
-        )))?;
+        .with_sql_context(|| format!("recording \"{}\" in walshift.migrations", s.name))?;
     if !s.no_transaction
         && let Err(e) = client.batch_execute("COMMIT").await
     {

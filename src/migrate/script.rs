@@ -1,19 +1,20 @@
 //! One migration script as read from disk: its name, checksum, directive, and its statements
 //! as the server will see them.
 //!
-//! The lexer here is not a SQL parser. It knows exactly what it needs to find where each
-//! statement starts and ends the way `psql` does — comments (`--`, nested `/* */`), string
-//! literals (`'…'`, `E'…'` with backslash escapes), quoted identifiers, dollar quotes
-//! (`$tag$…$tag$`), parentheses, and `BEGIN … END` bodies of `CREATE [OR REPLACE]
-//! FUNCTION|PROCEDURE … BEGIN ATOMIC` — so that walshift can refuse, before anything runs,
-//! a script that would end walshift's transaction itself (`COMMIT`, `ROLLBACK`, …), and run
-//! a `-- walshift:no-transaction` script one statement at a time.
+//! The splitter here is not a SQL parser. On the tokens of [`crate::sql::lexer`] (comments,
+//! string literals, quoted identifiers, dollar quotes) it knows exactly what it needs to find
+//! where each statement starts and ends the way `psql` does — parentheses, and `BEGIN … END`
+//! bodies of `CREATE [OR REPLACE] FUNCTION|PROCEDURE … BEGIN ATOMIC` — so that walshift can
+//! refuse, before anything runs, a script that would end walshift's transaction itself
+//! (`COMMIT`, `ROLLBACK`, …), and run a `-- walshift:no-transaction` script one statement at
+//! a time.
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 use super::error::MigrateError;
+use crate::sql::lexer::{TokenKind, tokens};
 
 /// The first-line directive that makes a script run outside a transaction.
 pub const NO_TRANSACTION_DIRECTIVE: &str = "-- walshift:no-transaction";
@@ -200,14 +201,6 @@ fn first_words(stmt: &str) -> String {
         .to_uppercase()
 }
 
-fn is_ident_start(c: char) -> bool {
-    c.is_ascii_alphabetic() || c == '_' || !c.is_ascii()
-}
-
-fn is_ident_char(c: char) -> bool {
-    is_ident_start(c) || c.is_ascii_digit() || c == '$'
-}
-
 /// State of the statement being scanned.
 #[derive(Default)]
 struct Current {
@@ -261,11 +254,8 @@ impl Current {
 /// meta-command such as `\i` or `\set`, which the server would reject as a syntax error).
 /// Unterminated literals or comments run to the end of the text (the server reports them).
 pub fn split(sql: &str) -> Result<Vec<Statement>, u32> {
-    let b = sql.as_bytes();
-    let n = b.len();
     let mut out = Vec::new();
     let mut cur = Current::default();
-    let mut i = 0;
     let finish = |cur: &mut Current, end: usize, out: &mut Vec<Statement>| {
         if let Some(start) = cur.start {
             out.push(Statement {
@@ -277,128 +267,28 @@ pub fn split(sql: &str) -> Result<Vec<Statement>, u32> {
         }
         *cur = Current::default();
     };
-    while i < n {
-        let c = b[i];
-        // Comments and whitespace do not start a statement.
-        if c.is_ascii_whitespace() {
-            i += 1;
-            continue;
-        }
-        if c == b'-' && b.get(i + 1) == Some(&b'-') {
-            i = sql[i..].find('\n').map_or(n, |k| i + k + 1);
-            continue;
-        }
-        if c == b'/' && b.get(i + 1) == Some(&b'*') {
-            let mut depth = 0;
-            while i < n {
-                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                    depth += 1;
-                    i += 2;
-                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            continue;
-        }
-        if c == b';' {
-            if cur.paren == 0 && cur.begin_depth == 0 {
-                i += 1;
-                finish(&mut cur, i, &mut out);
-            } else {
-                cur.start.get_or_insert(i);
-                i += 1;
-            }
-            continue;
-        }
-        cur.start.get_or_insert(i);
-        match c {
-            b'\\' => return Err(line_of(sql, i)),
-            b'(' => {
-                cur.paren += 1;
-                i += 1;
-            }
-            b')' => {
-                cur.paren -= 1;
-                i += 1;
-            }
-            b'\'' => i = skip_string(b, i, false),
-            b'"' => i = skip_quoted(b, i, b'"'),
-            b'$' => {
-                // `$tag$` opens a dollar quote; `$1` is a parameter.
-                let mut j = i + 1;
-                while j < n && (b[j] == b'_' || b[j].is_ascii_alphanumeric() || b[j] >= 0x80) {
-                    j += 1;
-                }
-                let tag_ok = j < n && b[j] == b'$' && !b.get(i + 1).is_some_and(u8::is_ascii_digit);
-                if tag_ok {
-                    let tag = &sql[i..=j];
-                    i = sql[j + 1..].find(tag).map_or(n, |k| j + 1 + k + tag.len());
-                } else {
-                    i += 1;
-                }
-            }
-            _ => {
-                let ch = sql[i..].chars().next().unwrap_or(' ');
-                if is_ident_start(ch) {
-                    let mut j = i;
-                    for (k, c2) in sql[i..].char_indices() {
-                        if !is_ident_char(c2) {
-                            break;
-                        }
-                        j = i + k + c2.len_utf8();
-                    }
-                    let word = &sql[i..j];
-                    // E'…' strings take backslash escapes.
-                    if b.get(j) == Some(&b'\'') && word.eq_ignore_ascii_case("e") {
-                        i = skip_string(b, j, true);
-                    } else {
-                        cur.word(word);
-                        i = j;
-                    }
-                } else {
-                    i += ch.len_utf8();
-                }
-            }
-        }
-    }
-    finish(&mut cur, n, &mut out);
-    Ok(out)
-}
-
-/// Skips a `'…'` literal starting at `i` (`''` escapes a quote; with `backslash`, `\'` too).
-fn skip_string(b: &[u8], mut i: usize, backslash: bool) -> usize {
-    i += 1;
-    while i < b.len() {
-        match b[i] {
-            b'\\' if backslash => i += 2,
-            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
-            b'\'' => return i + 1,
-            _ => i += 1,
-        }
-    }
-    b.len()
-}
-
-/// Skips a `"…"` identifier starting at `i` (`""` escapes a quote).
-fn skip_quoted(b: &[u8], mut i: usize, q: u8) -> usize {
-    i += 1;
-    while i < b.len() {
-        if b[i] == q {
-            if b.get(i + 1) == Some(&q) {
-                i += 2;
+    for t in tokens(sql) {
+        let text = t.text(sql);
+        match t.kind {
+            // Comments and whitespace do not start a statement.
+            TokenKind::Space | TokenKind::LineComment | TokenKind::BlockComment => continue,
+            TokenKind::Punct if text == ";" && cur.paren == 0 && cur.begin_depth == 0 => {
+                finish(&mut cur, t.end, &mut out);
                 continue;
             }
-            return i + 1;
+            _ => {}
         }
-        i += 1;
+        cur.start.get_or_insert(t.start);
+        match (t.kind, text) {
+            (TokenKind::Punct, "\\") => return Err(line_of(sql, t.start)),
+            (TokenKind::Punct, "(") => cur.paren += 1,
+            (TokenKind::Punct, ")") => cur.paren -= 1,
+            (TokenKind::Word, word) => cur.word(word),
+            _ => {}
+        }
     }
-    b.len()
+    finish(&mut cur, sql.len(), &mut out);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -434,6 +324,33 @@ mod tests {
         assert_eq!(t[5], "SELECT $1 ;");
         assert_eq!(t[6], "tail");
         assert_eq!(split(sql).unwrap()[1].line, 2);
+    }
+
+    /// Corner cases of the lexer, pinned as they behave (they follow PostgreSQL 15's lexer:
+    /// a number ends where a letter starts, `1e'…'` is 1 followed by an E'…' string).
+    #[test]
+    fn lexer_corners() {
+        assert_eq!(texts("SELECT 1e'\\';' ; x"), ["SELECT 1e'\\';' ;", "x"]);
+        assert_eq!(texts("SELECT 1$a$;$a$; x"), ["SELECT 1$a$;$a$;", "x"]);
+        assert_eq!(texts("SELECT $é$;$é$; x"), ["SELECT $é$;$é$;", "x"]);
+        assert_eq!(texts("SELECT a$b; $1;"), ["SELECT a$b;", "$1;"]);
+        assert_eq!(texts("SELECT $_1$;$_1$, $1$;"), ["SELECT $_1$;$_1$, $1$;"]);
+        assert_eq!(texts("SELECT \"a\"\";\"; x"), ["SELECT \"a\"\";\";", "x"]);
+        assert_eq!(texts("SELECT 'a''; '; x"), ["SELECT 'a''; ';", "x"]);
+        assert_eq!(texts("SELECT e'\\\\'; x"), ["SELECT e'\\\\';", "x"]);
+        assert_eq!(texts("SELECT é; -- ;\n/* ; */ x"), ["SELECT é;", "x"]);
+        assert_eq!(texts("SELECT 'open; x"), ["SELECT 'open; x"]);
+        assert_eq!(texts("SELECT /* open; x"), ["SELECT /* open; x"]);
+        assert_eq!(texts("SELECT $t$ open; x"), ["SELECT $t$ open; x"]);
+        assert_eq!(texts("SELECT e'\\"), ["SELECT e'\\"]);
+        assert_eq!(texts(";;\x0b;"), ["\x0b;"]);
+        assert_eq!(
+            split("1 commit; 2begin;").unwrap()[0].txn,
+            Some(TxnControl::End)
+        );
+        assert_eq!(split("2begin;").unwrap()[0].txn, Some(TxnControl::Begin));
+        assert_eq!(split("SELECT 1; x\\y").unwrap_err(), 1);
+        assert_eq!(split("'\\' \"\\\" $$\\$$ -- \\\n/*\\*/").unwrap().len(), 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! ([`crate::apply::replay`]) — everything before the last `window_of` seconds of captured
 //! traffic first, then that tail, timed: the projected cutover drain — and compares every
 //! target table with the expectation (verify's count and checksum, `docs/verify.md`).
-//! [`record`] makes a fixture from a live source.
+//! [`record()`] makes a fixture from a live source.
 //!
 //! Contracts:
 //! - **Deterministic.** The same fixture gives the same final target state: the buffer is a
@@ -19,6 +19,10 @@
 //!   before anything is written to the target.
 //! - **The fixture is read-only.** Rehearsal writes nothing into the fixture directory unless
 //!   asked to write `expect.json`.
+//!
+//! Files: `mod.rs` (options, the scratch target, loading, the timed replay, the comparison),
+//! `fixture.rs` (the fixture directory and its integrity check), `record.rs` (a fixture from a
+//! live source), `pg.rs` (its `psql` and `pg_dump` runs, through [`crate::pgtools`]).
 
 pub mod fixture;
 mod pg;
@@ -33,6 +37,7 @@ use serde::Serialize;
 use crate::apply::replay::{self, ReplayConfig, ReplayError};
 use crate::buffer::BufferError;
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::lsn::Lsn;
 use crate::migrate::{self, MigrateError, MigrateOptions};
 use crate::sql::quote_ident;
@@ -72,29 +77,12 @@ pub enum RehearseError {
          the first rehearsal's result as the expectation"
     )]
     NoExpect,
-    #[error(
-        "cannot run {}: {source}; install the PostgreSQL client programs (psql, pg_dump)",
-        program.display()
-    )]
-    Spawn {
-        program: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what} failed ({status}):\n{stderr}")]
-    Command {
-        what: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] crate::pgtools::PgToolError),
     #[error(transparent)]
     Connect(#[from] crate::Error),
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::error::SqlError),
     #[error("the fixture's migration failed")]
     Migrate(#[from] MigrateError),
     #[error(transparent)]
@@ -116,20 +104,13 @@ pub enum RehearseError {
     Record(String),
 }
 
-pub(crate) fn sql_err(
-    context: impl Into<String>,
-) -> impl FnOnce(tokio_postgres::Error) -> RehearseError {
-    let context = context.into();
-    move |source| RehearseError::Sql { context, source }
-}
-
 /// How to rehearse.
 #[derive(Clone, Debug)]
 pub struct RehearseOptions {
     /// Length of the captured tail whose drain is timed as the projected cutover window.
     /// Default 10 s ([`DEFAULT_WINDOW_OF`]). A fixture spanning less than this drains whole.
     pub window_of: Duration,
-    /// Replay batch size (changes). Default 50 000, replay's own default.
+    /// Replay batch size (changes). Default replay's own, [`replay::DEFAULT_BATCH_ROWS`].
     pub batch_rows: usize,
     /// Write `expect.json` from this rehearsal's result instead of comparing with it. Default
     /// false.
@@ -140,7 +121,7 @@ impl Default for RehearseOptions {
     fn default() -> Self {
         RehearseOptions {
             window_of: DEFAULT_WINDOW_OF,
-            batch_rows: 50_000,
+            batch_rows: replay::DEFAULT_BATCH_ROWS,
             write_expect: false,
         }
     }
@@ -270,7 +251,7 @@ pub async fn load_and_migrate(
     client
         .batch_execute("ANALYZE")
         .await
-        .map_err(sql_err("analyzing the loaded target"))?;
+        .sql_context("analyzing the loaded target")?;
     let load = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let paths = fixture.migration_paths();
@@ -280,7 +261,7 @@ pub async fn load_and_migrate(
         client
             .batch_execute("ANALYZE")
             .await
-            .map_err(sql_err("analyzing the migrated target"))?;
+            .sql_context("analyzing the migrated target")?;
     }
     Ok((load, t.elapsed().as_secs_f64()))
 }
@@ -446,7 +427,8 @@ pub(crate) async fn fixed_settings(client: &tokio_postgres::Client) -> Result<()
              SET extra_float_digits = 1",
         )
         .await
-        .map_err(sql_err("setting the verify session's formatting"))
+        .sql_context("setting the verify session's formatting")?;
+    Ok(())
 }
 
 /// (source, target, columns, rows, checksum) per target table, as verify computes the target
@@ -466,9 +448,7 @@ async fn measure(
             client
                 .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))
                 .await
-                .map_err(sql_err(
-                    "creating a scratch database for the source schema next to the target (needs CREATEDB)",
-                ))?;
+                .sql_context("creating a scratch database for the source schema next to the target (needs CREATEDB)",)?;
             (scratch.conn.with_dbname(&name), true)
         }
     };

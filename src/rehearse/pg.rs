@@ -1,79 +1,33 @@
-//! `psql` and `pg_dump` as child programs. Passwords reach them only through their own
-//! `PGPASSWORD` environment variable: never on a command line, never in a log line.
+//! The two client-program runs of rehearsal, through [`crate::pgtools`]: loading a fixture's
+//! SQL with `psql` and recording one with `pg_dump`. Unlike clone's, these children do not get
+//! walshift's connect timeout, and never inherit the caller's `PGOPTIONS`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
-
-use tokio::process::Command;
-use tokio_postgres::config::Host;
 
 use super::RehearseError;
 use crate::conn::ConnInfo;
+use crate::pgtools::{ClientTools, PORTABLE_DUMP_ARGS, ToolCommand, conninfo};
 
-/// Where `psql` and `pg_dump` are: the installation the localpg uses (`pg_config --bindir`,
-/// the newest `/usr/lib/postgresql/*/bin`), else `PATH`.
-pub(crate) fn program(name: &str) -> PathBuf {
-    match crate::localpg::Binaries::find() {
-        Ok(b) => b.program(name),
-        Err(_) => PathBuf::from(name),
-    }
-}
+/// How to install the client programs, for the message when one cannot be started.
+const INSTALL_HINT: &str = "install the PostgreSQL client programs (psql, pg_dump)";
 
-fn conninfo_value(v: &str) -> String {
-    let mut s = String::from("'");
-    for c in v.chars() {
-        if c == '\'' || c == '\\' {
-            s.push('\\');
-        }
-        s.push(c);
-    }
-    s.push('\'');
-    s
-}
+/// The application name the children connect with.
+const APPLICATION_NAME: &str = "walshift-fixture";
 
-/// `host=… port=… user=… dbname=…` without the password.
-pub(crate) fn conninfo(info: &ConnInfo) -> String {
-    let host = match info.host() {
-        Host::Tcp(h) => h.clone(),
-        Host::Unix(p) => p.display().to_string(),
-    };
-    format!(
-        "host={} port={} user={} dbname={} application_name='walshift-fixture'",
-        conninfo_value(&host),
-        info.port(),
-        conninfo_value(info.user()),
-        conninfo_value(info.dbname()),
-    )
-}
-
-fn command(name: &str, info: &ConnInfo) -> Command {
-    let mut cmd = Command::new(program(name));
-    // The same TLS settings as walshift's own connections (libpq reads them from PGSSL*).
-    for (k, v) in info.tls().child_env() {
-        cmd.env(k, v);
-    }
+fn command(name: &str, info: &ConnInfo) -> ToolCommand {
+    let mut cmd = ClientTools::locate(None, INSTALL_HINT).command(name, info);
     cmd.env_remove("PGOPTIONS");
-    if let Some(pw) = info.password() {
-        cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).as_ref());
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
 
-async fn run(mut cmd: Command, name: &str, what: String) -> Result<String, RehearseError> {
-    let out = cmd.output().await.map_err(|source| RehearseError::Spawn {
-        program: program(name),
-        source,
-    })?;
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    if !out.status.success() || stderr.lines().any(|l| l.contains("ERROR:")) {
-        return Err(RehearseError::Command {
-            what,
-            status: out.status.to_string(),
-            stderr,
-        });
+/// Runs `cmd`; a non-zero exit or an `ERROR:` line on stderr fails it as `what`.
+async fn run(cmd: ToolCommand, what: String) -> Result<(), RehearseError> {
+    let out = cmd.output().await?;
+    if !out.success() || out.error_lines().next().is_some() {
+        return Err(out.failed(what).into());
     }
-    Ok(stderr)
+    Ok(())
 }
 
 /// Runs a SQL file on `target` with `psql`: one transaction, stop at the first error.
@@ -90,17 +44,15 @@ pub(crate) async fn psql_file(
     }
     cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"])
         .arg("--dbname")
-        .arg(conninfo(target))
+        .arg(conninfo(target, APPLICATION_NAME))
         .arg("--file")
         .arg(file)
         .stdout(Stdio::null());
     run(
         cmd,
-        "psql",
         format!("loading {} into {}", file.display(), target.redacted()),
     )
     .await
-    .map(|_| ())
 }
 
 /// `pg_dump` of the source as of `snapshot` into `out`: the whole database's schema
@@ -113,19 +65,11 @@ pub(crate) async fn pg_dump(
     tables: &[String],
 ) -> Result<(), RehearseError> {
     let mut cmd = command("pg_dump", source);
-    cmd.args([
-        "--no-owner",
-        "--no-privileges",
-        "--no-tablespaces",
-        "--no-security-labels",
-        "--no-publications",
-        "--no-subscriptions",
-        "--no-comments",
-        "--exclude-schema=walshift",
-    ])
-    .arg(format!("--snapshot={snapshot}"))
-    .arg("--file")
-    .arg(out);
+    cmd.args(PORTABLE_DUMP_ARGS)
+        .args(["--no-comments", "--exclude-schema=walshift"])
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("--file")
+        .arg(out);
     if schema_only {
         cmd.arg("--schema-only");
     } else {
@@ -134,10 +78,9 @@ pub(crate) async fn pg_dump(
             cmd.arg(format!("--table={t}"));
         }
     }
-    cmd.arg("--dbname").arg(conninfo(source));
+    cmd.arg("--dbname").arg(conninfo(source, APPLICATION_NAME));
     run(
         cmd,
-        "pg_dump",
         format!(
             "pg_dump --{} of {}",
             if schema_only {
@@ -149,5 +92,4 @@ pub(crate) async fn pg_dump(
         ),
     )
     .await
-    .map(|_| ())
 }

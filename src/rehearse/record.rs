@@ -24,10 +24,11 @@ use serde::Serialize;
 use super::fixture::{
     self, Expect, ExpectFrom, ExpectTable, Fixture, Manifest, Recorded, RowsFile,
 };
-use super::{RehearseError, RehearseOptions, RehearseReport, Scratch, pg, sql_err};
+use super::{RehearseError, RehearseOptions, RehearseReport, Scratch, pg};
 use crate::buffer::BufferConfig;
 use crate::capture::{self, CaptureConfig};
 use crate::conn::ConnInfo;
+use crate::error::SqlContext;
 use crate::lsn::Lsn;
 use crate::source::replication::ReplicationConnection;
 use crate::source::slot;
@@ -131,7 +132,7 @@ async fn current_lsn(client: &tokio_postgres::Client) -> Result<Lsn, RehearseErr
     let s: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
-        .map_err(sql_err("reading the source's end of WAL"))?
+        .sql_context("reading the source's end of WAL")?
         .get(0);
     s.parse()
         .map_err(|e| RehearseError::Record(format!("bad LSN {s:?} from the source: {e}")))
@@ -188,7 +189,7 @@ pub async fn record(
     let client = opts.source.connect().await?;
     let slot_exists = slot::exists(&client, &opts.slot)
         .await
-        .map_err(sql_err("looking up the slot"))?;
+        .sql_context("looking up the slot")?;
     if slot_exists {
         return Err(RehearseError::Record(format!(
             "slot {:?} already exists on the source: another recording runs, or one was interrupted \
@@ -198,11 +199,11 @@ pub async fn record(
     }
     let publication_created = !slot::publication_exists(&client, &opts.publication)
         .await
-        .map_err(sql_err("looking up the publication"))?;
+        .sql_context("looking up the publication")?;
     let server_version: String = client
         .query_one("SELECT current_setting('server_version')", &[])
         .await
-        .map_err(sql_err("reading the source's version"))?
+        .sql_context("reading the source's version")?
         .get(0);
 
     let mut cfg = CaptureConfig::new(opts.source.clone(), out.join("buffer"));
@@ -490,7 +491,7 @@ async fn cleanup(
 ) -> Result<(), RehearseError> {
     let exists = slot::exists(client, &opts.slot)
         .await
-        .map_err(sql_err("looking up the slot"))?;
+        .sql_context("looking up the slot")?;
     if exists {
         let mut conn = ReplicationConnection::connect(&opts.source)
             .await
@@ -503,7 +504,7 @@ async fn cleanup(
     if publication_created {
         slot::drop_publication_if_exists(client, &opts.publication)
             .await
-            .map_err(sql_err("dropping the recording's publication"))?;
+            .sql_context("dropping the recording's publication")?;
     }
     Ok(())
 }

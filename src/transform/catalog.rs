@@ -9,13 +9,9 @@ use tokio_postgres::Client;
 use super::mapping::{Mapping, TableName};
 use super::plan::{self, SourceColumn, SourcePlan, SourceTable, TargetColumnInfo, TargetTableInfo};
 use super::{TransformError, sql as tsql};
+use crate::error::SqlContext;
 use crate::source::pgoutput::{Relation, ReplicaIdentity, TypeInfo};
 use crate::sql::{quote_ident, quote_qualified};
-
-fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> TransformError {
-    let context = context.into();
-    move |source| TransformError::Sql { context, source }
-}
 
 /// A table's shape in the target catalog, or `None` if there is no such table. Its key is the
 /// primary key's key columns (not INCLUDE columns), else those of its replica identity index.
@@ -42,9 +38,7 @@ pub async fn target_table(
             &[&name.schema, &name.name],
         )
         .await
-        .map_err(sql_err(format!(
-            "reading the shape of {name} on the target"
-        )))?;
+        .with_sql_context(|| format!("reading the shape of {name} on the target"))?;
     if rows.is_empty() {
         return Ok(None);
     }
@@ -100,9 +94,7 @@ pub async fn source_table(
             &[&name.schema, &name.name],
         )
         .await
-        .map_err(sql_err(format!(
-            "reading the shape of {name} on the source"
-        )))?;
+        .with_sql_context(|| format!("reading the shape of {name} on the source"))?;
     if rows.is_empty() {
         return Ok(None);
     }
@@ -144,7 +136,7 @@ pub async fn source_from_relation(
                 &[&builtin],
             )
             .await
-            .map_err(sql_err("naming the source's column types on the target"))?
+            .sql_context("naming the source's column types on the target")?
         {
             let o: i64 = r.get(0);
             let n: Option<String> = r.get(1);

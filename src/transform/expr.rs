@@ -1,12 +1,14 @@
 //! What a mapping expression reads (pure, no I/O): the identifiers it mentions and the
-//! functions it names, found by a small SQL lexer that skips string literals, dollar quotes,
-//! comments and numbers.
+//! functions it names, read from the tokens of [`crate::sql::lexer`] (string literals, dollar
+//! quotes, comments and numbers skipped).
 //!
 //! PostgreSQL itself type-checks the expressions (the compiler prepares them on the target);
 //! this module only answers "which source columns could this expression read?", which replay
 //! needs when an update does not carry a TOASTed value. The answer is conservative: a function
 //! or type spelled like a column counts as a read, which can only make replay ask for a value
 //! it did not need, never use a value it did not have.
+
+use crate::sql::lexer::{self, TokenKind};
 
 /// The identifiers in `expr`, unquoted ones folded to lower case, in order of appearance
 /// (duplicates kept).
@@ -65,97 +67,40 @@ enum Token {
 
 /// `expr` as tokens: identifiers (unquoted folded to lower case), `.`, `(`, and everything else
 /// (literals, numbers, operators) as [`Token::Other`]; whitespace and comments dropped.
+///
+/// Two readings differ from PostgreSQL's and are kept as they were before the lexers were
+/// merged: a number runs on through letters, digits, `.` and `_` (`1abc` is one token), and a
+/// `$` right after a letter or digit, or before a dollar-quote tag with a non-ASCII character,
+/// is an operator rather than the opening of a dollar quote.
 fn tokens(expr: &str) -> Vec<Token> {
     let b = expr.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let c = b[i];
-        match c {
-            b'\'' => {
-                i = skip_string(b, i + 1, false);
-                out.push(Token::Other);
-            }
-            b'E' | b'e' if b.get(i + 1) == Some(&b'\'') && !prev_is_word(b, i) => {
-                i = skip_string(b, i + 2, true);
-                out.push(Token::Other);
-            }
-            b'"' => {
-                let mut j = i + 1;
-                let mut name = Vec::new();
-                while j < b.len() {
-                    if b[j] == b'"' {
-                        if b.get(j + 1) == Some(&b'"') {
-                            name.push(b'"');
-                            j += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    name.push(b[j]);
-                    j += 1;
-                }
-                out.push(Token::Ident(String::from_utf8_lossy(&name).into_owned()));
-                i = j + 1;
-            }
-            b'$' if !prev_is_word(b, i) => {
-                i = skip_dollar(b, i);
-                out.push(Token::Other);
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0usize;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            _ if c.is_ascii_digit() => {
+        let t = lexer::token_at(expr, i);
+        i = t.end;
+        match t.kind {
+            TokenKind::Space | TokenKind::LineComment | TokenKind::BlockComment => {}
+            TokenKind::Word => out.push(Token::Ident(t.text(expr).to_lowercase())),
+            TokenKind::QuotedIdent => out.push(Token::Ident(lexer::unquote_ident(t.text(expr)))),
+            TokenKind::Digits => {
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
                 {
                     i += 1;
                 }
                 out.push(Token::Other);
             }
-            _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
-                let start = i;
-                while i < b.len()
-                    && (b[i].is_ascii_alphanumeric()
-                        || b[i] == b'_'
-                        || b[i] == b'$'
-                        || b[i] >= 0x80)
-                {
-                    i += 1;
+            TokenKind::DollarQuoted => {
+                let tag = t.text(expr)[1..].split('$').next().unwrap_or_default();
+                if prev_is_word(b, t.start) || !tag.is_ascii() {
+                    // The `$` alone, as an operator.
+                    i = t.start + 1;
                 }
-                out.push(Token::Ident(expr[start..i].to_lowercase()));
-            }
-            b'.' => {
-                out.push(Token::Dot);
-                i += 1;
-            }
-            b'(' => {
-                out.push(Token::Open);
-                i += 1;
-            }
-            _ if c.is_ascii_whitespace() => i += 1,
-            _ => {
                 out.push(Token::Other);
-                i += 1;
             }
+            TokenKind::Punct if b[t.start] == b'.' => out.push(Token::Dot),
+            TokenKind::Punct if b[t.start] == b'(' => out.push(Token::Open),
+            TokenKind::String | TokenKind::Punct => out.push(Token::Other),
         }
     }
     out
@@ -163,40 +108,6 @@ fn tokens(expr: &str) -> Vec<Token> {
 
 fn prev_is_word(b: &[u8], i: usize) -> bool {
     i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] >= 0x80)
-}
-
-/// Skips a quoted string whose body starts at `i`; returns the index after its closing quote.
-fn skip_string(b: &[u8], mut i: usize, backslash_escapes: bool) -> usize {
-    while i < b.len() {
-        match b[i] {
-            b'\\' if backslash_escapes => i += 2,
-            b'\'' if b.get(i + 1) == Some(&b'\'') => i += 2,
-            b'\'' => return i + 1,
-            _ => i += 1,
-        }
-    }
-    i
-}
-
-/// Skips `$tag$…$tag$` starting at `i`; a `$` that does not open a dollar quote (`$1`) is
-/// skipped alone.
-fn skip_dollar(b: &[u8], i: usize) -> usize {
-    let mut j = i + 1;
-    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
-        j += 1;
-    }
-    if b.get(j) != Some(&b'$') || b[i + 1..j].first().is_some_and(u8::is_ascii_digit) {
-        return i + 1;
-    }
-    let tag = &b[i..=j];
-    let mut k = j + 1;
-    while k + tag.len() <= b.len() {
-        if &b[k..k + tag.len()] == tag {
-            return k + tag.len();
-        }
-        k += 1;
-    }
-    b.len()
 }
 
 /// If `expr` is nothing but one column reference (`amount`, `"Amount"`), that name.
@@ -237,6 +148,46 @@ mod tests {
         );
         assert_eq!(identifiers("name"), vec!["name"]);
         assert_eq!(identifiers("e'x' || e"), vec!["e"]);
+    }
+
+    /// Corner cases of the lexer, pinned as they behave.
+    #[test]
+    fn lexer_corners() {
+        // A number runs on through letters, digits, `.` and `_`; a `$` right after it is an
+        // operator, not a dollar quote.
+        assert_eq!(identifiers("1abc + x"), ["x"]);
+        assert_eq!(identifiers("1e'a\\' || z"), ["z"]);
+        assert_eq!(identifiers("1_000.5e3x y"), ["y"]);
+        assert_eq!(identifiers("1$a$ b $a$"), ["a$", "b"]);
+        assert_eq!(identifiers("1.$a$ b $a$ c"), ["c"]);
+        // Dollar-quote tags are ASCII letters, digits and `_`, not starting with a digit.
+        assert_eq!(identifiers("$é$ x $é$"), ["é$", "x", "é$"]);
+        assert_eq!(identifiers("$_1$ x $_1$ y $1 z"), ["y", "z"]);
+        assert_eq!(identifiers("$$ x"), Vec::<String>::new());
+        assert_eq!(identifiers("\"a\"\"b\" + \"open"), ["a\"b", "open"]);
+        assert_eq!(identifiers("\"a\"\""), ["a\""]);
+        assert_eq!(identifiers("Ä + ÉCOLE_x$1"), ["ä", "école_x$1"]);
+        assert_eq!(
+            identifiers("x -- y\n z /* a /* b */ c */ d"),
+            ["x", "z", "d"]
+        );
+        assert_eq!(identifiers("e'\\' x' y E'' z"), ["y", "z"]);
+        assert_eq!(identifiers("'open x"), Vec::<String>::new());
+        assert_eq!(identifiers("e'\\"), Vec::<String>::new());
+        assert_eq!(identifiers("a\x0bb"), ["a", "b"]);
+        assert_eq!(
+            function_calls("f /* ( */ -- (\n (1) + \"G\" . h(2) + 3(4) + $$ x $$ (5)"),
+            vec![
+                FunctionCall {
+                    schema: None,
+                    name: "f".into()
+                },
+                FunctionCall {
+                    schema: Some("G".into()),
+                    name: "h".into()
+                },
+            ]
+        );
     }
 
     #[test]

@@ -34,12 +34,8 @@ pub enum TransformError {
         line: usize,
         message: String,
     },
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::error::SqlError),
 }
 
 fn located(path: &str, line: usize, message: &str) -> String {

@@ -41,7 +41,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use walshift::localpg::{Binaries, Cluster, ClusterOptions};
+use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::pgtools::PgBinaries;
 use walshift::sql::{quote_ident, quote_qualified};
 
 const POLL: Duration = Duration::from_millis(50);
@@ -642,7 +643,7 @@ pub fn run_workload(dir: &Path, opts: &RunOptions) -> Outcome {
     let mut run = Run {
         name,
         rt,
-        psql: Binaries::find()
+        psql: PgBinaries::find()
             .expect("PostgreSQL binaries")
             .program("psql"),
         source,

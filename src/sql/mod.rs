@@ -1,5 +1,8 @@
 //! SQL text helpers: every identifier and literal walshift puts into SQL goes through here;
-//! and [`create_own_objects`], the one way walshift creates its own tables on a database.
+//! the one SQL lexer ([`lexer`]) for what walshift reads out of SQL; and
+//! [`create_own_objects`], the one way walshift creates its own tables on a database.
+
+pub mod lexer;
 
 use std::time::Duration;
 
