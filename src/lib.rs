@@ -20,6 +20,7 @@ pub mod localpg;
 pub mod lsn;
 pub mod migrate;
 pub mod rehearse;
+pub mod run;
 pub mod source;
 pub mod sql;
 pub mod tls;

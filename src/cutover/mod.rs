@@ -48,12 +48,10 @@
 //! A dry run does everything except fencing, the hooks and the switch, and reports the
 //! projected window (fence → verify done).
 
-pub mod control;
 pub mod coord;
 pub mod fence;
 pub mod hooks;
 pub mod journal;
-pub mod live;
 pub mod report;
 pub mod sequences;
 pub mod verify;

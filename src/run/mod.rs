@@ -1,10 +1,14 @@
 //! Long-running mode (`walshift run`): capture (cloning the target on first start) and replay
-//! `--follow` in one process, a live status line, and the [`super::control`] socket.
+//! `--follow` in one process, a live status line, and the [`control`] socket.
 //!
 //! The process holds the buffer's writer lock (through capture) and the replay lock on the
-//! target (through [`super::coord::ReplayGuard`]), which is how `walshift cutover` sees that
+//! target (through [`crate::cutover::coord::ReplayGuard`]), which is how `walshift cutover` sees that
 //! capture and replay are already running and only waits for its marker to come through.
 //! A cutover does not stop the run; stop it afterwards with Ctrl-C or `stop` on the socket.
+//!
+//! Files: `mod.rs` (the run: [`LiveConfig`], [`run`]), `control.rs` (the control socket).
+
+pub mod control;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,10 +20,9 @@ use crate::buffer::BufferMeta;
 use crate::capture::{self, CaptureConfig, CaptureError};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
+use crate::cutover::coord;
 use crate::lsn::Lsn;
-
-use super::control::{self, ControlError};
-use super::coord;
+use control::ControlError;
 
 /// What to run. Every field documents its default and trade-off.
 #[derive(Clone, Debug)]
