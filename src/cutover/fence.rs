@@ -34,6 +34,10 @@ use std::path::{Path, PathBuf};
 
 use tokio_postgres::Client;
 
+use super::journal::Step;
+use super::preflight::prepared_xacts;
+use super::{Ctx, CutoverError, coord, hooks};
+use crate::lsn::Lsn;
 use crate::sql::{quote_ident, quote_literal};
 
 /// How the source is fenced.
@@ -566,4 +570,69 @@ pub async fn lift(
             })?;
     }
     FenceState::remove(buffer_dir)
+}
+
+/// The fence phase, where the window starts: the `--before` hook, then the fence `config.fence`
+/// asks for (read-only: [`prepare`], [`raise`], [`prove_new_session`]), journaled; a prepared
+/// transaction that appeared since preflight aborts. Records the target's applied position at
+/// the fence (what the drain starts from).
+pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    let dir = &config.buffer_dir;
+    ctx.window_start = Some(ctx.tl.begin("fence"));
+    let mut note = String::new();
+    if !config.dry_run
+        && let Some(cmd) = &config.before
+    {
+        let (run, r) = hooks::run_hook("before", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+        ctx.report.hooks.push(run);
+        r?;
+        note.push_str("before hook ran; ");
+    }
+    match (config.fence, config.dry_run) {
+        (FenceMode::ReadOnly, false) => {
+            let state = prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
+            ctx.report.fence_previous_setting = state.previous.clone();
+            ctx.fence_state = Some(state.clone());
+            if let Some(j) = &mut ctx.journal {
+                j.fence = Some(state.clone());
+            }
+            ctx.record(Step::Fenced, "read-only")?;
+            let timeout = config.terminate_timeout.min(ctx.remaining());
+            ctx.report.fence_role_settings_removed =
+                state.role_overrides.iter().map(|o| o.to_string()).collect();
+            let n = raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
+            prove_new_session(&config.source, &state.database).await?;
+            // One prepared between preflight's check and the termination survives it.
+            let pending = prepared_xacts(&ctx.src).await?;
+            if !pending.is_empty() {
+                return Err(CutoverError::PreparedTransactions {
+                    when: "after the fence".into(),
+                    list: pending.join(", "),
+                });
+            }
+            ctx.report.sessions_terminated = n;
+            note.push_str(&format!("read-only; {n} session(s) terminated"));
+        }
+        (FenceMode::ReadOnly, true) => {
+            let n = other_sessions(&ctx.src, &[own_pid]).await?.len();
+            note.push_str(&format!("dry run: would terminate {n} session(s)"));
+        }
+        (FenceMode::Hook, _) => {
+            ctx.record(Step::Fenced, "by the before hook")?;
+            note.push_str("fenced by the before hook")
+        }
+        (FenceMode::None, _) => {
+            ctx.record(Step::Fenced, "none")?;
+            note.push_str("none (writes stopped by the operator)")
+        }
+    }
+    let applied_at_fence = coord::applied(&ctx.tgt, &ctx.buffer_id)
+        .await
+        .map_err(super::sql("reading the target's applied LSN"))?
+        .unwrap_or(Lsn::ZERO);
+    ctx.report.applied_at_fence = Some(applied_at_fence);
+    ctx.tl.end(&mut ctx.report, note.trim_end_matches("; "));
+    ctx.deadline_check("fence")?;
+    Ok(())
 }

@@ -16,8 +16,10 @@
 
 use tokio_postgres::Client;
 
+use super::journal::Step;
 use super::report::TableCheck;
 use super::sequences::TableMap;
+use super::{Ctx, CutoverError, sql};
 use crate::sql::{quote_ident, quote_qualified};
 use crate::transform::{Mapping, TableName};
 
@@ -198,4 +200,88 @@ pub async fn verify_tables(
         });
     }
     Ok(out)
+}
+
+/// The verify phase, inside the window: [`verify_tables`] as `config.verify` asks, every
+/// statement on the source limited to what is left of `max_window`. A difference aborts (a
+/// dry run only warns: the source keeps writing).
+pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    ctx.deadline_check("verify")?;
+    ctx.tl.begin("verify");
+    if config.verify != VerifyMode::None {
+        let tables = published_tables(&ctx.src, &config.publication)
+            .await
+            .map_err(sql("listing the published tables"))?;
+        let remaining = ctx.remaining();
+        // The server stops with the window too: a query left running would hold this session
+        // (and the unfence behind it).
+        ctx.src
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                remaining.as_millis().max(1)
+            ))
+            .await
+            .map_err(sql(
+                "limiting verify's statements on the source to the window",
+            ))?;
+        let checks = match tokio::time::timeout(
+            remaining,
+            verify_tables(
+                &ctx.src,
+                &ctx.tgt,
+                &tables,
+                &ctx.table_map,
+                config.transform.as_deref(),
+                config.verify,
+            ),
+        )
+        .await
+        {
+            Ok(r) => {
+                let checks = r?;
+                ctx.src
+                    .batch_execute("SET statement_timeout = 0")
+                    .await
+                    .map_err(sql("resetting statement_timeout on the source"))?;
+                checks
+            }
+            Err(_) => {
+                return Err(CutoverError::MaxWindow {
+                    phase: "verify".into(),
+                    max: config.max_window,
+                    elapsed: ctx.window_start.map(|s| s.elapsed()).unwrap_or_default(),
+                });
+            }
+        };
+        let differing: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.equal)
+            .map(|c| {
+                format!(
+                    "{} → {}: {} vs {} rows",
+                    c.source, c.target, c.source_rows, c.target_rows
+                )
+            })
+            .collect();
+        ctx.report.verified = checks;
+        if !differing.is_empty() {
+            if config.dry_run {
+                ctx.report.warnings.push(format!(
+                    "dry run: {} table(s) differ (expected while the source keeps writing): {}",
+                    differing.len(),
+                    differing.join("; ")
+                ));
+            } else {
+                ctx.tl.end(&mut ctx.report, "differences found");
+                return Err(CutoverError::VerifyFailed { tables: differing });
+            }
+        }
+        let n = ctx.report.verified.len();
+        ctx.record(Step::Verified, format!("{n} tables"))?;
+        ctx.tl.end(&mut ctx.report, format!("{n} tables"));
+    } else {
+        ctx.tl.end(&mut ctx.report, "skipped (--verify none)");
+    }
+    Ok(())
 }

@@ -21,6 +21,7 @@ use crate::capture::{self, CaptureConfig, CaptureError};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::cutover::coord;
+use crate::cutover::lag::LagMeter;
 use crate::lsn::Lsn;
 use control::ControlError;
 
@@ -202,7 +203,7 @@ pub async fn run(
     set_phase("streaming");
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut meter = coord::LagMeter::new(&config.buffer_dir);
+    let mut meter = LagMeter::new(&config.buffer_dir);
     let mut sessions: Option<(tokio_postgres::Client, tokio_postgres::Client)> = None;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_printed = Instant::now() - Duration::from_secs(60);
