@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::error::in_doubt;
+use super::error::{full_text, in_doubt};
 use super::fence::{self, FenceState};
 use super::journal::{Journal, Step};
 use super::{Aborted, Ctx, CutoverConfig, CutoverError, Outcome};
@@ -18,17 +18,19 @@ use super::{Aborted, Ctx, CutoverConfig, CutoverError, Outcome};
 /// Lifts the fence, stops in-process helpers and wraps the cause.
 pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
     let config = ctx.config;
-    ctx.tl.end_open(&mut ctx.report, format!("failed: {cause}"));
+    let cause_text = full_text(&cause);
+    ctx.tl
+        .end_open(&mut ctx.report, format!("failed: {cause_text}"));
     if ctx.switch_started {
         ctx.report.outcome = Outcome::SwitchInDoubt;
-        ctx.report.error = Some(cause.to_string());
+        ctx.report.error = Some(cause_text.clone());
         let warnings = ctx.helpers.stop().await;
         ctx.report.warnings.extend(warnings);
         let journal = ctx
             .journal
             .take()
             .unwrap_or_else(|| Journal::new(&config.buffer_dir, ""));
-        return in_doubt(&journal, cause.to_string(), Some(ctx.report));
+        return in_doubt(&journal, cause_text, Some(ctx.report));
     }
     ctx.tl.begin("unfence");
     let mut unfenced = Ok(());
@@ -45,7 +47,7 @@ pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError
     };
     ctx.tl.end(&mut ctx.report, note);
     ctx.report.outcome = Outcome::Aborted;
-    ctx.report.error = Some(cause.to_string());
+    ctx.report.error = Some(cause_text);
     let recorded = match &unfenced {
         Ok(()) => ctx.record(Step::Aborted, "unfenced"),
         Err(e) => ctx.record(Step::Aborted, format!("unfencing failed: {e}")),
@@ -78,9 +80,9 @@ async fn lift_with_retry(
         match config.source.connect().await {
             Ok(c) => match fence::lift(&c, dir, state).await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = e.to_string(),
+                Err(e) => last = full_text(&e),
             },
-            Err(e) => last = e.to_string(),
+            Err(e) => last = full_text(&e),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use crate::SqlContext;
 use crate::buffer::LOCK_FILE;
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
@@ -63,7 +64,7 @@ impl ReplayGuard {
                 &[&buffer_id],
             )
             .await
-            .map_err(|e| crate::Error::sql("taking the replay lock on the target", e))?
+            .sql_context("taking the replay lock on the target")?
             .get(0);
         Ok(got.then_some(ReplayGuard { _client: client }))
     }

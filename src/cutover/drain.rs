@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use super::journal::Step;
-use super::{Ctx, CutoverError, coord, sql};
+use super::{Ctx, CutoverError, coord};
+use crate::SqlContext;
 use crate::buffer::{BufferError, BufferReader, TxnEvent, TxnIter};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, LogicalMessage};
@@ -16,7 +17,7 @@ use crate::source::pgoutput::{self, LogicalMessage};
 pub(super) async fn position(ctx: &Ctx<'_>) -> Result<MarkerScan, CutoverError> {
     let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
         .await
-        .map_err(sql("reading the target's applied LSN"))?
+        .sql_context("reading the target's applied LSN")?
         .unwrap_or(Lsn::ZERO);
     let mut scan = MarkerScan::new(&ctx.config.buffer_dir, applied, &ctx.report.cutover_id)?;
     scan.poll()?;
@@ -32,12 +33,12 @@ pub(super) async fn marker(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
             &[&crate::apply::replay::MARKER_PREFIX, &ctx.report.cutover_id],
         )
         .await
-        .map_err(sql("writing the cutover marker on the source"))?;
+        .sql_context("writing the cutover marker on the source")?;
     let marker: Lsn = ctx
         .src
         .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
         .await
-        .map_err(sql("reading the source's WAL position"))?
+        .sql_context("reading the source's WAL position")?
         .get::<_, String>(0)
         .parse()
         .unwrap_or_default();
@@ -63,13 +64,13 @@ pub(super) async fn drain(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         if !durable && let Some(end) = found {
             durable = coord::slot_confirmed(&ctx.src, &config.slot)
                 .await
-                .map_err(sql("reading the slot's confirmed position"))?
+                .sql_context("reading the slot's confirmed position")?
                 .is_some_and(|c| c >= end);
         }
         if durable && let Some(end) = found {
             let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
                 .await
-                .map_err(sql("reading the target's applied LSN"))?
+                .sql_context("reading the target's applied LSN")?
                 .unwrap_or(Lsn::ZERO);
             if applied >= end {
                 break end;

@@ -14,6 +14,7 @@ use super::verify;
 use crate::apply::replay::ReplayError;
 use crate::buffer::BufferError;
 use crate::capture::CaptureError;
+use crate::error::SqlError;
 
 /// Cutover failures. Before the fence they are returned as they are; after it, wrapped in
 /// [`CutoverError::Aborted`].
@@ -124,12 +125,8 @@ pub enum CutoverError {
     #[error(transparent)]
     Connect(#[from] crate::Error),
 
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 
     #[error(transparent)]
     Aborted(Box<Aborted>),
@@ -168,13 +165,6 @@ pub enum CutoverError {
     PreparedTransactions { when: String, list: String },
 }
 
-pub(super) fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> CutoverError + '_ {
-    move |source| CutoverError::Sql {
-        context: context.to_owned(),
-        source,
-    }
-}
-
 /// A cutover whose switch started but whose end is not known: the source stays fenced, and
 /// every later cutover of the buffer refuses until the operator confirms where traffic points.
 #[derive(Debug, thiserror::Error)]
@@ -202,9 +192,10 @@ pub struct SwitchInDoubt {
 /// A cutover that stopped after the fence went up, before the switch.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cutover {} aborted before the switch: {cause}. {unfence}. Nothing captured is lost (the buffer, the slot and \
+    "cutover {} aborted before the switch: {cause_text}. {unfence}. Nothing captured is lost (the buffer, the slot and \
      the target's applied position are intact); {advice}, then run walshift cutover again",
     report.cutover_id,
+    cause_text = full_text(&self.cause),
     unfence = self.unfence_text(),
     advice = self.advice()
 )]
@@ -271,4 +262,23 @@ pub(super) fn in_doubt(
         journal: journal.file().to_path_buf(),
         report,
     }))
+}
+
+/// A failure and its causes as one line, each once (as the command line prints an error
+/// chain): what the report, the journal and [`Aborted`] keep of a cause, so that a failed
+/// statement keeps the server's message next to what walshift was doing.
+pub(super) fn full_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !msg.is_empty() && !out.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    out
 }

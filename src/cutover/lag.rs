@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 
 use crate::buffer::{BufferError, BufferReader, TxnEvent, TxnIter};
 use crate::lsn::Lsn;
+use crate::{SqlContext, SqlError};
 
 /// How far behind the source the target is.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
@@ -113,7 +114,8 @@ impl LagMeter {
                            JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1)",
                 &[&slot],
             )
-            .await?;
+            .await
+            .sql_context("measuring the lag on the source")?;
         let wal: Lsn = row.get::<_, String>(0).parse().unwrap_or_default();
         let confirmed: Lsn = row
             .get::<_, Option<String>>(1)
@@ -167,8 +169,8 @@ impl LagMeter {
 /// Lag measurement failures.
 #[derive(Debug, thiserror::Error)]
 pub enum LagError {
-    #[error("measuring the lag on the source: {0}")]
-    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error(transparent)]
     Buffer(#[from] BufferError),
 }

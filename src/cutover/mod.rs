@@ -104,7 +104,6 @@ pub use sequences::TableMap;
 pub use verify::VerifyMode;
 
 use drain::MarkerScan;
-use error::sql;
 use fence::FenceState;
 use helpers::Helpers;
 use hooks::HookContext;

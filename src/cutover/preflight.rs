@@ -14,8 +14,9 @@ use super::fence::{self, FenceMode, FenceState};
 use super::lag::LagMeter;
 use super::report::Timeline;
 use super::{
-    Ctx, CutoverConfig, CutoverError, CutoverReport, POSTPONE_FILE, VerifyMode, coord, sql, verify,
+    Ctx, CutoverConfig, CutoverError, CutoverReport, POSTPONE_FILE, VerifyMode, coord, verify,
 };
+use crate::SqlContext;
 use crate::apply::replay::ReplayError;
 use crate::apply::target;
 use crate::buffer::BufferMeta;
@@ -119,7 +120,7 @@ pub(super) async fn check(
             &[&config.slot],
         )
         .await
-        .map_err(sql("looking up the slot"))?
+        .sql_context("looking up the slot")?
         .is_some();
     if !slot_exists {
         return Err(CutoverError::SlotMissing {
@@ -137,7 +138,7 @@ pub(super) async fn check(
         let tables: Vec<crate::transform::TableName> =
             verify::published_tables(&src, &config.publication)
                 .await
-                .map_err(sql("listing the published tables"))?
+                .sql_context("listing the published tables")?
                 .into_iter()
                 .map(|(s, t, _)| crate::transform::TableName::new(s, t))
                 .collect();
@@ -231,7 +232,7 @@ async fn check_partitions(
     };
     let seen = partitions::observe(src, &record)
         .await
-        .map_err(sql("comparing the leaf partitions with capture's record"))?;
+        .sql_context("comparing the leaf partitions with capture's record")?;
     let changed: Vec<_> = seen
         .differences
         .into_iter()
@@ -268,11 +269,11 @@ pub(super) async fn prepare_session(client: &Client) -> Result<i32, CutoverError
             verify::SESSION_SETTINGS
         ))
         .await
-        .map_err(sql("preparing a session"))?;
+        .sql_context("preparing a session")?;
     Ok(client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
-        .map_err(sql("preparing a session"))?
+        .sql_context("preparing a session")?
         .get(0))
 }
 
@@ -286,7 +287,7 @@ pub(super) async fn prepared_xacts(src: &Client) -> Result<Vec<String>, CutoverE
             &[],
         )
         .await
-        .map_err(sql("listing the source's prepared transactions"))?
+        .sql_context("listing the source's prepared transactions")?
         .iter()
         .map(|r| r.get(0))
         .collect())
@@ -342,7 +343,7 @@ pub(super) async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> 
         }
         let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
             .await
-            .map_err(sql("reading the target's applied LSN"))?
+            .sql_context("reading the target's applied LSN")?
             .unwrap_or(Lsn::ZERO);
         let lag = meter.measure(&ctx.src, &config.slot, applied).await?;
         let postponed = config.buffer_dir.join(POSTPONE_FILE).exists();

@@ -10,7 +10,8 @@ use super::hooks::{self, HookContext};
 use super::journal::{Journal, State, Step};
 use super::preflight::prepare_session;
 use super::report::Timeline;
-use super::{CutoverConfig, CutoverError, CutoverReport, Outcome, TableMap, sequences, sql};
+use super::{CutoverConfig, CutoverError, CutoverReport, Outcome, TableMap, sequences};
+use crate::SqlContext;
 
 /// What the journal of the buffer's last cutover says this run does.
 pub(super) enum Previous {
@@ -106,7 +107,7 @@ pub(super) async fn after_switch(
         };
         let synced = sequences::sync(&src, &tgt, &map)
             .await
-            .map_err(sql("syncing sequences (forward only)"))?;
+            .sql_context("syncing sequences (forward only)")?;
         report.sequences = synced.set;
         report.sequences_skipped = synced.skipped;
         if let Err(e) = FenceState::remove(dir) {

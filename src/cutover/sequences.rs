@@ -21,7 +21,8 @@ use tokio_postgres::Client;
 
 use super::journal::Step;
 use super::report::SequenceSync;
-use super::{Ctx, CutoverError, sql};
+use super::{Ctx, CutoverError};
+use crate::SqlContext;
 use crate::sql::{quote_ident, quote_qualified};
 
 /// Where a source table's rows land on the target: `(schema, table)` → target tables.
@@ -292,7 +293,7 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     ctx.tl.begin("sequences");
     let synced = sync(&ctx.src, &ctx.tgt, &ctx.table_map)
         .await
-        .map_err(sql("syncing sequences"))?;
+        .sql_context("syncing sequences")?;
     ctx.report.sequences = synced.set;
     ctx.report.sequences_skipped = synced.skipped;
     let note = format!("{} set", ctx.report.sequences.len());

@@ -19,9 +19,10 @@ use tokio_postgres::Client;
 use super::journal::Step;
 use super::report::TableCheck;
 use super::sequences::TableMap;
-use super::{Ctx, CutoverError, sql};
+use super::{Ctx, CutoverError};
 use crate::sql::{quote_ident, quote_qualified};
 use crate::transform::{Mapping, TableName};
+use crate::{SqlContext, SqlError};
 
 /// What `--verify` compares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -115,8 +116,8 @@ async fn measure(
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckError {
-    #[error("verifying the target: {0}")]
-    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("verifying the target through the mapping: {0}")]
     Mapped(#[from] crate::verify::VerifyError),
 }
@@ -188,7 +189,10 @@ pub async fn verify_tables(
             table_query(ts, tt, columns, checksum),
         );
         let (s, t) = tokio::join!(measure(source, &sq), measure(target, &tq));
-        let (s, t) = (s?, t?);
+        let (s, t) = (
+            s.sql_context("verifying the target")?,
+            t.sql_context("verifying the target")?,
+        );
         out.push(TableCheck {
             source: quote_qualified(schema, table),
             target: quote_qualified(ts, tt),
@@ -212,7 +216,7 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     if config.verify != VerifyMode::None {
         let tables = published_tables(&ctx.src, &config.publication)
             .await
-            .map_err(sql("listing the published tables"))?;
+            .sql_context("listing the published tables")?;
         let remaining = ctx.remaining();
         // The server stops with the window too: a query left running would hold this session
         // (and the unfence behind it).
@@ -222,9 +226,7 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 remaining.as_millis().max(1)
             ))
             .await
-            .map_err(sql(
-                "limiting verify's statements on the source to the window",
-            ))?;
+            .sql_context("limiting verify's statements on the source to the window")?;
         let checks = match tokio::time::timeout(
             remaining,
             verify_tables(
@@ -243,7 +245,7 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 ctx.src
                     .batch_execute("SET statement_timeout = 0")
                     .await
-                    .map_err(sql("resetting statement_timeout on the source"))?;
+                    .sql_context("resetting statement_timeout on the source")?;
                 checks
             }
             Err(_) => {

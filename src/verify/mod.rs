@@ -58,6 +58,7 @@ use crate::transform::plan::{
     PlanColumn, PlanExpr, SourcePlan, SourceTable, TargetPlan, TargetTableInfo,
 };
 use crate::transform::{TransformError, catalog};
+use crate::{SqlContext, SqlError};
 
 /// Differing keys reported per table by default.
 pub const DEFAULT_MAX_KEYS: usize = 10;
@@ -221,12 +222,8 @@ pub enum VerifyError {
          or name the table in the mapping"
     )]
     KeylessColumn { table: TableName, column: String },
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error(
         "verify evaluates the mapping's expressions and filters on the live source, once per row, and these call \
          VOLATILE functions there, which could change or disturb it (terminate sessions, advance sequences) and \
@@ -264,11 +261,6 @@ pub enum VerifyError {
     ReplayFailed(String),
 }
 
-fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
-    let context = context.into();
-    move |source| VerifyError::Sql { context, source }
-}
-
 /// The tables of a publication on the source, in name order.
 pub async fn published_tables(
     source: &Client,
@@ -280,7 +272,7 @@ pub async fn published_tables(
             &[&publication],
         )
         .await
-        .map_err(sql_err("looking up the publication on the source"))?;
+        .sql_context("looking up the publication on the source")?;
     if exists.is_none() {
         return Err(VerifyError::NoPublication(publication.to_owned()));
     }
@@ -512,8 +504,8 @@ pub async fn verify(
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     let (a, b) = tokio::join!(source.batch_execute(end), target.batch_execute(end));
     let tables = result?;
-    a.map_err(sql_err("ending the verify transaction on the source"))?;
-    b.map_err(sql_err("ending the verify transaction on the target"))?;
+    a.sql_context("ending the verify transaction on the source")?;
+    b.sql_context("ending the verify transaction on the target")?;
     let names: Vec<TableName> = checks.iter().map(|c| c.source.clone()).collect();
     Ok(VerifyReport {
         tables,
@@ -567,7 +559,7 @@ async fn build_checks(
                 &[&types],
             )
             .await
-            .map_err(sql_err("looking up the key types' collations on the target"))?;
+            .sql_context("looking up the key types' collations on the target")?;
         let collatable: HashMap<String, bool> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         for k in checks.iter_mut().flat_map(|c| c.chunk.iter_mut().flatten()) {
             k.collate = collatable.get(&k.type_sql).copied().unwrap_or(true);
@@ -614,7 +606,7 @@ async fn not_checked(
             &[&schemas, &names],
         )
         .await
-        .map_err(sql_err("listing what verify does not check on the source"))?;
+        .sql_context("listing what verify does not check on the source")?;
     let list = |v: &[String]| {
         let mut s = v.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
         if v.len() > 10 {
@@ -721,9 +713,7 @@ async fn builtin_types(
             &[&types],
         )
         .await
-        .map_err(sql_err(
-            "looking up the target's column types on the source",
-        ))?;
+        .sql_context("looking up the target's column types on the source")?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -736,7 +726,7 @@ async fn session_settings(target: &Client) -> Result<String, VerifyError> {
             &[],
         )
         .await
-        .map_err(sql_err("reading the target's session settings"))?;
+        .sql_context("reading the target's session settings")?;
     let names = [
         "TimeZone",
         "DateStyle",
@@ -758,9 +748,10 @@ async fn begin(client: &Client, side: &str, settings: &str) -> Result<(), Verify
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {settings}"
         ))
         .await
-        .map_err(sql_err(format!(
+        .with_sql_context(|| format!(
             "starting the verify transaction on the {side} (the session must not be inside a transaction)"
-        )))
+        ))?;
+    Ok(())
 }
 
 async fn compare_all(
@@ -774,7 +765,7 @@ async fn compare_all(
         let s_sql = Check::summary_sql(&c.source_row, &c.source_from, opts.checksums);
         let t_sql = Check::summary_sql(&c.target_row, &c.target_from, opts.checksums);
         let (s, t) = tokio::join!(source.query_one(&s_sql, &[]), target.query_one(&t_sql, &[]));
-        let s = s.map_err(sql_err(format!(
+        let s = s.with_sql_context(|| format!(
             "computing {} on the source (the mapping's expressions and filter run on the source \
              to verify, read-only{}; an expression using a function or type only the target has cannot be verified)",
             c.what(),
@@ -782,8 +773,8 @@ async fn compare_all(
                 .filter(|d| !d.is_zero())
                 .map(|d| format!(", each statement limited to {}", humantime::format_duration(d)))
                 .unwrap_or_default()
-        )))?;
-        let t = t.map_err(sql_err(format!("computing {} on the target", c.what())))?;
+        ))?;
+        let t = t.with_sql_context(|| format!("computing {} on the target", c.what()))?;
         let (source_rows, source_checksum): (i64, String) = (s.get(0), s.get(1));
         let (target_rows, target_checksum): (i64, String) = (t.get(0), t.get(1));
         let equal = source_rows == target_rows && source_checksum == target_checksum;
@@ -836,7 +827,7 @@ impl<'a> KeyCursor<'a> {
                 quote_ident(name)
             ))
             .await
-            .map_err(sql_err(format!("listing the keys of {what} on the {side}")))?;
+            .with_sql_context(|| format!("listing the keys of {what} on the {side}"))?;
         Ok(KeyCursor {
             client,
             side,
@@ -857,10 +848,9 @@ impl<'a> KeyCursor<'a> {
                     &[],
                 )
                 .await
-                .map_err(sql_err(format!(
-                    "reading the keys of {} on the {}",
-                    self.what, self.side
-                )))?;
+                .with_sql_context(|| {
+                    format!("reading the keys of {} on the {}", self.what, self.side)
+                })?;
             self.done = rows.len() < self.fetch;
             self.buf.extend(
                 rows.iter()
@@ -878,10 +868,13 @@ impl<'a> KeyCursor<'a> {
         self.client
             .batch_execute(&format!("CLOSE {}", quote_ident(self.name)))
             .await
-            .map_err(sql_err(format!(
-                "closing the key cursor of {} on the {}",
-                self.what, self.side
-            )))
+            .with_sql_context(|| {
+                format!(
+                    "closing the key cursor of {} on the {}",
+                    self.what, self.side
+                )
+            })?;
+        Ok(())
     }
 }
 
