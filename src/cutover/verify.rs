@@ -2,17 +2,21 @@
 //! the source holds. `counts` compares row counts per published table; `checksum` also
 //! compares an order-independent checksum per table.
 //!
-//! [`verify_tables`] is the one entry point the orchestrator calls. With a migration mapping
-//! it hands over to [`crate::verify::verify`], which compares every target table with the
-//! source *through* the mapping (expressions, filters, split tables; counts only unless
-//! `checksum`). Without one (identity), the lighter comparison below is used: each source
-//! table against the target table the [`TableMap`] names, column by column of the same names;
-//! a table the map splits or drops is reported as not comparable.
+//! [`verify_tables`] is the one entry point the orchestrator calls; the comparing is
+//! [`crate::verify`]'s, so there is one checksum. With a migration mapping it hands over to
+//! [`crate::verify::verify`], which compares every target table with the source *through* the
+//! mapping (expressions, filters, split tables; counts only unless `checksum`). Without one
+//! (identity), the lighter comparison: each source table against the target table the
+//! [`TableMap`] names, column by column of the same names, with
+//! [`crate::verify::table_summary`] on both sides at once; a table the map splits or drops is
+//! reported as not comparable.
 //!
-//! The checksum of a table is `count(*)` and `sum(hashtextextended(row(cols…)::text, 0))` over
-//! the source's columns in their order, computed on both sides in sessions with the same
-//! `TimeZone`, `DateStyle`, `IntervalStyle` and `extra_float_digits`, so equal rows give equal
-//! text. The source and target queries run concurrently.
+//! `counts` is a plain `count(*)` per table (most of the window goes here). The checksum is
+//! verify's: the sum of the first 64 bits of the md5 of each row's text over the source's
+//! columns in their order — the same on any PostgreSQL version, so a cutover between major
+//! versions compares too — computed on both sides in sessions with the same `TimeZone`,
+//! `DateStyle`, `IntervalStyle` and `extra_float_digits` ([`SESSION_SETTINGS`]), so equal rows
+//! give equal text.
 
 use tokio_postgres::Client;
 
@@ -20,7 +24,7 @@ use super::journal::Step;
 use super::report::TableCheck;
 use super::sequences::TableMap;
 use super::{Ctx, CutoverError};
-use crate::sql::{quote_ident, quote_qualified};
+use crate::sql::quote_qualified;
 use crate::transform::{Mapping, TableName};
 use crate::{SqlContext, SqlError};
 
@@ -86,30 +90,6 @@ pub async fn published_tables(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect())
-}
-
-fn table_query(schema: &str, table: &str, columns: &[String], checksum: bool) -> String {
-    let name = quote_qualified(schema, table);
-    if checksum {
-        let cols = columns
-            .iter()
-            .map(|c| format!("t.{}", quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!(
-            "SELECT count(*), coalesce(sum(hashtextextended(row({cols})::text, 0)), 0)::text FROM {name} t"
-        )
-    } else {
-        format!("SELECT count(*), NULL::text FROM {name}")
-    }
-}
-
-async fn measure(
-    client: &Client,
-    sql: &str,
-) -> Result<(i64, Option<String>), tokio_postgres::Error> {
-    let r = client.query_one(sql, &[]).await?;
-    Ok((r.get(0), r.get(1)))
 }
 
 /// Verification failures (a difference is not one: it is in the checks).
@@ -184,11 +164,14 @@ pub async fn verify_tables(
             });
             continue;
         };
-        let (sq, tq) = (
-            table_query(schema, table, columns, checksum),
-            table_query(ts, tt, columns, checksum),
+        let (sn, tn) = (
+            TableName::new(schema.clone(), table.clone()),
+            TableName::new(ts.clone(), tt.clone()),
         );
-        let (s, t) = tokio::join!(measure(source, &sq), measure(target, &tq));
+        let (s, t) = tokio::join!(
+            crate::verify::table_summary(source, &sn, columns, checksum),
+            crate::verify::table_summary(target, &tn, columns, checksum),
+        );
         let (s, t) = (
             s.sql_context("verifying the target")?,
             t.sql_context("verifying the target")?,

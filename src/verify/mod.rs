@@ -35,7 +35,9 @@
 //!   chunk at one source position while capture and replay keep running.
 //! - **Not checked.** Every report lists what verify did not compare ([`VerifyReport::not_checked`]).
 //!
-//! [`verify`] is the library entry point (cutover calls it); `walshift verify` is its command.
+//! [`verify`] is the library entry point (cutover calls it with a mapping); `walshift verify` is
+//! its command. [`table_summary`] is the same count and checksum for one table without a
+//! mapping (cutover's window without one). There is no other checksum in walshift.
 
 mod online;
 mod safety;
@@ -515,6 +517,29 @@ pub async fn verify(
     })
 }
 
+/// Row count and, with `checksums`, checksum of `table` over `columns` (by name, in that order),
+/// with no mapping: for a table compared with a copy that has the same columns, as cutover's
+/// window does. Row text and checksum are [`verify`]'s (each column `::text` in a
+/// `ROW(…)::text`, the first 64 bits of its md5 summed), so equal tables give equal results on
+/// any server version; without `checksums` it is a plain `count(*)` and the checksum `None`.
+/// Runs in the caller's session as it is: its settings must make row text the same on both
+/// sides.
+pub async fn table_summary(
+    client: &Client,
+    table: &TableName,
+    columns: &[String],
+    checksums: bool,
+) -> Result<(i64, Option<String>), tokio_postgres::Error> {
+    let parts: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(c)))
+        .collect();
+    let from = format!("FROM {} AS t", table.quoted());
+    let sql = Check::summary_sql(&row_text(&parts), &from, checksums);
+    let row = client.query_one(&sql, &[]).await?;
+    Ok((row.get(0), checksums.then(|| row.get(1))))
+}
+
 /// Compiles the mapping for each source table against the target and builds the comparison
 /// of every target table it feeds.
 async fn build_checks(
@@ -970,5 +995,9 @@ mod tests {
         assert_eq!(key_text(&["a".into()]), "a");
         assert_eq!(key_text(&["a".into(), "b".into()]), "ROW(a, b)::text");
         assert_eq!(hash64("r"), "('x' || left(md5(r), 16))::bit(64)::bigint");
+        assert_eq!(
+            Check::summary_sql("ROW(t.\"a\"::text)::text", "FROM \"s\".\"t\" AS t", false),
+            "SELECT count(*), ''::text FROM \"s\".\"t\" AS t"
+        );
     }
 }
