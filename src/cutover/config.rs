@@ -18,9 +18,11 @@ pub struct CutoverConfig {
     pub target: ConnInfo,
     /// The buffer capture writes.
     pub buffer_dir: PathBuf,
-    /// Replication slot. Default `walshift` (as capture's). Must be the buffer's slot.
+    /// Replication slot. Default [`crate::source::DEFAULT_SLOT`] (`walshift`, as capture's).
+    /// Must be the buffer's slot.
     pub slot: String,
-    /// Publication. Default `walshift` (as capture's). Its tables are the ones verified.
+    /// Publication. Default [`crate::source::DEFAULT_PUBLICATION`] (`walshift`, as capture's).
+    /// Its tables are the ones verified.
     pub publication: String,
     /// How the source is fenced. Default read-only.
     pub fence: FenceMode,
@@ -59,10 +61,13 @@ pub struct CutoverConfig {
     /// How often the drain checks the slot, the buffer and the target. Default 2 ms: each
     /// check is a small query; shorter adds load, longer adds up to that much to the window.
     pub poll_interval: Duration,
-    /// Fsync interval of a capture cutover starts itself. Default 10 ms (capture's own default
-    /// is 20 ms): part of the drain time.
+    /// Fsync interval of a capture cutover starts itself. Default 10 ms, shorter than capture's
+    /// own [`crate::capture::DEFAULT_FLUSH_INTERVAL`] (20 ms): it is part of the drain time, at
+    /// more fsyncs while cutover waits.
     pub capture_flush_interval: Duration,
-    /// Batch time of a replay cutover starts itself. Default 50 ms.
+    /// Batch time of a replay cutover starts itself. Default 50 ms, shorter than replay's own
+    /// [`crate::apply::replay::DEFAULT_BATCH_TIME`] (200 ms): a batch cut sooner is applied
+    /// sooner inside the window, at more commits. Its other settings are replay's defaults.
     pub replay_batch_time: Duration,
     /// The operator checked that traffic points to the target after a cutover whose switch
     /// started but whose end was not recorded: record the switch as done, set sequences
@@ -90,8 +95,8 @@ impl CutoverConfig {
             source,
             target,
             buffer_dir: buffer_dir.into(),
-            slot: "walshift".into(),
-            publication: "walshift".into(),
+            slot: crate::source::DEFAULT_SLOT.into(),
+            publication: crate::source::DEFAULT_PUBLICATION.into(),
             fence: FenceMode::ReadOnly,
             before: None,
             switch: None,

@@ -9,7 +9,7 @@
 //! - **Is the marker durable?** Capture confirms to the slot only what the buffer has fsynced:
 //!   the slot's `confirmed_flush_lsn` passing the marker's position is the proof.
 //! - **Is the marker applied?** The target's `walshift.applied` passing the end LSN of the
-//!   marker's transaction, found in the buffer by [`super::drain::MarkerScan`].
+//!   marker's transaction, found in the buffer by the drain's `MarkerScan`.
 
 use std::os::fd::AsRawFd;
 use std::path::Path;

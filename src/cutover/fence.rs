@@ -8,7 +8,7 @@
 //! marker. walshift's own sessions (passed by backend pid) and all WAL senders (replication
 //! connections, including capture's) are spared. New sessions start read-only.
 //!
-//! **Contract:** [`Fence::lift`] restores exactly the previous setting (the same value, or no
+//! **Contract:** [`lift`] restores exactly the previous setting (the same value, or no
 //! database-wide entry at all). The previous setting is also written to
 //! `<buffer>/cutover-fence.json` before the database is altered, so that if walshift dies
 //! while fenced the next cutover (or the operator) restores the right value; the file is

@@ -7,25 +7,25 @@
 //!
 //! 1. **postpone** — while `<buffer>/postpone-cutover` exists, wait (nothing is touched).
 //! 2. **preflight** — every setting is valid ([`CutoverConfig::validate`]); the journal allows
-//!    a cutover ([`rerun`]); the buffer belongs to the source, the slot exists, the role may
-//!    fence ([`preflight`]); capture and replay are running elsewhere or are started here
-//!    ([`coord`], [`helpers`]); wait until the lag ([`lag`], WAL not yet durable included) is
+//!    a cutover (`rerun.rs`); the buffer belongs to the source, the slot exists, the role may
+//!    fence (`preflight.rs`); capture and replay are running elsewhere or are started here
+//!    ([`coord`], `helpers.rs`); wait until the lag ([`lag`], WAL not yet durable included) is
 //!    under `max_lag` and no prepared transaction of the source database is pending. Nothing
 //!    is fenced yet.
 //! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
 //! 4. **marker** — `pg_logical_emit_message(true, 'walshift', <cutover id>)` on the source
-//!    ([`drain`]).
+//!    (`drain.rs`).
 //! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
-//!    (durable) position and the target's `walshift.applied` both pass its end ([`drain`]).
+//!    (durable) position and the target's `walshift.applied` both pass its end (`drain.rs`).
 //! 6. **sequences** — [`sequences::sync`].
 //! 7. **verify** — [`verify::verify_tables`] as `verify` asks.
-//! 8. **switch** — the `--switch` hook — the window ends when it returns ([`switch`]).
+//! 8. **switch** — the `--switch` hook — the window ends when it returns (`switch.rs`).
 //! 9. **after** — the `--after` hook; then the report ([`report`]).
 //!
-//! **Abort contract** ([`abort`]): any failure before the switch is done, `max_window` running out before
-//! the switch starts, or an interrupt, aborts: the fence is lifted (the database's previous
-//! `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`] carries the
-//! cause and the report. Nothing captured is lost: capture and replay only ever move forward
+//! **Abort contract** (`abort.rs`): any failure before the switch is done, `max_window` running
+//! out before the switch starts, or an interrupt, aborts: the fence is lifted (the database's
+//! previous `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`]
+//! carries the cause and the report. Nothing captured is lost: capture and replay only ever move forward
 //! (the buffer, the slot and `walshift.applied` are untouched by an abort), so cutover can be
 //! run again.
 //!

@@ -120,7 +120,7 @@ pub struct VerifyReport {
     /// source table's targets in mapping order.
     pub tables: Vec<TableReport>,
     pub elapsed_secs: f64,
-    /// What this verify did not check, one sentence each (see [`not_checked`]).
+    /// What this verify did not check, one sentence each (see `not_checked`).
     pub not_checked: Vec<String>,
     /// How the points of an online verify went; `None` offline.
     pub online: Option<OnlineSummary>,
