@@ -21,6 +21,7 @@ pub mod lsn;
 pub mod migrate;
 pub mod pgtools;
 pub mod rehearse;
+pub mod run;
 pub mod source;
 pub mod sql;
 pub mod tls;

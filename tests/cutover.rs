@@ -545,7 +545,7 @@ async fn cutover_against_a_running_walshift_run() {
     // Streaming once the control socket says so.
     let started = Instant::now();
     loop {
-        if let Ok(Some(v)) = cutover::control::request(dir.path(), "status").await
+        if let Ok(Some(v)) = walshift::run::control::request(dir.path(), "status").await
             && v["phase"] == "streaming"
             && v["applied_lsn"].is_string()
         {
@@ -634,7 +634,7 @@ async fn cutover_against_a_running_walshift_run() {
     );
     assert!(v["window_secs"].as_f64().unwrap() > 0.0);
     assert_eq!(sums(&source).await, sums(&target).await);
-    let v = cutover::control::request(dir.path(), "stop")
+    let v = walshift::run::control::request(dir.path(), "stop")
         .await
         .unwrap()
         .unwrap();

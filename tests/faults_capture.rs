@@ -383,8 +383,8 @@ async fn live_run_creates_its_buffer_directory_private() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("b".repeat(120));
     let conn = walshift::conn::ConnInfo::parse("host=127.0.0.1 port=1 dbname=x user=x").unwrap();
-    let config = walshift::cutover::live::LiveConfig::new(conn.clone(), conn, &dir);
-    let result = walshift::cutover::live::run(config, std::future::pending()).await;
+    let config = walshift::run::LiveConfig::new(conn.clone(), conn, &dir);
+    let result = walshift::run::run(config, std::future::pending()).await;
     assert!(result.is_err(), "the control socket cannot be bound");
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "{result:?}");

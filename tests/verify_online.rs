@@ -169,10 +169,7 @@ async fn wait_for(target: &Cluster, sql: &str, what: &str) {
 }
 
 async fn stop_child(dir: &Path, mut child: Child) {
-    if walshift::cutover::control::request(dir, "stop")
-        .await
-        .is_err()
-    {
+    if walshift::run::control::request(dir, "stop").await.is_err() {
         let _ = child.kill();
     }
     let _ = tokio::task::spawn_blocking(move || child.wait()).await;

@@ -204,7 +204,7 @@ impl CutoverBench {
             .spawn()?;
         let started = Instant::now();
         loop {
-            if let Ok(Some(v)) = cutover::control::request(dir.path(), "status").await
+            if let Ok(Some(v)) = crate::run::control::request(dir.path(), "status").await
                 && v["phase"] == "streaming"
                 && v["applied_lsn"].is_string()
             {
@@ -330,7 +330,7 @@ impl CutoverBench {
         admin
             .batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
             .await?;
-        let _ = cutover::control::request(dir.path(), "stop").await;
+        let _ = crate::run::control::request(dir.path(), "stop").await;
         if tokio::time::timeout(Duration::from_secs(30), run.wait())
             .await
             .is_err()

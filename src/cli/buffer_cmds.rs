@@ -80,7 +80,7 @@ fn open(dir: &std::path::Path) -> anyhow::Result<BufferReader> {
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let st = open(&a.buffer.buffer)?.status()?;
     // A `walshift run` serving this buffer answers on its control socket.
-    let run = crate::cutover::control::request(&a.buffer.buffer, "status")
+    let run = crate::run::control::request(&a.buffer.buffer, "status")
         .await
         .ok()
         .flatten();

@@ -1,5 +1,5 @@
 //! `walshift run`: capture (cloning on first start) and replay --follow in one process, with a
-//! status line and a control socket (see [`crate::cutover::live`]).
+//! status line and a control socket (see [`crate::run`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use super::{BufferDir, shutdown_signal};
 use crate::conn::ConnInfo;
-use crate::cutover::live::{self, LiveConfig};
+use crate::run::{self as live, LiveConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {

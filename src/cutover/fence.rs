@@ -8,7 +8,7 @@
 //! marker. walshift's own sessions (passed by backend pid) and all WAL senders (replication
 //! connections, including capture's) are spared. New sessions start read-only.
 //!
-//! **Contract:** [`Fence::lift`] restores exactly the previous setting (the same value, or no
+//! **Contract:** [`lift`] restores exactly the previous setting (the same value, or no
 //! database-wide entry at all). The previous setting is also written to
 //! `<buffer>/cutover-fence.json` before the database is altered, so that if walshift dies
 //! while fenced the next cutover (or the operator) restores the right value; the file is
@@ -34,7 +34,12 @@ use std::path::{Path, PathBuf};
 
 use tokio_postgres::Client;
 
+use super::journal::Step;
+use super::preflight::prepared_xacts;
+use super::{Ctx, CutoverError, coord, hooks};
+use crate::lsn::Lsn;
 use crate::sql::{quote_ident, quote_literal};
+use crate::{SqlContext, SqlError};
 
 /// How the source is fenced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -111,19 +116,8 @@ pub enum FenceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-fn sql(context: &str) -> impl FnOnce(tokio_postgres::Error) -> FenceError + '_ {
-    move |source| FenceError::Sql {
-        context: context.to_owned(),
-        source,
-    }
+    #[error(transparent)]
+    Sql(#[from] SqlError),
 }
 
 /// What is needed to lift the fence: kept in memory and in `<buffer>/cutover-fence.json`.
@@ -201,7 +195,7 @@ pub async fn role_overrides(client: &Client) -> Result<Vec<RoleOverride>, FenceE
             &[],
         )
         .await
-        .map_err(sql("reading the roles' settings"))?;
+        .sql_context("reading the roles' settings")?;
     Ok(rows
         .iter()
         .map(|r| RoleOverride {
@@ -263,7 +257,7 @@ pub async fn current_setting(client: &Client) -> Result<Option<String>, FenceErr
             &[],
         )
         .await
-        .map_err(sql("reading the database's settings"))?;
+        .sql_context("reading the database's settings")?;
     let config: Option<Vec<String>> = row.and_then(|r| r.get(0));
     Ok(config.unwrap_or_default().into_iter().find_map(|kv| {
         kv.strip_prefix("default_transaction_read_only=")
@@ -283,7 +277,7 @@ pub async fn check_privileges(client: &Client) -> Result<(), FenceError> {
             &[],
         )
         .await
-        .map_err(sql("checking the privileges needed to fence"))?;
+        .sql_context("checking the privileges needed to fence")?;
     if row.get::<_, Option<bool>>(2) != Some(true) {
         return Err(FenceError::Privilege {
             role: row.get(0),
@@ -298,7 +292,7 @@ pub async fn check_privileges(client: &Client) -> Result<(), FenceError> {
                 &[],
             )
             .await
-            .map_err(sql("checking the privileges needed to fence"))?
+            .sql_context("checking the privileges needed to fence")?
             .get(0);
         if !may {
             return Err(FenceError::OverridePrivilege {
@@ -323,7 +317,7 @@ pub async fn other_sessions(client: &Client, spare: &[i32]) -> Result<Vec<i32>, 
             &[&spare],
         )
         .await
-        .map_err(sql("listing the database's sessions"))?;
+        .sql_context("listing the database's sessions")?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -339,7 +333,7 @@ pub async fn prepare(
     let database: String = client
         .query_one("SELECT current_database()::text", &[])
         .await
-        .map_err(sql("reading the database name"))?
+        .sql_context("reading the database name")?
         .get(0);
     let mut role_overrides = role_overrides(client).await?;
     let previous = match leftover {
@@ -382,9 +376,9 @@ pub async fn raise(
             quote_ident(&state.database)
         ))
         .await
-        .map_err(sql(
+        .sql_context(
             "fencing the source (ALTER DATABASE … SET default_transaction_read_only = on)",
-        ))?;
+        )?;
     for o in &state.role_overrides {
         client
             .batch_execute(&format!(
@@ -392,10 +386,7 @@ pub async fn raise(
                 o.clause(&state.database)
             ))
             .await
-            .map_err(|source| FenceError::Sql {
-                context: format!("fencing the source (removing the setting of {o})"),
-                source,
-            })?;
+            .with_sql_context(|| format!("fencing the source (removing the setting of {o})"))?;
     }
     // Signal every session at once, then watch them go: `pg_terminate_backend(pid, timeout)`
     // would wait for each in turn, sleeping 100 ms between its checks.
@@ -407,7 +398,7 @@ pub async fn raise(
             &[&spare],
         )
         .await
-        .map_err(sql("terminating the source's other sessions"))?;
+        .sql_context("terminating the source's other sessions")?;
     let pids: Vec<i32> = terminated.iter().map(|r| r.get(0)).collect();
     let connected: Vec<String> = terminated
         .iter()
@@ -425,7 +416,7 @@ pub async fn raise(
                     &[&pids],
                 )
                 .await
-                .map_err(sql("waiting for terminated sessions to exit"))?
+                .sql_context("waiting for terminated sessions to exit")?
                 .iter()
                 .map(|r| r.get(0))
                 .collect()
@@ -472,7 +463,7 @@ async fn prove(
             &[&connected],
         )
         .await
-        .map_err(sql("checking the fence holds for every role"))?;
+        .sql_context("checking the fence holds for every role")?;
     let open: Vec<String> = rows
         .iter()
         .filter(|r| !r.get::<_, Option<String>>(1).as_deref().is_some_and(is_on))
@@ -513,7 +504,7 @@ pub async fn prove_new_session(
             &[],
         )
         .await
-        .map_err(sql("checking a new session starts read-only"))?;
+        .sql_context("checking a new session starts read-only")?;
     if row.get::<_, String>(1) == "on" {
         Ok(())
     } else {
@@ -548,10 +539,11 @@ pub async fn lift(
     client
         .batch_execute("SET default_transaction_read_only = off")
         .await
-        .map_err(sql("unfencing the source (making this session read-write)"))?;
-    client.batch_execute(&stmt).await.map_err(sql(
-        "unfencing the source (restoring default_transaction_read_only)",
-    ))?;
+        .sql_context("unfencing the source (making this session read-write)")?;
+    client
+        .batch_execute(&stmt)
+        .await
+        .sql_context("unfencing the source (restoring default_transaction_read_only)")?;
     for o in &state.role_overrides {
         client
             .batch_execute(&format!(
@@ -560,10 +552,72 @@ pub async fn lift(
                 quote_literal(&o.value)
             ))
             .await
-            .map_err(|source| FenceError::Sql {
-                context: format!("unfencing the source (restoring the setting of {o})"),
-                source,
-            })?;
+            .with_sql_context(|| format!("unfencing the source (restoring the setting of {o})"))?;
     }
     FenceState::remove(buffer_dir)
+}
+
+/// The fence phase, where the window starts: the `--before` hook, then the fence `config.fence`
+/// asks for (read-only: [`prepare`], [`raise`], [`prove_new_session`]), journaled; a prepared
+/// transaction that appeared since preflight aborts. Records the target's applied position at
+/// the fence (what the drain starts from).
+pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    let dir = &config.buffer_dir;
+    ctx.window_start = Some(ctx.tl.begin("fence"));
+    let mut note = String::new();
+    if !config.dry_run
+        && let Some(cmd) = &config.before
+    {
+        let (run, r) = hooks::run_hook("before", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+        ctx.report.hooks.push(run);
+        r?;
+        note.push_str("before hook ran; ");
+    }
+    match (config.fence, config.dry_run) {
+        (FenceMode::ReadOnly, false) => {
+            let state = prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
+            ctx.report.fence_previous_setting = state.previous.clone();
+            ctx.fence_state = Some(state.clone());
+            if let Some(j) = &mut ctx.journal {
+                j.fence = Some(state.clone());
+            }
+            ctx.record(Step::Fenced, "read-only")?;
+            let timeout = config.terminate_timeout.min(ctx.remaining());
+            ctx.report.fence_role_settings_removed =
+                state.role_overrides.iter().map(|o| o.to_string()).collect();
+            let n = raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
+            prove_new_session(&config.source, &state.database).await?;
+            // One prepared between preflight's check and the termination survives it.
+            let pending = prepared_xacts(&ctx.src).await?;
+            if !pending.is_empty() {
+                return Err(CutoverError::PreparedTransactions {
+                    when: "after the fence".into(),
+                    list: pending.join(", "),
+                });
+            }
+            ctx.report.sessions_terminated = n;
+            note.push_str(&format!("read-only; {n} session(s) terminated"));
+        }
+        (FenceMode::ReadOnly, true) => {
+            let n = other_sessions(&ctx.src, &[own_pid]).await?.len();
+            note.push_str(&format!("dry run: would terminate {n} session(s)"));
+        }
+        (FenceMode::Hook, _) => {
+            ctx.record(Step::Fenced, "by the before hook")?;
+            note.push_str("fenced by the before hook")
+        }
+        (FenceMode::None, _) => {
+            ctx.record(Step::Fenced, "none")?;
+            note.push_str("none (writes stopped by the operator)")
+        }
+    }
+    let applied_at_fence = coord::applied(&ctx.tgt, &ctx.buffer_id)
+        .await
+        .sql_context("reading the target's applied LSN")?
+        .unwrap_or(Lsn::ZERO);
+    ctx.report.applied_at_fence = Some(applied_at_fence);
+    ctx.tl.end(&mut ctx.report, note.trim_end_matches("; "));
+    ctx.deadline_check("fence")?;
+    Ok(())
 }

@@ -19,7 +19,10 @@ use std::sync::Arc;
 
 use tokio_postgres::Client;
 
+use super::journal::Step;
 use super::report::SequenceSync;
+use super::{Ctx, CutoverError};
+use crate::SqlContext;
 use crate::sql::{quote_ident, quote_qualified};
 
 /// Where a source table's rows land on the target: `(schema, table)` → target tables.
@@ -282,4 +285,19 @@ pub async fn sync(
         }
     }
     Ok(out)
+}
+
+/// The sequences phase: [`sync`] over the cutover's table map, journaled.
+pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
+    ctx.deadline_check("sequences")?;
+    ctx.tl.begin("sequences");
+    let synced = sync(&ctx.src, &ctx.tgt, &ctx.table_map)
+        .await
+        .sql_context("syncing sequences")?;
+    ctx.report.sequences = synced.set;
+    ctx.report.sequences_skipped = synced.skipped;
+    let note = format!("{} set", ctx.report.sequences.len());
+    ctx.record(Step::Sequences, note.clone())?;
+    ctx.tl.end(&mut ctx.report, note);
+    Ok(())
 }

@@ -2,24 +2,31 @@
 //! the source holds. `counts` compares row counts per published table; `checksum` also
 //! compares an order-independent checksum per table.
 //!
-//! [`verify_tables`] is the one entry point the orchestrator calls. With a migration mapping
-//! it hands over to [`crate::verify::verify`], which compares every target table with the
-//! source *through* the mapping (expressions, filters, split tables; counts only unless
-//! `checksum`). Without one (identity), the lighter comparison below is used: each source
-//! table against the target table the [`TableMap`] names, column by column of the same names;
-//! a table the map splits or drops is reported as not comparable.
+//! [`verify_tables`] is the one entry point the orchestrator calls; the comparing is
+//! [`crate::verify`]'s, so there is one checksum. With a migration mapping it hands over to
+//! [`crate::verify::verify`], which compares every target table with the source *through* the
+//! mapping (expressions, filters, split tables; counts only unless `checksum`). Without one
+//! (identity), the lighter comparison: each source table against the target table the
+//! [`TableMap`] names, column by column of the same names, with
+//! [`crate::verify::table_summary`] on both sides at once; a table the map splits or drops is
+//! reported as not comparable.
 //!
-//! The checksum of a table is `count(*)` and `sum(hashtextextended(row(cols…)::text, 0))` over
-//! the source's columns in their order, computed on both sides in sessions with the same
-//! `TimeZone`, `DateStyle`, `IntervalStyle` and `extra_float_digits`, so equal rows give equal
-//! text. The source and target queries run concurrently.
+//! `counts` is a plain `count(*)` per table (most of the window goes here). The checksum is
+//! verify's: the sum of the first 64 bits of the md5 of each row's text over the source's
+//! columns in their order — the same on any PostgreSQL version, so a cutover between major
+//! versions compares too — computed on both sides in sessions with the same `TimeZone`,
+//! `DateStyle`, `IntervalStyle` and `extra_float_digits` ([`SESSION_SETTINGS`]), so equal rows
+//! give equal text.
 
 use tokio_postgres::Client;
 
+use super::journal::Step;
 use super::report::TableCheck;
 use super::sequences::TableMap;
-use crate::sql::{quote_ident, quote_qualified};
+use super::{Ctx, CutoverError};
+use crate::sql::quote_qualified;
 use crate::transform::{Mapping, TableName};
+use crate::{SqlContext, SqlError};
 
 /// What `--verify` compares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -85,36 +92,12 @@ pub async fn published_tables(
         .collect())
 }
 
-fn table_query(schema: &str, table: &str, columns: &[String], checksum: bool) -> String {
-    let name = quote_qualified(schema, table);
-    if checksum {
-        let cols = columns
-            .iter()
-            .map(|c| format!("t.{}", quote_ident(c)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!(
-            "SELECT count(*), coalesce(sum(hashtextextended(row({cols})::text, 0)), 0)::text FROM {name} t"
-        )
-    } else {
-        format!("SELECT count(*), NULL::text FROM {name}")
-    }
-}
-
-async fn measure(
-    client: &Client,
-    sql: &str,
-) -> Result<(i64, Option<String>), tokio_postgres::Error> {
-    let r = client.query_one(sql, &[]).await?;
-    Ok((r.get(0), r.get(1)))
-}
-
 /// Verification failures (a difference is not one: it is in the checks).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckError {
-    #[error("verifying the target: {0}")]
-    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("verifying the target through the mapping: {0}")]
     Mapped(#[from] crate::verify::VerifyError),
 }
@@ -181,12 +164,18 @@ pub async fn verify_tables(
             });
             continue;
         };
-        let (sq, tq) = (
-            table_query(schema, table, columns, checksum),
-            table_query(ts, tt, columns, checksum),
+        let (sn, tn) = (
+            TableName::new(schema.clone(), table.clone()),
+            TableName::new(ts.clone(), tt.clone()),
         );
-        let (s, t) = tokio::join!(measure(source, &sq), measure(target, &tq));
-        let (s, t) = (s?, t?);
+        let (s, t) = tokio::join!(
+            crate::verify::table_summary(source, &sn, columns, checksum),
+            crate::verify::table_summary(target, &tn, columns, checksum),
+        );
+        let (s, t) = (
+            s.sql_context("verifying the target")?,
+            t.sql_context("verifying the target")?,
+        );
         out.push(TableCheck {
             source: quote_qualified(schema, table),
             target: quote_qualified(ts, tt),
@@ -198,4 +187,86 @@ pub async fn verify_tables(
         });
     }
     Ok(out)
+}
+
+/// The verify phase, inside the window: [`verify_tables`] as `config.verify` asks, every
+/// statement on the source limited to what is left of `max_window`. A difference aborts (a
+/// dry run only warns: the source keeps writing).
+pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    ctx.deadline_check("verify")?;
+    ctx.tl.begin("verify");
+    if config.verify != VerifyMode::None {
+        let tables = published_tables(&ctx.src, &config.publication)
+            .await
+            .sql_context("listing the published tables")?;
+        let remaining = ctx.remaining();
+        // The server stops with the window too: a query left running would hold this session
+        // (and the unfence behind it).
+        ctx.src
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                remaining.as_millis().max(1)
+            ))
+            .await
+            .sql_context("limiting verify's statements on the source to the window")?;
+        let checks = match tokio::time::timeout(
+            remaining,
+            verify_tables(
+                &ctx.src,
+                &ctx.tgt,
+                &tables,
+                &ctx.table_map,
+                config.transform.as_deref(),
+                config.verify,
+            ),
+        )
+        .await
+        {
+            Ok(r) => {
+                let checks = r?;
+                ctx.src
+                    .batch_execute("SET statement_timeout = 0")
+                    .await
+                    .sql_context("resetting statement_timeout on the source")?;
+                checks
+            }
+            Err(_) => {
+                return Err(CutoverError::MaxWindow {
+                    phase: "verify".into(),
+                    max: config.max_window,
+                    elapsed: ctx.window_start.map(|s| s.elapsed()).unwrap_or_default(),
+                });
+            }
+        };
+        let differing: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.equal)
+            .map(|c| {
+                format!(
+                    "{} → {}: {} vs {} rows",
+                    c.source, c.target, c.source_rows, c.target_rows
+                )
+            })
+            .collect();
+        ctx.report.verified = checks;
+        if !differing.is_empty() {
+            if config.dry_run {
+                ctx.report.warnings.push(format!(
+                    "dry run: {} table(s) differ (expected while the source keeps writing): {}",
+                    differing.len(),
+                    differing.join("; ")
+                ));
+            } else {
+                ctx.tl.end(&mut ctx.report, "differences found");
+                return Err(CutoverError::VerifyFailed { tables: differing });
+            }
+        }
+        let n = ctx.report.verified.len();
+        ctx.record(Step::Verified, format!("{n} tables"))?;
+        ctx.tl.end(&mut ctx.report, format!("{n} tables"));
+    } else {
+        ctx.tl.end(&mut ctx.report, "skipped (--verify none)");
+    }
+    Ok(())
 }

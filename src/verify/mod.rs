@@ -35,7 +35,9 @@
 //!   chunk at one source position while capture and replay keep running.
 //! - **Not checked.** Every report lists what verify did not compare ([`VerifyReport::not_checked`]).
 //!
-//! [`verify`] is the library entry point (cutover calls it); `walshift verify` is its command.
+//! [`verify`] is the library entry point (cutover calls it with a mapping); `walshift verify` is
+//! its command. [`table_summary`] is the same count and checksum for one table without a
+//! mapping (cutover's window without one). There is no other checksum in walshift.
 
 mod online;
 mod safety;
@@ -58,6 +60,7 @@ use crate::transform::plan::{
     PlanColumn, PlanExpr, SourcePlan, SourceTable, TargetPlan, TargetTableInfo,
 };
 use crate::transform::{TransformError, catalog};
+use crate::{SqlContext, SqlError};
 
 /// Differing keys reported per table by default.
 pub const DEFAULT_MAX_KEYS: usize = 10;
@@ -117,7 +120,7 @@ pub struct VerifyReport {
     /// source table's targets in mapping order.
     pub tables: Vec<TableReport>,
     pub elapsed_secs: f64,
-    /// What this verify did not check, one sentence each (see [`not_checked`]).
+    /// What this verify did not check, one sentence each (see `not_checked`).
     pub not_checked: Vec<String>,
     /// How the points of an online verify went; `None` offline.
     pub online: Option<OnlineSummary>,
@@ -221,12 +224,8 @@ pub enum VerifyError {
          or name the table in the mapping"
     )]
     KeylessColumn { table: TableName, column: String },
-    #[error("{context}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error(
         "verify evaluates the mapping's expressions and filters on the live source, once per row, and these call \
          VOLATILE functions there, which could change or disturb it (terminate sessions, advance sequences) and \
@@ -264,11 +263,6 @@ pub enum VerifyError {
     ReplayFailed(String),
 }
 
-fn sql_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
-    let context = context.into();
-    move |source| VerifyError::Sql { context, source }
-}
-
 /// The tables of a publication on the source, in name order.
 pub async fn published_tables(
     source: &Client,
@@ -280,7 +274,7 @@ pub async fn published_tables(
             &[&publication],
         )
         .await
-        .map_err(sql_err("looking up the publication on the source"))?;
+        .sql_context("looking up the publication on the source")?;
     if exists.is_none() {
         return Err(VerifyError::NoPublication(publication.to_owned()));
     }
@@ -512,8 +506,8 @@ pub async fn verify(
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     let (a, b) = tokio::join!(source.batch_execute(end), target.batch_execute(end));
     let tables = result?;
-    a.map_err(sql_err("ending the verify transaction on the source"))?;
-    b.map_err(sql_err("ending the verify transaction on the target"))?;
+    a.sql_context("ending the verify transaction on the source")?;
+    b.sql_context("ending the verify transaction on the target")?;
     let names: Vec<TableName> = checks.iter().map(|c| c.source.clone()).collect();
     Ok(VerifyReport {
         tables,
@@ -521,6 +515,29 @@ pub async fn verify(
         not_checked: not_checked(source, &checks, names).await?,
         online: None,
     })
+}
+
+/// Row count and, with `checksums`, checksum of `table` over `columns` (by name, in that order),
+/// with no mapping: for a table compared with a copy that has the same columns, as cutover's
+/// window does. Row text and checksum are [`verify`]'s (each column `::text` in a
+/// `ROW(…)::text`, the first 64 bits of its md5 summed), so equal tables give equal results on
+/// any server version; without `checksums` it is a plain `count(*)` and the checksum `None`.
+/// Runs in the caller's session as it is: its settings must make row text the same on both
+/// sides.
+pub async fn table_summary(
+    client: &Client,
+    table: &TableName,
+    columns: &[String],
+    checksums: bool,
+) -> Result<(i64, Option<String>), tokio_postgres::Error> {
+    let parts: Vec<String> = columns
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(c)))
+        .collect();
+    let from = format!("FROM {} AS t", table.quoted());
+    let sql = Check::summary_sql(&row_text(&parts), &from, checksums);
+    let row = client.query_one(&sql, &[]).await?;
+    Ok((row.get(0), checksums.then(|| row.get(1))))
 }
 
 /// Compiles the mapping for each source table against the target and builds the comparison
@@ -567,7 +584,7 @@ async fn build_checks(
                 &[&types],
             )
             .await
-            .map_err(sql_err("looking up the key types' collations on the target"))?;
+            .sql_context("looking up the key types' collations on the target")?;
         let collatable: HashMap<String, bool> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         for k in checks.iter_mut().flat_map(|c| c.chunk.iter_mut().flatten()) {
             k.collate = collatable.get(&k.type_sql).copied().unwrap_or(true);
@@ -614,7 +631,7 @@ async fn not_checked(
             &[&schemas, &names],
         )
         .await
-        .map_err(sql_err("listing what verify does not check on the source"))?;
+        .sql_context("listing what verify does not check on the source")?;
     let list = |v: &[String]| {
         let mut s = v.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
         if v.len() > 10 {
@@ -721,9 +738,7 @@ async fn builtin_types(
             &[&types],
         )
         .await
-        .map_err(sql_err(
-            "looking up the target's column types on the source",
-        ))?;
+        .sql_context("looking up the target's column types on the source")?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -736,7 +751,7 @@ async fn session_settings(target: &Client) -> Result<String, VerifyError> {
             &[],
         )
         .await
-        .map_err(sql_err("reading the target's session settings"))?;
+        .sql_context("reading the target's session settings")?;
     let names = [
         "TimeZone",
         "DateStyle",
@@ -758,9 +773,10 @@ async fn begin(client: &Client, side: &str, settings: &str) -> Result<(), Verify
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {settings}"
         ))
         .await
-        .map_err(sql_err(format!(
+        .with_sql_context(|| format!(
             "starting the verify transaction on the {side} (the session must not be inside a transaction)"
-        )))
+        ))?;
+    Ok(())
 }
 
 async fn compare_all(
@@ -774,7 +790,7 @@ async fn compare_all(
         let s_sql = Check::summary_sql(&c.source_row, &c.source_from, opts.checksums);
         let t_sql = Check::summary_sql(&c.target_row, &c.target_from, opts.checksums);
         let (s, t) = tokio::join!(source.query_one(&s_sql, &[]), target.query_one(&t_sql, &[]));
-        let s = s.map_err(sql_err(format!(
+        let s = s.with_sql_context(|| format!(
             "computing {} on the source (the mapping's expressions and filter run on the source \
              to verify, read-only{}; an expression using a function or type only the target has cannot be verified)",
             c.what(),
@@ -782,8 +798,8 @@ async fn compare_all(
                 .filter(|d| !d.is_zero())
                 .map(|d| format!(", each statement limited to {}", humantime::format_duration(d)))
                 .unwrap_or_default()
-        )))?;
-        let t = t.map_err(sql_err(format!("computing {} on the target", c.what())))?;
+        ))?;
+        let t = t.with_sql_context(|| format!("computing {} on the target", c.what()))?;
         let (source_rows, source_checksum): (i64, String) = (s.get(0), s.get(1));
         let (target_rows, target_checksum): (i64, String) = (t.get(0), t.get(1));
         let equal = source_rows == target_rows && source_checksum == target_checksum;
@@ -836,7 +852,7 @@ impl<'a> KeyCursor<'a> {
                 quote_ident(name)
             ))
             .await
-            .map_err(sql_err(format!("listing the keys of {what} on the {side}")))?;
+            .with_sql_context(|| format!("listing the keys of {what} on the {side}"))?;
         Ok(KeyCursor {
             client,
             side,
@@ -857,10 +873,9 @@ impl<'a> KeyCursor<'a> {
                     &[],
                 )
                 .await
-                .map_err(sql_err(format!(
-                    "reading the keys of {} on the {}",
-                    self.what, self.side
-                )))?;
+                .with_sql_context(|| {
+                    format!("reading the keys of {} on the {}", self.what, self.side)
+                })?;
             self.done = rows.len() < self.fetch;
             self.buf.extend(
                 rows.iter()
@@ -878,10 +893,13 @@ impl<'a> KeyCursor<'a> {
         self.client
             .batch_execute(&format!("CLOSE {}", quote_ident(self.name)))
             .await
-            .map_err(sql_err(format!(
-                "closing the key cursor of {} on the {}",
-                self.what, self.side
-            )))
+            .with_sql_context(|| {
+                format!(
+                    "closing the key cursor of {} on the {}",
+                    self.what, self.side
+                )
+            })?;
+        Ok(())
     }
 }
 
@@ -977,5 +995,9 @@ mod tests {
         assert_eq!(key_text(&["a".into()]), "a");
         assert_eq!(key_text(&["a".into(), "b".into()]), "ROW(a, b)::text");
         assert_eq!(hash64("r"), "('x' || left(md5(r), 16))::bit(64)::bigint");
+        assert_eq!(
+            Check::summary_sql("ROW(t.\"a\"::text)::text", "FROM \"s\".\"t\" AS t", false),
+            "SELECT count(*), ''::text FROM \"s\".\"t\" AS t"
+        );
     }
 }

@@ -39,8 +39,9 @@ use tokio_postgres::Client;
 
 use super::{
     Check, ChunkKey, KeyDifference, TableReport, VerifyError, VerifyOptions, VerifyReport,
-    build_checks, first_differences, not_checked, session_settings, sql_err,
+    build_checks, first_differences, not_checked, session_settings,
 };
+use crate::SqlContext;
 use crate::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
 use crate::apply::{hold, progress};
 use crate::buffer::BufferMeta;
@@ -327,8 +328,8 @@ impl Ctx<'_> {
             self.target.batch_execute(end)
         );
         let r = r?;
-        a.map_err(sql_err("ending the verify transaction on the source"))?;
-        b.map_err(sql_err("ending the verify transaction on the target"))?;
+        a.sql_context("ending the verify transaction on the source")?;
+        b.sql_context("ending the verify transaction on the target")?;
         Ok(r)
     }
 
@@ -340,7 +341,7 @@ impl Ctx<'_> {
             .source_aux
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
-            .map_err(sql_err("reading the source's WAL position"))?
+            .sql_context("reading the source's WAL position")?
             .get(0);
         let p: Lsn = now.parse().unwrap_or_default();
         let g = hold::set(&self.target_aux, &source_id, &holder, p, self.opts.hold_ttl).await?;
@@ -369,9 +370,7 @@ impl Ctx<'_> {
                 self.opts.base.source_limits()
             ))
             .await
-            .map_err(sql_err(
-                "starting the verify transaction on the source at the slot's snapshot",
-            ));
+            .sql_context("starting the verify transaction on the source at the slot's snapshot",);
         let _ = repl.close().await;
         begun?;
         // 3. Everything committed before L durable in the buffer.
@@ -381,7 +380,7 @@ impl Ctx<'_> {
                 &[&POINT_MESSAGE_PREFIX, &l.to_string()],
             )
             .await
-            .map_err(sql_err("writing the verify point's message on the source"))?;
+            .sql_context("writing the verify point's message on the source")?;
         self.wait_durable(l).await?;
         // 4. The target at L.
         let g = hold::set(&self.target_aux, &source_id, &holder, l, self.opts.hold_ttl).await?;
@@ -398,7 +397,7 @@ impl Ctx<'_> {
                 self.settings
             ))
             .await
-            .map_err(sql_err("starting the verify transaction on the target"))?;
+            .sql_context("starting the verify transaction on the target")?;
         hold::release(&self.target_aux, &source_id, &holder).await?;
         self.summary.points += 1;
         if self.summary.first_point.is_none() {
@@ -445,7 +444,7 @@ impl Ctx<'_> {
             self.check_own().await?;
             let applied = progress::read_applied(&self.target_aux, &self.buffer_id)
                 .await
-                .map_err(|e| sql_err("reading walshift.applied on the target")(e.source))?;
+                .map_err(|e| crate::SqlError::new("reading walshift.applied on the target", e.source))?;
             if applied != last {
                 last = applied;
                 since = Instant::now();
@@ -467,7 +466,7 @@ impl Ctx<'_> {
         loop {
             let confirmed = coord::slot_confirmed(&self.source_aux, &self.slot)
                 .await
-                .map_err(sql_err("reading the capture slot's position on the source"))?;
+                .sql_context("reading the capture slot's position on the source")?;
             let Some(confirmed) = confirmed else {
                 return Err(VerifyError::Online(format!(
                     "the capture slot {:?} does not exist on the source: online verify compares \
@@ -524,10 +523,9 @@ impl Ctx<'_> {
                 .source
                 .query_opt(&sql, &[])
                 .await
-                .map_err(sql_err(format!(
-                    "finding the next key range of {} on the source",
-                    c.what()
-                )))?;
+                .with_sql_context(|| {
+                    format!("finding the next key range of {} on the source", c.what())
+                })?;
             if let Some(row) = row {
                 let hi: Vec<Option<String>> = (0..keys.len()).map(|i| row.get(i)).collect();
                 s_preds.push(range(keys, true, "<=", &hi));
@@ -544,8 +542,8 @@ impl Ctx<'_> {
             self.source.query_one(&s_sql, &[]),
             self.target.query_one(&t_sql, &[])
         );
-        let s = s.map_err(sql_err(format!("computing {} on the source", c.what())))?;
-        let t = t.map_err(sql_err(format!("computing {} on the target", c.what())))?;
+        let s = s.with_sql_context(|| format!("computing {} on the source", c.what()))?;
+        let t = t.with_sql_context(|| format!("computing {} on the target", c.what()))?;
         let mut out = ChunkOut {
             source_rows: s.get(0),
             target_rows: t.get(0),

@@ -24,7 +24,8 @@
 
 use tokio_postgres::Client;
 
-use super::{VerifyError, sql_err};
+use super::VerifyError;
+use crate::SqlContext;
 use crate::transform::expr::function_calls;
 use crate::transform::{Mapping, TableName};
 
@@ -91,9 +92,7 @@ pub async fn refuse_volatile(
             &[&index, &schemas, &names],
         )
         .await
-        .map_err(sql_err(
-            "looking up on the source the functions the mapping's expressions call",
-        ))?;
+        .sql_context("looking up on the source the functions the mapping's expressions call")?;
     if rows.is_empty() {
         return Ok(());
     }

@@ -1,10 +1,14 @@
 //! Long-running mode (`walshift run`): capture (cloning the target on first start) and replay
-//! `--follow` in one process, a live status line, and the [`super::control`] socket.
+//! `--follow` in one process, a live status line, and the [`control`] socket.
 //!
 //! The process holds the buffer's writer lock (through capture) and the replay lock on the
-//! target (through [`super::coord::ReplayGuard`]), which is how `walshift cutover` sees that
+//! target (through [`crate::cutover::coord::ReplayGuard`]), which is how `walshift cutover` sees that
 //! capture and replay are already running and only waits for its marker to come through.
 //! A cutover does not stop the run; stop it afterwards with Ctrl-C or `stop` on the socket.
+//!
+//! Files: `mod.rs` (the run: [`LiveConfig`], [`run`]), `control.rs` (the control socket).
+
+pub mod control;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,12 +20,14 @@ use crate::buffer::BufferMeta;
 use crate::capture::{self, CaptureConfig, CaptureError};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
+use crate::cutover::coord;
+use crate::cutover::lag::LagMeter;
 use crate::lsn::Lsn;
+use control::ControlError;
 
-use super::control::{self, ControlError};
-use super::coord;
-
-/// What to run. Every field documents its default and trade-off.
+/// What to run. Every field documents its default and trade-off. The capture and replay
+/// settings are the few `walshift run` exposes; each default is capture's or replay's own
+/// constant, and everything else is [`CaptureConfig::new`]'s and [`ReplayConfig::new`]'s.
 #[derive(Clone, Debug)]
 pub struct LiveConfig {
     /// The live database.
@@ -30,19 +36,23 @@ pub struct LiveConfig {
     pub target: ConnInfo,
     /// Buffer directory; created on first start.
     pub buffer_dir: PathBuf,
-    /// Slot. Default `walshift`.
+    /// Capture's [`CaptureConfig::slot`]. Default [`crate::source::slot::DEFAULT_SLOT`].
     pub slot: String,
-    /// Publication. Default `walshift`.
+    /// Capture's [`CaptureConfig::publication`]. Default
+    /// [`crate::source::slot::DEFAULT_PUBLICATION`].
     pub publication: String,
-    /// Tables copied in parallel by the first-start clone. Default 2.
+    /// Tables copied in parallel by the first-start clone. Default 2 (as
+    /// [`CloneOptions::new`]).
     pub clone_parallel: usize,
-    /// Capture's fsync interval. Default 20 ms (capture's default); shorter lowers the drain
-    /// time of a cutover, at more fsyncs.
+    /// Capture's [`CaptureConfig::flush_interval`]. Default
+    /// [`capture::DEFAULT_FLUSH_INTERVAL`] (capture's); shorter lowers the drain time of a
+    /// cutover, at more fsyncs.
     pub flush_interval: Duration,
-    /// Replay's batch time. Default 200 ms (replay's default).
+    /// Replay's [`ReplayConfig::batch_time`]. Default [`replay::DEFAULT_BATCH_TIME`]
+    /// (replay's).
     pub batch_time: Duration,
-    /// Replay's target connections per batch. Default 2 (replay's default; see
-    /// [`crate::apply::replay::ReplayConfig::apply_connections`]).
+    /// Replay's [`ReplayConfig::apply_connections`] (target connections per batch). Default
+    /// [`replay::DEFAULT_APPLY_CONNECTIONS`] (replay's).
     pub apply_connections: usize,
     /// Print a status line once a second on stderr. Default false (the CLI turns it on).
     pub status_line: bool,
@@ -58,12 +68,12 @@ impl LiveConfig {
             source,
             target,
             buffer_dir: buffer_dir.into(),
-            slot: "walshift".into(),
-            publication: "walshift".into(),
+            slot: crate::source::slot::DEFAULT_SLOT.into(),
+            publication: crate::source::slot::DEFAULT_PUBLICATION.into(),
             clone_parallel: 2,
-            flush_interval: Duration::from_millis(20),
-            batch_time: Duration::from_millis(200),
-            apply_connections: 2,
+            flush_interval: capture::DEFAULT_FLUSH_INTERVAL,
+            batch_time: replay::DEFAULT_BATCH_TIME,
+            apply_connections: replay::DEFAULT_APPLY_CONNECTIONS,
             status_line: false,
             transform: None,
             accept_partition_rewrite: Vec::new(),
@@ -199,7 +209,7 @@ pub async fn run(
     set_phase("streaming");
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut meter = coord::LagMeter::new(&config.buffer_dir);
+    let mut meter = LagMeter::new(&config.buffer_dir);
     let mut sessions: Option<(tokio_postgres::Client, tokio_postgres::Client)> = None;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_printed = Instant::now() - Duration::from_secs(60);

@@ -1,0 +1,90 @@
+//! Abort: any failure before the switch is done, `max_window` running out before the switch
+//! starts, or an interrupt lifts the fence (the database's previous
+//! `default_transaction_read_only` restored exactly, on a new session if cutover's own is gone),
+//! stops the in-process helpers and returns [`CutoverError::Aborted`] with the cause and the
+//! report. Once the switch has started, nothing is lifted: the cutover is in doubt
+//! ([`CutoverError::SwitchInDoubt`]) and the fence stays until the operator decides.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::error::{full_text, in_doubt};
+use super::fence::{self, FenceState};
+use super::journal::{Journal, Step};
+use super::{Aborted, Ctx, CutoverConfig, CutoverError, Outcome};
+
+/// Lifts the fence, stops in-process helpers and wraps the cause.
+pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
+    let config = ctx.config;
+    let cause_text = full_text(&cause);
+    ctx.tl
+        .end_open(&mut ctx.report, format!("failed: {cause_text}"));
+    if ctx.switch_started {
+        ctx.report.outcome = Outcome::SwitchInDoubt;
+        ctx.report.error = Some(cause_text.clone());
+        let warnings = ctx.helpers.stop().await;
+        ctx.report.warnings.extend(warnings);
+        let journal = ctx
+            .journal
+            .take()
+            .unwrap_or_else(|| Journal::new(&config.buffer_dir, ""));
+        return in_doubt(&journal, cause_text, Some(ctx.report));
+    }
+    ctx.tl.begin("unfence");
+    let mut unfenced = Ok(());
+    let had_fence = ctx.fence_state.is_some();
+    if let Some(state) = ctx.fence_state.take() {
+        unfenced = lift_with_retry(config, &ctx.src, &config.buffer_dir, &state).await;
+    }
+    let note = match &unfenced {
+        Ok(()) if ctx.report.fence_previous_setting.is_some() || had_fence => {
+            "previous setting restored"
+        }
+        Ok(()) => "nothing to undo",
+        Err(_) => "FAILED",
+    };
+    ctx.tl.end(&mut ctx.report, note);
+    ctx.report.outcome = Outcome::Aborted;
+    ctx.report.error = Some(cause_text);
+    let recorded = match &unfenced {
+        Ok(()) => ctx.record(Step::Aborted, "unfenced"),
+        Err(e) => ctx.record(Step::Aborted, format!("unfencing failed: {e}")),
+    };
+    if let Err(e) = recorded {
+        ctx.report.warnings.push(e.to_string());
+    }
+    let warnings = ctx.helpers.stop().await;
+    ctx.report.warnings.extend(warnings);
+    CutoverError::Aborted(Box::new(Aborted {
+        cause,
+        report: ctx.report,
+        unfenced,
+        fence: config.fence,
+    }))
+}
+
+/// Lifts the fence over the existing session, or a new one if that session is gone.
+async fn lift_with_retry(
+    config: &CutoverConfig,
+    src: &Client,
+    dir: &Path,
+    state: &FenceState,
+) -> Result<(), String> {
+    if fence::lift(src, dir, state).await.is_ok() {
+        return Ok(());
+    }
+    let mut last = String::new();
+    for _ in 0..5 {
+        match config.source.connect().await {
+            Ok(c) => match fence::lift(&c, dir, state).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = full_text(&e),
+            },
+            Err(e) => last = full_text(&e),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(last)
+}

@@ -1,0 +1,65 @@
+//! The switch and the after hook. The switch is journaled as started before its hook runs:
+//! from then on walshift undoes nothing on its own, and a hook that fails (it may have moved
+//! part of the traffic) leaves the switch in doubt. The window ends when the switch returns.
+//! The `--after` hook runs once the window is over; its failure does not undo the switch.
+
+use super::hooks;
+use super::journal::Step;
+use super::{Ctx, CutoverError, Outcome};
+
+/// The `--switch` hook (none: the window ends after verify).
+pub(super) async fn switch(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
+    let config = ctx.config;
+    ctx.deadline_check("the switch (not started)")?;
+    ctx.tl.begin("switch");
+    // Durable before the hook runs: from here on walshift undoes nothing on its own.
+    ctx.record(
+        Step::SwitchStarted,
+        config.switch.clone().unwrap_or_default(),
+    )?;
+    ctx.switch_started = true;
+    if let Some(cmd) = &config.switch {
+        let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+        ctx.report.hooks.push(run);
+        if let Err(e) = r {
+            // A hook that failed part-way may have moved some of the traffic: in doubt.
+            ctx.record(Step::SwitchFailed, e.to_string())?;
+            return Err(e.into());
+        }
+        ctx.record(Step::SwitchDone, "switch hook done")?;
+        ctx.tl.end(&mut ctx.report, "switch hook done");
+    } else {
+        ctx.record(Step::SwitchDone, "no --switch hook")?;
+        ctx.tl.end(&mut ctx.report, "no --switch hook");
+    }
+    ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The `--after` hook, if any; its result is journaled and reported.
+pub(super) async fn after(ctx: &mut Ctx<'_>) {
+    let config = ctx.config;
+    if let Some(cmd) = &config.after {
+        ctx.tl.begin("after");
+        if let Err(e) = ctx.record(Step::AfterHookStarted, cmd.clone()) {
+            ctx.report.warnings.push(e.to_string());
+        }
+        let (run, r) = hooks::run_hook("after", cmd, &ctx.hook_ctx, config.hook_timeout).await;
+        ctx.report.hooks.push(run);
+        let recorded = match r {
+            Ok(()) => {
+                ctx.tl.end(&mut ctx.report, "");
+                ctx.record(Step::AfterHookOk, "")
+            }
+            Err(e) => {
+                ctx.tl.end(&mut ctx.report, "failed");
+                ctx.report.outcome = Outcome::SwitchedAfterHookFailed;
+                ctx.report.error = Some(e.to_string());
+                ctx.record(Step::AfterHookFailed, e.to_string())
+            }
+        };
+        if let Err(e) = recorded {
+            ctx.report.warnings.push(e.to_string());
+        }
+    }
+}
