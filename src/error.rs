@@ -119,3 +119,23 @@ impl Error {
         }
     }
 }
+
+/// An error and its causes on one line, `: `-separated, each said once: a cause whose text an
+/// outer error already includes (`#[error("…: {0}")]` over a `#[source]`) is not repeated.
+/// How the command line prints an error, and what a report or journal keeps of one (so a
+/// failed statement keeps the server's message next to what walshift was doing).
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !msg.is_empty() && !out.contains(&msg) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    out
+}

@@ -52,18 +52,3 @@ pub mod progress;
 pub mod replay;
 pub mod row;
 pub mod sql;
-
-/// Temporary (issue 12): the two paths `src/cutover/` still names (`cutover/mod.rs`,
-/// `cutover/live.rs`), kept only until the cutover split switches them to [`progress`] (and
-/// maps a [`crate::SqlError`] into `ReplayError::Sql`); then this module goes.
-#[doc(hidden)]
-pub mod target {
-    pub use super::progress::buffer_id;
-
-    /// [`super::progress::ensure_progress_table`], its error as cutover still expects it.
-    pub async fn ensure_progress_table(
-        client: &tokio_postgres::Client,
-    ) -> Result<(), super::catalog::CatalogError> {
-        Ok(super::progress::ensure_progress_table(client).await?)
-    }
-}

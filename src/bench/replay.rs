@@ -44,7 +44,8 @@
 //!    cluster (and of the source, where native apply's walsender decodes the WAL while the
 //!    apply worker applies it; replay read a buffer captured beforehand), from `/proc`.
 //! 6. Right after each method, its database is compared with the source: `count(*)` and
-//!    `sum(hashtextextended(t::text, 0))` over `accounts` (order-independent, TimeZone UTC).
+//!    `verify`'s checksum over `accounts` (order-independent, TimeZone UTC; the same md5-based
+//!    row checksum `walshift verify` and cutover use).
 //!    A difference is an error: the bench fails and reports no number.
 //! 7. The report: per method changes/s, seconds, ratio to native (sync on) and native (sync
 //!    off), CPU, and walshift's peak RSS. The brief's goals: replay ≥ 5× native sync on and
@@ -132,7 +133,7 @@ pub struct ReplayBenchReport {
     pub buffer_bytes: u64,
     /// Rows in `accounts` at the end, on the source and on every target.
     pub rows: i64,
-    /// `sum(hashtextextended(t::text, 0))` over `accounts`, on the source and every target.
+    /// `verify`'s md5-based checksum of `accounts`, on the source and every target.
     pub checksum: String,
     pub results: Vec<MethodResult>,
     /// Replay ≥ 5× native (sync on).
@@ -202,13 +203,17 @@ fn cluster_cpu(cluster: &Cluster) -> Duration {
 /// Row count and order-independent checksum of `accounts`.
 async fn fingerprint(client: &Client) -> Result<(i64, String), BenchError> {
     client.batch_execute("SET TimeZone = 'UTC'").await?;
-    let row = client
-        .query_one(
-            "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM accounts t",
-            &[],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
+    let columns: Vec<String> = ["id", "owner", "balance", "note", "updated_at"]
+        .map(String::from)
+        .into();
+    let (rows, sum) = crate::verify::table_summary(
+        client,
+        &crate::transform::TableName::new("public", "accounts"),
+        &columns,
+        true,
+    )
+    .await?;
+    Ok((rows, sum.unwrap_or_default()))
 }
 
 fn parse_lsn(method: &str, s: &str) -> Result<Lsn, BenchError> {

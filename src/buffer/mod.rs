@@ -34,7 +34,7 @@ pub use progress::{PROGRESS_FILE, SlotProgress};
 pub use reader::{BufferReader, BufferStatus, RecordIter, Transaction, TxnEvent, TxnItem, TxnIter};
 pub use recovery::{CutTransaction, RecoveryReport, TornTail};
 pub use segment::{CommitInfo, Record, pg_time_to_system_time};
-pub use writer::BufferWriter;
+pub use writer::{BufferWriter, writer_running};
 
 use crate::lsn::Lsn;
 

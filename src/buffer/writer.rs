@@ -575,3 +575,26 @@ fn write_job(
     }
     Ok(syncs)
 }
+
+/// True if another process (or another open file in this one) holds the buffer's writer lock,
+/// that is, a capture is appending to it.
+pub fn writer_running(buffer_dir: &Path) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let path = buffer_dir.join(LOCK_FILE);
+    let f = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: flock on a descriptor we own; closing the file releases our lock.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(false);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(true)
+    } else {
+        Err(err)
+    }
+}

@@ -74,7 +74,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
             let wait = Duration::from_secs(10);
             Some(
-                crate::cutover::coord::ReplayGuard::acquire_within(&config.target, &id, wait)
+                crate::apply::replay::lock::ReplayGuard::acquire_within(&config.target, &id, wait)
                     .await?
                     .context(
                         "another walshift replay (or walshift run, or a cutover) is applying this buffer to this target; stop it first",

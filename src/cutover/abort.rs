@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::error::{full_text, in_doubt};
+use super::error::in_doubt;
 use super::fence::{self, FenceState};
 use super::journal::{Journal, Step};
 use super::{Aborted, Ctx, CutoverConfig, CutoverError, Outcome};
@@ -18,7 +18,7 @@ use super::{Aborted, Ctx, CutoverConfig, CutoverError, Outcome};
 /// Lifts the fence, stops in-process helpers and wraps the cause.
 pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError {
     let config = ctx.config;
-    let cause_text = full_text(&cause);
+    let cause_text = crate::error::chain_text(&cause);
     ctx.tl
         .end_open(&mut ctx.report, format!("failed: {cause_text}"));
     if ctx.switch_started {
@@ -80,9 +80,9 @@ async fn lift_with_retry(
         match config.source.connect().await {
             Ok(c) => match fence::lift(&c, dir, state).await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = full_text(&e),
+                Err(e) => last = crate::error::chain_text(&e),
             },
-            Err(e) => last = full_text(&e),
+            Err(e) => last = crate::error::chain_text(&e),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::journal::Step;
-use super::{Ctx, CutoverError, coord};
+use super::{Ctx, CutoverError};
 use crate::SqlContext;
 use crate::buffer::{BufferError, BufferReader, TxnEvent, TxnIter};
 use crate::lsn::Lsn;
@@ -15,9 +15,8 @@ use crate::source::pgoutput::{self, LogicalMessage};
 
 /// A marker scan from the target's current applied position, read up to the buffer's end.
 pub(super) async fn position(ctx: &Ctx<'_>) -> Result<MarkerScan, CutoverError> {
-    let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
-        .await
-        .sql_context("reading the target's applied LSN")?
+    let applied = crate::apply::progress::read_applied(&ctx.tgt, &ctx.buffer_id)
+        .await?
         .unwrap_or(Lsn::ZERO);
     let mut scan = MarkerScan::new(&ctx.config.buffer_dir, applied, &ctx.report.cutover_id)?;
     scan.poll()?;
@@ -62,15 +61,14 @@ pub(super) async fn drain(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         // confirms only what the buffer has fsynced).
         let found = scan.poll()?;
         if !durable && let Some(end) = found {
-            durable = coord::slot_confirmed(&ctx.src, &config.slot)
+            durable = crate::source::slot::confirmed_flush_lsn(&ctx.src, &config.slot)
                 .await
                 .sql_context("reading the slot's confirmed position")?
                 .is_some_and(|c| c >= end);
         }
         if durable && let Some(end) = found {
-            let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
-                .await
-                .sql_context("reading the target's applied LSN")?
+            let applied = crate::apply::progress::read_applied(&ctx.tgt, &ctx.buffer_id)
+                .await?
                 .unwrap_or(Lsn::ZERO);
             if applied >= end {
                 break end;

@@ -195,7 +195,7 @@ pub struct SwitchInDoubt {
     "cutover {} aborted before the switch: {cause_text}. {unfence}. Nothing captured is lost (the buffer, the slot and \
      the target's applied position are intact); {advice}, then run walshift cutover again",
     report.cutover_id,
-    cause_text = full_text(&self.cause),
+    cause_text = crate::error::chain_text(&self.cause),
     unfence = self.unfence_text(),
     advice = self.advice()
 )]
@@ -262,23 +262,4 @@ pub(super) fn in_doubt(
         journal: journal.file().to_path_buf(),
         report,
     }))
-}
-
-/// A failure and its causes as one line, each once (as the command line prints an error
-/// chain): what the report, the journal and [`Aborted`] keep of a cause, so that a failed
-/// statement keeps the server's message next to what walshift was doing.
-pub(super) fn full_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    let mut next = Some(e);
-    while let Some(cause) = next {
-        let msg = cause.to_string();
-        if !msg.is_empty() && !out.contains(&msg) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&msg);
-        }
-        next = cause.source();
-    }
-    out
 }

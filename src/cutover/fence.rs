@@ -36,7 +36,7 @@ use tokio_postgres::Client;
 
 use super::journal::Step;
 use super::preflight::prepared_xacts;
-use super::{Ctx, CutoverError, coord, hooks};
+use super::{Ctx, CutoverError, hooks};
 use crate::lsn::Lsn;
 use crate::sql::{quote_ident, quote_literal};
 use crate::{SqlContext, SqlError};
@@ -612,9 +612,8 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             note.push_str("none (writes stopped by the operator)")
         }
     }
-    let applied_at_fence = coord::applied(&ctx.tgt, &ctx.buffer_id)
-        .await
-        .sql_context("reading the target's applied LSN")?
+    let applied_at_fence = crate::apply::progress::read_applied(&ctx.tgt, &ctx.buffer_id)
+        .await?
         .unwrap_or(Lsn::ZERO);
     ctx.report.applied_at_fence = Some(applied_at_fence);
     ctx.tl.end(&mut ctx.report, note.trim_end_matches("; "));

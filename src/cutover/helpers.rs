@@ -1,12 +1,13 @@
 //! Capture and replay that cutover runs in its own process when none runs elsewhere (which
-//! [`super::coord`] tells): started in preflight, checked while cutover waits (they only end on
+//! the buffer's writer lock and the replay lock tell): started in preflight, checked while cutover waits (they only end on
 //! their own by failing), and stopped cleanly at the end, whatever the outcome.
 
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use super::{CutoverConfig, CutoverError, CutoverReport, coord};
+use super::{CutoverConfig, CutoverError, CutoverReport};
+use crate::apply::replay::lock::ReplayGuard;
 use crate::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
 use crate::capture::{self, CaptureConfig, CaptureError, CaptureReport};
 
@@ -17,7 +18,7 @@ type StopSender = tokio::sync::oneshot::Sender<()>;
 /// Capture and replay tasks started by cutover, and how to stop them.
 pub(super) struct Helpers {
     capture: Option<(CaptureTask, StopSender)>,
-    replay: Option<(ReplayTask, StopSender, coord::ReplayGuard)>,
+    replay: Option<(ReplayTask, StopSender, ReplayGuard)>,
 }
 
 impl Helpers {
@@ -76,7 +77,7 @@ pub(super) async fn start(
         capture: None,
         replay: None,
     };
-    let capture_external = coord::capture_running(dir).map_err(|e| {
+    let capture_external = crate::buffer::writer_running(dir).map_err(|e| {
         CutoverError::Connect(crate::Error::io(dir.join(crate::buffer::LOCK_FILE), e))
     })?;
     if capture_external {
@@ -93,7 +94,7 @@ pub(super) async fn start(
         }));
         helpers.capture = Some((h, tx));
     }
-    let guard = match coord::ReplayGuard::try_acquire(&config.target, buffer_id).await {
+    let guard = match ReplayGuard::try_acquire(&config.target, buffer_id).await {
         Ok(g) => g,
         Err(e) => {
             helpers.stop().await; // never leave a capture running behind an error

@@ -9,7 +9,7 @@
 //! 2. **preflight** — every setting is valid ([`CutoverConfig::validate`]); the journal allows
 //!    a cutover (`rerun.rs`); the buffer belongs to the source, the slot exists, the role may
 //!    fence (`preflight.rs`); capture and replay are running elsewhere or are started here
-//!    ([`coord`], `helpers.rs`); wait until the lag ([`lag`], WAL not yet durable included) is
+//!    (`helpers.rs`); wait until the lag ([`lag`], WAL not yet durable included) is
 //!    under `max_lag` and no prepared transaction of the source database is pending. Nothing
 //!    is fenced yet.
 //! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
@@ -59,9 +59,9 @@
 //!   operator's word.
 //! - `preflight.rs` — the checks and waits before the fence (postpone, identity, slot, clone,
 //!   partitions, lag, prepared transactions).
-//! - `coord.rs` — whether capture and replay run elsewhere (writer lock, replay lock), the
-//!   slot's confirmed position, the target's applied position.
-//! - `helpers.rs` — capture and replay run in this process when none runs elsewhere.
+//! - `helpers.rs` — capture and replay run in this process when none runs elsewhere (another
+//!   capture is seen through the buffer's writer lock, `buffer::writer_running`; another
+//!   replay through the replay lock, `apply::replay::lock`).
 //! - `lag.rs` — how far the target is behind the source.
 //! - `fence.rs` — the fence phase and the read-only fence (raise, prove, lift).
 //! - `drain.rs` — the marker, and the wait until it is durable and applied.
@@ -75,7 +75,6 @@
 
 mod abort;
 mod config;
-pub mod coord;
 mod drain;
 mod error;
 pub mod fence;

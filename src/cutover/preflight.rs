@@ -13,14 +13,13 @@ use tokio_postgres::Client;
 use super::fence::{self, FenceMode, FenceState};
 use super::lag::LagMeter;
 use super::report::Timeline;
-use super::{
-    Ctx, CutoverConfig, CutoverError, CutoverReport, POSTPONE_FILE, VerifyMode, coord, verify,
-};
+use super::{Ctx, CutoverConfig, CutoverError, CutoverReport, POSTPONE_FILE, VerifyMode, verify};
 use crate::SqlContext;
+use crate::apply::progress;
 use crate::apply::replay::ReplayError;
-use crate::apply::target;
 use crate::buffer::BufferMeta;
 use crate::lsn::Lsn;
+use crate::source::identity::{BufferMismatch, check_buffer_source};
 
 /// While `<buffer>/postpone-cutover` exists, waits (the timeline's `postpone` phase).
 pub(super) async fn postpone(
@@ -64,7 +63,7 @@ async fn wait_postponed(
 
 /// What preflight's checks leave for the phases after them.
 pub(super) struct Checked {
-    /// [`crate::apply::target::buffer_id`] of the buffer.
+    /// [`crate::apply::progress::buffer_id`] of the buffer.
     pub(super) buffer_id: String,
     /// cutover's session on the source, and its backend pid (spared by the fence).
     pub(super) src: Client,
@@ -83,14 +82,20 @@ pub(super) async fn check(
 ) -> Result<Checked, CutoverError> {
     let dir = &config.buffer_dir;
     let meta = BufferMeta::read(dir)?.ok_or_else(|| CutoverError::NotABuffer(dir.clone()))?;
-    if meta.slot != config.slot {
-        return Err(CutoverError::SlotMismatch {
+    let mismatch = |m: BufferMismatch| match m {
+        BufferMismatch::Slot { buffer, named } => CutoverError::SlotMismatch {
             dir: dir.clone(),
-            buffer_slot: meta.slot.clone(),
-            slot: config.slot.clone(),
-        });
-    }
-    let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
+            buffer_slot: buffer,
+            slot: named,
+        },
+        BufferMismatch::System { buffer, source } => CutoverError::WrongSource {
+            dir: dir.clone(),
+            expected: buffer,
+            found: source,
+        },
+    };
+    check_buffer_source(&meta, &config.slot, None).map_err(mismatch)?;
+    let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
     let src = config.source.connect().await?;
     let own_pid = prepare_session(&src).await?;
     match src
@@ -102,26 +107,15 @@ pub(super) async fn check(
     {
         Ok(r) => {
             let found: u64 = r.get::<_, String>(0).parse().unwrap_or(0);
-            if found != meta.system_identifier {
-                return Err(CutoverError::WrongSource {
-                    dir: dir.clone(),
-                    expected: meta.system_identifier,
-                    found,
-                });
-            }
+            check_buffer_source(&meta, &config.slot, Some(found)).map_err(mismatch)?;
         }
         Err(e) => report.warnings.push(format!(
             "could not check the source's system identifier: {e}"
         )),
     }
-    let slot_exists = src
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.slot],
-        )
+    let slot_exists = crate::source::slot::exists(&src, &config.slot)
         .await
-        .sql_context("looking up the slot")?
-        .is_some();
+        .sql_context("looking up the slot")?;
     if !slot_exists {
         return Err(CutoverError::SlotMissing {
             slot: config.slot.clone(),
@@ -200,9 +194,9 @@ pub(super) async fn check(
     )
     .await
     .map_err(|e| CutoverError::Replay(e.into()))?;
-    target::ensure_progress_table(&tgt)
+    progress::ensure_progress_table(&tgt)
         .await
-        .map_err(|e| CutoverError::Replay(ReplayError::Target(e)))?;
+        .map_err(|e| CutoverError::Replay(ReplayError::Sql(e)))?;
     Ok(Checked {
         buffer_id,
         src,
@@ -341,9 +335,8 @@ pub(super) async fn wait_for_lag(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> 
         if ctx.interrupted.load(Ordering::Relaxed) {
             return Err(CutoverError::Interrupted);
         }
-        let applied = coord::applied(&ctx.tgt, &ctx.buffer_id)
-            .await
-            .sql_context("reading the target's applied LSN")?
+        let applied = crate::apply::progress::read_applied(&ctx.tgt, &ctx.buffer_id)
+            .await?
             .unwrap_or(Lsn::ZERO);
         let lag = meter.measure(&ctx.src, &config.slot, applied).await?;
         let postponed = config.buffer_dir.join(POSTPONE_FILE).exists();

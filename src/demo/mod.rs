@@ -176,9 +176,10 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
     let meta = crate::buffer::BufferMeta::read(&buffer_dir)?
         .ok_or_else(|| DemoError::Mismatch("capture wrote no buffer.json".into()))?;
     let buffer_id = crate::apply::progress::buffer_id(meta.system_identifier, &meta.slot);
-    let replay_lock = crate::cutover::coord::ReplayGuard::try_acquire(&target_conn, &buffer_id)
-        .await?
-        .ok_or_else(|| DemoError::Mismatch("another replay holds the target".into()))?;
+    let replay_lock =
+        crate::apply::replay::lock::ReplayGuard::try_acquire(&target_conn, &buffer_id)
+            .await?
+            .ok_or_else(|| DemoError::Mismatch("another replay holds the target".into()))?;
     let (replay_stop_tx, replay_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let follower = tokio::spawn(replay::run(replay_cfg, async move {
         let _ = replay_stop_rx.await;

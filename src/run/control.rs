@@ -6,7 +6,7 @@
 //!
 //! The socket answering is how `walshift status` knows a run is alive. `walshift cutover`
 //! needs nothing from it: it sees the run through the buffer's writer lock and the replay
-//! lock ([`crate::cutover::coord`]) and simply waits for the marker to come through.
+//! lock ([`crate::apply::replay::lock`]) and simply waits for the marker to come through.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,7 @@
 //! `--follow` in one process, a live status line, and the [`control`] socket.
 //!
 //! The process holds the buffer's writer lock (through capture) and the replay lock on the
-//! target (through [`crate::cutover::coord::ReplayGuard`]), which is how `walshift cutover` sees that
+//! target (through [`ReplayGuard`]), which is how `walshift cutover` sees that
 //! capture and replay are already running and only waits for its marker to come through.
 //! A cutover does not stop the run; stop it afterwards with Ctrl-C or `stop` on the socket.
 //!
@@ -14,15 +14,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::apply::progress;
+use crate::apply::replay::lock::ReplayGuard;
 use crate::apply::replay::{self, ReplayConfig, ReplayError};
-use crate::apply::target;
 use crate::buffer::BufferMeta;
 use crate::capture::{self, CaptureConfig, CaptureError};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
-use crate::cutover::coord;
 use crate::cutover::lag::LagMeter;
 use crate::lsn::Lsn;
+use crate::source::slot;
 use control::ControlError;
 
 /// What to run. Every field documents its default and trade-off. The capture and replay
@@ -191,8 +192,8 @@ pub async fn run(
         return Ok(report);
     }
     let meta = BufferMeta::read(&config.buffer_dir)?.expect("checked above");
-    let buffer_id = target::buffer_id(meta.system_identifier, &meta.slot);
-    let Some(guard) = coord::ReplayGuard::try_acquire(&config.target, &buffer_id).await? else {
+    let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
+    let Some(guard) = ReplayGuard::try_acquire(&config.target, &buffer_id).await? else {
         let _ = stop_tx.send(true);
         let _ = capture.await;
         return Err(LiveError::ReplayRunning);
@@ -231,8 +232,8 @@ pub async fn run(
                     };
                 }
                 let Some((src, tgt)) = &sessions else { continue };
-                let applied = coord::applied(tgt, &buffer_id).await;
-                let durable = coord::slot_confirmed(src, &config.slot).await;
+                let applied = progress::read_applied(tgt, &buffer_id).await;
+                let durable = slot::confirmed_flush_lsn(src, &config.slot).await;
                 let (Ok(applied), Ok(durable)) = (applied, durable) else {
                     sessions = None;
                     continue;

@@ -268,14 +268,10 @@ pub async fn published_tables(
     source: &Client,
     publication: &str,
 ) -> Result<Vec<TableName>, VerifyError> {
-    let exists = source
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
+    let exists = crate::source::slot::publication_exists(source, publication)
         .await
         .sql_context("looking up the publication on the source")?;
-    if exists.is_none() {
+    if !exists {
         return Err(VerifyError::NoPublication(publication.to_owned()));
     }
     Ok(preflight::publication_tables(source, publication)

@@ -42,13 +42,14 @@ use super::{
     build_checks, first_differences, not_checked, session_settings,
 };
 use crate::SqlContext;
+use crate::apply::replay::lock::ReplayGuard;
 use crate::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport};
 use crate::apply::{hold, progress};
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
-use crate::cutover::coord;
 use crate::lsn::Lsn;
 use crate::source::replication::{ReplicationConnection, SlotOptions, SnapshotAction};
+use crate::source::slot;
 use crate::sql::quote_literal;
 use crate::transform::mapping::{Mapping, TableName};
 
@@ -98,7 +99,7 @@ pub struct OnlineSummary {
 struct OwnReplay {
     task: tokio::task::JoinHandle<Result<ReplayReport, ReplayError>>,
     stop: tokio::sync::watch::Sender<bool>,
-    _guard: coord::ReplayGuard,
+    _guard: ReplayGuard,
 }
 
 struct Ctx<'a> {
@@ -169,7 +170,7 @@ pub async fn verify_online(
         .await
         .map_err(|e| VerifyError::Online(e.to_string()))?;
     let settings = session_settings(&target).await?;
-    let own = match coord::ReplayGuard::try_acquire(target_info, &buffer_id).await? {
+    let own = match ReplayGuard::try_acquire(target_info, &buffer_id).await? {
         None => None,
         Some(guard) => {
             let mut cfg = ReplayConfig::new(buffer_dir, target_info.clone());
@@ -444,7 +445,9 @@ impl Ctx<'_> {
             self.check_own().await?;
             let applied = progress::read_applied(&self.target_aux, &self.buffer_id)
                 .await
-                .map_err(|e| crate::SqlError::new("reading walshift.applied on the target", e.source))?;
+                .map_err(|e| {
+                    crate::SqlError::new("reading walshift.applied on the target", e.source)
+                })?;
             if applied != last {
                 last = applied;
                 since = Instant::now();
@@ -464,7 +467,7 @@ impl Ctx<'_> {
         let mut last = None;
         let mut since = Instant::now();
         loop {
-            let confirmed = coord::slot_confirmed(&self.source_aux, &self.slot)
+            let confirmed = slot::confirmed_flush_lsn(&self.source_aux, &self.slot)
                 .await
                 .sql_context("reading the capture slot's position on the source")?;
             let Some(confirmed) = confirmed else {

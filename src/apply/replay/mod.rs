@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 mod applier;
 mod dest;
 mod error;
+pub mod lock;
 mod mapped;
 pub mod sessions;
 mod statements;
@@ -155,7 +156,7 @@ pub const MARKER_PREFIX: &str = "walshift";
 /// until `shutdown`).
 ///
 /// One replay of a buffer into a target at a time: callers hold
-/// [`crate::cutover::coord::ReplayGuard`] for the buffer while this runs (the `replay`, `run`
+/// [`crate::apply::replay::lock::ReplayGuard`] for the buffer while this runs (the `replay`, `run`
 /// and `cutover` commands and the demo do), which is also how cutover sees a replay running.
 pub async fn run(
     config: ReplayConfig,

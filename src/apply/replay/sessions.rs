@@ -2,7 +2,7 @@
 //! waiting out a previous replay's sessions before this one reads its position.
 //!
 //! **Nothing of a previous replay still running.** One replay of a buffer into a target runs
-//! at a time (the advisory lock of [`crate::cutover::coord::ReplayGuard`], held by a session of
+//! at a time (the advisory lock of [`crate::apply::replay::lock::ReplayGuard`], held by a session of
 //! its own). A killed replay's lock session ends at once, but its writing sessions may still be
 //! running a statement the server has not noticed the lost client for — a `CREATE`, a batch's
 //! `COMMIT`, a `COMMIT PREPARED` — and could commit a batch after a rerun read the applied
