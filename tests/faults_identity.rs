@@ -8,8 +8,8 @@ use std::process::{Command, Output};
 
 use walshift::apply::replay::{self, ReplayConfig, ReplayError, TargetOrigin};
 use walshift::conn::ConnInfo;
+use walshift::identity::IdentityError;
 use walshift::localpg::{Cluster, ClusterOptions};
-use walshift::source::identity::IdentityError;
 
 fn walshift(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_walshift"))

@@ -33,7 +33,7 @@ pub enum CaptureError {
     Source(#[from] crate::Error),
 
     #[error(transparent)]
-    Identity(#[from] crate::source::identity::IdentityError),
+    Identity(#[from] crate::identity::IdentityError),
 
     #[error(
         "buffer {dir} was captured from another source (system {buffer_system}, slot {buffer_slot:?}); \

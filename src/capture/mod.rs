@@ -35,8 +35,8 @@ use crate::buffer::{BufferConfig, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
 use crate::error::SqlContext;
+use crate::identity;
 use crate::lsn::Lsn;
-use crate::source::identity;
 use crate::source::preflight::{self, TableRef};
 use crate::source::replication::{
     ReplicationConnection, SlotOptions, SnapshotAction, publication_names,

@@ -72,7 +72,7 @@ pub enum CloneError {
 
     /// The target is the source itself (never overridden), or cannot be identified.
     #[error(transparent)]
-    Identity(#[from] crate::source::identity::IdentityError),
+    Identity(#[from] crate::identity::IdentityError),
 
     /// Connecting to the source or the target failed.
     #[error("{context}: {source}")]

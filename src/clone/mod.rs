@@ -32,8 +32,8 @@ pub use large_objects::{
 
 use crate::conn::ConnInfo;
 use crate::error::SqlContext;
+use crate::identity::{self, ServerIdentity};
 use crate::pgtools::ClientTools;
-use crate::source::identity::{self, ServerIdentity};
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_literal, quote_qualified};
 use dump::Section;

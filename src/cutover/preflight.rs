@@ -18,8 +18,8 @@ use crate::SqlContext;
 use crate::apply::progress;
 use crate::apply::replay::ReplayError;
 use crate::buffer::BufferMeta;
+use crate::identity::{BufferMismatch, check_buffer_source};
 use crate::lsn::Lsn;
-use crate::source::identity::{BufferMismatch, check_buffer_source};
 
 /// While `<buffer>/postpone-cutover` exists, waits (the timeline's `postpone` phase).
 pub(super) async fn postpone(
@@ -184,8 +184,8 @@ pub(super) async fn check(
     check_partitions(&src, dir, &mut report.warnings).await?;
     let tgt = config.target.connect().await?;
     prepare_session(&tgt).await?;
-    let origin = crate::source::identity::TargetOrigin::ClonedByWalshift;
-    crate::source::identity::check_replay_target(
+    let origin = crate::identity::TargetOrigin::ClonedByWalshift;
+    crate::identity::check_replay_target(
         &tgt,
         &config.target.redacted(),
         &meta,

@@ -96,7 +96,7 @@ pub enum LiveError {
     Clone(#[source] crate::clone::CloneError),
     /// The clone target was refused (unreachable, or the source itself) before anything ran.
     #[error(transparent)]
-    CloneTarget(crate::source::identity::IdentityError),
+    CloneTarget(crate::identity::IdentityError),
     #[error(
         "another walshift replay (a `walshift replay`, `walshift run` or cutover) is applying this buffer to this target; stop it first"
     )]

@@ -11,10 +11,11 @@
 //!   `pg_replication_slots`, dropping, the publication's existence, creation and removal.
 //! - `preflight`: can the source feed walshift, and what does the publication carry; every
 //!   check runs before anything is created.
-//! - `identity`: which cluster and database a connection reaches; the target is never the
-//!   source, a replay target is a clone of this buffer's source, a buffer belongs to its source.
+//!
+//! Which database a connection reaches (and the refusals built on it) is not here but in
+//! [`crate::identity`]: those checks read the buffer's record and the target's progress rows,
+//! later stages of the flow, and every stage uses them.
 
-pub mod identity;
 pub mod pgoutput;
 pub mod preflight;
 pub mod protocol;

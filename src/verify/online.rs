@@ -152,7 +152,7 @@ pub async fn verify_online(
         target_info.connect().await?,
         target_info.connect().await?,
     );
-    crate::source::identity::refuse_source(
+    crate::identity::refuse_source(
         &target,
         &target_info.redacted(),
         "verify --online (it writes a hold row) on",

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use crate::SqlError;
 use crate::apply::catalog::CatalogError;
 use crate::buffer::BufferError;
+use crate::identity::IdentityError;
 use crate::lsn::Lsn;
-use crate::source::identity::IdentityError;
 use crate::source::pgoutput;
 use crate::transform::TransformError;
 

@@ -36,9 +36,9 @@ use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
 use super::progress;
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
+use crate::identity;
+pub use crate::identity::TargetOrigin;
 use crate::lsn::Lsn;
-use crate::source::identity;
-pub use crate::source::identity::TargetOrigin;
 use crate::transform::{self, Mapping, TableName, TransformError};
 
 /// What to replay and how. Every field documents its default and trade-off.
