@@ -154,7 +154,7 @@ impl PgBinaries {
                 Some((Some(major), e.path().join("bin")))
             })
             .collect();
-        debian.sort_by(|a, b| b.0.cmp(&a.0));
+        debian.sort_by_key(|d| std::cmp::Reverse(d.0));
         dirs.extend(debian);
 
         let mut seen: Vec<PathBuf> = Vec::new();
