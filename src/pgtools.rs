@@ -2,7 +2,11 @@
 //! running its client programs (`pg_dump`, `psql`) as children ([`ClientTools`]).
 //!
 //! One search rule for the whole crate, so that clusters started by `localpg` and the client
-//! programs that clone and rehearsal run come from the same installation. Passwords reach a
+//! programs that clone and rehearsal run come from the same installation by default. Other
+//! installations (other major versions: docs/versions.md) are found in [`BINDIRS_ENV`] and
+//! Debian's `/usr/lib/postgresql/<major>/bin`: [`PgBinaries::for_major`] picks a server of a
+//! given major version, [`ClientTools::for_dump`] the `pg_dump` able to dump a given server
+//! (never older than it). Passwords reach a
 //! child only through its own `PGPASSWORD` environment variable: never on a command line,
 //! never in a log line. One error shape for every child: what failed, its exit status and its
 //! stderr ([`PgToolError::Failed`]), or that it could not be started and how to install it
@@ -29,6 +33,34 @@ pub enum PgToolError {
     )]
     NoServerBinaries,
 
+    /// No server binaries of the requested major version.
+    #[error(
+        "no PostgreSQL {major} server binaries found (looked at {BINDIRS_ENV}, `pg_config --bindir` \
+         and /usr/lib/postgresql/*/bin; found: {found}); install PostgreSQL {major} (Debian: \
+         apt-get install postgresql-{major}; or `bash .ci/run --pg-env`, which installs the \
+         versions the tests use) and list its bin directory in {BINDIRS_ENV} as {major}=<dir>"
+    )]
+    NoServerBinariesFor {
+        major: u32,
+        /// The majors that were found, e.g. "15 (/usr/lib/postgresql/15/bin)", or "none".
+        found: String,
+    },
+
+    /// The only `pg_dump` available is older than the server it must dump.
+    #[error(
+        "{} is PostgreSQL {dump_major}'s pg_dump, older than the source server (PostgreSQL \
+         {server_major}): pg_dump cannot dump a server newer than itself. Install the client \
+         programs of PostgreSQL {server_major} or newer (Debian: apt-get install \
+         postgresql-client-{server_major}) and pass their directory as bindir, or list it in \
+         {BINDIRS_ENV} as {server_major}=<dir>",
+        program.display()
+    )]
+    DumpTooOld {
+        program: PathBuf,
+        dump_major: u32,
+        server_major: u32,
+    },
+
     /// A client program could not be started (or waited for).
     #[error("cannot run {}: {source}; {install_hint}", program.display())]
     Spawn {
@@ -48,13 +80,20 @@ pub enum PgToolError {
     },
 }
 
+/// Environment variable naming more PostgreSQL installations than the default one, for other
+/// major versions: `:`-separated entries, each `<major>=<bindir>` or just `<bindir>` (its major
+/// version is then read from its programs' `--version`), e.g.
+/// `14=/opt/pg14/bin:18=/opt/pg18/bin`. `.ci/run --pg-env` prints it for the test matrix.
+pub const BINDIRS_ENV: &str = "WALSHIFT_PG_BINDIRS";
+
 /// A PostgreSQL installation: the directory of its programs, found once and passed around.
 #[derive(Clone, Debug)]
 pub struct PgBinaries {
     /// Directory holding `initdb`, `postgres`, `pg_dump`, `psql`, `pg_recvlogical`, ….
     pub bindir: PathBuf,
     /// The installation's major version, when its directory says it (Debian's
-    /// `/usr/lib/postgresql/<major>/bin`); `None` otherwise.
+    /// `/usr/lib/postgresql/<major>/bin`) or it was found by version ([`Self::for_major`],
+    /// [`Self::installations`]); `None` otherwise ([`Self::probe_major`] asks the programs).
     pub major: Option<u32>,
 }
 
@@ -90,6 +129,97 @@ impl PgBinaries {
             .ok_or(PgToolError::NoServerBinaries)
     }
 
+    /// Every installation on this machine, each once, with its major version: the entries of
+    /// [`BINDIRS_ENV`] in their order, then `pg_config --bindir`, then the
+    /// `/usr/lib/postgresql/<major>/bin` directories, newest first. Installations whose major
+    /// version cannot be told are left out. An installation may hold only server programs
+    /// (`initdb`, `postgres`) or only client programs (`pg_dump`, `psql`).
+    pub fn installations() -> Vec<PgBinaries> {
+        let mut dirs: Vec<(Option<u32>, PathBuf)> = Vec::new();
+        if let Some(list) = std::env::var_os(BINDIRS_ENV) {
+            dirs.extend(parse_bindirs(&list.to_string_lossy()));
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+            && out.status.success()
+        {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            dirs.push((major_of(&dir), dir));
+        }
+        let mut debian: Vec<(Option<u32>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let major: u32 = e.file_name().to_str()?.parse().ok()?;
+                Some((Some(major), e.path().join("bin")))
+            })
+            .collect();
+        debian.sort_by_key(|d| std::cmp::Reverse(d.0));
+        dirs.extend(debian);
+
+        let mut seen: Vec<PathBuf> = Vec::new();
+        let mut out = Vec::new();
+        for (major, bindir) in dirs {
+            let Ok(canonical) = fs::canonicalize(&bindir) else {
+                continue; // not there
+            };
+            if seen.contains(&canonical) {
+                continue;
+            }
+            seen.push(canonical);
+            let mut bins = PgBinaries { bindir, major };
+            bins.major = bins.major.or_else(|| bins.probe_major());
+            if bins.major.is_some() {
+                out.push(bins);
+            }
+        }
+        out
+    }
+
+    /// Server binaries (`initdb` and `postgres`) of PostgreSQL `major`: the first such
+    /// installation of [`Self::installations`].
+    pub fn for_major(major: u32) -> Result<Self, PgToolError> {
+        let all = Self::installations();
+        if let Some(b) = all
+            .iter()
+            .find(|b| b.major == Some(major) && b.has_server())
+        {
+            return Ok(b.clone());
+        }
+        let found: Vec<String> = all
+            .iter()
+            .filter(|b| b.has_server())
+            .map(|b| format!("{} ({})", b.major.unwrap_or(0), b.bindir.display()))
+            .collect();
+        Err(PgToolError::NoServerBinariesFor {
+            major,
+            found: if found.is_empty() {
+                "none".into()
+            } else {
+                found.join(", ")
+            },
+        })
+    }
+
+    /// Whether the installation has the server programs `initdb` and `postgres`.
+    pub fn has_server(&self) -> bool {
+        self.program("initdb").is_file() && self.program("postgres").is_file()
+    }
+
+    /// The major version the installation's programs report (`postgres`, `pg_dump` or `psql`
+    /// with `--version`), whatever its directory is called.
+    pub fn probe_major(&self) -> Option<u32> {
+        ["postgres", "pg_dump", "psql"].iter().find_map(|name| {
+            let program = self.program(name);
+            if !program.is_file() {
+                return None;
+            }
+            let out = Command::new(program).arg("--version").output().ok()?;
+            out.status.success().then_some(())?;
+            parse_version_major(&String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
     /// The installation in `bindir`.
     pub fn at(bindir: PathBuf) -> Self {
         let major = major_of(&bindir);
@@ -110,6 +240,42 @@ fn major_of(bindir: &Path) -> Option<u32> {
     bindir.parent()?.file_name()?.to_str()?.parse().ok()
 }
 
+/// The entries of a [`BINDIRS_ENV`] value: `(major if given, bindir)`.
+fn parse_bindirs(list: &str) -> Vec<(Option<u32>, PathBuf)> {
+    list.split(':')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| match e.split_once('=') {
+            Some((major, dir)) if major.trim().parse::<u32>().is_ok() => {
+                (major.trim().parse().ok(), PathBuf::from(dir.trim()))
+            }
+            _ => (None, PathBuf::from(e)),
+        })
+        .collect()
+}
+
+/// The major version in a `--version` line: `pg_dump (PostgreSQL) 18.6` → 18,
+/// `psql (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` → 15, `postgres (PostgreSQL) 18beta1` → 18.
+fn parse_version_major(line: &str) -> Option<u32> {
+    let rest = &line[line.find("(PostgreSQL) ")? + "(PostgreSQL) ".len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Of the client installations' majors, which to dump a PostgreSQL `source` server with for
+/// loading into a PostgreSQL `target` server: `pg_dump` dumps servers of its own major version
+/// and older, and writes SQL for its own major version (and, for what the source uses, older
+/// ones). So: the newest one not newer than the target among those not older than the source
+/// (the target's own version when it is there), else the oldest one newer than the target.
+/// `None` if every one is older than the source.
+fn choose_dump_major(available: &[u32], source: u32, target: u32) -> Option<u32> {
+    let usable = available.iter().copied().filter(|&m| m >= source);
+    let fitting = usable.clone().filter(|&m| m <= target).max();
+    fitting.or_else(|| usable.min())
+}
+
 /// `pg_dump` arguments for a dump loaded into another server: owners, privileges,
 /// tablespaces, security labels, publications and subscriptions are left out.
 pub const PORTABLE_DUMP_ARGS: [&str; 6] = [
@@ -126,6 +292,8 @@ pub const PORTABLE_DUMP_ARGS: [&str; 6] = [
 pub struct ClientTools {
     bindir: Option<PathBuf>,
     install_hint: &'static str,
+    /// The programs' major version, when known ([`Self::for_dump`] knows it).
+    major: Option<u32>,
 }
 
 impl ClientTools {
@@ -138,7 +306,89 @@ impl ClientTools {
         ClientTools {
             bindir,
             install_hint,
+            major: None,
         }
+    }
+
+    /// Client programs able to dump a server of PostgreSQL `source_major` for loading into one
+    /// of PostgreSQL `target_major` (clone's pg_dump and psql).
+    ///
+    /// `bindir` given: its `pg_dump`, refused ([`PgToolError::DumpTooOld`]) if it reports an
+    /// older major version than the source's. Otherwise, of the installations with `pg_dump`
+    /// and `psql` ([`PgBinaries::installations`], then `PATH`), the newest not newer than the
+    /// target among those not older than the source, else the oldest newer than the target
+    /// (its SQL may use what the target lacks: psql then fails loudly);
+    /// [`PgToolError::DumpTooOld`] names the newest one found when all are older than the
+    /// source. None found at all: `PATH`, and the spawn error says how to install them.
+    pub fn for_dump(
+        bindir: Option<&Path>,
+        source_major: u32,
+        target_major: u32,
+        install_hint: &'static str,
+    ) -> Result<ClientTools, PgToolError> {
+        if let Some(dir) = bindir {
+            let bins = PgBinaries::at(dir.to_owned());
+            let major = bins.probe_major();
+            if let Some(dump_major) = major
+                && dump_major < source_major
+            {
+                return Err(PgToolError::DumpTooOld {
+                    program: bins.program("pg_dump"),
+                    dump_major,
+                    server_major: source_major,
+                });
+            }
+            return Ok(ClientTools {
+                bindir: Some(dir.to_owned()),
+                install_hint,
+                major,
+            });
+        }
+        let mut found: Vec<PgBinaries> = PgBinaries::installations();
+        found.extend(path_installation());
+        let clients: Vec<(u32, PathBuf)> = found
+            .into_iter()
+            .filter(|b| b.program("pg_dump").is_file() && b.program("psql").is_file())
+            .filter_map(|b| Some((b.major?, b.bindir)))
+            .collect();
+        let majors: Vec<u32> = clients.iter().map(|c| c.0).collect();
+        match choose_dump_major(&majors, source_major, target_major) {
+            Some(m) => {
+                let dir = clients
+                    .into_iter()
+                    .find(|c| c.0 == m)
+                    .map(|c| c.1)
+                    .expect("chosen from the list");
+                tracing::info!(
+                    "pg_dump and psql of PostgreSQL {m} ({}) for a PostgreSQL {source_major} source \
+                     and a PostgreSQL {target_major} target",
+                    dir.display()
+                );
+                Ok(ClientTools {
+                    bindir: Some(dir),
+                    install_hint,
+                    major: Some(m),
+                })
+            }
+            None => match clients.into_iter().max_by_key(|c| c.0) {
+                Some((dump_major, dir)) => Err(PgToolError::DumpTooOld {
+                    program: dir.join("pg_dump"),
+                    dump_major,
+                    server_major: source_major,
+                }),
+                None => Ok(ClientTools {
+                    bindir: None,
+                    install_hint,
+                    major: None,
+                }),
+            },
+        }
+    }
+
+    /// The programs' major version, when known: chosen by [`Self::for_dump`], or reported by
+    /// the given directory's programs.
+    pub fn major(&self) -> Option<u32> {
+        self.major
     }
 
     /// Path of one program (a bare name, looked up in `PATH`, when no installation was found).
@@ -168,6 +418,20 @@ impl ClientTools {
             install_hint: self.install_hint,
         }
     }
+}
+
+/// The directory of the `pg_dump` that `PATH` finds, as an installation (major version probed).
+fn path_installation() -> Option<PgBinaries> {
+    let path = std::env::var_os("PATH")?;
+    let dir = std::env::split_paths(&path).find(|d| d.join("pg_dump").is_file())?;
+    // Debian's /usr/bin/pg_dump is a wrapper choosing a version by itself: use the real
+    // installations instead.
+    if fs::read_link(dir.join("pg_dump")).is_ok_and(|t| t.ends_with("pg_wrapper")) {
+        return None;
+    }
+    let mut bins = PgBinaries::at(dir);
+    bins.major = bins.major.or_else(|| bins.probe_major());
+    bins.major.is_some().then_some(bins)
 }
 
 /// A client program ready to run; add arguments through `Deref` to the command.
@@ -331,6 +595,49 @@ mod tests {
         );
         assert_eq!(PgBinaries::at(PathBuf::from("/usr/bin")).major, None);
         assert_eq!(PgBinaries::at(PathBuf::from("/opt/pg/bin")).major, None);
+    }
+
+    #[test]
+    fn bindirs_entries_with_and_without_a_major() {
+        assert_eq!(
+            parse_bindirs("14=/opt/a/bin: /opt/b/bin ::18=/x"),
+            vec![
+                (Some(14), PathBuf::from("/opt/a/bin")),
+                (None, PathBuf::from("/opt/b/bin")),
+                (Some(18), PathBuf::from("/x")),
+            ]
+        );
+        assert_eq!(parse_bindirs(""), vec![]);
+    }
+
+    #[test]
+    fn major_from_version_lines() {
+        assert_eq!(parse_version_major("pg_dump (PostgreSQL) 18.6\n"), Some(18));
+        assert_eq!(
+            parse_version_major("psql (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"),
+            Some(15)
+        );
+        assert_eq!(
+            parse_version_major("postgres (PostgreSQL) 18beta1"),
+            Some(18)
+        );
+        assert_eq!(parse_version_major("something else 3.1"), None);
+    }
+
+    #[test]
+    fn pg_dump_never_older_than_the_source_and_preferably_the_targets_version() {
+        // The target's own version when there.
+        assert_eq!(choose_dump_major(&[15, 18], 15, 18), Some(18));
+        assert_eq!(choose_dump_major(&[15, 18], 14, 18), Some(18));
+        assert_eq!(choose_dump_major(&[15, 18], 15, 15), Some(15));
+        // The newest not newer than the target.
+        assert_eq!(choose_dump_major(&[15, 16, 18], 14, 17), Some(16));
+        // None fits under the target: the oldest newer one.
+        assert_eq!(choose_dump_major(&[15, 18], 14, 14), Some(15));
+        assert_eq!(choose_dump_major(&[15, 18], 16, 16), Some(18));
+        // All older than the source.
+        assert_eq!(choose_dump_major(&[14, 15], 16, 18), None);
+        assert_eq!(choose_dump_major(&[], 15, 15), None);
     }
 
     #[test]

@@ -33,7 +33,6 @@ pub use large_objects::{
 use crate::conn::ConnInfo;
 use crate::error::SqlContext;
 use crate::identity::{self, ServerIdentity};
-use crate::pgtools::ClientTools;
 use crate::source::preflight::TableRef;
 use crate::sql::{quote_literal, quote_qualified};
 use dump::Section;
@@ -52,8 +51,11 @@ pub struct CloneOptions {
     pub force: bool,
     /// Draw a progress bar per table on stderr.
     pub progress: bool,
-    /// Directory of `pg_dump` and `psql`. Default: the installation `pg_config --bindir`
-    /// names, else the newest `/usr/lib/postgresql/*/bin`, else `PATH`.
+    /// Directory of `pg_dump` and `psql`; refused if its `pg_dump` is older than the source
+    /// server. Default: of the installations found (`WALSHIFT_PG_BINDIRS`, `pg_config
+    /// --bindir`, `/usr/lib/postgresql/*/bin`, `PATH`), the one of the target's major version,
+    /// else the newest older than the target, never one older than the source (see
+    /// [`crate::pgtools::ClientTools::for_dump`]; docs/versions.md).
     pub bindir: Option<PathBuf>,
     /// The buffer the clone belongs to, recorded in the clone state (replay and cutover
     /// check it). Capture sets it; `None` records no origin.
@@ -369,7 +371,7 @@ pub async fn clone_database(
     for t in &all {
         plans.push(copy::plan_table(&source, &t.schema, &t.name).await?);
     }
-    let tools = ClientTools::locate(opts.bindir.as_deref(), dump::INSTALL_HINT);
+    let tools = dump::tools(opts.bindir.as_deref(), src.server_version, &target).await?;
     let (pre, post) = tokio::try_join!(
         dump::dump(&tools, &opts.source, snapshot, Section::PreData, &keep),
         dump::dump(&tools, &opts.source, snapshot, Section::PostData, &keep),

@@ -9,6 +9,10 @@
 //! long-lived spawner thread with a parent-death signal, so even a test process killed with
 //! SIGKILL takes its clusters down with it.
 //!
+//! The server is the default installation ([`PgBinaries::find`]: Debian's PostgreSQL 15 on the
+//! CI machine) unless [`ClusterOptions::version`] (default: [`VERSION_ENV`]) asks for another
+//! major version, found by [`PgBinaries::for_major`] (docs/versions.md).
+//!
 //! When run as root, the cluster belongs to an unprivileged OS user (`postgres`, created if
 //! missing), because PostgreSQL refuses to run as root.
 
@@ -65,6 +69,27 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError + '_ {
     }
 }
 
+/// Environment variable choosing the PostgreSQL major version of the clusters whose options do
+/// not choose one, e.g. `WALSHIFT_PG_VERSION=17` to run tests on 17; its binaries must be
+/// findable ([`crate::pgtools::BINDIRS_ENV`]). Unset: the default installation.
+pub const VERSION_ENV: &str = "WALSHIFT_PG_VERSION";
+
+/// The major version [`VERSION_ENV`] asks for: `Ok(None)` when unset or empty.
+fn env_version() -> Result<Option<u32>> {
+    match std::env::var(VERSION_ENV) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| LocalPgError::Command {
+                what: VERSION_ENV.into(),
+                detail: format!("{v:?} is not a PostgreSQL major version (e.g. 17); unset it for the default installation"),
+            }),
+        Err(_) => Ok(None),
+    }
+}
+
 /// How to build a cluster. `Default` gives a logical-replication-ready server.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -75,6 +100,24 @@ pub struct ClusterOptions {
     pub start_timeout_secs: u64,
     /// Serve TLS (`ssl = on`) with these PEM files. Default: none (plain text only).
     pub tls: Option<ServerTls>,
+    /// Which PostgreSQL runs the server. Default: [`ServerVersion::FromEnv`]. Trade-off:
+    /// another version exercises what differs between versions, the default installation is
+    /// what the whole suite is known to pass on.
+    pub version: ServerVersion,
+}
+
+/// Which PostgreSQL installation a cluster runs ([`ClusterOptions::version`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerVersion {
+    /// The major version [`VERSION_ENV`] names if set, else the default installation.
+    #[default]
+    FromEnv,
+    /// The default installation ([`PgBinaries::find`]), whatever [`VERSION_ENV`] says.
+    DefaultInstallation,
+    /// PostgreSQL `major`, its binaries found by [`PgBinaries::for_major`] (starting fails,
+    /// naming how to install them, when they are absent).
+    Major(u32),
 }
 
 /// A server certificate and key, and optionally the CA that client certificates must be
@@ -98,6 +141,7 @@ impl Default for ClusterOptions {
             settings: Vec::new(),
             start_timeout_secs: 60,
             tls: None,
+            version: ServerVersion::FromEnv,
         }
     }
 }
@@ -114,6 +158,38 @@ impl ClusterOptions {
         self.tls = Some(tls);
         self
     }
+
+    /// Runs PostgreSQL `major` (`None`: the default installation), whatever [`VERSION_ENV`]
+    /// says.
+    pub fn version(mut self, major: Option<u32>) -> Self {
+        self.version = match major {
+            Some(m) => ServerVersion::Major(m),
+            None => ServerVersion::DefaultInstallation,
+        };
+        self
+    }
+
+    /// The major version to run, `None` for the default installation.
+    fn major(&self) -> Result<Option<u32>> {
+        match self.version {
+            ServerVersion::FromEnv => env_version(),
+            ServerVersion::DefaultInstallation => Ok(None),
+            ServerVersion::Major(m) => Ok(Some(m)),
+        }
+    }
+}
+
+/// `postgresql.conf` settings that depend on the server's major version (after walshift's
+/// defaults, before the caller's). Every default setting localpg writes exists with the same
+/// meaning in 14–18; what differs are initdb's and the server's defaults:
+/// - 18: `io_method = worker` starts 3 I/O worker processes per cluster; 1 is enough for a
+///   throwaway cluster on a 2-core machine (tests start many clusters at once).
+fn version_settings(major: Option<u32>) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if major.is_some_and(|m| m >= 18) {
+        out.push(("io_workers", "1".to_owned()));
+    }
+    out
 }
 
 /// The OS identity that owns and runs a cluster.
@@ -257,7 +333,10 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     /// Creates and starts a cluster; blocks until it accepts connections.
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
-        let bins = PgBinaries::find()?;
+        let bins = match opts.major()? {
+            Some(major) => PgBinaries::for_major(major)?,
+            None => PgBinaries::find()?,
+        };
         let run_as = run_as()?;
         let dir = tempfile::Builder::new()
             .prefix("walshift-pg-")
@@ -320,7 +399,7 @@ impl Cluster {
             ("logging_collector", "off".into()),
             ("log_min_messages", "warning".into()),
         ];
-        for (k, v) in defaults.iter() {
+        for (k, v) in defaults.iter().cloned().chain(version_settings(bins.major)) {
             conf.push_str(&format!("{k} = {v}\n"));
         }
         if let Some(tls) = &opts.tls {
@@ -483,7 +562,19 @@ impl Cluster {
         self.dir.path().join("server.log")
     }
 
-    /// The installation this cluster runs from (for `pg_dump`, `pg_recvlogical`, `pgbench`).
+    /// The server's major version (`server_version_num / 10000`), read from the running server.
+    pub async fn major_version(&self) -> Result<u32> {
+        let client = self.connect("postgres").await?;
+        let v: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .sql_context("reading server_version_num")?
+            .get(0);
+        Ok((v / 10000) as u32)
+    }
+
+    /// The installation this cluster runs from (for `pg_dump`, `pg_recvlogical`, `pgbench`;
+    /// some installations of other versions hold only the server programs).
     pub fn binaries(&self) -> &PgBinaries {
         &self.bins
     }

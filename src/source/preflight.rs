@@ -274,7 +274,9 @@ pub async fn publication_tables(
 /// - not publishing every operation (insert, update, delete, truncate): the missing ones would
 ///   never reach the copy;
 /// - (PostgreSQL 15+) a row filter or a column list: the clone copies whole tables, the stream
-///   would carry only part of them.
+///   would carry only part of them;
+/// - (PostgreSQL 18+) `publish_generated_columns = stored`: the stream would carry values of
+///   columns the copy computes itself, which replay cannot write.
 ///
 /// `publish_via_partition_root = true` is accepted: capture watches what that mode does not
 /// carry (see [`crate::capture::partitions`]).
@@ -313,6 +315,29 @@ pub async fn check_publication(
         });
     }
     let version: i32 = row.get(5);
+    if version >= 180000 {
+        let generated: String = client
+            .query_one(
+                "SELECT pubgencols::text FROM pg_publication WHERE pubname = $1",
+                &[&name],
+            )
+            .await
+            .sql_context("reading the publication's publish_generated_columns")?
+            .get(0);
+        if generated != "n" {
+            refusals.push(Refusal {
+                object: publication.clone(),
+                reason: "it publishes generated columns (publish_generated_columns = stored, \
+                         PostgreSQL 18+): the copy computes its own generated columns and replay \
+                         would try to write them"
+                    .into(),
+                fix: format!(
+                    "ALTER PUBLICATION {} SET (publish_generated_columns = none)",
+                    quote_ident(name)
+                ),
+            });
+        }
+    }
     if version >= 150000 {
         let partial = client
             .query(
@@ -454,6 +479,8 @@ pub async fn check_tables(
 ///   ([`crate::clone::large_object_fingerprint`]) so a change during the release is detectable.
 /// - UNLOGGED tables: copied by the clone, their later changes are lost to the copy.
 /// - Sequences: the clone sets them, cutover sets them again from the source.
+/// - (PostgreSQL 18+) `idle_replication_slot_timeout` set: a slot idle that long is invalidated,
+///   so a capture stopped for longer loses the release's slot.
 pub async fn source_warnings(client: &Client) -> Result<Vec<String>, PreflightError> {
     let row = client
         .query_one(
@@ -493,6 +520,24 @@ pub async fn source_warnings(client: &Client) -> Result<Vec<String>, PreflightEr
             "{sequences} sequence(s) are not carried by logical decoding: the clone sets them from \
              the source, and cutover sets them again (a replayed copy sees their clone-time values \
              until then)"
+        ));
+    }
+    // PostgreSQL 18+: slots left idle longer than this are invalidated (missing before 18).
+    let idle_timeout: Option<String> = client
+        .query_opt(
+            "SELECT current_setting('idle_replication_slot_timeout', true) \
+             WHERE coalesce(current_setting('idle_replication_slot_timeout', true), '0') <> '0'",
+            &[],
+        )
+        .await
+        .sql_context("reading idle_replication_slot_timeout")?
+        .map(|r| r.get(0));
+    if let Some(timeout) = idle_timeout {
+        out.push(format!(
+            "the source invalidates replication slots idle for longer than {timeout} \
+             (idle_replication_slot_timeout): if capture stays stopped that long, the slot and the \
+             release's buffer are lost (a new capture and clone are needed). Keep capture running, \
+             or set idle_replication_slot_timeout = 0 for the release"
         ));
     }
     Ok(out)
