@@ -219,8 +219,9 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             let a = c.0.replay;
             let bench = ReplayBench {
                 workload: a.workload.workload(),
-                batch_rows: a.batch_rows.map(|n| n.max(1)),
-                apply_connections: a.apply_connections.map(|n| n.max(1)),
+                // Passed on to `walshift replay`, which clamps both.
+                batch_rows: a.batch_rows,
+                apply_connections: a.apply_connections,
                 transform: a
                     .transform
                     .map(|mapping| crate::bench::replay::TransformBench {
