@@ -5,9 +5,9 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport, TargetOrigin};
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::pair;
+use walshift::apply::replay::{ReplayError, ReplayReport};
+use walshift::localpg::Cluster;
 use walshift::transform::Mapping;
 
 use std::sync::Arc;
@@ -27,17 +27,14 @@ async fn setup(schema_and_rows: &str) -> Setup {
 
 /// As [`setup`], with a different target schema and a mapping between the two.
 async fn setup_pair(source_sql: &str, target_sql: &str, mapping: Option<&str>) -> Setup {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let targets = [
-        Cluster::start(ClusterOptions::default()).unwrap(),
-        Cluster::start(ClusterOptions::default()).unwrap(),
-    ];
+    let (source, first) = pair::clusters();
+    let targets = [first, common::cluster()];
     source.execute("postgres", source_sql).await.unwrap();
     for c in &targets {
         c.execute("postgres", target_sql).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     Setup {
         source,
         targets,
@@ -50,16 +47,12 @@ impl Setup {
     /// Captures what the source committed so far, then replays it into target `i` over
     /// `i + 1` connections.
     async fn replay(&self, i: usize) -> Result<ReplayReport, ReplayError> {
-        common::capture_until_now(&self.source, self.dir.path()).await;
-        let mut cfg = ReplayConfig::new(
-            self.dir.path(),
-            ConnInfo::parse(&self.targets[i].conn_string("postgres")).unwrap(),
-        );
+        common::capture::until_now(&self.source, self.dir.path()).await;
+        // The targets are built by the test with the source's schema and rows.
+        let mut cfg = pair::replay_config(&self.targets[i], self.dir.path());
         cfg.apply_connections = i + 1;
         cfg.transform = self.mapping.clone();
-        // The targets are built by the test with the source's schema and rows.
-        cfg.target_origin = TargetOrigin::LoadedElsewhere;
-        replay::run(cfg, std::future::pending::<()>()).await
+        pair::replay(cfg).await
     }
 
     async fn on_targets(&self, sql: &str) {
@@ -365,6 +358,19 @@ const MAPPED_TARGET: &str = "
 const MAPPING: &str =
     "[[table]]\nsource = \"acct\"\ntarget = \"people\"\n[table.columns]\npid = \"id\"\n";
 
+/// (key, name, seq) of each row, in the query's order.
+async fn triples(c: &Cluster, sql: &str) -> Vec<(i32, String, i32)> {
+    c.connect("postgres")
+        .await
+        .unwrap()
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 /// Through a mapping (onto an identity column): inserts, updates, deletes and a row replaced
 /// at its key (folded into an update that must find the row) equal the source's rows mapped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,39 +388,12 @@ async fn mapped_replay_with_a_replaced_row() {
         .unwrap();
     for i in 0..2 {
         s.replay(i).await.unwrap();
-        let got = s.targets[i]
-            .connect("postgres")
-            .await
-            .unwrap()
-            .query("SELECT pid, name, seq FROM people ORDER BY pid", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, i32>(0),
-                    r.get::<_, String>(1),
-                    r.get::<_, i32>(2),
-                )
-            })
-            .collect::<Vec<_>>();
-        let want = s
-            .source
-            .connect("postgres")
-            .await
-            .unwrap()
-            .query("SELECT id, name, seq FROM acct ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, i32>(0),
-                    r.get::<_, String>(1),
-                    r.get::<_, i32>(2),
-                )
-            })
-            .collect::<Vec<_>>();
+        let got = triples(
+            &s.targets[i],
+            "SELECT pid, name, seq FROM people ORDER BY pid",
+        )
+        .await;
+        let want = triples(&s.source, "SELECT id, name, seq FROM acct ORDER BY id").await;
         assert_eq!(got, want);
     }
 }

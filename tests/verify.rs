@@ -1,9 +1,10 @@
 //! `walshift verify` against real throwaway clusters: the source and the target are two
 //! databases of one cluster, the target built by hand to be what the mapping says.
 
-use std::process::{Command, Output};
+mod common;
 
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::cli::{stderr, stdout, walshift};
+use walshift::localpg::Cluster;
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, DifferenceKind, KeyDifference, VerifyOptions};
 
@@ -29,7 +30,7 @@ INSERT INTO \"Odd \"\"Name\"\"\" VALUES (1, 'a'), (2, NULL), (3, '');
 ";
 
 async fn two_databases() -> Cluster {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster.create_database("src").await.unwrap();
     cluster.create_database("dst").await.unwrap();
     cluster
@@ -37,6 +38,13 @@ async fn two_databases() -> Cluster {
 
 fn names(list: &[&str]) -> Vec<TableName> {
     list.iter().map(|t| TableName::parse(t).unwrap()).collect()
+}
+
+fn diff(key: &str, kind: DifferenceKind) -> KeyDifference {
+    KeyDifference {
+        key: key.into(),
+        kind,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,10 +116,6 @@ async fn identity_equal_then_differences_are_reported_by_key() {
         .await
         .unwrap();
     assert!(!report.equal());
-    let diff = |key: &str, kind| KeyDifference {
-        key: key.into(),
-        kind,
-    };
     // Key order is the key's text, bytewise: "100" < "1000" < "42".
     assert_eq!(
         report.tables[1].differences,
@@ -219,13 +223,6 @@ client_id = "id"
 email = "lower(email)"
 "#;
 
-fn walshift(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .output()
-        .expect("run walshift")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_mapping_library_and_cli() {
     let cluster = two_databases().await;
@@ -283,13 +280,8 @@ async fn through_a_mapping_library_and_cli() {
         "--tables",
         "customers,orders",
     ]);
-    let out = String::from_utf8_lossy(&ok.stdout);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{out}{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let out = stdout(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{out}{}", stderr(&ok));
     assert!(
         out.contains("public.customers → public.clients") && out.contains("3 tables equal"),
         "{out}"
@@ -338,7 +330,7 @@ async fn through_a_mapping_library_and_cli() {
         "--tables",
         "customers,orders",
     ]);
-    let out = String::from_utf8_lossy(&differs.stdout);
+    let out = stdout(&differs);
     assert_eq!(differs.status.code(), Some(3), "{out}");
     assert!(out.contains("extra on target"), "{out}");
     assert!(out.contains("(client_id) = 8"), "{out}");
@@ -364,7 +356,7 @@ async fn through_a_mapping_library_and_cli() {
     // Could not verify: no publication, a mapping that does not compile. Exit 1, clear message.
     let e = run(&[]);
     assert_eq!(e.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&e.stderr);
+    let err = stderr(&e);
     assert!(
         err.contains("publication \"walshift\" does not exist"),
         "{err}"
@@ -377,7 +369,7 @@ async fn through_a_mapping_library_and_cli() {
         "customers",
     ]);
     assert_eq!(e.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&e.stderr);
+    let err = stderr(&e);
     assert!(err.contains("release.toml:"), "{err}");
 }
 
@@ -440,10 +432,6 @@ async fn keyless_table_is_compared_as_rows() {
     .await
     .unwrap();
     assert!(!report.equal());
-    let diff = |key: &str, kind| KeyDifference {
-        key: key.into(),
-        kind,
-    };
     assert_eq!(
         report.tables[0].differences,
         vec![

@@ -4,10 +4,12 @@
 //! that do run are read-only (a write through a function fails and writes nothing) and
 //! limited by a statement timeout. The source and the target are two databases of one cluster.
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, VerifyError, VerifyOptions};
 
@@ -38,7 +40,7 @@ fn mapping(expr: &str, filter: Option<&str>) -> String {
 }
 
 async fn setup() -> Cluster {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster.create_database("src").await.unwrap();
     cluster.create_database("dst").await.unwrap();
     cluster.execute("src", SOURCE).await.unwrap();
