@@ -30,25 +30,18 @@ fn changes(c: &Captured) -> Vec<&LogicalMessage> {
         .collect()
 }
 
+const MATRIX: &str = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+             CREATE TABLE matrix (
+               id int PRIMARY KEY, i2 smallint, i8 bigint, num numeric, f8 float8, t text, b bytea,
+               j json, jb jsonb, arr int[], tarr text[], ts timestamptz, u uuid, e mood, n text, big text);
+             ALTER TABLE matrix ALTER COLUMN big SET STORAGE EXTERNAL;";
+
 const MATRIX_COLUMNS: &str = "id, i2, i8, num, f8, t, b, j, jb, arr, tarr, ts, u, e, n, big";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_matrix_round_trips_through_the_buffer() {
-    let cluster = common::cluster();
-    cluster
-        .execute(
-            "postgres",
-            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-             CREATE TABLE matrix (
-               id int PRIMARY KEY, i2 smallint, i8 bigint, num numeric, f8 float8, t text, b bytea,
-               j json, jb jsonb, arr int[], tarr text[], ts timestamptz, u uuid, e mood, n text, big text);
-             ALTER TABLE matrix ALTER COLUMN big SET STORAGE EXTERNAL;",
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     // First capture creates slot and publication; the rows below come after it.
-    common::capture::until_now(&cluster, dir.path()).await;
+    let (cluster, dir) = common::capture::source_with_buffer(MATRIX).await;
 
     let client = cluster.connect("postgres").await.unwrap();
     client
@@ -125,18 +118,12 @@ async fn type_matrix_round_trips_through_the_buffer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_updates_deletes_truncate_and_replica_identity_full() {
-    let cluster = common::cluster();
-    cluster
-        .execute(
-            "postgres",
-            "CREATE TABLE keyed (id int PRIMARY KEY, v text);
+    let (cluster, dir) = common::capture::source_with_buffer(
+        "CREATE TABLE keyed (id int PRIMARY KEY, v text);
              CREATE TABLE fulltab (a int, b text);
              ALTER TABLE fulltab REPLICA IDENTITY FULL;",
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture::until_now(&cluster, dir.path()).await;
+    )
+    .await;
     cluster
         .execute(
             "postgres",
@@ -201,13 +188,8 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200k_row_transaction_is_captured_whole() {
-    let cluster = common::cluster();
-    cluster
-        .execute("postgres", "CREATE TABLE big (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture::until_now(&cluster, dir.path()).await;
+    let (cluster, dir) =
+        common::capture::source_with_buffer("CREATE TABLE big (id int PRIMARY KEY, v text)").await;
     cluster
         .execute(
             "postgres",
@@ -236,13 +218,8 @@ async fn a_200k_row_transaction_is_captured_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_counts_socket_reads_and_fsyncs() {
-    let cluster = common::cluster();
-    cluster
-        .execute("postgres", "CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture::until_now_report(&cluster, dir.path()).await;
+    let (cluster, dir) =
+        common::capture::source_with_buffer("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     cluster
         .execute(
             "postgres",

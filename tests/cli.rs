@@ -231,23 +231,29 @@ async fn a_buffer_from_another_source_is_refused() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let out = walshift(&["inspect", "--buffer", "/nonexistent/walshift-buffer"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
-    let out = walshift(&["inspect", "--buffer", "/tmp", "--from", "zz/1"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("invalid LSN"), "{}", stderr(&out));
-    let out = walshift(&[
-        "capture",
-        "--source",
-        "host=127.0.0.1 port=notaport",
-        "--buffer",
-        "/tmp/x",
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("connection string"),
-        "{}",
-        stderr(&out)
-    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["inspect", "--buffer", "/nonexistent/walshift-buffer"],
+            "does not exist",
+        ),
+        (
+            &["inspect", "--buffer", "/tmp", "--from", "zz/1"],
+            "invalid LSN",
+        ),
+        (
+            &[
+                "capture",
+                "--source",
+                "host=127.0.0.1 port=notaport",
+                "--buffer",
+                "/tmp/x",
+            ],
+            "connection string",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = walshift(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
 }

@@ -90,8 +90,7 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
         source,
         target,
         dir,
-    } = Pair::with_schema(schema).await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(schema, schema).await;
     let c = source.connect("postgres").await.unwrap();
     // 20 000 small transactions; the keyless `tally` would show any transaction applied twice.
     c.batch_execute(

@@ -147,10 +147,7 @@ async fn the_force_advice_says_what_it_destroys() {
 /// Replay into the source itself is refused before the `walshift` schema is created there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_into_the_source_is_refused() {
-    let source = common::cluster();
-    source.execute("postgres", SHOP).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture::until_now(&source, dir.path()).await;
+    let (source, dir) = common::capture::source_with_buffer(SHOP).await;
     source
         .execute("postgres", "UPDATE orders SET amount = 0 WHERE id <= 10")
         .await
@@ -210,8 +207,7 @@ async fn replay_into_an_unrelated_database_is_refused_unless_vouched_for() {
         source,
         target: unrelated,
         dir,
-    } = Pair::with_schema(SHOP).await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(SHOP, SHOP).await;
     source
         .execute("postgres", "UPDATE orders SET amount = -1 WHERE id <= 3")
         .await

@@ -231,14 +231,15 @@ async fn ledger(c: &Cluster) -> Vec<(String, i64, String)> {
 /// not wait forever for the second (it can never commit: it is ended and the batch redone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
-    let keyless = "CREATE TABLE ledger (k bigint NOT NULL, note text); \
-                   ALTER TABLE ledger REPLICA IDENTITY FULL;";
+    let schema = format!(
+        "{SCHEMA} CREATE TABLE ledger (k bigint NOT NULL, note text); \
+         ALTER TABLE ledger REPLICA IDENTITY FULL;"
+    );
     let Pair {
         source,
         target,
         dir,
-    } = Pair::with_schema(&format!("{SCHEMA} {keyless}")).await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(&schema, &schema).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
     let id = target::buffer_id(meta.system_identifier, &meta.slot);
     let info = pair::conn(&target).with_application_name(&target::replay_application_name(&id));

@@ -28,14 +28,28 @@ async fn replay_all(
     pair::replay(cfg).await.expect("replay")
 }
 
+/// Source and target with their schemas, each of `changes` committed on the source as its own
+/// transaction and captured; the error replay stops with.
+async fn replay_error(source_sql: &str, target_sql: &str, changes: &[&str]) -> (Pair, String) {
+    let p = Pair::capturing(source_sql, target_sql).await;
+    for sql in changes {
+        p.source.execute("postgres", sql).await.unwrap();
+    }
+    common::capture::until_now(&p.source, p.dir.path()).await;
+    let err = pair::replay(pair::replay_config(&p.target, p.dir.path()))
+        .await
+        .unwrap_err()
+        .to_string();
+    (p, err)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_target_equals_source() {
     let Pair {
         source,
         target,
         dir,
-    } = Pair::with_schema(SCHEMA).await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(SCHEMA, SCHEMA).await;
 
     source
         .execute(
@@ -88,8 +102,7 @@ async fn truncate_and_a_big_transaction_in_bounded_batches() {
         source,
         target,
         dir,
-    } = Pair::with_schema(SCHEMA).await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(SCHEMA, SCHEMA).await;
     source
         .execute("postgres", "INSERT INTO accounts SELECT g, 'o', g, NULL, NULL FROM generate_series(1, 500) g; TRUNCATE accounts;")
         .await
@@ -105,48 +118,27 @@ async fn truncate_and_a_big_transaction_in_bounded_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_drift_is_a_clear_error_and_applies_nothing() {
-    let Pair {
-        source,
-        target,
-        dir,
-    } = Pair::start();
-    source
-        .execute(
-            "postgres",
-            "CREATE TABLE t (id int PRIMARY KEY, extra text)",
-        )
-        .await
-        .unwrap();
-    target
-        .execute("postgres", "CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    common::capture::until_now(&source, dir.path()).await;
-    source
-        .execute("postgres", "INSERT INTO t VALUES (1, 'x')")
-        .await
-        .unwrap();
-    common::capture::until_now(&source, dir.path()).await;
-    let err = pair::replay(pair::replay_config(&target, dir.path()))
-        .await
-        .unwrap_err()
-        .to_string();
+    let (p, err) = replay_error(
+        "CREATE TABLE t (id int PRIMARY KEY, extra text)",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        &["INSERT INTO t VALUES (1, 'x')"],
+    )
+    .await;
     assert!(
         err.contains("schema drift") && err.contains("extra"),
         "{err}"
     );
-    assert_eq!(digests(&target, &["t"]).await[0].1, 0);
+    assert_eq!(digests(&p.target, &["t"]).await[0].1, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_constraint_conflict_in_a_batch_is_retried_in_source_order() {
+    let schema = "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE)";
     let Pair {
         source,
         target,
         dir,
-    } = Pair::with_schema("CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE)")
-        .await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(schema, schema).await;
     let c = source.connect("postgres").await.unwrap();
     c.batch_execute("INSERT INTO users VALUES (1, 'a'), (2, 'b')")
         .await
@@ -170,45 +162,21 @@ async fn a_constraint_conflict_in_a_batch_is_retried_in_source_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_target_rejects_stops_replay_with_table_key_and_lsn() {
-    let Pair {
-        source,
-        target,
-        dir,
-    } = Pair::start();
-    source
-        .execute(
-            "postgres",
-            "CREATE TABLE items (id int PRIMARY KEY, qty int)",
-        )
-        .await
-        .unwrap();
-    target
-        .execute(
-            "postgres",
-            "CREATE TABLE items (id int PRIMARY KEY, qty int CHECK (qty >= 0))",
-        )
-        .await
-        .unwrap();
-    common::capture::until_now(&source, dir.path()).await;
-    source
-        .execute("postgres", "INSERT INTO items VALUES (1, 5)")
-        .await
-        .unwrap();
-    source
-        .execute("postgres", "INSERT INTO items VALUES (2, -1)")
-        .await
-        .unwrap();
-    common::capture::until_now(&source, dir.path()).await;
-    let err = pair::replay(pair::replay_config(&target, dir.path()))
-        .await
-        .unwrap_err()
-        .to_string();
+    let (p, err) = replay_error(
+        "CREATE TABLE items (id int PRIMARY KEY, qty int)",
+        "CREATE TABLE items (id int PRIMARY KEY, qty int CHECK (qty >= 0))",
+        &[
+            "INSERT INTO items VALUES (1, 5)",
+            "INSERT INTO items VALUES (2, -1)",
+        ],
+    )
+    .await;
     assert!(
         err.contains("\"public\".\"items\"") && err.contains("id=2") && err.contains("LSN"),
         "{err}"
     );
     // The good transaction before it is applied; the bad one is not, not even partly.
-    let t = target.connect("postgres").await.unwrap();
+    let t = p.target.connect("postgres").await.unwrap();
     let ids: Vec<i32> = t
         .query("SELECT id FROM items ORDER BY id", &[])
         .await
@@ -227,8 +195,7 @@ async fn marker_only_transaction_is_recorded_as_applied() {
         source,
         target,
         dir,
-    } = Pair::with_schema(SCHEMA).await;
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(SCHEMA, SCHEMA).await;
     source
         .execute(
             "postgres",

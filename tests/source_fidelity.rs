@@ -33,6 +33,12 @@ async fn sync(source: &Cluster, target: &Cluster, dir: &std::path::Path) {
         .expect("replay");
 }
 
+/// Runs `sql` on the source, then [`sync`].
+async fn sync_change(source: &Cluster, target: &Cluster, dir: &std::path::Path, sql: &str) {
+    source.execute("postgres", sql).await.unwrap();
+    sync(source, target, dir).await;
+}
+
 /// A slot with an exported snapshot (kept valid while the returned connection is idle).
 async fn slot(source: &Cluster) -> (ReplicationConnection, String) {
     let mut repl = ReplicationConnection::connect(&conn(source)).await.unwrap();
@@ -177,39 +183,36 @@ async fn partitioned_tables_in_leaf_mode_clone_once_and_replay_inserts_moves_and
     assert_eq!(state.rows, Some(2000));
     assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new'), (4, 'us', 'lo');
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new'), (4, 'us', 'lo');
              UPDATE m SET region = 'eu' WHERE k = 1;              -- us_lo -> eu
              UPDATE m SET k = k + 6000 WHERE k = 3;               -- us_lo -> us_hi
              UPDATE m SET v = 'changed' WHERE k BETWEEN 10 AND 20;
              DELETE FROM m WHERE k BETWEEN 100 AND 110;",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    )
+    .await;
     assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "TRUNCATE m_us_lo; INSERT INTO m VALUES (9, 'us', 'after truncate');",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "TRUNCATE m_us_lo; INSERT INTO m VALUES (9, 'us', 'after truncate');",
+    )
+    .await;
     assert_eq!(count(&target, "SELECT count(*) FROM m_us_lo").await, 1);
     assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
+    )
+    .await;
     assert_eq!(count(&target, "SELECT count(*) FROM m").await, 2);
     assert_same(&source, &target, PARTITION_TABLES).await;
 }
@@ -268,30 +271,28 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
     );
     assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new');
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new');
              INSERT INTO m_us_lo VALUES (4, 'us', 'through the leaf');
              UPDATE m SET region = 'eu' WHERE k = 1;              -- us_lo -> eu
              UPDATE m SET k = k + 6000 WHERE k = 3;               -- us_lo -> us_hi
              UPDATE m_eu SET v = 'changed' WHERE k BETWEEN 10 AND 20;
              DELETE FROM m WHERE k BETWEEN 100 AND 110;",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    )
+    .await;
     assert_same(&source, &target, PARTITION_TABLES).await;
 
     // A TRUNCATE of the root is in the stream: it rewrites every leaf, and capture accepts it.
-    source
-        .execute(
-            "postgres",
-            "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
+    )
+    .await;
     // DDL after it replaces the partitions' pg_class xmin (the TRUNCATE's transaction):
     // capture must have accepted the rewrite when it received the TRUNCATE.
     for c in [&source, &target] {
@@ -673,17 +674,16 @@ async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the
         target_oid
     );
 
-    source
-        .execute(
-            "postgres",
-            "UPDATE refs SET c = 'app.other', cs = cs || 'app.pointed'::regclass WHERE k = 1;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "UPDATE refs SET c = 'app.other', cs = cs || 'app.pointed'::regclass WHERE k = 1;
              INSERT INTO refs VALUES (3, 'app.other', 'app.relname', 'app.fn(int)', 'app',
                '-(int8,int8)', ARRAY['app.other'::regclass], 'app.pointed', '{meh}',
                ROW('ok', 'app.other'));",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    )
+    .await;
     assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
 }
 

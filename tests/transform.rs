@@ -155,10 +155,7 @@ async fn every_mapping_feature_lands_as_the_mapping_says() {
         source,
         target,
         dir,
-    } = Pair::start();
-    source.execute("postgres", SOURCE).await.unwrap();
-    target.execute("postgres", MIGRATION).await.unwrap();
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(SOURCE, MIGRATION).await;
     workload(&source).await;
     common::capture::until_now(&source, dir.path()).await;
 
@@ -188,18 +185,13 @@ async fn strict_order_retry_goes_through_the_mapping() {
         source,
         target,
         dir,
-    } = Pair::start();
-    source.execute("postgres", SOURCE).await.unwrap();
-    // A unique constraint the fold does not know about: a batch swapping emails fails
-    // set-based and must be retried in source order, through the mapping.
-    target
-        .execute(
-            "postgres",
-            &format!("{MIGRATION} ALTER TABLE clients ADD UNIQUE (email);"),
-        )
-        .await
-        .unwrap();
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(
+        SOURCE,
+        // A unique constraint the fold does not know about: a batch swapping emails fails
+        // set-based and must be retried in source order, through the mapping.
+        &format!("{MIGRATION} ALTER TABLE clients ADD UNIQUE (email);"),
+    )
+    .await;
     workload(&source).await;
     source
         .execute(
@@ -224,16 +216,11 @@ async fn bad_mappings_are_refused_before_anything_is_applied() {
         source,
         target,
         dir,
-    } = Pair::start();
-    source.execute("postgres", SOURCE).await.unwrap();
-    target
-        .execute(
-            "postgres",
-            &format!("{MIGRATION} CREATE TABLE nopk (id bigint, x text); CREATE TABLE gen (id bigint PRIMARY KEY, g int GENERATED ALWAYS AS (1) STORED);"),
-        )
-        .await
-        .unwrap();
-    common::capture::until_now(&source, dir.path()).await;
+    } = Pair::capturing(
+        SOURCE,
+        &format!("{MIGRATION} CREATE TABLE nopk (id bigint, x text); CREATE TABLE gen (id bigint PRIMARY KEY, g int GENERATED ALWAYS AS (1) STORED);"),
+    )
+    .await;
     workload(&source).await;
     common::capture::until_now(&source, dir.path()).await;
 
@@ -311,9 +298,7 @@ async fn transform_check_command() {
         source,
         target,
         dir,
-    } = Pair::start();
-    source.execute("postgres", SOURCE).await.unwrap();
-    target.execute("postgres", MIGRATION).await.unwrap();
+    } = Pair::with_schemas(SOURCE, MIGRATION).await;
     let good = dir.path().join("release.toml");
     std::fs::write(&good, MAPPING).unwrap();
     let bad = dir.path().join("bad.toml");

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tempfile::TempDir;
 use walshift::buffer::format::SEGMENT_SUFFIX;
 use walshift::buffer::{BufferReader, TxnEvent};
 use walshift::capture::{self, CaptureConfig, CaptureError, CaptureReport};
@@ -118,6 +119,16 @@ pub async fn until_now_report(cluster: &Cluster, dir: &Path) -> CaptureReport {
 pub async fn until_now(cluster: &Cluster, dir: &Path) -> Captured {
     until_now_report(cluster, dir).await;
     read_buffer(dir)
+}
+
+/// A cluster holding `schema` (and its rows), and a buffer directory whose first capture has
+/// created the slot and the publication: the buffer starts right after the schema.
+pub async fn source_with_buffer(schema: &str) -> (Cluster, TempDir) {
+    let cluster = super::cluster();
+    cluster.execute("postgres", schema).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    until_now(&cluster, dir.path()).await;
+    (cluster, dir)
 }
 
 /// Capture with a clone of `source` into `target` (`--clone-to`) until everything committed

@@ -30,10 +30,23 @@ impl Pair {
 
     /// As [`Pair::start`], with `schema` (and rows) run in both `postgres` databases.
     pub async fn with_schema(schema: &str) -> Pair {
+        Pair::with_schemas(schema, schema).await
+    }
+
+    /// As [`Pair::start`], with `source_sql` run on the source and `target_sql` on the target
+    /// (the release's schema, say).
+    pub async fn with_schemas(source_sql: &str, target_sql: &str) -> Pair {
         let p = Pair::start();
-        for c in [&p.source, &p.target] {
-            c.execute("postgres", schema).await.unwrap();
-        }
+        p.source.execute("postgres", source_sql).await.unwrap();
+        p.target.execute("postgres", target_sql).await.unwrap();
+        p
+    }
+
+    /// As [`Pair::with_schemas`], then a first capture: the slot and the publication exist and
+    /// the buffer starts right after the schemas and their rows.
+    pub async fn capturing(source_sql: &str, target_sql: &str) -> Pair {
+        let p = Pair::with_schemas(source_sql, target_sql).await;
+        super::capture::until_now(&p.source, p.dir.path()).await;
         p
     }
 
