@@ -200,14 +200,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             }
         }
         None if c.0.replay.cutover => {
-            let bench = crate::bench::cutover::CutoverBench {
-                scale: 10,
-                rate: 500,
-                clients: 4,
-                runs: 5,
-                warmup: std::time::Duration::from_secs(5),
-                verify: crate::cutover::VerifyMode::Counts,
-            };
+            let bench = crate::bench::cutover::CutoverBench::default();
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if c.0.replay.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
