@@ -335,6 +335,29 @@ async fn assert_same(sc: &Scenario, source: &str, copy: &str, when: &str) {
     );
 }
 
+/// Polls `done` every [`POLL`] until it holds; panics if `p` exits first or after 60 s (`what`:
+/// what is awaited).
+async fn wait_while_running<F: std::future::Future<Output = bool>>(
+    p: &mut Proc,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(
+            p.exited().is_none(),
+            "walshift exited while waiting for {what}:\n{}",
+            p.tail()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "waited 60 s for {what}:\n{}",
+            p.tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits until no process streams from the `walshift` slot (a killed capture's walsender has
 /// gone).
 async fn wait_slot_released(src: &str) {
@@ -714,24 +737,15 @@ async fn clone_killed_right_after_the_slot_is_created_is_redone() {
         .await
         .unwrap();
     let mut p = sc.spawn(&capture);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = query_one(
+    wait_while_running(&mut p, "the slot", || async {
+        query_one::<i64>(
             &src,
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift'",
         )
-        .await;
-        if n > 0 {
-            break;
-        }
-        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(
-            Instant::now() < deadline,
-            "no slot after 60 s:\n{}",
-            p.tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        .await
+            > 0
+    })
+    .await;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGSTOP) };
     open.batch_execute("COMMIT").await.unwrap();
@@ -773,12 +787,10 @@ async fn clone_redo_killed_before_its_new_slot_exists_is_redone() {
         &["--clone-to", &tgt, "--no-progress"],
     );
     let mut p = sc.spawn(&capture);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while clone_state(&tgt).await.as_deref() != Some("copying") {
-        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(Instant::now() < deadline, "no clone started:\n{}", p.tail());
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut p, "the clone to start", || async {
+        clone_state(&tgt).await.as_deref() == Some("copying")
+    })
+    .await;
     assert!(p.kill9());
     sc.injections += 1;
 
@@ -796,12 +808,7 @@ async fn clone_redo_killed_before_its_new_slot_exists_is_redone() {
             > 0
     };
     let mut p = sc.spawn(&capture);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !slot_made(src.clone()).await {
-        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(Instant::now() < deadline, "no new slot:\n{}", p.tail());
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut p, "the new slot", || slot_made(src.clone())).await;
     assert!(p.kill9());
     sc.injections += 1;
     open.batch_execute("COMMIT").await.unwrap();
@@ -1012,33 +1019,17 @@ async fn replay_rerun_while_the_killed_one_still_creates_its_tables() {
     };
     let replay = replay_args(&buf, &tgt, &end, &["--no-progress"]);
     let mut p = sc.spawn(&replay);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while waiting(tgt.clone()).await < 1 {
-        assert!(p.exited().is_none(), "replay exited:\n{}", p.tail());
-        assert!(
-            Instant::now() < deadline,
-            "replay never waited:\n{}",
-            p.tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut p, "replay to wait for the lock", || async {
+        waiting(tgt.clone()).await >= 1
+    })
+    .await;
     assert!(p.kill9());
     sc.injections += 1;
     let mut again = sc.spawn(&replay);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while waiting(tgt.clone()).await < 2 {
-        assert!(
-            again.exited().is_none(),
-            "the rerun exited:\n{}",
-            again.tail()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the rerun never waited:\n{}",
-            again.tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut again, "the rerun to wait for the lock", || async {
+        waiting(tgt.clone()).await >= 2
+    })
+    .await;
     blocker.batch_execute("ROLLBACK").await.unwrap();
     let st = again.wait(Duration::from_secs(120)).await;
     assert!(
