@@ -78,27 +78,15 @@ async fn run_names_the_clone_target_when_it_cannot_connect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misspelt_mapping_columns_and_quoted_table_names() {
-    let cluster = common::cluster();
-    cluster.create_database("src").await.unwrap();
-    cluster.create_database("dst").await.unwrap();
     let both = "CREATE TABLE \"a,b\" (id int PRIMARY KEY, v text);
                 CREATE TABLE c (id int PRIMARY KEY);
                 INSERT INTO \"a,b\" SELECT g, 'v' || g FROM generate_series(1, 10) g;
                 INSERT INTO c SELECT generate_series(1, 5);";
-    cluster
-        .execute(
-            "src",
-            &format!("{both} CREATE TABLE customers (id int PRIMARY KEY, first text, last text);"),
-        )
-        .await
-        .unwrap();
-    cluster
-        .execute(
-            "dst",
-            &format!("{both} CREATE TABLE clients (id int PRIMARY KEY, full_name text);"),
-        )
-        .await
-        .unwrap();
+    let cluster = common::pair::two_databases(
+        &format!("{both} CREATE TABLE customers (id int PRIMARY KEY, first text, last text);"),
+        &format!("{both} CREATE TABLE clients (id int PRIMARY KEY, full_name text);"),
+    )
+    .await;
     let (src, dst) = (cluster.conn_string("src"), cluster.conn_string("dst"));
 
     let o = walshift(&[

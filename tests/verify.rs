@@ -4,7 +4,7 @@
 mod common;
 
 use common::cli::{stderr, stdout, walshift};
-use walshift::localpg::Cluster;
+use common::pair::two_databases;
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, DifferenceKind, KeyDifference, VerifyOptions};
 
@@ -29,13 +29,6 @@ FROM generate_series(1, 20) o, generate_series(1, 4) l;
 INSERT INTO \"Odd \"\"Name\"\"\" VALUES (1, 'a'), (2, NULL), (3, '');
 ";
 
-async fn two_databases() -> Cluster {
-    let cluster = common::cluster();
-    cluster.create_database("src").await.unwrap();
-    cluster.create_database("dst").await.unwrap();
-    cluster
-}
-
 fn names(list: &[&str]) -> Vec<TableName> {
     list.iter().map(|t| TableName::parse(t).unwrap()).collect()
 }
@@ -49,26 +42,14 @@ fn diff(key: &str, kind: DifferenceKind) -> KeyDifference {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_equal_then_differences_are_reported_by_key() {
-    let cluster = two_databases().await;
-    cluster
-        .execute(
-            "src",
-            &format!(
-                "{IDENTITY_SCHEMA}{IDENTITY_DATA} CREATE PUBLICATION walshift FOR ALL TABLES;"
-            ),
-        )
-        .await
-        .unwrap();
-    // The target's server default time zone differs from UTC: both sides must use the same.
-    cluster
-        .execute(
-            "dst",
-            &format!(
-                "ALTER DATABASE dst SET TimeZone = 'Asia/Kolkata'; {IDENTITY_SCHEMA}{IDENTITY_DATA}"
-            ),
-        )
-        .await
-        .unwrap();
+    let cluster = two_databases(
+        &format!("{IDENTITY_SCHEMA}{IDENTITY_DATA} CREATE PUBLICATION walshift FOR ALL TABLES;"),
+        // The target's server default time zone differs from UTC: both sides must use the same.
+        &format!(
+            "ALTER DATABASE dst SET TimeZone = 'Asia/Kolkata'; {IDENTITY_SCHEMA}{IDENTITY_DATA}"
+        ),
+    )
+    .await;
     let source = cluster.connect("src").await.unwrap();
     let target = cluster.connect("dst").await.unwrap();
     let tables = verify::published_tables(&source, "walshift").await.unwrap();
@@ -225,9 +206,7 @@ email = "lower(email)"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_mapping_library_and_cli() {
-    let cluster = two_databases().await;
-    cluster.execute("src", SOURCE).await.unwrap();
-    cluster.execute("dst", TARGET).await.unwrap();
+    let cluster = two_databases(SOURCE, TARGET).await;
     let source = cluster.connect("src").await.unwrap();
     let target = cluster.connect("dst").await.unwrap();
     let mapping = Mapping::parse("release.toml", MAPPING).unwrap();
@@ -377,19 +356,15 @@ async fn through_a_mapping_library_and_cli() {
 /// compared as a multiset of whole rows, with or without a mapping naming other tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_table_is_compared_as_rows() {
-    let cluster = two_databases().await;
     let schema = "CREATE TABLE log (at int, msg text); ALTER TABLE log REPLICA IDENTITY FULL;
                   CREATE TABLE acc (id int PRIMARY KEY, v int);
                   INSERT INTO log VALUES (1, 'a'), (1, 'a'), (2, NULL), (3, 'c');
                   INSERT INTO acc VALUES (1, 10);";
-    cluster.execute("src", schema).await.unwrap();
-    cluster
-        .execute(
-            "dst",
-            &format!("{schema} ALTER TABLE acc RENAME COLUMN v TO w; ALTER TABLE log ADD COLUMN note text DEFAULT 'x';"),
-        )
-        .await
-        .unwrap();
+    let cluster = two_databases(
+        schema,
+        &format!("{schema} ALTER TABLE acc RENAME COLUMN v TO w; ALTER TABLE log ADD COLUMN note text DEFAULT 'x';"),
+    )
+    .await;
     let source = cluster.connect("src").await.unwrap();
     let target = cluster.connect("dst").await.unwrap();
     let mapping = Mapping::parse(

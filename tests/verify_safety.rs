@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use walshift::localpg::Cluster;
@@ -40,12 +39,7 @@ fn mapping(expr: &str, filter: Option<&str>) -> String {
 }
 
 async fn setup() -> Cluster {
-    let cluster = common::cluster();
-    cluster.create_database("src").await.unwrap();
-    cluster.create_database("dst").await.unwrap();
-    cluster.execute("src", SOURCE).await.unwrap();
-    cluster.execute("dst", TARGET).await.unwrap();
-    cluster
+    common::pair::two_databases(SOURCE, TARGET).await
 }
 
 fn refused(r: Result<verify::VerifyReport, VerifyError>) -> String {
@@ -143,8 +137,7 @@ async fn volatile_functions_in_mapping_expressions_are_refused_on_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("release.toml");
     std::fs::write(&file, mapping("amount * 100 + 0 * nextval('ticket')", None)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["verify", "--source", &cluster.conn_string("src")])
+    let out = common::cli::command(&["verify", "--source", &cluster.conn_string("src")])
         .args([
             "--target",
             &cluster.conn_string("dst"),
@@ -155,7 +148,7 @@ async fn volatile_functions_in_mapping_expressions_are_refused_on_the_source() {
         .arg(&file)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::cli::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("{}:7: column \"amount_cents\"", file.display()))

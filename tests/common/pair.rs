@@ -68,6 +68,17 @@ impl Pair {
     }
 }
 
+/// One cluster with the databases `src` (`source_sql` run in it) and `dst` (`target_sql`): a
+/// source and a target side by side, where nothing streams between them (verify).
+pub async fn two_databases(source_sql: &str, target_sql: &str) -> Cluster {
+    let cluster = super::cluster();
+    for (db, sql) in [("src", source_sql), ("dst", target_sql)] {
+        cluster.create_database(db).await.unwrap();
+        cluster.execute(db, sql).await.unwrap();
+    }
+    cluster
+}
+
 /// Two clusters with the default options, started side by side.
 pub fn clusters() -> (Cluster, Cluster) {
     clusters_with(ClusterOptions::default())
