@@ -1,6 +1,8 @@
 //! `walshift bench capture` on a small workload: both tools drain their slots over each
 //! transport, and walshift's receive figures (reads, bytes per read, fsyncs) are reported.
 
+mod common;
+
 use std::path::Path;
 
 use walshift::bench::capture::{CaptureBench, Transport};
@@ -19,9 +21,7 @@ async fn both_transports_measure_both_tools_with_walshift_receive_figures() {
         transports: Transport::parse_list("both").expect("valid"),
     };
     let report = bench
-        .run(Path::new(env!("CARGO_BIN_EXE_walshift")), |l| {
-            eprintln!("{l}")
-        })
+        .run(Path::new(common::cli::EXE), |l| eprintln!("{l}"))
         .await
         .expect("bench ran");
     assert_eq!(report.transports.len(), 2);

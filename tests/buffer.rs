@@ -1,9 +1,12 @@
 //! Durable buffer: round trips across segments, crash and corruption paths, failed fsync,
 //! retention, reading from the middle.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 
+use common::capture::segments;
 use proptest::prelude::*;
 use walshift::Lsn;
 use walshift::buffer::format::{HEADER_LEN, segment_file_name};
@@ -105,16 +108,6 @@ fn read_back(dir: &Path, after: u64) -> Vec<Rec> {
             payload: r.payload.to_vec(),
         })
         .collect()
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wseg"))
-        .collect();
-    v.sort();
-    v
 }
 
 /// 40 transactions of 3 rows, end LSNs 1000, 2000, …, relation 16384 in the first.

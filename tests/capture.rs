@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{Captured, capture_until_now, capture_until_now_report};
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::capture::Captured;
 use walshift::source::pgoutput::{LogicalMessage, OldTuple, TupleValue};
 
 fn text(v: &TupleValue) -> Option<String> {
@@ -31,25 +30,18 @@ fn changes(c: &Captured) -> Vec<&LogicalMessage> {
         .collect()
 }
 
+const MATRIX: &str = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+             CREATE TABLE matrix (
+               id int PRIMARY KEY, i2 smallint, i8 bigint, num numeric, f8 float8, t text, b bytea,
+               j json, jb jsonb, arr int[], tarr text[], ts timestamptz, u uuid, e mood, n text, big text);
+             ALTER TABLE matrix ALTER COLUMN big SET STORAGE EXTERNAL;";
+
 const MATRIX_COLUMNS: &str = "id, i2, i8, num, f8, t, b, j, jb, arr, tarr, ts, u, e, n, big";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn type_matrix_round_trips_through_the_buffer() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster
-        .execute(
-            "postgres",
-            "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-             CREATE TABLE matrix (
-               id int PRIMARY KEY, i2 smallint, i8 bigint, num numeric, f8 float8, t text, b bytea,
-               j json, jb jsonb, arr int[], tarr text[], ts timestamptz, u uuid, e mood, n text, big text);
-             ALTER TABLE matrix ALTER COLUMN big SET STORAGE EXTERNAL;",
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     // First capture creates slot and publication; the rows below come after it.
-    capture_until_now(&cluster, dir.path()).await;
+    let (cluster, dir) = common::capture::source_with_buffer(MATRIX).await;
 
     let client = cluster.connect("postgres").await.unwrap();
     client
@@ -82,7 +74,7 @@ async fn type_matrix_round_trips_through_the_buffer() {
             .map(|r| (0..16).map(|i| r.get::<_, Option<String>>(i)).collect())
             .collect()
     };
-    let captured = capture_until_now(&cluster, dir.path()).await;
+    let captured = common::capture::until_now(&cluster, dir.path()).await;
     let ch = changes(&captured);
     assert_eq!(ch.len(), 4, "three inserts and one update: {ch:#?}");
 
@@ -126,18 +118,12 @@ async fn type_matrix_round_trips_through_the_buffer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_updates_deletes_truncate_and_replica_identity_full() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster
-        .execute(
-            "postgres",
-            "CREATE TABLE keyed (id int PRIMARY KEY, v text);
+    let (cluster, dir) = common::capture::source_with_buffer(
+        "CREATE TABLE keyed (id int PRIMARY KEY, v text);
              CREATE TABLE fulltab (a int, b text);
              ALTER TABLE fulltab REPLICA IDENTITY FULL;",
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    capture_until_now(&cluster, dir.path()).await;
+    )
+    .await;
     cluster
         .execute(
             "postgres",
@@ -151,7 +137,7 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
         )
         .await
         .unwrap();
-    let captured = capture_until_now(&cluster, dir.path()).await;
+    let captured = common::capture::until_now(&cluster, dir.path()).await;
     let ch = changes(&captured);
     assert_eq!(ch.len(), 8, "{ch:#?}");
     match ch[2] {
@@ -202,13 +188,8 @@ async fn key_updates_deletes_truncate_and_replica_identity_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200k_row_transaction_is_captured_whole() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster
-        .execute("postgres", "CREATE TABLE big (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    capture_until_now(&cluster, dir.path()).await;
+    let (cluster, dir) =
+        common::capture::source_with_buffer("CREATE TABLE big (id int PRIMARY KEY, v text)").await;
     cluster
         .execute(
             "postgres",
@@ -216,7 +197,7 @@ async fn a_200k_row_transaction_is_captured_whole() {
         )
         .await
         .unwrap();
-    let captured = capture_until_now(&cluster, dir.path()).await;
+    let captured = common::capture::until_now(&cluster, dir.path()).await;
     let txns: Vec<_> = captured
         .transactions
         .iter()
@@ -237,13 +218,8 @@ async fn a_200k_row_transaction_is_captured_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_counts_socket_reads_and_fsyncs() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster
-        .execute("postgres", "CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    capture_until_now_report(&cluster, dir.path()).await;
+    let (cluster, dir) =
+        common::capture::source_with_buffer("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     cluster
         .execute(
             "postgres",
@@ -251,7 +227,7 @@ async fn the_report_counts_socket_reads_and_fsyncs() {
         )
         .await
         .unwrap();
-    let report = capture_until_now_report(&cluster, dir.path()).await;
+    let report = common::capture::until_now_report(&cluster, dir.path()).await;
     assert_eq!(report.changes, 20_000);
     // Wire framing comes on top of the pgoutput bytes.
     assert!(

@@ -4,20 +4,18 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
-use walshift::localpg::{Cluster, ClusterOptions};
 use walshift::source::pgoutput::{LogicalMessage, TupleValue};
 
 const ROWS_PER_TXN: i64 = 3;
 
 fn spawn_capture(conn: &str, dir: &std::path::Path, extra: &[String]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["capture", "--source", conn, "--buffer"])
+    common::cli::command(&["capture", "--source", conn, "--buffer"])
         .arg(dir)
         .args(["--no-progress", "--flush-ms", "5", "--segment-mib", "1"])
         .args(extra)
@@ -29,7 +27,7 @@ fn spawn_capture(conn: &str, dir: &std::path::Path, extra: &[String]) -> std::pr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster
         .execute(
             "postgres",
@@ -101,9 +99,8 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     );
 
     // Drain to the end and check.
-    let end = common::current_lsn(&cluster).await;
-    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["capture", "--source", &conn, "--buffer"])
+    let end = common::capture::current_lsn(&cluster).await;
+    let out = common::cli::command(&["capture", "--source", &conn, "--buffer"])
         .arg(dir.path())
         .args(["--no-progress", "--until-lsn", &end.to_string()])
         .output()
@@ -111,10 +108,10 @@ async fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     assert!(
         out.status.success(),
         "final capture failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        common::cli::stderr(&out)
     );
 
-    let captured = common::read_buffer(dir.path());
+    let captured = common::capture::read_buffer(dir.path());
     let mut ids = Vec::new();
     let mut last_end = walshift::lsn::Lsn::ZERO;
     for t in &captured.transactions {

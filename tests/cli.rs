@@ -4,25 +4,15 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
+use common::cli::{stderr, stdout, walshift};
 use walshift::localpg::{Cluster, ClusterOptions};
-
-fn walshift(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .output()
-        .expect("run walshift")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_without_key_is_refused_before_anything_is_created() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster
         .execute(
             "postgres",
@@ -64,7 +54,7 @@ async fn table_without_key_is_refused_before_anything_is_created() {
     assert_eq!((pubs, slots), (0, 0), "no publication or slot left behind");
 
     // Publishing only the good table works.
-    let end = common::current_lsn(&cluster).await.to_string();
+    let end = common::capture::current_lsn(&cluster).await.to_string();
     let out = walshift(&[
         "capture",
         "--source",
@@ -103,7 +93,7 @@ async fn wal_level_replica_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_flushes_and_exits_cleanly_then_resumes_and_buffer_commands_show_it() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster
         .execute("postgres", "CREATE TABLE t (id int PRIMARY KEY, note text)")
         .await
@@ -111,18 +101,17 @@ async fn sigint_flushes_and_exits_cleanly_then_resumes_and_buffer_commands_show_
     let dir = tempfile::tempdir().unwrap();
     let buf = dir.path().join("buf");
     let conn = cluster.conn_string("postgres");
-    let child = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args([
-            "capture",
-            "--source",
-            &conn,
-            "--buffer",
-            buf.to_str().unwrap(),
-            "--no-progress",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = common::cli::command(&[
+        "capture",
+        "--source",
+        &conn,
+        "--buffer",
+        buf.to_str().unwrap(),
+        "--no-progress",
+    ])
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     while !walshift::buffer::BufferMeta::path(&buf).exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -152,7 +141,7 @@ async fn sigint_flushes_and_exits_cleanly_then_resumes_and_buffer_commands_show_
         )
         .await
         .unwrap();
-    let end = common::current_lsn(&cluster).await.to_string();
+    let end = common::capture::current_lsn(&cluster).await.to_string();
     let out = walshift(&[
         "capture",
         "--source",
@@ -167,7 +156,7 @@ async fn sigint_flushes_and_exits_cleanly_then_resumes_and_buffer_commands_show_
 
     let out = walshift(&["inspect", "--buffer", buf.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout(&out);
     for want in [
         "INSERT public.t: id='1' note='it''s one'",
         "INSERT public.t: id='2' note=NULL",
@@ -190,7 +179,7 @@ async fn sigint_flushes_and_exits_cleanly_then_resumes_and_buffer_commands_show_
         "--limit",
         "1",
     ]);
-    let line = String::from_utf8_lossy(&out.stdout);
+    let line = stdout(&out);
     let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
     assert_eq!(v["changes"][0]["op"], "insert");
     assert_eq!(v["changes"][0]["new"]["note"], "it's one");
@@ -201,23 +190,20 @@ async fn sigint_flushes_and_exits_cleanly_then_resumes_and_buffer_commands_show_
     assert_eq!(v["meta"]["slot"], "walshift");
 
     let out = walshift(&["buffer", "verify", "--buffer", buf.to_str().unwrap()]);
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("2 transactions")
-    );
+    assert!(out.status.success() && stdout(&out).contains("2 transactions"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buffer_from_another_source_is_refused() {
-    let a = Cluster::start(ClusterOptions::default()).unwrap();
-    let b = Cluster::start(ClusterOptions::default()).unwrap();
+    let (a, b) = common::pair::clusters();
     for c in [&a, &b] {
         c.execute("postgres", "CREATE TABLE t (id int PRIMARY KEY)")
             .await
             .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&a, dir.path()).await;
-    let end = common::current_lsn(&b).await.to_string();
+    common::capture::until_now(&a, dir.path()).await;
+    let end = common::capture::current_lsn(&b).await.to_string();
     let out = walshift(&[
         "capture",
         "--source",
@@ -245,23 +231,29 @@ async fn a_buffer_from_another_source_is_refused() {
 
 #[test]
 fn bad_input_is_a_clear_error() {
-    let out = walshift(&["inspect", "--buffer", "/nonexistent/walshift-buffer"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
-    let out = walshift(&["inspect", "--buffer", "/tmp", "--from", "zz/1"]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("invalid LSN"), "{}", stderr(&out));
-    let out = walshift(&[
-        "capture",
-        "--source",
-        "host=127.0.0.1 port=notaport",
-        "--buffer",
-        "/tmp/x",
-    ]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("connection string"),
-        "{}",
-        stderr(&out)
-    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["inspect", "--buffer", "/nonexistent/walshift-buffer"],
+            "does not exist",
+        ),
+        (
+            &["inspect", "--buffer", "/tmp", "--from", "zz/1"],
+            "invalid LSN",
+        ),
+        (
+            &[
+                "capture",
+                "--source",
+                "host=127.0.0.1 port=notaport",
+                "--buffer",
+                "/tmp/x",
+            ],
+            "connection string",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = walshift(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
 }

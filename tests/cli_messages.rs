@@ -2,19 +2,16 @@
 //! a misspelt column in a mapping named as such (not as another column that "goes nowhere"),
 //! and table names with commas in `--tables`, quoted as SQL identifiers.
 
-use std::process::{Command, Output};
+mod common;
 
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::cli::{stderr, stdout, walshift};
 
-fn walshift(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+/// The line walshift prints its error on.
+fn error_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"))
 }
 
 #[test]
@@ -34,10 +31,7 @@ fn an_error_chain_says_each_cause_once() {
     ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
+    let line = error_line(&err);
     for part in [
         "cannot connect to host=127.0.0.1 port=1",
         "Connection refused",
@@ -50,7 +44,7 @@ fn an_error_chain_says_each_cause_once() {
 /// target — not as a capture failure (the source was fine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_names_the_clone_target_when_it_cannot_connect() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let source = common::cluster();
     let dir = tempfile::tempdir().unwrap();
     let buf = dir.path().join("buf");
     let o = walshift(&[
@@ -65,10 +59,7 @@ async fn run_names_the_clone_target_when_it_cannot_connect() {
     ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error: "))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
+    let line = error_line(&err);
     assert!(
         line.contains("clone target") && line.contains("port=1"),
         "{line}"
@@ -87,27 +78,15 @@ async fn run_names_the_clone_target_when_it_cannot_connect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misspelt_mapping_columns_and_quoted_table_names() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster.create_database("src").await.unwrap();
-    cluster.create_database("dst").await.unwrap();
     let both = "CREATE TABLE \"a,b\" (id int PRIMARY KEY, v text);
                 CREATE TABLE c (id int PRIMARY KEY);
                 INSERT INTO \"a,b\" SELECT g, 'v' || g FROM generate_series(1, 10) g;
                 INSERT INTO c SELECT generate_series(1, 5);";
-    cluster
-        .execute(
-            "src",
-            &format!("{both} CREATE TABLE customers (id int PRIMARY KEY, first text, last text);"),
-        )
-        .await
-        .unwrap();
-    cluster
-        .execute(
-            "dst",
-            &format!("{both} CREATE TABLE clients (id int PRIMARY KEY, full_name text);"),
-        )
-        .await
-        .unwrap();
+    let cluster = common::pair::two_databases(
+        &format!("{both} CREATE TABLE customers (id int PRIMARY KEY, first text, last text);"),
+        &format!("{both} CREATE TABLE clients (id int PRIMARY KEY, full_name text);"),
+    )
+    .await;
     let (src, dst) = (cluster.conn_string("src"), cluster.conn_string("dst"));
 
     let o = walshift(&[
@@ -119,7 +98,7 @@ async fn misspelt_mapping_columns_and_quoted_table_names() {
         "--tables",
         "\"a,b\", public.c",
     ]);
-    let out = String::from_utf8_lossy(&o.stdout);
+    let out = stdout(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
     assert!(
         out.contains("public.a,b") && out.contains("public.c") && out.contains("2 tables equal"),

@@ -4,9 +4,11 @@
 //! walshift stays running while its command line is read. And the originals handed over by
 //! the scrubber never reach the cutover hooks or the clone's `pg_dump`/`psql`.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -68,8 +70,7 @@ fn cmdline(pid: u32) -> Vec<String> {
 /// Runs `walshift verify --source <source> …` against the fake server and returns what the
 /// server received as the password and the process's command line once it was received.
 fn observe(source: &str, rx: &mpsc::Receiver<String>) -> (String, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["verify", "--source", source, "--target", source])
+    let mut child = common::cli::command(&["verify", "--source", source, "--target", source])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -131,15 +132,11 @@ fn leaks(dump: &str, needle: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_and_clone_programs_do_not_inherit_the_handed_over_arguments() {
     use std::os::unix::fs::{PermissionsExt, symlink};
-    use walshift::localpg::{Cluster, ClusterOptions};
+    use walshift::localpg::Cluster;
     use walshift::pgtools::PgBinaries;
 
     const PW: &str = "Pw-s3cret-42";
-    let (a, b) = (
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-    );
-    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+    let (source, target) = common::pair::clusters();
     source
         .execute(
             "postgres",
@@ -186,29 +183,20 @@ async fn hooks_and_clone_programs_do_not_inherit_the_handed_over_arguments() {
     );
     let buffer = work.path().join("buffer");
     let walshift = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_walshift"))
-            .args(args)
+        let o = common::cli::command(args)
             .env("PATH", &path)
             .env_remove("PGPASSWORD")
             .output()
             .unwrap();
         assert!(
             o.status.success(),
-            "walshift {}: {}\n{}",
+            "walshift {}: {}",
             args[0],
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
+            common::cli::text(&o)
         );
     };
 
-    let lsn: String = source
-        .connect("postgres")
-        .await
-        .unwrap()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = common::capture::current_lsn(&source).await.to_string();
     let buf = buffer.to_str().unwrap();
     walshift(&[
         "capture",

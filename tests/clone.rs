@@ -1,12 +1,14 @@
 //! Clone against real throwaway clusters: the target equals the source as of the slot's
 //! exported snapshot, even with writes running on the source during the copy.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+mod common;
 
+use std::time::Duration;
+
+use common::load::Writer;
+use common::pair::conn;
 use walshift::clone::{self, CloneError, CloneOptions, CloneStatus};
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::source::preflight::TableRef;
 use walshift::source::replication::{ReplicationConnection, SlotOptions, SnapshotAction};
 
@@ -61,17 +63,7 @@ fn table_refs() -> Vec<TableRef> {
 
 /// Row count and an order-independent digest of every row's text form.
 async fn digest(client: &tokio_postgres::Client, schema: &str, name: &str) -> (i64, String) {
-    let q = walshift::sql::quote_qualified(schema, name);
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {q} t"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
+    common::digest::digest(client, &walshift::sql::quote_qualified(schema, name)).await
 }
 
 /// Digests of every table as of `snapshot` on the source.
@@ -99,16 +91,12 @@ async fn target_digests(target: &Cluster, db: &str) -> Vec<(i64, String)> {
     out
 }
 
-fn conn(cluster: &Cluster, db: &str) -> ConnInfo {
-    ConnInfo::parse(&cluster.conn_string(db)).unwrap()
-}
-
 /// A source with the schema and a slot whose exported snapshot stays valid while the returned
 /// replication connection is idle.
 async fn source_with_slot() -> (Cluster, ReplicationConnection, String) {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let source = common::cluster();
     source.execute("postgres", SCHEMA).await.unwrap();
-    let mut repl = ReplicationConnection::connect(&conn(&source, "postgres"))
+    let mut repl = ReplicationConnection::connect(&conn(&source))
         .await
         .unwrap();
     let slot = repl
@@ -125,25 +113,14 @@ async fn source_with_slot() -> (Cluster, ReplicationConnection, String) {
     (source, repl, snapshot)
 }
 
-/// Inserts, updates and deletes on the source until `stop`.
-fn spawn_writer(
-    source: &Cluster,
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
-    let conn_string = source.conn_string("postgres");
-    tokio::spawn(async move {
-        let (c, connection) = tokio_postgres::connect(&conn_string, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let mut i: u64 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            i += 1;
-            let upd = 1 + (i * 7919) % 60000;
-            let del = 1 + (i * 104729) % 60000;
-            c.batch_execute(&format!(
-                "BEGIN;
+/// Inserts, updates and deletes on the source until stopped.
+async fn writer(source: &Cluster) -> Writer {
+    let c = source.connect("postgres").await.unwrap();
+    Writer::start(c, Duration::ZERO, |i| {
+        let upd = 1 + (i * 7919) % 60000;
+        let del = 1 + (i * 104729) % 60000;
+        format!(
+            "BEGIN;
                  INSERT INTO accounts (owner, balance, doc, m) VALUES ('new {i}', {i}, '{{\"w\": {i}}}', 'happy');
                  UPDATE accounts SET balance = balance + 1, doc = doc || '{{\"u\": 1}}' WHERE id = {upd};
                  DELETE FROM accounts WHERE id = {del};
@@ -151,11 +128,7 @@ fn spawn_writer(
                  UPDATE \"Sales\".\"Order Lines\" SET note = 'changed' WHERE id = {upd};
                  INSERT INTO empty_t VALUES ({i});
                  COMMIT;"
-            ))
-            .await
-            .unwrap();
-            count.fetch_add(1, Ordering::Relaxed);
-        }
+        )
     })
 }
 
@@ -163,26 +136,35 @@ async fn exists(client: &tokio_postgres::Client, sql: &str) -> bool {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// The clone made the source's index and its primary and foreign keys.
+async fn assert_post_data(t: &tokio_postgres::Client) {
+    assert!(
+        exists(
+            t,
+            "SELECT to_regclass('public.accounts_owner_idx') IS NOT NULL"
+        )
+        .await
+    );
+    assert!(exists(t, "SELECT count(*) = 3 FROM pg_constraint WHERE contype IN ('p', 'f') AND conrelid IN ('accounts'::regclass, '\"Sales\".\"Order Lines\"'::regclass)").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_equals_the_snapshot_under_concurrent_writes_and_detects_earlier_clones() {
     let (source, repl, snapshot) = source_with_slot().await;
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writes = Arc::new(AtomicU64::new(0));
-    let writer = spawn_writer(&source, Arc::clone(&stop), Arc::clone(&writes));
-    while writes.load(Ordering::Relaxed) < 5 {
+    let target = common::cluster();
+    let writer = writer(&source).await;
+    while writer.commits() < 5 {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 
-    let mut opts = CloneOptions::new(conn(&source, "postgres"), conn(&target, "postgres"));
+    let mut opts = CloneOptions::new(conn(&source), conn(&target));
     opts.progress = true;
     let tables = table_refs();
     let report = clone::clone_database(&opts, &snapshot, &tables)
         .await
         .unwrap();
-    let during = writes.load(Ordering::Relaxed);
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    let during = writer.commits();
+    writer.stop().await;
     assert!(during > 5, "writes ran during the clone ({during})");
 
     let expected = snapshot_digests(&source, &snapshot).await;
@@ -206,14 +188,7 @@ async fn clone_equals_the_snapshot_under_concurrent_writes_and_detects_earlier_c
 
     // Post-data objects, generated column, sequences.
     let t = target.connect("postgres").await.unwrap();
-    assert!(
-        exists(
-            &t,
-            "SELECT to_regclass('public.accounts_owner_idx') IS NOT NULL"
-        )
-        .await
-    );
-    assert!(exists(&t, "SELECT count(*) = 3 FROM pg_constraint WHERE contype IN ('p', 'f') AND conrelid IN ('accounts'::regclass, '\"Sales\".\"Order Lines\"'::regclass)").await);
+    assert_post_data(&t).await;
     assert!(
         exists(
             &t,
@@ -301,14 +276,7 @@ async fn clone_equals_the_snapshot_under_concurrent_writes_and_detects_earlier_c
         .unwrap();
     assert_eq!(target_digests(&target, "postgres").await, expected);
     let t = target.connect("postgres").await.unwrap();
-    assert!(
-        exists(
-            &t,
-            "SELECT to_regclass('public.accounts_owner_idx') IS NOT NULL"
-        )
-        .await
-    );
-    assert!(exists(&t, "SELECT count(*) = 3 FROM pg_constraint WHERE contype IN ('p', 'f') AND conrelid IN ('accounts'::regclass, '\"Sales\".\"Order Lines\"'::regclass)").await);
+    assert_post_data(&t).await;
     assert_eq!(
         clone::clone_state(&opts.target)
             .await
@@ -323,11 +291,11 @@ async fn clone_equals_the_snapshot_under_concurrent_writes_and_detects_earlier_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_tables_are_refused_unless_forced_and_a_dead_snapshot_changes_nothing() {
     let (source, repl, snapshot) = source_with_slot().await;
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = common::cluster();
     let tables = table_refs();
 
     // A snapshot that does not exist: clear error, target untouched.
-    let opts = CloneOptions::new(conn(&source, "postgres"), conn(&target, "postgres"));
+    let opts = CloneOptions::new(conn(&source), conn(&target));
     let err = clone::clone_database(&opts, "00000003-0000FFFF-1", &tables)
         .await
         .unwrap_err();

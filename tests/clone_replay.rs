@@ -4,16 +4,17 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::capture::Running;
+use common::cli;
+use common::digest::assert_same;
+use common::load::Writer;
+use common::pair::{self, Pair};
 use rand::Rng;
-use walshift::apply::replay::{self, ReplayConfig};
-use walshift::capture::{self, CaptureConfig};
+use walshift::apply::replay::ReplayConfig;
+use walshift::capture::CaptureConfig;
 use walshift::clone::CloneOptions;
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
     CREATE TYPE status AS ENUM ('new', 'paid', 'shipped');
@@ -26,106 +27,70 @@ const SCHEMA: &str = "
     INSERT INTO orders (customer_id, amount, blob) SELECT 1 + g % 2000, g * 1.5, '\\x0102'::bytea FROM generate_series(1, 20000) g;
     INSERT INTO log SELECT now(), 'seed' FROM generate_series(1, 100);";
 
-async fn table_sums(c: &Cluster) -> Vec<(String, i64, String)> {
-    let client = c.connect("postgres").await.unwrap();
-    let mut out = Vec::new();
-    for t in ["customers", "orders", "log"] {
-        let r = client
-            .query_one(&format!("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {t} t"), &[])
-            .await
-            .unwrap();
-        out.push((t.to_string(), r.get(0), r.get(1)));
-    }
-    out
-}
-
-fn writer(
-    cluster_conn: tokio_postgres::Client,
-    stop: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            cluster_conn
-                .batch_execute(&format!(
-                    "BEGIN;
+/// The site's transaction number `n`: an order placed, one paid, one deleted, a customer seen,
+/// a log line.
+fn site_txn(n: u64) -> String {
+    format!(
+        "BEGIN;
                      INSERT INTO orders (customer_id, amount) VALUES ({c}, {n});
                      UPDATE orders SET st = 'paid' WHERE id = {u};
                      DELETE FROM orders WHERE id = {d};
                      UPDATE customers SET profile = profile || '{{\"seen\": {n}}}' WHERE id = {c};
                      INSERT INTO log VALUES (now(), 'w{n}');
                      COMMIT;",
-                    c = 1 + n % 2000,
-                    u = 1 + (n * 7) % 20000,
-                    d = 1 + (n * 13) % 20000,
-                ))
-                .await
-                .unwrap();
-        }
-        n
-    })
+        c = 1 + n % 2000,
+        u = 1 + (n * 7) % 20000,
+        d = 1 + (n * 13) % 20000,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_during_writes_then_replay_equals_source() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::start();
     source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let source_conn = ConnInfo::parse(&source.conn_string("postgres")).unwrap();
-    let target_conn = ConnInfo::parse(&target.conn_string("postgres")).unwrap();
+    let source_conn = pair::conn(&source);
+    let target_conn = pair::conn(&target);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(source.connect("postgres").await.unwrap(), stop.clone());
+    let w = Writer::start(
+        source.connect("postgres").await.unwrap(),
+        Duration::ZERO,
+        site_txn,
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let mut cfg = CaptureConfig::new(source_conn.clone(), dir.path());
     cfg.clone = Some(CloneOptions::new(source_conn.clone(), target_conn.clone()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let cap = tokio::spawn(capture::run(cfg, async move {
-        let _ = rx.await;
-    }));
     // Clone done (state 'done' on the target), then the site keeps writing a while.
-    loop {
-        if let Ok(Some(s)) = walshift::clone::clone_state(&target_conn).await
-            && s.status == walshift::clone::CloneStatus::Done
-        {
-            break;
-        }
-        assert!(!cap.is_finished(), "capture ended early: {:?}", cap.await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let cap = Running::cloned(cfg, Duration::from_secs(180)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let written = w.await.unwrap();
+    let written = w.stop().await;
     assert!(
         written > 10,
         "the writer ran during the clone ({written} txns)"
     );
-    let _ = tx.send(());
-    cap.await.unwrap().expect("capture with clone");
-    common::capture_until_now(&source, dir.path()).await;
+    cap.stop().await.expect("capture with clone");
+    common::capture::until_now(&source, dir.path()).await;
 
     let cfg = ReplayConfig::new(dir.path(), target_conn.clone());
-    let report = replay::run(cfg, std::future::pending::<()>())
-        .await
-        .expect("replay");
+    let report = pair::replay(cfg).await.expect("replay");
     assert!(report.changes > 0);
-    assert_eq!(table_sums(&source).await, table_sums(&target).await);
+    assert_same(&source, &target, &["customers", "orders", "log"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
     let schema =
         "CREATE TABLE ev (id bigint PRIMARY KEY, v int); CREATE TABLE tally (n int, note text);
                   ALTER TABLE tally REPLICA IDENTITY FULL;";
-    source.execute("postgres", schema).await.unwrap();
-    target.execute("postgres", schema).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(schema, schema).await;
     let c = source.connect("postgres").await.unwrap();
     // 20 000 small transactions; the keyless `tally` would show any transaction applied twice.
     c.batch_execute(
@@ -143,11 +108,10 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
     .await
     .unwrap();
     c.batch_execute("CALL gen()").await.unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     let conn = target.conn_string("postgres");
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
-            .args(["replay", "--buffer"])
+        cli::command(&["replay", "--buffer"])
             .arg(dir.path())
             .args(["--target", &conn, "--batch-rows", "300", "--batch-ms", "5"])
             .arg("--target-not-cloned-by-walshift")
@@ -170,19 +134,13 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
         kills >= 10,
         "replay must be killed mid-run at least 10 times ({kills})"
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["replay", "--buffer"])
+    let out = cli::command(&["replay", "--buffer"])
         .arg(dir.path())
         .args(["--target", &conn, "--target-not-cloned-by-walshift"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["status", "--json", "--buffer"])
+    assert!(out.status.success(), "{}", cli::stderr(&out));
+    let out = cli::command(&["status", "--json", "--buffer"])
         .arg(dir.path())
         .args(["--target", &conn])
         .output()
@@ -202,12 +160,5 @@ async fn replay_killed_with_sigkill_ten_times_ends_exactly_once() {
         (r.get(0), r.get(1))
     };
     assert_eq!((n, dups), (20_000, 0), "every transaction exactly once");
-    let s = source.connect("postgres").await.unwrap();
-    let q = "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM ev t";
-    let a = s.query_one(q, &[]).await.unwrap();
-    let b = t.query_one(q, &[]).await.unwrap();
-    assert_eq!(
-        (a.get::<_, i64>(0), a.get::<_, String>(1)),
-        (b.get::<_, i64>(0), b.get::<_, String>(1))
-    );
+    assert_same(&source, &target, &["ev"]).await;
 }

@@ -4,6 +4,7 @@
 //! compared with the source independently of walshift's verify. Workloads and their markers:
 //! `tests/conformance/README.md`; the harness: `tests/common/conformance.rs`.
 
+mod common;
 #[path = "common/conformance.rs"]
 mod conformance;
 

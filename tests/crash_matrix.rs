@@ -16,20 +16,21 @@
 //! repeats it (the delays, not the exact instruction walshift was at on a loaded machine).
 //! Each scenario prints its injections and time: `cargo test --test crash_matrix -- --nocapture`.
 
+mod common;
 #[path = "common/conformance.rs"]
 mod conformance;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::pgtools::PgBinaries;
 
 /// Kills of a streaming capture.
@@ -175,6 +176,30 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// `walshift capture --source <src> --buffer <buffer>` and `more`.
+fn capture_args(src: &str, buffer: &str, more: &[&str]) -> Vec<String> {
+    with(
+        &args(&["capture", "--source", src, "--buffer", buffer]),
+        more,
+    )
+}
+
+/// `walshift replay --buffer <buffer> --target <tgt> --until-lsn <end>` and `more`.
+fn replay_args(buffer: &str, tgt: &str, end: &str, more: &[&str]) -> Vec<String> {
+    with(
+        &args(&[
+            "replay",
+            "--buffer",
+            buffer,
+            "--target",
+            tgt,
+            "--until-lsn",
+            end,
+        ]),
+        more,
+    )
+}
+
 fn with(base: &[String], more: &[&str]) -> Vec<String> {
     let mut v = base.to_vec();
     v.extend(more.iter().map(|s| s.to_string()));
@@ -190,8 +215,7 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[String], log: PathBuf) -> Proc {
         let out = fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_walshift"))
-            .args(args)
+        let child = common::cli::command(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -242,10 +266,16 @@ impl Drop for Proc {
     }
 }
 
-fn clusters() -> (Cluster, Cluster) {
-    let a = std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap());
-    let b = std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap());
-    (a.join().unwrap(), b.join().unwrap())
+/// A source set up by [`setup_source`] and a target, and their `postgres` databases (keep the
+/// clusters bound: each stops when dropped).
+async fn clusters(accounts: i64, events: i64) -> (Cluster, Cluster, String, String) {
+    let (source, target) = common::pair::clusters();
+    setup_source(&source, accounts, events).await;
+    let (src, tgt) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    (source, target, src, tgt)
 }
 
 async fn setup_source(c: &Cluster, accounts: i64, events: i64) {
@@ -304,6 +334,73 @@ async fn assert_same(sc: &Scenario, source: &str, copy: &str, when: &str) {
         seed(),
         diffs.join("\n")
     );
+}
+
+/// Polls `done` every [`POLL`] until it holds; panics if `p` exits first or after 60 s (`what`:
+/// what is awaited).
+async fn wait_while_running<F: std::future::Future<Output = bool>>(
+    p: &mut Proc,
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done().await {
+        assert!(
+            p.exited().is_none(),
+            "walshift exited while waiting for {what}:\n{}",
+            p.tail()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "waited 60 s for {what}:\n{}",
+            p.tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until no process streams from the `walshift` slot (a killed capture's walsender has
+/// gone).
+async fn wait_slot_released(src: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let active: i64 = query_one(
+            src,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift' AND active",
+        )
+        .await;
+        if active == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot stays active");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The rerun of a clone that was killed: it must redo the clone; then capture and replay up to
+/// the source's end of WAL, and the copy equals the source.
+async fn clone_redone_then_compare(
+    sc: &mut Scenario,
+    mut p: Proc,
+    capture: &[String],
+    buffer: &Path,
+    src: &str,
+    tgt: &str,
+) {
+    wait_clone_done(&mut p, tgt).await;
+    p.kill9();
+    let end = current_lsn(src).await;
+    sc.run_ok(
+        &with(capture, &["--until-lsn", &end]),
+        Duration::from_secs(120),
+    )
+    .await;
+    sc.run_ok(
+        &replay_args(buffer.to_str().unwrap(), tgt, &end, &["--no-progress"]),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_same(sc, src, tgt, "after the redone clone").await;
 }
 
 /// `walshift.clone_state` of a target: absent, `copying` or `done`.
@@ -475,25 +572,13 @@ impl Writer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_killed_while_streaming_under_a_writer() {
     let mut sc = Scenario::new("capture");
-    let (source, target) = clusters();
-    setup_source(&source, 2000, 2000).await;
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let (_source, _target, src, tgt) = clusters(2000, 2000).await;
     let buffer = sc.work.path().join("buffer");
-    let capture = args(&[
-        "capture",
-        "--source",
+    let capture = capture_args(
         &src,
-        "--buffer",
         buffer.to_str().unwrap(),
-        "--no-progress",
-        "--flush-ms",
-        "5",
-        "--segment-mib",
-        "1",
-    ]);
+        &["--no-progress", "--flush-ms", "5", "--segment-mib", "1"],
+    );
     let mut p = sc.spawn(&with(&capture, &["--clone-to", &tgt]));
     wait_clone_done(&mut p, &tgt).await;
     let writer = Writer::start(src.clone(), 2000);
@@ -527,16 +612,7 @@ async fn capture_killed_while_streaming_under_a_writer() {
     )
     .await;
     sc.run_ok(
-        &args(&[
-            "replay",
-            "--buffer",
-            buffer.to_str().unwrap(),
-            "--target",
-            &tgt,
-            "--until-lsn",
-            &end,
-            "--no-progress",
-        ]),
+        &replay_args(buffer.to_str().unwrap(), &tgt, &end, &["--no-progress"]),
         Duration::from_secs(180),
     )
     .await;
@@ -554,7 +630,7 @@ async fn capture_killed_while_streaming_under_a_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_killed_midway_is_detected_and_redone() {
     let mut sc = Scenario::new("clone");
-    let (source, target) = clusters();
+    let (source, target) = common::pair::clusters();
     setup_source(&source, 20_000, 80_000).await;
     let src = source.conn_string("postgres");
     let writer = Writer::start(src.clone(), 20_000);
@@ -566,20 +642,19 @@ async fn clone_killed_midway_is_detected_and_redone() {
         let tgt = target.conn_string(&db);
         let slot = format!("clone_{round}");
         let buffer = sc.work.path().join(format!("buffer{round}"));
-        let capture = args(&[
-            "capture",
-            "--source",
+        let capture = capture_args(
             &src,
-            "--buffer",
             buffer.to_str().unwrap(),
-            "--slot",
-            &slot,
-            "--clone-to",
-            &tgt,
-            "--no-progress",
-            "--flush-ms",
-            "5",
-        ]);
+            &[
+                "--slot",
+                &slot,
+                "--clone-to",
+                &tgt,
+                "--no-progress",
+                "--flush-ms",
+                "5",
+            ],
+        );
         let started = Instant::now();
         let mut p = sc.spawn(&capture);
         // Round 0 measures an uninterrupted clone; the others kill within that time.
@@ -617,18 +692,12 @@ async fn clone_killed_midway_is_detected_and_redone() {
         )
         .await;
         sc.run_ok(
-            &args(&[
-                "replay",
-                "--buffer",
+            &replay_args(
                 buffer.to_str().unwrap(),
-                "--target",
                 &tgt,
-                "--until-lsn",
                 &end,
-                "--apply-connections",
-                "1",
-                "--no-progress",
-            ]),
+                &["--apply-connections", "1", "--no-progress"],
+            ),
             Duration::from_secs(120),
         )
         .await;
@@ -657,46 +726,27 @@ async fn clone_killed_midway_is_detected_and_redone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_killed_right_after_the_slot_is_created_is_redone() {
     let mut sc = Scenario::new("clone-at-slot");
-    let (source, target) = clusters();
-    setup_source(&source, 2000, 2000).await;
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let (_source, _target, src, tgt) = clusters(2000, 2000).await;
     let buffer = sc.work.path().join("buffer");
-    let capture = args(&[
-        "capture",
-        "--source",
+    let capture = capture_args(
         &src,
-        "--buffer",
         buffer.to_str().unwrap(),
-        "--clone-to",
-        &tgt,
-        "--no-progress",
-    ]);
+        &["--clone-to", &tgt, "--no-progress"],
+    );
     let open = conformance::connect(&src).await.unwrap();
     open.batch_execute("BEGIN; INSERT INTO ledger VALUES (-1000, 1)")
         .await
         .unwrap();
     let mut p = sc.spawn(&capture);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = query_one(
+    wait_while_running(&mut p, "the slot", || async {
+        query_one::<i64>(
             &src,
             "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift'",
         )
-        .await;
-        if n > 0 {
-            break;
-        }
-        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(
-            Instant::now() < deadline,
-            "no slot after 60 s:\n{}",
-            p.tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+        .await
+            > 0
+    })
+    .await;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGSTOP) };
     open.batch_execute("COMMIT").await.unwrap();
@@ -718,43 +768,9 @@ async fn clone_killed_right_after_the_slot_is_created_is_redone() {
     assert!(!buffer.join("buffer.json").exists());
     assert!(p.kill9());
     sc.injections += 1;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let active: i64 = query_one(
-            &src,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift' AND active",
-        )
-        .await;
-        if active == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slot stays active");
-        tokio::time::sleep(POLL).await;
-    }
-    let mut p = sc.spawn(&capture);
-    wait_clone_done(&mut p, &tgt).await;
-    p.kill9();
-    let end = current_lsn(&src).await;
-    sc.run_ok(
-        &with(&capture, &["--until-lsn", &end]),
-        Duration::from_secs(120),
-    )
-    .await;
-    sc.run_ok(
-        &args(&[
-            "replay",
-            "--buffer",
-            buffer.to_str().unwrap(),
-            "--target",
-            &tgt,
-            "--until-lsn",
-            &end,
-            "--no-progress",
-        ]),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_same(&sc, &src, &tgt, "after the redone clone").await;
+    wait_slot_released(&src).await;
+    let p = sc.spawn(&capture);
+    clone_redone_then_compare(&mut sc, p, &capture, &buffer, &src, &tgt).await;
     sc.finish(1);
 }
 
@@ -764,30 +780,18 @@ async fn clone_killed_right_after_the_slot_is_created_is_redone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_redo_killed_before_its_new_slot_exists_is_redone() {
     let mut sc = Scenario::new("clone-redo");
-    let (source, target) = clusters();
-    setup_source(&source, 20_000, 80_000).await;
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let (_source, _target, src, tgt) = clusters(20_000, 80_000).await;
     let buffer = sc.work.path().join("buffer");
-    let capture = args(&[
-        "capture",
-        "--source",
+    let capture = capture_args(
         &src,
-        "--buffer",
         buffer.to_str().unwrap(),
-        "--clone-to",
-        &tgt,
-        "--no-progress",
-    ]);
+        &["--clone-to", &tgt, "--no-progress"],
+    );
     let mut p = sc.spawn(&capture);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while clone_state(&tgt).await.as_deref() != Some("copying") {
-        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(Instant::now() < deadline, "no clone started:\n{}", p.tail());
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut p, "the clone to start", || async {
+        clone_state(&tgt).await.as_deref() == Some("copying")
+    })
+    .await;
     assert!(p.kill9());
     sc.injections += 1;
 
@@ -805,53 +809,14 @@ async fn clone_redo_killed_before_its_new_slot_exists_is_redone() {
             > 0
     };
     let mut p = sc.spawn(&capture);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !slot_made(src.clone()).await {
-        assert!(p.exited().is_none(), "capture exited:\n{}", p.tail());
-        assert!(Instant::now() < deadline, "no new slot:\n{}", p.tail());
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut p, "the new slot", || slot_made(src.clone())).await;
     assert!(p.kill9());
     sc.injections += 1;
     open.batch_execute("COMMIT").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let active: i64 = query_one(
-            &src,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshift' AND active",
-        )
-        .await;
-        if active == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slot stays active");
-        tokio::time::sleep(POLL).await;
-    }
+    wait_slot_released(&src).await;
 
-    let mut p = sc.spawn(&capture);
-    wait_clone_done(&mut p, &tgt).await;
-    p.kill9();
-    let end = current_lsn(&src).await;
-    sc.run_ok(
-        &with(&capture, &["--until-lsn", &end]),
-        Duration::from_secs(120),
-    )
-    .await;
-    sc.run_ok(
-        &args(&[
-            "replay",
-            "--buffer",
-            buffer.to_str().unwrap(),
-            "--target",
-            &tgt,
-            "--until-lsn",
-            &end,
-            "--no-progress",
-        ]),
-        Duration::from_secs(120),
-    )
-    .await;
-    assert_same(&sc, &src, &tgt, "after the redone clone").await;
+    let p = sc.spawn(&capture);
+    clone_redone_then_compare(&mut sc, p, &capture, &buffer, &src, &tgt).await;
     sc.finish(2);
 }
 
@@ -865,21 +830,14 @@ async fn clone_redo_killed_before_its_new_slot_exists_is_redone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_killed_with_one_and_two_apply_connections() {
     let mut sc = Scenario::new("replay");
-    let (source, target) = clusters();
+    let (source, target) = common::pair::clusters();
     setup_source(&source, 2000, 2000).await;
     let src = source.conn_string("postgres");
     let tgt_admin = target.conn_string("postgres");
     target.create_database("base").await.unwrap();
     let buffer = sc.work.path().join("buffer");
     let buf = buffer.to_str().unwrap().to_owned();
-    let capture = args(&[
-        "capture",
-        "--source",
-        &src,
-        "--buffer",
-        &buf,
-        "--no-progress",
-    ]);
+    let capture = capture_args(&src, &buf, &["--no-progress"]);
     let start = current_lsn(&src).await;
     sc.run_ok(
         &with(
@@ -928,22 +886,20 @@ async fn replay_killed_with_one_and_two_apply_connections() {
             let db = format!("r{n}_{round}");
             execute(&tgt_admin, &format!("CREATE DATABASE {db} TEMPLATE base")).await;
             let tgt = target.conn_string(&db);
-            let replay = args(&[
-                "replay",
-                "--buffer",
+            let replay = replay_args(
                 &buf,
-                "--target",
                 &tgt,
-                "--until-lsn",
                 &end,
-                "--apply-connections",
-                &n.to_string(),
-                "--batch-rows",
-                "300",
-                "--batch-ms",
-                "50",
-                "--no-progress",
-            ]);
+                &[
+                    "--apply-connections",
+                    &n.to_string(),
+                    "--batch-rows",
+                    "300",
+                    "--batch-ms",
+                    "50",
+                    "--no-progress",
+                ],
+            );
             let started = Instant::now();
             let mut p = sc.spawn(&replay);
             if round > 0 {
@@ -1024,22 +980,10 @@ async fn replay_killed_with_one_and_two_apply_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_rerun_while_the_killed_one_still_creates_its_tables() {
     let mut sc = Scenario::new("replay-startup");
-    let (source, target) = clusters();
-    setup_source(&source, 200, 200).await;
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let (_source, _target, src, tgt) = clusters(200, 200).await;
     let buffer = sc.work.path().join("buffer");
     let buf = buffer.to_str().unwrap().to_owned();
-    let capture = args(&[
-        "capture",
-        "--source",
-        &src,
-        "--buffer",
-        &buf,
-        "--no-progress",
-    ]);
+    let capture = capture_args(&src, &buf, &["--no-progress"]);
     let start = current_lsn(&src).await;
     sc.run_ok(
         &with(&capture, &["--clone-to", &tgt, "--until-lsn", &start]),
@@ -1074,44 +1018,19 @@ async fn replay_rerun_while_the_killed_one_still_creates_its_tables() {
         )
         .await
     };
-    let replay = args(&[
-        "replay",
-        "--buffer",
-        &buf,
-        "--target",
-        &tgt,
-        "--until-lsn",
-        &end,
-        "--no-progress",
-    ]);
+    let replay = replay_args(&buf, &tgt, &end, &["--no-progress"]);
     let mut p = sc.spawn(&replay);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while waiting(tgt.clone()).await < 1 {
-        assert!(p.exited().is_none(), "replay exited:\n{}", p.tail());
-        assert!(
-            Instant::now() < deadline,
-            "replay never waited:\n{}",
-            p.tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut p, "replay to wait for the lock", || async {
+        waiting(tgt.clone()).await >= 1
+    })
+    .await;
     assert!(p.kill9());
     sc.injections += 1;
     let mut again = sc.spawn(&replay);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while waiting(tgt.clone()).await < 2 {
-        assert!(
-            again.exited().is_none(),
-            "the rerun exited:\n{}",
-            again.tail()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the rerun never waited:\n{}",
-            again.tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    wait_while_running(&mut again, "the rerun to wait for the lock", || async {
+        waiting(tgt.clone()).await >= 2
+    })
+    .await;
     blocker.batch_execute("ROLLBACK").await.unwrap();
     let st = again.wait(Duration::from_secs(120)).await;
     assert!(
@@ -1338,28 +1257,16 @@ async fn wait_for_file(p: &mut Proc, file: &Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_killed_in_every_phase() {
     let mut sc = Scenario::new("cutover");
-    let (source, target) = clusters();
-    setup_source(&source, 2000, 2000).await;
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let (_source, _target, src, tgt) = clusters(2000, 2000).await;
     let buffer = sc.work.path().join("buffer");
     let buf = buffer.to_str().unwrap().to_owned();
     let now = current_lsn(&src).await;
     sc.run_ok(
-        &args(&[
-            "capture",
-            "--source",
+        &capture_args(
             &src,
-            "--buffer",
             &buf,
-            "--clone-to",
-            &tgt,
-            "--until-lsn",
-            &now,
-            "--no-progress",
-        ]),
+            &["--clone-to", &tgt, "--until-lsn", &now, "--no-progress"],
+        ),
         Duration::from_secs(120),
     )
     .await;

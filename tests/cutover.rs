@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use walshift::capture::{self, CaptureConfig};
-use walshift::clone::CloneOptions;
+use common::cli::{self, stderr, stdout};
+use common::cutover::{aborted, fence_entry};
+use common::digest::assert_same;
+use common::pair::{self, Pair};
 use walshift::conn::ConnInfo;
 use walshift::cutover::{self, CutoverConfig, CutoverError, Outcome, VerifyMode};
 use walshift::localpg::{Cluster, ClusterOptions};
@@ -47,21 +49,12 @@ impl Setup {
 
 /// Two clusters, the schema on the source, cloned into the target at a new slot's snapshot.
 async fn setup() -> Setup {
-    let (a, b) = (
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-    );
-    let (source, target) = (a.join().unwrap(), b.join().unwrap());
-    source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let src = ConnInfo::parse(&source.conn_string("postgres")).unwrap();
-    let tgt = ConnInfo::parse(&target.conn_string("postgres")).unwrap();
-    let mut cfg = CaptureConfig::new(src.clone(), dir.path());
-    cfg.clone = Some(CloneOptions::new(src.clone(), tgt.clone()));
-    cfg.until_lsn = Some(common::current_lsn(&source).await);
-    capture::run(cfg, std::future::pending::<()>())
-        .await
-        .expect("capture with clone");
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::cloned(ClusterOptions::default(), SCHEMA).await;
+    let (src, tgt) = (pair::conn(&source), pair::conn(&target));
     Setup {
         source,
         target,
@@ -71,35 +64,10 @@ async fn setup() -> Setup {
     }
 }
 
-/// Per table: row count and an order-independent checksum.
-async fn sums(c: &Cluster) -> Vec<(String, i64, String)> {
-    let client = c.connect("postgres").await.unwrap();
-    let mut out = Vec::new();
-    for t in TABLES {
-        let r = client
-            .query_one(
-                &format!("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {t} t"),
-                &[],
-            )
-            .await
-            .unwrap();
-        out.push((t.to_string(), r.get(0), r.get(1)));
-    }
-    out
-}
-
 /// The database-wide setting entry and what a new session sees.
 async fn read_only_state(c: &Cluster) -> (Option<Vec<String>>, String) {
+    let entry = fence_entry(c).await;
     let client = c.connect("postgres").await.unwrap();
-    let entry: Option<Vec<String>> = client
-        .query_opt(
-            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
-             WHERE d.datname = 'postgres' AND s.setrole = 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0));
     let show: String = client
         .query_one("SHOW default_transaction_read_only", &[])
         .await
@@ -242,7 +210,7 @@ async fn cutover_under_concurrent_writes_loses_nothing_and_fences_the_source() {
     }
 
     // The target equals the source, table by table, and holds each writer's last commit.
-    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+    assert_same(&s.source, &s.target, &TABLES).await;
     let t = s.target.connect("postgres").await.unwrap();
     for id in last {
         let n: i64 = t
@@ -304,13 +272,6 @@ async fn assert_unfenced(s: &Setup, expected_entry: Option<Vec<String>>) {
     );
 }
 
-fn aborted(r: Result<cutover::CutoverReport, CutoverError>) -> Box<cutover::Aborted> {
-    match r {
-        Err(CutoverError::Aborted(a)) => a,
-        other => panic!("expected an abort, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_verify_aborts_unfenced_and_a_rerun_after_the_fix_succeeds() {
     let s = setup().await;
@@ -360,7 +321,7 @@ async fn failing_verify_aborts_unfenced_and_a_rerun_after_the_fix_succeeds() {
         .await
         .expect("second cutover");
     assert_eq!(report.outcome, Outcome::Switched);
-    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+    assert_same(&s.source, &s.target, &TABLES).await;
 }
 
 /// A switch hook that exits non-zero may have moved part of the traffic before failing: the
@@ -449,7 +410,7 @@ async fn failing_switch_hook_leaves_the_switch_in_doubt_until_the_operator_unfen
         .await
         .expect("a new cutover once the switch is fixed");
     assert_eq!(report.outcome, Outcome::Switched, "{report}");
-    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+    assert_same(&s.source, &s.target, &TABLES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,7 +437,7 @@ async fn backlog_beyond_max_window_aborts_then_drains_on_a_rerun() {
         .await
         .expect("a rerun with the default window");
     assert_eq!(report.outcome, Outcome::Switched, "{report}");
-    assert_eq!(sums(&s.source).await, sums(&s.target).await);
+    assert_same(&s.source, &s.target, &TABLES).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,27 +470,20 @@ async fn dry_run_fences_nothing_and_projects_the_window() {
     assert_unfenced(&s, None).await;
 }
 
-fn walshift(args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"));
-    c.args(args);
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_against_a_running_walshift_run() {
-    let (a, b) = (
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-    );
-    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::start();
     source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let buf = dir.path().to_str().unwrap().to_owned();
     let (sc, tc) = (
         source.conn_string("postgres"),
         target.conn_string("postgres"),
     );
-    let mut run = walshift(&[
+    let mut run = cli::command(&[
         "run",
         "--source",
         &sc,
@@ -561,11 +515,11 @@ async fn cutover_against_a_running_walshift_run() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let out = walshift(&["status", "--buffer", &buf]).output().unwrap();
+    let out = cli::walshift(&["status", "--buffer", &buf]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("walshift run  running"),
+        stdout(&out).contains("walshift run  running"),
         "{}",
-        String::from_utf8_lossy(&out.stdout)
+        stdout(&out)
     );
     source
         .execute(
@@ -576,22 +530,20 @@ async fn cutover_against_a_running_walshift_run() {
         .unwrap();
     // A failing switch hook through the CLI: exit 5, the report (outcome switch_in_doubt) on
     // stdout, the instructions on stderr, the source still fenced.
-    let out = walshift(&[
+    let out = cli::walshift(&[
         "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--switch",
         "exit 1",
-    ])
-    .output()
-    .unwrap();
+    ]);
     assert_eq!(out.status.code(), Some(5));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = cli::json(&out);
     assert_eq!(v["outcome"], "switch_in_doubt", "{v}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert!(err.contains("--unfence-after-failed-switch"), "{err}");
     source_write(&source)
         .await
         .expect_err("fenced while the switch is in doubt");
     // The operator checked: traffic never left the source.
-    let out = walshift(&[
+    let out = cli::walshift(&[
         "cutover",
         "--source",
         &sc,
@@ -601,39 +553,27 @@ async fn cutover_against_a_running_walshift_run() {
         &buf,
         "--json",
         "--unfence-after-failed-switch",
-    ])
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = cli::json(&out);
     assert_eq!(v["outcome"], "unfenced_after_failed_switch", "{v}");
     source_write(&source)
         .await
         .expect("writable after the operator's unfence");
 
-    let out = walshift(&[
+    let out = cli::walshift(&[
         "cutover", "--source", &sc, "--target", &tc, "--buffer", &buf, "--json", "--verify",
         "checksum",
-    ])
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = cli::json(&out);
     assert_eq!(v["outcome"], "switched", "{v}");
     assert_eq!(
         (v["capture"].as_str(), v["replay"].as_str()),
         (Some("external"), Some("external"))
     );
     assert!(v["window_secs"].as_f64().unwrap() > 0.0);
-    assert_eq!(sums(&source).await, sums(&target).await);
+    assert_same(&source, &target, &TABLES).await;
     let v = walshift::run::control::request(dir.path(), "stop")
         .await
         .unwrap()
@@ -653,7 +593,7 @@ async fn cutover_against_a_running_walshift_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fence_left_by_a_crash_is_lifted_to_the_recorded_previous_setting() {
     use walshift::cutover::fence::{self, FenceState};
-    let c = Cluster::start(ClusterOptions::default()).unwrap();
+    let c = common::cluster();
     c.execute(
         "postgres",
         "ALTER DATABASE postgres SET default_transaction_read_only = off",

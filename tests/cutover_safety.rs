@@ -9,14 +9,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use walshift::capture::{self, CaptureConfig};
-use walshift::clone::CloneOptions;
-use walshift::conn::ConnInfo;
+use std::time::{Duration, Instant};
 
+use common::cli::{self, json, stderr, text};
+use common::cutover::{aborted, fence_entry};
+use common::pair::Pair;
+use walshift::conn::ConnInfo;
 use walshift::cutover::{self, CutoverConfig, CutoverError, Outcome};
 use walshift::localpg::{Cluster, ClusterOptions};
 
@@ -55,36 +55,25 @@ impl Setup {
 
     /// `walshift cutover` against this setup with `extra` flags.
     fn cutover(&self, extra: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_walshift"));
-        c.args([
+        let mut c = cli::command(&[
             "cutover", "--source", &self.sc, "--target", &self.tc, "--buffer",
-        ])
-        .arg(self.buf())
-        .args(extra);
+        ]);
+        c.arg(self.buf()).args(extra);
         c
     }
 }
 
 /// Two clusters, the schema on the source, cloned into the target at a new slot's snapshot.
 async fn setup(source_opts: ClusterOptions) -> Setup {
-    let (a, b) = (
-        std::thread::spawn(move || Cluster::start(source_opts).unwrap()),
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-    );
-    let (source, target) = (a.join().unwrap(), b.join().unwrap());
-    source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::cloned(source_opts, SCHEMA).await;
     let (sc, tc) = (
         source.conn_string("postgres"),
         target.conn_string("postgres"),
     );
-    let src = ConnInfo::parse(&sc).unwrap();
-    let mut cfg = CaptureConfig::new(src.clone(), dir.path());
-    cfg.clone = Some(CloneOptions::new(src, ConnInfo::parse(&tc).unwrap()));
-    cfg.until_lsn = Some(common::current_lsn(&source).await);
-    capture::run(cfg, std::future::pending::<()>())
-        .await
-        .expect("capture with clone");
     Setup {
         source,
         target,
@@ -92,21 +81,6 @@ async fn setup(source_opts: ClusterOptions) -> Setup {
         sc,
         tc,
     }
-}
-
-/// The database-wide `default_transaction_read_only` entry of `postgres`.
-async fn fence_entry(c: &Cluster) -> Option<Vec<String>> {
-    c.connect("postgres")
-        .await
-        .unwrap()
-        .query_opt(
-            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
-             WHERE d.datname = 'postgres' AND s.setrole = 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0))
 }
 
 async fn assert_fenced(c: &Cluster) {
@@ -158,19 +132,6 @@ async fn app_uses_the_target(t: &Cluster) -> Vec<i64> {
 
 fn run(mut c: Command) -> Output {
     c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
 }
 
 /// Process group of a live process, from `/proc`.
@@ -265,7 +226,7 @@ async fn killed_during_the_switch_the_hook_dies_and_reruns_never_unfence_or_go_b
     // The documented recovery used to be "run cutover again": it must refuse now.
     let o = run(s.cutover(&["--json"]));
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = stderr(&o);
     assert!(
         err.contains("--resume-after-switch") && err.contains("traffic"),
         "{err}"
@@ -399,13 +360,6 @@ async fn role_settings(c: &Cluster) -> Vec<(String, bool, Vec<String>)> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
-}
-
-fn aborted(r: Result<cutover::CutoverReport, CutoverError>) -> Box<cutover::Aborted> {
-    match r {
-        Err(CutoverError::Aborted(a)) => a,
-        other => panic!("expected an abort, got {other:?}"),
-    }
 }
 
 /// Item 3: `ALTER ROLE app IN DATABASE … SET default_transaction_read_only = off` (and a
@@ -651,7 +605,7 @@ async fn impossible_flags_are_refused_before_the_source_is_touched() {
     ] {
         let o = run(s.cutover(flags));
         assert!(!o.status.success(), "{flags:?} accepted: {}", text(&o));
-        let err = String::from_utf8_lossy(&o.stderr);
+        let err = stderr(&o);
         assert!(err.contains(names), "{flags:?}: {err}");
         assert_eq!(
             fence_entry(&s.source).await,
@@ -675,8 +629,7 @@ async fn impossible_flags_are_refused_before_the_source_is_touched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_capture_keeps_the_fence_down() {
     let s = setup(ClusterOptions::default()).await;
-    let mut capture = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["capture", "--source", &s.sc, "--buffer", s.buf()])
+    let mut capture = cli::command(&["capture", "--source", &s.sc, "--buffer", s.buf()])
         .stderr(std::fs::File::create(s.dir.path().join("capture.log")).unwrap())
         .spawn()
         .unwrap();

@@ -5,15 +5,16 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use common::capture::try_until_now;
+use common::cli;
 use walshift::buffer::{BufferError, SlotProgress};
-use walshift::capture::{self, CaptureConfig, CaptureError, CaptureReport};
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::capture::{self, CaptureConfig, CaptureError};
+use walshift::localpg::Cluster;
 
 async fn setup() -> Cluster {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster
         .execute("postgres", "CREATE TABLE t (id bigint PRIMARY KEY, v text)")
         .await
@@ -34,45 +35,10 @@ async fn insert(cluster: &Cluster, from: i64, n: i64) {
         .unwrap();
 }
 
-/// Captures until the source's current end of WAL, with `tweak` applied to the config.
-async fn capture_now(
-    cluster: &Cluster,
-    dir: &Path,
-    tweak: impl FnOnce(&mut CaptureConfig),
-) -> Result<CaptureReport, CaptureError> {
-    let mut cfg = common::config(cluster, dir);
-    cfg.until_lsn = Some(common::current_lsn(cluster).await);
-    tweak(&mut cfg);
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        capture::run(cfg, std::future::pending::<()>()),
-    )
-    .await
-    .expect("capture finished in time")
-}
-
+/// Whether `walshift <args>` succeeded, and everything it printed.
 fn walshift(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .output()
-        .expect("run walshift");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn last_segment(dir: &Path) -> std::path::PathBuf {
-    let mut segs: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.to_string_lossy()
-                .ends_with(walshift::buffer::format::SEGMENT_SUFFIX)
-        })
-        .collect();
-    segs.sort();
-    segs.pop().expect("a segment")
+    let out = cli::walshift(args);
+    (out.status.success(), cli::printed(&out))
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -93,10 +59,10 @@ async fn a_second_buffer_on_the_same_slot_is_refused() {
     let cluster = setup().await;
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    capture_now(&cluster, a.path(), |_| {}).await.unwrap();
+    try_until_now(&cluster, a.path(), |_| {}).await.unwrap();
     insert(&cluster, 1, 10).await;
 
-    let err = capture_now(&cluster, b.path(), |_| {}).await.unwrap_err();
+    let err = try_until_now(&cluster, b.path(), |_| {}).await.unwrap_err();
     assert!(matches!(err, CaptureError::SlotNotOwned { .. }), "{err}");
     assert!(err.to_string().contains("--adopt-slot"), "{err}");
     assert!(
@@ -105,20 +71,19 @@ async fn a_second_buffer_on_the_same_slot_is_refused() {
     );
     // The same through the CLI: a relative --buffer resolved from another directory.
     let elsewhere = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .current_dir(elsewhere.path())
-        .args([
-            "capture",
-            "--no-progress",
-            "--buffer",
-            "buffer",
-            "--until-lsn",
-            "FFFF/0",
-        ])
-        .args(["--source", &cluster.conn_string("postgres")])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let out = cli::command(&[
+        "capture",
+        "--no-progress",
+        "--buffer",
+        "buffer",
+        "--until-lsn",
+        "FFFF/0",
+    ])
+    .current_dir(elsewhere.path())
+    .args(["--source", &cluster.conn_string("postgres")])
+    .output()
+    .unwrap();
+    let stderr = cli::stderr(&out);
     assert!(!out.status.success(), "{stderr}");
     assert!(
         stderr.contains("already exists") && stderr.contains("relative"),
@@ -126,11 +91,11 @@ async fn a_second_buffer_on_the_same_slot_is_refused() {
     );
 
     // Explicitly adopted: B takes the 10 rows, so A can never get them.
-    let report = capture_now(&cluster, b.path(), |c| c.adopt_slot = true)
+    let report = try_until_now(&cluster, b.path(), |c| c.adopt_slot = true)
         .await
         .unwrap();
     assert_eq!(report.changes, 10);
-    let err = capture_now(&cluster, a.path(), |_| {}).await.unwrap_err();
+    let err = try_until_now(&cluster, a.path(), |_| {}).await.unwrap_err();
     assert!(matches!(err, CaptureError::SlotAhead { .. }), "{err}");
 }
 
@@ -141,7 +106,7 @@ async fn a_slot_dropped_and_recreated_is_refused() {
     let cluster = setup().await;
     let dir = tempfile::tempdir().unwrap();
     insert(&cluster, 1, 5).await;
-    capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    try_until_now(&cluster, dir.path(), |_| {}).await.unwrap();
     cluster
         .execute("postgres", "SELECT pg_drop_replication_slot('walshift')")
         .await
@@ -155,7 +120,9 @@ async fn a_slot_dropped_and_recreated_is_refused() {
         .await
         .unwrap();
     insert(&cluster, 200, 5).await;
-    let err = capture_now(&cluster, dir.path(), |_| {}).await.unwrap_err();
+    let err = try_until_now(&cluster, dir.path(), |_| {})
+        .await
+        .unwrap_err();
     assert!(matches!(err, CaptureError::SlotAhead { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -170,11 +137,14 @@ async fn a_slot_in_use_is_named() {
     let cluster = setup().await;
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    capture_now(&cluster, a.path(), |_| {}).await.unwrap();
+    try_until_now(&cluster, a.path(), |_| {}).await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(capture::run(common::config(&cluster, a.path()), async {
-        let _ = stop_rx.await;
-    }));
+    let running = tokio::spawn(capture::run(
+        common::capture::config(&cluster, a.path()),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     let client = cluster.connect("postgres").await.unwrap();
     for _ in 0..200 {
         let active: bool = client
@@ -190,7 +160,7 @@ async fn a_slot_in_use_is_named() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let err = capture_now(&cluster, b.path(), |c| c.adopt_slot = true)
+    let err = try_until_now(&cluster, b.path(), |c| c.adopt_slot = true)
         .await
         .unwrap_err();
     assert!(matches!(err, CaptureError::SlotInUse { .. }), "{err}");
@@ -204,15 +174,17 @@ async fn a_slot_in_use_is_named() {
 async fn a_buffer_cut_short_is_data_loss_not_a_torn_tail() {
     let cluster = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    try_until_now(&cluster, dir.path(), |_| {}).await.unwrap();
     for k in 0..5 {
         insert(&cluster, k * 10, 10).await;
     }
-    let report = capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    let report = try_until_now(&cluster, dir.path(), |_| {}).await.unwrap();
     let recorded = SlotProgress::read(dir.path()).unwrap().unwrap();
     assert!(recorded.durable_lsn >= report.start_lsn, "{recorded:?}");
 
-    let seg = last_segment(dir.path());
+    let seg = common::capture::segments(dir.path())
+        .pop()
+        .expect("a segment");
     let len = std::fs::metadata(&seg).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)
@@ -233,7 +205,9 @@ async fn a_buffer_cut_short_is_data_loss_not_a_torn_tail() {
     );
     assert!(!out.contains("restore"), "{out}");
 
-    let err = capture_now(&cluster, dir.path(), |_| {}).await.unwrap_err();
+    let err = try_until_now(&cluster, dir.path(), |_| {})
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,
@@ -252,10 +226,10 @@ async fn a_buffer_restored_from_an_older_copy_is_refused() {
     let dir = work.path().join("buffer");
     let old = work.path().join("copy");
     insert(&cluster, 1, 5).await;
-    capture_now(&cluster, &dir, |_| {}).await.unwrap();
+    try_until_now(&cluster, &dir, |_| {}).await.unwrap();
     copy_dir(&dir, &old);
     insert(&cluster, 100, 5).await;
-    capture_now(&cluster, &dir, |_| {}).await.unwrap();
+    try_until_now(&cluster, &dir, |_| {}).await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::rename(&old, &dir).unwrap();
 
@@ -268,7 +242,7 @@ async fn a_buffer_restored_from_an_older_copy_is_refused() {
         "{out}"
     );
 
-    let err = capture_now(&cluster, &dir, |_| {}).await.unwrap_err();
+    let err = try_until_now(&cluster, &dir, |_| {}).await.unwrap_err();
     assert!(matches!(err, CaptureError::SlotAhead { .. }), "{err}");
 }
 
@@ -277,8 +251,8 @@ async fn a_buffer_restored_from_an_older_copy_is_refused() {
 async fn a_stalled_stream_is_an_error() {
     let cluster = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
-    let mut cfg = common::config(&cluster, dir.path());
+    try_until_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    let mut cfg = common::capture::config(&cluster, dir.path());
     cfg.stream_timeout = Some(Duration::from_secs(2));
     cfg.status_interval = Duration::from_millis(500);
     let running = tokio::spawn(capture::run(cfg, std::future::pending::<()>()));
@@ -318,9 +292,9 @@ async fn a_stalled_stream_is_an_error() {
 async fn a_source_shutdown_is_named() {
     let cluster = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    try_until_now(&cluster, dir.path(), |_| {}).await.unwrap();
     let running = tokio::spawn(capture::run(
-        common::config(&cluster, dir.path()),
+        common::capture::config(&cluster, dir.path()),
         std::future::pending::<()>(),
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -356,7 +330,7 @@ async fn buffer_files_are_private() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("buffer");
     insert(&cluster, 1, 3).await;
-    capture_now(&cluster, &dir, |_| {}).await.unwrap();
+    try_until_now(&cluster, &dir, |_| {}).await.unwrap();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);
     let files: Vec<_> = std::fs::read_dir(&dir)
@@ -369,7 +343,7 @@ async fn buffer_files_are_private() {
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&files[0], std::fs::Permissions::from_mode(0o644)).unwrap();
-    capture_now(&cluster, &dir, |_| {}).await.unwrap();
+    try_until_now(&cluster, &dir, |_| {}).await.unwrap();
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&files[0]), 0o600);
 }
@@ -444,7 +418,7 @@ async fn a_start_interrupted_around_slot_creation_resumes() {
     let before = work.path().join("before");
     claimed(&before, "walshift");
     insert(&cluster, 1, 3).await;
-    capture_now(&cluster, &before, |_| {}).await.unwrap();
+    try_until_now(&cluster, &before, |_| {}).await.unwrap();
     let meta = walshift::buffer::BufferMeta::read(&before)
         .unwrap()
         .unwrap();
@@ -463,14 +437,14 @@ async fn a_start_interrupted_around_slot_creation_resumes() {
         .await
         .unwrap();
     insert(&cluster, 10, 4).await;
-    let report = capture_now(&cluster, &after, |c| c.slot = "second".into())
+    let report = try_until_now(&cluster, &after, |c| c.slot = "second".into())
         .await
         .unwrap();
     assert_eq!(report.changes, 4);
     assert!(!after.join(capture::CLAIM_FILE).exists());
     // From then on the slot is this buffer's: a second buffer is refused.
     let other = work.path().join("other");
-    let err = capture_now(&cluster, &other, |c| c.slot = "second".into())
+    let err = try_until_now(&cluster, &other, |c| c.slot = "second".into())
         .await
         .unwrap_err();
     assert!(matches!(err, CaptureError::SlotNotOwned { .. }), "{err}");
@@ -482,7 +456,7 @@ async fn a_start_interrupted_around_slot_creation_resumes() {
 async fn an_empty_buffer_confirmed_while_idle_resumes() {
     let cluster = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::config(&cluster, dir.path());
+    let mut cfg = common::capture::config(&cluster, dir.path());
     cfg.status_interval = Duration::from_millis(100);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(capture::run(cfg, async {
@@ -516,7 +490,7 @@ async fn an_empty_buffer_confirmed_while_idle_resumes() {
     assert!(p.confirmed_lsn > start, "{p:?}");
     assert!(p.durable_lsn.is_zero(), "no commit is in the buffer: {p:?}");
     insert(&cluster, 1, 2).await;
-    let report = capture_now(&cluster, dir.path(), |_| {}).await.unwrap();
+    let report = try_until_now(&cluster, dir.path(), |_| {}).await.unwrap();
     assert_eq!(report.changes, 2);
 }
 
@@ -590,13 +564,19 @@ async fn interrupted_clones_are_redone_and_only_this_buffers() {
         .batch_execute("SELECT pg_create_logical_replication_slot('a', 'pgoutput')")
         .await
         .unwrap();
-    capture_now(&cluster, &a, cloning("a", "a")).await.unwrap();
+    try_until_now(&cluster, &a, cloning("a", "a"))
+        .await
+        .unwrap();
     assert_eq!(rows("a").await, 3);
 
     // Buffer d cloned into d, the clone then "interrupted"; c's clone into c likewise.
     let (c, d) = (work.path().join("c"), work.path().join("d"));
-    capture_now(&cluster, &c, cloning("c", "c")).await.unwrap();
-    capture_now(&cluster, &d, cloning("d", "d")).await.unwrap();
+    try_until_now(&cluster, &c, cloning("c", "c"))
+        .await
+        .unwrap();
+    try_until_now(&cluster, &d, cloning("d", "d"))
+        .await
+        .unwrap();
     interrupt("c").await;
     interrupt("d").await;
     cluster
@@ -605,7 +585,7 @@ async fn interrupted_clones_are_redone_and_only_this_buffers() {
         .unwrap();
 
     // (3) Buffer d pointed at c by mistake: c holds another buffer's clone, refused untouched.
-    let err = capture_now(&cluster, &d, cloning("d", "c"))
+    let err = try_until_now(&cluster, &d, cloning("d", "c"))
         .await
         .unwrap_err();
     assert!(
@@ -625,7 +605,9 @@ async fn interrupted_clones_are_redone_and_only_this_buffers() {
     }
     claim(&d, "d");
     insert(&cluster, 4, 2).await;
-    capture_now(&cluster, &d, cloning("d", "d")).await.unwrap();
+    try_until_now(&cluster, &d, cloning("d", "d"))
+        .await
+        .unwrap();
     assert_eq!(rows("d").await, 5);
     let state = clone::clone_state(&conn("d")).await.unwrap().unwrap();
     assert_eq!(state.status, CloneStatus::Done);
@@ -637,7 +619,7 @@ async fn interrupted_clones_are_redone_and_only_this_buffers() {
 async fn an_invalid_slot_name_creates_nothing() {
     let cluster = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    let err = capture_now(&cluster, &dir.path().join("buf"), |c| {
+    let err = try_until_now(&cluster, &dir.path().join("buf"), |c| {
         c.slot = "Bad-Name".into()
     })
     .await

@@ -3,8 +3,10 @@
 //! connect — is bounded by the connect timeout (`connect_timeout` in the connection string,
 //! or `PGCONNECT_TIMEOUT`).
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,9 +29,8 @@ fn silent_server() -> u16 {
 /// Runs walshift, killing it if it is still running after `limit`.
 fn run_bounded(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output, Duration) {
     let started = Instant::now();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walshift"));
-    cmd.args(args)
-        .env_remove("PGCONNECT_TIMEOUT")
+    let mut cmd = common::cli::command(args);
+    cmd.env_remove("PGCONNECT_TIMEOUT")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     for (k, v) in env {
@@ -47,7 +48,7 @@ fn run_bounded(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output,
 }
 
 fn check_failed_in_time(what: &str, out: &Output, took: Duration, port: u16) {
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::cli::stderr(out);
     assert!(
         took < Duration::from_secs(12),
         "{what} still waiting after {took:?}: the timeout does not bound startup"

@@ -4,24 +4,11 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use walshift::apply::replay::{self, ReplayConfig, ReplayError, TargetOrigin};
-use walshift::conn::ConnInfo;
+use common::cli::{stderr, walshift};
+use common::pair::{self, Pair};
+use walshift::apply::replay::{ReplayConfig, ReplayError, TargetOrigin};
+use walshift::localpg::Cluster;
 use walshift::identity::IdentityError;
-use walshift::localpg::{Cluster, ClusterOptions};
-
-fn walshift(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 async fn scalar(c: &Cluster, db: &str, sql: &str) -> String {
     c.connect(db)
@@ -41,12 +28,12 @@ const SHOP: &str = "CREATE TABLE orders (id int PRIMARY KEY, amount int);
 /// same cluster is a valid target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_into_the_source_is_refused_even_with_force() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let source = common::cluster();
     source.execute("postgres", SHOP).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let buf = dir.path().join("buf");
     let conn = source.conn_string("postgres");
-    let until = common::current_lsn(&source).await.to_string();
+    let until = common::capture::current_lsn(&source).await.to_string();
     for force in [true, false] {
         let mut args = vec![
             "capture",
@@ -94,7 +81,7 @@ async fn clone_into_the_source_is_refused_even_with_force() {
         .await
         .unwrap();
     let copy = source.conn_string("copy");
-    let until = common::current_lsn(&source).await.to_string();
+    let until = common::capture::current_lsn(&source).await.to_string();
     let out = walshift(&[
         "capture",
         "--source",
@@ -126,8 +113,7 @@ async fn clone_into_the_source_is_refused_even_with_force() {
 /// The `--force` advice says what it destroys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_force_advice_says_what_it_destroys() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = common::pair::clusters();
     source.execute("postgres", SHOP).await.unwrap();
     target
         .execute(
@@ -137,7 +123,7 @@ async fn the_force_advice_says_what_it_destroys() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let until = common::current_lsn(&source).await.to_string();
+    let until = common::capture::current_lsn(&source).await.to_string();
     let out = walshift(&[
         "capture",
         "--source",
@@ -161,25 +147,19 @@ async fn the_force_advice_says_what_it_destroys() {
 /// Replay into the source itself is refused before the `walshift` schema is created there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_into_the_source_is_refused() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SHOP).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let (source, dir) = common::capture::source_with_buffer(SHOP).await;
     source
         .execute("postgres", "UPDATE orders SET amount = 0 WHERE id <= 10")
         .await
         .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     for origin in [
         TargetOrigin::ClonedByWalshift,
         TargetOrigin::LoadedElsewhere,
     ] {
-        let mut cfg = ReplayConfig::new(
-            dir.path(),
-            ConnInfo::parse(&source.conn_string("postgres")).unwrap(),
-        );
+        let mut cfg = ReplayConfig::new(dir.path(), pair::conn(&source));
         cfg.target_origin = origin;
-        let err = replay::run(cfg, std::future::pending::<()>())
+        let err = pair::replay(cfg)
             .await
             .expect_err("replay into the source must be refused");
         assert!(
@@ -223,17 +203,16 @@ async fn replay_into_the_source_is_refused() {
 /// later replays of the same buffer need no flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_into_an_unrelated_database_is_refused_unless_vouched_for() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let unrelated = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SHOP).await.unwrap();
-    unrelated.execute("postgres", SHOP).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target: unrelated,
+        dir,
+    } = Pair::capturing(SHOP, SHOP).await;
     source
         .execute("postgres", "UPDATE orders SET amount = -1 WHERE id <= 3")
         .await
         .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     let buf = dir.path().to_str().unwrap();
     let target = unrelated.conn_string("postgres");
     let replay = |extra: &[&str]| {

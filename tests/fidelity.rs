@@ -5,9 +5,9 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayError, ReplayReport, TargetOrigin};
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::pair::{self, Pair};
+use walshift::apply::replay::{ReplayError, ReplayReport};
+use walshift::localpg::Cluster;
 use walshift::transform::Mapping;
 
 use std::sync::Arc;
@@ -27,20 +27,16 @@ async fn setup(schema_and_rows: &str) -> Setup {
 
 /// As [`setup`], with a different target schema and a mapping between the two.
 async fn setup_pair(source_sql: &str, target_sql: &str, mapping: Option<&str>) -> Setup {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let targets = [
-        Cluster::start(ClusterOptions::default()).unwrap(),
-        Cluster::start(ClusterOptions::default()).unwrap(),
-    ];
-    source.execute("postgres", source_sql).await.unwrap();
-    for c in &targets {
-        c.execute("postgres", target_sql).await.unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    Setup {
+    let Pair {
         source,
-        targets,
+        target: first,
+        dir,
+    } = Pair::capturing(source_sql, target_sql).await;
+    let second = common::cluster();
+    second.execute("postgres", target_sql).await.unwrap();
+    Setup {
+        targets: [first, second],
+        source,
         dir,
         mapping: mapping.map(|m| Arc::new(Mapping::parse("release.toml", m).unwrap())),
     }
@@ -50,16 +46,12 @@ impl Setup {
     /// Captures what the source committed so far, then replays it into target `i` over
     /// `i + 1` connections.
     async fn replay(&self, i: usize) -> Result<ReplayReport, ReplayError> {
-        common::capture_until_now(&self.source, self.dir.path()).await;
-        let mut cfg = ReplayConfig::new(
-            self.dir.path(),
-            ConnInfo::parse(&self.targets[i].conn_string("postgres")).unwrap(),
-        );
+        common::capture::until_now(&self.source, self.dir.path()).await;
+        // The targets are built by the test with the source's schema and rows.
+        let mut cfg = pair::replay_config(&self.targets[i], self.dir.path());
         cfg.apply_connections = i + 1;
         cfg.transform = self.mapping.clone();
-        // The targets are built by the test with the source's schema and rows.
-        cfg.target_origin = TargetOrigin::LoadedElsewhere;
-        replay::run(cfg, std::future::pending::<()>()).await
+        pair::replay(cfg).await
     }
 
     async fn on_targets(&self, sql: &str) {
@@ -102,9 +94,11 @@ async fn rows(c: &Cluster, table: &str) -> Vec<String> {
         .collect()
 }
 
-/// Replay into both targets must stop with [`ReplayError::Diverged`] on `table` whose message
-/// names every string of `mentions`; the target keeps what it had.
-async fn expect_diverged(s: &Setup, table: &str, mentions: &[&str]) {
+/// Once `change` commits on the source, replay into both targets must stop with
+/// [`ReplayError::Diverged`] on `table` whose message names every string of `mentions`; the
+/// target keeps what it had.
+async fn expect_diverged(s: &Setup, change: &str, table: &str, mentions: &[&str]) {
+    s.source.execute("postgres", change).await.unwrap();
     for i in 0..2 {
         let before = rows(&s.targets[i], table).await;
         let err = s
@@ -138,15 +132,9 @@ const GUARDED: &str = "
 async fn an_update_of_a_row_missing_on_the_target_stops_replay() {
     let s = setup(GUARDED).await;
     s.on_targets("DELETE FROM g WHERE id = 3").await;
-    s.source
-        .execute(
-            "postgres",
-            "UPDATE g SET v = 'changed' WHERE id IN (2, 3, 4); INSERT INTO g VALUES (100, 'new')",
-        )
-        .await
-        .unwrap();
     expect_diverged(
         &s,
+        "UPDATE g SET v = 'changed' WHERE id IN (2, 3, 4); INSERT INTO g VALUES (100, 'new')",
         "g",
         &[
             "\"public\".\"g\"",
@@ -163,11 +151,13 @@ async fn an_update_of_a_row_missing_on_the_target_stops_replay() {
 async fn a_delete_of_a_row_missing_on_the_target_stops_replay() {
     let s = setup(GUARDED).await;
     s.on_targets("DELETE FROM g WHERE id = 5").await;
-    s.source
-        .execute("postgres", "DELETE FROM g WHERE id BETWEEN 4 AND 6")
-        .await
-        .unwrap();
-    expect_diverged(&s, "g", &["\"public\".\"g\"", "DELETE", "id=5"]).await;
+    expect_diverged(
+        &s,
+        "DELETE FROM g WHERE id BETWEEN 4 AND 6",
+        "g",
+        &["\"public\".\"g\"", "DELETE", "id=5"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,14 +165,13 @@ async fn a_row_replaced_on_the_source_but_missing_on_the_target_stops_replay() {
     // Delete + re-insert of the same key folds into an update of the row that must be there.
     let s = setup(GUARDED).await;
     s.on_targets("DELETE FROM g WHERE id = 7").await;
-    s.source
-        .execute(
-            "postgres",
-            "BEGIN; DELETE FROM g WHERE id = 7; INSERT INTO g VALUES (7, 'again'); COMMIT;",
-        )
-        .await
-        .unwrap();
-    expect_diverged(&s, "g", &["DELETE", "id=7"]).await;
+    expect_diverged(
+        &s,
+        "BEGIN; DELETE FROM g WHERE id = 7; INSERT INTO g VALUES (7, 'again'); COMMIT;",
+        "g",
+        &["DELETE", "id=7"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,12 +182,9 @@ async fn a_keyless_row_missing_on_the_target_stops_replay() {
     )
     .await;
     s.on_targets("UPDATE nk SET b = 'drift' WHERE a = 2").await;
-    s.source
-        .execute("postgres", "UPDATE nk SET b = 'z' WHERE a = 2")
-        .await
-        .unwrap();
     expect_diverged(
         &s,
+        "UPDATE nk SET b = 'z' WHERE a = 2",
         "nk",
         &["\"public\".\"nk\"", "UPDATE of row", "a=2", "b=y"],
     )
@@ -303,11 +289,13 @@ async fn a_changed_always_identity_value_stops_replay() {
          INSERT INTO idt (pk, name) SELECT i, 'n' || i FROM generate_series(1, 5) i;",
     )
     .await;
-    s.source
-        .execute("postgres", "UPDATE idt SET id_col = DEFAULT WHERE pk = 2")
-        .await
-        .unwrap();
-    expect_diverged(&s, "idt", &["\"public\".\"idt\"", "UPDATE", "pk=2"]).await;
+    expect_diverged(
+        &s,
+        "UPDATE idt SET id_col = DEFAULT WHERE pk = 2",
+        "idt",
+        &["\"public\".\"idt\"", "UPDATE", "pk=2"],
+    )
+    .await;
 }
 
 /// Finding 5 (replay half): a table with no columns.
@@ -365,6 +353,19 @@ const MAPPED_TARGET: &str = "
 const MAPPING: &str =
     "[[table]]\nsource = \"acct\"\ntarget = \"people\"\n[table.columns]\npid = \"id\"\n";
 
+/// (key, name, seq) of each row, in the query's order.
+async fn triples(c: &Cluster, sql: &str) -> Vec<(i32, String, i32)> {
+    c.connect("postgres")
+        .await
+        .unwrap()
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 /// Through a mapping (onto an identity column): inserts, updates, deletes and a row replaced
 /// at its key (folded into an update that must find the row) equal the source's rows mapped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,39 +383,12 @@ async fn mapped_replay_with_a_replaced_row() {
         .unwrap();
     for i in 0..2 {
         s.replay(i).await.unwrap();
-        let got = s.targets[i]
-            .connect("postgres")
-            .await
-            .unwrap()
-            .query("SELECT pid, name, seq FROM people ORDER BY pid", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, i32>(0),
-                    r.get::<_, String>(1),
-                    r.get::<_, i32>(2),
-                )
-            })
-            .collect::<Vec<_>>();
-        let want = s
-            .source
-            .connect("postgres")
-            .await
-            .unwrap()
-            .query("SELECT id, name, seq FROM acct ORDER BY id", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r.get::<_, i32>(0),
-                    r.get::<_, String>(1),
-                    r.get::<_, i32>(2),
-                )
-            })
-            .collect::<Vec<_>>();
+        let got = triples(
+            &s.targets[i],
+            "SELECT pid, name, seq FROM people ORDER BY pid",
+        )
+        .await;
+        let want = triples(&s.source, "SELECT id, name, seq FROM acct ORDER BY id").await;
         assert_eq!(got, want);
     }
 }
@@ -424,15 +398,9 @@ async fn mapped_replay_with_a_replaced_row() {
 async fn mapped_update_of_a_row_missing_on_the_target_stops_replay() {
     let s = setup_pair(MAPPED_SOURCE, MAPPED_TARGET, Some(MAPPING)).await;
     s.on_targets("DELETE FROM people WHERE pid IN (3, 8)").await;
-    s.source
-        .execute(
-            "postgres",
-            "UPDATE acct SET name = 'changed' WHERE id BETWEEN 2 AND 4",
-        )
-        .await
-        .unwrap();
     expect_diverged(
         &s,
+        "UPDATE acct SET name = 'changed' WHERE id BETWEEN 2 AND 4",
         "people",
         &[
             "\"public\".\"people\" (mapped from \"public\".\"acct\")",
@@ -447,11 +415,13 @@ async fn mapped_update_of_a_row_missing_on_the_target_stops_replay() {
 async fn mapped_delete_of_a_row_missing_on_the_target_stops_replay() {
     let s = setup_pair(MAPPED_SOURCE, MAPPED_TARGET, Some(MAPPING)).await;
     s.on_targets("DELETE FROM people WHERE pid = 8").await;
-    s.source
-        .execute("postgres", "DELETE FROM acct WHERE id IN (7, 8, 9)")
-        .await
-        .unwrap();
-    expect_diverged(&s, "people", &["DELETE", "id=8"]).await;
+    expect_diverged(
+        &s,
+        "DELETE FROM acct WHERE id IN (7, 8, 9)",
+        "people",
+        &["DELETE", "id=8"],
+    )
+    .await;
 }
 
 /// Through a mapping, the target key is the primary key's key columns (not its INCLUDE
@@ -576,13 +546,12 @@ async fn mapped_update_onto_an_always_identity_column() {
 async fn mapped_change_of_an_always_identity_value_stops_replay() {
     for mapping in [MAPPING, ALWAYS_FILTERED] {
         let s = setup_pair(ALWAYS_SOURCE, ALWAYS_TARGET, Some(mapping)).await;
-        s.source
-            .execute(
-                "postgres",
-                "UPDATE acct SET name = 'ok' WHERE id = 2; UPDATE acct SET seq = 99 WHERE id = 7",
-            )
-            .await
-            .unwrap();
-        expect_diverged(&s, "people", &["\"public\".\"people\"", "id=7"]).await;
+        expect_diverged(
+            &s,
+            "UPDATE acct SET name = 'ok' WHERE id = 2; UPDATE acct SET seq = 99 WHERE id = 7",
+            "people",
+            &["\"public\".\"people\"", "id=7"],
+        )
+        .await;
     }
 }

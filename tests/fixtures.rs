@@ -5,6 +5,8 @@
 //! `fixtures/make.sh` regenerates the shipped fixtures with the ignored test
 //! `regenerate_shipped_fixtures` below.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -116,14 +118,9 @@ fn copy_fixture(from: &Path, to: &Path) {
     }
 }
 
+/// The segment files of a fixture's buffer.
 fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("buffer"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wseg"))
-        .collect();
-    v.sort();
-    v
+    common::capture::segments(&dir.join("buffer"))
 }
 
 fn flip(path: &Path, offset: u64) {
@@ -587,7 +584,7 @@ async fn cli_record_then_rehearse() {
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("cli");
-    let exe = env!("CARGO_BIN_EXE_walshift");
+    let exe = common::cli::EXE;
     let mut child = tokio::process::Command::new(exe)
         .args([
             "fixture",

@@ -1,6 +1,8 @@
 //! The throwaway cluster harness itself: it must start a logical-replication-ready server on
 //! loopback and leave nothing behind.
 
+mod common;
+
 use walshift::localpg::{Cluster, ClusterOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,8 +45,7 @@ async fn cluster_starts_ready_for_logical_replication_and_cleans_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clusters_run_side_by_side() {
-    let a = Cluster::start(ClusterOptions::default()).unwrap();
-    let b = Cluster::start(ClusterOptions::default()).unwrap();
+    let (a, b) = common::pair::clusters();
     assert_ne!(a.port(), b.port());
     a.execute("postgres", "CREATE TABLE only_in_a(x int)")
         .await
@@ -61,7 +62,7 @@ fn cluster_is_stopped_when_a_test_panics() {
     let dir = std::sync::Arc::new(std::sync::Mutex::new(None));
     let d2 = dir.clone();
     let res = std::panic::catch_unwind(move || {
-        let c = Cluster::start(ClusterOptions::default()).unwrap();
+        let c = common::cluster();
         *d2.lock().unwrap() = Some(c.data_dir());
         panic!("test failure while a cluster is up");
     });

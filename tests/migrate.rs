@@ -4,11 +4,13 @@
 //! scripts after it do not run; `-- walshift:no-transaction`; two runs never interleave; and the
 //! command line's output and exit codes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::cli::{self, walshift};
 use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::migrate::{self, MigrateError, MigrateOptions, MigrateReport, ScriptStatus};
 
 fn write(dir: &Path, name: &str, sql: &str) -> PathBuf {
@@ -23,7 +25,7 @@ async fn run(
     dry_run: bool,
 ) -> Result<MigrateReport, MigrateError> {
     let scripts = migrate::load_scripts(paths)?;
-    let mut opts = MigrateOptions::new(ConnInfo::parse(&cluster.conn_string("postgres")).unwrap());
+    let mut opts = MigrateOptions::new(common::pair::conn(cluster));
     opts.dry_run = dry_run;
     migrate::migrate(&opts, &scripts, |_| {}).await
 }
@@ -42,16 +44,9 @@ fn statuses(r: &MigrateReport) -> Vec<ScriptStatus> {
     r.scripts.iter().map(|s| s.status).collect()
 }
 
-fn walshift(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .output()
-        .expect("run walshift")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_run_in_order_are_recorded_and_a_rerun_skips_them() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     let dir = tempfile::tempdir().unwrap();
     // Given out of alphabetical order on purpose: the order given is the order run.
     let paths = vec![
@@ -124,7 +119,7 @@ async fn scripts_run_in_order_are_recorded_and_a_rerun_skips_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_script_is_refused_before_anything_runs() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     let dir = tempfile::tempdir().unwrap();
     let one = write(dir.path(), "001_t.sql", "CREATE TABLE t (id int);");
     run(&cluster, std::slice::from_ref(&one), false)
@@ -158,7 +153,7 @@ async fn a_changed_script_is_refused_before_anything_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_script_is_rolled_back_names_its_line_and_stops_the_run() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     let dir = tempfile::tempdir().unwrap();
     let paths = vec![
         write(
@@ -231,7 +226,7 @@ async fn a_failing_script_is_rolled_back_names_its_line_and_stops_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_that_cannot_run_in_a_transaction_and_the_no_transaction_directive() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster
         .execute(
             "postgres",
@@ -337,7 +332,7 @@ async fn statements_that_cannot_run_in_a_transaction_and_the_no_transaction_dire
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_runs_at_once_do_not_interleave() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     cluster
         .execute("postgres", "CREATE TABLE hits (at timestamptz)")
         .await
@@ -385,7 +380,7 @@ async fn two_runs_at_once_do_not_interleave() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_line_output_json_dry_run_and_exit_codes() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     let conn = cluster.conn_string("postgres");
     let dir = tempfile::tempdir().unwrap();
     let one = write(dir.path(), "001_a.sql", "CREATE TABLE a (id int);");
@@ -397,7 +392,7 @@ async fn command_line_output_json_dry_run_and_exit_codes() {
     let (one, two) = (one.to_str().unwrap(), two.to_str().unwrap());
 
     let out = walshift(&["migrate", "--target", &conn, "--dry-run", one, two]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = cli::stdout(&out);
     assert!(out.status.success(), "{out:?}");
     assert!(
         stdout.contains("would run  001_a.sql") && stdout.contains("002_b.sql (no transaction)"),
@@ -414,7 +409,7 @@ async fn command_line_output_json_dry_run_and_exit_codes() {
     );
 
     let out = walshift(&["migrate", "--target", &conn, one, two]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = cli::stdout(&out);
     assert!(out.status.success(), "{out:?}");
     assert!(
         stdout.contains("applied    001_a.sql")
@@ -446,7 +441,7 @@ async fn command_line_output_json_dry_run_and_exit_codes() {
         later.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = cli::stderr(&out);
     assert!(
         stderr.contains("\"003_bad.sql\" line 3")
             && stderr.contains("relation \"missing\" does not exist")
@@ -462,7 +457,7 @@ async fn command_line_output_json_dry_run_and_exit_codes() {
     assert!(!out.status.success());
     let out = walshift(&["migrate", "--target", &conn, "/nonexistent/x.sql"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.sql"));
+    assert!(cli::stderr(&out).contains("/nonexistent/x.sql"));
     // Passwords never printed.
     let out = walshift(&[
         "migrate",
@@ -471,7 +466,7 @@ async fn command_line_output_json_dry_run_and_exit_codes() {
         one,
     ]);
     assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = cli::stderr(&out);
     assert!(
         stderr.contains("cannot connect") && !stderr.contains("s3cret"),
         "{stderr}"

@@ -5,32 +5,19 @@
 
 mod common;
 
+use common::digest::digests;
+use common::pair::{self, Pair};
 use walshift::apply::progress;
-use walshift::apply::replay::{self, ReplayConfig, ReplayReport, TargetOrigin};
+use walshift::apply::replay::{self, ReplayReport};
 use walshift::buffer::BufferMeta;
-use walshift::conn::ConnInfo;
 use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, balance bigint, email text UNIQUE);
     CREATE TABLE events (id bigint PRIMARY KEY, account bigint, kind text);";
 
-async fn fingerprint(c: &Cluster) -> Vec<(i64, String)> {
-    let client = c.connect("postgres").await.unwrap();
-    let mut out = Vec::new();
-    for (t, order) in [("accounts", "id"), ("events", "id")] {
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order})), '') FROM {t} t"
-                ),
-                &[],
-            )
-            .await
-            .unwrap();
-        out.push((row.get(0), row.get(1)));
-    }
-    out
+async fn fingerprint(c: &Cluster) -> Vec<(String, i64, String)> {
+    digests(c, &["accounts", "events"]).await
 }
 
 /// What a replay's part `part` of 2 of the batch ending at `end` leaves when killed right
@@ -66,16 +53,10 @@ async fn prepare_part(
 }
 
 async fn replay_with(target: &Cluster, dir: &std::path::Path, connections: usize) -> ReplayReport {
-    let mut cfg = ReplayConfig::new(
-        dir,
-        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
-    );
+    let mut cfg = pair::replay_config(target, dir);
     cfg.batch_rows = 700;
     cfg.apply_connections = connections;
-    cfg.target_origin = TargetOrigin::LoadedElsewhere;
-    replay::run(cfg, std::future::pending::<()>())
-        .await
-        .expect("replay")
+    pair::replay(cfg).await.expect("replay")
 }
 
 /// Many small transactions of inserts, updates, deletes, key moves and unique-email swaps.
@@ -87,13 +68,12 @@ async fn workload(source: &Cluster) {
         )
         .await
         .unwrap();
-    for i in 0..400i64 {
+    common::load::each(&client, 0..400, |i| {
         let a = 1 + i * 7 % 2000;
         let b = 1 + (i * 13 + 5) % 2000;
         let d = 1 + (i * 31 + 11) % 2000;
-        client
-            .batch_execute(&format!(
-                "BEGIN;
+        format!(
+            "BEGIN;
                  UPDATE accounts SET balance = balance + 1 WHERE id = {a};
                  INSERT INTO events VALUES ({i}, {a}, 'credit');
                  DELETE FROM accounts WHERE id = {d};
@@ -102,12 +82,11 @@ async fn workload(source: &Cluster) {
                  UPDATE accounts SET email = NULL WHERE id = {b};
                  UPDATE accounts SET email = 'swap{i}' WHERE id = {a};
                  COMMIT;",
-                m = 100_000 + i,
-                mv = 3000 + i,
-            ))
-            .await
-            .unwrap();
-    }
+            m = 100_000 + i,
+            mv = 3000 + i,
+        )
+    })
+    .await;
     client
         .batch_execute("DELETE FROM events WHERE id % 3 = 0; TRUNCATE events; INSERT INTO events VALUES (1, 1, 'after truncate');")
         .await
@@ -116,8 +95,7 @@ async fn workload(source: &Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_connections_give_the_same_target_as_one_and_fall_back_without_2pc() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let parallel = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, parallel) = pair::clusters();
     let no_2pc = Cluster::start(ClusterOptions {
         settings: vec![("max_prepared_transactions".into(), "0".into())],
         ..Default::default()
@@ -127,9 +105,9 @@ async fn two_connections_give_the_same_target_as_one_and_fall_back_without_2pc()
         c.execute("postgres", SCHEMA).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     workload(&source).await;
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     let expected = fingerprint(&source).await;
 
     let report = replay_with(&parallel, dir.path(), 2).await;
@@ -157,15 +135,13 @@ async fn two_connections_give_the_same_target_as_one_and_fall_back_without_2pc()
 /// prepared. The first two were decided and are committed, the last is rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let decided = Cluster::start(ClusterOptions::default()).unwrap();
-    let undecided = Cluster::start(ClusterOptions::default()).unwrap();
-    let all_prepared = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, decided) = pair::clusters();
+    let (undecided, all_prepared) = pair::clusters();
     for c in [&source, &decided, &undecided, &all_prepared] {
         c.execute("postgres", SCHEMA).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     source
         .execute(
             "postgres",
@@ -173,7 +149,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
         )
         .await
         .unwrap();
-    let first = common::capture_until_now(&source, dir.path()).await;
+    let first = common::capture::until_now(&source, dir.path()).await;
     let end = first.transactions.last().unwrap().end_lsn;
     source
         .execute(
@@ -182,7 +158,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
         )
         .await
         .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
     let id = progress::buffer_id(meta.system_identifier, &meta.slot);
 
@@ -196,8 +172,7 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
         .unwrap();
     prepare_part(&c0, &id, end, 0, "generate_series(1, 50) g").await;
     drop((c0, c1));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["status", "--json", "--buffer"])
+    let status = common::cli::command(&["status", "--json", "--buffer"])
         .arg(dir.path())
         .args(["--target", &decided.conn_string("postgres")])
         .output()
@@ -244,18 +219,8 @@ async fn prepared_parts_left_by_a_crash_are_committed_or_rolled_back() {
     assert_eq!(fingerprint(&undecided).await, fingerprint(&source).await);
 }
 
-async fn ledger(c: &Cluster) -> (i64, String) {
-    let row = c
-        .connect("postgres")
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY k, note)), '') FROM ledger t",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
+async fn ledger(c: &Cluster) -> Vec<(String, i64, String)> {
+    digests(c, &["ledger"]).await
 }
 
 /// The sessions a killed replay leaves on the target, made by hand under replay's
@@ -266,21 +231,18 @@ async fn ledger(c: &Cluster) -> (i64, String) {
 /// not wait forever for the second (it can never commit: it is ended and the batch redone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    let keyless = "CREATE TABLE ledger (k bigint NOT NULL, note text); \
-                   ALTER TABLE ledger REPLICA IDENTITY FULL;";
-    for c in [&source, &target] {
-        c.execute("postgres", &format!("{SCHEMA} {keyless}"))
-            .await
-            .unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let schema = format!(
+        "{SCHEMA} CREATE TABLE ledger (k bigint NOT NULL, note text); \
+         ALTER TABLE ledger REPLICA IDENTITY FULL;"
+    );
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(&schema, &schema).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
     let id = progress::buffer_id(meta.system_identifier, &meta.slot);
-    let info = ConnInfo::parse(&target.conn_string("postgres"))
-        .unwrap()
+    let info = pair::conn(&target)
         .with_application_name(&replay::sessions::replay_application_name(&id));
     let batch = |rows: &str, end: walshift::lsn::Lsn| {
         format!(
@@ -298,7 +260,7 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
         )
         .await
         .unwrap();
-    let end = common::capture_until_now(&source, dir.path())
+    let end = common::capture::until_now(&source, dir.path())
         .await
         .transactions
         .last()
@@ -342,7 +304,7 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
         .execute("postgres", "INSERT INTO ledger VALUES (3, 'three')")
         .await
         .unwrap();
-    let end2 = common::capture_until_now(&source, dir.path())
+    let end2 = common::capture::until_now(&source, dir.path())
         .await
         .transactions
         .last()

@@ -11,12 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::capture::Running;
 use walshift::apply::replay::{self, ReplayConfig};
 use walshift::buffer::BufferReader;
-use walshift::capture::{self, CaptureConfig};
-use walshift::clone::{self, CloneOptions, CloneStatus};
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::capture::CaptureConfig;
+use walshift::clone::CloneOptions;
+use walshift::localpg::Cluster;
 use walshift::lsn::Lsn;
 use walshift::migrate::{self, MigrateOptions};
 use walshift::transform::Mapping;
@@ -114,12 +114,11 @@ async fn applied_lsn(target: &tokio_postgres::Client) -> Lsn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_release_rename_computed_column_split_under_load() {
     let t0 = Instant::now();
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = common::pair::clusters();
     let dir = tempfile::tempdir().unwrap();
     let buffer = dir.path().join("buffer");
-    let source_conn = ConnInfo::parse(&source.conn_string("postgres")).unwrap();
-    let target_conn = ConnInfo::parse(&target.conn_string("postgres")).unwrap();
+    let source_conn = common::pair::conn(&source);
+    let target_conn = common::pair::conn(&target);
     let src = source.connect("postgres").await.unwrap();
     let dst = target.connect("postgres").await.unwrap();
 
@@ -150,21 +149,7 @@ async fn pgbench_release_rename_computed_column_split_under_load() {
     // Capture (publication, slot, clone at the slot's snapshot, then stream) in the background.
     let mut cfg = CaptureConfig::new(source_conn.clone(), &buffer);
     cfg.clone = Some(CloneOptions::new(source_conn.clone(), target_conn.clone()));
-    let (cap_stop, cap_stopped) = tokio::sync::oneshot::channel::<()>();
-    let cap = tokio::spawn(capture::run(cfg, async move {
-        let _ = cap_stopped.await;
-    }));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(Some(s)) = clone::clone_state(&target_conn).await
-            && s.status == CloneStatus::Done
-        {
-            break;
-        }
-        assert!(!cap.is_finished(), "capture ended early: {:?}", cap.await);
-        assert!(Instant::now() < deadline, "clone did not finish in 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let cap = Running::cloned(cfg, Duration::from_secs(60)).await;
     let history_after_clone = count(&src, "SELECT count(*) FROM pgbench_history").await;
     assert!(
         history_after_clone > history_before_clone,
@@ -201,7 +186,11 @@ async fn pgbench_release_rename_computed_column_split_under_load() {
         "replay stopped: {:?}",
         follower.await
     );
-    assert!(!cap.is_finished(), "capture stopped: {:?}", cap.await);
+    assert!(
+        !cap.is_finished(),
+        "capture stopped: {:?}",
+        cap.stop().await
+    );
     assert!(
         pgbench.running(),
         "pgbench kept running throughout: {}",
@@ -234,9 +223,8 @@ async fn pgbench_release_rename_computed_column_split_under_load() {
 
     // Capture to the source's end of WAL (stop the streaming run, then a run up to the current
     // LSN: a restart on the same slot and buffer), and let the follower apply all of it.
-    let _ = cap_stop.send(());
-    cap.await.unwrap().expect("capture with clone");
-    common::capture_until_now(&source, &buffer).await;
+    cap.stop().await.expect("capture with clone");
+    common::capture::until_now(&source, &buffer).await;
     let last = BufferReader::open(&buffer)
         .unwrap()
         .status()
@@ -399,8 +387,7 @@ async fn pgbench_release_rename_computed_column_split_under_load() {
     assert_eq!(columns, ["aid", "bid", "balance", "balance_cents"]);
 
     // The operator's form: `walshift verify … --transform release.toml` exits 0.
-    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["verify", "--source", &source.conn_string("postgres")])
+    let out = common::cli::command(&["verify", "--source", &source.conn_string("postgres")])
         .args(["--target", &target.conn_string("postgres")])
         .arg("--transform")
         .arg(&mapping_path)

@@ -3,8 +3,9 @@
 
 mod common;
 
-use walshift::apply::replay::{self, ReplayConfig, TargetOrigin};
-use walshift::conn::ConnInfo;
+use common::digest::{assert_same, digests};
+use common::pair::{self, Pair};
+use walshift::apply::replay;
 use walshift::localpg::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
@@ -14,41 +15,41 @@ const SCHEMA: &str = "
     CREATE TABLE docs (id int PRIMARY KEY, body text, rev int);
     ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;";
 
-async fn checksum(c: &Cluster, table: &str, order: &str) -> (i64, String) {
-    let client = c.connect("postgres").await.unwrap();
-    let row = client
-        .query_one(&format!("SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY {order})), '') FROM {table} t"), &[])
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
+/// Captures what the source committed so far, then replays the buffer into the target.
 async fn replay_all(
     source: &Cluster,
     target: &Cluster,
     dir: &std::path::Path,
     batch_rows: usize,
 ) -> replay::ReplayReport {
-    common::capture_until_now(source, dir).await;
-    let mut cfg = ReplayConfig::new(
-        dir,
-        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
-    );
+    common::capture::until_now(source, dir).await;
+    let mut cfg = pair::replay_config(target, dir);
     cfg.batch_rows = batch_rows;
-    cfg.target_origin = TargetOrigin::LoadedElsewhere;
-    replay::run(cfg, std::future::pending::<()>())
+    pair::replay(cfg).await.expect("replay")
+}
+
+/// Source and target with their schemas, each of `changes` committed on the source as its own
+/// transaction and captured; the error replay stops with.
+async fn replay_error(source_sql: &str, target_sql: &str, changes: &[&str]) -> (Pair, String) {
+    let p = Pair::capturing(source_sql, target_sql).await;
+    for sql in changes {
+        p.source.execute("postgres", sql).await.unwrap();
+    }
+    common::capture::until_now(&p.source, p.dir.path()).await;
+    let err = pair::replay(pair::replay_config(&p.target, p.dir.path()))
         .await
-        .expect("replay")
+        .unwrap_err()
+        .to_string();
+    (p, err)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_target_equals_source() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    target.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(SCHEMA, SCHEMA).await;
 
     source
         .execute(
@@ -87,34 +88,21 @@ async fn replayed_target_equals_source() {
         .unwrap();
     let report = replay_all(&source, &target, dir.path(), 500).await;
     assert!(report.batches >= 2, "several batches: {report:?}");
-    for (t, order) in [("accounts", "id"), ("docs", "id"), ("nokey", "a, b")] {
-        assert_eq!(
-            checksum(&source, t, order).await,
-            checksum(&target, t, order).await,
-            "table {t}"
-        );
-    }
+    assert_same(&source, &target, &["accounts", "docs", "nokey"]).await;
 
     // Running again applies nothing twice.
     let again = replay_all(&source, &target, dir.path(), 500).await;
     assert_eq!(again.changes, 0, "{again:?}");
-    for (t, order) in [("accounts", "id"), ("docs", "id"), ("nokey", "a, b")] {
-        assert_eq!(
-            checksum(&source, t, order).await,
-            checksum(&target, t, order).await,
-            "table {t}"
-        );
-    }
+    assert_same(&source, &target, &["accounts", "docs", "nokey"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_and_a_big_transaction_in_bounded_batches() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    target.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(SCHEMA, SCHEMA).await;
     source
         .execute("postgres", "INSERT INTO accounts SELECT g, 'o', g, NULL, NULL FROM generate_series(1, 500) g; TRUNCATE accounts;")
         .await
@@ -125,59 +113,32 @@ async fn truncate_and_a_big_transaction_in_bounded_batches() {
         .unwrap();
     let report = replay_all(&source, &target, dir.path(), 2000).await;
     assert_eq!(report.changes, 50_500, "{report:?}");
-    assert_eq!(
-        checksum(&source, "accounts", "id").await,
-        checksum(&target, "accounts", "id").await
-    );
+    assert_same(&source, &target, &["accounts"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_drift_is_a_clear_error_and_applies_nothing() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source
-        .execute(
-            "postgres",
-            "CREATE TABLE t (id int PRIMARY KEY, extra text)",
-        )
-        .await
-        .unwrap();
-    target
-        .execute("postgres", "CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    source
-        .execute("postgres", "INSERT INTO t VALUES (1, 'x')")
-        .await
-        .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    let mut cfg = ReplayConfig::new(
-        dir.path(),
-        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
-    );
-    cfg.target_origin = TargetOrigin::LoadedElsewhere;
-    let err = replay::run(cfg, std::future::pending::<()>())
-        .await
-        .unwrap_err()
-        .to_string();
+    let (p, err) = replay_error(
+        "CREATE TABLE t (id int PRIMARY KEY, extra text)",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        &["INSERT INTO t VALUES (1, 'x')"],
+    )
+    .await;
     assert!(
         err.contains("schema drift") && err.contains("extra"),
         "{err}"
     );
-    assert_eq!(checksum(&target, "t", "id").await.0, 0);
+    assert_eq!(digests(&p.target, &["t"]).await[0].1, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_constraint_conflict_in_a_batch_is_retried_in_source_order() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
     let schema = "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE)";
-    source.execute("postgres", schema).await.unwrap();
-    target.execute("postgres", schema).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(schema, schema).await;
     let c = source.connect("postgres").await.unwrap();
     c.batch_execute("INSERT INTO users VALUES (1, 'a'), (2, 'b')")
         .await
@@ -196,56 +157,26 @@ async fn a_constraint_conflict_in_a_batch_is_retried_in_source_order() {
         .unwrap();
     let report = replay_all(&source, &target, dir.path(), 10_000).await;
     assert!(report.retried_in_order >= 1, "{report:?}");
-    assert_eq!(
-        checksum(&source, "users", "id").await,
-        checksum(&target, "users", "id").await
-    );
+    assert_same(&source, &target, &["users"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_target_rejects_stops_replay_with_table_key_and_lsn() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source
-        .execute(
-            "postgres",
-            "CREATE TABLE items (id int PRIMARY KEY, qty int)",
-        )
-        .await
-        .unwrap();
-    target
-        .execute(
-            "postgres",
-            "CREATE TABLE items (id int PRIMARY KEY, qty int CHECK (qty >= 0))",
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    source
-        .execute("postgres", "INSERT INTO items VALUES (1, 5)")
-        .await
-        .unwrap();
-    source
-        .execute("postgres", "INSERT INTO items VALUES (2, -1)")
-        .await
-        .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    let mut cfg = ReplayConfig::new(
-        dir.path(),
-        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
-    );
-    cfg.target_origin = TargetOrigin::LoadedElsewhere;
-    let err = replay::run(cfg, std::future::pending::<()>())
-        .await
-        .unwrap_err()
-        .to_string();
+    let (p, err) = replay_error(
+        "CREATE TABLE items (id int PRIMARY KEY, qty int)",
+        "CREATE TABLE items (id int PRIMARY KEY, qty int CHECK (qty >= 0))",
+        &[
+            "INSERT INTO items VALUES (1, 5)",
+            "INSERT INTO items VALUES (2, -1)",
+        ],
+    )
+    .await;
     assert!(
         err.contains("\"public\".\"items\"") && err.contains("id=2") && err.contains("LSN"),
         "{err}"
     );
     // The good transaction before it is applied; the bad one is not, not even partly.
-    let t = target.connect("postgres").await.unwrap();
+    let t = p.target.connect("postgres").await.unwrap();
     let ids: Vec<i32> = t
         .query("SELECT id FROM items ORDER BY id", &[])
         .await
@@ -260,12 +191,11 @@ async fn a_change_the_target_rejects_stops_replay_with_table_key_and_lsn() {
 /// target's applied position to pass the marker, and a fenced source sends nothing after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marker_only_transaction_is_recorded_as_applied() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    target.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(SCHEMA, SCHEMA).await;
     source
         .execute(
             "postgres",
@@ -308,16 +238,16 @@ async fn marker_only_transaction_is_recorded_as_applied() {
 /// batch holding changes of both shapes is written in two parts, with statements for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_changing_shape_inside_a_batch_is_replayed() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    target.execute("postgres", SCHEMA).await.unwrap();
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::with_schema(SCHEMA).await;
     target
         .execute("postgres", "ALTER TABLE accounts ADD COLUMN extra int")
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     source
         .execute(
             "postgres",
@@ -331,10 +261,7 @@ async fn a_table_changing_shape_inside_a_batch_is_replayed() {
         .unwrap();
     let report = replay_all(&source, &target, dir.path(), 100_000).await;
     assert_eq!(report.changes, 1328, "{report:?}");
-    assert_eq!(
-        checksum(&source, "accounts", "id").await,
-        checksum(&target, "accounts", "id").await
-    );
+    assert_same(&source, &target, &["accounts"]).await;
 }
 
 /// Integers, booleans and timestamps travel in binary (`apply::wire`), everything else as
@@ -363,7 +290,7 @@ async fn typed_values_replay_exactly_across_time_zones_and_date_styles() {
     source.execute("postgres", schema).await.unwrap();
     target.execute("postgres", schema).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
     source
         .execute(
             "postgres",

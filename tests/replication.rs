@@ -2,11 +2,14 @@
 //! the walsender commands, the exported snapshot, and a pgoutput stream whose confirmed flush
 //! position advances only when walshift reports it.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::cluster;
 use walshift::Lsn;
 use walshift::conn::{ConnInfo, Env};
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::source::replication::{
     ReplicationConnection, ReplicationError, ReplicationEvent, ReplicationStream, SlotOptions,
     SnapshotAction, StandbyStatus, publication_names,
@@ -23,10 +26,6 @@ impl Env for NoEnv {
 
 fn info(s: &str) -> ConnInfo {
     ConnInfo::parse_with(s, &NoEnv).unwrap()
-}
-
-fn cluster() -> Cluster {
-    Cluster::start(ClusterOptions::default()).unwrap()
 }
 
 async fn connect(c: &Cluster) -> ReplicationConnection {

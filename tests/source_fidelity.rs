@@ -6,41 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use walshift::apply::replay::{self, ReplayConfig};
+use common::digest::assert_same;
+use common::pair::{self, conn};
+use walshift::apply::replay::ReplayConfig;
 use walshift::capture::{self, CaptureConfig, CaptureError, CaptureReport};
 use walshift::clone::{self, CloneError, CloneOptions, CloneStatus};
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::source::preflight::{PreflightError, TableRef};
 use walshift::source::replication::{ReplicationConnection, SlotOptions, SnapshotAction};
-
-fn conn(c: &Cluster) -> ConnInfo {
-    ConnInfo::parse(&c.conn_string("postgres")).unwrap()
-}
-
-/// Row count and an order-independent md5 of the rows' text, in a fixed collation.
-async fn digest(c: &tokio_postgres::Client, table: &str) -> (i64, String) {
-    let r = c
-        .query_one(
-            &format!(
-                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text COLLATE \"C\")), '') FROM {table} t"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    (r.get(0), r.get(1))
-}
-
-async fn digests(c: &Cluster, tables: &[&str]) -> Vec<(String, i64, String)> {
-    let client = c.connect("postgres").await.unwrap();
-    let mut out = Vec::new();
-    for t in tables {
-        let (n, md5) = digest(&client, t).await;
-        out.push((t.to_string(), n, md5));
-    }
-    out
-}
 
 async fn count(c: &Cluster, sql: &str) -> i64 {
     c.connect("postgres")
@@ -52,32 +25,18 @@ async fn count(c: &Cluster, sql: &str) -> i64 {
         .get(0)
 }
 
-/// Capture with `--clone-to target` until everything committed so far is in the buffer.
-async fn capture_with_clone(
-    source: &Cluster,
-    target: &Cluster,
-    dir: &std::path::Path,
-) -> Result<CaptureReport, CaptureError> {
-    let mut cfg = CaptureConfig::new(conn(source), dir);
-    cfg.clone = Some(CloneOptions::new(conn(source), conn(target)));
-    cfg.until_lsn = Some(common::current_lsn(source).await);
-    tokio::time::timeout(
-        Duration::from_secs(180),
-        capture::run(cfg, std::future::pending::<()>()),
-    )
-    .await
-    .expect("capture finished in time")
-}
-
 /// Captures what the source committed since, then replays the whole buffer into the target.
 async fn sync(source: &Cluster, target: &Cluster, dir: &std::path::Path) {
-    common::capture_until_now(source, dir).await;
-    replay::run(
-        ReplayConfig::new(dir, conn(target)),
-        std::future::pending::<()>(),
-    )
-    .await
-    .expect("replay");
+    common::capture::until_now(source, dir).await;
+    pair::replay(ReplayConfig::new(dir, conn(target)))
+        .await
+        .expect("replay");
+}
+
+/// Runs `sql` on the source, then [`sync`].
+async fn sync_change(source: &Cluster, target: &Cluster, dir: &std::path::Path, sql: &str) {
+    source.execute("postgres", sql).await.unwrap();
+    sync(source, target, dir).await;
 }
 
 /// A slot with an exported snapshot (kept valid while the returned connection is idle).
@@ -106,8 +65,7 @@ fn table(name: &str) -> TableRef {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_fails_naming_the_table_when_the_target_stores_fewer_rows_than_the_source_sent() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source
         .execute(
             "postgres",
@@ -159,8 +117,7 @@ async fn clone_fails_naming_the_table_when_the_target_stores_fewer_rows_than_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_without_columns_keeps_its_rows_through_clone() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source
         .execute(
             "postgres",
@@ -207,11 +164,10 @@ const PARTITION_TABLES: &[&str] = &["m", "m_eu", "m_us", "m_us_lo", "m_us_hi"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_tables_in_leaf_mode_clone_once_and_replay_inserts_moves_and_truncates() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source.execute("postgres", PARTITIONED).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let report = capture_with_clone(&source, &target, dir.path())
+    let report = common::capture::with_clone(&source, &target, dir.path())
         .await
         .expect("capture with clone");
     // The publication carries the leaves, each copied once.
@@ -225,55 +181,40 @@ async fn partitioned_tables_in_leaf_mode_clone_once_and_replay_inserts_moves_and
     );
     let state = clone::clone_state(&conn(&target)).await.unwrap().unwrap();
     assert_eq!(state.rows, Some(2000));
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new'), (4, 'us', 'lo');
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new'), (4, 'us', 'lo');
              UPDATE m SET region = 'eu' WHERE k = 1;              -- us_lo -> eu
              UPDATE m SET k = k + 6000 WHERE k = 3;               -- us_lo -> us_hi
              UPDATE m SET v = 'changed' WHERE k BETWEEN 10 AND 20;
              DELETE FROM m WHERE k BETWEEN 100 AND 110;",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    )
+    .await;
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "TRUNCATE m_us_lo; INSERT INTO m VALUES (9, 'us', 'after truncate');",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "TRUNCATE m_us_lo; INSERT INTO m VALUES (9, 'us', 'after truncate');",
+    )
+    .await;
     assert_eq!(count(&target, "SELECT count(*) FROM m_us_lo").await, 1);
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
+    )
+    .await;
     assert_eq!(count(&target, "SELECT count(*) FROM m").await, 2);
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    assert_same(&source, &target, PARTITION_TABLES).await;
 }
 
 async fn publications_and_slots(c: &Cluster) -> (i64, i64) {
@@ -305,8 +246,7 @@ async fn capture_for(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn via_root_publications_replay_through_the_root_and_a_truncated_partition_stops_capture_and_cutover()
  {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source.execute("postgres", PARTITIONED).await.unwrap();
     source
         .execute(
@@ -316,7 +256,7 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let report = capture_with_clone(&source, &target, dir.path())
+    let report = common::capture::with_clone(&source, &target, dir.path())
         .await
         .expect("capture with clone");
     // The publication carries the root, copied once through it.
@@ -329,38 +269,30 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
         "{:?}",
         report.warnings
     );
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
-    source
-        .execute(
-            "postgres",
-            "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new');
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "INSERT INTO m VALUES (5001, 'eu', 'new'), (5003, 'us', 'new');
              INSERT INTO m_us_lo VALUES (4, 'us', 'through the leaf');
              UPDATE m SET region = 'eu' WHERE k = 1;              -- us_lo -> eu
              UPDATE m SET k = k + 6000 WHERE k = 3;               -- us_lo -> us_hi
              UPDATE m_eu SET v = 'changed' WHERE k BETWEEN 10 AND 20;
              DELETE FROM m WHERE k BETWEEN 100 AND 110;",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    )
+    .await;
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
     // A TRUNCATE of the root is in the stream: it rewrites every leaf, and capture accepts it.
-    source
-        .execute(
-            "postgres",
-            "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "TRUNCATE m; INSERT INTO m VALUES (1, 'eu', 'only'), (2, 'us', 'rows');",
+    )
+    .await;
     // DDL after it replaces the partitions' pg_class xmin (the TRUNCATE's transaction):
     // capture must have accepted the rewrite when it received the TRUNCATE.
     for c in [&source, &target] {
@@ -372,10 +304,7 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
         .await
         .expect("a root TRUNCATE does not stop capture");
     assert_eq!(count(&target, "SELECT count(*) FROM m").await, 2);
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
     // A TRUNCATE of one partition is not: capture stops naming it.
     source
@@ -409,12 +338,9 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
     );
 
     // The operator makes the copy match, then accepts the partition's new state.
-    replay::run(
-        ReplayConfig::new(dir.path(), conn(&target)),
-        std::future::pending::<()>(),
-    )
-    .await
-    .expect("replay");
+    pair::replay(ReplayConfig::new(dir.path(), conn(&target)))
+        .await
+        .expect("replay");
     target
         .execute("postgres", "TRUNCATE m_us_lo")
         .await
@@ -423,10 +349,7 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
         .await
         .expect("capture after the partition was accepted");
     sync(&source, &target, dir.path()).await;
-    assert_eq!(
-        digests(&target, PARTITION_TABLES).await,
-        digests(&source, PARTITION_TABLES).await
-    );
+    assert_same(&source, &target, PARTITION_TABLES).await;
 
     // A partition attached later (repeated on the copy) is recorded and reported.
     for c in [&source, &target] {
@@ -468,15 +391,12 @@ async fn via_root_publications_replay_through_the_root_and_a_truncated_partition
         report.warnings
     );
     let tables = ["m", "m_eu", "m_us_lo", "m_us_hi", "m_apac"];
-    assert_eq!(
-        digests(&target, &tables).await,
-        digests(&source, &tables).await
-    );
+    assert_same(&source, &target, &tables).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_refuses_every_unfaithful_table_at_once_and_creates_nothing() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let source = common::cluster();
     source
         .execute(
             "postgres",
@@ -497,7 +417,7 @@ async fn preflight_refuses_every_unfaithful_table_at_once_and_creates_nothing() 
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = CaptureConfig::new(conn(&source), dir.path());
-    cfg.until_lsn = Some(common::current_lsn(&source).await);
+    cfg.until_lsn = Some(common::capture::current_lsn(&source).await);
     let err = capture::run(cfg, std::future::pending::<()>())
         .await
         .unwrap_err();
@@ -532,7 +452,7 @@ async fn preflight_refuses_every_unfaithful_table_at_once_and_creates_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_publication_that_publishes_only_part_of_the_changes_is_refused() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let source = common::cluster();
     source
         .execute(
             "postgres",
@@ -545,7 +465,7 @@ async fn an_existing_publication_that_publishes_only_part_of_the_changes_is_refu
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = CaptureConfig::new(conn(&source), dir.path());
-    cfg.until_lsn = Some(common::current_lsn(&source).await);
+    cfg.until_lsn = Some(common::capture::current_lsn(&source).await);
     let err = capture::run(cfg, std::future::pending::<()>())
         .await
         .unwrap_err();
@@ -563,8 +483,7 @@ async fn an_existing_publication_that_publishes_only_part_of_the_changes_is_refu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_objects_and_unlogged_tables_are_cloned_warned_about_and_changes_detected() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source
         .execute(
             "postgres",
@@ -578,7 +497,7 @@ async fn large_objects_and_unlogged_tables_are_cloned_warned_about_and_changes_d
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let report = capture_with_clone(&source, &target, dir.path())
+    let report = common::capture::with_clone(&source, &target, dir.path())
         .await
         .expect("capture with clone");
     let warnings = report.warnings.join("\n");
@@ -603,10 +522,7 @@ async fn large_objects_and_unlogged_tables_are_cloned_warned_about_and_changes_d
         rows(t.query(lo, &[]).await.unwrap()),
         rows(s.query(lo, &[]).await.unwrap())
     );
-    assert_eq!(
-        digests(&target, &["cache"]).await,
-        digests(&source, &["cache"]).await
-    );
+    assert_same(&source, &target, &["cache"]).await;
     assert_eq!(
         count(
             &target,
@@ -641,8 +557,7 @@ async fn large_objects_and_unlogged_tables_are_cloned_warned_about_and_changes_d
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_to_do() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source
         .execute(
             "postgres",
@@ -651,7 +566,7 @@ async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    capture_with_clone(&source, &target, dir.path())
+    common::capture::with_clone(&source, &target, dir.path())
         .await
         .expect("capture with clone");
     // FOR ALL TABLES publishes a new table at once: its rows are in the stream.
@@ -665,14 +580,11 @@ async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_
         )
         .await
         .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    let err = replay::run(
-        ReplayConfig::new(dir.path(), conn(&target)),
-        std::future::pending::<()>(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    common::capture::until_now(&source, dir.path()).await;
+    let err = pair::replay(ReplayConfig::new(dir.path(), conn(&target)))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("\"public\".\"late\"") || err.contains("public.late"),
         "names the table: {err}"
@@ -684,16 +596,10 @@ async fn a_table_created_on_the_source_after_the_clone_stops_replay_saying_what_
     );
     // Doing what it says makes the copy whole.
     target.execute("postgres", late).await.unwrap();
-    replay::run(
-        ReplayConfig::new(dir.path(), conn(&target)),
-        std::future::pending::<()>(),
-    )
-    .await
-    .expect("replay after creating the table on the copy");
-    assert_eq!(
-        digests(&target, &["early", "late"]).await,
-        digests(&source, &["early", "late"]).await
-    );
+    pair::replay(ReplayConfig::new(dir.path(), conn(&target)))
+        .await
+        .expect("replay after creating the table on the copy");
+    assert_same(&source, &target, &["early", "late"]).await;
 }
 
 /// Every reg* column of `refs`, as text (names, resolved in each cluster's own catalog).
@@ -717,8 +623,7 @@ async fn refs_as_text(c: &Cluster) -> Vec<Vec<Option<String>>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the_copy() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source
         .execute(
             "postgres",
@@ -751,15 +656,12 @@ async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    capture_with_clone(&source, &target, dir.path())
+    common::capture::with_clone(&source, &target, dir.path())
         .await
         .expect("capture with clone");
     let state = clone::clone_state(&conn(&target)).await.unwrap().unwrap();
     assert_eq!(state.rows, Some(4));
-    assert_eq!(
-        digests(&target, &["plain", "acls"]).await,
-        digests(&source, &["plain", "acls"]).await
-    );
+    assert_same(&source, &target, &["plain", "acls"]).await;
     let target_oid = count(&target, "SELECT 'app.pointed'::regclass::oid::int8").await;
     assert_ne!(
         target_oid,
@@ -772,24 +674,22 @@ async fn reg_columns_arrays_and_domains_of_them_point_at_the_same_objects_on_the
         target_oid
     );
 
-    source
-        .execute(
-            "postgres",
-            "UPDATE refs SET c = 'app.other', cs = cs || 'app.pointed'::regclass WHERE k = 1;
+    sync_change(
+        &source,
+        &target,
+        dir.path(),
+        "UPDATE refs SET c = 'app.other', cs = cs || 'app.pointed'::regclass WHERE k = 1;
              INSERT INTO refs VALUES (3, 'app.other', 'app.relname', 'app.fn(int)', 'app',
                '-(int8,int8)', ARRAY['app.other'::regclass], 'app.pointed', '{meh}',
                ROW('ok', 'app.other'));",
-        )
-        .await
-        .unwrap();
-    sync(&source, &target, dir.path()).await;
+    )
+    .await;
     assert_eq!(refs_as_text(&target).await, refs_as_text(&source).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_order() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source
         .execute(
             "postgres",
@@ -815,10 +715,7 @@ async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_
         report.materialized_views,
         vec!["public.z_base".to_string(), "public.a_top".to_string()]
     );
-    assert_eq!(
-        digests(&target, &["z_base", "a_top"]).await,
-        digests(&source, &["z_base", "a_top"]).await
-    );
+    assert_same(&source, &target, &["z_base", "a_top"]).await;
     assert_eq!(count(&target, "SELECT total::int8 FROM a_top").await, 100);
     assert_eq!(
         count(
@@ -833,8 +730,7 @@ async fn materialized_views_populated_on_the_source_are_refreshed_in_dependency_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_record_left_by_an_abandoned_stream_is_replaced_when_a_new_slot_starts() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    let (source, target) = pair::clusters();
     source.execute("postgres", PARTITIONED).await.unwrap();
     source
         .execute(
@@ -864,7 +760,7 @@ async fn a_partition_record_left_by_an_abandoned_stream_is_replaced_when_a_new_s
         truncates: Default::default(),
     };
     stale.write(dir.path()).unwrap();
-    capture_with_clone(&source, &target, dir.path())
+    common::capture::with_clone(&source, &target, dir.path())
         .await
         .expect("capture with clone");
     source

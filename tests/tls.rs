@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use walshift::apply::replay::{self, ReplayConfig};
+use walshift::apply::replay::ReplayConfig;
 use walshift::capture::{self, CaptureConfig};
 use walshift::clone::CloneOptions;
 use walshift::conn::ConnInfo;
@@ -178,7 +178,7 @@ async fn verify_full_checks_the_ca_and_the_host_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_never_falls_back_to_plain_text() {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let cluster = common::cluster();
     let port = cluster.port();
     for mode in ["require", "verify-ca sslrootcert=system", "verify-full"] {
         let r = ConnInfo::parse(&format!(
@@ -302,19 +302,7 @@ async fn capture_clone_and_replay_over_tls_only() {
 
     let mut cfg = CaptureConfig::new(src.clone(), &buffer);
     cfg.clone = Some(CloneOptions::new(src.clone(), tgt.clone()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let cap = tokio::spawn(capture::run(cfg, async move {
-        let _ = rx.await;
-    }));
-    loop {
-        if let Ok(Some(s)) = walshift::clone::clone_state(&tgt).await
-            && s.status == walshift::clone::CloneStatus::Done
-        {
-            break;
-        }
-        assert!(!cap.is_finished(), "capture ended early: {:?}", cap.await);
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let cap = common::capture::Running::cloned(cfg, std::time::Duration::from_secs(180)).await;
     source
         .execute(
             "postgres",
@@ -323,37 +311,16 @@ async fn capture_clone_and_replay_over_tls_only() {
         )
         .await
         .unwrap();
-    let until = common::current_lsn(&source).await;
-    let _ = tx.send(());
-    cap.await.unwrap().expect("capture with clone over TLS");
+    let until = common::capture::current_lsn(&source).await;
+    cap.stop().await.expect("capture with clone over TLS");
     let mut cfg = CaptureConfig::new(src.clone(), &buffer);
     cfg.until_lsn = Some(until);
     capture::run(cfg, std::future::pending::<()>())
         .await
         .expect("capture over TLS");
-    let report = replay::run(
-        ReplayConfig::new(&buffer, tgt.clone()),
-        std::future::pending::<()>(),
-    )
-    .await
-    .expect("replay over TLS");
+    let report = common::pair::replay(ReplayConfig::new(&buffer, tgt.clone()))
+        .await
+        .expect("replay over TLS");
     assert!(report.changes > 0);
-    let sum = "SELECT count(*)::text || ':' || sum(hashtextextended(t::text, 0))::text FROM t";
-    let s: String = source
-        .connect("postgres")
-        .await
-        .unwrap()
-        .query_one(sum, &[])
-        .await
-        .unwrap()
-        .get(0);
-    let t: String = target
-        .connect("postgres")
-        .await
-        .unwrap()
-        .query_one(sum, &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(s, t);
+    common::digest::assert_same(&source, &target, &["t"]).await;
 }

@@ -7,9 +7,10 @@ mod common;
 
 use std::sync::Arc;
 
-use walshift::apply::replay::{self, ReplayConfig, ReplayError, TargetOrigin};
-use walshift::conn::ConnInfo;
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::cli::{self, stderr, stdout};
+use common::pair::{self, Pair};
+use walshift::apply::replay::{ReplayConfig, ReplayError};
+use walshift::localpg::Cluster;
 use walshift::transform::Mapping;
 
 const SOURCE: &str = "
@@ -74,18 +75,10 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The query's rows digested (the result of a query, compared between source and target).
 async fn digest(c: &Cluster, query: &str) -> (i64, String) {
     let client = c.connect("postgres").await.unwrap();
-    let row = client
-        .query_one(
-            &format!(
-                "SELECT count(*), coalesce(md5(string_agg(q::text, '|' ORDER BY q::text)), '') FROM ({query}) q"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
+    common::digest::digest(&client, &format!("({query})")).await
 }
 
 fn config(
@@ -94,13 +87,9 @@ fn config(
     mapping: &str,
     batch_rows: usize,
 ) -> ReplayConfig {
-    let mut cfg = ReplayConfig::new(
-        dir,
-        ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
-    );
+    let mut cfg = pair::replay_config(target, dir);
     cfg.batch_rows = batch_rows;
     cfg.transform = Some(Arc::new(Mapping::parse("release.toml", mapping).unwrap()));
-    cfg.target_origin = TargetOrigin::LoadedElsewhere;
     cfg
 }
 
@@ -116,9 +105,8 @@ async fn workload(source: &Cluster) {
         .await
         .unwrap();
     let client = source.connect("postgres").await.unwrap();
-    for i in 0..200i64 {
-        client
-            .batch_execute(&format!(
+    common::load::each(&client, 0..200, |i| {
+        format!(
                 "BEGIN;
                  UPDATE customers SET email = 'e{i}@x' WHERE id = {a};          -- bio untouched (TOAST)
                  UPDATE customers SET status = 'deleted' WHERE id = {d};        -- leaves clients
@@ -144,10 +132,9 @@ async fn workload(source: &Cluster) {
                 del = 1 + (i * 23) % 2000,
                 new_o = 5000 + i,
                 u = 1 + i % 50,
-            ))
-            .await
-            .unwrap();
-    }
+            )
+    })
+    .await;
 }
 
 async fn assert_mapped(source: &Cluster, target: &Cluster) {
@@ -164,22 +151,18 @@ async fn assert_mapped(source: &Cluster, target: &Cluster) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_mapping_feature_lands_as_the_mapping_says() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SOURCE).await.unwrap();
-    target.execute("postgres", MIGRATION).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(SOURCE, MIGRATION).await;
     workload(&source).await;
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
 
     // Small batches: folded set-based writes, slices inside one source transaction.
-    let report = replay::run(
-        config(&target, dir.path(), MAPPING, 300),
-        std::future::pending::<()>(),
-    )
-    .await
-    .expect("replay through the mapping");
+    let report = pair::replay(config(&target, dir.path(), MAPPING, 300))
+        .await
+        .expect("replay through the mapping");
     assert!(report.changes > 4000, "{report:?}");
     assert_mapped(&source, &target).await;
 
@@ -189,32 +172,26 @@ async fn every_mapping_feature_lands_as_the_mapping_says() {
         .execute("postgres", "INSERT INTO orders VALUES (1, 1, 1.5, 'x')")
         .await
         .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    replay::run(
-        config(&target, dir.path(), MAPPING, 300),
-        std::future::pending::<()>(),
-    )
-    .await
-    .unwrap();
+    common::capture::until_now(&source, dir.path()).await;
+    pair::replay(config(&target, dir.path(), MAPPING, 300))
+        .await
+        .unwrap();
     assert_mapped(&source, &target).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_order_retry_goes_through_the_mapping() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SOURCE).await.unwrap();
-    // A unique constraint the fold does not know about: a batch swapping emails fails
-    // set-based and must be retried in source order, through the mapping.
-    target
-        .execute(
-            "postgres",
-            &format!("{MIGRATION} ALTER TABLE clients ADD UNIQUE (email);"),
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(
+        SOURCE,
+        // A unique constraint the fold does not know about: a batch swapping emails fails
+        // set-based and must be retried in source order, through the mapping.
+        &format!("{MIGRATION} ALTER TABLE clients ADD UNIQUE (email);"),
+    )
+    .await;
     workload(&source).await;
     source
         .execute(
@@ -224,13 +201,10 @@ async fn strict_order_retry_goes_through_the_mapping() {
         )
         .await
         .unwrap();
-    common::capture_until_now(&source, dir.path()).await;
-    let report = replay::run(
-        config(&target, dir.path(), MAPPING, 100_000),
-        std::future::pending::<()>(),
-    )
-    .await
-    .expect("replay");
+    common::capture::until_now(&source, dir.path()).await;
+    let report = pair::replay(config(&target, dir.path(), MAPPING, 100_000))
+        .await
+        .expect("replay");
     assert_mapped(&source, &target).await;
     let _ = report;
 }
@@ -238,20 +212,17 @@ async fn strict_order_retry_goes_through_the_mapping() {
 /// Each bad mapping stops replay with its message, before anything is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_mappings_are_refused_before_anything_is_applied() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SOURCE).await.unwrap();
-    target
-        .execute(
-            "postgres",
-            &format!("{MIGRATION} CREATE TABLE nopk (id bigint, x text); CREATE TABLE gen (id bigint PRIMARY KEY, g int GENERATED ALWAYS AS (1) STORED);"),
-        )
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    common::capture_until_now(&source, dir.path()).await;
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::capturing(
+        SOURCE,
+        &format!("{MIGRATION} CREATE TABLE nopk (id bigint, x text); CREATE TABLE gen (id bigint PRIMARY KEY, g int GENERATED ALWAYS AS (1) STORED);"),
+    )
+    .await;
     workload(&source).await;
-    common::capture_until_now(&source, dir.path()).await;
+    common::capture::until_now(&source, dir.path()).await;
 
     let head =
         "[[table]]\nsource = \"customers\"\ntarget = \"clients\"\ndrop = [\"legacy\", \"bio\"]\n";
@@ -292,15 +263,9 @@ async fn bad_mappings_are_refused_before_anything_is_applied() {
                 continue;
             }
         };
-        let mut cfg = ReplayConfig::new(
-            dir.path(),
-            ConnInfo::parse(&target.conn_string("postgres")).unwrap(),
-        );
+        let mut cfg = pair::replay_config(&target, dir.path());
         cfg.transform = Some(Arc::new(mapping));
-        cfg.target_origin = TargetOrigin::LoadedElsewhere;
-        let err = replay::run(cfg, std::future::pending::<()>())
-            .await
-            .expect_err(toml);
+        let err = pair::replay(cfg).await.expect_err(toml);
         let msg = err.to_string();
         assert!(matches!(err, ReplayError::Transform(_)), "{msg}");
         assert!(
@@ -329,11 +294,11 @@ async fn bad_mappings_are_refused_before_anything_is_applied() {
 /// the file and line and exits non-zero for a bad one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transform_check_command() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SOURCE).await.unwrap();
-    target.execute("postgres", MIGRATION).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let Pair {
+        source,
+        target,
+        dir,
+    } = Pair::with_schemas(SOURCE, MIGRATION).await;
     let good = dir.path().join("release.toml");
     std::fs::write(&good, MAPPING).unwrap();
     let bad = dir.path().join("bad.toml");
@@ -343,9 +308,8 @@ async fn transform_check_command() {
     )
     .unwrap();
     let run = |file: &std::path::Path, with_source: bool| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_walshift"));
-        c.args(["transform", "check", "--transform"])
-            .arg(file)
+        let mut c = cli::command(&["transform", "check", "--transform"]);
+        c.arg(file)
             .arg("--target")
             .arg(target.conn_string("postgres"));
         if with_source {
@@ -354,12 +318,8 @@ async fn transform_check_command() {
         c.output().unwrap()
     };
     let ok = run(&good, true);
-    let out = String::from_utf8_lossy(&ok.stdout);
-    assert!(
-        ok.status.success(),
-        "{out}\n{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let out = stdout(&ok);
+    assert!(ok.status.success(), "{out}\n{}", stderr(&ok));
     assert!(out.contains("OK — 2 source table(s) compiled"), "{out}");
     assert!(
         out.contains("INSERT INTO \"public\".\"client_bios\""),
@@ -371,14 +331,14 @@ async fn transform_check_command() {
     );
 
     let failed = run(&bad, true);
-    let err = String::from_utf8_lossy(&failed.stderr);
+    let err = stderr(&failed);
     assert!(!failed.status.success());
     assert!(err.contains("bad.toml:21:"), "{err}");
     assert!(err.contains("public.orders.amount_cents"), "{err}");
 
     // Without the source's shapes only the target side is checked, and it says so.
     let partial = run(&good, false);
-    let out = String::from_utf8_lossy(&partial.stdout);
+    let out = stdout(&partial);
     assert!(partial.status.success(), "{out}");
     assert!(out.contains("not type-checked"), "{out}");
 }

@@ -1,9 +1,10 @@
 //! `walshift verify` against real throwaway clusters: the source and the target are two
 //! databases of one cluster, the target built by hand to be what the mapping says.
 
-use std::process::{Command, Output};
+mod common;
 
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::cli::{stderr, stdout, walshift};
+use common::pair::two_databases;
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, DifferenceKind, KeyDifference, VerifyOptions};
 
@@ -28,39 +29,27 @@ FROM generate_series(1, 20) o, generate_series(1, 4) l;
 INSERT INTO \"Odd \"\"Name\"\"\" VALUES (1, 'a'), (2, NULL), (3, '');
 ";
 
-async fn two_databases() -> Cluster {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster.create_database("src").await.unwrap();
-    cluster.create_database("dst").await.unwrap();
-    cluster
-}
-
 fn names(list: &[&str]) -> Vec<TableName> {
     list.iter().map(|t| TableName::parse(t).unwrap()).collect()
 }
 
+fn diff(key: &str, kind: DifferenceKind) -> KeyDifference {
+    KeyDifference {
+        key: key.into(),
+        kind,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_equal_then_differences_are_reported_by_key() {
-    let cluster = two_databases().await;
-    cluster
-        .execute(
-            "src",
-            &format!(
-                "{IDENTITY_SCHEMA}{IDENTITY_DATA} CREATE PUBLICATION walshift FOR ALL TABLES;"
-            ),
-        )
-        .await
-        .unwrap();
-    // The target's server default time zone differs from UTC: both sides must use the same.
-    cluster
-        .execute(
-            "dst",
-            &format!(
-                "ALTER DATABASE dst SET TimeZone = 'Asia/Kolkata'; {IDENTITY_SCHEMA}{IDENTITY_DATA}"
-            ),
-        )
-        .await
-        .unwrap();
+    let cluster = two_databases(
+        &format!("{IDENTITY_SCHEMA}{IDENTITY_DATA} CREATE PUBLICATION walshift FOR ALL TABLES;"),
+        // The target's server default time zone differs from UTC: both sides must use the same.
+        &format!(
+            "ALTER DATABASE dst SET TimeZone = 'Asia/Kolkata'; {IDENTITY_SCHEMA}{IDENTITY_DATA}"
+        ),
+    )
+    .await;
     let source = cluster.connect("src").await.unwrap();
     let target = cluster.connect("dst").await.unwrap();
     let tables = verify::published_tables(&source, "walshift").await.unwrap();
@@ -108,10 +97,6 @@ async fn identity_equal_then_differences_are_reported_by_key() {
         .await
         .unwrap();
     assert!(!report.equal());
-    let diff = |key: &str, kind| KeyDifference {
-        key: key.into(),
-        kind,
-    };
     // Key order is the key's text, bytewise: "100" < "1000" < "42".
     assert_eq!(
         report.tables[1].differences,
@@ -219,18 +204,9 @@ client_id = "id"
 email = "lower(email)"
 "#;
 
-fn walshift(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(args)
-        .output()
-        .expect("run walshift")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_a_mapping_library_and_cli() {
-    let cluster = two_databases().await;
-    cluster.execute("src", SOURCE).await.unwrap();
-    cluster.execute("dst", TARGET).await.unwrap();
+    let cluster = two_databases(SOURCE, TARGET).await;
     let source = cluster.connect("src").await.unwrap();
     let target = cluster.connect("dst").await.unwrap();
     let mapping = Mapping::parse("release.toml", MAPPING).unwrap();
@@ -283,13 +259,8 @@ async fn through_a_mapping_library_and_cli() {
         "--tables",
         "customers,orders",
     ]);
-    let out = String::from_utf8_lossy(&ok.stdout);
-    assert_eq!(
-        ok.status.code(),
-        Some(0),
-        "{out}{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    let out = stdout(&ok);
+    assert_eq!(ok.status.code(), Some(0), "{out}{}", stderr(&ok));
     assert!(
         out.contains("public.customers → public.clients") && out.contains("3 tables equal"),
         "{out}"
@@ -338,7 +309,7 @@ async fn through_a_mapping_library_and_cli() {
         "--tables",
         "customers,orders",
     ]);
-    let out = String::from_utf8_lossy(&differs.stdout);
+    let out = stdout(&differs);
     assert_eq!(differs.status.code(), Some(3), "{out}");
     assert!(out.contains("extra on target"), "{out}");
     assert!(out.contains("(client_id) = 8"), "{out}");
@@ -364,7 +335,7 @@ async fn through_a_mapping_library_and_cli() {
     // Could not verify: no publication, a mapping that does not compile. Exit 1, clear message.
     let e = run(&[]);
     assert_eq!(e.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&e.stderr);
+    let err = stderr(&e);
     assert!(
         err.contains("publication \"walshift\" does not exist"),
         "{err}"
@@ -377,7 +348,7 @@ async fn through_a_mapping_library_and_cli() {
         "customers",
     ]);
     assert_eq!(e.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&e.stderr);
+    let err = stderr(&e);
     assert!(err.contains("release.toml:"), "{err}");
 }
 
@@ -385,19 +356,15 @@ async fn through_a_mapping_library_and_cli() {
 /// compared as a multiset of whole rows, with or without a mapping naming other tables.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyless_table_is_compared_as_rows() {
-    let cluster = two_databases().await;
     let schema = "CREATE TABLE log (at int, msg text); ALTER TABLE log REPLICA IDENTITY FULL;
                   CREATE TABLE acc (id int PRIMARY KEY, v int);
                   INSERT INTO log VALUES (1, 'a'), (1, 'a'), (2, NULL), (3, 'c');
                   INSERT INTO acc VALUES (1, 10);";
-    cluster.execute("src", schema).await.unwrap();
-    cluster
-        .execute(
-            "dst",
-            &format!("{schema} ALTER TABLE acc RENAME COLUMN v TO w; ALTER TABLE log ADD COLUMN note text DEFAULT 'x';"),
-        )
-        .await
-        .unwrap();
+    let cluster = two_databases(
+        schema,
+        &format!("{schema} ALTER TABLE acc RENAME COLUMN v TO w; ALTER TABLE log ADD COLUMN note text DEFAULT 'x';"),
+    )
+    .await;
     let source = cluster.connect("src").await.unwrap();
     let target = cluster.connect("dst").await.unwrap();
     let mapping = Mapping::parse(
@@ -440,10 +407,6 @@ async fn keyless_table_is_compared_as_rows() {
     .await
     .unwrap();
     assert!(!report.equal());
-    let diff = |key: &str, kind| KeyDifference {
-        key: key.into(),
-        kind,
-    };
     assert_eq!(
         report.tables[0].differences,
         vec![

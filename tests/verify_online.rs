@@ -3,13 +3,15 @@
 //! running capture), a corrupted and a missing target row found by key, replay going on
 //! afterwards, a stale hold (a killed verify) expiring, and a clear error without capture.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use walshift::localpg::{Cluster, ClusterOptions};
+use common::cli::{self, json, stderr};
+use common::load::Writer;
+use walshift::localpg::Cluster;
 
 const SCHEMA: &str = "
     CREATE TABLE items (id bigint PRIMARY KEY, v int NOT NULL, note text);
@@ -21,26 +23,42 @@ const SCHEMA: &str = "
     INSERT INTO pairs SELECT 'k' || (g % 37), g, 'p' FROM generate_series(1, 600) g;
     INSERT INTO bag SELECT g % 5, 'b' FROM generate_series(1, 50) g;";
 
-fn walshift(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_walshift"));
-    c.args(args);
-    c
+/// The clusters with the schema on the source, a work directory, the buffer in it.
+struct Setup {
+    source: Cluster,
+    target: Cluster,
+    dir: tempfile::TempDir,
+    buf: std::path::PathBuf,
+    buf_s: String,
+    sc: String,
+    tc: String,
 }
 
-async fn clusters() -> (Cluster, Cluster) {
-    let (a, b) = (
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-        std::thread::spawn(|| Cluster::start(ClusterOptions::default()).unwrap()),
-    );
-    let (source, target) = (a.join().unwrap(), b.join().unwrap());
+async fn setup() -> Setup {
+    let (source, target) = common::pair::clusters();
     source.execute("postgres", SCHEMA).await.unwrap();
-    (source, target)
+    let dir = tempfile::tempdir().unwrap();
+    let buf = dir.path().join("buf");
+    let buf_s = buf.to_str().unwrap().to_owned();
+    let (sc, tc) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    Setup {
+        source,
+        target,
+        dir,
+        buf,
+        buf_s,
+        sc,
+        tc,
+    }
 }
 
 /// Starts a long-running walshift command (stderr to `log`) and waits until the target's
 /// clone is done and `walshift.applied` exists.
 async fn start(args: &[&str], log: &Path, target: &Cluster) -> Child {
-    let child = walshift(args)
+    let child = cli::command(args)
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
@@ -75,51 +93,25 @@ async fn start(args: &[&str], log: &Path, target: &Cluster) -> Child {
     child
 }
 
-/// Updates, inserts and deletes on the source until `stop`: items with id > 100 and new ids
+/// Updates, inserts and deletes on the source until stopped: items with id > 100 and new ids
 /// from 100 000, pairs' values, bag rows. Never touches items 1..=100.
-fn writer(
-    conn: String,
-    stop: Arc<AtomicBool>,
-    commits: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(c);
-        let mut n: i64 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            n += 1;
-            let id = 101 + (n * 7919) % 2900;
-            client
-                .batch_execute(&format!(
-                    "BEGIN;
+async fn writer(source: &Cluster) -> Writer {
+    let client = source.connect("postgres").await.unwrap();
+    Writer::start(client, Duration::from_millis(3), |n| {
+        let id = 101 + (n * 7919) % 2900;
+        format!(
+            "BEGIN;
                      UPDATE items SET v = v + 1, note = 'w{n}' WHERE id = {id};
                      INSERT INTO items VALUES ({}, {n}, 'new');
                      DELETE FROM items WHERE id = {};
                      UPDATE pairs SET val = 'v{n}' WHERE a = 'k{}' AND b = {};
                      INSERT INTO bag VALUES ({}, 'w');
                      COMMIT;",
-                    100_000 + n,
-                    101 + (n * 104_729) % 2900,
-                    n % 37,
-                    1 + (n * 31) % 600,
-                    n % 5
-                ))
-                .await
-                .unwrap();
-            commits.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-    })
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            100_000 + n,
+            101 + (n * 104_729) % 2900,
+            n % 37,
+            1 + (n * 31) % 600,
+            n % 5
         )
     })
 }
@@ -141,7 +133,7 @@ async fn verify_online(sc: &str, tc: &str, buf: &str, extra: &[&str]) -> Output 
         "--json",
     ];
     args.extend_from_slice(extra);
-    let mut cmd = walshift(&args);
+    let mut cmd = cli::command(&args);
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
@@ -177,14 +169,15 @@ async fn stop_child(dir: &Path, mut child: Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_verify_under_a_writer_with_walshift_run() {
-    let (source, target) = clusters().await;
-    let dir = tempfile::tempdir().unwrap();
-    let buf = dir.path().join("buf");
-    let buf_s = buf.to_str().unwrap().to_owned();
-    let (sc, tc) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let Setup {
+        source,
+        target,
+        dir,
+        buf,
+        buf_s,
+        sc,
+        tc,
+    } = setup().await;
     let run = start(
         &[
             "run",
@@ -207,19 +200,12 @@ async fn online_verify_under_a_writer_with_walshift_run() {
         "replay never started",
     )
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let commits = Arc::new(AtomicU64::new(0));
-    let w = writer(sc.clone(), stop.clone(), commits.clone());
+    let w = writer(&source).await;
 
     // Equal while the writer runs: every chunk at its own point.
     let out = verify_online(&sc, &tc, &buf_s, &[]).await;
     let v = json(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{v}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
     assert!(
         table(&v, "public.items")["chunks"].as_u64().unwrap() >= 4,
         "{v}"
@@ -234,7 +220,7 @@ async fn online_verify_under_a_writer_with_walshift_run() {
         notes.contains("public.scratch") && notes.contains("unlogged"),
         "{notes}"
     );
-    let during = commits.load(Ordering::Relaxed);
+    let during = w.commits();
 
     // A row changed and a row deleted directly on the target: found by key.
     target
@@ -247,12 +233,7 @@ async fn online_verify_under_a_writer_with_walshift_run() {
         .unwrap();
     let out = verify_online(&sc, &tc, &buf_s, &[]).await;
     let v = json(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{v}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(3), "{v}\n{}", stderr(&out));
     let items = table(&v, "public.items");
     assert_eq!(items["equal"], false);
     let mut diffs: Vec<(String, String)> = items["differences"]
@@ -279,14 +260,10 @@ async fn online_verify_under_a_writer_with_walshift_run() {
     assert_eq!(pairs["differences"][0]["key"], "(k3,3)", "{pairs}");
     assert_eq!(pairs["differences"][0]["kind"], "different", "{pairs}");
     assert_eq!(table(&v, "public.bag")["equal"], true, "{v}");
-    assert!(
-        commits.load(Ordering::Relaxed) > during,
-        "the writer kept writing"
-    );
+    assert!(w.commits() > during, "the writer kept writing");
 
     // Replay goes on after verify: no hold left, a new row arrives.
-    stop.store(true, Ordering::Relaxed);
-    w.await.unwrap();
+    w.stop().await;
     source
         .execute("postgres", "INSERT INTO items VALUES (999999, 1, 'after')")
         .await
@@ -306,14 +283,7 @@ async fn online_verify_under_a_writer_with_walshift_run() {
     assert_eq!(holds, 0);
 
     // A stale hold (a verify killed while holding) stops replay only until it expires.
-    let now: String = source
-        .connect("postgres")
-        .await
-        .unwrap()
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let now = common::capture::current_lsn(&source).await.to_string();
     t.execute(
         "INSERT INTO walshift.hold (buffer_id, holder, generation, hold_lsn, expires_at) \
          SELECT buffer_id, 'killed verify', nextval('walshift.hold_generation'), $1::text::pg_lsn, \
@@ -345,14 +315,15 @@ async fn online_verify_under_a_writer_with_walshift_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_verify_runs_replay_itself_next_to_capture_and_says_when_capture_is_missing() {
-    let (source, target) = clusters().await;
-    let dir = tempfile::tempdir().unwrap();
-    let buf = dir.path().join("buf");
-    let buf_s = buf.to_str().unwrap().to_owned();
-    let (sc, tc) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
+    let Setup {
+        source,
+        target,
+        dir,
+        buf: _,
+        buf_s,
+        sc,
+        tc,
+    } = setup().await;
     let capture = start(
         &[
             "capture",
@@ -367,22 +338,14 @@ async fn online_verify_runs_replay_itself_next_to_capture_and_says_when_capture_
         &target,
     )
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let commits = Arc::new(AtomicU64::new(0));
-    let w = writer(sc.clone(), stop.clone(), commits.clone());
+    let w = writer(&source).await;
     // The clone holds the rows at the slot's snapshot; the writer's changes are only in the
     // buffer: verify replays them itself up to each point.
     let out = verify_online(&sc, &tc, &buf_s, &[]).await;
     let v = json(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{v}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{v}\n{}", stderr(&out));
     assert_eq!(v["online"]["replay"], "in-process", "{v}");
-    stop.store(true, Ordering::Relaxed);
-    w.await.unwrap();
+    w.stop().await;
 
     // Without capture the point never becomes durable: a clear error naming what to start.
     let mut capture = capture;
@@ -390,7 +353,7 @@ async fn online_verify_runs_replay_itself_next_to_capture_and_says_when_capture_
     let _ = tokio::task::spawn_blocking(move || capture.wait()).await;
     let out = verify_online(&sc, &tc, &buf_s, &["--stall-timeout", "2"]).await;
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert!(
         err.contains("walshift capture") && err.contains("durable"),
         "{err}"

@@ -4,10 +4,11 @@
 //! that do run are read-only (a write through a function fails and writes nothing) and
 //! limited by a statement timeout. The source and the target are two databases of one cluster.
 
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
-use walshift::localpg::{Cluster, ClusterOptions};
+use walshift::localpg::Cluster;
 use walshift::transform::{Mapping, TableName};
 use walshift::verify::{self, VerifyError, VerifyOptions};
 
@@ -38,12 +39,7 @@ fn mapping(expr: &str, filter: Option<&str>) -> String {
 }
 
 async fn setup() -> Cluster {
-    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
-    cluster.create_database("src").await.unwrap();
-    cluster.create_database("dst").await.unwrap();
-    cluster.execute("src", SOURCE).await.unwrap();
-    cluster.execute("dst", TARGET).await.unwrap();
-    cluster
+    common::pair::two_databases(SOURCE, TARGET).await
 }
 
 fn refused(r: Result<verify::VerifyReport, VerifyError>) -> String {
@@ -141,8 +137,7 @@ async fn volatile_functions_in_mapping_expressions_are_refused_on_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("release.toml");
     std::fs::write(&file, mapping("amount * 100 + 0 * nextval('ticket')", None)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
-        .args(["verify", "--source", &cluster.conn_string("src")])
+    let out = common::cli::command(&["verify", "--source", &cluster.conn_string("src")])
         .args([
             "--target",
             &cluster.conn_string("dst"),
@@ -153,7 +148,7 @@ async fn volatile_functions_in_mapping_expressions_are_refused_on_the_source() {
         .arg(&file)
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::cli::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("{}:7: column \"amount_cents\"", file.display()))

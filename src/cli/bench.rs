@@ -200,14 +200,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             }
         }
         None if c.0.replay.cutover => {
-            let bench = crate::bench::cutover::CutoverBench {
-                scale: 10,
-                rate: 500,
-                clients: 4,
-                runs: 5,
-                warmup: std::time::Duration::from_secs(5),
-                verify: crate::cutover::VerifyMode::Counts,
-            };
+            let bench = crate::bench::cutover::CutoverBench::default();
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if c.0.replay.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -219,8 +212,9 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             let a = c.0.replay;
             let bench = ReplayBench {
                 workload: a.workload.workload(),
-                batch_rows: a.batch_rows.map(|n| n.max(1)),
-                apply_connections: a.apply_connections.map(|n| n.max(1)),
+                // Passed on to `walshift replay`, which clamps both.
+                batch_rows: a.batch_rows,
+                apply_connections: a.apply_connections,
                 transform: a
                     .transform
                     .map(|mapping| crate::bench::replay::TransformBench {

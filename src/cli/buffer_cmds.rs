@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::{Map, Value, json};
 
-use super::{BufferDir, parse_lsn};
+use super::args::BufferDir;
+use super::parse_lsn;
 use crate::buffer::{self, BufferReader, CommitInfo, TxnEvent};
 use crate::lsn::Lsn;
 use crate::source::pgoutput::{self, LogicalMessage, OldTuple, Relation, TupleData, TupleValue};

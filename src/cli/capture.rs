@@ -1,28 +1,29 @@
-//! `walshift capture`.
+//! `walshift capture`: flags to [`crate::capture::CaptureConfig`] (and, with `--clone-to`, a
+//! first-start clone), the report to the terminal.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{BufferDir, parse_lsn, shutdown_signal};
-use crate::capture::{self, CaptureConfig};
+use super::args::{BufferDir, FlushMs, SlotPublication, Source, own_help};
+use super::{parse_lsn, shutdown_signal};
+use crate::buffer::DEFAULT_SEGMENT_SIZE;
+use crate::capture::{self, CaptureConfig, DEFAULT_READ_COALESCE};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("source", "Source database: a libpq URL or key=value string; PG* variables and ~/.pgpass fill gaps"),
+])))]
 pub struct CaptureArgs {
-    /// Source database: a libpq URL or key=value string; PG* variables and ~/.pgpass fill gaps.
-    #[arg(long, value_name = "CONN")]
-    source: String,
+    #[command(flatten)]
+    source: Source,
     #[command(flatten)]
     buffer: BufferDir,
-    /// Replication slot (created if missing; it holds WAL on the source until dropped).
-    #[arg(long, default_value = "walshift")]
-    slot: String,
-    /// Publication (created if missing: FOR ALL TABLES, or --tables).
-    #[arg(long, default_value = "walshift")]
-    publication: String,
+    #[command(flatten)]
+    slot: SlotPublication,
     /// Tables to publish when the publication is created, comma-separated (schema.table,
     /// quoted like SQL identifiers: `'"a,b",public.c'`).
     #[arg(long)]
@@ -30,16 +31,15 @@ pub struct CaptureArgs {
     /// Stop once everything up to this LSN is durable in the buffer.
     #[arg(long, value_parser = parse_lsn, value_name = "LSN")]
     until_lsn: Option<Lsn>,
-    /// Longest wait before a received change is fsynced, in milliseconds.
-    #[arg(long, default_value_t = 20)]
-    flush_ms: u64,
+    #[command(flatten)]
+    flush: FlushMs,
     /// After a read that brought only a few messages, pause this many microseconds so the
     /// socket fills (fewer, larger reads; 0 = off). Keep it under a millisecond: a Unix
     /// socket fills in well under that and a full socket stalls the source's walsender.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = DEFAULT_READ_COALESCE.as_micros() as u64)]
     read_coalesce_us: u64,
     /// Segment size in MiB for a new buffer.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_SEGMENT_SIZE >> 20)]
     segment_mib: u64,
     /// Clone the source into this target database at the new slot's snapshot before streaming.
     #[arg(long, value_name = "CONN")]
@@ -73,16 +73,15 @@ pub struct CaptureArgs {
 }
 
 pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
-    let source = ConnInfo::parse(&a.source).context("--source")?;
-    let mut config = CaptureConfig::new(source, a.buffer.buffer);
-    config.slot = a.slot;
-    config.publication = a.publication;
+    let mut config = CaptureConfig::new(a.source.conn()?, a.buffer.buffer);
+    config.slot = a.slot.slot;
+    config.publication = a.slot.publication.name;
     config.tables = a
         .tables
         .map(|t| super::split_tables("--tables", &t))
         .transpose()?;
     config.until_lsn = a.until_lsn;
-    config.flush_interval = Duration::from_millis(a.flush_ms.max(1));
+    config.flush_interval = a.flush.interval();
     config.read_coalesce = Duration::from_micros(a.read_coalesce_us);
     config.buffer.segment_size = a.segment_mib.max(1) * 1024 * 1024;
     config.progress = !a.no_progress;

@@ -6,20 +6,21 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-
-use super::{BufferDir, shutdown_signal};
-use crate::conn::ConnInfo;
+use super::args::{BufferDir, SlotPublication, Source, Target, own_help};
+use super::shutdown_signal;
 use crate::cutover::{self, CutoverConfig, CutoverError, FenceMode, Outcome, VerifyMode};
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("target", "Target database (the migrated copy)"),
+    ("slot", "Replication slot (as given to capture)"),
+    ("publication", "Publication (as given to capture)"),
+])))]
 pub struct CutoverArgs {
-    /// Source database (the live site): a libpq URL or key=value string.
-    #[arg(long, value_name = "CONN")]
-    source: String,
-    /// Target database (the migrated copy).
-    #[arg(long, value_name = "CONN")]
-    target: String,
+    #[command(flatten)]
+    source: Source,
+    #[command(flatten)]
+    target: Target,
     #[command(flatten)]
     buffer: BufferDir,
     /// Migration mapping (TOML) the copy was migrated with: replay started by cutover applies
@@ -57,12 +58,8 @@ pub struct CutoverArgs {
     /// Rehearse every step except fencing, the hooks and the switch; print the projected window.
     #[arg(long)]
     dry_run: bool,
-    /// Replication slot (as given to capture).
-    #[arg(long, default_value = "walshift")]
-    slot: String,
-    /// Publication (as given to capture).
-    #[arg(long, default_value = "walshift")]
-    publication: String,
+    #[command(flatten)]
+    slot: SlotPublication,
     /// After a cutover whose switch started but was never recorded done (walshift killed
     /// during the --switch hook): you checked that traffic reaches the target. Records the
     /// switch as done, sets sequences (forward only) and runs --after. Never unfences.
@@ -94,11 +91,9 @@ fn parse_verify(s: &str) -> Result<VerifyMode, String> {
 }
 
 pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
-    let source = ConnInfo::parse(&a.source).context("--source")?;
-    let target = ConnInfo::parse(&a.target).context("--target")?;
-    let mut config = CutoverConfig::new(source, target, a.buffer.buffer);
-    config.slot = a.slot;
-    config.publication = a.publication;
+    let mut config = CutoverConfig::new(a.source.conn()?, a.target.conn()?, a.buffer.buffer);
+    config.slot = a.slot.slot;
+    config.publication = a.slot.publication.name;
     config.fence = a.fence;
     config.before = a.before;
     config.switch = a.switch;

@@ -1,4 +1,5 @@
-//! `walshift demo`.
+//! `walshift demo`: the end-to-end demo on throwaway local clusters; Ctrl-C stops it and
+//! removes the clusters (exit 130).
 
 use std::process::ExitCode;
 

@@ -4,9 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-
-use crate::conn::ConnInfo;
+use super::args::{Source, own_help};
 use crate::lsn::Lsn;
 use crate::rehearse::record::{ExpectMode, RecordOptions};
 
@@ -18,10 +16,12 @@ pub enum FixtureCommand {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("source", "The live source: a libpq URL or key=value string (REPLICATION, and able to pg_dump)"),
+])))]
 pub struct RecordArgs {
-    /// The live source: a libpq URL or key=value string (REPLICATION, and able to pg_dump).
-    #[arg(long, value_name = "CONN")]
-    source: String,
+    #[command(flatten)]
+    source: Source,
     /// The fixture directory to create (must not exist or be empty).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
@@ -76,8 +76,7 @@ pub struct RecordArgs {
 
 pub async fn run(c: FixtureCommand) -> anyhow::Result<ExitCode> {
     let FixtureCommand::Record(a) = c;
-    let source = ConnInfo::parse(&a.source).context("--source")?;
-    let mut opts = RecordOptions::new(source, &a.out);
+    let mut opts = RecordOptions::new(a.source.conn()?, &a.out);
     opts.name = a.name;
     opts.description = a.description;
     opts.exercises = a.exercises;

@@ -1,18 +1,19 @@
-//! `walshift migrate`.
+//! `walshift migrate`: run the release's scripts on the target in order, each once, with a line
+//! per script (or JSON, also on failure).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-
-use crate::conn::ConnInfo;
+use super::args::{Target, own_help};
 use crate::migrate::{self, MigrateOptions, Progress, ScriptResult, ScriptStatus};
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("target", "Target database (the copy to migrate): a libpq URL or key=value string"),
+])))]
 pub struct MigrateArgs {
-    /// Target database (the copy to migrate): a libpq URL or key=value string.
-    #[arg(long, value_name = "CONN")]
-    target: String,
+    #[command(flatten)]
+    target: Target,
     /// Only list what would run and what is already applied; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -26,7 +27,7 @@ pub struct MigrateArgs {
 }
 
 pub async fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let target = ConnInfo::parse(&a.target).context("--target")?;
+    let target = a.target.conn()?;
     let scripts = match migrate::load_scripts(&a.scripts) {
         Ok(s) => s,
         Err(e) => return Ok(fail(a.json, &target.redacted(), a.dry_run, &[], &e)),

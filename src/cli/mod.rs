@@ -1,6 +1,23 @@
 //! The `walshift` command line: argument parsing, logging setup, and dispatch. Each command's
-//! handler lives in its own file and only translates between flags and the library.
+//! handler lives in its own file and only translates between flags and the library:
+//!
+//! - `args.rs` — flag groups several commands share (databases, buffer, slot and publication,
+//!   capture's flush interval, replay's batching), defaults from the library's DEFAULT_*.
+//! - `capture.rs` — `walshift capture` (and its first-start clone).
+//! - `replay.rs` — `walshift replay`.
+//! - `migrate.rs` — `walshift migrate`.
+//! - `transform.rs` — `walshift transform check`.
+//! - `verify.rs` — `walshift verify` (offline and `--online`).
+//! - `buffer_cmds.rs` — `walshift inspect`, `status` and `buffer prune|verify`.
+//! - `cutover.rs` — `walshift cutover` and its exit codes.
+//! - `run.rs` — `walshift run` (capture and replay --follow in one process).
+//! - `fixture.rs` — `walshift fixture record`.
+//! - `rehearse.rs` — `walshift rehearse`.
+//! - `bench.rs` — `walshift bench` (replay, `capture`, `cutover`).
+//! - `demo.rs` — `walshift demo`.
+//! - `scrub.rs` — passwords out of the process title (re-exec at startup).
 
+mod args;
 mod bench;
 mod buffer_cmds;
 mod capture;
@@ -15,7 +32,6 @@ mod scrub;
 mod transform;
 mod verify;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -208,14 +224,6 @@ fn parse_lsn(s: &str) -> Result<Lsn, String> {
     s.parse::<Lsn>().map_err(|e| e.to_string())
 }
 
-/// A buffer directory flag shared by several commands.
-#[derive(clap::Args, Debug, Clone)]
-struct BufferDir {
-    /// Buffer directory (created by `walshift capture`).
-    #[arg(long, value_name = "DIR")]
-    buffer: PathBuf,
-}
-
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let term = async {
@@ -258,6 +266,14 @@ mod tests {
             super::render_error(&e),
             "--source: cannot connect to db1: refused"
         );
+    }
+
+    /// Builds every command (clap's own consistency checks, and [`super::args::own_help`]'s:
+    /// each override names a flag of its command).
+    #[test]
+    fn every_command_builds() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 
     #[test]

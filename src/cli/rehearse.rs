@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::args::{BatchRows, own_help};
 use crate::conn::ConnInfo;
 use crate::rehearse::{self, Fixture, RehearseOptions, RehearseReport, Scratch};
 
@@ -13,6 +14,9 @@ use crate::rehearse::{self, Fixture, RehearseOptions, RehearseReport, Scratch};
 pub const EXIT_DIFFERS: u8 = 3;
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("batch_rows", "Replay batch size (changes)"),
+])))]
 pub struct RehearseArgs {
     /// The fixture directory (`fixture.toml`, `buffer/`, `schema.sql`, …; docs/fixtures.md).
     #[arg(long, value_name = "DIR")]
@@ -25,9 +29,8 @@ pub struct RehearseArgs {
     /// captured traffic (by commit timestamps).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     window_of: Duration,
-    /// Replay batch size (changes).
-    #[arg(long, default_value_t = 50_000)]
-    batch_rows: usize,
+    #[command(flatten)]
+    batch_rows: BatchRows,
     /// Write expect.json from this rehearsal instead of comparing with it (a regression
     /// baseline for fixtures recorded from a source that was not quiescent).
     #[arg(long)]
@@ -54,7 +57,7 @@ pub async fn run(a: RehearseArgs) -> anyhow::Result<ExitCode> {
     };
     let opts = RehearseOptions {
         window_of: a.window_of,
-        batch_rows: a.batch_rows,
+        batch_rows: a.batch_rows.batch_rows,
         write_expect: a.write_expect,
     };
     let report = rehearse::rehearse(&fixture, &scratch, &opts).await?;

@@ -1,38 +1,32 @@
-//! `walshift replay`.
+//! `walshift replay`: flags to [`crate::apply::replay::ReplayConfig`], one replay of a buffer
+//! into a target at a time (the replay guard), the report to the terminal.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{BufferDir, parse_lsn, shutdown_signal};
+use super::args::{BatchRows, BufferDir, ReplayPace, Target};
+use super::{parse_lsn, shutdown_signal};
 use crate::apply::replay::{self, ReplayConfig};
-use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
     #[command(flatten)]
     buffer: BufferDir,
-    /// Target database (the copy): a libpq URL or key=value string.
-    #[arg(long, value_name = "CONN")]
-    target: String,
+    #[command(flatten)]
+    target: Target,
     /// Keep applying as capture appends, until Ctrl-C.
     #[arg(long)]
     follow: bool,
     /// Stop after the transaction that ends at or after this LSN.
     #[arg(long, value_parser = parse_lsn, value_name = "LSN")]
     until_lsn: Option<Lsn>,
-    /// Changes folded into one batch before it is written.
-    #[arg(long, default_value_t = 50_000)]
-    batch_rows: usize,
-    /// Longest a batch stays open, in milliseconds.
-    #[arg(long, default_value_t = 200)]
-    batch_ms: u64,
-    /// Target connections each batch is written over (rows split by key; two-phase commit,
-    /// which needs max_prepared_transactions >= N on the target, else one connection is used).
-    #[arg(long, default_value_t = 2, value_name = "N")]
-    apply_connections: usize,
+    #[command(flatten)]
+    batch_rows: BatchRows,
+    #[command(flatten)]
+    pace: ReplayPace,
     /// Migration mapping (TOML) the rows go through; see docs/transforms.md. Default: every
     /// table onto the same-named target table.
     #[arg(long, value_name = "FILE")]
@@ -53,13 +47,13 @@ pub struct ReplayArgs {
 }
 
 pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let target = ConnInfo::parse(&a.target).context("--target")?;
-    let mut config = ReplayConfig::new(a.buffer.buffer, target);
+    let mut config = ReplayConfig::new(a.buffer.buffer, a.target.conn()?);
     config.follow = a.follow;
     config.until_lsn = a.until_lsn;
-    config.batch_rows = a.batch_rows.max(1);
-    config.batch_time = Duration::from_millis(a.batch_ms);
-    config.apply_connections = a.apply_connections.max(1);
+    // Replay takes batch_rows as given; it clamps the connections itself.
+    config.batch_rows = a.batch_rows.batch_rows.max(1);
+    config.batch_time = a.pace.batch_time();
+    config.apply_connections = a.pace.apply_connections;
     config.progress = !a.no_progress;
     if a.target_not_cloned_by_walshift {
         config.target_origin = replay::TargetOrigin::LoadedElsewhere;

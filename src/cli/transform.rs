@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use super::args::{Target, own_help};
 use crate::conn::ConnInfo;
 use crate::lsn::Lsn;
 use crate::transform::{self, Mapping, SourcePlan, SourceTable, TableName};
@@ -17,13 +18,15 @@ pub enum TransformCommand {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("target", "The migrated target database"),
+])))]
 pub struct CheckArgs {
     /// The mapping file (TOML).
     #[arg(long, value_name = "FILE")]
     transform: PathBuf,
-    /// The migrated target database.
-    #[arg(long, value_name = "CONN")]
-    target: String,
+    #[command(flatten)]
+    target: Target,
     /// The source database, for the source tables' columns and keys. Without it (and without
     /// --buffer) only the target side is checked.
     #[arg(long, value_name = "CONN")]
@@ -40,10 +43,7 @@ pub async fn run(c: TransformCommand) -> anyhow::Result<ExitCode> {
     let TransformCommand::Check(a) = c;
     let mapping = Mapping::load(&a.transform)?;
     transform::plan::check_mapping(&mapping)?;
-    let target = ConnInfo::parse(&a.target)
-        .context("--target")?
-        .connect()
-        .await?;
+    let target = a.target.conn()?.connect().await?;
     let sources: Vec<TableName> = {
         let mut v: Vec<TableName> = mapping
             .tables

@@ -1,26 +1,31 @@
-//! `walshift verify`.
+//! `walshift verify`: compare the target with the source through the mapping (offline, or
+//! `--online` while capture and replay run), the report as a table or JSON; exit 3 when a
+//! table differs.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::Context;
 
+use super::args::{Publication, Source, Target, own_help};
 use crate::conn::ConnInfo;
 use crate::transform::{Mapping, TableName};
 use crate::verify::{self, OnlineOptions, VerifyOptions, VerifyReport};
-use std::time::Duration;
 
 /// Exit code when verify ran and a table differs (1 is "could not verify", 2 a usage error).
 pub const EXIT_DIFFERS: u8 = 3;
 
 #[derive(clap::Args, Debug)]
+#[command(mut_args(own_help(&[
+    ("publication", "Publication whose tables are verified when --tables is not given"),
+])))]
 pub struct VerifyArgs {
-    /// Source database (the live site): a libpq URL or key=value string.
-    #[arg(long, value_name = "CONN")]
-    source: String,
-    /// Target database (the copy): a libpq URL or key=value string.
-    #[arg(long, value_name = "CONN")]
-    target: String,
+    #[command(flatten)]
+    source: Source,
+    #[command(flatten)]
+    target: Target,
     /// Mapping file: compare the target with the source rows *through* the mapping.
     /// Without it every table maps onto itself.
     #[arg(long, value_name = "FILE")]
@@ -29,9 +34,8 @@ pub struct VerifyArgs {
     /// `'"a,b",public.c'`); default: the publication's.
     #[arg(long, value_name = "TABLES")]
     tables: Vec<String>,
-    /// Publication whose tables are verified when --tables is not given.
-    #[arg(long, default_value = "walshift")]
-    publication: String,
+    #[command(flatten)]
+    publication: Publication,
     /// Differing keys reported per table (0: counts and checksums only).
     #[arg(long, default_value_t = verify::DEFAULT_MAX_KEYS)]
     max_keys: usize,
@@ -64,8 +68,8 @@ pub struct VerifyArgs {
 }
 
 pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let source_info = ConnInfo::parse(&a.source).context("--source")?;
-    let target_info = ConnInfo::parse(&a.target).context("--target")?;
+    let source_info = a.source.conn()?;
+    let target_info = a.target.conn()?;
     let transform = match &a.transform {
         Some(p) => Some(std::sync::Arc::new(Mapping::load(p)?)),
         None => None,
@@ -75,7 +79,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let source = source_info.connect().await?;
     let target = target_info.connect().await?;
     let tables = if a.tables.is_empty() {
-        verify::published_tables(&source, &a.publication).await?
+        verify::published_tables(&source, &a.publication.name).await?
     } else {
         super::split_tables("--tables", &a.tables)?
             .iter()
@@ -95,7 +99,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         (Some(buffer), true) => {
             let online = OnlineOptions {
                 base: opts,
-                chunk_rows: a.chunk_rows.max(1),
+                chunk_rows: a.chunk_rows,
                 hold_ttl: Duration::from_secs(a.hold_timeout.max(1)),
                 stall: Duration::from_secs(a.stall_timeout.max(1)),
             };

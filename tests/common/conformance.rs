@@ -377,8 +377,7 @@ impl Capture {
             .append(true)
             .open(&log)
             .map_err(|e| e.to_string())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_walshift"))
-            .args(&args)
+        let child = crate::common::cli::command(&args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(out.try_clone().map_err(|e| e.to_string())?)
@@ -736,8 +735,7 @@ impl Run<'_> {
     }
 
     fn walshift(&self, args: &[String]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_walshift"))
-            .args(args)
+        crate::common::cli::command(args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()
