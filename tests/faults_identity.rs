@@ -7,8 +7,8 @@ mod common;
 use common::cli::{stderr, walshift};
 use common::pair::{self, Pair};
 use walshift::apply::replay::{ReplayConfig, ReplayError, TargetOrigin};
-use walshift::localpg::Cluster;
 use walshift::identity::IdentityError;
+use walshift::localpg::Cluster;
 
 async fn scalar(c: &Cluster, db: &str, sql: &str) -> String {
     c.connect(db)

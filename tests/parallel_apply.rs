@@ -242,8 +242,8 @@ async fn a_rerun_waits_for_the_sessions_a_killed_replay_left_running() {
     } = Pair::capturing(&schema, &schema).await;
     let meta = BufferMeta::read(dir.path()).unwrap().unwrap();
     let id = progress::buffer_id(meta.system_identifier, &meta.slot);
-    let info = pair::conn(&target)
-        .with_application_name(&replay::sessions::replay_application_name(&id));
+    let info =
+        pair::conn(&target).with_application_name(&replay::sessions::replay_application_name(&id));
     let batch = |rows: &str, end: walshift::lsn::Lsn| {
         format!(
             "BEGIN; INSERT INTO ledger VALUES {rows}; \

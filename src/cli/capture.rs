@@ -48,7 +48,7 @@ pub struct CaptureArgs {
     #[arg(long)]
     force: bool,
     /// With --clone-to: tables copied in parallel.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = crate::clone::DEFAULT_PARALLEL)]
     clone_parallel: usize,
     /// After capture stopped on a partition of a publish_via_partition_root publication
     /// (TRUNCATE, VACUUM FULL/CLUSTER, DETACH or DROP of one partition) and the copy was made

@@ -161,21 +161,9 @@ fn parse_log_filter(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-/// The error and its causes on one line, `: `-separated, each said once: a cause whose text an
-/// outer error already includes (`#[error("…: {0}")]` over a `#[source]`) is not repeated.
+/// The error and its causes on one line, each said once ([`crate::error::chain_text`]).
 fn render_error(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if msg.is_empty() || out.contains(&msg) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&msg);
-    }
-    out
+    crate::error::chain_text(e.as_ref())
 }
 
 fn init_logging(filter: &str) {

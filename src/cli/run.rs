@@ -31,7 +31,7 @@ pub struct RunArgs {
     #[command(flatten)]
     slot: SlotPublication,
     /// Tables copied in parallel by the first-start clone.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = crate::clone::DEFAULT_PARALLEL)]
     clone_parallel: usize,
     #[command(flatten)]
     flush: FlushMs,

@@ -55,15 +55,15 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "DIR")]
     buffer: Option<PathBuf>,
     /// Source rows per chunk (with --online): each chunk is compared at its own point.
-    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    #[arg(long, default_value_t = crate::verify::DEFAULT_CHUNK_ROWS, value_name = "N")]
     chunk_rows: usize,
     /// Seconds a hold on replay lasts unless verify refreshes it (with --online): a killed
     /// verify blocks replay no longer than this.
-    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    #[arg(long, default_value_t = crate::verify::DEFAULT_HOLD_TTL_SECS, value_name = "SECS")]
     hold_timeout: u64,
     /// Seconds capture or replay may make no progress towards a point before verify gives up
     /// (with --online).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    #[arg(long, default_value_t = crate::verify::DEFAULT_STALL_SECS, value_name = "SECS")]
     stall_timeout: u64,
 }
 

@@ -44,7 +44,10 @@ pub struct CloneOptions {
     pub source: ConnInfo,
     /// The database to fill.
     pub target: ConnInfo,
-    /// Tables copied at the same time, each on its own pair of sessions. Default: 2.
+    /// Tables copied at the same time, each on its own pair of sessions. Default
+    /// [`DEFAULT_PARALLEL`] (2). More finishes a clone of many tables sooner and loads the
+    /// source (and its I/O) harder while the site is live; one large table is copied by one
+    /// pair whatever this is.
     pub parallel: usize,
     /// Clone even if the target already holds the tables or an earlier clone (see
     /// [`clone_database`] for exactly what it does).
@@ -72,13 +75,16 @@ pub struct CloneOrigin {
     pub consistent_lsn: crate::lsn::Lsn,
 }
 
+/// [`CloneOptions::parallel`]'s default.
+pub const DEFAULT_PARALLEL: usize = 2;
+
 impl CloneOptions {
-    /// Defaults: 2 tables in parallel, no force, no progress bars, binaries found automatically.
+    /// Defaults: [`DEFAULT_PARALLEL`] tables in parallel, no force, no progress bars, binaries found automatically.
     pub fn new(source: ConnInfo, target: ConnInfo) -> Self {
         CloneOptions {
             source,
             target,
-            parallel: 2,
+            parallel: DEFAULT_PARALLEL,
             force: false,
             progress: false,
             bindir: None,

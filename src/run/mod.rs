@@ -71,7 +71,7 @@ impl LiveConfig {
             buffer_dir: buffer_dir.into(),
             slot: crate::source::slot::DEFAULT_SLOT.into(),
             publication: crate::source::slot::DEFAULT_PUBLICATION.into(),
-            clone_parallel: 2,
+            clone_parallel: crate::clone::DEFAULT_PARALLEL,
             flush_interval: capture::DEFAULT_FLUSH_INTERVAL,
             batch_time: replay::DEFAULT_BATCH_TIME,
             apply_connections: replay::DEFAULT_APPLY_CONNECTIONS,

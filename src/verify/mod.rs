@@ -42,7 +42,10 @@
 mod online;
 mod safety;
 
-pub use online::{OnlineOptions, OnlineSummary, POINT_MESSAGE_PREFIX, verify_online};
+pub use online::{
+    DEFAULT_CHUNK_ROWS, DEFAULT_HOLD_TTL_SECS, DEFAULT_STALL_SECS, OnlineOptions, OnlineSummary,
+    POINT_MESSAGE_PREFIX, verify_online,
+};
 pub use safety::refuse_volatile;
 
 use std::cmp::Ordering;

@@ -73,13 +73,20 @@ pub struct OnlineOptions {
     pub stall: Duration,
 }
 
+/// [`OnlineOptions::chunk_rows`]'s default.
+pub const DEFAULT_CHUNK_ROWS: usize = 50_000;
+/// [`OnlineOptions::hold_ttl`]'s default, in seconds.
+pub const DEFAULT_HOLD_TTL_SECS: u64 = 30;
+/// [`OnlineOptions::stall`]'s default, in seconds.
+pub const DEFAULT_STALL_SECS: u64 = 60;
+
 impl Default for OnlineOptions {
     fn default() -> Self {
         OnlineOptions {
             base: VerifyOptions::default(),
-            chunk_rows: 50_000,
-            hold_ttl: Duration::from_secs(30),
-            stall: Duration::from_secs(60),
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+            hold_ttl: Duration::from_secs(DEFAULT_HOLD_TTL_SECS),
+            stall: Duration::from_secs(DEFAULT_STALL_SECS),
         }
     }
 }
