@@ -106,11 +106,6 @@ impl<T> SqlContext<T> for std::result::Result<T, tokio_postgres::Error> {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Wraps a `tokio_postgres` error with what walshift was doing.
-    pub fn sql(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
-        Error::Sql(SqlError::new(context, source))
-    }
-
     /// Wraps an I/O error with the path it concerned.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
