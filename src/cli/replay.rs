@@ -6,9 +6,39 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::{BufferDir, parse_lsn, shutdown_signal};
-use crate::apply::replay::{self, ReplayConfig};
+use crate::apply::replay::{self, ReplayConfig, ReplayError, TargetLock};
 use crate::conn::ConnInfo;
+use crate::cutover::coord::ReplayGuard;
 use crate::lsn::Lsn;
+
+/// How long a replay waits for the buffer's replay lock (a replay that was just killed holds it
+/// until its server session notices).
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// The replay lock, taken again when replay reconnects: its session died with the target.
+struct RetakenLock {
+    target: ConnInfo,
+    buffer_id: String,
+    guard: tokio::sync::Mutex<Option<ReplayGuard>>,
+}
+
+impl TargetLock for RetakenLock {
+    fn retake(&self) -> futures_util::future::BoxFuture<'_, Result<(), ReplayError>> {
+        Box::pin(async move {
+            let mut guard = self.guard.lock().await;
+            // Closes the old session if it is still there (a dropped connection, not a
+            // restart), which releases the lock for the new one.
+            guard.take();
+            match ReplayGuard::acquire_within(&self.target, &self.buffer_id, LOCK_WAIT).await? {
+                Some(g) => {
+                    *guard = Some(g);
+                    Ok(())
+                }
+                None => Err(ReplayError::LockTaken),
+            }
+        })
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct ReplayArgs {
@@ -44,6 +74,11 @@ pub struct ReplayArgs {
     /// source itself is refused regardless.
     #[arg(long)]
     target_not_cloned_by_walshift: bool,
+    /// After the target restarts, fails over or drops a connection: reconnect attempts in a
+    /// row before giving up (1 s, 2 s, 4 s … up to 30 s apart: 10 ≈ 3 minutes); each resumes
+    /// after the last committed batch. 0 = stop at the first lost connection.
+    #[arg(long, default_value_t = crate::conn::reconnect::DEFAULT_ATTEMPTS, value_name = "N")]
+    reconnect_attempts: u32,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -61,6 +96,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     config.batch_time = Duration::from_millis(a.batch_ms);
     config.apply_connections = a.apply_connections.max(1);
     config.progress = !a.no_progress;
+    config.reconnect = crate::conn::reconnect::Reconnect::attempts(a.reconnect_attempts);
     if a.target_not_cloned_by_walshift {
         config.target_origin = replay::TargetOrigin::LoadedElsewhere;
     }
@@ -69,20 +105,19 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     // One replay of a buffer into a target at a time; the lock is also how `walshift cutover`
     // sees that a replay is already running.
-    let _guard = match crate::buffer::BufferMeta::read(&config.buffer_dir)? {
-        Some(m) => {
-            let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
-            let wait = Duration::from_secs(10);
-            Some(
-                crate::cutover::coord::ReplayGuard::acquire_within(&config.target, &id, wait)
-                    .await?
-                    .context(
-                        "another walshift replay (or walshift run, or a cutover) is applying this buffer to this target; stop it first",
-                    )?,
-            )
-        }
-        None => None,
-    };
+    if let Some(m) = crate::buffer::BufferMeta::read(&config.buffer_dir)? {
+        let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
+        let guard = ReplayGuard::acquire_within(&config.target, &id, LOCK_WAIT)
+            .await?
+            .context(
+                "another walshift replay (or walshift run, or a cutover) is applying this buffer to this target; stop it first",
+            )?;
+        config.lock = Some(std::sync::Arc::new(RetakenLock {
+            target: config.target.clone(),
+            buffer_id: id,
+            guard: tokio::sync::Mutex::new(Some(guard)),
+        }));
+    }
     let report = replay::run(config, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
