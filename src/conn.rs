@@ -667,9 +667,12 @@ mod tests {
         c.set_tcp_options(&stream).unwrap();
         let sock = socket2::SockRef::from(&stream);
         assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(7));
-        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(3));
-        assert_eq!(sock.keepalive_retries().unwrap(), 4);
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
         assert_eq!(
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_millis(2500))

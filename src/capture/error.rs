@@ -172,9 +172,7 @@ impl CaptureError {
     /// connection is one. Never a slot that is gone or ahead of the buffer, another source,
     /// the buffer itself, authentication or permissions: those stop capture at once.
     pub fn is_transient(&self) -> bool {
-        use crate::conn::reconnect::{
-            is_transient, is_transient_identity, is_transient_sql,
-        };
+        use crate::conn::reconnect::{is_transient, is_transient_identity, is_transient_sql};
         match self {
             CaptureError::Replication(e) => e.is_transient(),
             CaptureError::Source(e) => is_transient(e),

@@ -246,7 +246,13 @@ mod tests {
     #[test]
     fn a_job_that_ran_again_starts_counting_over_but_a_short_run_keeps_the_delay() {
         let mut b = Backoff::new(Reconnect::attempts(2));
-        assert_eq!(b.next(Some(Duration::from_secs(60))).unwrap().delay.as_secs(), 1);
+        assert_eq!(
+            b.next(Some(Duration::from_secs(60)))
+                .unwrap()
+                .delay
+                .as_secs(),
+            1
+        );
         assert_eq!(b.next(None).unwrap().delay.as_secs(), 2);
         // Back for 2 s only, then lost again: the count starts over, the delay keeps growing.
         let again = b.next(Some(Duration::from_secs(2))).unwrap();
@@ -254,7 +260,10 @@ mod tests {
         // Back for long: both start over.
         let fresh = b.next(Some(Duration::from_secs(45))).unwrap();
         assert_eq!((fresh.number, fresh.delay.as_secs()), (1, 1));
-        assert_eq!(Backoff::new(Reconnect::never()).next(Some(Duration::ZERO)), None);
+        assert_eq!(
+            Backoff::new(Reconnect::never()).next(Some(Duration::ZERO)),
+            None
+        );
     }
 
     #[test]
@@ -262,7 +271,9 @@ mod tests {
         for code in ["08006", "08001", "57P01", "57P02", "57P03", "53300"] {
             assert!(is_transient_sqlstate(code), "{code}");
         }
-        for code in ["28P01", "28000", "42501", "3D000", "08P01", "42704", "58P01", "55000"] {
+        for code in [
+            "28P01", "28000", "42501", "3D000", "08P01", "42704", "58P01", "55000",
+        ] {
             assert!(!is_transient_sqlstate(code), "{code}");
         }
         assert!(is_transient(&Error::ConnectTimeout {

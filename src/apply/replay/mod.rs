@@ -442,13 +442,7 @@ async fn run_once<F: std::future::Future<Output = ()>>(
         let outcome = match pending.take() {
             None => {
                 applier
-                    .apply_from(
-                        config,
-                        report.applied_lsn,
-                        false,
-                        report,
-                        shutdown,
-                    )
+                    .apply_from(config, report.applied_lsn, false, report, shutdown)
                     .await
             }
             Some(Pass::Retry { until }) => {
@@ -456,13 +450,7 @@ async fn run_once<F: std::future::Future<Output = ()>>(
                 report.retried_in_order += 1;
                 let strict = redo(until, report.applied_lsn);
                 applier
-                    .apply_from(
-                        &strict,
-                        report.applied_lsn,
-                        true,
-                        report,
-                        shutdown,
-                    )
+                    .apply_from(&strict, report.applied_lsn, true, report, shutdown)
                     .await
                     .map(|_| Pass::Again)
             }
@@ -472,13 +460,7 @@ async fn run_once<F: std::future::Future<Output = ()>>(
                 let serial = redo(until, report.applied_lsn);
                 applier.serial_pass = true;
                 let outcome = applier
-                    .apply_from(
-                        &serial,
-                        report.applied_lsn,
-                        false,
-                        report,
-                        shutdown,
-                    )
+                    .apply_from(&serial, report.applied_lsn, false, report, shutdown)
                     .await;
                 applier.serial_pass = false;
                 outcome.map(|p| match p {
