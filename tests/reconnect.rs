@@ -254,6 +254,26 @@ async fn applied(target: &str) -> Option<Lsn> {
     row.get::<_, String>(0).parse().ok()
 }
 
+/// Waits until replay commits a batch past the target's applied position as it is now.
+async fn wait_replay_applies(target: &str, log: impl Fn() -> String) {
+    let started = Instant::now();
+    let before = loop {
+        if let Some(a) = applied(target).await {
+            break a;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the target's applied position cannot be read\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_for("replay applies", log, || async {
+        applied(target).await.is_some_and(|a| a > before)
+    })
+    .await;
+}
+
 /// Row count and content digest per table.
 async fn digests(cluster: &Cluster) -> Vec<(String, i64, String)> {
     let c = cluster.connect("postgres").await.unwrap();
@@ -346,6 +366,7 @@ async fn capture_survives_source_restarts_and_the_copy_equals_the_source() {
     wait_buffer_has_all(&source, &buffer, log).await;
     let status = capture.stop().await;
     let text = capture.log();
+    eprintln!("capture's log:\n{text}");
     assert!(status.success(), "capture stops cleanly: {text}");
     assert!(
         text.matches("capture: reconnected to host=127.0.0.1")
@@ -425,11 +446,7 @@ async fn replay_follow_survives_target_restarts_and_the_copy_equals_the_source()
     );
     let log = || std::fs::read_to_string(dir.path().join("replay.log")).unwrap_or_default();
     for mode in RESTARTS {
-        let before = applied(&tgt).await;
-        wait_for("replay applies", log, || async {
-            applied(&tgt).await.is_some_and(|a| Some(a) > before)
-        })
-        .await;
+        wait_replay_applies(&tgt, log).await;
         restart(&mut target, mode);
         assert!(
             replay.running(),
@@ -437,11 +454,7 @@ async fn replay_follow_survives_target_restarts_and_the_copy_equals_the_source()
             log()
         );
     }
-    let before = applied(&tgt).await;
-    wait_for("replay applies after the last restart", log, || async {
-        applied(&tgt).await.is_some_and(|a| Some(a) > before)
-    })
-    .await;
+    wait_replay_applies(&tgt, log).await;
     writer.finish().await;
     let end = wait_buffer_has_all(&source, &buffer, capture_log).await;
     wait_for("replay applies everything", log, || async {
@@ -450,6 +463,7 @@ async fn replay_follow_survives_target_restarts_and_the_copy_equals_the_source()
     .await;
     let status = replay.stop().await;
     let text = replay.log();
+    eprintln!("replay's log:\n{text}");
     assert!(status.success(), "replay stops cleanly: {text}");
     assert!(
         text.matches("replay: reconnected to host=127.0.0.1")
@@ -507,6 +521,7 @@ async fn capture_gives_up_when_the_source_stays_down() {
     tokio::task::block_in_place(|| source.stop_server(ShutdownMode::Fast)).unwrap();
     let status = capture.exit().await;
     let text = capture.log();
+    eprintln!("capture's log:\n{text}");
     assert!(!status.success(), "capture fails: {text}");
     for attempt in 1..=3 {
         assert!(
@@ -555,6 +570,7 @@ async fn capture_stops_at_once_when_the_slot_is_gone() {
     .await;
     let status = capture.exit().await;
     let text = capture.log();
+    eprintln!("capture's log:\n{text}");
     assert!(!status.success(), "capture fails: {text}");
     assert!(
         text.contains("capture: lost the replication stream"),
