@@ -594,6 +594,7 @@ async fn run_once(
     streaming_since: &mut Option<Instant>,
     reconnecting: Option<(Instant, u32)>,
 ) -> Result<(), CaptureError> {
+    tokio::pin!(shutdown);
     let (writer, recovery) = BufferWriter::open(&config.buffer_dir, config.buffer.clone())?;
     if reconnecting.is_some() && recovery.torn_tail.is_none() {
         // Cutting the transaction the lost stream broke off in is what a reconnect expects.
@@ -667,8 +668,17 @@ async fn run_once(
             .and_then(|m| m.slot_start_lsn)
             .unwrap_or(Lsn::ZERO),
     );
-    let prepared = match prepare_inner(config, existing.as_ref().map(|m| (m, covered)), true).await
-    {
+    let prepare = prepare_inner(config, existing.as_ref().map(|m| (m, covered)), true);
+    let prepared = if reconnecting.is_some() {
+        // A stop asked for while the source is still away ends the attempt (nothing to flush).
+        tokio::select! {
+            r = prepare => r,
+            _ = shutdown.as_mut() => return Ok(()),
+        }
+    } else {
+        prepare.await
+    };
+    let prepared = match prepared {
         Err(CaptureError::SlotAhead { .. }) if behind.is_some() => {
             return Err(behind.expect("checked").into());
         }

@@ -212,7 +212,10 @@ pub async fn run(
         let mut applying_since = None;
         let reconnecting = lost_at.map(|at| (at, backoff.attempts_made()));
         let retaken = match (&config.lock, reconnecting) {
-            (Some(lock), Some(_)) => lock.retake().await,
+            (Some(lock), Some(_)) => tokio::select! {
+                r = lock.retake() => r,
+                _ = shutdown.as_mut() => break,
+            },
             _ => Ok(()),
         };
         let outcome = match retaken {
