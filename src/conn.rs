@@ -437,6 +437,26 @@ impl Keepalives {
         }
     }
 
+    /// The settings as libpq connection-string parameters, for the PostgreSQL client
+    /// programs walshift runs (`pg_dump`, `psql`), so their connections carry the same
+    /// keepalives.
+    pub fn libpq_options(&self) -> String {
+        let mut out = format!("keepalives={}", u8::from(self.enabled));
+        if self.enabled {
+            out.push_str(&format!(" keepalives_idle={}", self.idle.as_secs()));
+            if let Some(i) = self.interval {
+                out.push_str(&format!(" keepalives_interval={}", i.as_secs()));
+            }
+            if let Some(c) = self.count {
+                out.push_str(&format!(" keepalives_count={c}"));
+            }
+        }
+        if let Some(t) = self.user_timeout {
+            out.push_str(&format!(" tcp_user_timeout={}", t.as_millis()));
+        }
+        out
+    }
+
     /// Sets them on a socket, as tokio-postgres does on its own.
     pub fn apply(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
         let sock = socket2::SockRef::from(stream);
@@ -646,6 +666,10 @@ mod tests {
             assert_eq!(c.dbname(), "shop");
         }
         assert_eq!(kv.password(), Some(&b"keepalives_count=9"[..]));
+        assert_eq!(
+            kv.keepalives().libpq_options(),
+            "keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3 tcp_user_timeout=1500"
+        );
         let off = ConnInfo::parse_with("host=db1 keepalives=0 keepalives_interval=0", &e).unwrap();
         assert!(!off.keepalives().enabled);
         assert_eq!(off.keepalives().interval, None);
