@@ -516,7 +516,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut backoff = Backoff::new(config.reconnect);
     let mut totals: Option<CaptureReport> = None;
-    let mut lost: Option<Lost> = None;
+    // When the stream was lost, while reconnecting.
+    let mut lost_at: Option<Instant> = None;
     let mut attempt_config = config.clone();
     loop {
         let mut streaming_since = None;
@@ -525,7 +526,7 @@ pub async fn run(
             shutdown.as_mut(),
             &mut totals,
             &mut streaming_since,
-            lost.as_ref().map(|l| (l.at, backoff.attempts_made())),
+            lost_at.map(|at| (at, backoff.attempts_made())),
         )
         .await;
         let error = match outcome {
@@ -537,7 +538,7 @@ pub async fn run(
             return Err(error);
         }
         if !error.is_transient() {
-            if lost.is_some() {
+            if lost_at.is_some() {
                 tracing::error!(
                     "capture: reconnecting to the source found a problem waiting does not fix; stopping"
                 );
@@ -546,9 +547,9 @@ pub async fn run(
         }
         let ran_for = streaming_since.map(|s: Instant| s.elapsed());
         if ran_for.is_some() {
-            lost = Some(Lost { at: Instant::now() });
+            lost_at = Some(Instant::now());
         }
-        let since = lost.as_ref().map_or(Duration::ZERO, |l| l.at.elapsed());
+        let since = lost_at.map_or(Duration::ZERO, |at| at.elapsed());
         let Some(next) = backoff.next(ran_for) else {
             return Err(CaptureError::GaveUp {
                 attempts: backoff.attempts_made(),
@@ -577,11 +578,6 @@ pub async fn run(
         attempt_config.clone = None;
     }
     Ok(totals.expect("the stream ran"))
-}
-
-/// When the stream was lost.
-struct Lost {
-    at: Instant,
 }
 
 /// One start of capture on the buffer: what a new `walshift capture` does. Adds what it streamed
