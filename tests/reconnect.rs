@@ -213,6 +213,17 @@ fn buffer_end(dir: &Path) -> Option<Lsn> {
     commit.map(|c| c.end_lsn)
 }
 
+/// Waits until the command logged `n` reconnects: it is past the lost run's settling (a
+/// replay's reconnect attempt may commit a batch the lost run left prepared before it is
+/// applying again).
+async fn wait_reconnects(what: &str, n: usize, log: impl Fn() -> String) {
+    let line = format!("{what}: reconnected to host=127.0.0.1");
+    wait_for(&format!("{what} reconnects {n} time(s)"), &log, || async {
+        log().matches(line.as_str()).count() >= n
+    })
+    .await;
+}
+
 /// Waits until the buffer holds a commit past the one it ends with now: capture is streaming.
 async fn wait_buffer_grows(dir: &Path, log: impl Fn() -> String) {
     let before = buffer_end(dir);
@@ -351,7 +362,8 @@ async fn capture_survives_source_restarts_and_the_copy_equals_the_source() {
     );
     let log = || std::fs::read_to_string(dir.path().join("capture.log")).unwrap_or_default();
     wait_for("the clone is done", log, || clone_done(&target_info)).await;
-    for mode in RESTARTS {
+    for (n, mode) in RESTARTS.into_iter().enumerate() {
+        wait_reconnects("capture", n, log).await;
         wait_buffer_grows(&buffer, log).await;
         restart(&mut source, mode);
         assert!(
@@ -360,6 +372,7 @@ async fn capture_survives_source_restarts_and_the_copy_equals_the_source() {
             log()
         );
     }
+    wait_reconnects("capture", RESTARTS.len(), log).await;
     wait_buffer_grows(&buffer, log).await;
     writer.wait_commits(50, log).await;
     writer.finish().await;
@@ -445,7 +458,8 @@ async fn replay_follow_survives_target_restarts_and_the_copy_equals_the_source()
         dir.path().join("replay.log"),
     );
     let log = || std::fs::read_to_string(dir.path().join("replay.log")).unwrap_or_default();
-    for mode in RESTARTS {
+    for (n, mode) in RESTARTS.into_iter().enumerate() {
+        wait_reconnects("replay", n, log).await;
         wait_replay_applies(&tgt, log).await;
         restart(&mut target, mode);
         assert!(
@@ -454,6 +468,7 @@ async fn replay_follow_survives_target_restarts_and_the_copy_equals_the_source()
             log()
         );
     }
+    wait_reconnects("replay", RESTARTS.len(), log).await;
     wait_replay_applies(&tgt, log).await;
     writer.finish().await;
     let end = wait_buffer_has_all(&source, &buffer, capture_log).await;
