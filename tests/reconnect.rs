@@ -610,6 +610,68 @@ async fn capture_stops_at_once_when_the_slot_is_gone() {
     );
 }
 
+/// The target comes back refusing walshift's role (pg_hba.conf): the attempt that meets the
+/// authentication failure stops replay at once, without further attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_stops_at_once_when_the_target_refuses_it_after_a_restart() {
+    let source = Cluster::start(ClusterOptions::default()).unwrap();
+    let mut target = Cluster::start(ClusterOptions::default()).unwrap();
+    target.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _capture = streaming_capture(&source, dir.path(), "5").await;
+    let writer = Writer::start(&source);
+    let tgt = target.conn_string("postgres");
+    let mut replay = Walshift::spawn(
+        &[
+            "replay",
+            "--follow",
+            "--buffer",
+            dir.path().join("buffer").to_str().unwrap(),
+            "--target",
+            &tgt,
+            "--target-not-cloned-by-walshift",
+            "--reconnect-attempts",
+            "5",
+            "--no-progress",
+        ],
+        dir.path().join("replay.log"),
+    );
+    let log = || std::fs::read_to_string(dir.path().join("replay.log")).unwrap_or_default();
+    wait_replay_applies(&tgt, log).await;
+    tokio::task::block_in_place(|| {
+        target.stop_server(ShutdownMode::Fast)?;
+        std::fs::write(
+            target.data_dir().join("pg_hba.conf"),
+            "local all all trust\nhost all all 0.0.0.0/0 reject\n",
+        )
+        .unwrap();
+        target.start_server()
+    })
+    .unwrap();
+    let status = replay.exit().await;
+    writer.finish().await;
+    let text = replay.log();
+    eprintln!("replay's log:\n{text}");
+    assert!(!status.success(), "replay fails: {text}");
+    assert!(text.contains("replay: lost the target ("), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("pg_hba.conf rejects connection"),
+        "the final error is the refusal: {last}"
+    );
+    let retried = text
+        .lines()
+        .any(|l| l.contains("reconnecting, attempt") && l.contains("pg_hba.conf"));
+    assert!(
+        !retried,
+        "an authentication failure is never retried:\n{text}"
+    );
+    assert!(
+        text.contains("replay: reconnecting to the target found a problem waiting does not fix"),
+        "{text}"
+    );
+}
+
 /// A server that cannot be reached when capture or replay starts is an error at once (within
 /// the connect timeout), naming it — no reconnecting before the first start succeeded: a
 /// port nothing listens on, and one whose listener never accepts.
