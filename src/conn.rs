@@ -4,6 +4,15 @@
 //! pairs (`host=… dbname=…`), completed from the `PG*` environment variables and `~/.pgpass`
 //! (or `PGPASSFILE`) like libpq does. Passwords are kept out of every printed form: use
 //! [`ConnInfo::redacted`] (or `Display`) in logs and messages.
+//!
+//! **Dead servers are noticed.** Every connection attempt is bounded by `connect_timeout`
+//! ([`ConnInfo::connect_timeout`]), and every TCP socket walshift opens — the SQL sessions and
+//! the replication connection alike — carries TCP keepalives and `tcp_user_timeout` as libpq
+//! names them ([`ConnInfo::keepalives`]), so a server that vanished (a failover that moved
+//! its address, a cut network) is an error after minutes, not a connection that hangs for
+//! hours. [`reconnect`] is what the long-running commands do about such errors.
+
+pub mod reconnect;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -53,6 +62,7 @@ impl ConnInfo {
     /// As [`ConnInfo::parse`], reading the environment from `env`.
     pub fn parse_with(s: &str, env: &dyn Env) -> Result<Self> {
         let (rest, tls_options) = crate::tls::split_options(s);
+        let (rest, tcp_options) = crate::tls::split_options_named(&rest, TCP_KEYS);
         let mut config: tokio_postgres::Config = rest.parse().map_err(|e| {
             Error::Config(format!(
                 "cannot parse connection string ({e}); use a URL like postgresql://user@host:5432/dbname \
@@ -113,6 +123,7 @@ impl ConnInfo {
                 .unwrap_or(30);
             config.connect_timeout(Duration::from_secs(secs));
         }
+        Keepalives::resolve(&tcp_options)?.set(&mut config);
         let tls = TlsSettings::resolve(&tls_options, env)?;
         let mut info = ConnInfo { config, tls };
         if info.config.get_password().is_none() {
@@ -197,6 +208,23 @@ impl ConnInfo {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// The TCP keepalive settings and `tcp_user_timeout` every TCP connection carries.
+    pub fn keepalives(&self) -> Keepalives {
+        Keepalives {
+            enabled: self.config.get_keepalives(),
+            idle: self.config.get_keepalives_idle(),
+            interval: self.config.get_keepalives_interval(),
+            count: self.config.get_keepalives_retries(),
+            user_timeout: self.config.get_tcp_user_timeout().copied(),
+        }
+    }
+
+    /// Sets [`ConnInfo::keepalives`] on a TCP socket this connection opened outside
+    /// tokio-postgres (the replication connection).
+    pub fn set_tcp_options(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+        self.keepalives().apply(stream)
     }
 
     /// A copy connecting to another database on the same server as the same role.
@@ -299,6 +327,153 @@ impl ConnInfo {
         let mut config = self.config.clone();
         config.ssl_mode(mode);
         self.bounded(config.connect(self.tls.connector())).await
+    }
+}
+
+/// Connection-string keys set on the TCP socket itself, by their libpq names (taken out
+/// before tokio-postgres parses the rest: it does not know `keepalives_count`, and reads
+/// `tcp_user_timeout` as seconds where libpq means milliseconds). `keepalives_retries`,
+/// tokio-postgres's name for `keepalives_count`, is accepted too.
+const TCP_KEYS: &[&str] = &[
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "keepalives_retries",
+    "tcp_user_timeout",
+];
+
+/// [`Keepalives::idle`]'s default when the connection string does not set `keepalives_idle`.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
+/// [`Keepalives::interval`]'s default when the connection string does not set
+/// `keepalives_interval`.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+/// [`Keepalives::count`]'s default when the connection string does not set `keepalives_count`.
+pub const DEFAULT_KEEPALIVES_COUNT: u32 = 6;
+/// The idle time `keepalives_idle=0` ("the system default", as libpq says) stands for: Linux's
+/// default `tcp_keepalive_time`.
+const SYSTEM_KEEPALIVES_IDLE: Duration = Duration::from_secs(7200);
+
+/// TCP keepalives and the TCP user timeout of a connection, from the connection string's
+/// libpq settings. walshift's defaults differ from libpq's (which leaves idle time, interval
+/// and count to the operating system: 2 h, 75 s, 9 probes on Linux): a release runs for
+/// hours, and a server that vanished without closing the connection (a failover that moved
+/// its address, a network cut) should be noticed in minutes, not after two hours and more.
+/// Keepalive probes are a few bytes a minute on an idle connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalives {
+    /// `keepalives`: 0 turns probes off. Default on.
+    pub enabled: bool,
+    /// `keepalives_idle` (seconds): silence before the first probe. Default 60 s
+    /// ([`DEFAULT_KEEPALIVES_IDLE`]); 0 = the system's (2 h on Linux). Shorter notices a dead
+    /// peer sooner, at a few bytes per probe.
+    pub idle: Duration,
+    /// `keepalives_interval` (seconds): between unanswered probes. Default 10 s
+    /// ([`DEFAULT_KEEPALIVES_INTERVAL`]); 0 = the system's. `None`: the system's.
+    pub interval: Option<Duration>,
+    /// `keepalives_count`: unanswered probes before the connection counts as dead. Default 6
+    /// ([`DEFAULT_KEEPALIVES_COUNT`]); 0 = the system's. With the defaults an idle connection
+    /// to a vanished server fails after about 2 minutes.
+    pub count: Option<u32>,
+    /// `tcp_user_timeout` (milliseconds, as in libpq): how long sent data may stay
+    /// unacknowledged before the connection fails — what notices a dead server while a
+    /// statement is being sent (keepalives only probe an idle connection). Default none (the
+    /// system's retransmission limit, about 15 minutes on Linux). Set it above the longest
+    /// pause the network may have, or a slow link fails spuriously.
+    pub user_timeout: Option<Duration>,
+}
+
+impl Keepalives {
+    /// The settings from the TCP options of a connection string (walshift's defaults for the
+    /// ones not given). A value that is not a whole number is an error naming the option.
+    fn resolve(options: &[(String, String)]) -> Result<Keepalives> {
+        let mut k = Keepalives {
+            enabled: true,
+            idle: DEFAULT_KEEPALIVES_IDLE,
+            interval: Some(DEFAULT_KEEPALIVES_INTERVAL),
+            count: Some(DEFAULT_KEEPALIVES_COUNT),
+            user_timeout: None,
+        };
+        for (key, value) in options {
+            let n: u32 = value.trim().parse().map_err(|_| {
+                Error::Config(format!(
+                    "{key}={value:?} is not a whole number of {}; see libpq's connection parameters",
+                    match key.as_str() {
+                        "keepalives" => "0 (off) or 1 (on)",
+                        "keepalives_count" | "keepalives_retries" => "probes",
+                        "tcp_user_timeout" => "milliseconds",
+                        _ => "seconds",
+                    }
+                ))
+            })?;
+            let secs = Duration::from_secs(u64::from(n));
+            match key.as_str() {
+                "keepalives" => k.enabled = n != 0,
+                "keepalives_idle" if n == 0 => k.idle = SYSTEM_KEEPALIVES_IDLE,
+                "keepalives_idle" => k.idle = secs,
+                "keepalives_interval" => k.interval = (n > 0).then_some(secs),
+                "keepalives_count" | "keepalives_retries" => k.count = (n > 0).then_some(n),
+                "tcp_user_timeout" => {
+                    k.user_timeout = (n > 0).then(|| Duration::from_millis(u64::from(n)))
+                }
+                _ => unreachable!("only TCP_KEYS are taken out"),
+            }
+        }
+        Ok(k)
+    }
+
+    /// Hands the settings to tokio-postgres, which sets them on the sockets of SQL sessions.
+    fn set(&self, config: &mut tokio_postgres::Config) {
+        config.keepalives(self.enabled);
+        config.keepalives_idle(self.idle);
+        if let Some(i) = self.interval {
+            config.keepalives_interval(i);
+        }
+        if let Some(c) = self.count {
+            config.keepalives_retries(c);
+        }
+        if let Some(t) = self.user_timeout {
+            config.tcp_user_timeout(t);
+        }
+    }
+
+    /// The settings as libpq connection-string parameters, for the PostgreSQL client
+    /// programs walshift runs (`pg_dump`, `psql`), so their connections carry the same
+    /// keepalives.
+    pub fn libpq_options(&self) -> String {
+        let mut out = format!("keepalives={}", u8::from(self.enabled));
+        if self.enabled {
+            out.push_str(&format!(" keepalives_idle={}", self.idle.as_secs()));
+            if let Some(i) = self.interval {
+                out.push_str(&format!(" keepalives_interval={}", i.as_secs()));
+            }
+            if let Some(c) = self.count {
+                out.push_str(&format!(" keepalives_count={c}"));
+            }
+        }
+        if let Some(t) = self.user_timeout {
+            out.push_str(&format!(" tcp_user_timeout={}", t.as_millis()));
+        }
+        out
+    }
+
+    /// Sets them on a socket, as tokio-postgres does on its own.
+    pub fn apply(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+        let sock = socket2::SockRef::from(stream);
+        if self.enabled {
+            let mut ka = socket2::TcpKeepalive::new().with_time(self.idle);
+            if let Some(i) = self.interval {
+                ka = ka.with_interval(i);
+            }
+            if let Some(c) = self.count {
+                ka = ka.with_retries(c);
+            }
+            sock.set_tcp_keepalive(&ka)?;
+        }
+        if let Some(t) = self.user_timeout {
+            sock.set_tcp_user_timeout(Some(t))?;
+        }
+        Ok(())
     }
 }
 
@@ -453,6 +628,79 @@ mod tests {
         assert_eq!(c.password(), Some(&b"fallback"[..]));
         let c = ConnInfo::parse_with("host=db2 user=x dbname=y", &e).unwrap();
         assert_eq!(c.password(), None);
+    }
+
+    #[test]
+    fn keepalives_by_their_libpq_names_with_walshift_defaults() {
+        let e = env(&[]);
+        let d = ConnInfo::parse_with("host=db1 dbname=shop", &e).unwrap();
+        let k = d.keepalives();
+        assert!(k.enabled);
+        assert_eq!(k.idle, DEFAULT_KEEPALIVES_IDLE);
+        assert_eq!(k.interval, Some(DEFAULT_KEEPALIVES_INTERVAL));
+        assert_eq!(k.count, Some(DEFAULT_KEEPALIVES_COUNT));
+        assert_eq!(k.user_timeout, None);
+        let kv = ConnInfo::parse_with(
+            "host=db1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3 \
+             tcp_user_timeout=1500 dbname=shop password='keepalives_count=9'",
+            &e,
+        )
+        .unwrap();
+        let url = ConnInfo::parse_with(
+            "postgresql://db1/shop?keepalives_idle=5&keepalives_interval=2&keepalives_count=3&tcp_user_timeout=1500",
+            &e,
+        )
+        .unwrap();
+        for c in [&kv, &url] {
+            let k = c.keepalives();
+            assert_eq!(
+                (k.enabled, k.idle, k.interval, k.count, k.user_timeout),
+                (
+                    true,
+                    Duration::from_secs(5),
+                    Some(Duration::from_secs(2)),
+                    Some(3),
+                    Some(Duration::from_millis(1500))
+                )
+            );
+            assert_eq!(c.dbname(), "shop");
+        }
+        assert_eq!(kv.password(), Some(&b"keepalives_count=9"[..]));
+        assert_eq!(
+            kv.keepalives().libpq_options(),
+            "keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=3 tcp_user_timeout=1500"
+        );
+        let off = ConnInfo::parse_with("host=db1 keepalives=0 keepalives_interval=0", &e).unwrap();
+        assert!(!off.keepalives().enabled);
+        assert_eq!(off.keepalives().interval, None);
+        let bad = ConnInfo::parse_with("host=db1 keepalives_idle=soon", &e).unwrap_err();
+        assert!(bad.to_string().contains("keepalives_idle"), "{bad}");
+    }
+
+    #[tokio::test]
+    async fn keepalives_are_set_on_the_socket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let c = ConnInfo::parse_with(
+            "host=127.0.0.1 keepalives_idle=7 keepalives_interval=3 keepalives_count=4 tcp_user_timeout=2500",
+            &env(&[]),
+        )
+        .unwrap();
+        c.set_tcp_options(&stream).unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(
+            sock.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(3)
+        );
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 4);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(2500))
+        );
     }
 
     #[test]

@@ -694,14 +694,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for TlsSt
 /// options in order. Handles both forms; a string it cannot tokenize is returned whole, for
 /// tokio-postgres to report.
 pub(crate) fn split_options(s: &str) -> (String, Vec<(String, String)>) {
+    split_options_named(s, TLS_KEYS)
+}
+
+/// As [`split_options`], for the options named in `keys` (conn.rs takes the TCP options out
+/// the same way).
+pub(crate) fn split_options_named(s: &str, keys: &[&str]) -> (String, Vec<(String, String)>) {
     if s.starts_with("postgresql://") || s.starts_with("postgres://") {
-        split_url(s)
+        split_url(s, keys)
     } else {
-        split_keyword_value(s).unwrap_or_else(|| (s.to_owned(), Vec::new()))
+        split_keyword_value(s, keys).unwrap_or_else(|| (s.to_owned(), Vec::new()))
     }
 }
 
-fn split_url(s: &str) -> (String, Vec<(String, String)>) {
+fn split_url(s: &str, keys: &[&str]) -> (String, Vec<(String, String)>) {
     let Some((base, query)) = s.split_once('?') else {
         return (s.to_owned(), Vec::new());
     };
@@ -710,7 +716,7 @@ fn split_url(s: &str) -> (String, Vec<(String, String)>) {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let key = percent_decode(k);
-        if TLS_KEYS.contains(&key.as_str()) {
+        if keys.contains(&key.as_str()) {
             taken.push((key, percent_decode(v)));
         } else {
             kept.push(pair);
@@ -745,7 +751,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn split_keyword_value(s: &str) -> Option<(String, Vec<(String, String)>)> {
+fn split_keyword_value(s: &str, keys: &[&str]) -> Option<(String, Vec<(String, String)>)> {
     let chars: Vec<(usize, char)> = s.char_indices().collect();
     let at = |i: usize| chars.get(i).map(|c| c.1);
     let mut i = 0;
@@ -811,7 +817,7 @@ fn split_keyword_value(s: &str) -> Option<(String, Vec<(String, String)>)> {
             }
         }
         let end = chars.get(i).map(|c| c.0).unwrap_or(s.len());
-        if TLS_KEYS.contains(&key.as_str()) {
+        if keys.contains(&key.as_str()) {
             rest.push_str(&s[last..start]);
             last = end;
             taken.push((key, value));

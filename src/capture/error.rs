@@ -149,4 +149,41 @@ pub enum CaptureError {
 
     #[error(transparent)]
     Sql(#[from] SqlError),
+
+    #[error(
+        "lost the source and could not get the stream back: {attempts} reconnect attempt(s) over {} failed \
+         (--reconnect-attempts). Everything received is durable in the buffer; run capture again once the \
+         source is back to resume. The last attempt",
+        crate::conn::reconnect::human(*.over)
+    )]
+    GaveUp {
+        attempts: u32,
+        /// Since the stream was lost.
+        over: Duration,
+        #[source]
+        last: Box<CaptureError>,
+    },
+}
+
+impl CaptureError {
+    /// The source is gone for now (restarting, failing over, the connection dropped) and
+    /// another start on the same buffer may succeed: capture reconnects after these
+    /// ([`crate::conn::reconnect`]). Its slot still "active" for the walsender of the lost
+    /// connection is one. Never a slot that is gone or ahead of the buffer, another source,
+    /// the buffer itself, authentication or permissions: those stop capture at once.
+    pub fn is_transient(&self) -> bool {
+        use crate::conn::reconnect::{is_transient, is_transient_identity, is_transient_sql};
+        match self {
+            CaptureError::Replication(e) => e.is_transient(),
+            CaptureError::Source(e) => is_transient(e),
+            CaptureError::Sql(e) | CaptureError::Preflight(PreflightError::Sql(e)) => {
+                is_transient_sql(e)
+            }
+            CaptureError::Identity(e) => is_transient_identity(e),
+            CaptureError::StreamEnded { .. }
+            | CaptureError::StreamStalled { .. }
+            | CaptureError::SlotInUse { .. } => true,
+            _ => false,
+        }
+    }
 }

@@ -12,8 +12,17 @@
 //! [`CaptureConfig::adopt_slot`]). A stream silent for longer than the stream timeout is an
 //! error, never a quiet "streaming, lag 0".
 //!
+//! **Reconnecting** ([`CaptureConfig::reconnect`]). Once streaming has started, a source that
+//! restarts, fails over or drops the connection ([`CaptureError::is_transient`]) is not the
+//! end: the buffer is flushed and closed, and after a backoff capture starts again exactly as
+//! a new `walshift capture` on the same buffer does — recovery cuts the transaction the stream
+//! broke off in, the slot and the source are checked again, and streaming resumes from the
+//! buffer's durable end; the slot resends from its confirmed position (never past the
+//! buffer's end), and what the buffer already holds is dropped by commit LSN. A failure that
+//! waiting cannot fix (slot gone, another source, the buffer) stops capture at once.
+//!
 //! - `mod.rs`: [`CaptureConfig`], [`prepare`] (preflight, publication, slot), [`check_slot`],
-//!   [`run`] (buffer, clone, then the stream).
+//!   [`run`] (buffer, clone, then the stream; again after a lost connection).
 //! - `error`: [`CaptureError`].
 //! - `claims`: the files that tie a buffer directory to the slot and the clones it started.
 //! - `stream`: the stream state loop (receive → append → flush → acknowledge).
@@ -34,6 +43,7 @@ use std::time::{Duration, Instant};
 use crate::buffer::{BufferConfig, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
+use crate::conn::reconnect::{self, Backoff, Reconnect};
 use crate::error::SqlContext;
 use crate::identity;
 use crate::lsn::Lsn;
@@ -107,6 +117,12 @@ pub struct CaptureConfig {
     /// update, so a live stream is never silent for longer than `status_interval`. Zero
     /// disables the check.
     pub stream_timeout: Option<Duration>,
+    /// Reconnecting after the source restarts, fails over or drops the connection, once
+    /// streaming has started (a source unreachable at the start is an error at once). Default
+    /// [`Reconnect::never`] (the `capture` command's default is
+    /// [`reconnect::DEFAULT_ATTEMPTS`] attempts): embedding callers that must not wait, like
+    /// cutover's window, keep failing fast. See the module docs for what a reconnect does.
+    pub reconnect: Reconnect,
 }
 
 /// [`CaptureConfig::flush_interval`]'s default.
@@ -138,6 +154,7 @@ impl CaptureConfig {
             accept_partition_rewrite: Vec::new(),
             adopt_slot: false,
             stream_timeout: None,
+            reconnect: Reconnect::never(),
         }
     }
 }
@@ -155,7 +172,7 @@ pub struct CaptureReport {
     pub changes: u64,
     /// pgoutput bytes received in this run.
     pub bytes: u64,
-    /// Wall time of the streaming phase.
+    /// Wall time of the streaming phase (summed over reconnects; the outages not counted).
     #[serde(with = "secs")]
     pub elapsed: Duration,
     /// Socket reads that brought data during streaming, and the bytes they brought (wire
@@ -171,6 +188,8 @@ pub struct CaptureReport {
     /// Preflight warnings: what logical decoding does not carry (large objects, unlogged
     /// tables, sequences).
     pub warnings: Vec<String>,
+    /// Times the stream was lost and got back ([`CaptureConfig::reconnect`]).
+    pub reconnects: u32,
 }
 
 mod secs {
@@ -487,14 +506,96 @@ async fn wal_sender_timeout(
 
 /// Opens (and recovers) the buffer, checks it belongs to this source, prepares the source and
 /// streams until `until_lsn` is durable, `shutdown` resolves, or an error occurs. On a clean
-/// stop everything received is flushed and confirmed before returning.
+/// stop everything received is flushed and confirmed before returning. After a lost stream it
+/// starts again as [`CaptureConfig::reconnect`] says (see the module docs).
 pub async fn run(
     config: CaptureConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<CaptureReport, CaptureError> {
     check_slot_name(&config)?;
+    tokio::pin!(shutdown);
+    let mut backoff = Backoff::new(config.reconnect);
+    let mut totals: Option<CaptureReport> = None;
+    // When the stream was lost, while reconnecting.
+    let mut lost_at: Option<Instant> = None;
+    let mut attempt_config = config.clone();
+    loop {
+        let mut streaming_since = None;
+        let outcome = run_once(
+            &attempt_config,
+            shutdown.as_mut(),
+            &mut totals,
+            &mut streaming_since,
+            lost_at.map(|at| (at, backoff.attempts_made())),
+        )
+        .await;
+        let error = match outcome {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        // Until the stream ran once, a failure is the start's own (as without reconnecting).
+        if totals.is_none() || config.reconnect.attempts == 0 {
+            return Err(error);
+        }
+        if !error.is_transient() {
+            if lost_at.is_some() {
+                tracing::error!(
+                    "capture: reconnecting to the source found a problem waiting does not fix; stopping"
+                );
+            }
+            return Err(error);
+        }
+        let ran_for = streaming_since.map(|s: Instant| s.elapsed());
+        if ran_for.is_some() {
+            lost_at = Some(Instant::now());
+        }
+        let since = lost_at.map_or(Duration::ZERO, |at| at.elapsed());
+        let Some(next) = backoff.next(ran_for) else {
+            return Err(CaptureError::GaveUp {
+                attempts: backoff.attempts_made(),
+                over: since,
+                last: Box::new(error),
+            });
+        };
+        tracing::warn!(
+            "capture: {} ({}); reconnecting, attempt {} of {} in {}",
+            if ran_for.is_some() {
+                "lost the replication stream"
+            } else {
+                "reconnect attempt failed"
+            },
+            reconnect::one_line(&error),
+            next.number,
+            next.of,
+            reconnect::human(next.delay),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(next.delay) => {}
+            _ = shutdown.as_mut() => break,
+        }
+        // The clone is done (streaming follows it): a reconnect resumes the stream only, as a
+        // start on the same buffer without --clone-to does.
+        attempt_config.clone = None;
+    }
+    Ok(totals.expect("the stream ran"))
+}
+
+/// One start of capture on the buffer: what a new `walshift capture` does. Adds what it streamed
+/// to `totals` (created when streaming first starts); `streaming_since` is set once streaming
+/// started; `reconnecting` is when the stream was lost and the attempts made since.
+async fn run_once(
+    config: &CaptureConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    totals: &mut Option<CaptureReport>,
+    streaming_since: &mut Option<Instant>,
+    reconnecting: Option<(Instant, u32)>,
+) -> Result<(), CaptureError> {
+    tokio::pin!(shutdown);
     let (writer, recovery) = BufferWriter::open(&config.buffer_dir, config.buffer.clone())?;
-    if !recovery.is_clean() {
+    if reconnecting.is_some() && recovery.torn_tail.is_none() {
+        // Cutting the transaction the lost stream broke off in is what a reconnect expects.
+        tracing::info!("buffer recovery: {recovery:?}");
+    } else if !recovery.is_clean() {
         tracing::warn!("buffer recovery: {recovery:?}");
     }
     let mut existing = BufferMeta::read(&config.buffer_dir)?;
@@ -518,7 +619,7 @@ pub async fn run(
             // point. Kept there once buffer.json is gone, so the clone stays this buffer's.
             if let Some(start) = meta.slot_start_lsn {
                 record_clone_attempt(
-                    &config,
+                    config,
                     &clone::CloneOrigin {
                         system_identifier: meta.system_identifier,
                         database: meta.database.clone(),
@@ -528,7 +629,7 @@ pub async fn run(
                 )?;
             }
             tracing::warn!(slot = %config.slot, "an earlier clone did not finish: dropping its slot and cloning again");
-            drop_slot_if_exists(&config).await?;
+            drop_slot_if_exists(config).await?;
             for path in [
                 BufferMeta::path(&config.buffer_dir),
                 SlotProgress::path(&config.buffer_dir),
@@ -563,8 +664,17 @@ pub async fn run(
             .and_then(|m| m.slot_start_lsn)
             .unwrap_or(Lsn::ZERO),
     );
-    let prepared = match prepare_inner(&config, existing.as_ref().map(|m| (m, covered)), true).await
-    {
+    let prepare = prepare_inner(config, existing.as_ref().map(|m| (m, covered)), true);
+    let prepared = if reconnecting.is_some() {
+        // A stop asked for while the source is still away ends the attempt (nothing to flush).
+        tokio::select! {
+            r = prepare => r,
+            _ = shutdown.as_mut() => return Ok(()),
+        }
+    } else {
+        prepare.await
+    };
+    let prepared = match prepared {
         Err(CaptureError::SlotAhead { .. }) if behind.is_some() => {
             return Err(behind.expect("checked").into());
         }
@@ -588,7 +698,7 @@ pub async fn run(
         );
         if let Some(start) = prepared.slot_start {
             meta = meta.with_slot_start(start);
-            record_progress(&config, start, durable)?;
+            record_progress(config, start, durable)?;
         }
         meta.write(&config.buffer_dir)?;
         match std::fs::remove_file(config.buffer_dir.join(CLAIM_FILE)) {
@@ -598,7 +708,7 @@ pub async fn run(
             _ => {}
         }
     }
-    let watch = partition_watch(&config, &prepared).await?;
+    let watch = partition_watch(config, &prepared).await?;
     if let Some(clone) = &config.clone {
         match &prepared.snapshot {
             Some(snapshot) => {
@@ -614,7 +724,7 @@ pub async fn run(
                     slot: config.slot.clone(),
                     consistent_lsn: prepared.consistent_point.unwrap_or(Lsn::ZERO),
                 };
-                record_clone_attempt(&config, &origin)?;
+                record_clone_attempt(config, &origin)?;
                 opts.origin = Some(origin);
                 // The replication connection stays idle meanwhile: the snapshot stays valid.
                 let report = clone::clone_database(&opts, snapshot, &prepared.tables).await?;
@@ -652,9 +762,6 @@ pub async fn run(
             .unwrap_or(Duration::from_secs(60))
             .max(Duration::from_secs(10))
     });
-    let tables = prepared.tables.iter().map(|t| t.to_string()).collect();
-    let warnings = prepared.warnings.clone();
-    let slot_created = prepared.consistent_point.is_some();
     let resume_from = writer
         .durable_lsn()
         .max(prepared.consistent_point.unwrap_or(Lsn::ZERO));
@@ -673,8 +780,39 @@ pub async fn run(
             ],
         )
         .await?;
-    let mut report = stream_into(
-        &config,
+    *streaming_since = Some(Instant::now());
+    let totals = match totals {
+        Some(t) => {
+            t.reconnects += 1;
+            t
+        }
+        None => totals.insert(CaptureReport {
+            start_lsn: resume_from,
+            durable_lsn: resume_from,
+            transactions: 0,
+            changes: 0,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            socket_reads: 0,
+            socket_read_bytes: 0,
+            fsyncs: 0,
+            slot_created: prepared.consistent_point.is_some(),
+            tables: prepared.tables.iter().map(|t| t.to_string()).collect(),
+            warnings: prepared.warnings.clone(),
+            reconnects: 0,
+        }),
+    };
+    if let Some((lost_at, attempts)) = reconnecting {
+        tracing::warn!(
+            "capture: reconnected to {} after {attempts} attempt(s), {} after the stream was lost; \
+             streaming slot {:?} again from {resume_from}",
+            config.source,
+            reconnect::human(lost_at.elapsed()),
+            config.slot,
+        );
+    }
+    stream_into(
+        config,
         stream,
         writer,
         Resume {
@@ -684,12 +822,9 @@ pub async fn run(
         },
         watch,
         shutdown,
+        totals,
     )
-    .await?;
-    report.slot_created = slot_created;
-    report.tables = tables;
-    report.warnings = warnings;
-    Ok(report)
+    .await
 }
 
 async fn drop_slot_if_exists(config: &CaptureConfig) -> Result<(), CaptureError> {

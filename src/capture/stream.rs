@@ -82,7 +82,8 @@ pub(super) async fn stream_into(
     resume: Resume,
     mut watch: Option<PartitionWatch>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<CaptureReport, CaptureError> {
+    totals: &mut CaptureReport,
+) -> Result<(), CaptureError> {
     let started = Instant::now();
     let reads_before = stream.read_stats();
     let syncs_before = writer.syncs();
@@ -231,26 +232,22 @@ pub(super) async fn stream_into(
         state.unsubmitted = false;
     }
     progress.finish(&state);
+    // Counted whatever the outcome: a stream lost and resumed adds up over its runs.
+    let (socket_reads, socket_read_bytes) = stream.read_stats();
+    totals.durable_lsn = totals.durable_lsn.max(state.sendable());
+    totals.transactions += state.transactions;
+    totals.changes += state.changes;
+    totals.bytes += state.bytes;
+    totals.elapsed += started.elapsed();
+    totals.socket_reads += socket_reads - reads_before.0;
+    totals.socket_read_bytes += socket_read_bytes - reads_before.1;
+    totals.fsyncs += writer.syncs() - syncs_before;
     outcome?;
     flushed?;
     record(config, &mut state, false)?;
     send_status(&mut stream, &state, false).await?;
-    let (socket_reads, socket_read_bytes) = stream.read_stats();
     let _ = stream.stop().await;
-    Ok(CaptureReport {
-        start_lsn: resume_from,
-        durable_lsn: state.sendable(),
-        transactions: state.transactions,
-        changes: state.changes,
-        bytes: state.bytes,
-        elapsed: started.elapsed(),
-        socket_reads: socket_reads - reads_before.0,
-        socket_read_bytes: socket_read_bytes - reads_before.1,
-        fsyncs: writer.syncs() - syncs_before,
-        slot_created: false,
-        tables: Vec::new(),
-        warnings: Vec::new(),
-    })
+    Ok(())
 }
 
 async fn send_status(

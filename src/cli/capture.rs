@@ -64,6 +64,11 @@ pub struct CaptureArgs {
     /// (`0s` = never). Default: the source's wal_sender_timeout, at least 10 s.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     stream_timeout: Option<Duration>,
+    /// After the source restarts, fails over or drops the connection: reconnect attempts in
+    /// a row before giving up (1 s, 2 s, 4 s … up to 30 s apart: 10 ≈ 3 minutes); each
+    /// resumes from the buffer's durable end. 0 = stop at the first lost connection.
+    #[arg(long, default_value_t = crate::conn::reconnect::DEFAULT_ATTEMPTS, value_name = "N")]
+    reconnect_attempts: u32,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -88,6 +93,7 @@ pub async fn run(a: CaptureArgs) -> anyhow::Result<ExitCode> {
     config.accept_partition_rewrite = a.accept_partition_rewrite;
     config.adopt_slot = a.adopt_slot;
     config.stream_timeout = a.stream_timeout;
+    config.reconnect = crate::conn::reconnect::Reconnect::attempts(a.reconnect_attempts);
     if let Some(target) = &a.clone_to {
         let target = ConnInfo::parse(target).context("--clone-to")?;
         let mut clone = crate::clone::CloneOptions::new(config.source.clone(), target);

@@ -2,12 +2,12 @@
 //! into a target at a time (the replay guard), the report to the terminal.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 
 use super::args::{BatchRows, BufferDir, ReplayPace, Target};
 use super::{parse_lsn, shutdown_signal};
+use crate::apply::replay::lock::{LOCK_WAIT, ReplayGuard, RetakenLock};
 use crate::apply::replay::{self, ReplayConfig};
 use crate::lsn::Lsn;
 
@@ -38,6 +38,11 @@ pub struct ReplayArgs {
     /// source itself is refused regardless.
     #[arg(long)]
     target_not_cloned_by_walshift: bool,
+    /// After the target restarts, fails over or drops a connection: reconnect attempts in a
+    /// row before giving up (1 s, 2 s, 4 s … up to 30 s apart: 10 ≈ 3 minutes); each resumes
+    /// after the last committed batch. 0 = stop at the first lost connection.
+    #[arg(long, default_value_t = crate::conn::reconnect::DEFAULT_ATTEMPTS, value_name = "N")]
+    reconnect_attempts: u32,
     /// No progress line.
     #[arg(long)]
     no_progress: bool,
@@ -55,6 +60,7 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     config.batch_time = a.pace.batch_time();
     config.apply_connections = a.pace.apply_connections;
     config.progress = !a.no_progress;
+    config.reconnect = crate::conn::reconnect::Reconnect::attempts(a.reconnect_attempts);
     if a.target_not_cloned_by_walshift {
         config.target_origin = replay::TargetOrigin::LoadedElsewhere;
     }
@@ -63,20 +69,15 @@ pub async fn run(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     }
     // One replay of a buffer into a target at a time; the lock is also how `walshift cutover`
     // sees that a replay is already running.
-    let _guard = match crate::buffer::BufferMeta::read(&config.buffer_dir)? {
-        Some(m) => {
-            let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
-            let wait = Duration::from_secs(10);
-            Some(
-                crate::apply::replay::lock::ReplayGuard::acquire_within(&config.target, &id, wait)
-                    .await?
-                    .context(
-                        "another walshift replay (or walshift run, or a cutover) is applying this buffer to this target; stop it first",
-                    )?,
-            )
-        }
-        None => None,
-    };
+    if let Some(m) = crate::buffer::BufferMeta::read(&config.buffer_dir)? {
+        let id = crate::apply::progress::buffer_id(m.system_identifier, &m.slot);
+        let guard = ReplayGuard::acquire_within(&config.target, &id, LOCK_WAIT)
+            .await?
+            .context(
+                "another walshift replay (or walshift run, or a cutover) is applying this buffer to this target; stop it first",
+            )?;
+        config.lock = Some(RetakenLock::shared(config.target.clone(), id, guard));
+    }
     let report = replay::run(config, shutdown_signal()).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

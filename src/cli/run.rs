@@ -41,6 +41,11 @@ pub struct RunArgs {
     /// copy was made to match: accept its current state (comma-separated schema.table).
     #[arg(long, value_delimiter = ',', value_name = "TABLE")]
     accept_partition_rewrite: Vec<String>,
+    /// After the source or the target restarts, fails over or drops a connection: reconnect
+    /// attempts in a row (capture and replay each) before giving up (1 s, 2 s, 4 s … up to
+    /// 30 s apart: 10 ≈ 3 minutes). 0 = the run ends at the first lost connection.
+    #[arg(long, default_value_t = crate::conn::reconnect::DEFAULT_ATTEMPTS, value_name = "N")]
+    reconnect_attempts: u32,
     /// No status line.
     #[arg(long)]
     no_progress: bool,
@@ -61,6 +66,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     config.apply_connections = a.pace.apply_connections;
     config.status_line = !a.no_progress;
     config.accept_partition_rewrite = a.accept_partition_rewrite;
+    config.reconnect = crate::conn::reconnect::Reconnect::attempts(a.reconnect_attempts);
     if let Some(path) = &a.transform {
         config.transform = Some(std::sync::Arc::new(crate::transform::Mapping::load(path)?));
     }

@@ -639,6 +639,84 @@ impl Cluster {
     }
 }
 
+/// How [`Cluster::stop_server`] shuts the server down: PostgreSQL's shutdown modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// SIGTERM: no new sessions; waits for every client to disconnect.
+    Smart,
+    /// SIGINT: ends every session ("terminating connection due to administrator command"),
+    /// walsenders after sending what they have, then a shutdown checkpoint.
+    Fast,
+    /// SIGQUIT: stops at once, as a crash; the next start runs crash recovery.
+    Immediate,
+}
+
+/// Stopping and starting a cluster's server under running clients, for tests of what survives
+/// a restart. The cluster keeps its files and its port while stopped.
+impl Cluster {
+    /// Shuts the server down in `mode` and waits until it has exited (at most a minute: a
+    /// smart shutdown waits for its clients). Stopping a stopped server does nothing.
+    pub fn stop_server(&mut self, mode: ShutdownMode) -> Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        let signal = match mode {
+            ShutdownMode::Smart => libc::SIGTERM,
+            ShutdownMode::Fast => libc::SIGINT,
+            ShutdownMode::Immediate => libc::SIGQUIT,
+        };
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) => {
+                    return Err(LocalPgError::Command {
+                        what: format!("stopping postgres on port {} ({mode:?})", self.port),
+                        detail: "the server did not exit within 60 s".into(),
+                    });
+                }
+                Err(e) => {
+                    return Err(LocalPgError::Command {
+                        what: format!("stopping postgres on port {}", self.port),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+        self.child = None;
+        // An immediate shutdown leaves postmaster.pid (saying "ready") behind: the next start
+        // must not take it for its own readiness.
+        let pid_file = self.data_dir().join("postmaster.pid");
+        match fs::remove_file(&pid_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&pid_file)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts a stopped server again, on the same port and data directory; blocks until it
+    /// accepts connections (after crash recovery, following an immediate shutdown). Starting a
+    /// running server does nothing.
+    pub fn start_server(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.launch(&ClusterOptions::default())
+    }
+
+    /// [`Cluster::stop_server`] in `mode`, then [`Cluster::start_server`].
+    pub fn restart(&mut self, mode: ShutdownMode) -> Result<()> {
+        self.stop_server(mode)?;
+        self.start_server()
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();

@@ -15,12 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::apply::progress;
-use crate::apply::replay::lock::ReplayGuard;
+use crate::apply::replay::lock::{ReplayGuard, RetakenLock};
 use crate::apply::replay::{self, ReplayConfig, ReplayError};
 use crate::buffer::BufferMeta;
 use crate::capture::{self, CaptureConfig, CaptureError};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
+use crate::conn::reconnect::Reconnect;
 use crate::cutover::lag::LagMeter;
 use crate::lsn::Lsn;
 use crate::source::slot;
@@ -61,6 +62,12 @@ pub struct LiveConfig {
     pub transform: Option<Arc<crate::transform::Mapping>>,
     /// Capture's [`CaptureConfig::accept_partition_rewrite`]. Default none.
     pub accept_partition_rewrite: Vec<String>,
+    /// After the source or the target restarts, fails over or drops a connection: capture
+    /// and replay reconnect this way ([`CaptureConfig::reconnect`], [`ReplayConfig::reconnect`];
+    /// each counts its own attempts). Default [`Reconnect::never`] for the library (the CLI:
+    /// [`crate::conn::reconnect::DEFAULT_ATTEMPTS`]); the run then ends with the first lost
+    /// connection, as a run ends when either task fails.
+    pub reconnect: Reconnect,
 }
 
 impl LiveConfig {
@@ -78,6 +85,7 @@ impl LiveConfig {
             status_line: false,
             transform: None,
             accept_partition_rewrite: Vec::new(),
+            reconnect: Reconnect::never(),
         }
     }
 }
@@ -148,6 +156,7 @@ pub async fn run(
     cap_cfg.slot = config.slot.clone();
     cap_cfg.publication = config.publication.clone();
     cap_cfg.flush_interval = config.flush_interval;
+    cap_cfg.reconnect = config.reconnect;
     cap_cfg.accept_partition_rewrite = config.accept_partition_rewrite.clone();
     let mut clone_opts = CloneOptions::new(config.source.clone(), config.target.clone());
     clone_opts.parallel = config.clone_parallel.max(1);
@@ -199,6 +208,12 @@ pub async fn run(
         return Err(LiveError::ReplayRunning);
     };
     let mut rep_cfg = ReplayConfig::new(&config.buffer_dir, config.target.clone());
+    rep_cfg.lock = Some(RetakenLock::shared(
+        config.target.clone(),
+        buffer_id.clone(),
+        guard,
+    ));
+    rep_cfg.reconnect = config.reconnect;
     rep_cfg.follow = true;
     rep_cfg.transform = config.transform.clone();
     rep_cfg.batch_time = config.batch_time;
@@ -281,7 +296,6 @@ pub async fn run(
         Some(r) => r,
         None => replay.await,
     };
-    drop(guard);
     let cap = match cap_done {
         Some(r) => r,
         None => capture.await,

@@ -115,6 +115,28 @@ impl ReplicationError {
     pub fn code(&self) -> Option<&str> {
         self.as_db_error().map(DbError::code)
     }
+
+    /// The connection is gone or the server cannot take it yet, so another connection may
+    /// succeed (see [`crate::conn::reconnect`]): it could not be reached, timed out, broke or
+    /// was closed, or the server answered with a transient SQLSTATE — or 55006
+    /// `object_in_use`, a replication slot still "active" for the walsender of the connection
+    /// just lost (it ends within moments). Never TLS, authentication or protocol failures.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::Timeout { .. }
+            | ReplicationError::Io(_)
+            | ReplicationError::Closed => true,
+            ReplicationError::Server(e) => {
+                crate::conn::reconnect::is_transient_sqlstate(e.code()) || e.code() == "55006"
+            }
+            ReplicationError::Tls { .. }
+            | ReplicationError::TlsRefused { .. }
+            | ReplicationError::Protocol(_)
+            | ReplicationError::Auth { .. }
+            | ReplicationError::UnexpectedResult { .. } => false,
+        }
+    }
 }
 
 type Result<T, E = ReplicationError> = std::result::Result<T, E>;
@@ -324,6 +346,9 @@ impl ReplicationConnection {
                     .await
                     .map_err(connect_err)?;
                 s.set_nodelay(true).map_err(connect_err)?;
+                // Keepalives: a source that vanished without closing the connection (a
+                // failover that moved its address) is noticed even while nothing streams.
+                info.set_tcp_options(&s).map_err(connect_err)?;
                 Self::negotiate_tls(info, host, s, tls).await?
             }
             Host::Unix(dir) => {

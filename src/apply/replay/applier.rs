@@ -670,6 +670,10 @@ impl Applier {
         match outcome {
             Ok(Some(c)) => self.committed(config, report, c),
             Ok(None) => {}
+            Err((WriteError::Db(e), _)) if crate::conn::reconnect::is_transient_pg(&e) => {
+                // The connection is gone: strict order on it would fail the same way.
+                return Err(SqlError::new("writing a batch on the target", e).into());
+            }
             Err((WriteError::Db(e), until)) => {
                 tracing::warn!("set-based batch failed ({e}); replaying it in strict source order");
                 return Ok(Err(Pass::Retry { until }));

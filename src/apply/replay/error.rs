@@ -123,4 +123,43 @@ pub enum ReplayError {
     },
     #[error(transparent)]
     Sql(#[from] SqlError),
+    #[error(
+        "another walshift replay (or walshift run, or a cutover) took this buffer's replay lock on \
+         the target while this replay was reconnecting; this one stops so that only one applies it"
+    )]
+    LockTaken,
+    #[error(
+        "lost the target and could not get back to it: {attempts} reconnect attempt(s) over {} failed \
+         (--reconnect-attempts). Everything committed on the target is recorded in walshift.applied; \
+         run replay again once the target is back to resume there. The last attempt",
+        crate::conn::reconnect::human(*.over)
+    )]
+    GaveUp {
+        attempts: u32,
+        /// Since the target was lost.
+        over: std::time::Duration,
+        #[source]
+        last: Box<ReplayError>,
+    },
+}
+
+impl ReplayError {
+    /// The target is gone for now (restarting, failing over, a connection dropped) and another
+    /// start may succeed: replay reconnects after these ([`crate::conn::reconnect`]). Never a
+    /// statement the target refused for its content (a constraint, a type, a permission), a
+    /// divergence, the buffer, or authentication: those stop replay at once.
+    pub fn is_transient(&self) -> bool {
+        use crate::conn::reconnect::{
+            is_transient, is_transient_identity, is_transient_pg, is_transient_sql,
+        };
+        match self {
+            ReplayError::Connect(e) => is_transient(e),
+            ReplayError::Identity(e) => is_transient_identity(e),
+            ReplayError::Sql(e)
+            | ReplayError::Target(CatalogError::Sql(e))
+            | ReplayError::Transform(TransformError::Sql(e)) => is_transient_sql(e),
+            ReplayError::Apply { source, .. } => is_transient_pg(source),
+            _ => false,
+        }
+    }
 }

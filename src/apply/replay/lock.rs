@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use std::sync::Arc;
+
+use super::{ReplayError, TargetLock};
 use crate::SqlContext;
 use crate::conn::ConnInfo;
 
@@ -53,5 +56,46 @@ impl ReplayGuard {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// How long a replay waits for the buffer's replay lock (a replay that was just killed holds it
+/// until its server session notices).
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// The replay lock as a reconnecting replay holds it ([`super::ReplayConfig::lock`]): taken
+/// again after the target came back, since its session died with the target.
+pub struct RetakenLock {
+    target: ConnInfo,
+    buffer_id: String,
+    guard: tokio::sync::Mutex<Option<ReplayGuard>>,
+}
+
+impl RetakenLock {
+    /// Wraps a lock already taken for `buffer_id` on `target`.
+    pub fn shared(target: ConnInfo, buffer_id: String, guard: ReplayGuard) -> Arc<dyn TargetLock> {
+        Arc::new(RetakenLock {
+            target,
+            buffer_id,
+            guard: tokio::sync::Mutex::new(Some(guard)),
+        })
+    }
+}
+
+impl TargetLock for RetakenLock {
+    fn retake(&self) -> futures_util::future::BoxFuture<'_, Result<(), ReplayError>> {
+        Box::pin(async move {
+            let mut guard = self.guard.lock().await;
+            // Closes the old session if it is still there (a dropped connection, not a
+            // restart), which releases the lock for the new one.
+            guard.take();
+            match ReplayGuard::acquire_within(&self.target, &self.buffer_id, LOCK_WAIT).await? {
+                Some(g) => {
+                    *guard = Some(g);
+                    Ok(())
+                }
+                None => Err(ReplayError::LockTaken),
+            }
+        })
     }
 }

@@ -11,6 +11,14 @@
 //! it is rolled back and replayed in strict source order, one statement per change; a change
 //! that still fails stops replay naming the table, the source LSN and the server's error, and
 //! one that still misses its row stops it with [`ReplayError::Diverged`].
+//!
+//! **Reconnecting** ([`ReplayConfig::reconnect`]). Once replay has started applying, a target
+//! that restarts, fails over or drops a connection ([`ReplayError::is_transient`]) is not the
+//! end: every target session is dropped, and after a backoff replay starts again exactly as a
+//! new `walshift replay` does — the caller's lock is taken again ([`TargetLock`]), sessions of
+//! the lost run still on the target are waited out, prepared transactions it left are settled,
+//! and applying resumes after `walshift.applied`, so every transaction is applied exactly
+//! once. A failure that waiting cannot fix stops replay at once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,6 +44,7 @@ use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
 use super::progress;
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
+use crate::conn::reconnect::{self, Backoff, Reconnect};
 use crate::identity;
 pub use crate::identity::TargetOrigin;
 use crate::lsn::Lsn;
@@ -79,6 +88,32 @@ pub struct ReplayConfig {
     /// refuses a target without a clone record of this buffer's source and slot (unless this
     /// buffer was replayed into it before). Never relaxed: a target that is the source itself.
     pub target_origin: TargetOrigin,
+    /// Reconnecting after the target restarts, fails over or drops a connection, once replay
+    /// has started applying (a target unreachable at the start is an error at once). Default
+    /// [`Reconnect::never`] (the `replay` command's default is
+    /// [`reconnect::DEFAULT_ATTEMPTS`] attempts): embedding callers that must not wait keep
+    /// failing fast. See the module docs for what a reconnect does.
+    pub reconnect: Reconnect,
+    /// What the caller holds on the target for the replay's lifetime (the replay lock), taken
+    /// again before each reconnect attempt: the session that held it died with the target.
+    /// Default none.
+    pub lock: Option<Arc<dyn TargetLock>>,
+}
+
+/// Something a caller holds on the target while replay runs — the advisory lock of
+/// [`lock::ReplayGuard`]; [`lock::RetakenLock`] is the one walshift uses — that a reconnect must take again before replay
+/// resumes, so that no other replay of the buffer starts while the target was away.
+pub trait TargetLock: Send + Sync {
+    /// Takes it again (dropping what is left of the old one first). An error stops replay
+    /// unless it is transient ([`ReplayError::is_transient`]); [`ReplayError::LockTaken`]
+    /// says another replay got it meanwhile.
+    fn retake(&self) -> futures_util::future::BoxFuture<'_, Result<(), ReplayError>>;
+}
+
+impl std::fmt::Debug for dyn TargetLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TargetLock")
+    }
 }
 
 /// [`ReplayConfig::batch_rows`]'s default.
@@ -104,6 +139,8 @@ impl ReplayConfig {
             transform: None,
             apply_connections: DEFAULT_APPLY_CONNECTIONS,
             target_origin: TargetOrigin::default(),
+            reconnect: Reconnect::never(),
+            lock: None,
         }
     }
 
@@ -146,6 +183,8 @@ pub struct ReplayReport {
     /// been decided) and rolled back (replayed again).
     pub prepared_committed: usize,
     pub prepared_rolled_back: usize,
+    /// Times the target was lost and replay got going again ([`ReplayConfig::reconnect`]).
+    pub reconnects: u32,
 }
 
 /// Prefix of the logical messages (`pg_logical_emit_message`) that mark a cutover. A
@@ -158,11 +197,102 @@ pub const MARKER_PREFIX: &str = "walshift";
 /// One replay of a buffer into a target at a time: callers hold
 /// [`crate::apply::replay::lock::ReplayGuard`] for the buffer while this runs (the `replay`, `run`
 /// and `cutover` commands and the demo do), which is also how cutover sees a replay running.
+///
+/// After a lost target it starts again as [`ReplayConfig::reconnect`] says (see the module
+/// docs).
 pub async fn run(
     config: ReplayConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<ReplayReport, ReplayError> {
     let config = config.normalised();
+    tokio::pin!(shutdown);
+    let mut backoff = Backoff::new(config.reconnect);
+    let mut report: Option<ReplayReport> = None;
+    let mut lost_at: Option<Instant> = None;
+    loop {
+        let mut applying_since = None;
+        let reconnecting = lost_at.map(|at| (at, backoff.attempts_made()));
+        let retaken = match (&config.lock, reconnecting) {
+            (Some(lock), Some(_)) => tokio::select! {
+                r = lock.retake() => r,
+                _ = shutdown.as_mut() => break,
+            },
+            _ => Ok(()),
+        };
+        let outcome = match retaken {
+            Ok(()) => {
+                run_once(
+                    &config,
+                    &mut shutdown,
+                    &mut report,
+                    &mut applying_since,
+                    reconnecting,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let (Some(r), Some(since)) = (report.as_mut(), applying_since) {
+            r.elapsed_secs += since.elapsed().as_secs_f64();
+        }
+        let error = match outcome {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        // Until replay applied once, a failure is the start's own (as without reconnecting).
+        if report.is_none() || config.reconnect.attempts == 0 {
+            return Err(error);
+        }
+        if !error.is_transient() {
+            if lost_at.is_some() {
+                tracing::error!(
+                    "replay: reconnecting to the target found a problem waiting does not fix; stopping"
+                );
+            }
+            return Err(error);
+        }
+        let ran_for = applying_since.map(|s: Instant| s.elapsed());
+        if ran_for.is_some() {
+            lost_at = Some(Instant::now());
+        }
+        let since = lost_at.map_or(Duration::ZERO, |at| at.elapsed());
+        let Some(next) = backoff.next(ran_for) else {
+            return Err(ReplayError::GaveUp {
+                attempts: backoff.attempts_made(),
+                over: since,
+                last: Box::new(error),
+            });
+        };
+        tracing::warn!(
+            "replay: {} ({}); reconnecting, attempt {} of {} in {}",
+            if ran_for.is_some() {
+                "lost the target"
+            } else {
+                "reconnect attempt failed"
+            },
+            reconnect::one_line(&error),
+            next.number,
+            next.of,
+            reconnect::human(next.delay),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(next.delay) => {}
+            _ = shutdown.as_mut() => break,
+        }
+    }
+    Ok(report.expect("replay ran"))
+}
+
+/// One start of replay: what a new `walshift replay` does. Adds what it applied to `total`
+/// (created once the applier first starts); `applying_since` is set when the applier starts;
+/// `reconnecting` is when the target was lost and the attempts made since.
+async fn run_once<F: std::future::Future<Output = ()>>(
+    config: &ReplayConfig,
+    shutdown: &mut std::pin::Pin<&mut F>,
+    total: &mut Option<ReplayReport>,
+    applying_since: &mut Option<Instant>,
+    reconnecting: Option<(Instant, u32)>,
+) -> Result<(), ReplayError> {
     let meta = BufferMeta::read(&config.buffer_dir)?
         .ok_or_else(|| ReplayError::NotABuffer(config.buffer_dir.clone()))?;
     let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
@@ -198,7 +328,7 @@ pub async fn run(
             resolved.rolled_back
         );
     }
-    let conns = connect_parts(&config, &writers, client.clone()).await?;
+    let conns = connect_parts(config, &writers, client.clone()).await?;
     let start = progress::read_applied(&client, &buffer_id)
         .await?
         .unwrap_or(Lsn::ZERO);
@@ -250,14 +380,22 @@ pub async fn run(
         }
     }
     let started = Instant::now();
-    let mut report = ReplayReport {
-        start_lsn: start,
-        applied_lsn: start,
-        apply_connections: conns.len(),
-        prepared_committed: resolved.committed,
-        prepared_rolled_back: resolved.rolled_back,
-        ..Default::default()
+    let report = match total {
+        Some(r) => {
+            r.reconnects += 1;
+            r.prepared_committed += resolved.committed;
+            r.prepared_rolled_back += resolved.rolled_back;
+            r
+        }
+        None => total.insert(ReplayReport {
+            start_lsn: start,
+            prepared_committed: resolved.committed,
+            prepared_rolled_back: resolved.rolled_back,
+            ..Default::default()
+        }),
     };
+    report.applied_lsn = start;
+    report.apply_connections = conns.len();
     let hold = match config.follow {
         true => Some(super::hold::HoldWatch::start(&config.target, &buffer_id).await?),
         false => None,
@@ -286,7 +424,15 @@ pub async fn run(
             tail: None,
         }),
     };
-    tokio::pin!(shutdown);
+    *applying_since = Some(Instant::now());
+    if let Some((lost_at, attempts)) = reconnecting {
+        tracing::warn!(
+            "replay: reconnected to {} after {attempts} attempt(s), {} after the target was lost; \
+             resuming after {start}",
+            config.target,
+            reconnect::human(lost_at.elapsed()),
+        );
+    }
     let mut pending: Option<Pass> = None;
     loop {
         // A pass that redoes one batch stops after it (or at the caller's own limit).
@@ -300,13 +446,7 @@ pub async fn run(
         let outcome = match pending.take() {
             None => {
                 applier
-                    .apply_from(
-                        &config,
-                        report.applied_lsn,
-                        false,
-                        &mut report,
-                        &mut shutdown,
-                    )
+                    .apply_from(config, report.applied_lsn, false, report, shutdown)
                     .await
             }
             Some(Pass::Retry { until }) => {
@@ -314,13 +454,7 @@ pub async fn run(
                 report.retried_in_order += 1;
                 let strict = redo(until, report.applied_lsn);
                 applier
-                    .apply_from(
-                        &strict,
-                        report.applied_lsn,
-                        true,
-                        &mut report,
-                        &mut shutdown,
-                    )
+                    .apply_from(&strict, report.applied_lsn, true, report, shutdown)
                     .await
                     .map(|_| Pass::Again)
             }
@@ -330,13 +464,7 @@ pub async fn run(
                 let serial = redo(until, report.applied_lsn);
                 applier.serial_pass = true;
                 let outcome = applier
-                    .apply_from(
-                        &serial,
-                        report.applied_lsn,
-                        false,
-                        &mut report,
-                        &mut shutdown,
-                    )
+                    .apply_from(&serial, report.applied_lsn, false, report, shutdown)
                     .await;
                 applier.serial_pass = false;
                 outcome.map(|p| match p {
@@ -353,13 +481,12 @@ pub async fn run(
             Err(e) => return Err(e),
         }
     }
-    if let Err(Pass::Retry { until }) = applier.idle(&config, &mut report).await? {
+    if let Err(Pass::Retry { until }) = applier.idle(config, report).await? {
         return Err(ReplayError::Writer(format!(
             "a batch ending at {until} failed after replay stopped; run replay again"
         )));
     }
-    report.elapsed_secs = started.elapsed().as_secs_f64();
-    Ok(report)
+    Ok(())
 }
 
 pub(super) enum Pass {
