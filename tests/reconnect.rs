@@ -730,3 +730,64 @@ fn an_unreachable_server_at_the_start_fails_at_once_naming_it() {
     }
     drop(silent);
 }
+
+/// `walshift run` (capture + replay in one process) while the source and then the target are
+/// restarted under the writer: both halves reconnect, the run keeps going, and the copy
+/// equals the source afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_survives_source_and_target_restarts_and_the_copy_equals_the_source() {
+    let mut source = Cluster::start(ClusterOptions::default()).unwrap();
+    let mut target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = dir.path().join("buffer");
+    let (src, tgt) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    let target_info = ConnInfo::parse(&tgt).unwrap();
+
+    let writer = Writer::start(&source);
+    let mut run = Walshift::spawn(
+        &[
+            "run",
+            "--source",
+            &src,
+            "--target",
+            &tgt,
+            "--buffer",
+            buffer.to_str().unwrap(),
+            "--batch-ms",
+            "20",
+            "--no-progress",
+        ],
+        dir.path().join("run.log"),
+    );
+    let log = || std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
+    wait_for("the clone is done", log, || clone_done(&target_info)).await;
+    wait_replay_applies(&tgt, log).await;
+
+    wait_buffer_grows(&buffer, log).await;
+    restart(&mut source, ShutdownMode::Fast);
+    wait_reconnects("capture", 1, log).await;
+    wait_buffer_grows(&buffer, log).await;
+    assert!(run.running(), "run survives a source restart:\n{}", log());
+
+    wait_replay_applies(&tgt, log).await;
+    restart(&mut target, ShutdownMode::Immediate);
+    wait_reconnects("replay", 1, log).await;
+    wait_replay_applies(&tgt, log).await;
+    assert!(run.running(), "run survives a target restart:\n{}", log());
+
+    writer.finish().await;
+    let end = wait_buffer_has_all(&source, &buffer, log).await;
+    wait_for("run applies everything", log, || async {
+        applied(&tgt).await.is_some_and(|a| a >= end)
+    })
+    .await;
+    let status = run.stop().await;
+    let text = run.log();
+    eprintln!("run's log:\n{text}");
+    assert!(status.success(), "run stops cleanly: {text}");
+    assert_copy_equals_source(&source, &target).await;
+}
