@@ -8,6 +8,8 @@
 //! The binaries run as child processes (their stderr in a file, read at the end), the servers
 //! are real localpg clusters restarted with [`Cluster::restart`].
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -43,7 +45,7 @@ struct Walshift {
 
 impl Walshift {
     fn spawn(args: &[&str], log: PathBuf) -> Walshift {
-        let child = Command::new(env!("CARGO_BIN_EXE_walshift"))
+        let child = Command::new(common::cli::EXE)
             .args(args)
             .env_remove("PGCONNECT_TIMEOUT")
             .stdout(Stdio::null())
@@ -713,7 +715,7 @@ fn an_unreachable_server_at_the_start_fails_at_once_naming_it() {
                 "--no-progress",
             ],
         ] {
-            let out = Command::new(env!("CARGO_BIN_EXE_walshift"))
+            let out = Command::new(common::cli::EXE)
                 .args(&args)
                 .env_remove("PGCONNECT_TIMEOUT")
                 .output()

@@ -13,6 +13,8 @@
 //! fails when `WALSHIFT_PG_MATRIX=required` (CI), else is skipped with a loud message naming how
 //! to install them.
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -107,8 +109,8 @@ fn start(major: u32) -> Cluster {
 }
 
 fn walshift(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_walshift"));
-    c.args(args).stdin(Stdio::null());
+    let mut c = common::cli::command(args);
+    c.stdin(Stdio::null());
     c
 }
 
