@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use crate::buffer::{BufferConfig, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
-use crate::conn::reconnect::{self, Backoff, Reconnect};
+use crate::conn::reconnect::{self, Next, Reconnect, Reconnector};
 use crate::error::SqlContext;
 use crate::identity;
 use crate::lsn::Lsn;
@@ -514,10 +514,13 @@ pub async fn run(
 ) -> Result<CaptureReport, CaptureError> {
     check_slot_name(&config)?;
     tokio::pin!(shutdown);
-    let mut backoff = Backoff::new(config.reconnect);
+    let mut reconnector = Reconnector::new(
+        config.reconnect,
+        "capture",
+        "the source",
+        "lost the replication stream",
+    );
     let mut totals: Option<CaptureReport> = None;
-    // When the stream was lost, while reconnecting.
-    let mut lost_at: Option<Instant> = None;
     let mut attempt_config = config.clone();
     loop {
         let mut streaming_since = None;
@@ -526,51 +529,31 @@ pub async fn run(
             shutdown.as_mut(),
             &mut totals,
             &mut streaming_since,
-            lost_at.map(|at| (at, backoff.attempts_made())),
+            reconnector.reconnecting(),
         )
         .await;
         let error = match outcome {
             Ok(()) => break,
             Err(e) => e,
         };
-        // Until the stream ran once, a failure is the start's own (as without reconnecting).
-        if totals.is_none() || config.reconnect.attempts == 0 {
-            return Err(error);
-        }
-        if !error.is_transient() {
-            if lost_at.is_some() {
-                tracing::error!(
-                    "capture: reconnecting to the source found a problem waiting does not fix; stopping"
-                );
+        let delay = match reconnector.after(
+            totals.is_some(),
+            streaming_since,
+            error.is_transient(),
+            &error,
+        ) {
+            Next::Stop => return Err(error),
+            Next::GiveUp { attempts, over } => {
+                return Err(CaptureError::GaveUp {
+                    attempts,
+                    over,
+                    last: Box::new(error),
+                });
             }
-            return Err(error);
-        }
-        let ran_for = streaming_since.map(|s: Instant| s.elapsed());
-        if ran_for.is_some() {
-            lost_at = Some(Instant::now());
-        }
-        let since = lost_at.map_or(Duration::ZERO, |at| at.elapsed());
-        let Some(next) = backoff.next(ran_for) else {
-            return Err(CaptureError::GaveUp {
-                attempts: backoff.attempts_made(),
-                over: since,
-                last: Box::new(error),
-            });
+            Next::Retry(delay) => delay,
         };
-        tracing::warn!(
-            "capture: {} ({}); reconnecting, attempt {} of {} in {}",
-            if ran_for.is_some() {
-                "lost the replication stream"
-            } else {
-                "reconnect attempt failed"
-            },
-            reconnect::one_line(&error),
-            next.number,
-            next.of,
-            reconnect::human(next.delay),
-        );
         tokio::select! {
-            _ = tokio::time::sleep(next.delay) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = shutdown.as_mut() => break,
         }
         // The clone is done (streaming follows it): a reconnect resumes the stream only, as a

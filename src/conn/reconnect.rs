@@ -15,7 +15,7 @@
 //! slot briefly "active" for the old walsender after a restart; never a slot that is gone or
 //! a buffer that does not match).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, SqlError};
 
@@ -137,6 +137,103 @@ impl Backoff {
     /// Attempts made since the job last ran.
     pub fn attempts_made(&self) -> u32 {
         self.failed
+    }
+}
+
+/// What a reconnecting job (capture, replay) does after a run of it ended with an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Stop with the error: not reconnecting, or a failure that waiting does not fix.
+    Stop,
+    /// The attempts are used up: stop, saying how many were made over how long.
+    GiveUp { attempts: u32, over: Duration },
+    /// Wait this long, then start again.
+    Retry(Duration),
+}
+
+/// The reconnect loop's bookkeeping shared by capture and replay: the backoff, when the
+/// connection was lost, and the log line each loss or failed attempt gets.
+#[derive(Debug)]
+pub struct Reconnector {
+    backoff: Backoff,
+    lost_at: Option<Instant>,
+    job: &'static str,
+    server: &'static str,
+    lost: &'static str,
+}
+
+impl Reconnector {
+    /// `job` names the job in log lines ("capture"), `server` what it lost ("the source"),
+    /// `lost` how a loss is said ("lost the replication stream").
+    pub fn new(
+        policy: Reconnect,
+        job: &'static str,
+        server: &'static str,
+        lost: &'static str,
+    ) -> Self {
+        Reconnector {
+            backoff: Backoff::new(policy),
+            lost_at: None,
+            job,
+            server,
+            lost,
+        }
+    }
+
+    /// While reconnecting: when the connection was lost, and the attempts made since.
+    pub fn reconnecting(&self) -> Option<(Instant, u32)> {
+        self.lost_at.map(|at| (at, self.backoff.attempts_made()))
+    }
+
+    /// Decides after a run ended with `error`. `ran_once`: the job got going at least once
+    /// in this process (before that, a failure is the start's own and is never retried);
+    /// `running_since`: when this run got going (`None`: it failed while starting again);
+    /// `transient`: the error is one waiting may fix.
+    pub fn after(
+        &mut self,
+        ran_once: bool,
+        running_since: Option<Instant>,
+        transient: bool,
+        error: &(dyn std::error::Error + 'static),
+    ) -> Next {
+        if !ran_once || self.backoff.policy.attempts == 0 {
+            return Next::Stop;
+        }
+        if !transient {
+            if self.lost_at.is_some() {
+                tracing::error!(
+                    "{}: reconnecting to {} found a problem waiting does not fix; stopping",
+                    self.job,
+                    self.server
+                );
+            }
+            return Next::Stop;
+        }
+        let ran_for = running_since.map(|s| s.elapsed());
+        if ran_for.is_some() {
+            self.lost_at = Some(Instant::now());
+        }
+        let since = self.lost_at.map_or(Duration::ZERO, |at| at.elapsed());
+        let Some(next) = self.backoff.next(ran_for) else {
+            return Next::GiveUp {
+                attempts: self.backoff.attempts_made(),
+                over: since,
+            };
+        };
+        tracing::warn!(
+            "{}: {} ({}); reconnecting, attempt {} of {} in {}",
+            self.job,
+            if ran_for.is_some() {
+                self.lost
+            } else {
+                "reconnect attempt failed"
+            },
+            one_line(error),
+            next.number,
+            next.of,
+            human(next.delay),
+        );
+        Next::Retry(next.delay)
     }
 }
 

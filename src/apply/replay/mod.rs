@@ -44,7 +44,7 @@ use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
 use super::progress;
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
-use crate::conn::reconnect::{self, Backoff, Reconnect};
+use crate::conn::reconnect::{self, Next, Reconnect, Reconnector};
 use crate::identity;
 pub use crate::identity::TargetOrigin;
 use crate::lsn::Lsn;
@@ -206,12 +206,12 @@ pub async fn run(
 ) -> Result<ReplayReport, ReplayError> {
     let config = config.normalised();
     tokio::pin!(shutdown);
-    let mut backoff = Backoff::new(config.reconnect);
+    let mut reconnector =
+        Reconnector::new(config.reconnect, "replay", "the target", "lost the target");
     let mut report: Option<ReplayReport> = None;
-    let mut lost_at: Option<Instant> = None;
     loop {
         let mut applying_since = None;
-        let reconnecting = lost_at.map(|at| (at, backoff.attempts_made()));
+        let reconnecting = reconnector.reconnecting();
         let retaken = match (&config.lock, reconnecting) {
             (Some(lock), Some(_)) => tokio::select! {
                 r = lock.retake() => r,
@@ -239,44 +239,24 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => e,
         };
-        // Until replay applied once, a failure is the start's own (as without reconnecting).
-        if report.is_none() || config.reconnect.attempts == 0 {
-            return Err(error);
-        }
-        if !error.is_transient() {
-            if lost_at.is_some() {
-                tracing::error!(
-                    "replay: reconnecting to the target found a problem waiting does not fix; stopping"
-                );
+        let delay = match reconnector.after(
+            report.is_some(),
+            applying_since,
+            error.is_transient(),
+            &error,
+        ) {
+            Next::Stop => return Err(error),
+            Next::GiveUp { attempts, over } => {
+                return Err(ReplayError::GaveUp {
+                    attempts,
+                    over,
+                    last: Box::new(error),
+                });
             }
-            return Err(error);
-        }
-        let ran_for = applying_since.map(|s: Instant| s.elapsed());
-        if ran_for.is_some() {
-            lost_at = Some(Instant::now());
-        }
-        let since = lost_at.map_or(Duration::ZERO, |at| at.elapsed());
-        let Some(next) = backoff.next(ran_for) else {
-            return Err(ReplayError::GaveUp {
-                attempts: backoff.attempts_made(),
-                over: since,
-                last: Box::new(error),
-            });
+            Next::Retry(delay) => delay,
         };
-        tracing::warn!(
-            "replay: {} ({}); reconnecting, attempt {} of {} in {}",
-            if ran_for.is_some() {
-                "lost the target"
-            } else {
-                "reconnect attempt failed"
-            },
-            reconnect::one_line(&error),
-            next.number,
-            next.of,
-            reconnect::human(next.delay),
-        );
         tokio::select! {
-            _ = tokio::time::sleep(next.delay) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = shutdown.as_mut() => break,
         }
     }
