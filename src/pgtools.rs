@@ -564,21 +564,27 @@ fn conninfo_value(v: &str) -> String {
     s
 }
 
-/// `host=… port=… user=… dbname=… application_name=…` for a child program's `--dbname`; never
-/// contains the password.
+/// `host=… port=… user=… dbname=… application_name=…` for a child program's `--dbname`, plus
+/// the TCP keepalive settings walshift's own connections use (so a dump of a vanished server
+/// fails as soon as theirs would); never contains the password.
 pub fn conninfo(conn: &ConnInfo, application_name: &str) -> String {
-    let host = match conn.host() {
-        Host::Tcp(h) => h.clone(),
-        Host::Unix(p) => p.display().to_string(),
+    let (host, tcp) = match conn.host() {
+        Host::Tcp(h) => (h.clone(), true),
+        Host::Unix(p) => (p.display().to_string(), false),
     };
-    format!(
+    let mut s = format!(
         "host={} port={} user={} dbname={} application_name={}",
         conninfo_value(&host),
         conn.port(),
         conninfo_value(conn.user()),
         conninfo_value(conn.dbname()),
         conninfo_value(application_name),
-    )
+    );
+    if tcp {
+        s.push(' ');
+        s.push_str(&conn.keepalives().libpq_options());
+    }
+    s
 }
 
 #[cfg(test)]
@@ -652,5 +658,17 @@ mod tests {
             "host='/tmp/so\\'ck' port=5433 user='a\\\\b' dbname='shop' application_name='walshift-clone'"
         );
         assert!(!s.contains("s3cret"));
+    }
+
+    #[test]
+    fn conninfo_over_tcp_carries_the_keepalives() {
+        let info = ConnInfo::parse(
+            "host=db.example port=5432 user=u dbname=d keepalives_idle=30 keepalives_count=3",
+        )
+        .unwrap();
+        let s = conninfo(&info, "walshift-clone");
+        assert!(s.starts_with("host='db.example' port=5432 "), "{s}");
+        assert!(s.contains(" keepalives=1 keepalives_idle=30 "), "{s}");
+        assert!(s.contains(" keepalives_count=3"), "{s}");
     }
 }
