@@ -119,11 +119,22 @@ impl Error {
 /// outer error already includes (`#[error("…: {0}")]` over a `#[source]`) is not repeated.
 /// How the command line prints an error, and what a report or journal keeps of one (so a
 /// failed statement keeps the server's message next to what walshift was doing).
+///
+/// A server error reads `ERROR: message (SQLSTATE code)` with its DETAIL and HINT lines; the
+/// driver's bare "db error" above it is left out.
 pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = String::new();
     let mut next = Some(e);
     while let Some(cause) = next {
-        let msg = cause.to_string();
+        let db = cause.downcast_ref::<tokio_postgres::error::DbError>();
+        let wraps_db = cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .is_some_and(|e| e.as_db_error().is_some());
+        let msg = match db {
+            Some(db) => server_error_text(db),
+            None if wraps_db => String::new(),
+            None => cause.to_string(),
+        };
         if !msg.is_empty() && !out.contains(&msg) {
             if !out.is_empty() {
                 out.push_str(": ");
@@ -133,4 +144,23 @@ pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
         next = cause.source();
     }
     out
+}
+
+/// `ERROR: message (SQLSTATE code)`, then `DETAIL:` and `HINT:` lines when the server sent them.
+fn server_error_text(db: &tokio_postgres::error::DbError) -> String {
+    let mut s = format!(
+        "{}: {} (SQLSTATE {})",
+        db.severity(),
+        db.message(),
+        db.code().code()
+    );
+    if let Some(detail) = db.detail() {
+        s.push_str("\nDETAIL: ");
+        s.push_str(detail);
+    }
+    if let Some(hint) = db.hint() {
+        s.push_str("\nHINT: ");
+        s.push_str(hint);
+    }
+    s
 }
