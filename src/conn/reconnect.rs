@@ -291,22 +291,11 @@ pub fn is_transient_identity(e: &crate::identity::IdentityError) -> bool {
     }
 }
 
-/// An error and its causes on one line, `: `-separated, each said once (as the command line
-/// prints a final error), for the log line of a lost connection.
+/// An error and its causes as the command line prints them ([`crate::error::chain_text`]), on
+/// one line (a server error's DETAIL and HINT joined with `; `), for the log line of a lost
+/// connection.
 pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        let msg = c.to_string();
-        if !msg.is_empty() && !out.contains(&msg) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&msg);
-        }
-        cause = c.source();
-    }
-    out
+    crate::error::chain_text(e).replace('\n', "; ")
 }
 
 /// `1.5s`, `12s`, `3m 5s`: a wait or an outage in a log line.
