@@ -793,3 +793,124 @@ async fn run_survives_source_and_target_restarts_and_the_copy_equals_the_source(
     assert!(status.success(), "run stops cleanly: {text}");
     assert_copy_equals_source(&source, &target).await;
 }
+
+/// The source restarts inside a cutover's window — after the fence is up, while the drain waits
+/// for the marker (the `walshift run` feeding it is paused with SIGSTOP so the drain cannot
+/// finish first): cutover aborts, lifts the fence on a new session (the restart kept the
+/// database setting) and the source takes writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_aborts_and_unfences_when_the_source_restarts_in_the_window() {
+    let mut source = Cluster::start(ClusterOptions::default()).unwrap();
+    let target = Cluster::start(ClusterOptions::default()).unwrap();
+    source.execute("postgres", SCHEMA).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let buffer = dir.path().join("buffer");
+    let buf = buffer.to_str().unwrap();
+    let (src, tgt) = (
+        source.conn_string("postgres"),
+        target.conn_string("postgres"),
+    );
+    let target_info = ConnInfo::parse(&tgt).unwrap();
+    let mut run = Walshift::spawn(
+        &[
+            "run",
+            "--source",
+            &src,
+            "--target",
+            &tgt,
+            "--buffer",
+            buf,
+            "--no-progress",
+        ],
+        dir.path().join("run.log"),
+    );
+    let run_log = || std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
+    wait_for("the clone is done", run_log, || clone_done(&target_info)).await;
+    source
+        .execute(
+            "postgres",
+            "INSERT INTO acct VALUES (-1, 0, 'before the cutover')",
+        )
+        .await
+        .unwrap();
+    wait_for("run applies", run_log, || async {
+        applied(&tgt).await.is_some()
+    })
+    .await;
+    let pid = run.child.id() as libc::pid_t;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+
+    let mut cutover = Walshift::spawn(
+        &[
+            "cutover",
+            "--source",
+            &src,
+            "--target",
+            &tgt,
+            "--buffer",
+            buf,
+            // The paused run cannot bring the lag down; the drain is what must wait.
+            "--max-lag",
+            "1h",
+            "--max-window",
+            "120s",
+        ],
+        dir.path().join("cutover.log"),
+    );
+    let log = || std::fs::read_to_string(dir.path().join("cutover.log")).unwrap_or_default();
+    wait_for("cutover fences the source", log, || is_fenced(&source)).await;
+    // Immediate: a fast shutdown would wait up to wal_sender_timeout for the paused run's
+    // walsender to take the last WAL.
+    restart(&mut source, ShutdownMode::Immediate);
+    let status = cutover.exit().await;
+    let text = cutover.log();
+    eprintln!("cutover's log:\n{text}");
+    assert!(
+        !status.success(),
+        "a lost source aborts the cutover:\n{text}"
+    );
+    assert!(
+        text.contains("ABORTED (source unfenced)"),
+        "the report says the fence was lifted:\n{text}"
+    );
+    assert!(
+        text.contains("lost the connection to the source during drain"),
+        "the abort names the lost source, not the window running out:\n{text}"
+    );
+    assert!(
+        !is_fenced(&source).await,
+        "the database setting is back to what it was: {:?}",
+        fence_setting(&source).await
+    );
+    let c = source.connect("postgres").await.unwrap();
+    c.batch_execute("INSERT INTO acct VALUES (-7, 0, 'after the abort')")
+        .await
+        .expect("the source takes writes again");
+
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    run.stop().await;
+}
+
+/// The read-only fence is up: the database's own settings say `default_transaction_read_only=on`.
+async fn is_fenced(c: &Cluster) -> bool {
+    fence_setting(c)
+        .await
+        .is_some_and(|s| s.iter().any(|v| v == "default_transaction_read_only=on"))
+}
+
+/// The source database's own settings (`ALTER DATABASE … SET`), where the fence lives.
+async fn fence_setting(c: &Cluster) -> Option<Vec<String>> {
+    c.connect("postgres")
+        .await
+        .ok()?
+        .query_opt(
+            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+             WHERE d.datname = 'postgres' AND s.setrole = 0",
+            &[],
+        )
+        .await
+        .ok()?
+        .and_then(|r| r.get(0))
+}

@@ -75,16 +75,31 @@ async fn lift_with_retry(
     if fence::lift(src, dir, state).await.is_ok() {
         return Ok(());
     }
-    let mut last = String::new();
-    for _ in 0..5 {
-        match config.source.connect().await {
+    // Cutover's session is gone: on new ones. A source that is restarting or failing over
+    // ("the database system is shutting down / starting up", connection refused) is waited
+    // for up to UNFENCE_PATIENCE — the site is read-only until then, and lifting now beats
+    // leaving it to the operator; a failure waiting does not fix is reported at once.
+    const UNFENCE_PATIENCE: Duration = Duration::from_secs(60);
+    let started = std::time::Instant::now();
+    let mut lift_failures = 0;
+    loop {
+        let last = match config.source.connect().await {
             Ok(c) => match fence::lift(&c, dir, state).await {
                 Ok(()) => return Ok(()),
-                Err(e) => last = crate::error::chain_text(&e),
+                Err(e) => {
+                    lift_failures += 1;
+                    if lift_failures >= 5 {
+                        return Err(crate::error::chain_text(&e));
+                    }
+                    crate::error::chain_text(&e)
+                }
             },
-            Err(e) => last = crate::error::chain_text(&e),
+            Err(e) if crate::conn::reconnect::is_transient(&e) => crate::error::chain_text(&e),
+            Err(e) => return Err(crate::error::chain_text(&e)),
+        };
+        if started.elapsed() >= UNFENCE_PATIENCE {
+            return Err(last);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(last)
 }

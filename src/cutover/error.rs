@@ -92,6 +92,14 @@ pub enum CutoverError {
         elapsed: Duration,
     },
 
+    /// Cutover's own session on the source or the target closed inside the window (the
+    /// server restarted, failed over, or dropped it).
+    #[error(
+        "lost the connection to the {server} during {phase}: it restarted, failed over or dropped \
+         cutover's session"
+    )]
+    ServerLost { server: &'static str, phase: String },
+
     #[error("verification failed: {} table(s) differ between source and target: {}", .tables.len(), .tables.join("; "))]
     VerifyFailed { tables: Vec<String> },
 
@@ -235,6 +243,10 @@ impl Aborted {
             }
             CutoverError::VerifyFailed { .. } => {
                 "find why the target differs (writes on the target, a table outside the publication, a transform) and fix it"
+            }
+            CutoverError::ServerLost { .. } => {
+                "wait until the server is back and capture and replay stream again (walshift run, \
+                 capture and replay reconnect by themselves)"
             }
             CutoverError::Hook(_) => "fix the hook",
             CutoverError::Interrupted => "when ready",

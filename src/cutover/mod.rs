@@ -299,6 +299,16 @@ impl Ctx<'_> {
         if self.interrupted.load(Ordering::Relaxed) {
             return Err(CutoverError::Interrupted);
         }
+        // A phase that waits (the drain) may not query a server for a while: a restart
+        // inside the window is noticed here, not only when --max-window runs out.
+        for (server, client) in [("source", &self.src), ("target", &self.tgt)] {
+            if client.is_closed() {
+                return Err(CutoverError::ServerLost {
+                    server,
+                    phase: phase.to_owned(),
+                });
+            }
+        }
         Ok(())
     }
 
