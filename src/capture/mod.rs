@@ -25,7 +25,8 @@
 //!   [`run`] (buffer, clone, then the stream; again after a lost connection).
 //! - `error`: [`CaptureError`].
 //! - `claims`: the files that tie a buffer directory to the slot and the clones it started.
-//! - `stream`: the stream state loop (receive → append → flush → acknowledge).
+//! - `stream`: the stream state loop (receive → append → flush → acknowledge); its per-message
+//!   [`StreamState`] is public for the receive → append benchmark.
 //! - `partition_watch`: capture's side of [`partitions`] while streaming.
 //! - [`partitions`]: what a `publish_via_partition_root` stream cannot carry (cutover reads it too).
 //! - `progress`: the progress line.
@@ -57,6 +58,7 @@ pub use claims::{CLAIM_FILE, CLONES_FILE};
 use claims::{SlotClaim, own_unfinished_clone, read_clone_attempts, record_clone_attempt};
 pub use error::CaptureError;
 use partition_watch::partition_watch;
+pub use stream::StreamState;
 use stream::{Resume, record_progress, stream_into};
 
 /// What to capture and how. Every field documents its default and trade-off.

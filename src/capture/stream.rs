@@ -279,8 +279,12 @@ impl Default for Since {
 }
 
 /// The stream as capture sees it: transaction boundaries, duplicates, what is durable.
+///
+/// Public only for the receive → append benchmark (`benches/capture_append.rs`), which feeds
+/// frames through [`StreamState::handle`] as the stream loop does; capture itself builds it in
+/// the stream loop. A default state appends everything (nothing to drop on resume).
 #[derive(Default)]
-pub(super) struct StreamState {
+pub struct StreamState {
     /// Confirmed position recorded in the buffer's [`SlotProgress`]; nothing beyond the
     /// durable commit is sent to the slot unless recorded first.
     recorded: Lsn,
@@ -360,7 +364,10 @@ impl StreamState {
 
     /// Applies one event: appends a message to the buffer or notes a keepalive. Returns
     /// true when the server asked for a status update now.
-    fn handle(
+    ///
+    /// This is all of capture's per-message work between the frame parser and
+    /// [`BufferWriter::append`] (no I/O: appends are memory copies until a submit).
+    pub fn handle(
         &mut self,
         event: ReplicationEvent,
         writer: &mut BufferWriter,

@@ -803,6 +803,37 @@ impl ReplicationEvent {
     }
 }
 
+/// What [`ReplicationStream::next_buffered`] makes of a parsed `CopyData` payload. Public so
+/// the receive → append benchmark (`benches/capture_append.rs`) can turn frames into events
+/// without a socket, exactly as the stream does.
+impl From<ReplicationMessage> for ReplicationEvent {
+    #[inline]
+    fn from(msg: ReplicationMessage) -> Self {
+        match msg {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            } => ReplicationEvent::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            },
+            ReplicationMessage::PrimaryKeepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            } => ReplicationEvent::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            },
+        }
+    }
+}
+
 /// A running logical replication stream (CopyBoth mode).
 #[derive(Debug)]
 pub struct ReplicationStream {
@@ -840,28 +871,7 @@ impl ReplicationStream {
         while let Some(msg) = BackendMessage::parse(&mut self.conn.read_buf)? {
             match msg {
                 BackendMessage::CopyData(data) => {
-                    let event = match ReplicationMessage::parse(data)? {
-                        ReplicationMessage::XLogData {
-                            wal_start,
-                            wal_end,
-                            send_time,
-                            data,
-                        } => ReplicationEvent::XLogData {
-                            wal_start,
-                            wal_end,
-                            send_time,
-                            data,
-                        },
-                        ReplicationMessage::PrimaryKeepalive {
-                            wal_end,
-                            send_time,
-                            reply_requested,
-                        } => ReplicationEvent::Keepalive {
-                            wal_end,
-                            send_time,
-                            reply_requested,
-                        },
-                    };
+                    let event = ReplicationEvent::from(ReplicationMessage::parse(data)?);
                     self.last_wal_end = self.last_wal_end.max(event.wal_end());
                     return Ok(Some(event));
                 }
