@@ -333,35 +333,74 @@ fn restart(cluster: &mut Cluster, mode: ShutdownMode) {
     tokio::task::block_in_place(|| cluster.restart(mode)).unwrap();
 }
 
+/// A source with `SCHEMA` and an empty target, a buffer directory, and their connection strings.
+struct Release {
+    source: Cluster,
+    target: Cluster,
+    dir: tempfile::TempDir,
+    buffer: PathBuf,
+    src: String,
+    tgt: String,
+    target_info: ConnInfo,
+}
+
+impl Release {
+    async fn start() -> Release {
+        let source = Cluster::start(ClusterOptions::default()).unwrap();
+        let target = Cluster::start(ClusterOptions::default()).unwrap();
+        source.execute("postgres", SCHEMA).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let buffer = dir.path().join("buffer");
+        let (src, tgt) = (
+            source.conn_string("postgres"),
+            target.conn_string("postgres"),
+        );
+        let target_info = ConnInfo::parse(&tgt).unwrap();
+        Release {
+            source,
+            target,
+            dir,
+            buffer,
+            src,
+            tgt,
+            target_info,
+        }
+    }
+}
+
+/// `walshift capture --clone-to` into `buffer`, its stderr in `<dir>/capture.log`.
+fn cloning_capture(src: &str, tgt: &str, buffer: &Path, dir: &Path) -> Walshift {
+    Walshift::spawn(
+        &[
+            "capture",
+            "--source",
+            src,
+            "--buffer",
+            buffer.to_str().unwrap(),
+            "--clone-to",
+            tgt,
+            "--no-progress",
+        ],
+        dir.join("capture.log"),
+    )
+}
+
 /// `capture --clone-to` under a writer; the source restarted three times (fast, immediate,
 /// fast) while capture streams; then a one-shot replay into the clone equals the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capture_survives_source_restarts_and_the_copy_equals_the_source() {
-    let mut source = Cluster::start(ClusterOptions::default()).unwrap();
-    let target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let buffer = dir.path().join("buffer");
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
-    let target_info = ConnInfo::parse(&tgt).unwrap();
+    let Release {
+        mut source,
+        target,
+        dir,
+        buffer,
+        src,
+        tgt,
+        target_info,
+    } = Release::start().await;
 
     let writer = Writer::start(&source);
-    let mut capture = Walshift::spawn(
-        &[
-            "capture",
-            "--source",
-            &src,
-            "--buffer",
-            buffer.to_str().unwrap(),
-            "--clone-to",
-            &tgt,
-            "--no-progress",
-        ],
-        dir.path().join("capture.log"),
-    );
+    let mut capture = cloning_capture(&src, &tgt, &buffer, dir.path());
     let log = || std::fs::read_to_string(dir.path().join("capture.log")).unwrap_or_default();
     wait_for("the clone is done", log, || clone_done(&target_info)).await;
     for (n, mode) in RESTARTS.into_iter().enumerate() {
@@ -414,31 +453,18 @@ async fn capture_survives_source_restarts_and_the_copy_equals_the_source() {
 /// equals the source afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_follow_survives_target_restarts_and_the_copy_equals_the_source() {
-    let source = Cluster::start(ClusterOptions::default()).unwrap();
-    let mut target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let buffer = dir.path().join("buffer");
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
-    let target_info = ConnInfo::parse(&tgt).unwrap();
+    let Release {
+        source,
+        mut target,
+        dir,
+        buffer,
+        src,
+        tgt,
+        target_info,
+    } = Release::start().await;
 
     let writer = Writer::start(&source);
-    let mut capture = Walshift::spawn(
-        &[
-            "capture",
-            "--source",
-            &src,
-            "--buffer",
-            buffer.to_str().unwrap(),
-            "--clone-to",
-            &tgt,
-            "--no-progress",
-        ],
-        dir.path().join("capture.log"),
-    );
+    let mut capture = cloning_capture(&src, &tgt, &buffer, dir.path());
     let capture_log =
         || std::fs::read_to_string(dir.path().join("capture.log")).unwrap_or_default();
     wait_for("the clone is done", capture_log, || {
@@ -738,16 +764,15 @@ fn an_unreachable_server_at_the_start_fails_at_once_naming_it() {
 /// equals the source afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_survives_source_and_target_restarts_and_the_copy_equals_the_source() {
-    let mut source = Cluster::start(ClusterOptions::default()).unwrap();
-    let mut target = Cluster::start(ClusterOptions::default()).unwrap();
-    source.execute("postgres", SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let buffer = dir.path().join("buffer");
-    let (src, tgt) = (
-        source.conn_string("postgres"),
-        target.conn_string("postgres"),
-    );
-    let target_info = ConnInfo::parse(&tgt).unwrap();
+    let Release {
+        mut source,
+        mut target,
+        dir,
+        buffer,
+        src,
+        tgt,
+        target_info,
+    } = Release::start().await;
 
     let writer = Writer::start(&source);
     let mut run = Walshift::spawn(
