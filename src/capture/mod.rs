@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use crate::buffer::{BufferConfig, BufferMeta, BufferWriter, SlotProgress};
 use crate::clone::{self, CloneOptions, CloneStatus};
 use crate::conn::ConnInfo;
-use crate::conn::reconnect::{self, Next, Reconnect, Reconnector};
+use crate::conn::reconnect::{self, Reconnect, Reconnector};
 use crate::error::SqlContext;
 use crate::identity;
 use crate::lsn::Lsn;
@@ -538,25 +538,22 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => e,
         };
-        let delay = match reconnector.after(
-            totals.is_some(),
-            streaming_since,
-            error.is_transient(),
-            &error,
-        ) {
-            Next::Stop => return Err(error),
-            Next::GiveUp { attempts, over } => {
-                return Err(CaptureError::GaveUp {
+        let again = reconnector
+            .wait_to_retry(
+                totals.is_some(),
+                streaming_since,
+                error,
+                CaptureError::is_transient,
+                |attempts, over, last| CaptureError::GaveUp {
                     attempts,
                     over,
-                    last: Box::new(error),
-                });
-            }
-            Next::Retry(delay) => delay,
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.as_mut() => break,
+                    last: Box::new(last),
+                },
+                shutdown.as_mut(),
+            )
+            .await?;
+        if !again {
+            break;
         }
         // The clone is done (streaming follows it): a reconnect resumes the stream only, as a
         // start on the same buffer without --clone-to does.

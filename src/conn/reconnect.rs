@@ -237,6 +237,32 @@ impl Reconnector {
     }
 }
 
+impl Reconnector {
+    /// The tail of a reconnect loop: after a run ended with `error`, either stop with it (or
+    /// with `gave_up(attempts, over, error)` once the attempts are used up), or wait the
+    /// backoff and return `Ok(true)` to start again — `Ok(false)` if `shutdown` resolved
+    /// during the wait.
+    pub async fn wait_to_retry<E: std::error::Error + 'static>(
+        &mut self,
+        ran_once: bool,
+        running_since: Option<Instant>,
+        error: E,
+        transient: impl FnOnce(&E) -> bool,
+        gave_up: impl FnOnce(u32, Duration, E) -> E,
+        shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<bool, E> {
+        let transient = transient(&error);
+        match self.after(ran_once, running_since, transient, &error) {
+            Next::Stop => Err(error),
+            Next::GiveUp { attempts, over } => Err(gave_up(attempts, over, error)),
+            Next::Retry(delay) => Ok(tokio::select! {
+                _ = tokio::time::sleep(delay) => true,
+                _ = shutdown => false,
+            }),
+        }
+    }
+}
+
 /// SQLSTATEs that mean "the connection is gone or the server cannot take it yet" (see the
 /// module docs).
 pub fn is_transient_sqlstate(code: &str) -> bool {

@@ -44,7 +44,7 @@ use writer::{SESSION_SETUP, Slot, Writer, connect_parts};
 use super::progress;
 use crate::buffer::BufferMeta;
 use crate::conn::ConnInfo;
-use crate::conn::reconnect::{self, Next, Reconnect, Reconnector};
+use crate::conn::reconnect::{self, Reconnect, Reconnector};
 use crate::identity;
 pub use crate::identity::TargetOrigin;
 use crate::lsn::Lsn;
@@ -239,25 +239,22 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => e,
         };
-        let delay = match reconnector.after(
-            report.is_some(),
-            applying_since,
-            error.is_transient(),
-            &error,
-        ) {
-            Next::Stop => return Err(error),
-            Next::GiveUp { attempts, over } => {
-                return Err(ReplayError::GaveUp {
+        let again = reconnector
+            .wait_to_retry(
+                report.is_some(),
+                applying_since,
+                error,
+                ReplayError::is_transient,
+                |attempts, over, last| ReplayError::GaveUp {
                     attempts,
                     over,
-                    last: Box::new(error),
-                });
-            }
-            Next::Retry(delay) => delay,
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.as_mut() => break,
+                    last: Box::new(last),
+                },
+                shutdown.as_mut(),
+            )
+            .await?;
+        if !again {
+            break;
         }
     }
     Ok(report.expect("replay ran"))
