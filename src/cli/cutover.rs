@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use super::args::{BufferDir, SlotPublication, Source, Target, own_help};
 use super::shutdown_signal;
 use crate::cutover::{self, CutoverConfig, CutoverError, FenceMode, Outcome, VerifyMode};
@@ -71,6 +73,23 @@ pub struct CutoverArgs {
     /// (role settings included) and records that in the journal; then cutover can run again.
     #[arg(long, conflicts_with = "resume_after_switch")]
     unfence_after_failed_switch: bool,
+    /// PgBouncer's admin console (dbname=pgbouncer, a user in admin_users): the fence pauses
+    /// the application's pool (clients wait instead of failing), the switch points its entry at
+    /// the target and resumes it. --fence still applies on top (for clients that bypass the
+    /// pooler); use --fence none when every writer goes through PgBouncer.
+    #[arg(long, value_name = "CONN", requires = "pooler_databases_file")]
+    pooler: Option<String>,
+    /// The pooler's name for the database (its [databases] entry). Default: --source's dbname.
+    #[arg(long, value_name = "NAME", requires = "pooler")]
+    pooler_database: Option<String>,
+    /// The file holding that entry (pgbouncer.ini or a file it %includes); the switch rewrites
+    /// the entry in it (other lines untouched) and RELOADs.
+    #[arg(long, value_name = "FILE", requires = "pooler")]
+    pooler_databases_file: Option<PathBuf>,
+    /// The entry the switch writes, e.g. "host=10.0.0.7 port=5432 dbname=shop user=app".
+    /// Default: the current entry with --target's host, port and dbname.
+    #[arg(long, value_name = "ENTRY", requires = "pooler")]
+    pooler_target_entry: Option<String>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -106,6 +125,17 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
     config.resume_after_switch = a.resume_after_switch;
     config.unfence_after_failed_switch = a.unfence_after_failed_switch;
     config.max_prepared_wait = a.max_prepared_wait;
+    if let Some(admin) = &a.pooler {
+        config.pooler = Some(cutover::PoolerConfig {
+            admin: crate::conn::ConnInfo::parse(admin).context("--pooler")?,
+            database: a
+                .pooler_database
+                .clone()
+                .unwrap_or_else(|| config.source.dbname().to_owned()),
+            databases_file: a.pooler_databases_file.clone().unwrap_or_default(),
+            target_entry: a.pooler_target_entry.clone(),
+        });
+    }
     if let Some(path) = &a.transform {
         config.transform = Some(Arc::new(crate::transform::Mapping::load(path)?));
     }

@@ -38,13 +38,38 @@ pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError
     if let Some(state) = ctx.fence_state.take() {
         unfenced = lift_with_retry(config, &ctx.src, &config.buffer_dir, &state).await;
     }
-    let note = match &unfenced {
+    let mut pooler_paused = None;
+    let mut note = match &unfenced {
         Ok(()) if ctx.report.fence_previous_setting.is_some() || had_fence => {
             "previous setting restored"
         }
         Ok(()) => "nothing to undo",
         Err(_) => "FAILED",
-    };
+    }
+    .to_owned();
+    // Clients held by PgBouncer go on, on the unchanged entry, once the source takes writes
+    // again (a resume before the fence is lifted would hand them read-only sessions).
+    if ctx.pooler_paused
+        && let Some(p) = &config.pooler
+    {
+        match super::pooler::resume_after_abort(p, &config.buffer_dir).await {
+            Ok(()) => {
+                if let Some(r) = &mut ctx.report.pooler {
+                    r.resumed = true;
+                }
+                note.push_str("; PgBouncer resumed on the source");
+            }
+            Err(e) => {
+                note.push_str("; PgBouncer NOT resumed");
+                pooler_paused = Some(format!(
+                    "PGBOUNCER'S DATABASE {:?} IS STILL PAUSED ({}): its clients wait. RESUME {} in the admin console",
+                    p.database,
+                    crate::error::chain_text(&e),
+                    super::pooler::admin_ident(&p.database)
+                ));
+            }
+        }
+    }
     ctx.tl.end(&mut ctx.report, note);
     ctx.report.outcome = Outcome::Aborted;
     ctx.report.error = Some(cause_text);
@@ -61,6 +86,7 @@ pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError
         cause,
         report: ctx.report,
         unfenced,
+        pooler_paused,
         fence: config.fence,
     }))
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CutoverError, FenceMode, Say, TableMap, VerifyMode};
+use super::{CutoverError, FenceMode, PoolerConfig, Say, TableMap, VerifyMode};
 use crate::conn::ConnInfo;
 
 /// What to cut over and how. Every field documents its default and trade-off.
@@ -84,6 +84,12 @@ pub struct CutoverConfig {
     /// prepared transaction survives the fence and could be committed on the source after the
     /// switch, never reaching the copy.
     pub max_prepared_wait: Duration,
+    /// PgBouncer in front of the source (`--pooler`): the fence pauses the application's
+    /// pool (clients wait instead of failing) and the switch repoints it to the copy and
+    /// resumes it. Default none (clients see the read-only fence's errors and reconnect).
+    /// `fence` still applies on top, for clients that bypass the pooler: keep read-only unless
+    /// every writer goes through PgBouncer (then `none` saves the termination round trips).
+    pub pooler: Option<PoolerConfig>,
     /// Progress lines (waiting, lag). Default none.
     pub say: Option<Say>,
 }
@@ -116,6 +122,7 @@ impl CutoverConfig {
             resume_after_switch: false,
             unfence_after_failed_switch: false,
             max_prepared_wait: Duration::from_secs(5),
+            pooler: None,
             say: None,
         }
     }
@@ -179,6 +186,17 @@ impl CutoverConfig {
                 "--unfence-after-failed-switch",
                 "cannot be combined with --dry-run or --resume-after-switch (traffic either reached the target or it did not)",
             );
+        }
+        if let Some(p) = &self.pooler {
+            if p.database.is_empty() {
+                return bad("--pooler-database", "must not be empty");
+            }
+            if p.databases_file.as_os_str().is_empty() {
+                return bad(
+                    "--pooler-databases-file",
+                    "is required with --pooler (the file holding the [databases] entry the switch rewrites)",
+                );
+            }
         }
         Ok(())
     }

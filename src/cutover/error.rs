@@ -122,6 +122,9 @@ pub enum CutoverError {
     Hook(#[from] HookError),
 
     #[error(transparent)]
+    Pooler(#[from] super::pooler::PoolerError),
+
+    #[error(transparent)]
     Buffer(#[from] BufferError),
 
     #[error(transparent)]
@@ -213,11 +216,24 @@ pub struct Aborted {
     pub report: CutoverReport,
     /// `Ok` if the fence was lifted (or there was none); the error text if lifting failed.
     pub unfenced: Result<(), String>,
+    /// `--pooler`: why the paused pool could not be resumed, if it could not.
+    pub pooler_paused: Option<String>,
     pub(super) fence: FenceMode,
 }
 
 impl Aborted {
     fn unfence_text(&self) -> String {
+        let fence = self.fence_text();
+        match (&self.pooler_paused, &self.report.pooler) {
+            (Some(p), _) => format!("{fence}. {p}"),
+            (None, Some(r)) if r.resumed => {
+                format!("{fence}. PgBouncer's database {:?} was resumed on the source", r.database)
+            }
+            _ => fence,
+        }
+    }
+
+    fn fence_text(&self) -> String {
         match (&self.unfenced, self.fence) {
             (Err(e), _) => format!(
                 "UNFENCING FAILED ({e}): the source is still read-only; restore it by hand with the value in {} \

@@ -31,6 +31,7 @@
 //! alternatives.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio_postgres::Client;
 
@@ -573,6 +574,28 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
         ctx.report.hooks.push(run);
         r?;
         note.push_str("before hook ran; ");
+    }
+    if !config.dry_run
+        && let Some(p) = &mut ctx.pooler
+    {
+        let within = ctx
+            .config
+            .max_window
+            .saturating_sub(ctx.window_start.map_or(Duration::ZERO, |s| s.elapsed()));
+        // Recorded before PAUSE is sent: an abort from here on resumes the pool.
+        ctx.pooler_paused = true;
+        let waited = p
+            .pause(&config.buffer_dir, &ctx.report.cutover_id, within)
+            .await?;
+        if let Some(r) = &mut ctx.report.pooler {
+            r.pause_wait_secs = Some(waited.as_secs_f64());
+        }
+        note.push_str(&format!(
+            "PgBouncer paused ({:.1} ms for transactions in flight); ",
+            waited.as_secs_f64() * 1e3
+        ));
+    } else if config.dry_run && ctx.pooler.is_some() {
+        note.push_str("dry run: would PAUSE in PgBouncer; ");
     }
     match (config.fence, config.dry_run) {
         (FenceMode::ReadOnly, false) => {

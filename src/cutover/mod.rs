@@ -12,14 +12,16 @@
 //!    (`helpers.rs`); wait until the lag ([`lag`], WAL not yet durable included) is
 //!    under `max_lag` and no prepared transaction of the source database is pending. Nothing
 //!    is fenced yet.
-//! 3. **fence** — the `--before` hook, then [`fence`] (read-only mode) — the window starts.
+//! 3. **fence** — the `--before` hook, `PAUSE` in PgBouncer with `--pooler` ([`pooler`]), then
+//!    [`fence`] (read-only mode) — the window starts.
 //! 4. **marker** — `pg_logical_emit_message(true, 'walshift', <cutover id>)` on the source
 //!    (`drain.rs`).
 //! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
 //!    (durable) position and the target's `walshift.applied` both pass its end (`drain.rs`).
 //! 6. **sequences** — [`sequences::sync`].
 //! 7. **verify** — [`verify::verify_tables`] as `verify` asks.
-//! 8. **switch** — the `--switch` hook — the window ends when it returns (`switch.rs`).
+//! 8. **switch** — with `--pooler`, the pooler's entry repointed to the copy; the `--switch`
+//!    hook; with `--pooler`, `RESUME` — the window ends there (`switch.rs`).
 //! 9. **after** — the `--after` hook; then the report ([`report`]).
 //!
 //! **Abort contract** (`abort.rs`): any failure before the switch is done, `max_window` running
@@ -70,6 +72,8 @@
 //! - `switch.rs` — the switch and the after hook.
 //! - `abort.rs` — lifting the fence on failure before the switch; never after it.
 //! - `hooks.rs` — running `--before`, `--switch`, `--after`.
+//! - `pooler/` — PgBouncer as the fence (`PAUSE`) and the switch (entry rewritten, `RELOAD`,
+//!   `RESUME`), and the pause record a crash leaves.
 //! - `journal.rs` — the durable record of how far a cutover got.
 //! - `report.rs` — the timeline and the report.
 
@@ -82,6 +86,7 @@ mod helpers;
 pub mod hooks;
 pub mod journal;
 pub mod lag;
+pub mod pooler;
 mod preflight;
 pub mod report;
 mod rerun;
@@ -98,6 +103,7 @@ use tokio_postgres::Client;
 pub use config::CutoverConfig;
 pub use error::{Aborted, CutoverError, SwitchInDoubt};
 pub use fence::FenceMode;
+pub use pooler::PoolerConfig;
 pub use report::{CutoverReport, Outcome};
 pub use sequences::TableMap;
 pub use verify::VerifyMode;
@@ -168,6 +174,7 @@ async fn run_inner(
         own_pid,
         tgt,
         leftover,
+        pooler,
     } = preflight::check(config, &mut report).await?;
     let helpers = helpers::start(config, &buffer_id, &mut report).await?;
 
@@ -202,6 +209,8 @@ async fn run_inner(
             j
         }),
         switch_started: false,
+        pooler,
+        pooler_paused: false,
     };
     // The marker scan is positioned now, outside the window: finding a position in the buffer
     // reads up to a segment; following it afterwards reads only what is appended.
@@ -281,6 +290,11 @@ struct Ctx<'a> {
     journal: Option<Journal>,
     /// The switch started: nothing may be undone.
     switch_started: bool,
+    /// PgBouncer, checked by preflight (`--pooler`): the fence pauses it, the switch repoints
+    /// and resumes it.
+    pooler: Option<pooler::Pooler>,
+    /// `PAUSE` was (or may have been) sent: an abort resumes the pool.
+    pooler_paused: bool,
 }
 
 impl Ctx<'_> {

@@ -71,6 +71,8 @@ pub(super) struct Checked {
     pub(super) tgt: Client,
     /// The fence a previous cutover left up (`cutover-fence.json`), if any.
     pub(super) leftover: Option<FenceState>,
+    /// PgBouncer, checked (`--pooler`).
+    pub(super) pooler: Option<super::pooler::Pooler>,
 }
 
 /// The checks, in order; the first that fails refuses the cutover with nothing touched.
@@ -95,6 +97,14 @@ pub(super) async fn check(
         },
     };
     check_buffer_source(&meta, &config.slot, None).map_err(mismatch)?;
+    // A pool a cutover of this buffer left paused (it died before its switch): clients are
+    // held until it is resumed, so that comes first.
+    if !config.dry_run
+        && let Some(w) = super::pooler::leftover(config.pooler.as_ref(), dir).await?
+    {
+        config.say(&w);
+        report.warnings.push(w);
+    }
     let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
     let src = config.source.connect().await?;
     let own_pid = prepare_session(&src).await?;
@@ -197,12 +207,23 @@ pub(super) async fn check(
     progress::ensure_progress_table(&tgt)
         .await
         .map_err(|e| CutoverError::Replay(ReplayError::Sql(e)))?;
+    let pooler = match &config.pooler {
+        Some(p) => {
+            let checked =
+                super::pooler::check(p, &config.source, &config.target, &mut report.warnings)
+                    .await?;
+            report.pooler = Some(checked.report());
+            Some(checked)
+        }
+        None => None,
+    };
     Ok(Checked {
         buffer_id,
         src,
         own_pid,
         tgt,
         leftover,
+        pooler,
     })
 }
 

@@ -108,6 +108,10 @@ pub struct CutoverReport {
     pub fence_role_settings_removed: Vec<String>,
     /// Client sessions terminated by the fence.
     pub sessions_terminated: u64,
+    /// PgBouncer's part (`--pooler`): the database paused, the entries, how long clients were
+    /// held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pooler: Option<super::pooler::PoolerReport>,
     /// `external` (a running `walshift capture`/`walshift run`) or `in-process`.
     pub capture: String,
     /// `external` or `in-process`.
@@ -147,6 +151,7 @@ impl CutoverReport {
             fence_previous_setting: None,
             fence_role_settings_removed: Vec::new(),
             sessions_terminated: 0,
+            pooler: None,
             capture: String::new(),
             replay: String::new(),
             marker_lsn: None,
@@ -272,6 +277,25 @@ impl fmt::Display for CutoverReport {
                 ms(w)
             )?,
             (None, _) => {}
+        }
+        if let Some(p) = &self.pooler {
+            writeln!(
+                f,
+                "pooler: database {:?} {}{}{}",
+                p.database,
+                match (p.resumed, self.outcome == Outcome::Switched || self.outcome == Outcome::SwitchedAfterHookFailed) {
+                    (true, true) => format!("repointed to {} and resumed", p.entry_after),
+                    (true, false) => format!("resumed on {}", p.entry_before),
+                    (false, _) if self.dry_run => format!("would be paused, then repointed to {}", p.entry_after),
+                    (false, _) => format!("NOT RESUMED (entry was {})", p.entry_before),
+                },
+                p.pause_wait_secs
+                    .map(|s| format!("; PAUSE waited {} for transactions in flight", ms(s)))
+                    .unwrap_or_default(),
+                p.paused_secs
+                    .map(|s| format!("; clients held at most {}", ms(s)))
+                    .unwrap_or_default(),
+            )?;
         }
         if let (Some(m), Some(e)) = (self.marker_lsn, self.marker_commit_end) {
             writeln!(

@@ -10,7 +10,7 @@ use super::hooks::{self, HookContext};
 use super::journal::{Journal, State, Step};
 use super::preflight::prepare_session;
 use super::report::Timeline;
-use super::{CutoverConfig, CutoverError, CutoverReport, Outcome, TableMap, sequences};
+use super::{CutoverConfig, CutoverError, CutoverReport, Outcome, TableMap, pooler, sequences};
 use crate::SqlContext;
 
 /// What the journal of the buffer's last cutover says this run does.
@@ -113,8 +113,11 @@ pub(super) async fn after_switch(
         if let Err(e) = FenceState::remove(dir) {
             report.warnings.push(e.to_string());
         }
+        // The operator says traffic belongs on the copy: a pool the switch left paused is
+        // pointed there and resumed (sequences are already set forward).
+        let pooled = settle_pooler(config, true).await?;
         let note = format!(
-            "switch recorded done; sequences set forward only ({} kept, target ahead)",
+            "switch recorded done; sequences set forward only ({} kept, target ahead){pooled}",
             report.sequences.iter().filter(|s| s.target_ahead).count()
         );
         tl.end(&mut report, note);
@@ -228,6 +231,8 @@ pub(super) async fn unfence_after_failed_switch(
                 .into()
         }
     };
+    // After the fence: clients resumed on the source must find it writable.
+    let note = format!("{note}{}", settle_pooler(config, false).await?);
     journal.record(
         Step::UnfencedAfterFailedSwitch,
         format!("the operator confirmed traffic never left the source; {note}"),
@@ -240,4 +245,22 @@ pub(super) async fn unfence_after_failed_switch(
     ));
     report.outcome = Outcome::UnfencedAfterFailedSwitch;
     Ok(report)
+}
+
+/// A pool the switch in doubt left paused (`cutover-pooler.json`): pointed at the copy
+/// (`to_target`) or back at the source, reloaded and resumed. Returns a note for the timeline
+/// (empty when no pool was paused).
+async fn settle_pooler(config: &CutoverConfig, to_target: bool) -> Result<String, CutoverError> {
+    let dir = &config.buffer_dir;
+    let Some(state) = pooler::PauseState::read(dir)? else {
+        return Ok(String::new());
+    };
+    let Some(p) = config.pooler.as_ref().filter(|p| p.database == state.database) else {
+        return Err(pooler::PoolerError::LeftPausedWithoutPooler {
+            cutover_id: state.cutover_id,
+            name: state.database,
+        }
+        .into());
+    };
+    Ok(format!("; {}", pooler::settle(p, dir, &state, to_target).await?))
 }

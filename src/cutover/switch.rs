@@ -13,11 +13,23 @@ pub(super) async fn switch(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     ctx.deadline_check("the switch (not started)")?;
     ctx.tl.begin("switch");
     // Durable before the hook runs: from here on walshift undoes nothing on its own.
-    ctx.record(
-        Step::SwitchStarted,
-        config.switch.clone().unwrap_or_default(),
-    )?;
+    let what = match (&config.switch, &ctx.pooler) {
+        (Some(cmd), Some(_)) => format!("PgBouncer repoint, then {cmd}"),
+        (Some(cmd), None) => cmd.clone(),
+        (None, Some(_)) => "PgBouncer repoint".into(),
+        (None, None) => String::new(),
+    };
+    ctx.record(Step::SwitchStarted, what)?;
     ctx.switch_started = true;
+    if let Some(p) = &ctx.pooler {
+        // A failure here leaves the switch in doubt like a failed hook: the pool stays paused
+        // and the pause record says both entries, for the operator's --resume-after-switch or
+        // --unfence-after-failed-switch.
+        if let Err(e) = p.repoint(&config.target).await {
+            ctx.record(Step::SwitchFailed, e.to_string())?;
+            return Err(e.into());
+        }
+    }
     if let Some(cmd) = &config.switch {
         let (run, r) = hooks::run_hook("switch", cmd, &ctx.hook_ctx, config.hook_timeout).await;
         ctx.report.hooks.push(run);
@@ -26,12 +38,28 @@ pub(super) async fn switch(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
             ctx.record(Step::SwitchFailed, e.to_string())?;
             return Err(e.into());
         }
-        ctx.record(Step::SwitchDone, "switch hook done")?;
-        ctx.tl.end(&mut ctx.report, "switch hook done");
-    } else {
-        ctx.record(Step::SwitchDone, "no --switch hook")?;
-        ctx.tl.end(&mut ctx.report, "no --switch hook");
     }
+    let mut note = match &config.switch {
+        Some(_) => "switch hook done".to_owned(),
+        None => "no --switch hook".to_owned(),
+    };
+    if let Some(p) = &ctx.pooler {
+        match p.resume(&config.buffer_dir).await {
+            Ok(held) => {
+                if let Some(r) = &mut ctx.report.pooler {
+                    r.resumed = true;
+                    r.paused_secs = held.map(|d| d.as_secs_f64());
+                }
+                note = format!("PgBouncer repointed to the copy and resumed; {note}");
+            }
+            Err(e) => {
+                ctx.record(Step::SwitchFailed, e.to_string())?;
+                return Err(e.into());
+            }
+        }
+    }
+    ctx.record(Step::SwitchDone, note.clone())?;
+    ctx.tl.end(&mut ctx.report, note);
     ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
     Ok(())
 }
