@@ -15,6 +15,8 @@
 //!
 //! When run as root, the cluster belongs to an unprivileged OS user (`postgres`, created if
 //! missing), because PostgreSQL refuses to run as root.
+//!
+//! [`pgbouncer`] runs a throwaway PgBouncer in front of clusters, with the same machinery.
 
 use std::ffi::CString;
 use std::fs;
@@ -30,6 +32,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{SqlContext, SqlError};
 use crate::pgtools::{PgBinaries, PgToolError};
+
+pub mod pgbouncer;
+pub use pgbouncer::{PgBouncer, PoolerOptions};
 
 /// Failures starting or driving a local throwaway cluster. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,13 @@ pub enum LocalPgError {
     /// A SQL statement issued by the localpg failed.
     #[error(transparent)]
     Sql(#[from] SqlError),
+
+    /// No PgBouncer on this machine ([`PgBouncer::find_binary`]).
+    #[error(
+        "pgbouncer not found on PATH nor at /usr/sbin/pgbouncer: install the Debian package \
+         `pgbouncer` (apt-get install pgbouncer; .ci/run does)"
+    )]
+    PgBouncerNotFound,
 }
 
 type Result<T> = std::result::Result<T, LocalPgError>;
@@ -281,11 +293,16 @@ fn spawner() -> &'static Mutex<mpsc::Sender<SpawnRequest>> {
     })
 }
 
-fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+fn spawn_tied_to_process(cmd: Command) -> std::io::Result<Child> {
+    spawn_with_death_signal(cmd, libc::SIGQUIT)
+}
+
+/// Spawns `cmd` from the spawner thread; the child gets `signal` when the process dies.
+fn spawn_with_death_signal(mut cmd: Command, signal: libc::c_int) -> std::io::Result<Child> {
     // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
