@@ -227,7 +227,10 @@ impl Aborted {
         match (&self.pooler_paused, &self.report.pooler) {
             (Some(p), _) => format!("{fence}. {p}"),
             (None, Some(r)) if r.resumed => {
-                format!("{fence}. PgBouncer's database {:?} was resumed on the source", r.database)
+                format!(
+                    "{fence}. PgBouncer's database {:?} was resumed on the source",
+                    r.database
+                )
             }
             _ => fence,
         }

@@ -283,10 +283,15 @@ impl fmt::Display for CutoverReport {
                 f,
                 "pooler: database {:?} {}{}{}",
                 p.database,
-                match (p.resumed, self.outcome == Outcome::Switched || self.outcome == Outcome::SwitchedAfterHookFailed) {
+                match (
+                    p.resumed,
+                    self.outcome == Outcome::Switched
+                        || self.outcome == Outcome::SwitchedAfterHookFailed
+                ) {
                     (true, true) => format!("repointed to {} and resumed", p.entry_after),
                     (true, false) => format!("resumed on {}", p.entry_before),
-                    (false, _) if self.dry_run => format!("would be paused, then repointed to {}", p.entry_after),
+                    (false, _) if self.dry_run =>
+                        format!("would be paused, then repointed to {}", p.entry_after),
                     (false, _) => format!("NOT RESUMED (entry was {})", p.entry_before),
                 },
                 p.pause_wait_secs

@@ -255,12 +255,19 @@ async fn settle_pooler(config: &CutoverConfig, to_target: bool) -> Result<String
     let Some(state) = pooler::PauseState::read(dir)? else {
         return Ok(String::new());
     };
-    let Some(p) = config.pooler.as_ref().filter(|p| p.database == state.database) else {
+    let Some(p) = config
+        .pooler
+        .as_ref()
+        .filter(|p| p.database == state.database)
+    else {
         return Err(pooler::PoolerError::LeftPausedWithoutPooler {
             cutover_id: state.cutover_id,
             name: state.database,
         }
         .into());
     };
-    Ok(format!("; {}", pooler::settle(p, dir, &state, to_target).await?))
+    Ok(format!(
+        "; {}",
+        pooler::settle(p, dir, &state, to_target).await?
+    ))
 }

@@ -12,7 +12,9 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EntryError {
-    #[error("has no entry for database {0:?} (a line `{0} = host=… port=… dbname=…` in [databases])")]
+    #[error(
+        "has no entry for database {0:?} (a line `{0} = host=… port=… dbname=…` in [databases])"
+    )]
     Missing(String),
     #[error(
         "has {count} entries for database {name:?} (lines {lines}); PgBouncer uses one: keep one line"
@@ -99,7 +101,11 @@ impl fmt::Display for Entry {
 }
 
 fn quote_value(v: &str) -> String {
-    if !v.is_empty() && !v.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\') {
+    if !v.is_empty()
+        && !v
+            .chars()
+            .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+    {
         v.to_owned()
     } else {
         format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
@@ -224,10 +230,7 @@ pub fn find(text: &str, name: &str) -> Result<Entry, EntryError> {
                     why,
                 }
             })?;
-            Ok(Entry {
-                line: i + 1,
-                pairs,
-            })
+            Ok(Entry { line: i + 1, pairs })
         }
         many => Err(EntryError::Ambiguous {
             name: name.to_owned(),

@@ -57,7 +57,9 @@ pub struct PoolerConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PoolerError {
-    #[error("cannot reach PgBouncer's admin console ({target}): {source}. Check --pooler (dbname=pgbouncer, a user in admin_users)")]
+    #[error(
+        "cannot reach PgBouncer's admin console ({target}): {source}. Check --pooler (dbname=pgbouncer, a user in admin_users)"
+    )]
     Connect {
         target: String,
         #[source]
@@ -75,7 +77,9 @@ pub enum PoolerError {
          Add it to admin_users and RELOAD, or connect --pooler as an admin user"
     )]
     NotAdmin { user: String, admin_users: String },
-    #[error("PgBouncer has no database {name:?} (it has: {known}). Pass the pooler's name for the database with --pooler-database")]
+    #[error(
+        "PgBouncer has no database {name:?} (it has: {known}). Pass the pooler's name for the database with --pooler-database"
+    )]
     NoDatabase { name: String, known: String },
     #[error(
         "PgBouncer's database {name:?} uses {mode} pooling: PAUSE would wait for every client to disconnect. \
@@ -234,7 +238,9 @@ impl Admin {
         let rows = self.query("SHOW CONFIG").await?;
         Ok(rows.into_iter().find_map(|r| {
             let is_key = field(&r, "key").is_some_and(|k| k == key);
-            is_key.then(|| field(&r, "value").map(str::to_owned)).flatten()
+            is_key
+                .then(|| field(&r, "value").map(str::to_owned))
+                .flatten()
         }))
     }
 
@@ -249,7 +255,9 @@ impl Admin {
             .iter()
             .find(|r| field(r, "name") == Some(name))
             .map(|r| PoolerDatabase {
-                host: field(r, "host").filter(|h| !h.is_empty()).map(str::to_owned),
+                host: field(r, "host")
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned),
                 port: field(r, "port").and_then(|p| p.parse().ok()),
                 database: field(r, "database").map(str::to_owned),
                 pool_mode: field(r, "pool_mode")
@@ -422,7 +430,10 @@ pub struct PoolerReport {
     pub resumed: bool,
 }
 
-fn file_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> PoolerError + 'a {
+fn file_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> PoolerError + 'a {
     move |source| PoolerError::File {
         path: path.to_owned(),
         what,
@@ -490,7 +501,8 @@ pub async fn check(
     }
 
     let path = &config.databases_file;
-    let text = std::fs::read_to_string(path).map_err(file_err(path, "reading the databases file"))?;
+    let text =
+        std::fs::read_to_string(path).map_err(file_err(path, "reading the databases file"))?;
     let before = entry::find(&text, name).map_err(|source| PoolerError::Entry {
         path: path.clone(),
         source,
@@ -514,7 +526,10 @@ pub async fn check(
     std::fs::OpenOptions::new()
         .append(true)
         .open(path)
-        .map_err(file_err(path, "cannot write the databases file (the switch rewrites its entry)"))?;
+        .map_err(file_err(
+            path,
+            "cannot write the databases file (the switch rewrites its entry)",
+        ))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     tempfile::NamedTempFile::new_in(dir).map_err(file_err(
         dir,
@@ -690,7 +705,8 @@ impl Pooler {
 pub fn write_entry(path: &Path, name: &str, entry_text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::MetadataExt;
-    let text = std::fs::read_to_string(path).map_err(file_err(path, "reading the databases file"))?;
+    let text =
+        std::fs::read_to_string(path).map_err(file_err(path, "reading the databases file"))?;
     let new = entry::replace(&text, name, entry_text).map_err(|source| PoolerError::Entry {
         path: path.to_owned(),
         source,
@@ -703,15 +719,16 @@ pub fn write_entry(path: &Path, name: &str, entry_text: &str) -> Result<()> {
     tmp.write_all(new.as_bytes())
         .and_then(|_| tmp.as_file().set_permissions(meta.permissions()))
         .and_then(|_| {
-            std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid()))
-                .or_else(|e| {
+            std::os::unix::fs::fchown(tmp.as_file(), Some(meta.uid()), Some(meta.gid())).or_else(
+                |e| {
                     // Not root: the new file is ours; fine when PgBouncer can still read it.
                     if e.kind() == std::io::ErrorKind::PermissionDenied {
                         Ok(())
                     } else {
                         Err(e)
                     }
-                })
+                },
+            )
         })
         .and_then(|_| tmp.as_file().sync_all())
         .map_err(werr)?;
@@ -753,10 +770,7 @@ fn not_paused_is_fine(e: PoolerError) -> Result<()> {
 /// A pause left by a cutover that died before its switch started: resumed on the unchanged
 /// entry before anything else, so clients are not held while this cutover's preflight waits.
 /// Returns the warning to report, if there was one.
-pub async fn leftover(
-    config: Option<&PoolerConfig>,
-    buffer_dir: &Path,
-) -> Result<Option<String>> {
+pub async fn leftover(config: Option<&PoolerConfig>, buffer_dir: &Path) -> Result<Option<String>> {
     let Some(state) = PauseState::read(buffer_dir)? else {
         return Ok(None);
     };
