@@ -134,7 +134,8 @@ async fn marked_cluster(label: &str) -> Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_pools_a_cluster_answers_its_consoles_and_stops_on_drop() {
     let cluster = marked_cluster("first").await;
-    let pooler = PgBouncer::start(PoolerOptions::new().database("app", &backend(&cluster))).unwrap();
+    let pooler =
+        PgBouncer::start(PoolerOptions::new().database("app", &backend(&cluster))).unwrap();
     assert!(PgBouncer::available());
 
     let client = connect(&pooler.conn_string("app")).await;
@@ -159,7 +160,10 @@ async fn pgbouncer_pools_a_cluster_answers_its_consoles_and_stops_on_drop() {
     let err = stats.simple_query("PAUSE app").await.unwrap_err();
     let message = err.as_db_error().map(|e| e.message().to_owned());
     assert_eq!(message.as_deref(), Some("admin access needed"), "{err}");
-    assert_eq!(pooler_database(&admin, "app").await.get("paused"), Some("0"));
+    assert_eq!(
+        pooler_database(&admin, "app").await.get("paused"),
+        Some("0")
+    );
 
     let pid = pooler.pid().expect("running");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -225,13 +229,17 @@ async fn pgbouncer_reload_sends_new_transactions_to_the_rewritten_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_pause_holds_queries_until_resume() {
     let cluster = marked_cluster("first").await;
-    let pooler = PgBouncer::start(PoolerOptions::new().database("app", &backend(&cluster))).unwrap();
+    let pooler =
+        PgBouncer::start(PoolerOptions::new().database("app", &backend(&cluster))).unwrap();
     let client = connect(&pooler.conn_string("app")).await;
     assert_eq!(value(&client, "SELECT v FROM marker").await, "first");
 
     let admin = connect(&pooler.admin_conn_string()).await;
     admin.simple_query("PAUSE app").await.unwrap();
-    assert_eq!(pooler_database(&admin, "app").await.get("paused"), Some("1"));
+    assert_eq!(
+        pooler_database(&admin, "app").await.get("paused"),
+        Some("1")
+    );
 
     let mut held = tokio::spawn(async move { value(&client, "SELECT v FROM marker").await });
     assert!(
@@ -251,7 +259,8 @@ async fn pgbouncer_pause_holds_queries_until_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbouncer_pause_waits_for_the_transaction_in_flight() {
     let cluster = marked_cluster("first").await;
-    let pooler = PgBouncer::start(PoolerOptions::new().database("app", &backend(&cluster))).unwrap();
+    let pooler =
+        PgBouncer::start(PoolerOptions::new().database("app", &backend(&cluster))).unwrap();
     let client = connect(&pooler.conn_string("app")).await;
     client
         .simple_query("BEGIN; INSERT INTO marker VALUES ('in flight')")
@@ -259,9 +268,8 @@ async fn pgbouncer_pause_waits_for_the_transaction_in_flight() {
         .unwrap();
 
     let admin = connect(&pooler.admin_conn_string()).await;
-    let mut pause = tokio::spawn(async move {
-        admin.simple_query("PAUSE app").await.map(|_| admin)
-    });
+    let mut pause =
+        tokio::spawn(async move { admin.simple_query("PAUSE app").await.map(|_| admin) });
     assert!(
         tokio::time::timeout(Duration::from_millis(500), &mut pause)
             .await
@@ -269,7 +277,10 @@ async fn pgbouncer_pause_waits_for_the_transaction_in_flight() {
         "PAUSE must wait for the open transaction"
     );
     let n = value(&client, "SELECT count(*) FROM marker").await;
-    assert_eq!(n, "2", "the transaction in flight goes on while PAUSE waits");
+    assert_eq!(
+        n, "2",
+        "the transaction in flight goes on while PAUSE waits"
+    );
     client.simple_query("COMMIT").await.unwrap();
     let admin = tokio::time::timeout(Duration::from_secs(60), pause)
         .await
