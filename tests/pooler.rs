@@ -311,6 +311,25 @@ async fn a_pause_left_by_a_dead_cutover_is_resumed_first() {
     .unwrap();
     s.admin().await.run(&format!("PAUSE {POOL}")).await.unwrap();
     assert_eq!(s.pool().await, (Some(s.source.port()), true));
+    // … and its read-only fence, raised after the pause.
+    let fence = walshift::cutover::fence::FenceState {
+        database: "postgres".into(),
+        previous: None,
+        cutover_id: "cutover-dead".into(),
+        role_overrides: Vec::new(),
+    };
+    std::fs::write(
+        walshift::cutover::fence::FenceState::path(s.dir.path()),
+        serde_json::to_vec(&fence).unwrap(),
+    )
+    .unwrap();
+    s.source
+        .execute(
+            "postgres",
+            "ALTER DATABASE postgres SET default_transaction_read_only = on",
+        )
+        .await
+        .unwrap();
 
     // Without --pooler, cutover refuses and says how to resume.
     let mut c = s.config();
@@ -322,10 +341,18 @@ async fn a_pause_left_by_a_dead_cutover_is_resumed_first() {
     );
     assert!(e.to_string().contains(&format!("RESUME {POOL}")), "{e}");
 
-    // With it: resumed first (warned), then a normal cutover.
+    // With it: the fence lifted and the pool resumed first (warned), then a normal cutover.
     let mut c = s.config();
     c.fence = FenceMode::None;
     let report = cutover::run(c, std::future::pending()).await.unwrap();
+    assert_eq!(common::cutover::fence_entry(&s.source).await, None);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("cutover-dead") && w.contains("fence was lifted")),
+        "{report}"
+    );
     assert_eq!(report.outcome, Outcome::Switched, "{report}");
     assert!(
         report

@@ -99,11 +99,28 @@ pub(super) async fn check(
     check_buffer_source(&meta, &config.slot, None).map_err(mismatch)?;
     // A pool a cutover of this buffer left paused (it died before its switch): clients are
     // held until it is resumed, so that comes first.
+    // Its read-only fence goes first (what the dead cutover's abort would have done), or the
+    // resumed clients would find the source read-only.
     if !config.dry_run
-        && let Some(w) = super::pooler::leftover(config.pooler.as_ref(), dir).await?
+        && let Some(paused) = super::pooler::PauseState::read(dir)?
     {
-        config.say(&w);
-        report.warnings.push(w);
+        if config.pooler.is_some()
+            && let Some(f) = FenceState::read_leftover(dir)?
+            && f.cutover_id == paused.cutover_id
+        {
+            let c = config.source.connect().await?;
+            fence::lift(&c, dir, &f).await?;
+            let w = format!(
+                "cutover {} died with the source fenced; the fence was lifted to its recorded setting ({:?}) before its paused pool was resumed",
+                f.cutover_id, f.previous
+            );
+            config.say(&w);
+            report.warnings.push(w);
+        }
+        if let Some(w) = super::pooler::leftover(config.pooler.as_ref(), dir).await? {
+            config.say(&w);
+            report.warnings.push(w);
+        }
     }
     let buffer_id = progress::buffer_id(meta.system_identifier, &meta.slot);
     let src = config.source.connect().await?;
