@@ -176,6 +176,11 @@ async fn pgbench_through_pgbouncer_sees_a_pause_not_an_error_and_every_commit_is
     let p = report.pooler.as_ref().expect("the pooler's part");
     assert!(p.resumed, "{report}");
     assert!(p.paused_secs.is_some(), "{report}");
+    assert!(
+        p.clients_waiting.is_some() && p.longest_client_wait_secs.is_some(),
+        "SHOW POOLS read before RESUME: {report}"
+    );
+    eprintln!("{report}");
     assert_eq!(bench.failed, 0, "{}", bench.stdout);
     // Every transaction pgbench saw committed is on the copy: those before the pause (replayed),
     // those queued during it and those after (run there).

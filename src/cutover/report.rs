@@ -281,7 +281,7 @@ impl fmt::Display for CutoverReport {
         if let Some(p) = &self.pooler {
             writeln!(
                 f,
-                "pooler: database {:?} {}{}{}",
+                "pooler: database {:?} {}{}{}{}",
                 p.database,
                 match (
                     p.resumed,
@@ -298,8 +298,15 @@ impl fmt::Display for CutoverReport {
                     .map(|s| format!("; PAUSE waited {} for transactions in flight", ms(s)))
                     .unwrap_or_default(),
                 p.paused_secs
-                    .map(|s| format!("; clients held at most {}", ms(s)))
+                    .map(|s| format!("; paused for {}", ms(s)))
                     .unwrap_or_default(),
+                match (p.clients_waiting, p.longest_client_wait_secs) {
+                    (Some(n), Some(w)) => format!(
+                        "; {n} client transaction(s) queued at RESUME, the longest waiting {}",
+                        ms(w)
+                    ),
+                    _ => String::new(),
+                },
             )?;
         }
         if let (Some(m), Some(e)) = (self.marker_lsn, self.marker_commit_end) {

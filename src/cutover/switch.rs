@@ -48,7 +48,9 @@ pub(super) async fn switch(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
             Ok(held) => {
                 if let Some(r) = &mut ctx.report.pooler {
                     r.resumed = true;
-                    r.paused_secs = held.map(|d| d.as_secs_f64());
+                    r.paused_secs = held.paused.map(|d| d.as_secs_f64());
+                    r.clients_waiting = held.clients_waiting;
+                    r.longest_client_wait_secs = held.longest_wait.map(|d| d.as_secs_f64());
                 }
                 note = format!("PgBouncer repointed to the copy and resumed; {note}");
             }

@@ -268,6 +268,22 @@ impl Admin {
         Ok((names, db))
     }
 
+    /// `SHOW POOLS` for `name`: clients waiting for a server connection, and the longest
+    /// any of them has waited (`maxwait` + `maxwait_us`).
+    pub async fn waiting(&self, name: &str) -> Result<(u64, Duration)> {
+        let rows = self.query("SHOW POOLS").await?;
+        let num = |r: &AdminRow, c: &str| field(r, c).and_then(|v| v.parse::<u64>().ok());
+        let mut clients = 0;
+        let mut longest = Duration::ZERO;
+        for r in rows.iter().filter(|r| field(r, "database") == Some(name)) {
+            clients += num(r, "cl_waiting").unwrap_or(0);
+            let wait = Duration::from_secs(num(r, "maxwait").unwrap_or(0))
+                + Duration::from_micros(num(r, "maxwait_us").unwrap_or(0));
+            longest = longest.max(wait);
+        }
+        Ok((clients, longest))
+    }
+
     /// Server connections PgBouncer holds for `name` to `host:port`.
     pub async fn servers_to(&self, name: &str, host: &str, port: u16) -> Result<usize> {
         let rows = self.query("SHOW SERVERS").await?;
@@ -411,6 +427,17 @@ pub struct Pooler {
     paused_at: Option<Instant>,
 }
 
+/// What [`Pooler::resume`] saw.
+#[derive(Clone, Copy, Debug)]
+pub struct Resumed {
+    /// From `PAUSE` sent to `RESUME` acknowledged.
+    pub paused: Option<Duration>,
+    /// Clients queued just before `RESUME` (`SHOW POOLS` cl_waiting; none if it failed).
+    pub clients_waiting: Option<u64>,
+    /// The longest any of them had waited by then (`SHOW POOLS` maxwait).
+    pub longest_wait: Option<Duration>,
+}
+
 /// What the report says about the pooler.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct PoolerReport {
@@ -426,6 +453,13 @@ pub struct PoolerReport {
     /// From `PAUSE` sent to `RESUME` acknowledged: the longest a client could have waited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paused_secs: Option<f64>,
+    /// Clients PgBouncer held in its queue just before `RESUME`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients_waiting: Option<u64>,
+    /// The longest any held client had waited just before `RESUME` (`SHOW POOLS` maxwait):
+    /// the client-visible stall PgBouncer measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub longest_client_wait_secs: Option<f64>,
     /// Whether the pool was resumed (on the copy after a switch, on the source after an abort).
     pub resumed: bool,
 }
@@ -690,13 +724,19 @@ impl Pooler {
         Ok(())
     }
 
-    /// `RESUME <db>`; removes the pause record. Returns how long the pool was paused.
-    pub async fn resume(&self, buffer_dir: &Path) -> Result<Option<Duration>> {
+    /// `RESUME <db>`; removes the pause record. Returns how long the pool was paused, and
+    /// what `SHOW POOLS` said just before: the clients queued and the longest any had waited.
+    pub async fn resume(&self, buffer_dir: &Path) -> Result<Resumed> {
+        let queue = self.admin.waiting(&self.config.database).await.ok();
         self.admin
             .run(&format!("RESUME {}", admin_ident(&self.config.database)))
             .await?;
         PauseState::remove(buffer_dir)?;
-        Ok(self.paused_at.map(|t| t.elapsed()))
+        Ok(Resumed {
+            paused: self.paused_at.map(|t| t.elapsed()),
+            clients_waiting: queue.map(|q| q.0),
+            longest_wait: queue.map(|q| q.1),
+        })
     }
 }
 
