@@ -89,7 +89,11 @@ async fn setup() -> Setup {
         PoolerOptions::new()
             .database(POOL, &entry_for(&source))
             .database("copy", &entry_for(&target))
-            .database("elsewhere", "host=127.0.0.1 port=1 dbname=postgres"),
+            .database("elsewhere", "host=127.0.0.1 port=1 dbname=postgres")
+            .database(
+                "sessions",
+                &format!("{} pool_mode=session", entry_for(&source)),
+            ),
     )
     .expect("PgBouncer starts (Debian package pgbouncer)");
     Setup {
@@ -263,6 +267,12 @@ async fn preflight_refuses_what_cannot_work_before_anything_is_paused() {
         matches!(e, PoolerError::NoDatabase { ref known, .. } if known.contains(POOL)),
         "{e}"
     );
+
+    // Session pooling: PAUSE would wait for every client to disconnect.
+    let mut c = s.config();
+    c.pooler.as_mut().unwrap().database = "sessions".into();
+    let e = pooler_error(run(c).await);
+    assert!(matches!(e, PoolerError::PoolMode { .. }), "{e}");
 
     // A databases file without the entry, and one PgBouncer does not read.
     let other = s.dir.path().join("other.ini");
