@@ -180,24 +180,11 @@ pub async fn run(opts: DemoOptions, say: impl Fn(&str)) -> Result<DemoReport, De
                  (each transaction asks which server it is on and speaks that server's schema)",
             );
             let client = ConnInfo::parse(&b.conn_string("shop"))?.connect().await?;
-            shop::Writer::start(
-                client,
-                2_000,
-                opts.tps,
-                shop::Route::Pooled {
-                    live_port: source.port(),
-                    copy_port: target.port(),
-                },
-            )
+            shop::Writer::start_pooled(client, 2_000, opts.tps, source.port(), target.port())
         }
         None => {
             say("▶ the site stays live: a writer places, ships and cancels orders from now on");
-            shop::Writer::start(
-                source.connect("shop").await?,
-                2_000,
-                opts.tps,
-                shop::Route::Direct,
-            )
+            shop::Writer::start(source.connect("shop").await?, 2_000, opts.tps)
         }
     };
 

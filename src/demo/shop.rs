@@ -67,7 +67,7 @@ pub enum Side {
 
 /// How the writer reaches the shop.
 #[derive(Clone, Copy, Debug)]
-pub enum Route {
+enum Route {
     /// A direct session to the live site: statements prepared once and reused; the fenced site
     /// refusing a write (session terminated, read-only) ends the writer, as a maintenance page
     /// would.
@@ -243,8 +243,35 @@ pub struct Writer {
 
 impl Writer {
     /// Starts placing about `tps` transactions a second (each: one new order, and every
-    /// fifth also ships one order; every tenth cancels — deletes — one), over `route`.
-    pub fn start(client: Client, customers: i64, tps: u32, route: Route) -> Writer {
+    /// fifth also ships one order; every tenth cancels — deletes — one) on a direct session to
+    /// the live site; the fence refusing a write ends it ([`WriterStats::refused`]).
+    pub fn start(client: Client, customers: i64, tps: u32) -> Writer {
+        Self::spawn(client, customers, tps, Route::Direct)
+    }
+
+    /// As [`Writer::start`], on a session through PgBouncer whose entry points at the live
+    /// site on `live_port` until a cutover repoints it to the copy on `copy_port`. Each
+    /// transaction speaks the schema of the server it landed on; any error ends the writer
+    /// with that error.
+    pub fn start_pooled(
+        client: Client,
+        customers: i64,
+        tps: u32,
+        live_port: u16,
+        copy_port: u16,
+    ) -> Writer {
+        Self::spawn(
+            client,
+            customers,
+            tps,
+            Route::Pooled {
+                live_port,
+                copy_port,
+            },
+        )
+    }
+
+    fn spawn(client: Client, customers: i64, tps: u32, route: Route) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let (s, c) = (stop.clone(), committed.clone());
