@@ -1,5 +1,6 @@
-//! `walshift demo`: the end-to-end demo on throwaway local clusters; Ctrl-C stops it and
-//! removes the clusters (exit 130).
+//! `walshift demo`: the end-to-end demo on throwaway local clusters (behind a throwaway
+//! PgBouncer when it is installed, unless `--no-pooler`); Ctrl-C stops it and removes the
+//! clusters (exit 130).
 
 use std::process::ExitCode;
 
@@ -14,12 +15,17 @@ pub struct DemoArgs {
     /// Writer transactions per second.
     #[arg(long, default_value_t = 150)]
     tps: u32,
+    /// Connect the writer directly and let the read-only fence refuse it, even when PgBouncer
+    /// is installed (by default the writer goes through PgBouncer and is held, not refused).
+    #[arg(long)]
+    no_pooler: bool,
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let opts = DemoOptions {
         seconds: a.seconds.max(2),
         tps: a.tps.max(1),
+        pooler: !a.no_pooler,
     };
     tokio::select! {
         r = demo::run(opts, |line| println!("{line}")) => { r?; Ok(ExitCode::SUCCESS) }
