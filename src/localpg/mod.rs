@@ -538,24 +538,9 @@ impl Cluster {
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(child) = self.child.take() {
             // SIGQUIT = immediate shutdown: the data is thrown away anyway.
-            // SAFETY: sending a signal to our own child.
-            unsafe {
-                libc::kill(child.id() as libc::pid_t, libc::SIGQUIT);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
+            stop_child(child, libc::SIGQUIT);
         }
     }
 
@@ -748,4 +733,25 @@ fn tail_from(path: &Path, offset: u64) -> String {
     }
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Sends `signal` to a server process of ours and waits up to 10 s for it to exit, then kills
+/// it.
+fn stop_child(mut child: Child, signal: libc::c_int) {
+    // SAFETY: sending a signal to our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => break,
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
