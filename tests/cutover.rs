@@ -457,6 +457,29 @@ async fn dry_run_fences_nothing_and_projects_the_window() {
     assert!(report.window().is_some());
     assert!(report.phase("switch").is_none() && report.hooks.is_empty());
     assert!(report.marker_commit_end.is_some());
+    // The projection counts what the real window does besides (journal, the fence's proof and
+    // its terminating, the switch's shell), rehearsed on scratch files it removes.
+    let rehearse = report
+        .phase("rehearse")
+        .expect("rehearsal in the projection");
+    assert!(report.window().unwrap() >= rehearse);
+    let scratch: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".cutover-dry-run-")
+        })
+        .collect();
+    assert!(scratch.is_empty(), "scratch left behind: {scratch:?}");
+    assert!(
+        !s.dir
+            .path()
+            .join(walshift::cutover::journal::JOURNAL_FILE)
+            .exists(),
+        "a dry run keeps no journal"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let w = w.await.unwrap();
@@ -767,4 +790,98 @@ async fn hook_fence_runs_before_and_leaves_the_database_setting_alone() {
         cutover::run(cfg, std::future::pending()).await,
         Err(CutoverError::HookModeWithoutBefore)
     ));
+}
+
+/// verify's sessions (`application_name` [`walshift::cutover::verify::APPLICATION_NAME`]) still
+/// open on a cluster.
+async fn verify_sessions(c: &Cluster) -> i64 {
+    c.connect("postgres")
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&walshift::cutover::verify::APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Waits until a cluster has none of verify's sessions left (closed sessions exit
+/// asynchronously); panics with the count if some stay.
+async fn assert_verify_sessions_closed(c: &Cluster) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = verify_sessions(c).await;
+        if n == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} verify session(s) stay open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// verify reads the tables over several sessions per side (one shared snapshot each): a table
+/// that differs is still named with both counts, the others are still compared, the cutover
+/// aborts unfenced, and verify's sessions are closed; with checksum, a changed value at the
+/// same count is found the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_verify_names_the_table_that_differs_and_closes_its_sessions() {
+    let s = setup().await;
+    s.target
+        .execute(
+            "postgres",
+            "INSERT INTO events (account_id, amount) VALUES (1, 1), (2, 2)",
+        )
+        .await
+        .unwrap();
+    let a = aborted(cutover::run(s.config(), std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::VerifyFailed { .. }), "{a}");
+    let msg = a.to_string();
+    assert!(msg.contains("\"events\": 0 vs 2 rows"), "{msg}");
+    assert!(!msg.contains("accounts") && !msg.contains("notes"), "{msg}");
+    let by_table = |name: &str| {
+        a.report
+            .verified
+            .iter()
+            .find(|c| c.source.ends_with(&format!("\"{name}\"")))
+            .unwrap_or_else(|| panic!("{name} compared: {:?}", a.report.verified))
+            .clone()
+    };
+    let accounts = by_table("accounts");
+    assert!(accounts.equal && accounts.source_rows == 2000 && accounts.target_rows == 2000);
+    let events = by_table("events");
+    assert!(!events.equal && (events.source_rows, events.target_rows) == (0, 2));
+    assert!(by_table("notes").equal);
+    assert_unfenced(&s, None).await;
+    assert_verify_sessions_closed(&s.source).await;
+    assert_verify_sessions_closed(&s.target).await;
+
+    s.target
+        .execute(
+            "postgres",
+            "DELETE FROM events; UPDATE notes SET body = 'changed' WHERE k = 'k7'",
+        )
+        .await
+        .unwrap();
+    let mut cfg = s.config();
+    cfg.verify = VerifyMode::Checksum;
+    let a = aborted(cutover::run(cfg, std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::VerifyFailed { .. }), "{a}");
+    let msg = a.to_string();
+    assert!(
+        msg.contains("\"notes\": ") && !msg.contains("events"),
+        "{msg}"
+    );
+    let notes = a
+        .report
+        .verified
+        .iter()
+        .find(|c| c.source.ends_with("\"notes\""))
+        .unwrap();
+    assert_eq!(notes.source_rows, notes.target_rows, "the same count");
+    assert!(notes.source_checksum.is_some() && notes.source_checksum != notes.target_checksum);
+    assert_unfenced(&s, None).await;
+    assert_verify_sessions_closed(&s.source).await;
+    assert_verify_sessions_closed(&s.target).await;
 }

@@ -1,9 +1,11 @@
 //! The cutover window under steady write load: throwaway source and target clusters,
 //! `pgbench -i -s <scale>` on the source (with a primary key added to `pgbench_history`, which
 //! has none), `walshift run` as a separate process (clone, capture, replay following), then
-//! `runs` times: `pgbench` at `--rate` tps for a warm-up, `walshift cutover` (in this process,
-//! read-only fence, `--switch true`, `--verify counts`), the source unfenced again. Every phase
-//! of every run is kept; min / median / max per phase are reported.
+//! `runs` times: `pgbench` at `--rate` tps for a warm-up, `walshift cutover --dry-run` (the
+//! projection, under the same load), then right after it the real `walshift cutover` (in this
+//! process, read-only fence, `--switch true`, `--verify counts`), the source unfenced again.
+//! Every phase of every run, real and projected, is kept; min / median / max per phase, and
+//! per run the projected window, the real one and the projection's error, are reported.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -49,8 +51,14 @@ impl Default for CutoverBench {
 pub struct Run {
     pub run: usize,
     pub window_secs: f64,
+    /// The dry run's projected window, measured right before.
+    pub projected_secs: f64,
+    /// (projected − real) / real, in percent.
+    pub projection_error_pct: f64,
     /// (phase, seconds) in timeline order.
     pub phases: Vec<(String, f64)>,
+    /// The dry run's phases.
+    pub projected_phases: Vec<(String, f64)>,
     pub transactions_drained: u64,
     pub changes_drained: u64,
     pub sessions_terminated: u64,
@@ -58,14 +66,21 @@ pub struct Run {
     pub source_tps: f64,
 }
 
-/// Min / median / max of one phase over the runs.
+/// Min / median / max of one phase over the runs, and the dry runs' median.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Stat {
     pub name: String,
     pub min_ms: f64,
     pub median_ms: f64,
     pub max_ms: f64,
+    pub projected_median_ms: f64,
 }
+
+/// The window's goal: median at most this, in milliseconds.
+pub const GOAL_WINDOW_MS: f64 = 100.0;
+
+/// The projection's goal: within this many percent of the real window, in every run.
+pub const GOAL_PROJECTION_PCT: f64 = 20.0;
 
 /// The whole measurement.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -78,16 +93,28 @@ pub struct CutoverBenchReport {
     /// Per phase, then `window` last.
     pub stats: Vec<Stat>,
     pub median_window_ms: f64,
+    /// The largest projection error of any run, in percent (signed).
+    pub worst_projection_error_pct: f64,
 }
 
-fn stat(name: &str, mut v: Vec<f64>) -> Stat {
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+fn median_ms(v: &[f64]) -> f64 {
+    v.get(v.len() / 2).copied().unwrap_or(0.0) * 1000.0
+}
+
+fn stat(name: &str, real: Vec<f64>, projected: Vec<f64>) -> Stat {
+    let v = sorted(real);
     let pick = |i: usize| v.get(i).copied().unwrap_or(0.0) * 1000.0;
     Stat {
         name: name.to_owned(),
         min_ms: pick(0),
-        median_ms: pick(v.len() / 2),
+        median_ms: median_ms(&v),
         max_ms: pick(v.len().saturating_sub(1)),
+        projected_median_ms: median_ms(&sorted(projected)),
     }
 }
 
@@ -104,31 +131,39 @@ impl std::fmt::Display for CutoverBenchReport {
         )?;
         writeln!(
             f,
-            "{:<11} {:>10} {:>10} {:>10}",
-            "phase", "min ms", "median ms", "max ms"
+            "{:<11} {:>10} {:>10} {:>10} {:>14}",
+            "phase", "min ms", "median ms", "max ms", "dry-run median"
         )?;
         for s in &self.stats {
             writeln!(
                 f,
-                "{:<11} {:>10.1} {:>10.1} {:>10.1}",
-                s.name, s.min_ms, s.median_ms, s.max_ms
+                "{:<11} {:>10.1} {:>10.1} {:>10.1} {:>14.1}",
+                s.name, s.min_ms, s.median_ms, s.max_ms, s.projected_median_ms
             )?;
         }
         for r in &self.runs {
             writeln!(
                 f,
-                "run {}: window {:.1} ms, drained {} transactions / {} changes, {} sessions terminated, source at {:.0} tps",
+                "run {}: window {:.1} ms, projected {:.1} ms ({:+.1} %), drained {} transactions / {} changes, \
+                 {} sessions terminated, source at {:.0} tps",
                 r.run,
                 r.window_secs * 1000.0,
+                r.projected_secs * 1000.0,
+                r.projection_error_pct,
                 r.transactions_drained,
                 r.changes_drained,
                 r.sessions_terminated,
                 r.source_tps
             )?;
         }
+        writeln!(
+            f,
+            "worst projection error {:+.1} % (goal within ±{GOAL_PROJECTION_PCT:.0} % in every run)",
+            self.worst_projection_error_pct
+        )?;
         write!(
             f,
-            "median window {:.1} ms (goal ≤ 1000 ms)",
+            "median window {:.1} ms (goal ≤ {GOAL_WINDOW_MS:.0} ms)",
             self.median_window_ms
         )
     }
@@ -280,6 +315,20 @@ impl CutoverBench {
             cfg.verify = self.verify;
             cfg.switch = Some("true".into());
             cfg.preflight_timeout = Some(Duration::from_secs(300));
+            let mut dry = cfg.clone();
+            dry.dry_run = true;
+            let projection = cutover::run(dry, std::future::pending())
+                .await
+                .map_err(|e| BenchError::Check {
+                    method: format!("cutover --dry-run {i}"),
+                    detail: e.to_string(),
+                })?;
+            let Some(projected) = projection.window_secs else {
+                return Err(BenchError::Check {
+                    method: format!("cutover --dry-run {i}"),
+                    detail: format!("no projected window:\n{projection}"),
+                });
+            };
             let report = cutover::run(cfg, std::future::pending())
                 .await
                 .map_err(|e| BenchError::Check {
@@ -292,6 +341,11 @@ impl CutoverBench {
                     detail: format!("{report}"),
                 });
             }
+            // A switched cutover's journal makes every later cutover of the buffer refuse (the
+            // switch is never repeated); this buffer and its clusters are throwaway, and the
+            // next run unfences the source first.
+            let journal = dir.path().join(cutover::journal::JOURNAL_FILE);
+            std::fs::remove_file(&journal)?;
             // pgbench's sessions were terminated by the fence: it ends with an error.
             if tokio::time::timeout(Duration::from_secs(10), bench.wait())
                 .await
@@ -299,27 +353,52 @@ impl CutoverBench {
             {
                 let _ = bench.kill().await;
             }
-            let r = Run {
-                run: i,
-                window_secs: report.window_secs.unwrap_or(0.0),
-                phases: report
-                    .phases
+            let window = report.window_secs.unwrap_or(0.0);
+            let timeline = |r: &cutover::CutoverReport| -> Vec<(String, f64)> {
+                r.phases
                     .iter()
                     .map(|p| (p.name.clone(), p.duration_secs))
-                    .collect(),
+                    .collect()
+            };
+            let r = Run {
+                run: i,
+                window_secs: window,
+                projected_secs: projected,
+                projection_error_pct: if window > 0.0 {
+                    (projected - window) / window * 100.0
+                } else {
+                    0.0
+                },
+                phases: timeline(&report),
+                projected_phases: timeline(&projection),
                 transactions_drained: report.transactions_drained,
                 changes_drained: report.changes_drained,
                 sessions_terminated: report.sessions_terminated,
                 source_tps: tps,
             };
-            log(&format!(
-                "run {i}: window {:.1} ms ({})",
-                r.window_secs * 1000.0,
-                r.phases
-                    .iter()
+            let phases = |p: &[(String, f64)]| {
+                p.iter()
                     .map(|(n, s)| format!("{n} {:.1}", s * 1000.0))
                     .collect::<Vec<_>>()
                     .join(", ")
+            };
+            let verify_note = |r: &cutover::CutoverReport| {
+                r.phases
+                    .iter()
+                    .find(|p| p.name == "verify")
+                    .map(|p| p.note.clone())
+                    .unwrap_or_default()
+            };
+            log(&format!(
+                "run {i}: window {:.1} ms ({}); projected {:.1} ms ({}), error {:+.1} %; \
+                 verify: {} (dry run: {})",
+                r.window_secs * 1000.0,
+                phases(&r.phases),
+                r.projected_secs * 1000.0,
+                phases(&r.projected_phases),
+                r.projection_error_pct,
+                verify_note(&report),
+                verify_note(&projection),
             ));
             runs.push(r);
         }
@@ -348,15 +427,27 @@ impl CutoverBench {
             "verify",
             "switch",
         ] {
-            let v: Vec<f64> = runs
-                .iter()
-                .filter_map(|r| r.phases.iter().find(|(n, _)| n == name).map(|p| p.1))
-                .collect();
-            stats.push(stat(name, v));
+            let of = |phases: &[(String, f64)]| phases.iter().find(|(n, _)| n == name).map(|p| p.1);
+            stats.push(stat(
+                name,
+                runs.iter().filter_map(|r| of(&r.phases)).collect(),
+                runs.iter()
+                    .filter_map(|r| of(&r.projected_phases))
+                    .collect(),
+            ));
         }
-        let window = stat("window", runs.iter().map(|r| r.window_secs).collect());
+        let window = stat(
+            "window",
+            runs.iter().map(|r| r.window_secs).collect(),
+            runs.iter().map(|r| r.projected_secs).collect(),
+        );
         let median_window_ms = window.median_ms;
         stats.push(window);
+        let worst_projection_error_pct = runs
+            .iter()
+            .map(|r| r.projection_error_pct)
+            .max_by(|a, b| a.abs().total_cmp(&b.abs()))
+            .unwrap_or(0.0);
         Ok(CutoverBenchReport {
             scale: self.scale,
             rate: self.rate,
@@ -365,6 +456,7 @@ impl CutoverBench {
             runs,
             stats,
             median_window_ms,
+            worst_projection_error_pct,
         })
     }
 }

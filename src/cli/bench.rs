@@ -83,7 +83,9 @@ impl WorkloadArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchSub {
-    /// The cutover window under pgbench load: min / median / max per phase over several cutovers.
+    /// The cutover window under pgbench load: before each cutover a dry run projects it; prints
+    /// min / median / max per phase over the cutovers, the dry runs' medians, and per run the
+    /// real and projected window and the projection's error.
     Cutover {
         /// pgbench scale of the source.
         #[arg(long, default_value_t = 10)]
@@ -94,10 +96,10 @@ pub enum BenchSub {
         /// pgbench clients.
         #[arg(long, default_value_t = 4)]
         clients: u32,
-        /// Measured cutovers.
+        /// Measured cutovers (each preceded by a dry run).
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// Seconds of load before each cutover.
+        /// Seconds of load before each dry run and cutover.
         #[arg(long, default_value_t = 5)]
         warmup_secs: u64,
         /// Verification inside the window: none, counts or checksum.

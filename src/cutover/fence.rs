@@ -609,7 +609,8 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             let timeout = config.terminate_timeout.min(ctx.remaining());
             ctx.report.fence_role_settings_removed =
                 state.role_overrides.iter().map(|o| o.to_string()).collect();
-            let n = raise(&ctx.src, &state, &[own_pid], timeout.as_millis() as i64).await?;
+            let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
+            let n = raise(&ctx.src, &state, &spare, timeout.as_millis() as i64).await?;
             prove_new_session(&config.source, &state.database).await?;
             // One prepared between preflight's check and the termination survives it.
             let pending = prepared_xacts(&ctx.src).await?;
@@ -623,7 +624,8 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             note.push_str(&format!("read-only; {n} session(s) terminated"));
         }
         (FenceMode::ReadOnly, true) => {
-            let n = other_sessions(&ctx.src, &[own_pid]).await?.len();
+            let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
+            let n = other_sessions(&ctx.src, &spare).await?.len();
             note.push_str(&format!("dry run: would terminate {n} session(s)"));
         }
         (FenceMode::Hook, _) => {

@@ -19,7 +19,9 @@
 //! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
 //!    (durable) position and the target's `walshift.applied` both pass its end (`drain.rs`).
 //! 6. **sequences** — [`sequences::sync`].
-//! 7. **verify** — [`verify::verify_tables`] as `verify` asks.
+//! 7. **verify** — what `verify` asks, over verify's own sessions opened in preflight; the
+//!    source's side is read from the fence on, the target's from the end of the drain
+//!    (`verify.rs`).
 //! 8. **switch** — with `--pooler`, the pooler's entry repointed to the copy; the `--switch`
 //!    hook; with `--pooler`, `RESUME` — the window ends there (`switch.rs`).
 //! 9. **after** — the `--after` hook; then the report ([`report`]).
@@ -50,8 +52,9 @@
 //! while it ran — after hooks must be safe to run twice; without `--after` such a rerun exits
 //! 4 and says so), or says there is nothing left to do.
 //!
-//! A dry run does everything except fencing, the hooks and the switch, and reports the
-//! projected window (fence → verify done).
+//! A dry run does everything except fencing, the hooks and the switch, then rehearses
+//! harmlessly what those cost (`projection.rs`), and reports the projected window (fence →
+//! rehearsal done).
 //!
 //! Files:
 //! - `mod.rs` — [`run`]: the phases in order, and what they share.
@@ -69,6 +72,7 @@
 //! - `drain.rs` — the marker, and the wait until it is durable and applied.
 //! - `sequences.rs` — target sequences set from the source, never backwards.
 //! - `verify.rs` — what `--verify` compares inside the window.
+//! - `projection.rs` — what a dry run measures in place of the fence, journal and switch.
 //! - `switch.rs` — the switch and the after hook.
 //! - `abort.rs` — lifting the fence on failure before the switch; never after it.
 //! - `hooks.rs` — running `--before`, `--switch`, `--after`.
@@ -88,6 +92,7 @@ pub mod journal;
 pub mod lag;
 pub mod pooler;
 mod preflight;
+mod projection;
 pub mod report;
 mod rerun;
 pub mod sequences;
@@ -211,12 +216,19 @@ async fn run_inner(
         switch_started: false,
         pooler,
         pooler_paused: false,
+        verify_sessions: verify::Sessions::default(),
     };
     // The marker scan is positioned now, outside the window: finding a position in the buffer
     // reads up to a segment; following it afterwards reads only what is appended.
     let positioned = match preflight::wait_for_lag(&mut ctx).await {
         Ok(()) => match preflight::wait_prepared(&ctx).await {
-            Ok(()) => drain::position(&ctx).await,
+            Ok(()) => match verify::Sessions::open(config).await {
+                Ok(sessions) => {
+                    ctx.verify_sessions = sessions;
+                    drain::position(&ctx).await
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
@@ -257,11 +269,16 @@ async fn run_inner(
 /// Fence → switch: the window. Any error returned here aborts.
 async fn window(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     fence::phase(ctx, own_pid).await?;
+    // The fenced source cannot move: verify reads it while the drain waits, and the drained
+    // target while sequences are set.
+    verify::start_source(ctx);
     drain::marker(ctx).await?;
     drain::drain(ctx).await?;
+    verify::start_target(ctx);
     sequences::phase(ctx).await?;
     verify::phase(ctx).await?;
     if ctx.config.dry_run {
+        projection::rehearse(ctx).await?;
         ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -295,6 +312,8 @@ struct Ctx<'a> {
     pooler: Option<pooler::Pooler>,
     /// `PAUSE` was (or may have been) sent: an abort resumes the pool.
     pooler_paused: bool,
+    /// verify's own sessions, opened before the fence (spared by it).
+    verify_sessions: verify::Sessions,
 }
 
 impl Ctx<'_> {

@@ -126,7 +126,8 @@ pub struct CutoverReport {
     pub transactions_drained: u64,
     pub changes_drained: u64,
     pub phases: Vec<PhaseTiming>,
-    /// Fence start → switch done (dry run: fence start → verify done, the projection).
+    /// Fence start → switch done (dry run: fence start → verify and the rehearsal of what the
+    /// real window does besides done, the projection).
     pub window_secs: Option<f64>,
     pub outcome: Outcome,
     /// Why it aborted, if it did.
@@ -273,7 +274,8 @@ impl fmt::Display for CutoverReport {
             (Some(w), false) => writeln!(f, "window (fence → switch done): {}", ms(w))?,
             (Some(w), true) => writeln!(
                 f,
-                "projected window (fence → verify, without fencing or the switch hook): {}",
+                "projected window (fence → verify, plus the fence's, journal's and switch's costs as rehearsed; \
+                 without ALTER DATABASE, terminating sessions and the hooks' work): {}",
                 ms(w)
             )?,
             (None, _) => {}

@@ -529,14 +529,20 @@ pub async fn table_summary(
     columns: &[String],
     checksums: bool,
 ) -> Result<(i64, Option<String>), tokio_postgres::Error> {
+    let sql = table_summary_sql(table, columns, checksums);
+    let row = client.query_one(&sql, &[]).await?;
+    Ok((row.get(0), checksums.then(|| row.get(1))))
+}
+
+/// The statement behind [`table_summary`]: the row count, then the checksum as text (`''`
+/// without `checksums`).
+pub fn table_summary_sql(table: &TableName, columns: &[String], checksums: bool) -> String {
     let parts: Vec<String> = columns
         .iter()
         .map(|c| format!("t.{}::text", quote_ident(c)))
         .collect();
     let from = format!("FROM {} AS t", table.quoted());
-    let sql = Check::summary_sql(&row_text(&parts), &from, checksums);
-    let row = client.query_one(&sql, &[]).await?;
-    Ok((row.get(0), checksums.then(|| row.get(1))))
+    Check::summary_sql(&row_text(&parts), &from, checksums)
 }
 
 /// Compiles the mapping for each source table against the target and builds the comparison

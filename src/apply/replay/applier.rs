@@ -121,6 +121,9 @@ struct Batch {
     /// The target transaction holds a TRUNCATE on the main connection: its table lock would
     /// block the other connections, so the rest of the batch goes over the main one.
     serial: bool,
+    /// The batch holds a cutover marker: a cutover waits for it, so the batch is committed
+    /// at the end of the marker's transaction rather than when it is full.
+    marker: bool,
 }
 
 impl Applier {
@@ -147,6 +150,7 @@ impl Applier {
             last_commit_us: None,
             serial: self.serial_pass,
             rows: 0,
+            marker: false,
         };
         loop {
             let Some(ev) = events.next() else {
@@ -212,7 +216,8 @@ impl Applier {
                     batch.last_commit_us = commit.commit_time_us;
                     let until_reached = config.until_lsn.is_some_and(|u| commit.end_lsn >= u);
                     let full = batch.changes as usize >= config.batch_rows
-                        || batch.opened_at.elapsed() >= config.batch_time;
+                        || batch.opened_at.elapsed() >= config.batch_time
+                        || batch.marker;
                     if batch.open && (strict || full || until_reached) {
                         if let Err(p) = self.commit(config, &mut batch, strict, report).await? {
                             return Ok(p);
@@ -354,6 +359,7 @@ impl Applier {
                             // even though it changes no row, so cutover can see replay
                             // passed it.
                             self.begin(&mut batch);
+                            batch.marker = true;
                             report.last_marker = Some(String::from_utf8_lossy(&m.content).into());
                         }
                         _ => {}
@@ -516,6 +522,7 @@ impl Applier {
             commit_us: batch.last_commit_us,
         };
         batch.open = false;
+        batch.marker = false;
         batch.transactions = 0;
         batch.changes = 0;
         if !strict {
