@@ -297,6 +297,20 @@ async fn preflight_refuses_what_cannot_work_before_anything_is_paused() {
     let e = pooler_error(run(c).await);
     assert!(matches!(e, PoolerError::AlreadyTarget { .. }), "{e}");
 
+    // A dry run checks the same and rehearses the pooler's part without pausing it.
+    let mut c = s.config();
+    c.dry_run = true;
+    let report = run(c).await.unwrap();
+    assert_eq!(report.outcome, Outcome::DryRun, "{report}");
+    assert!(
+        report.pooler.as_ref().is_some_and(|p| !p.resumed),
+        "{report}"
+    );
+    assert!(
+        report.phases.iter().any(|p| p.note.contains("PgBouncer")),
+        "{report}"
+    );
+
     // Nothing was paused or rewritten by any of them.
     assert_eq!(s.pool().await, (Some(s.source.port()), false));
     assert!(!PauseState::path(s.dir.path()).exists());

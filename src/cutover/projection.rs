@@ -13,7 +13,11 @@
 //!   the source runs the same query (its answer means nothing unfenced), and is then terminated
 //!   the way the fence terminates sessions (`pg_terminate_backend`, then waiting until it has
 //!   exited); and its check for prepared transactions;
-//! - with a `--switch` hook, the hook machinery running `:` instead of the hook.
+//! - with a `--switch` hook, the hook machinery running `:` instead of the hook;
+//! - with `--pooler`, the pause record and the rewritten databases file (durable writes into
+//!   the scratch directory) and six admin round trips in place of PAUSE, RELOAD, SHOW
+//!   DATABASES, RECONNECT, SHOW POOLS and RESUME (what PAUSE waits for — the application's
+//!   transactions in flight — is not projected).
 //!
 //! Not projected: `ALTER DATABASE … SET default_transaction_read_only` (one catalog update and
 //! its commit), terminating the application's sessions (the dry run reports how many there
@@ -64,9 +68,15 @@ pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     for step in WINDOW_STEPS {
         journal.record(step, "dry run")?;
     }
+    let mut note = String::from("measured: 7 journal records");
+    if let Some(p) = &ctx.pooler {
+        p.rehearse(scratch.path(), &ctx.report.cutover_id).await?;
+        note.push_str(
+            ", PgBouncer's pause record and rewritten databases file, its 6 admin round trips",
+        );
+    }
     drop(scratch);
 
-    let mut note = String::from("measured: 7 journal records");
     if let Some(state) = &state {
         let probe = config.source.connect().await?;
         let pid: i32 = probe

@@ -740,6 +740,28 @@ impl Pooler {
     }
 }
 
+impl Pooler {
+    /// A dry run's stand-in for the pooler's part of the window (nothing paused, nothing
+    /// rewritten): the pause record and the rewritten databases file as the same durable
+    /// writes into `scratch`, and the admin round trips of the real window — PAUSE, RELOAD,
+    /// SHOW DATABASES, RECONNECT, SHOW POOLS, RESUME — as harmless ones.
+    pub async fn rehearse(&self, scratch: &Path, cutover_id: &str) -> Result<()> {
+        self.state(cutover_id).write(scratch)?;
+        let copy = scratch.join("databases.ini");
+        std::fs::copy(&self.config.databases_file, &copy).map_err(file_err(
+            &copy,
+            "copying the databases file for the dry run",
+        ))?;
+        write_entry(&copy, &self.config.database, &self.after.text())?;
+        for _ in 0..4 {
+            self.admin.run("SHOW VERSION").await?;
+        }
+        self.admin.database(&self.config.database).await?;
+        self.admin.waiting(&self.config.database).await?;
+        Ok(())
+    }
+}
+
 /// Writes `entry_text` as database `name`'s entry: a new file beside the old one (same owner
 /// and mode), fsynced, renamed over it, the directory fsynced.
 pub fn write_entry(path: &Path, name: &str, entry_text: &str) -> Result<()> {
