@@ -31,6 +31,11 @@ pub struct CutoverBench {
     pub warmup: Duration,
     /// Verification inside the window. Default counts (cutover's default).
     pub verify: VerifyMode,
+    /// pgbench goes through a throwaway PgBouncer and each cutover runs in pooler mode (PAUSE,
+    /// repoint, RESUME; the read-only fence on top): a fresh release per run, since the copy
+    /// takes the writes after each switch. Reports what clients saw (latency max / p99,
+    /// failed transactions). Default false (direct pgbench, read-only fence, `--switch true`).
+    pub pooler: bool,
 }
 
 impl Default for CutoverBench {
@@ -42,6 +47,7 @@ impl Default for CutoverBench {
             runs: 5,
             warmup: Duration::from_secs(5),
             verify: VerifyMode::Counts,
+            pooler: false,
         }
     }
 }
@@ -64,6 +70,9 @@ pub struct Run {
     pub sessions_terminated: u64,
     /// pgbench transactions per second achieved during the warm-up.
     pub source_tps: f64,
+    /// Through PgBouncer only: what pgbench's clients saw over the whole load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<super::pooler::ClientView>,
 }
 
 /// Min / median / max of one phase over the runs, and the dry runs' median.
@@ -89,6 +98,8 @@ pub struct CutoverBenchReport {
     pub rate: u32,
     pub clients: u32,
     pub verify: String,
+    /// pgbench through PgBouncer, cutover in pooler mode.
+    pub pooler: bool,
     pub runs: Vec<Run>,
     /// Per phase, then `window` last.
     pub stats: Vec<Stat>,
@@ -122,10 +133,15 @@ impl std::fmt::Display for CutoverBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "cutover window under pgbench (scale {}, --rate {} tps, {} clients), verify {}, {} runs",
+            "cutover window under pgbench (scale {}, --rate {} tps, {} clients{}), verify {}, {} runs",
             self.scale,
             self.rate,
             self.clients,
+            if self.pooler {
+                ", through PgBouncer: cutover --pooler"
+            } else {
+                ""
+            },
             self.verify,
             self.runs.len()
         )?;
@@ -156,6 +172,27 @@ impl std::fmt::Display for CutoverBenchReport {
                 r.source_tps
             )?;
         }
+        let seen: Vec<&super::pooler::ClientView> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.clients.as_ref())
+            .collect();
+        for (r, c) in self
+            .runs
+            .iter()
+            .filter_map(|r| r.clients.as_ref().map(|c| (r, c)))
+        {
+            writeln!(f, "run {}: clients {c}", r.run)?;
+        }
+        if !seen.is_empty() {
+            let max = seen.iter().map(|c| c.max_ms).fold(0.0, f64::max);
+            let errors: u64 = seen.iter().map(|c| c.errors()).sum();
+            writeln!(
+                f,
+                "max client stall {max:.1} ms (goal ≤ {:.0} ms), client errors {errors} (goal 0)",
+                super::pooler::GOAL_STALL_MS
+            )?;
+        }
         writeln!(
             f,
             "worst projection error {:+.1} % (goal within ±{GOAL_PROJECTION_PCT:.0} % in every run)",
@@ -169,7 +206,7 @@ impl std::fmt::Display for CutoverBenchReport {
     }
 }
 
-fn tool_error(tool: &str, status: impl std::fmt::Display, stderr: &[u8]) -> BenchError {
+pub(super) fn tool_error(tool: &str, status: impl std::fmt::Display, stderr: &[u8]) -> BenchError {
     BenchError::Tool {
         tool: tool.into(),
         status: status.to_string(),
@@ -177,13 +214,37 @@ fn tool_error(tool: &str, status: impl std::fmt::Display, stderr: &[u8]) -> Benc
     }
 }
 
+/// A release under way: both clusters (pgbench's tables on the source, cloned to the target)
+/// and `walshift run` streaming between them.
+pub(super) struct Release {
+    pub(super) source: Cluster,
+    pub(super) target: Cluster,
+    pub(super) dir: tempfile::TempDir,
+    pub(super) run: tokio::process::Child,
+    pub(super) pgbench: std::path::PathBuf,
+}
+
+impl Release {
+    /// Stops `walshift run` (its control socket, then a kill after 30 s).
+    pub(super) async fn stop(mut self) {
+        let _ = crate::run::control::request(self.dir.path(), "stop").await;
+        if tokio::time::timeout(Duration::from_secs(30), self.run.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.run.kill().await;
+        }
+    }
+}
+
 impl CutoverBench {
-    /// Runs the measurement. `walshift` is the binary started as `walshift run`.
-    pub async fn run(
+    /// Throwaway clusters, `pgbench -i` on the source (with a primary key added to
+    /// `pgbench_history`), `walshift run` cloning and then streaming.
+    pub(super) async fn prepare(
         &self,
         walshift: &Path,
-        log: impl Fn(&str),
-    ) -> Result<CutoverBenchReport, BenchError> {
+        log: &impl Fn(&str),
+    ) -> Result<Release, BenchError> {
         let opts = || {
             ClusterOptions::default()
                 .setting("max_wal_size", "'4GB'")
@@ -262,6 +323,40 @@ impl CutoverBench {
             started.elapsed().as_secs_f64()
         ));
 
+        Ok(Release {
+            source,
+            target,
+            dir,
+            run,
+            pgbench,
+        })
+    }
+}
+
+impl CutoverBench {
+    /// Runs the measurement. `walshift` is the binary started as `walshift run`.
+    pub async fn run(
+        &self,
+        walshift: &Path,
+        log: impl Fn(&str),
+    ) -> Result<CutoverBenchReport, BenchError> {
+        if self.pooler {
+            return self.run_pooled(walshift, log).await;
+        }
+        let Release {
+            source,
+            target,
+            dir,
+            run,
+            pgbench,
+        } = self.prepare(walshift, &log).await?;
+        let port = source.port().to_string();
+        let pg_args = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+        let (sc, tc) = (
+            source.conn_string("postgres"),
+            target.conn_string("postgres"),
+        );
+
         let mut runs = Vec::new();
         for i in 1..=self.runs {
             // A new session each time: the previous cutover's fence terminated the last one.
@@ -315,32 +410,8 @@ impl CutoverBench {
             cfg.verify = self.verify;
             cfg.switch = Some("true".into());
             cfg.preflight_timeout = Some(Duration::from_secs(300));
-            let mut dry = cfg.clone();
-            dry.dry_run = true;
-            let projection = cutover::run(dry, std::future::pending())
-                .await
-                .map_err(|e| BenchError::Check {
-                    method: format!("cutover --dry-run {i}"),
-                    detail: e.to_string(),
-                })?;
-            let Some(projected) = projection.window_secs else {
-                return Err(BenchError::Check {
-                    method: format!("cutover --dry-run {i}"),
-                    detail: format!("no projected window:\n{projection}"),
-                });
-            };
-            let report = cutover::run(cfg, std::future::pending())
-                .await
-                .map_err(|e| BenchError::Check {
-                    method: format!("cutover run {i}"),
-                    detail: e.to_string(),
-                })?;
-            if report.outcome != Outcome::Switched {
-                return Err(BenchError::Check {
-                    method: format!("cutover run {i}"),
-                    detail: format!("{report}"),
-                });
-            }
+            let (r, _) = cut_over(i, cfg, tps, &log).await?;
+            runs.push(r);
             // A switched cutover's journal makes every later cutover of the buffer refuse (the
             // switch is never repeated); this buffer and its clusters are throwaway, and the
             // next run unfences the source first.
@@ -353,54 +424,6 @@ impl CutoverBench {
             {
                 let _ = bench.kill().await;
             }
-            let window = report.window_secs.unwrap_or(0.0);
-            let timeline = |r: &cutover::CutoverReport| -> Vec<(String, f64)> {
-                r.phases
-                    .iter()
-                    .map(|p| (p.name.clone(), p.duration_secs))
-                    .collect()
-            };
-            let r = Run {
-                run: i,
-                window_secs: window,
-                projected_secs: projected,
-                projection_error_pct: if window > 0.0 {
-                    (projected - window) / window * 100.0
-                } else {
-                    0.0
-                },
-                phases: timeline(&report),
-                projected_phases: timeline(&projection),
-                transactions_drained: report.transactions_drained,
-                changes_drained: report.changes_drained,
-                sessions_terminated: report.sessions_terminated,
-                source_tps: tps,
-            };
-            let phases = |p: &[(String, f64)]| {
-                p.iter()
-                    .map(|(n, s)| format!("{n} {:.1}", s * 1000.0))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let verify_note = |r: &cutover::CutoverReport| {
-                r.phases
-                    .iter()
-                    .find(|p| p.name == "verify")
-                    .map(|p| p.note.clone())
-                    .unwrap_or_default()
-            };
-            log(&format!(
-                "run {i}: window {:.1} ms ({}); projected {:.1} ms ({}), error {:+.1} %; \
-                 verify: {} (dry run: {})",
-                r.window_secs * 1000.0,
-                phases(&r.phases),
-                r.projected_secs * 1000.0,
-                phases(&r.projected_phases),
-                r.projection_error_pct,
-                verify_note(&report),
-                verify_note(&projection),
-            ));
-            runs.push(r);
         }
         let admin = source.connect("postgres").await?;
         admin
@@ -409,14 +432,20 @@ impl CutoverBench {
         admin
             .batch_execute("ALTER DATABASE postgres RESET default_transaction_read_only")
             .await?;
-        let _ = crate::run::control::request(dir.path(), "stop").await;
-        if tokio::time::timeout(Duration::from_secs(30), run.wait())
-            .await
-            .is_err()
-        {
-            let _ = run.kill().await;
+        Release {
+            source,
+            target,
+            dir,
+            run,
+            pgbench,
         }
+        .stop()
+        .await;
+        Ok(self.report(runs))
+    }
 
+    /// Min / median / max per phase, the window, the worst projection.
+    pub(super) fn report(&self, runs: Vec<Run>) -> CutoverBenchReport {
         let mut stats = Vec::new();
         for name in [
             "preflight",
@@ -448,15 +477,101 @@ impl CutoverBench {
             .map(|r| r.projection_error_pct)
             .max_by(|a, b| a.abs().total_cmp(&b.abs()))
             .unwrap_or(0.0);
-        Ok(CutoverBenchReport {
+        CutoverBenchReport {
             scale: self.scale,
             rate: self.rate,
             clients: self.clients,
             verify: self.verify.as_str().into(),
+            pooler: self.pooler,
             runs,
             stats,
             median_window_ms,
             worst_projection_error_pct,
-        })
+        }
     }
+}
+
+/// A dry run, then right after it the cutover itself (which must switch); the run's figures
+/// (client-side ones left empty) and the cutover's report.
+pub(super) async fn cut_over(
+    i: usize,
+    cfg: CutoverConfig,
+    tps: f64,
+    log: &impl Fn(&str),
+) -> Result<(Run, cutover::CutoverReport), BenchError> {
+    let mut dry = cfg.clone();
+    dry.dry_run = true;
+    let projection = cutover::run(dry, std::future::pending())
+        .await
+        .map_err(|e| BenchError::Check {
+            method: format!("cutover --dry-run {i}"),
+            detail: e.to_string(),
+        })?;
+    let Some(projected) = projection.window_secs else {
+        return Err(BenchError::Check {
+            method: format!("cutover --dry-run {i}"),
+            detail: format!("no projected window:\n{projection}"),
+        });
+    };
+    let report = cutover::run(cfg, std::future::pending())
+        .await
+        .map_err(|e| BenchError::Check {
+            method: format!("cutover run {i}"),
+            detail: e.to_string(),
+        })?;
+    if report.outcome != Outcome::Switched {
+        return Err(BenchError::Check {
+            method: format!("cutover run {i}"),
+            detail: format!("{report}"),
+        });
+    }
+    let window = report.window_secs.unwrap_or(0.0);
+    let timeline = |r: &cutover::CutoverReport| -> Vec<(String, f64)> {
+        r.phases
+            .iter()
+            .map(|p| (p.name.clone(), p.duration_secs))
+            .collect()
+    };
+    let r = Run {
+        run: i,
+        window_secs: window,
+        projected_secs: projected,
+        projection_error_pct: if window > 0.0 {
+            (projected - window) / window * 100.0
+        } else {
+            0.0
+        },
+        phases: timeline(&report),
+        projected_phases: timeline(&projection),
+        transactions_drained: report.transactions_drained,
+        changes_drained: report.changes_drained,
+        sessions_terminated: report.sessions_terminated,
+        source_tps: tps,
+        clients: None,
+    };
+    let phases = |p: &[(String, f64)]| {
+        p.iter()
+            .map(|(n, s)| format!("{n} {:.1}", s * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let verify_note = |r: &cutover::CutoverReport| {
+        r.phases
+            .iter()
+            .find(|p| p.name == "verify")
+            .map(|p| p.note.clone())
+            .unwrap_or_default()
+    };
+    log(&format!(
+        "run {i}: window {:.1} ms ({}); projected {:.1} ms ({}), error {:+.1} %; \
+             verify: {} (dry run: {})",
+        r.window_secs * 1000.0,
+        phases(&r.phases),
+        r.projected_secs * 1000.0,
+        phases(&r.projected_phases),
+        r.projection_error_pct,
+        verify_note(&report),
+        verify_note(&projection),
+    ));
+    Ok((r, report))
 }

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod cutover;
+pub mod pooler;
 pub mod replay;
 pub mod workload;
 

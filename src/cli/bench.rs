@@ -105,6 +105,11 @@ pub enum BenchSub {
         /// Verification inside the window: none, counts or checksum.
         #[arg(long, default_value = "counts", value_parser = |s: &str| s.parse::<crate::cutover::VerifyMode>())]
         verify: crate::cutover::VerifyMode,
+        /// pgbench goes through a throwaway PgBouncer and each cutover runs in pooler mode
+        /// (a fresh release per run); adds what the clients saw: latency max and p99, failed
+        /// transactions.
+        #[arg(long)]
+        pooler: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -166,6 +171,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             runs,
             warmup_secs,
             verify,
+            pooler,
             json,
         }) => {
             let bench = crate::bench::cutover::CutoverBench {
@@ -175,6 +181,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
                 runs: runs.max(1),
                 warmup: std::time::Duration::from_secs(warmup_secs),
                 verify,
+                pooler,
             };
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;
             if json {
