@@ -885,3 +885,53 @@ async fn concurrent_verify_names_the_table_that_differs_and_closes_its_sessions(
     assert_verify_sessions_closed(&s.source).await;
     assert_verify_sessions_closed(&s.target).await;
 }
+
+/// The sequences are planned before the fence and only read and set inside the window: a
+/// plan the source's catalog moved past (a sequence created, or renamed) is refused by the
+/// same statement that reads the values, and a fresh sync sets everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_plan_the_catalog_moved_past_is_planned_again() {
+    use walshift::cutover::sequences::{self, TableMap};
+    let schema = "CREATE TABLE t (id bigserial PRIMARY KEY); CREATE SEQUENCE s1;";
+    let cluster = pair::two_databases(schema, schema).await;
+    let (src, tgt) = (
+        cluster.connect("src").await.unwrap(),
+        cluster.connect("dst").await.unwrap(),
+    );
+    src.batch_execute("SELECT setval('t_id_seq', 40); SELECT setval('s1', 7)")
+        .await
+        .unwrap();
+    let map = TableMap::identity();
+
+    // Unchanged catalog: applied from the plan.
+    let plan = sequences::plan(&src, &tgt, &map).await.unwrap();
+    assert_eq!(plan.len(), 2);
+    let done = sequences::apply(&src, &tgt, plan)
+        .await
+        .unwrap()
+        .expect("fresh plan");
+    assert_eq!(done.set.len(), 2);
+
+    // A sequence created after the plan: refused, not silently left out.
+    let plan = sequences::plan(&src, &tgt, &map).await.unwrap();
+    src.batch_execute("CREATE SEQUENCE s2; SELECT setval('s2', 5)")
+        .await
+        .unwrap();
+    tgt.batch_execute("CREATE SEQUENCE s2").await.unwrap();
+    assert!(sequences::apply(&src, &tgt, plan).await.unwrap().is_none());
+    // A sequence renamed after the plan: refused too.
+    let plan = sequences::plan(&src, &tgt, &map).await.unwrap();
+    src.batch_execute("ALTER SEQUENCE s1 RENAME TO s1_old")
+        .await
+        .unwrap();
+    assert!(sequences::apply(&src, &tgt, plan).await.unwrap().is_none());
+    // Planned again, everything is set.
+    let done = sequences::sync(&src, &tgt, &map).await.unwrap();
+    assert_eq!(done.skipped, ["\"public\".\"s1_old\""], "{done:?}");
+    let s2: i64 = tgt
+        .query_one("SELECT last_value FROM s2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(s2, 5);
+}

@@ -18,7 +18,8 @@
 //!    (`drain.rs`).
 //! 5. **drain** — find the marker's transaction in the buffer; wait until the slot's confirmed
 //!    (durable) position and the target's `walshift.applied` both pass its end (`drain.rs`).
-//! 6. **sequences** — [`sequences::sync`].
+//! 6. **sequences** — planned before the fence ([`sequences::plan`]), the values read and set
+//!    in the window ([`sequences::apply`]).
 //! 7. **verify** — what `verify` asks, over verify's own sessions opened in preflight; the
 //!    source's side is read from the fence on, the target's from the end of the drain
 //!    (`verify.rs`).
@@ -217,6 +218,7 @@ async fn run_inner(
         pooler,
         pooler_paused: false,
         verify_sessions: verify::Sessions::default(),
+        sequence_plan: None,
     };
     // The marker scan is positioned now, outside the window: finding a position in the buffer
     // reads up to a segment; following it afterwards reads only what is appended.
@@ -225,7 +227,15 @@ async fn run_inner(
             Ok(()) => match verify::Sessions::open(config).await {
                 Ok(sessions) => {
                     ctx.verify_sessions = sessions;
-                    drain::position(&ctx).await
+                    match sequences::plan(&ctx.src, &ctx.tgt, &ctx.table_map).await {
+                        Ok(plan) => {
+                            ctx.sequence_plan = Some(plan);
+                            drain::position(&ctx).await
+                        }
+                        Err(e) => {
+                            Err(crate::SqlError::new("planning the sequences to set", e).into())
+                        }
+                    }
                 }
                 Err(e) => Err(e),
             },
@@ -314,6 +324,9 @@ struct Ctx<'a> {
     pooler_paused: bool,
     /// verify's own sessions, opened before the fence (spared by it).
     verify_sessions: verify::Sessions,
+    /// Which target sequence each source sequence feeds, worked out before the fence: the
+    /// window only reads the values and sets them.
+    sequence_plan: Option<sequences::Plan>,
 }
 
 impl Ctx<'_> {

@@ -89,32 +89,58 @@ pub struct SequencesSynced {
     pub skipped: Vec<String>,
 }
 
-/// Reads every source sequence's state and sets the target's counterparts. Two round trips
-/// per side whatever the number of sequences.
-pub async fn sync(
+/// The source's sequences and their owning columns (catalog only: no values).
+const SOURCE_SEQUENCES: &str = "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text, a.attname::text \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid \
+          AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0 \
+     LEFT JOIN pg_class t ON t.oid = d.refobjid \
+     LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace \
+     LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+     WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
+       AND n.nspname NOT LIKE 'pg\\_%' \
+     ORDER BY 1, 2";
+
+/// Which target sequence each source sequence feeds, worked out from the catalogs alone —
+/// before the fence, so that the window only reads values and sets them ([`apply`]).
+pub struct Plan {
+    seqs: Vec<SourceSequence>,
+    /// md5 of the source catalog rows the plan was made from: [`apply`] checks it in the same
+    /// statement that reads the values, and refuses a plan the catalog has moved past.
+    fingerprint: String,
+    /// Target sequence (quoted, qualified) → the source sequences feeding it.
+    targets: BTreeMap<String, Vec<usize>>,
+    skipped: Vec<String>,
+}
+
+impl Plan {
+    /// Source sequences the plan covers.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+}
+
+/// The catalog fingerprint's SQL: the md5 of [`SOURCE_SEQUENCES`]'s rows.
+fn fingerprint_sql() -> String {
+    format!(
+        "SELECT md5(coalesce(string_agg(concat_ws('/', s.*), ';'), '')) FROM ({SOURCE_SEQUENCES}) s"
+    )
+}
+
+/// Reads the source's sequences and resolves their target counterparts (four statements,
+/// whatever the number of sequences; no values).
+pub async fn plan(
     source: &Client,
     target: &Client,
     map: &TableMap,
-) -> Result<SequencesSynced, tokio_postgres::Error> {
-    let rows = source
-        .query(
-            "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text, a.attname::text \
-             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid \
-                  AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0 \
-             LEFT JOIN pg_class t ON t.oid = d.refobjid \
-             LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace \
-             LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
-             WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walshift') \
-               AND n.nspname NOT LIKE 'pg\\_%' \
-             ORDER BY 1, 2",
-            &[],
-        )
-        .await?;
-    if rows.is_empty() {
-        return Ok(SequencesSynced::default());
-    }
-    let mut seqs: Vec<SourceSequence> = rows
+) -> Result<Plan, tokio_postgres::Error> {
+    let rows = source.query(SOURCE_SEQUENCES, &[]).await?;
+    let fingerprint: String = source.query_one(&fingerprint_sql(), &[]).await?.get(0);
+    let seqs: Vec<SourceSequence> = rows
         .iter()
         .map(|r| SourceSequence {
             schema: r.get(0),
@@ -131,23 +157,14 @@ pub async fn sync(
             is_called: false,
         })
         .collect();
-    // One statement reads them all.
-    let values_sql = seqs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            format!(
-                "SELECT {i}, last_value, is_called FROM {}",
-                quote_qualified(&s.schema, &s.name)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    for r in source.query(&values_sql, &[]).await? {
-        let i: i32 = r.get(0);
-        let s = &mut seqs[i as usize];
-        s.last_value = r.get(1);
-        s.is_called = r.get(2);
+    let mut out = Plan {
+        seqs,
+        fingerprint,
+        targets: BTreeMap::new(),
+        skipped: Vec::new(),
+    };
+    if out.seqs.is_empty() {
+        return Ok(out);
     }
 
     // Candidates per source sequence: (owning target table, column) pairs and the same name.
@@ -155,7 +172,7 @@ pub async fn sync(
     let mut tables: Vec<Option<String>> = Vec::new();
     let mut columns: Vec<Option<String>> = Vec::new();
     let mut same_names: Vec<String> = Vec::new();
-    for (i, s) in seqs.iter().enumerate() {
+    for (i, s) in out.seqs.iter().enumerate() {
         let same = quote_qualified(&s.schema, &s.name);
         match &s.owner {
             Some((ts, tt, col)) => {
@@ -196,27 +213,16 @@ pub async fn sync(
             &[&idx, &tables, &columns, &same_names],
         )
         .await?;
-    // Target sequence → (value, called, sources) keeping the largest value.
-    let mut plan: BTreeMap<String, (i64, bool, Vec<usize>)> = BTreeMap::new();
-    let mut found = vec![false; seqs.len()];
+    let mut found = vec![false; out.seqs.len()];
     for r in resolved {
         let i = r.get::<_, i32>(0) as usize;
         let Some(t) = r.get::<_, Option<String>>(1) else {
             continue;
         };
         found[i] = true;
-        let s = &seqs[i];
-        let e = plan
-            .entry(t)
-            .or_insert((s.last_value, s.is_called, Vec::new()));
-        if (s.last_value, s.is_called) > (e.0, e.1) {
-            e.0 = s.last_value;
-            e.1 = s.is_called;
-        }
-        e.2.push(i);
+        out.targets.entry(t).or_default().push(i);
     }
-    let mut out = SequencesSynced::default();
-    for (i, s) in seqs.iter().enumerate() {
+    for (i, s) in out.seqs.iter().enumerate() {
         if !found[i] {
             out.skipped.push(format!(
                 "{}.{}",
@@ -225,11 +231,107 @@ pub async fn sync(
             ));
         }
     }
-    if plan.is_empty() {
-        return Ok(out);
+    Ok(out)
+}
+
+/// Reads every source sequence's state and sets the target's counterparts: [`plan`], then
+/// the values read and set at once (a sequence renamed in between is an error).
+pub async fn sync(
+    source: &Client,
+    target: &Client,
+    map: &TableMap,
+) -> Result<SequencesSynced, tokio_postgres::Error> {
+    let p = plan(source, target, map).await?;
+    Ok(set_from(source, target, p, false)
+        .await?
+        .unwrap_or_default())
+}
+
+/// Sets the target sequences of `plan` from the source's current values, never backwards:
+/// one statement reads every value and checks the source catalog still matches the plan
+/// (`Ok(None)` when it does not, or a planned sequence is gone: plan again), one reads the
+/// target's positions, one sets them — each sent without a separate prepare round trip.
+pub async fn apply(
+    source: &Client,
+    target: &Client,
+    plan: Plan,
+) -> Result<Option<SequencesSynced>, tokio_postgres::Error> {
+    set_from(source, target, plan, true).await
+}
+
+async fn set_from(
+    source: &Client,
+    target: &Client,
+    plan: Plan,
+    check_catalog: bool,
+) -> Result<Option<SequencesSynced>, tokio_postgres::Error> {
+    let Plan {
+        mut seqs,
+        fingerprint,
+        targets,
+        skipped,
+    } = plan;
+    if seqs.is_empty() && !check_catalog {
+        return Ok(Some(SequencesSynced::default()));
+    }
+    // One statement reads them all, and the catalog's fingerprint.
+    let values_sql = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            format!(
+                "SELECT {i}, last_value, is_called, NULL::text FROM {}",
+                quote_qualified(&s.schema, &s.name)
+            )
+        })
+        .chain(check_catalog.then(|| format!("SELECT -1, 0::int8, false, ({})", fingerprint_sql())))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let values = match source.query_typed(&values_sql, &[]).await {
+        Ok(rows) => rows,
+        // A planned sequence renamed or dropped since: plan again.
+        Err(e)
+            if check_catalog
+                && e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    for r in values {
+        let i: i32 = r.get(0);
+        if i < 0 {
+            if r.get::<_, Option<String>>(3).as_deref() != Some(fingerprint.as_str()) {
+                return Ok(None);
+            }
+            continue;
+        }
+        let s = &mut seqs[i as usize];
+        s.last_value = r.get(1);
+        s.is_called = r.get(2);
+    }
+    let mut out = SequencesSynced {
+        set: Vec::new(),
+        skipped,
+    };
+    // Target sequence → (value, called, sources) keeping the largest value.
+    let mut planned: BTreeMap<String, (i64, bool, Vec<usize>)> = BTreeMap::new();
+    for (t, sources) in targets {
+        let mut best: Option<(i64, bool)> = None;
+        for &i in &sources {
+            let v = (seqs[i].last_value, seqs[i].is_called);
+            if best.is_none_or(|b| v > b) {
+                best = Some(v);
+            }
+        }
+        let (v, c) = best.expect("every planned target has a source");
+        planned.insert(t, (v, c, sources));
+    }
+    if planned.is_empty() {
+        return Ok(Some(out));
     }
     // The target's own positions: a target already ahead keeps its value.
-    let current_sql = plan
+    let current_sql = planned
         .keys()
         .enumerate()
         .map(|(i, t)| {
@@ -241,11 +343,11 @@ pub async fn sync(
         })
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
-    let mut ahead = vec![false; plan.len()];
-    for r in target.query(&current_sql, &[]).await? {
+    let mut ahead = vec![false; planned.len()];
+    for r in target.query_typed(&current_sql, &[]).await? {
         let i = r.get::<_, i32>(0) as usize;
         let (tv, tc, inc): (i64, bool, i64) = (r.get(1), r.get(2), r.get(3));
-        let e = plan
+        let e = planned
             .values_mut()
             .nth(i)
             .expect("one row per planned sequence");
@@ -260,20 +362,25 @@ pub async fn sync(
     let mut names: Vec<&str> = Vec::new();
     let mut values: Vec<i64> = Vec::new();
     let mut called: Vec<bool> = Vec::new();
-    for ((name, (v, c, _)), _) in plan.iter().zip(&ahead).filter(|(_, a)| !**a) {
+    for ((name, (v, c, _)), _) in planned.iter().zip(&ahead).filter(|(_, a)| !**a) {
         names.push(name);
         values.push(*v);
         called.push(*c);
     }
     if !names.is_empty() {
+        use tokio_postgres::types::Type;
         target
-            .execute(
+            .query_typed(
                 "SELECT setval(x.s::regclass, x.v, x.c) FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(s, v, c)",
-                &[&names, &values, &called],
+                &[
+                    (&names, Type::TEXT_ARRAY),
+                    (&values, Type::INT8_ARRAY),
+                    (&called, Type::BOOL_ARRAY),
+                ],
             )
             .await?;
     }
-    for ((t, (v, c, sources)), &target_ahead) in plan.iter().zip(&ahead) {
+    for ((t, (v, c, sources)), &target_ahead) in planned.iter().zip(&ahead) {
         for &i in sources {
             out.set.push(SequenceSync {
                 source: quote_qualified(&seqs[i].schema, &seqs[i].name),
@@ -284,16 +391,26 @@ pub async fn sync(
             });
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// The sequences phase: [`sync`] over the cutover's table map, journaled.
 pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     ctx.deadline_check("sequences")?;
     ctx.tl.begin("sequences");
-    let synced = sync(&ctx.src, &ctx.tgt, &ctx.table_map)
-        .await
-        .sql_context("syncing sequences")?;
+    let planned = match ctx.sequence_plan.take() {
+        Some(p) => apply(&ctx.src, &ctx.tgt, p)
+            .await
+            .sql_context("syncing sequences")?,
+        None => None,
+    };
+    let synced = match planned {
+        Some(done) => done,
+        // No plan, or the source's sequences changed since it was made.
+        None => sync(&ctx.src, &ctx.tgt, &ctx.table_map)
+            .await
+            .sql_context("syncing sequences")?,
+    };
     ctx.report.sequences = synced.set;
     ctx.report.sequences_skipped = synced.skipped;
     let note = format!("{} set", ctx.report.sequences.len());
