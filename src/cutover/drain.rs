@@ -42,7 +42,7 @@ pub(super) async fn marker(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         .parse()
         .unwrap_or_default();
     ctx.report.marker_lsn = Some(marker);
-    ctx.record(Step::Marker, marker.to_string())?;
+    ctx.note(Step::Marker, marker.to_string());
     ctx.tl.end(&mut ctx.report, format!("at {marker}"));
     Ok(())
 }
@@ -78,7 +78,7 @@ pub(super) async fn drain(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     };
     ctx.report.marker_commit_end = Some(end);
     ctx.hook_ctx.marker = Some(end);
-    ctx.record(Step::Drained, end.to_string())?;
+    ctx.note(Step::Drained, end.to_string());
     ctx.tl.end(&mut ctx.report, format!("applied past {end}"));
     Ok(())
 }

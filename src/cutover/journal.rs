@@ -1,11 +1,14 @@
 //! The cutover journal: `<buffer>/cutover-journal.json`, the durable record of how far a
 //! cutover got, read first by every cutover of the buffer.
 //!
-//! Each step is appended as it happens and the file rewritten with fsync + rename (mode 0600):
-//! fenced (with what unfencing restores), marker, drained, sequences, verified, **switch
-//! started**, **switch done** (or switch failed: the hook exited non-zero, and may have moved
-//! part of the traffic before failing), **after started** and the after hook's result, aborted,
-//! and — only on the operator's word — unfenced after a failed switch. Whether an `--after`
+//! Each step is appended as it happens: fenced (with what unfencing restores), marker, drained,
+//! sequences, verified, **switch started**, **switch done** (or switch failed: the hook exited
+//! non-zero, and may have moved part of the traffic before failing), **after started** and the
+//! after hook's result, aborted, and — only on the operator's word — unfenced after a failed
+//! switch. The file is rewritten with fsync + rename (mode 0600) before walshift goes on after
+//! every step a later run decides on; marker, drained, sequences and verified are only noted
+//! ([`Journal::note`]) and reach the file with the next such step (switch started, or aborted),
+//! which keeps four durable writes out of the window. Whether an `--after`
 //! hook is due is recorded with the journal before the fence, so a cutover killed between the
 //! switch and the after hook is not taken for finished either.
 //!
@@ -187,8 +190,11 @@ impl Journal {
             .map(|e| e.at)
     }
 
-    /// Appends `step` and makes the journal durable before returning.
-    pub fn record(&mut self, step: Step, note: impl Into<String>) -> Result<(), JournalError> {
+    /// Appends `step` in memory only: it reaches the file with the next [`Journal::record`].
+    /// For the steps nothing is decided on after a crash (marker, drained, sequences,
+    /// verified): a journal without them reads the same ([`Journal::state`]), and the window
+    /// saves a durable write for each.
+    pub fn note(&mut self, step: Step, note: impl Into<String>) {
         let at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
@@ -198,6 +204,12 @@ impl Journal {
             at,
             note: note.into(),
         });
+    }
+
+    /// Appends `step` and makes the journal — with every step noted before it — durable
+    /// before returning.
+    pub fn record(&mut self, step: Step, note: impl Into<String>) -> Result<(), JournalError> {
+        self.note(step, note);
         let body = serde_json::to_vec_pretty(self).expect("serializable");
         write_durable(&self.path, &body).map_err(|source| JournalError {
             path: self.path.clone(),
@@ -216,6 +228,26 @@ pub(crate) fn write_durable(path: &Path, data: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn noted_steps_reach_the_file_with_the_next_recorded_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new(dir.path(), "c1");
+        j.record(Step::Fenced, "").unwrap();
+        j.note(Step::Marker, "0/1");
+        j.note(Step::Drained, "0/2");
+        let on_disk = Journal::read(dir.path()).unwrap().unwrap();
+        assert!(on_disk.has(Step::Fenced) && !on_disk.has(Step::Marker));
+        assert_eq!(on_disk.state(), State::Open);
+        j.record(Step::SwitchStarted, "").unwrap();
+        let on_disk = Journal::read(dir.path()).unwrap().unwrap();
+        let steps: Vec<Step> = on_disk.entries.iter().map(|e| e.step).collect();
+        assert_eq!(
+            steps,
+            [Step::Fenced, Step::Marker, Step::Drained, Step::SwitchStarted]
+        );
+        assert_eq!(on_disk.state(), State::SwitchInDoubt);
+    }
 
     #[test]
     fn states_follow_the_recorded_steps_and_the_file_is_private() {

@@ -358,6 +358,13 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Notes a step in the journal, written with the next recorded one ([`Journal::note`]).
+    fn note(&mut self, step: Step, note: impl Into<String>) {
+        if let Some(j) = &mut self.journal {
+            j.note(step, note);
+        }
+    }
+
     /// Records a step in the journal (durable before it returns).
     fn record(&mut self, step: Step, note: impl Into<String>) -> Result<(), CutoverError> {
         match &mut self.journal {

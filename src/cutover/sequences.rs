@@ -414,7 +414,7 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     ctx.report.sequences = synced.set;
     ctx.report.sequences_skipped = synced.skipped;
     let note = format!("{} set", ctx.report.sequences.len());
-    ctx.record(Step::Sequences, note.clone())?;
+    ctx.note(Step::Sequences, note.clone());
     ctx.tl.end(&mut ctx.report, note);
     Ok(())
 }

@@ -621,7 +621,7 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         }
     }
     let n = ctx.report.verified.len();
-    ctx.record(Step::Verified, format!("{n} tables"))?;
+    ctx.note(Step::Verified, format!("{n} tables"));
     let mut note = format!("{n} tables");
     if let Some((source, target)) = took {
         note.push_str(&format!(
