@@ -166,7 +166,9 @@ async fn count(c: &Cluster, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_through_pgbouncer_sees_a_pause_not_an_error_and_every_commit_is_on_the_copy() {
     let s = setup().await;
-    let bench = pgbench(&s, 8);
+    // Long enough that the cutover (started after 2 s) ends well before pgbench does: some
+    // transactions must run on the copy after RESUME.
+    let bench = pgbench(&s, 10);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = cutover::run(s.config(), std::future::pending())
         .await

@@ -244,7 +244,12 @@ mod tests {
         let steps: Vec<Step> = on_disk.entries.iter().map(|e| e.step).collect();
         assert_eq!(
             steps,
-            [Step::Fenced, Step::Marker, Step::Drained, Step::SwitchStarted]
+            [
+                Step::Fenced,
+                Step::Marker,
+                Step::Drained,
+                Step::SwitchStarted
+            ]
         );
         assert_eq!(on_disk.state(), State::SwitchInDoubt);
     }
