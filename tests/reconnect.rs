@@ -885,6 +885,11 @@ async fn cutover_aborts_and_unfences_when_the_source_restarts_in_the_window() {
     );
     let log = || std::fs::read_to_string(dir.path().join("cutover.log")).unwrap_or_default();
     wait_for("cutover fences the source", log, || is_fenced(&source)).await;
+    // The setting is the fence's first step; its terminations, proof and the marker follow
+    // within milliseconds, then the drain waits (the run is stopped, --max-window is 120 s).
+    // A restart before that fails a fence statement instead of the drain: give the rest of
+    // the fence phase a generous moment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // Immediate: a fast shutdown would wait up to wal_sender_timeout for the paused run's
     // walsender to take the last WAL.
     restart(&mut source, ShutdownMode::Immediate);
