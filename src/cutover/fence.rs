@@ -31,7 +31,6 @@
 //! alternatives.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tokio_postgres::Client;
 
@@ -575,13 +574,10 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
         r?;
         note.push_str("before hook ran; ");
     }
+    let within = ctx.remaining();
     if !config.dry_run
         && let Some(p) = &mut ctx.pooler
     {
-        let within = ctx
-            .config
-            .max_window
-            .saturating_sub(ctx.window_start.map_or(Duration::ZERO, |s| s.elapsed()));
         // Recorded before PAUSE is sent: an abort from here on resumes the pool.
         ctx.pooler_paused = true;
         let waited = p

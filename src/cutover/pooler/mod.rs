@@ -65,7 +65,10 @@ pub enum PoolerError {
         #[source]
         source: Box<crate::Error>,
     },
-    #[error("PgBouncer's admin console ({target}) refused {command:?}: {source}")]
+    #[error(
+        "PgBouncer's admin console ({target}) refused {command:?}: {source}. PgBouncer's log says why; \
+         SHOW DATABASES in the admin console shows where the pool points and whether it is paused"
+    )]
     Command {
         target: String,
         command: String,
@@ -171,6 +174,17 @@ pub struct PoolerDatabase {
 }
 
 impl PoolerDatabase {
+    /// Where an entry's text points (host, port, dbname; the rest unknown).
+    fn from_entry(e: &Entry) -> PoolerDatabase {
+        PoolerDatabase {
+            host: e.get("host").map(str::to_owned),
+            port: e.get("port").and_then(|p| p.parse().ok()),
+            database: e.get("dbname").map(str::to_owned),
+            pool_mode: None,
+            paused: false,
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "host={} port={} dbname={}",
@@ -517,13 +531,14 @@ pub async fn check(
             mode,
         });
     }
-    if points_at(&db, name, target).await && !points_at(&db, name, source).await {
+    let at_source = points_at(&db, name, source).await;
+    if !at_source && points_at(&db, name, target).await {
         return Err(PoolerError::AlreadyTarget {
             name: name.clone(),
             target: target.redacted(),
         });
     }
-    if !points_at(&db, name, source).await {
+    if !at_source {
         return Err(PoolerError::NotTheSource {
             name: name.clone(),
             pooler: db.describe(),
@@ -541,14 +556,7 @@ pub async fn check(
         path: path.clone(),
         source,
     })?;
-    let file_db = PoolerDatabase {
-        host: before.get("host").map(str::to_owned),
-        port: before.get("port").and_then(|p| p.parse().ok()),
-        database: before.get("dbname").map(str::to_owned),
-        pool_mode: None,
-        paused: false,
-    };
-    if !points_at(&file_db, name, source).await {
+    if !points_at(&PoolerDatabase::from_entry(&before), name, source).await {
         return Err(PoolerError::FileNotRunning {
             path: path.clone(),
             name: name.clone(),
@@ -695,13 +703,7 @@ impl Pooler {
             // An entry the operator wrote may name the copy differently (a DNS name, a proxy):
             // it must at least be what PgBouncer now runs.
             Some(d) => {
-                let written = PoolerDatabase {
-                    host: self.after.get("host").map(str::to_owned),
-                    port: self.after.get("port").and_then(|p| p.parse().ok()),
-                    database: self.after.get("dbname").map(str::to_owned),
-                    pool_mode: None,
-                    paused: false,
-                };
+                let written = PoolerDatabase::from_entry(&self.after);
                 d.port.unwrap_or(5432) == written.port.unwrap_or(5432)
                     && d.database.as_deref().unwrap_or(name)
                         == written.database.as_deref().unwrap_or(name)
@@ -738,9 +740,7 @@ impl Pooler {
             longest_wait: queue.map(|q| q.1),
         })
     }
-}
 
-impl Pooler {
     /// A dry run's stand-in for the pooler's part of the window (nothing paused, nothing
     /// rewritten): the pause record and the rewritten databases file as the same durable
     /// writes into `scratch`, and the admin round trips of the real window — PAUSE, RELOAD,
@@ -874,14 +874,13 @@ pub async fn settle(
         .await
         .or_else(not_paused_is_fine)?;
     PauseState::remove(buffer_dir)?;
-    let shown = Entry {
-        line: 0,
-        pairs: entry::parse_pairs(text).unwrap_or_default(),
+    let shown = match entry::parse_pairs(text) {
+        Ok(pairs) => Entry { line: 0, pairs }.redacted(),
+        Err(_) => "the recorded entry".into(),
     };
     Ok(format!(
-        "PgBouncer's database {:?} points at {} and was resumed",
-        state.database,
-        shown.redacted()
+        "PgBouncer's database {:?} points at {shown} and was resumed",
+        state.database
     ))
 }
 
