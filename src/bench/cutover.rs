@@ -31,6 +31,8 @@ pub struct CutoverBench {
     pub warmup: Duration,
     /// Verification inside the window. Default counts (cutover's default).
     pub verify: VerifyMode,
+    /// Cutover's [`crate::cutover::CutoverConfig::verify_sessions`]. Default cutover's.
+    pub verify_sessions: usize,
     /// pgbench goes through a throwaway PgBouncer and each cutover runs in pooler mode (PAUSE,
     /// repoint, RESUME; the read-only fence on top): a fresh release per run, since the copy
     /// takes the writes after each switch. Reports what clients saw (latency max / p99,
@@ -47,6 +49,7 @@ impl Default for CutoverBench {
             runs: 5,
             warmup: Duration::from_secs(5),
             verify: VerifyMode::Counts,
+            verify_sessions: crate::cutover::verify::SESSIONS_PER_SIDE,
             pooler: false,
         }
     }
@@ -98,6 +101,8 @@ pub struct CutoverBenchReport {
     pub rate: u32,
     pub clients: u32,
     pub verify: String,
+    /// Cutover's `--verify-sessions`.
+    pub verify_sessions: usize,
     /// pgbench through PgBouncer, cutover in pooler mode.
     pub pooler: bool,
     pub runs: Vec<Run>,
@@ -133,7 +138,7 @@ impl std::fmt::Display for CutoverBenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "cutover window under pgbench (scale {}, --rate {} tps, {} clients{}), verify {}, {} runs",
+            "cutover window under pgbench (scale {}, --rate {} tps, {} clients{}), verify {} over {} session(s) per side, {} runs",
             self.scale,
             self.rate,
             self.clients,
@@ -143,6 +148,7 @@ impl std::fmt::Display for CutoverBenchReport {
                 ""
             },
             self.verify,
+            self.verify_sessions,
             self.runs.len()
         )?;
         writeln!(
@@ -408,6 +414,7 @@ impl CutoverBench {
                 dir.path(),
             );
             cfg.verify = self.verify;
+            cfg.verify_sessions = self.verify_sessions;
             cfg.switch = Some("true".into());
             cfg.preflight_timeout = Some(Duration::from_secs(300));
             let (r, _) = cut_over(i, cfg, tps, &log).await?;
@@ -482,6 +489,7 @@ impl CutoverBench {
             rate: self.rate,
             clients: self.clients,
             verify: self.verify.as_str().into(),
+            verify_sessions: self.verify_sessions,
             pooler: self.pooler,
             runs,
             stats,

@@ -177,6 +177,7 @@ impl CutoverBench {
                 release.dir.path(),
             );
             cfg.verify = self.verify;
+            cfg.verify_sessions = self.verify_sessions;
             cfg.preflight_timeout = Some(Duration::from_secs(300));
             cfg.pooler = Some(PoolerConfig {
                 admin: ConnInfo::parse(&bouncer.admin_conn_string())

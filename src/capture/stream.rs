@@ -118,6 +118,11 @@ pub(super) async fn stream_into(
         (resume.stream_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
     );
     stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // While a cutover marker's transaction is on its way to disk: looked at every millisecond,
+    // so the cutover waiting for it sees it confirmed as soon as it is durable.
+    let mut marker_tick = tokio::time::interval(Duration::from_millis(1));
+    marker_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut marker_pending: Option<Lsn> = None;
     let mut last_submit = Instant::now();
     let mut reported = Lsn::ZERO;
     tokio::pin!(shutdown);
@@ -145,6 +150,16 @@ pub(super) async fn stream_into(
                         && state.recorded_at.0.elapsed() >= Duration::from_secs(1)
                     {
                         record(config, &mut state, false)?;
+                    }
+                    if state.sendable() > reported {
+                        reported = state.sendable();
+                        send_status(&mut stream, &state, false).await?;
+                    }
+                }
+                _ = marker_tick.tick(), if marker_pending.is_some() => {
+                    state.set_durable(writer.poll()?);
+                    if marker_pending.is_some_and(|end| state.durable >= end) {
+                        marker_pending = None;
                     }
                     if state.sendable() > reported {
                         reported = state.sendable();
@@ -193,6 +208,12 @@ pub(super) async fn stream_into(
                         }
                         handled += 1;
                         next = if handled < DRAIN_BATCH { stream.next_buffered()? } else { None };
+                    }
+                    if let Some(end) = state.marker_commit.take() {
+                        writer.submit()?;
+                        state.unsubmitted = false;
+                        last_submit = Instant::now();
+                        marker_pending = Some(end);
                     }
                     // Before the slot may confirm a TRUNCATE, the record holds it: the slot
                     // will not send it again, and it explains the partitions it rewrote. Look
@@ -324,6 +345,11 @@ pub struct StreamState {
     pub(super) truncates: HashMap<u32, Vec<u32>>,
     /// A TRUNCATE arrived since the partitions were last compared.
     truncate_received: bool,
+    /// The open transaction holds a cutover marker (a `walshift` logical message).
+    marker_open: bool,
+    /// End of a marker's transaction just appended: a cutover is waiting for it, so it is
+    /// handed to the sync thread at once rather than at the next flush tick.
+    pub(super) marker_commit: Option<Lsn>,
     pub(super) transactions: u64,
     pub(super) changes: u64,
     pub(super) bytes: u64,
@@ -411,6 +437,7 @@ impl StreamState {
         match tag {
             b'B' => {
                 self.in_transaction = true;
+                self.marker_open = false;
                 let begin = pgoutput::peek_begin(&data);
                 self.xid = begin.as_ref().map_or(0, |b| b.xid);
                 // final_lsn: the commit record's start.
@@ -431,6 +458,9 @@ impl StreamState {
                     return None;
                 }
                 self.transactions += 1;
+                if std::mem::take(&mut self.marker_open) {
+                    self.marker_commit = Some(end);
+                }
                 self.last_appended_commit = end;
                 self.appended_since_commit = 0;
                 self.last_commit_time = commit.map(|c| c.commit_time.micros());
@@ -463,9 +493,19 @@ impl StreamState {
             _ => {
                 if !self.in_transaction {
                     self.appended_since_commit += 1;
+                } else if tag == b'M' && is_cutover_marker(&data) {
+                    self.marker_open = true;
                 }
                 Some((wal_start, tag, data))
             }
         }
     }
+}
+
+/// A logical message with cutover's prefix ([`crate::apply::replay::MARKER_PREFIX`]).
+fn is_cutover_marker(data: &Bytes) -> bool {
+    matches!(
+        pgoutput::decode(data),
+        Ok(pgoutput::LogicalMessage::Message(m)) if m.prefix == crate::apply::replay::MARKER_PREFIX
+    )
 }

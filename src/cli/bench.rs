@@ -105,6 +105,9 @@ pub enum BenchSub {
         /// Verification inside the window: none, counts or checksum.
         #[arg(long, default_value = "counts", value_parser = |s: &str| s.parse::<crate::cutover::VerifyMode>())]
         verify: crate::cutover::VerifyMode,
+        /// Cutover's --verify-sessions.
+        #[arg(long, default_value_t = crate::cutover::verify::SESSIONS_PER_SIDE)]
+        verify_sessions: usize,
         /// pgbench goes through a throwaway PgBouncer and each cutover runs in pooler mode
         /// (a fresh release per run); adds what the clients saw: latency max and p99, failed
         /// transactions.
@@ -171,6 +174,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
             runs,
             warmup_secs,
             verify,
+            verify_sessions,
             pooler,
             json,
         }) => {
@@ -181,6 +185,7 @@ pub async fn run(c: BenchCommand) -> anyhow::Result<ExitCode> {
                 runs: runs.max(1),
                 warmup: std::time::Duration::from_secs(warmup_secs),
                 verify,
+                verify_sessions: verify_sessions.max(1),
                 pooler,
             };
             let report = bench.run(&exe, |line| eprintln!("{line}")).await?;

@@ -57,6 +57,10 @@ pub struct CutoverArgs {
     /// What to compare before the switch: none, counts or checksum.
     #[arg(long, default_value = "counts", value_parser = parse_verify)]
     verify: VerifyMode,
+    /// Sessions verify reads each side over: large tables are cut into that many page ranges
+    /// read at once. 1 reads each table whole (when source and target share a small machine).
+    #[arg(long, default_value_t = crate::cutover::verify::SESSIONS_PER_SIDE, value_name = "N")]
+    verify_sessions: usize,
     /// Rehearse every step except fencing, the hooks and the switch; print the projected window.
     #[arg(long)]
     dry_run: bool,
@@ -121,6 +125,7 @@ pub async fn run(a: CutoverArgs) -> anyhow::Result<ExitCode> {
     config.max_lag = a.max_lag;
     config.max_window = a.max_window;
     config.verify = a.verify;
+    config.verify_sessions = a.verify_sessions.max(1);
     config.dry_run = a.dry_run;
     config.resume_after_switch = a.resume_after_switch;
     config.unfence_after_failed_switch = a.unfence_after_failed_switch;

@@ -43,6 +43,13 @@ pub struct CutoverConfig {
     /// What to compare after the drain. Default counts (cheap); checksum reads every row on
     /// both sides, inside the window.
     pub verify: VerifyMode,
+    /// Sessions verify reads each side over, opened before the fence. Default
+    /// [`super::verify::SESSIONS_PER_SIDE`] (2): tables of 8 MiB or more are cut into that many
+    /// page ranges read at once, so a side's reading uses that many of its server's cores.
+    /// Raise it when the servers have cores to spare; 1 reads each table whole — better when
+    /// source and target share a small machine, where both sides' readings compete for the
+    /// same cores. Each session is one more backend on each side for the cutover's length.
+    pub verify_sessions: usize,
     /// Rehearse: no fence, no hooks, no switch; report the projected window. Default false.
     pub dry_run: bool,
     /// The migration mapping the target was built with. Default none (identity). When set, a
@@ -111,6 +118,7 @@ impl CutoverConfig {
             max_lag: Duration::from_secs(5),
             max_window: Duration::from_secs(10),
             verify: VerifyMode::Counts,
+            verify_sessions: super::verify::SESSIONS_PER_SIDE,
             dry_run: false,
             transform: None,
             table_map: TableMap::identity(),

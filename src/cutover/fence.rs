@@ -445,6 +445,35 @@ async fn prove(
     state: &FenceState,
     connected: &[String],
 ) -> Result<(), FenceError> {
+    let open: Vec<String> = role_settings(client, connected)
+        .await?
+        .into_iter()
+        .filter(|(_, v)| !v.as_deref().is_some_and(is_on))
+        .map(|(role, v)| format!("{role:?} ({})", v.unwrap_or_else(|| "not set".into())))
+        .collect();
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(FenceError::NotReadOnly {
+            database: state.database.clone(),
+            roles: open.join(", "),
+        })
+    }
+}
+
+/// The catalog half of the proof's reading alone, its answer unused: what a dry run's
+/// rehearsal spends on it (unfenced, the answer means nothing).
+pub(super) async fn prove_catalog(client: &Client) -> Result<(), FenceError> {
+    role_settings(client, &[]).await.map(|_| ())
+}
+
+/// For every role in `connected` and every role that may log in to the database: the
+/// `default_transaction_read_only` a new session of it starts with (database-and-role, then
+/// role, then database entry — PostgreSQL's order), if any.
+async fn role_settings(
+    client: &Client,
+    connected: &[String],
+) -> Result<Vec<(String, Option<String>)>, FenceError> {
     let rows = client
         .query(
             "WITH d AS (SELECT oid FROM pg_database WHERE datname = current_database()), \
@@ -464,25 +493,26 @@ async fn prove(
         )
         .await
         .sql_context("checking the fence holds for every role")?;
-    let open: Vec<String> = rows
-        .iter()
-        .filter(|r| !r.get::<_, Option<String>>(1).as_deref().is_some_and(is_on))
-        .map(|r| {
-            format!(
-                "{:?} ({})",
-                r.get::<_, String>(0),
-                r.get::<_, Option<String>>(1)
-                    .unwrap_or_else(|| "not set".into())
-            )
-        })
-        .collect();
-    if open.is_empty() {
-        Ok(())
-    } else {
-        Err(FenceError::NotReadOnly {
-            database: state.database.clone(),
-            roles: open.join(", "),
-        })
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Waits for the live half of the fence's proof, started by [`phase`] (nothing to wait for
+/// in a dry run or without the read-only fence). Called before anything is switched.
+pub(super) async fn proven(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
+    let Some(proof) = ctx.fence_proof.take() else {
+        return Ok(());
+    };
+    match proof.await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(FenceError::NotReadOnly {
+            database: ctx
+                .fence_state
+                .as_ref()
+                .map(|s| s.database.clone())
+                .unwrap_or_default(),
+            roles: format!("(the check of a new session stopped: {e})"),
+        }
+        .into()),
     }
 }
 
@@ -558,12 +588,39 @@ pub async fn lift(
 }
 
 /// The fence phase, where the window starts: the `--before` hook, then the fence `config.fence`
-/// asks for (read-only: [`prepare`], [`raise`], [`prove_new_session`]), journaled; a prepared
-/// transaction that appeared since preflight aborts. Records the target's applied position at
-/// the fence (what the drain starts from).
+/// asks for (read-only: [`raise`], then [`prove_new_session`] in the background), journaled; a
+/// prepared transaction that appeared since preflight aborts. Records the target's applied
+/// position at the fence (what the drain starts from).
+///
+/// Before the window starts, with the read-only fence: [`prepare`] (the state file with what
+/// lifting must restore) and the journal's `fenced` step are written durably — nothing there
+/// reaches a client, and both are on disk before the database is altered. A dry run opens the
+/// session its rehearsal will terminate ([`super::projection`]).
 pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     let config = ctx.config;
     let dir = &config.buffer_dir;
+    let mut prepared = None;
+    match (config.fence, config.dry_run) {
+        (FenceMode::ReadOnly, false) => {
+            ctx.tl.begin("fence record");
+            let state = prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
+            ctx.report.fence_previous_setting = state.previous.clone();
+            ctx.fence_state = Some(state.clone());
+            if let Some(j) = &mut ctx.journal {
+                j.fence = Some(state.clone());
+            }
+            ctx.record(Step::Fenced, "read-only")?;
+            ctx.tl.end(
+                &mut ctx.report,
+                "what lifting the fence restores, and the journal, on disk (before the window)",
+            );
+            prepared = Some(state);
+        }
+        (FenceMode::ReadOnly, true) => {
+            ctx.dry_probe = Some(super::projection::Probe::open(&config.source).await?);
+        }
+        _ => {}
+    }
     ctx.window_start = Some(ctx.tl.begin("fence"));
     let mut note = String::new();
     if !config.dry_run
@@ -593,21 +650,20 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
     } else if config.dry_run && ctx.pooler.is_some() {
         note.push_str("dry run: would PAUSE in PgBouncer; ");
     }
-    match (config.fence, config.dry_run) {
-        (FenceMode::ReadOnly, false) => {
-            let state = prepare(&ctx.src, dir, &ctx.report.cutover_id, ctx.leftover.take()).await?;
-            ctx.report.fence_previous_setting = state.previous.clone();
-            ctx.fence_state = Some(state.clone());
-            if let Some(j) = &mut ctx.journal {
-                j.fence = Some(state.clone());
-            }
-            ctx.record(Step::Fenced, "read-only")?;
+    match (config.fence, prepared) {
+        (FenceMode::ReadOnly, Some(state)) => {
             let timeout = config.terminate_timeout.min(ctx.remaining());
             ctx.report.fence_role_settings_removed =
                 state.role_overrides.iter().map(|o| o.to_string()).collect();
             let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
             let n = raise(&ctx.src, &state, &spare, timeout.as_millis() as i64).await?;
-            prove_new_session(&config.source, &state.database).await?;
+            // The live half of the proof opens a session (a few milliseconds): it runs while
+            // the marker is written and drained, and the switch waits for it ([`proven`]).
+            // A session that could still write fails it, and the cutover aborts.
+            let (source, database) = (config.source.clone(), state.database.clone());
+            ctx.fence_proof = Some(tokio::spawn(async move {
+                prove_new_session(&source, &database).await
+            }));
             // One prepared between preflight's check and the termination survives it.
             let pending = prepared_xacts(&ctx.src).await?;
             if !pending.is_empty() {
@@ -619,8 +675,14 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             ctx.report.sessions_terminated = n;
             note.push_str(&format!("read-only; {n} session(s) terminated"));
         }
-        (FenceMode::ReadOnly, true) => {
-            let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
+        (FenceMode::ReadOnly, None) => {
+            let probe = ctx.dry_probe.as_ref().map(|p| p.pid);
+            let spare = [
+                &[own_pid],
+                ctx.verify_sessions.source_pids(),
+                probe.as_slice(),
+            ]
+            .concat();
             let n = other_sessions(&ctx.src, &spare).await?.len();
             note.push_str(&format!("dry run: would terminate {n} session(s)"));
         }

@@ -201,6 +201,8 @@ async fn run_inner(
         helpers,
         interrupted,
         fence_state: None,
+        fence_proof: None,
+        dry_probe: None,
         leftover,
         window_start: None,
         hook_ctx,
@@ -287,6 +289,7 @@ async fn window(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     verify::start_target(ctx);
     sequences::phase(ctx).await?;
     verify::phase(ctx).await?;
+    fence::proven(ctx).await?;
     if ctx.config.dry_run {
         projection::rehearse(ctx).await?;
         ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
@@ -306,6 +309,11 @@ struct Ctx<'a> {
     helpers: Helpers,
     interrupted: Arc<AtomicBool>,
     fence_state: Option<FenceState>,
+    /// The fence's live proof (a new session starts read-only), running from the fence until
+    /// the switch waits for it.
+    fence_proof: Option<tokio::task::JoinHandle<Result<(), fence::FenceError>>>,
+    /// A dry run's session to terminate in its rehearsal ([`projection::Probe`]).
+    dry_probe: Option<projection::Probe>,
     leftover: Option<FenceState>,
     window_start: Option<Instant>,
     hook_ctx: HookContext,

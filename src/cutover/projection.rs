@@ -4,15 +4,17 @@
 //! the dry window and does, harmlessly, what the real window does besides, so that the
 //! projection (fence start → rehearsal done) counts it:
 //!
-//! - the journal of a switched cutover (its three durable writes: fenced, switch started with
-//!   the steps noted before it, switch done) and, with the read-only fence, its state file: the
-//!   same durable writes of the same files, in a scratch directory inside the buffer directory
-//!   (same filesystem), removed afterwards — with the fence's reads of the settings it would
-//!   change;
-//! - with the read-only fence, its proof that a new session starts read-only: a new session on
-//!   the source runs the same query (its answer means nothing unfenced), and is then terminated
-//!   the way the fence terminates sessions (`pg_terminate_backend`, then waiting until it has
-//!   exited); and its check for prepared transactions;
+//! - the journal's durable writes inside the window: the switch started (with the steps noted
+//!   before it) and, with the `hook` or `none` fence, the fence itself — the same durable
+//!   writes of the same file, in a scratch directory inside the buffer directory (same
+//!   filesystem), removed afterwards. (With the read-only fence, its state file and the
+//!   `fenced` step are written before the window starts, and the switch's `done` step after
+//!   it ends: the real window does not count them either.)
+//! - with the read-only fence, the session termination it waits for: a session opened on the
+//!   source before the dry window ([`Probe`]) is terminated the way the fence terminates
+//!   sessions (`pg_terminate_backend`, then waiting until it has exited); the catalog half of
+//!   the fence's proof (a read); and its check for prepared transactions. (The live half of
+//!   the proof, a new session, runs in the background in the real window.)
 //! - with a `--switch` hook, the hook machinery running `:` instead of the hook;
 //! - with `--pooler`, the pause record and the rewritten databases file (durable writes into
 //!   the scratch directory) and six admin round trips in place of PAUSE, RELOAD, SHOW
@@ -20,8 +22,8 @@
 //!   transactions in flight — is not projected).
 //!
 //! Not projected: `ALTER DATABASE … SET default_transaction_read_only` (one catalog update and
-//! its commit), terminating the application's sessions (the dry run reports how many there
-//! are: each is signalled at once and waited for), and the hooks' own work. The load itself is
+//! its commit), terminating more than one session (the dry run reports how many there are:
+//! each is signalled at once and waited for), and the hooks' own work. The load itself is
 //! the other difference: under the dry run the application keeps writing, so the drain and the
 //! readings of verify share the servers with it, where the real window has them to itself.
 
@@ -33,16 +35,38 @@ use super::{Ctx, CutoverError, hooks, preflight};
 use crate::SqlContext;
 
 /// The journal steps a switched cutover takes inside the window, in order, and whether each
-/// is a durable write ([`Journal::record`]) or only noted ([`Journal::note`]).
-const WINDOW_STEPS: [(Step, bool); 7] = [
+/// is a durable write ([`Journal::record`]) or only noted ([`Journal::note`]); the first is
+/// inside the window only when the fence is not the read-only one.
+const WINDOW_STEPS: [(Step, bool); 6] = [
     (Step::Fenced, true),
     (Step::Marker, false),
     (Step::Drained, false),
     (Step::Sequences, false),
     (Step::Verified, false),
     (Step::SwitchStarted, true),
-    (Step::SwitchDone, true),
 ];
+
+/// A session on the source a dry run opens before its window, for [`rehearse`] to terminate
+/// as the fence terminates the application's sessions.
+pub(super) struct Probe {
+    _client: tokio_postgres::Client,
+    pub(super) pid: i32,
+}
+
+impl Probe {
+    pub(super) async fn open(source: &crate::conn::ConnInfo) -> Result<Probe, CutoverError> {
+        let client = source.connect().await?;
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .sql_context("opening the dry run's probe session on the source")?
+            .get(0);
+        Ok(Probe {
+            _client: client,
+            pid,
+        })
+    }
+}
 
 /// The rehearsal phase of a dry run (see the module docs); ends the projected window.
 pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
@@ -57,23 +81,19 @@ pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
                 source,
             })
         })?;
-    let state = match config.fence {
-        FenceMode::ReadOnly => {
-            Some(fence::prepare(&ctx.src, scratch.path(), &ctx.report.cutover_id, None).await?)
-        }
-        FenceMode::Hook | FenceMode::None => None,
-    };
+    let read_only = config.fence == FenceMode::ReadOnly;
     let mut journal = Journal::new(scratch.path(), &ctx.report.cutover_id);
     journal.after_hook = config.after.is_some();
-    journal.fence = state.clone();
+    let mut writes = 0;
     for (step, durable) in WINDOW_STEPS {
-        if durable {
+        if durable && !(read_only && step == Step::Fenced) {
             journal.record(step, "dry run")?;
+            writes += 1;
         } else {
             journal.note(step, "dry run");
         }
     }
-    let mut note = String::from("measured: 3 durable journal writes");
+    let mut note = format!("measured: {writes} durable journal write(s)");
     if let Some(p) = &ctx.pooler {
         p.rehearse(scratch.path(), &ctx.report.cutover_id).await?;
         note.push_str(
@@ -82,22 +102,20 @@ pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     }
     drop(scratch);
 
-    if let Some(state) = &state {
-        let probe = config.source.connect().await?;
-        let pid: i32 = probe
-            .query_one(
-                "SELECT pg_backend_pid(), current_user::text, current_setting('transaction_read_only')",
-                &[],
-            )
+    if let Some(probe) = ctx.dry_probe.take() {
+        let database: String = ctx
+            .src
+            .query_one("SELECT current_database()::text", &[])
             .await
-            .sql_context("opening a new session on the source, as the fence's proof does")?
+            .sql_context("reading the database name")?
             .get(0);
-        terminate(&ctx.src, pid, config.terminate_timeout, &state.database).await?;
+        terminate(&ctx.src, probe.pid, config.terminate_timeout, &database).await?;
         drop(probe);
+        fence::prove_catalog(&ctx.src).await?;
         preflight::prepared_xacts(&ctx.src).await?;
         note.push_str(
-            ", the read-only fence's state file and reads, a new session opened and terminated, \
-             prepared transactions",
+            ", a session terminated and waited for, the fence's catalog proof, prepared \
+             transactions",
         );
     }
     if config.switch.is_some() {
@@ -105,9 +123,10 @@ pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         r?;
         note.push_str(", the switch hook's shell running `:`");
     }
-    note.push_str(match state {
-        Some(_) => "; not: ALTER DATABASE, terminating the application's sessions, the hooks' work",
-        None => "; not: the hooks' work",
+    note.push_str(if read_only {
+        "; not: ALTER DATABASE, terminating more than one session, the hooks' work"
+    } else {
+        "; not: the hooks' work"
     });
     ctx.tl.end(&mut ctx.report, note);
     Ok(())

@@ -1,6 +1,7 @@
 //! The switch and the after hook. The switch is journaled as started before its hook runs:
 //! from then on walshift undoes nothing on its own, and a hook that fails (it may have moved
-//! part of the traffic) leaves the switch in doubt. The window ends when the switch returns.
+//! part of the traffic) leaves the switch in doubt. The window ends when traffic has moved (the
+//! hook done, the pool resumed), before the journal's `switch done` is written.
 //! The `--after` hook runs once the window is over; its failure does not undo the switch.
 
 use super::hooks;
@@ -60,9 +61,10 @@ pub(super) async fn switch(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
             }
         }
     }
-    ctx.record(Step::SwitchDone, note.clone())?;
-    ctx.tl.end(&mut ctx.report, note);
+    // Traffic has moved: the window clients see ends here, before the bookkeeping.
+    ctx.tl.end(&mut ctx.report, note.clone());
     ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
+    ctx.record(Step::SwitchDone, note)?;
     Ok(())
 }
 

@@ -105,11 +105,9 @@ pub async fn published_tables(
         .collect())
 }
 
-/// Sessions verify opens on each side before the fence. Default 2: the published tables are
-/// spread over them, so the small tables are read while one session reads the largest (which
-/// the server may read with parallel workers of its own). More sessions help with many large
-/// tables on servers with cores to spare; each is one more backend on each side for the length
-/// of the cutover.
+/// [`super::CutoverConfig::verify_sessions`]'s default: sessions verify opens on each side
+/// before the fence. The published tables (large ones cut into page ranges) are spread over
+/// them.
 pub const SESSIONS_PER_SIDE: usize = 2;
 
 /// `application_name` of verify's sessions.
@@ -227,11 +225,75 @@ impl Side {
     }
 }
 
+/// Tables of at least this many pages (8 MiB at the default block size) are read in page
+/// ranges, one per session, so the largest table does not keep one session busy while the
+/// others wait; smaller ones are read whole (a range costs a statement).
+pub const SPLIT_PAGES: i64 = 1024;
+
+/// One piece of a side's reading: a table (its index), whole or a range of its pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Part {
+    table: usize,
+    /// First page and end page (exclusive; `None`: to the table's end).
+    pages: Option<(u32, Option<u32>)>,
+    /// Pages it covers, by the size read at the start (for the order only).
+    size: i64,
+}
+
+/// How a side's reading is cut: a table of [`SPLIT_PAGES`] or more is cut into `sessions`
+/// page ranges — the last one open-ended, so rows on pages beyond the size read are counted
+/// too — and the parts are read largest first. Pure: which rows a part covers never depends
+/// on `sizes` being exact, only how evenly the work is spread.
+fn plan_parts(sizes: &[i64], sessions: usize) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for (table, &size) in sizes.iter().enumerate() {
+        let size = size.max(0);
+        if sessions < 2 || size < SPLIT_PAGES || size > i64::from(u32::MAX) {
+            parts.push(Part {
+                table,
+                pages: None,
+                size,
+            });
+            continue;
+        }
+        let step = (size as u64).div_ceil(sessions as u64) as u32;
+        for k in 0..sessions as u32 {
+            let first = k * step;
+            let end = (k + 1 < sessions as u32).then_some(first + step);
+            parts.push(Part {
+                table,
+                pages: Some((first, end)),
+                size: i64::from(step),
+            });
+        }
+    }
+    parts.sort_by(|a, b| b.size.cmp(&a.size));
+    parts
+}
+
+/// Adds the parts of one table: counts, and the checksums (sums of 64-bit values, as the
+/// server prints a `numeric`) as integers, printed the same way whatever the cut.
+fn add_parts(parts: &[(i64, Option<String>)]) -> Option<Summary> {
+    let mut rows = 0i64;
+    let mut sum: Option<i128> = None;
+    for (n, s) in parts {
+        rows = rows.checked_add(*n)?;
+        if let Some(s) = s {
+            sum = Some(
+                sum.unwrap_or(0)
+                    .checked_add(s.trim().parse::<i128>().ok()?)?,
+            );
+        }
+    }
+    Some((rows, sum.map(|s| s.to_string())))
+}
+
 /// Count (and checksum) of every table of one side at one snapshot, over `clients`: the first
 /// session opens a `REPEATABLE READ READ ONLY` transaction and exports its snapshot, the others
 /// import it (`SET TRANSACTION SNAPSHOT`), so the whole side is read as of one moment however
-/// the tables are spread; each session takes the next table until none is left. Every
-/// statement is limited to `timeout` on the server.
+/// the tables are spread; large tables are cut into page ranges ([`plan_parts`]), and each
+/// session takes the next part until none is left. Every statement is limited to `timeout` on
+/// the server.
 async fn summarize(
     side: Side,
     clients: &[Client],
@@ -250,22 +312,37 @@ async fn summarize(
         });
     };
     let context = |what: &str| format!("verifying the target: {what} on the {}", side.as_str());
-    let workers = clients.len().min(tables.len());
+    let sessions = clients.len();
     let begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
     let limit = format!(
         "SET LOCAL statement_timeout = {}",
         timeout.as_millis().clamp(1, i32::MAX as u128)
     );
     let mut snapshot = None;
-    if workers > 1 {
+    let parts = if sessions > 1 {
+        // One round trip: the snapshot to share, and each table's size in pages.
+        let sizes: Vec<String> = tables
+            .iter()
+            .map(|(name, _)| {
+                format!(
+                    "coalesce(pg_relation_size(to_regclass({})) / \
+                     current_setting('block_size')::bigint, 0)",
+                    quote_literal(&name.quoted())
+                )
+            })
+            .collect();
         let answer = leader
-            .simple_query(&format!("{begin}; {limit}; SELECT pg_export_snapshot()"))
+            .simple_query(&format!(
+                "{begin}; {limit}; SELECT pg_export_snapshot(), {}",
+                sizes.join(", ")
+            ))
             .await
             .with_sql_context(|| context("starting the read"))?;
-        snapshot = answer.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.try_get(0).ok().flatten().map(str::to_owned),
+        let row = answer.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
             _ => None,
         });
+        snapshot = row.and_then(|r| r.try_get(0).ok().flatten().map(str::to_owned));
         if snapshot.is_none() {
             return Err(CheckError::Answer {
                 side: side.as_str(),
@@ -273,15 +350,25 @@ async fn summarize(
                 detail: "no snapshot id".into(),
             });
         }
+        let sizes: Vec<i64> = (0..tables.len())
+            .map(|i| {
+                row.and_then(|r| r.try_get(i + 1).ok().flatten())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        plan_parts(&sizes, sessions)
     } else {
         leader
             .batch_execute(&format!("{begin}; {limit}"))
             .await
             .with_sql_context(|| context("starting the read"))?;
-    }
+        plan_parts(&vec![0; tables.len()], 1)
+    };
+    let workers = sessions.min(parts.len());
     let next = AtomicUsize::new(0);
     let read = clients[..workers].iter().enumerate().map(|(w, client)| {
-        let (next, snapshot, limit) = (&next, &snapshot, &limit);
+        let (next, snapshot, limit, parts) = (&next, &snapshot, &limit, &parts);
         async move {
             if w > 0 {
                 let id = quote_literal(snapshot.as_deref().unwrap_or_default());
@@ -290,13 +377,14 @@ async fn summarize(
                     .await
                     .with_sql_context(|| context("sharing the snapshot"))?;
             }
-            let mut out: Vec<(usize, Summary)> = Vec::new();
+            let mut out: Vec<(usize, (i64, Option<String>))> = Vec::new();
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((name, columns)) = tables.get(i) else {
+                let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
-                let sql = crate::verify::table_summary_sql(name, columns, checksum);
+                let (name, columns) = &tables[part.table];
+                let sql =
+                    crate::verify::table_part_summary_sql(name, columns, checksum, part.pages);
                 let row = client
                     .simple_query(&sql)
                     .await
@@ -317,7 +405,7 @@ async fn summarize(
                         detail: "no row count".into(),
                     });
                 };
-                out.push((i, (n, checksum.then_some(sum))));
+                out.push((part.table, (n, checksum.then_some(sum))));
             }
             Ok::<_, CheckError>(out)
         }
@@ -326,11 +414,21 @@ async fn summarize(
     try_join_all(clients[..workers].iter().map(|c| c.batch_execute("COMMIT")))
         .await
         .with_sql_context(|| context("ending the read"))?;
-    let mut out: Vec<Option<Summary>> = vec![None; tables.len()];
-    for (i, summary) in done.into_iter().flatten() {
-        out[i] = Some(summary);
+    let mut by_table: Vec<Vec<(i64, Option<String>)>> = vec![Vec::new(); tables.len()];
+    for (table, summary) in done.into_iter().flatten() {
+        by_table[table].push(summary);
     }
-    Ok(out.into_iter().flatten().collect())
+    by_table
+        .iter()
+        .zip(tables)
+        .map(|(parts, (name, _))| {
+            add_parts(parts).ok_or_else(|| CheckError::Answer {
+                side: side.as_str(),
+                what: name.quoted(),
+                detail: "a part's count or checksum does not add up".into(),
+            })
+        })
+        .collect()
 }
 
 /// A side's reading, running in a task of its own (aborted, its sessions closed, when
@@ -370,7 +468,7 @@ impl Drop for Sessions {
 }
 
 impl Sessions {
-    /// Opens [`SESSIONS_PER_SIDE`] sessions on each side when the comparison without a mapping
+    /// Opens [`super::CutoverConfig::verify_sessions`] sessions on each side when the comparison without a mapping
     /// will run (`counts` or `checksum`); none otherwise (with a mapping, verify reads through
     /// cutover's own two sessions).
     pub(super) async fn open(config: &super::CutoverConfig) -> Result<Sessions, CutoverError> {
@@ -378,8 +476,8 @@ impl Sessions {
             return Ok(Sessions::default());
         }
         let ((source, source_pids), (target, _)) = tokio::try_join!(
-            open_side(&config.source, Side::Source),
-            open_side(&config.target, Side::Target)
+            open_side(&config.source, Side::Source, config.verify_sessions),
+            open_side(&config.target, Side::Target, config.verify_sessions)
         )?;
         Ok(Sessions {
             source,
@@ -405,10 +503,13 @@ impl Sessions {
 async fn open_side(
     conn: &crate::conn::ConnInfo,
     side: Side,
+    sessions: usize,
 ) -> Result<(Vec<Client>, Vec<i32>), CutoverError> {
-    let clients = try_join_all((0..SESSIONS_PER_SIDE).map(|_| conn.connect())).await?;
+    let clients = try_join_all((0..sessions.max(1)).map(|_| conn.connect())).await?;
+    // The sessions are the reading's parallelism: the server's own workers would compete
+    // with them (and with the other side's) for the same cores.
     let setup = format!(
-        "SET application_name = {}; {SESSION_SETTINGS}; SELECT pg_backend_pid()",
+        "SET max_parallel_workers_per_gather = 0; SET application_name = {}; {SESSION_SETTINGS}; SELECT pg_backend_pid()",
         quote_literal(APPLICATION_NAME)
     );
     let answers = try_join_all(clients.iter().map(|c| c.simple_query(&setup)))
@@ -632,4 +733,94 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     }
     ctx.tl.end(&mut ctx.report, note);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn small_tables_and_one_session_read_whole() {
+        let parts = plan_parts(&[10, SPLIT_PAGES - 1, 0], 2);
+        assert!(parts.iter().all(|p| p.pages.is_none()));
+        let parts = plan_parts(&[SPLIT_PAGES * 10], 1);
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].pages, None);
+    }
+
+    #[test]
+    fn a_large_table_is_cut_into_one_range_per_session_largest_first() {
+        let parts = plan_parts(&[3, 3000], 3);
+        let ranges: Vec<_> = parts.iter().map(|p| (p.table, p.pages)).collect();
+        assert_eq!(
+            ranges,
+            [
+                (1, Some((0, Some(1000)))),
+                (1, Some((1000, Some(2000)))),
+                (1, Some((2000, None))),
+                (0, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn parts_add_up_as_the_server_prints_a_numeric() {
+        let sum = |v: &[(i64, Option<&str>)]| {
+            add_parts(
+                &v.iter()
+                    .map(|(n, s)| (*n, s.map(str::to_owned)))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            sum(&[
+                (2, Some("-9223372036854775808")),
+                (3, Some("-9223372036854775808"))
+            ]),
+            Some((5, Some("-18446744073709551616".into())))
+        );
+        assert_eq!(
+            sum(&[(1, Some("7")), (0, Some("0"))]),
+            Some((1, Some("7".into())))
+        );
+        assert_eq!(sum(&[(4, None), (6, None)]), Some((10, None)));
+        assert_eq!(sum(&[(1, Some("x"))]), None);
+    }
+
+    proptest! {
+        /// Every table's parts cover its pages from 0 on, without gap or overlap, the last
+        /// one open-ended, whatever the sizes and the number of sessions.
+        #[test]
+        fn every_table_is_covered_once(
+            sizes in proptest::collection::vec(0i64..50_000, 0..6),
+            sessions in 1usize..6,
+        ) {
+            let parts = plan_parts(&sizes, sessions);
+            for (t, &size) in sizes.iter().enumerate() {
+                let mut mine: Vec<_> = parts.iter().filter(|p| p.table == t).collect();
+                mine.sort_by_key(|p| p.pages.map(|(first, _)| first));
+                if mine.len() == 1 {
+                    prop_assert_eq!(mine[0].pages, None);
+                    continue;
+                }
+                prop_assert!(sessions > 1 && size >= SPLIT_PAGES);
+                prop_assert_eq!(mine.len(), sessions);
+                let mut next = 0u32;
+                for (i, p) in mine.iter().enumerate() {
+                    let (first, end) = p.pages.expect("a range");
+                    prop_assert_eq!(first, next);
+                    match end {
+                        Some(end) => {
+                            prop_assert!(i + 1 < mine.len() && end > first);
+                            next = end;
+                        }
+                        None => prop_assert_eq!(i + 1, mine.len()),
+                    }
+                }
+                prop_assert!(i64::from(next) < size);
+            }
+            prop_assert!(parts.windows(2).all(|w| w[0].size >= w[1].size));
+        }
+    }
 }

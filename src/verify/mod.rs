@@ -537,11 +537,30 @@ pub async fn table_summary(
 /// The statement behind [`table_summary`]: the row count, then the checksum as text (`''`
 /// without `checksums`).
 pub fn table_summary_sql(table: &TableName, columns: &[String], checksums: bool) -> String {
+    table_part_summary_sql(table, columns, checksums, None)
+}
+
+/// [`table_summary_sql`] over the rows stored in a range of the table's pages: from page
+/// `first` up to (not including) `end`, or to the table's end when `end` is `None`. Ranges
+/// that together cover every page count every row once (a row's `ctid` names its page); the
+/// server reads only those pages (a TID range scan, PostgreSQL 14 and later).
+pub fn table_part_summary_sql(
+    table: &TableName,
+    columns: &[String],
+    checksums: bool,
+    pages: Option<(u32, Option<u32>)>,
+) -> String {
     let parts: Vec<String> = columns
         .iter()
         .map(|c| format!("t.{}::text", quote_ident(c)))
         .collect();
-    let from = format!("FROM {} AS t", table.quoted());
+    let mut from = format!("FROM {} AS t", table.quoted());
+    if let Some((first, end)) = pages {
+        from.push_str(&format!(" WHERE t.ctid >= '({first},0)'::tid"));
+        if let Some(end) = end {
+            from.push_str(&format!(" AND t.ctid < '({end},0)'::tid"));
+        }
+    }
     Check::summary_sql(&row_text(&parts), &from, checksums)
 }
 

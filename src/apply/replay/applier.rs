@@ -27,6 +27,10 @@ use crate::source::pgoutput::{self, LogicalMessage, TypeInfo};
 use crate::transform::Mapping;
 use crate::{SqlContext, SqlError};
 
+/// A batch of fewer changes than this, written in one go at its commit, uses only the main
+/// connection whatever [`ReplayConfig::apply_connections`] says: spreading a few rows over
+/// several connections costs more (two-phase commit) than it saves.
+const SINGLE_CONNECTION_BELOW: u64 = 1000;
 /// A batch holding this many bytes of values is written as a slice of the open target
 /// transaction even before `batch_rows` changes: memory stays bounded when rows are large
 /// (TOASTed documents), and the arena's 32-bit offsets are never at risk.
@@ -174,7 +178,7 @@ impl Applier {
                 }
                 tokio::select! {
                     _ = shutdown.as_mut() => return Ok(Pass::Done),
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = tokio::time::sleep(config.follow_poll) => {}
                 }
                 events.refresh()?;
                 continue;
@@ -526,6 +530,12 @@ impl Applier {
         batch.transactions = 0;
         batch.changes = 0;
         if !strict {
+            // A small batch written whole now goes over the main connection alone: a plain
+            // COMMIT instead of two-phase commit's extra round trips and fsync, which is most
+            // of such a batch's time (and of a cutover's drain).
+            if !batch.begun && done.changes < SINGLE_CONNECTION_BELOW {
+                batch.serial = true;
+            }
             let (arena, parts) = self.take_tables(batch);
             batch.serial = self.serial_pass;
             let job = Job {

@@ -70,6 +70,11 @@ pub struct ReplayConfig {
     /// Longest a batch stays open before it is committed at the next transaction boundary.
     /// Default 200 ms. Bounds how far the target lags under light load.
     pub batch_time: Duration,
+    /// With `follow`, how long replay sleeps at the end of the buffer before looking for more.
+    /// Default 2 ms. Each look reads the segment's end (a few syscalls), so a shorter pause
+    /// costs a little CPU while idle; a longer one adds up to that much to how far the target
+    /// lags — and to a cutover's drain, which waits for replay to apply its marker.
+    pub follow_poll: Duration,
     /// Print a progress line once a second. Default false (the CLI turns it on).
     pub progress: bool,
     /// The migration mapping rows go through. Default none: every table onto the same-named
@@ -122,6 +127,9 @@ pub const DEFAULT_BATCH_ROWS: usize = 50_000;
 /// [`ReplayConfig::batch_time`]'s default.
 pub const DEFAULT_BATCH_TIME: Duration = Duration::from_millis(200);
 
+/// [`ReplayConfig::follow_poll`]'s default.
+pub const DEFAULT_FOLLOW_POLL: Duration = Duration::from_millis(2);
+
 /// [`ReplayConfig::apply_connections`]'s default.
 pub const DEFAULT_APPLY_CONNECTIONS: usize = 2;
 
@@ -135,6 +143,7 @@ impl ReplayConfig {
             until_lsn: None,
             batch_rows: DEFAULT_BATCH_ROWS,
             batch_time: DEFAULT_BATCH_TIME,
+            follow_poll: DEFAULT_FOLLOW_POLL,
             progress: false,
             transform: None,
             apply_connections: DEFAULT_APPLY_CONNECTIONS,
