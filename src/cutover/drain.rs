@@ -26,18 +26,14 @@ pub(super) async fn position(ctx: &Ctx<'_>) -> Result<MarkerScan, CutoverError> 
 /// Writes the marker on the source: `pg_logical_emit_message(true, 'walshift', <cutover id>)`.
 pub(super) async fn marker(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     ctx.tl.begin("marker");
-    ctx.src
+    let marker: Lsn = ctx
+        .src
         .query_one(
             "SELECT pg_logical_emit_message(true, $1, $2)::text",
             &[&crate::apply::replay::MARKER_PREFIX, &ctx.report.cutover_id],
         )
         .await
-        .sql_context("writing the cutover marker on the source")?;
-    let marker: Lsn = ctx
-        .src
-        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-        .await
-        .sql_context("reading the source's WAL position")?
+        .sql_context("writing the cutover marker on the source")?
         .get::<_, String>(0)
         .parse()
         .unwrap_or_default();

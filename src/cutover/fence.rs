@@ -657,6 +657,8 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
                 state.role_overrides.iter().map(|o| o.to_string()).collect();
             let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
             let n = raise(&ctx.src, &state, &spare, timeout.as_millis() as i64).await?;
+            // Nothing can write any more: verify's reading of the source may start.
+            super::verify::start_source(ctx);
             // The live half of the proof opens a session (a few milliseconds): it runs while
             // the marker is written and drained, and the switch waits for it ([`proven`]).
             // A session that could still write fails it, and the cutover aborts.

@@ -116,7 +116,7 @@ pub struct CutoverReport {
     pub capture: String,
     /// `external` or `in-process`.
     pub replay: String,
-    /// The source's WAL flush position right after the marker committed.
+    /// Where the marker message is in the source's WAL (`pg_logical_emit_message`'s answer).
     pub marker_lsn: Option<Lsn>,
     /// End LSN of the marker's transaction (what the target's applied LSN passed).
     pub marker_commit_end: Option<Lsn>,

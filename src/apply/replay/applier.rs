@@ -27,9 +27,10 @@ use crate::source::pgoutput::{self, LogicalMessage, TypeInfo};
 use crate::transform::Mapping;
 use crate::{SqlContext, SqlError};
 
-/// A batch of fewer changes than this, written in one go at its commit, uses only the main
-/// connection whatever [`ReplayConfig::apply_connections`] says: spreading a few rows over
-/// several connections costs more (two-phase commit) than it saves.
+/// A batch of fewer changes than this — and than a tenth of [`ReplayConfig::batch_rows`] —
+/// written in one go at its commit, uses only the main connection whatever
+/// [`ReplayConfig::apply_connections`] says: spreading a trickle of rows over several
+/// connections costs more (two-phase commit) than it saves.
 const SINGLE_CONNECTION_BELOW: u64 = 1000;
 /// A batch holding this many bytes of values is written as a slice of the open target
 /// transaction even before `batch_rows` changes: memory stays bounded when rows are large
@@ -533,7 +534,8 @@ impl Applier {
             // A small batch written whole now goes over the main connection alone: a plain
             // COMMIT instead of two-phase commit's extra round trips and fsync, which is most
             // of such a batch's time (and of a cutover's drain).
-            if !batch.begun && done.changes < SINGLE_CONNECTION_BELOW {
+            let trickle = SINGLE_CONNECTION_BELOW.min(config.batch_rows as u64 / 10);
+            if !batch.begun && done.changes < trickle {
                 batch.serial = true;
             }
             let (arena, parts) = self.take_tables(batch);
