@@ -267,7 +267,7 @@ fn plan_parts(sizes: &[i64], sessions: usize) -> Vec<Part> {
             });
         }
     }
-    parts.sort_by(|a, b| b.size.cmp(&a.size));
+    parts.sort_by_key(|p| std::cmp::Reverse(p.size));
     parts
 }
 
@@ -378,10 +378,7 @@ async fn summarize(
                     .with_sql_context(|| context("sharing the snapshot"))?;
             }
             let mut out: Vec<(usize, (i64, Option<String>))> = Vec::new();
-            loop {
-                let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
+            while let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) {
                 let (name, columns) = &tables[part.table];
                 let sql =
                     crate::verify::table_part_summary_sql(name, columns, checksum, part.pages);
