@@ -44,11 +44,13 @@ pub struct CutoverConfig {
     /// both sides, inside the window.
     pub verify: VerifyMode,
     /// Sessions verify reads each side over, opened before the fence. Default
-    /// [`super::verify::SESSIONS_PER_SIDE`] (2): tables of 8 MiB or more are cut into that many
-    /// page ranges read at once, so a side's reading uses that many of its server's cores.
-    /// Raise it when the servers have cores to spare; 1 reads each table whole — better when
-    /// source and target share a small machine, where both sides' readings compete for the
-    /// same cores. Each session is one more backend on each side for the cutover's length.
+    /// [`super::verify::SESSIONS_PER_SIDE`] (1): each table read whole, one backend per side —
+    /// one core of each server. With N > 1, tables of 8 MiB or more are cut into N page ranges
+    /// read at once, so a side's reading uses N of its server's cores: raise it when the
+    /// servers have cores to spare and large tables. On a machine the source and target
+    /// share, more sessions make both sides' readings compete for the same cores and lengthen
+    /// the window (measured in the README). Each session is one more backend on each side for
+    /// the cutover's length.
     pub verify_sessions: usize,
     /// Rehearse: no fence, no hooks, no switch; report the projected window. Default false.
     pub dry_run: bool,

@@ -4,16 +4,18 @@
 //!
 //! Without a migration mapping (identity), each source table is compared with the target table
 //! the [`TableMap`] names, column by column of the same names; a table the map splits or drops
-//! is reported as not comparable. Most of the window used to go here, so the two sides are
-//! read concurrently, each over [`SESSIONS_PER_SIDE`] sessions of its own opened in preflight
-//! (outside the window; the source's are spared by the fence): the source's reading starts as
-//! soon as the fence is up ([`start_source`]) — fenced, the source cannot move — and runs while
-//! the drain waits for the marker; the target's starts when the drain is done
-//! ([`start_target`]) and runs while sequences are set; [`phase`] waits for both. On each side
-//! one session exports a `REPEATABLE READ` snapshot and the others import it, so a side is read
-//! as of one moment whichever session reads which table. Every statement is limited on the
-//! server to what is left of the window; the sessions are closed when the phase ends, and on
-//! abort.
+//! is reported as not comparable. Most of the window goes here, so the two sides are read
+//! concurrently, each over sessions of its own opened in preflight (outside the window; the
+//! source's are spared by the fence; [`super::CutoverConfig::verify_sessions`], default one):
+//! the source's reading starts as soon as the fenced sessions are gone ([`start_source`]) —
+//! fenced, the source cannot move — and runs while the marker is written and drained; the
+//! target's starts when the drain is done ([`start_target`]) and runs while sequences are set;
+//! [`phase`] waits for both. On each side one session exports a `REPEATABLE READ` snapshot and
+//! the others import it, so a side is read as of one moment whichever session reads which
+//! part; with several sessions a large table is cut into page ranges ([`plan_parts`]), one per
+//! session. The sessions leave the servers' parallel workers off: they are the reading's
+//! parallelism. Every statement is limited on the server to what is left of the window; the
+//! sessions are closed when the phase ends, and on abort.
 //!
 //! With a mapping, [`verify_mapped`] hands over to [`crate::verify::verify`], which compares
 //! every target table with the source *through* the mapping (expressions, filters, split
@@ -108,7 +110,7 @@ pub async fn published_tables(
 /// [`super::CutoverConfig::verify_sessions`]'s default: sessions verify opens on each side
 /// before the fence. The published tables (large ones cut into page ranges) are spread over
 /// them.
-pub const SESSIONS_PER_SIDE: usize = 2;
+pub const SESSIONS_PER_SIDE: usize = 1;
 
 /// `application_name` of verify's sessions.
 pub const APPLICATION_NAME: &str = "walshift cutover verify";
