@@ -36,7 +36,7 @@ async fn demo_path_runs_end_to_end() {
     );
     assert_eq!(report.verified_tables, 4, "{text}");
     assert_eq!(text.matches("checksums equal").count(), 4, "{text}");
-    assert!(text.contains("window (fence → switch done)"), "{text}");
+    assert!(text.contains("window (fence → traffic moved)"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

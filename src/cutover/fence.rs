@@ -617,7 +617,9 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             prepared = Some(state);
         }
         (FenceMode::ReadOnly, true) => {
-            ctx.dry_probe = Some(super::projection::Probe::open(&config.source).await?);
+            let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
+            let n = other_sessions(&ctx.src, &spare).await?.len();
+            ctx.dry_probe = Some(super::projection::Probes::open(&config.source, n).await?);
         }
         _ => {}
     }
@@ -678,11 +680,11 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             note.push_str(&format!("read-only; {n} session(s) terminated"));
         }
         (FenceMode::ReadOnly, None) => {
-            let probe = ctx.dry_probe.as_ref().map(|p| p.pid);
+            let probes = ctx.dry_probe.as_ref().map(|p| p.pids.as_slice());
             let spare = [
                 &[own_pid],
                 ctx.verify_sessions.source_pids(),
-                probe.as_slice(),
+                probes.unwrap_or_default(),
             ]
             .concat();
             let n = other_sessions(&ctx.src, &spare).await?.len();

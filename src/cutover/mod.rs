@@ -203,6 +203,7 @@ async fn run_inner(
         fence_state: None,
         fence_proof: None,
         dry_probe: None,
+        readings: None,
         leftover,
         window_start: None,
         hook_ctx,
@@ -292,7 +293,7 @@ async fn window(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), CutoverError> {
     fence::proven(ctx).await?;
     if ctx.config.dry_run {
         projection::rehearse(ctx).await?;
-        ctx.report.window_secs = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
+        ctx.report.window_secs = projection::window(ctx);
         return Ok(());
     }
     switch::switch(ctx).await
@@ -312,8 +313,11 @@ struct Ctx<'a> {
     /// The fence's live proof (a new session starts read-only), running from the fence until
     /// the switch waits for it.
     fence_proof: Option<tokio::task::JoinHandle<Result<(), fence::FenceError>>>,
-    /// A dry run's session to terminate in its rehearsal ([`projection::Probe`]).
-    dry_probe: Option<projection::Probe>,
+    /// How long verify's readings took: the source's from the fence, the target's from the end
+    /// of the drain (none with a mapping or `--verify none`).
+    readings: Option<(Duration, Duration)>,
+    /// A dry run's sessions to terminate in its rehearsal ([`projection::Probes`]).
+    dry_probe: Option<projection::Probes>,
     leftover: Option<FenceState>,
     window_start: Option<Instant>,
     hook_ctx: HookContext,

@@ -10,11 +10,12 @@
 //!   filesystem), removed afterwards. (With the read-only fence, its state file and the
 //!   `fenced` step are written before the window starts, and the switch's `done` step after
 //!   it ends: the real window does not count them either.)
-//! - with the read-only fence, the session termination it waits for: a session opened on the
-//!   source before the dry window ([`Probe`]) is terminated the way the fence terminates
-//!   sessions (`pg_terminate_backend`, then waiting until it has exited); the catalog half of
-//!   the fence's proof (a read); and its check for prepared transactions. (The live half of
-//!   the proof, a new session, runs in the background in the real window.)
+//! - with the read-only fence, the session terminations it waits for: sessions opened on the
+//!   source before the dry window, as many as the fence would terminate (at most
+//!   [`MAX_PROBES`]; [`Probes`]), are terminated the way the fence terminates sessions (all
+//!   signalled at once, then waiting until they have exited); the catalog half of the fence's
+//!   proof (a read); and its check for prepared transactions. (The live half of the proof, a
+//!   new session, runs in the background in the real window.)
 //! - with a `--switch` hook, the hook machinery running `:` instead of the hook;
 //! - with `--pooler`, the pause record and the rewritten databases file (durable writes into
 //!   the scratch directory) and six admin round trips in place of PAUSE, RELOAD, SHOW
@@ -22,10 +23,10 @@
 //!   transactions in flight — is not projected).
 //!
 //! Not projected: `ALTER DATABASE … SET default_transaction_read_only` (one catalog update and
-//! its commit), terminating more than one session (the dry run reports how many there are:
-//! each is signalled at once and waited for), and the hooks' own work. The load itself is
+//! its commit), sessions beyond [`MAX_PROBES`], and the hooks' own work. The load itself is
 //! the other difference: under the dry run the application keeps writing, so the drain and the
 //! readings of verify share the servers with it, where the real window has them to itself.
+//! [`window`] therefore times verify's two readings apart and adds up the critical path.
 
 use std::time::{Duration, Instant};
 
@@ -46,24 +47,36 @@ const WINDOW_STEPS: [(Step, bool); 6] = [
     (Step::SwitchStarted, true),
 ];
 
-/// A session on the source a dry run opens before its window, for [`rehearse`] to terminate
-/// as the fence terminates the application's sessions.
-pub(super) struct Probe {
-    _client: tokio_postgres::Client,
-    pub(super) pid: i32,
+/// Most sessions a dry run opens to terminate in its rehearsal.
+pub const MAX_PROBES: usize = 8;
+
+/// Sessions on the source a dry run opens before its window — as many as the fence would
+/// terminate, at most [`MAX_PROBES`] (at least one) — for [`rehearse`] to terminate all at
+/// once and wait for, as the fence terminates the application's sessions.
+pub(super) struct Probes {
+    _clients: Vec<tokio_postgres::Client>,
+    pub(super) pids: Vec<i32>,
 }
 
-impl Probe {
-    pub(super) async fn open(source: &crate::conn::ConnInfo) -> Result<Probe, CutoverError> {
-        let client = source.connect().await?;
-        let pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .sql_context("opening the dry run's probe session on the source")?
-            .get(0);
-        Ok(Probe {
-            _client: client,
-            pid,
+impl Probes {
+    pub(super) async fn open(
+        source: &crate::conn::ConnInfo,
+        sessions: usize,
+    ) -> Result<Probes, CutoverError> {
+        let n = sessions.clamp(1, MAX_PROBES);
+        let clients = futures_util::future::try_join_all((0..n).map(|_| source.connect())).await?;
+        let mut pids = Vec::with_capacity(n);
+        for c in &clients {
+            pids.push(
+                c.query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .sql_context("opening the dry run's probe sessions on the source")?
+                    .get(0),
+            );
+        }
+        Ok(Probes {
+            _clients: clients,
+            pids,
         })
     }
 }
@@ -102,21 +115,22 @@ pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     }
     drop(scratch);
 
-    if let Some(probe) = ctx.dry_probe.take() {
+    if let Some(probes) = ctx.dry_probe.take() {
         let database: String = ctx
             .src
             .query_one("SELECT current_database()::text", &[])
             .await
             .sql_context("reading the database name")?
             .get(0);
-        terminate(&ctx.src, probe.pid, config.terminate_timeout, &database).await?;
-        drop(probe);
+        terminate(&ctx.src, &probes.pids, config.terminate_timeout, &database).await?;
+        let n = probes.pids.len();
+        drop(probes);
         fence::prove_catalog(&ctx.src).await?;
         preflight::prepared_xacts(&ctx.src).await?;
-        note.push_str(
-            ", a session terminated and waited for, the fence's catalog proof, prepared \
-             transactions",
-        );
+        note.push_str(&format!(
+            ", {n} session(s) terminated and waited for, the fence's catalog proof, \
+                 prepared transactions"
+        ));
     }
     if config.switch.is_some() {
         let (_, r) = hooks::run_hook("switch", ":", &ctx.hook_ctx, config.hook_timeout).await;
@@ -132,37 +146,73 @@ pub(super) async fn rehearse(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     Ok(())
 }
 
-/// Terminates one session of the source the fence's way and waits until it has exited.
+/// The projected window, in seconds. Without verify's readings timed (`--verify none`, or a
+/// mapping), the dry window's own length: fence start → rehearsal done. With them, the real
+/// window's critical path over the parts the dry run measured —
+///
+/// `fence + max(source reading, marker + drain + max(sequences, target reading)) + rehearse`
+///
+/// — the readings timed one after the other, each alone (`verify::start_target`): in the real
+/// window the source's reading runs on a fenced, idle source and the target's on a target only
+/// cutover reads; read at once in a dry run, on servers still taking the application's load,
+/// the two would slow each other and the projection would mostly measure the load.
+pub(super) fn window(ctx: &Ctx<'_>) -> Option<f64> {
+    let wall = ctx.window_start.map(|s| s.elapsed().as_secs_f64());
+    let Some((source, target)) = ctx.readings else {
+        return wall;
+    };
+    let phase = |name: &str| {
+        ctx.report
+            .phases
+            .iter()
+            .rev()
+            .find(|p| p.name == name)
+            .map_or(0.0, |p| p.duration_secs)
+    };
+    let after_fence =
+        phase("marker") + phase("drain") + phase("sequences").max(target.as_secs_f64());
+    Some(phase("fence") + source.as_secs_f64().max(after_fence) + phase("rehearse"))
+}
+
+/// Terminates sessions of the source the fence's way — all signalled at once — and waits until
+/// they have exited.
 async fn terminate(
     client: &tokio_postgres::Client,
-    pid: i32,
+    pids: &[i32],
     timeout: Duration,
     database: &str,
 ) -> Result<(), CutoverError> {
     client
         .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1",
-            &[&pid],
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&pids],
         )
         .await
-        .sql_context("terminating the dry run's own probe session")?;
+        .sql_context("terminating the dry run's own probe sessions")?;
     let started = Instant::now();
-    while !client
-        .query("SELECT pid FROM pg_stat_activity WHERE pid = $1", &[&pid])
-        .await
-        .sql_context("waiting for the dry run's probe session to exit")?
-        .is_empty()
-    {
+    loop {
+        let left: Vec<i32> = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await
+            .sql_context("waiting for the dry run's probe sessions to exit")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if left.is_empty() {
+            return Ok(());
+        }
         if started.elapsed() >= timeout {
             return Err(fence::FenceError::Lingering {
-                count: 1,
+                count: left.len(),
                 database: database.to_owned(),
                 timeout_ms: timeout.as_millis() as i64,
-                pids: vec![pid],
+                pids: left,
             }
             .into());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    Ok(())
 }

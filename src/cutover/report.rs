@@ -181,7 +181,7 @@ impl CutoverReport {
             .map(|p| Duration::from_secs_f64(p.duration_secs))
     }
 
-    /// The window (fence → switch done, or the dry run's projection).
+    /// The window (fence → traffic moved, or the dry run's projection).
     pub fn window(&self) -> Option<Duration> {
         self.window_secs.map(Duration::from_secs_f64)
     }
@@ -271,7 +271,7 @@ impl fmt::Display for CutoverReport {
             )?;
         }
         match (self.window_secs, self.dry_run) {
-            (Some(w), false) => writeln!(f, "window (fence → switch done): {}", ms(w))?,
+            (Some(w), false) => writeln!(f, "window (fence → traffic moved): {}", ms(w))?,
             (Some(w), true) => writeln!(
                 f,
                 "projected window (fence → verify, plus the fence's, journal's and switch's costs as rehearsed; \

@@ -447,6 +447,8 @@ pub(super) struct Sessions {
     source_pids: Vec<i32>,
     /// The published tables, sent by the source's reading as soon as it has listed them.
     tables: Option<oneshot::Receiver<Vec<Published>>>,
+    /// Closed when the source's reading ends: a dry run's target reading waits for it.
+    source_done: Option<oneshot::Receiver<()>>,
     source_reading: Reading<Vec<Summary>>,
     target_reading: Reading<(Vec<Published>, Vec<Summary>)>,
 }
@@ -483,6 +485,7 @@ impl Sessions {
             target,
             source_pids,
             tables: None,
+            source_done: None,
             source_reading: None,
             target_reading: None,
         })
@@ -542,11 +545,15 @@ pub(super) fn start_source(ctx: &mut Ctx<'_>) {
     }
     let clients = std::mem::take(&mut s.source);
     let (tx, rx) = oneshot::channel();
+    let (done, done_rx) = oneshot::channel::<()>();
     let publication = ctx.config.publication.clone();
     let map = ctx.table_map.clone();
     let checksum = ctx.config.verify == VerifyMode::Checksum;
     s.tables = Some(rx);
+    s.source_done = Some(done_rx);
     s.source_reading = Some(tokio::spawn(async move {
+        // Dropped when the reading ends, however it ends.
+        let _done = done;
         let started = std::time::Instant::now();
         let tables = published_tables(&clients[0], &publication)
             .await
@@ -573,7 +580,17 @@ pub(super) fn start_target(ctx: &mut Ctx<'_>) {
     let clients = std::mem::take(&mut s.target);
     let map = ctx.table_map.clone();
     let checksum = ctx.config.verify == VerifyMode::Checksum;
+    // A dry run reads the sides one after the other, each timed alone (see
+    // `super::projection`): the real window's readings run on a fenced, idle source.
+    let source_done = if ctx.config.dry_run {
+        s.source_done.take()
+    } else {
+        None
+    };
     s.target_reading = Some(tokio::spawn(async move {
+        if let Some(done) = source_done {
+            let _ = done.await;
+        }
         let started = std::time::Instant::now();
         let Ok(tables) = tables.await else {
             return Err(CheckError::Reading(
@@ -687,6 +704,9 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         None => tokio::time::timeout(remaining, compare(ctx)).await,
     };
     ctx.verify_sessions = Sessions::default();
+    if let Ok(Ok((_, took))) = &compared {
+        ctx.readings = *took;
+    }
     let (checks, took) = match compared {
         Ok(r) => r?,
         Err(_) => {
@@ -725,9 +745,14 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
     let mut note = format!("{n} tables");
     if let Some((source, target)) = took {
         note.push_str(&format!(
-            "; source read in {:.1} ms from the fence, target in {:.1} ms from the drain",
+            "; source read in {:.1} ms from the fence, target in {:.1} ms {}",
             source.as_secs_f64() * 1000.0,
-            target.as_secs_f64() * 1000.0
+            target.as_secs_f64() * 1000.0,
+            if config.dry_run {
+                "after it (a dry run reads the sides one after the other)"
+            } else {
+                "from the drain"
+            }
         ));
     }
     ctx.tl.end(&mut ctx.report, note);
