@@ -54,8 +54,8 @@
 //! 4 and says so), or says there is nothing left to do.
 //!
 //! A dry run does everything except fencing, the hooks and the switch, then rehearses
-//! harmlessly what those cost (`projection.rs`), and reports the projected window (fence →
-//! rehearsal done).
+//! harmlessly what those cost (`projection.rs`), and reports the projected window: the real
+//! window's critical path over the parts it timed, verify's two readings timed apart.
 //!
 //! Files:
 //! - `mod.rs` — [`run`]: the phases in order, and what they share.

@@ -10,7 +10,8 @@
 //! the source's reading starts as soon as the fenced sessions are gone ([`start_source`]) —
 //! fenced, the source cannot move — and runs while the marker is written and drained; the
 //! target's starts when the drain is done ([`start_target`]) and runs while sequences are set;
-//! [`phase`] waits for both. On each side one session exports a `REPEATABLE READ` snapshot and
+//! [`phase`] waits for both. A dry run reads the target only once the source's reading has
+//! ended, so each is timed alone (`super::projection::window`). On each side one session exports a `REPEATABLE READ` snapshot and
 //! the others import it, so a side is read as of one moment whichever session reads which
 //! part; with several sessions a large table is cut into page ranges ([`plan_parts`]), one per
 //! session. The sessions leave the servers' parallel workers off: they are the reading's
