@@ -404,38 +404,46 @@ pub async fn raise(
         .iter()
         .filter_map(|r| r.get::<_, Option<String>>(1))
         .collect();
-    let started = std::time::Instant::now();
     let timeout = std::time::Duration::from_millis(terminate_timeout_ms.max(1) as u64);
-    loop {
-        let lingering: Vec<i32> = if pids.is_empty() {
-            Vec::new()
-        } else {
-            client
-                .query(
-                    "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
-                    &[&pids],
-                )
-                .await
-                .sql_context("waiting for terminated sessions to exit")?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
-        };
+    wait_exited(client, &pids, timeout, &state.database).await?;
+    prove(client, state, &connected).await?;
+    Ok(pids.len() as u64)
+}
+
+/// Waits until every session of `pids` (already signalled) has exited, looking every
+/// millisecond; one still there after `timeout` is an error.
+pub(super) async fn wait_exited(
+    client: &Client,
+    pids: &[i32],
+    timeout: std::time::Duration,
+    database: &str,
+) -> Result<(), FenceError> {
+    let started = std::time::Instant::now();
+    while !pids.is_empty() {
+        let lingering: Vec<i32> = client
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await
+            .sql_context("waiting for terminated sessions to exit")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         if lingering.is_empty() {
             break;
         }
         if started.elapsed() >= timeout {
             return Err(FenceError::Lingering {
                 count: lingering.len(),
-                database: state.database.clone(),
-                timeout_ms: terminate_timeout_ms,
+                database: database.to_owned(),
+                timeout_ms: timeout.as_millis() as i64,
                 pids: lingering,
             });
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
-    prove(client, state, &connected).await?;
-    Ok(pids.len() as u64)
+    Ok(())
 }
 
 /// The catalog half of the proof: the setting a new session of each role in `connected`, and

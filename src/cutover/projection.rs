@@ -28,7 +28,7 @@
 //! readings of verify share the servers with it, where the real window has them to itself.
 //! [`window`] therefore times verify's two readings apart and adds up the critical path.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::fence::{self, FenceMode};
 use super::journal::{Journal, Step};
@@ -189,30 +189,5 @@ async fn terminate(
         )
         .await
         .sql_context("terminating the dry run's own probe sessions")?;
-    let started = Instant::now();
-    loop {
-        let left: Vec<i32> = client
-            .query(
-                "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
-                &[&pids],
-            )
-            .await
-            .sql_context("waiting for the dry run's probe sessions to exit")?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if started.elapsed() >= timeout {
-            return Err(fence::FenceError::Lingering {
-                count: left.len(),
-                database: database.to_owned(),
-                timeout_ms: timeout.as_millis() as i64,
-                pids: left,
-            }
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    Ok(fence::wait_exited(client, pids, timeout, database).await?)
 }
