@@ -509,3 +509,53 @@ fn is_cutover_marker(data: &Bytes) -> bool {
         Ok(pgoutput::LogicalMessage::Message(m)) if m.prefix == crate::apply::replay::MARKER_PREFIX
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn begin(final_lsn: u64) -> Bytes {
+        let mut b = vec![b'B'];
+        b.extend(final_lsn.to_be_bytes());
+        b.extend(0i64.to_be_bytes());
+        b.extend(7u32.to_be_bytes());
+        b.into()
+    }
+
+    fn message(prefix: &str) -> Bytes {
+        let mut b = vec![b'M', 1];
+        b.extend(0u64.to_be_bytes());
+        b.extend(prefix.as_bytes());
+        b.push(0);
+        b.extend(2u32.to_be_bytes());
+        b.extend(b"id");
+        b.into()
+    }
+
+    fn commit(lsn: u64, end: u64) -> Bytes {
+        let mut b = vec![b'C', 0];
+        b.extend(lsn.to_be_bytes());
+        b.extend(end.to_be_bytes());
+        b.extend(0i64.to_be_bytes());
+        b.into()
+    }
+
+    /// A transaction holding cutover's marker is flagged at its commit (for an immediate
+    /// fsync); one holding another message, or a later plain transaction, is not.
+    #[test]
+    fn a_marker_transaction_is_flagged_at_its_commit() {
+        let mut state = StreamState::default();
+        let run = |state: &mut StreamState, prefix: Option<&str>, end: u64| {
+            state.accept(Lsn(end - 30), begin(end - 10));
+            if let Some(p) = prefix {
+                state.accept(Lsn(end - 20), message(p));
+            }
+            state.accept(Lsn(end - 10), commit(end - 10, end));
+            state.marker_commit.take()
+        };
+        assert_eq!(run(&mut state, Some("walshift"), 100), Some(Lsn(100)));
+        assert_eq!(run(&mut state, Some("walshift-verify"), 200), None);
+        assert_eq!(run(&mut state, None, 300), None);
+        assert_eq!(run(&mut state, Some("walshift"), 400), Some(Lsn(400)));
+    }
+}
