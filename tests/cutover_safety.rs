@@ -362,6 +362,62 @@ async fn role_settings(c: &Cluster) -> Vec<(String, bool, Vec<String>)> {
         .collect()
 }
 
+/// The catalog rows of the roles' own settings, with the transaction that last wrote each.
+async fn role_setting_rows(c: &Cluster) -> Vec<(String, String)> {
+    c.connect("postgres")
+        .await
+        .unwrap()
+        .query(
+            "SELECT r.rolname::text, s.xmin::text FROM pg_db_role_setting s \
+             JOIN pg_roles r ON r.oid = s.setrole ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The read-only fence's state is written before the window; a `--before` hook that fails
+/// aborts before the fence is raised. The abort must not "lift" a fence that was never
+/// raised: that rewrote the roles' settings on the source (same values, new catalog rows) for
+/// nothing. The source is untouched and the state file is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_before_hook_aborts_without_writing_to_the_source() {
+    let s = setup(ClusterOptions::default()).await;
+    s.source
+        .execute(
+            "postgres",
+            "CREATE ROLE app LOGIN; \
+             ALTER ROLE app IN DATABASE postgres SET default_transaction_read_only = off",
+        )
+        .await
+        .unwrap();
+    let before = role_setting_rows(&s.source).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let mut c = s.config();
+    c.before = Some("exit 3".into());
+    let a = aborted(cutover::run(c, std::future::pending()).await);
+    assert!(matches!(a.cause, CutoverError::Hook(_)), "{a}");
+    assert!(a.unfenced.is_ok(), "{a}");
+    assert_eq!(
+        role_setting_rows(&s.source).await,
+        before,
+        "the source was written"
+    );
+    assert_eq!(fence_entry(&s.source).await, None);
+    assert!(
+        !s.dir.path().join("cutover-fence.json").exists(),
+        "the fence state file is left"
+    );
+    // Nothing stands in the way of the next cutover.
+    let r = cutover::run(s.config(), std::future::pending())
+        .await
+        .expect("cutover after the failed hook");
+    assert_eq!(r.outcome, Outcome::Switched, "{r}");
+}
+
 /// Item 3: `ALTER ROLE app IN DATABASE … SET default_transaction_read_only = off` (and a
 /// role-wide one) used to let `app` keep committing on the fenced source after the switch.
 /// The fence removes them for the window (an abort restores them exactly) and a writer as

@@ -34,19 +34,24 @@ pub(super) async fn abort(mut ctx: Ctx<'_>, cause: CutoverError) -> CutoverError
     }
     ctx.tl.begin("unfence");
     let mut unfenced = Ok(());
-    let had_fence = ctx.fence_state.is_some();
+    let mut note = "nothing to undo";
     if let Some(state) = ctx.fence_state.take() {
-        unfenced = lift_with_retry(config, &ctx.src, &config.buffer_dir, &state).await;
+        if ctx.fence_raised {
+            unfenced = lift_with_retry(config, &ctx.src, &config.buffer_dir, &state).await;
+            note = "previous setting restored";
+        } else {
+            // Recorded before the window, never raised (the before hook or PAUSE failed):
+            // the source was not touched, and lifting would write to it for nothing.
+            unfenced =
+                FenceState::remove(&config.buffer_dir).map_err(|e| crate::error::chain_text(&e));
+            note = "the fence was never raised: the source untouched";
+        }
+        if unfenced.is_err() {
+            note = "FAILED";
+        }
     }
     let mut pooler_paused = None;
-    let mut note = match &unfenced {
-        Ok(()) if ctx.report.fence_previous_setting.is_some() || had_fence => {
-            "previous setting restored"
-        }
-        Ok(()) => "nothing to undo",
-        Err(_) => "FAILED",
-    }
-    .to_owned();
+    let mut note = note.to_owned();
     // Clients held by PgBouncer go on, on the unchanged entry, once the source takes writes
     // again (a resume before the fence is lifted would hand them read-only sessions).
     if ctx.pooler_paused

@@ -666,6 +666,8 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>, own_pid: i32) -> Result<(), Cutover
             ctx.report.fence_role_settings_removed =
                 state.role_overrides.iter().map(|o| o.to_string()).collect();
             let spare = [&[own_pid], ctx.verify_sessions.source_pids()].concat();
+            // From here an abort lifts the fence (raise may fail half-way).
+            ctx.fence_raised = true;
             let n = raise(&ctx.src, &state, &spare, timeout.as_millis() as i64).await?;
             // Nothing can write any more: verify's reading of the source may start.
             super::verify::start_source(ctx);

@@ -29,7 +29,8 @@
 //!
 //! **Abort contract** (`abort.rs`): any failure before the switch is done, `max_window` running
 //! out before the switch starts, or an interrupt, aborts: the fence is lifted (the database's
-//! previous `default_transaction_read_only` restored exactly), and [`CutoverError::Aborted`]
+//! previous `default_transaction_read_only` restored exactly; a fence never raised is not
+//! lifted — nothing is written to the source), and [`CutoverError::Aborted`]
 //! carries the cause and the report. Nothing captured is lost: capture and replay only ever move forward
 //! (the buffer, the slot and `walshift.applied` are untouched by an abort), so cutover can be
 //! run again.
@@ -201,6 +202,7 @@ async fn run_inner(
         helpers,
         interrupted,
         fence_state: None,
+        fence_raised: false,
         fence_proof: None,
         dry_probe: None,
         readings: None,
@@ -310,6 +312,9 @@ struct Ctx<'a> {
     helpers: Helpers,
     interrupted: Arc<AtomicBool>,
     fence_state: Option<FenceState>,
+    /// `ALTER DATABASE` may have been sent: an abort lifts the fence. Until then an abort
+    /// only removes the state file [`fence::prepare`] wrote before the window.
+    fence_raised: bool,
     /// The fence's live proof (a new session starts read-only), running from the fence until
     /// the switch waits for it.
     fence_proof: Option<tokio::task::JoinHandle<Result<(), fence::FenceError>>>,

@@ -723,8 +723,16 @@ pub(super) async fn phase(ctx: &mut Ctx<'_>) -> Result<(), CutoverError> {
         .filter(|c| !c.equal)
         .map(|c| {
             format!(
-                "{} → {}: {} vs {} rows",
-                c.source, c.target, c.source_rows, c.target_rows
+                "{} → {}: {} vs {} rows{}",
+                c.source,
+                c.target,
+                c.source_rows,
+                c.target_rows,
+                if c.source_rows == c.target_rows {
+                    " (their checksums differ)"
+                } else {
+                    ""
+                }
             )
         })
         .collect();
