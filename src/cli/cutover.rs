@@ -57,8 +57,9 @@ pub struct CutoverArgs {
     /// What to compare before the switch: none, counts or checksum.
     #[arg(long, default_value = "counts", value_parser = parse_verify)]
     verify: VerifyMode,
-    /// Sessions verify reads each side over: large tables are cut into that many page ranges
-    /// read at once. 1 reads each table whole (when source and target share a small machine).
+    /// Sessions verify reads each side over. 1 reads each table whole; with more, tables of
+    /// 8 MiB or more are cut into that many page ranges read at once (for servers with cores
+    /// to spare; on a machine source and target share, they compete and the window grows).
     #[arg(long, default_value_t = crate::cutover::verify::SESSIONS_PER_SIDE, value_name = "N")]
     verify_sessions: usize,
     /// Rehearse every step except fencing, the hooks and the switch; print the projected window.
